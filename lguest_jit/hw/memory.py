@@ -1,0 +1,251 @@
+"""Guest "physical" memory and the primitives kernels use to touch it.
+
+Guest RAM is one anonymous shared mapping with a PROT_NONE guard page on
+each side, exposed as one numpy ``uint8`` array.  Guest physical address 0
+is element 0.  A kernel that strays past either end faults on a guard page
+instead of silently corrupting launcher memory, which is what lets the
+property tests prove that no descriptor, however crafted, escapes the guest.
+
+Kernels read and write guest memory only through the ``ld_*``/``st_*``
+helpers below.  Each is a plain Python function (the ``NUMBA_DISABLE_JIT=1``
+baseline) with a Numba overload that compiles to a single unaligned load or
+store.  The ``*_acquire``/``*_release``/``fence`` variants are real atomic
+operations: without them LLVM hoists a spin on ``avail.idx`` out of the loop
+and reorders the used element past the used index.
+
+Every helper takes a byte offset that the *caller* has already checked with
+``in_ram``; none of them checks again (that is the point of checking once
+per descriptor, not once per byte).
+"""
+from __future__ import annotations
+
+import ctypes
+import mmap
+import os
+
+import numpy as np
+from llvmlite import ir
+from numba import njit
+from numba.core import types
+from numba.extending import intrinsic, overload
+
+PAGE_SIZE = mmap.PAGESIZE
+
+# ---------------------------------------------------------------------------
+# Bounds checking
+
+
+@njit(nogil=True, cache=True)
+def in_ram(addr, length, size):
+    """True when [addr, addr+length) lies inside guest RAM of ``size`` bytes.
+
+    ``addr`` arrives as the raw 64 guest bits: a value >= 2**63 reads as
+    negative in compiled code (int64) and as a large int in Python; both are
+    rejected.  Written as ``addr > size - length`` so nothing can wrap
+    (lguest's check_pointer, done without the overflow).
+    """
+    if addr < 0 or length < 0 or length > size:
+        return False
+    return addr <= size - length
+
+
+def check_range(addr: int, length: int, size: int) -> bool:
+    """Public form of :func:`in_ram` for Python callers with unbounded ints:
+    rejects anything beyond guest RAM or wrapping around 2**64."""
+    if not (0 <= addr < 2**64 and 0 <= length < 2**64):
+        return False
+    return addr + length <= size
+
+
+# ---------------------------------------------------------------------------
+# Guest memory
+
+
+class GuestMemory:
+    """Guest RAM: ``size`` bytes (a whole number of pages) between two
+    PROT_NONE guard pages.
+
+    ``.mem`` is the uint8 array kernels take; ``.base`` is its host address
+    (for KVM_SET_USER_MEMORY_REGION, LHREQ_INITIALIZE and preadv iovecs).
+    """
+
+    def __init__(self, size: int):
+        if size <= 0 or size % PAGE_SIZE:
+            raise ValueError(f"guest memory size must be a positive multiple of {PAGE_SIZE}, got {size}")
+        self.size = size
+        total = size + 2 * PAGE_SIZE
+        # MAP_NORESERVE: a 1 GiB guest costs nothing until it touches pages.
+        self._map = mmap.mmap(-1, total, flags=mmap.MAP_SHARED | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0),
+                              prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        whole = np.frombuffer(self._map, dtype=np.uint8)
+        start = whole.ctypes.data
+        _mprotect(start, PAGE_SIZE, 0)
+        _mprotect(start + PAGE_SIZE + size, PAGE_SIZE, 0)
+        self.mem = whole[PAGE_SIZE:PAGE_SIZE + size]
+        self.base = self.mem.ctypes.data
+
+    def check(self, addr: int, length: int) -> bool:
+        return check_range(addr, length, self.size)
+
+    def view(self, addr: int, length: int) -> np.ndarray:
+        """A checked slice of guest memory (Python-side helpers, loaders)."""
+        if not self.check(addr, length):
+            raise ValueError(f"guest range {addr:#x}+{length:#x} is outside guest RAM ({self.size:#x} bytes)")
+        return self.mem[addr:addr + length]
+
+    def write(self, addr: int, data) -> None:
+        buf = np.frombuffer(bytes(data), dtype=np.uint8)
+        self.view(addr, len(buf))[:] = buf
+
+    def read(self, addr: int, length: int) -> bytes:
+        return self.view(addr, length).tobytes()
+
+    def close(self) -> None:
+        """Unmap guest RAM.  Only safe once no thread can touch ``mem``."""
+        self.mem = None
+        try:
+            self._map.close()
+        except BufferError:
+            # numpy views still exist somewhere; the mapping dies with them.
+            pass
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mprotect.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+
+
+def _mprotect(addr: int, length: int, prot: int) -> None:
+    if _libc.mprotect(addr, length, prot) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"mprotect of a guard page failed: {os.strerror(err)}")
+
+
+# ---------------------------------------------------------------------------
+# Loads and stores.  Python bodies are the NUMBA_DISABLE_JIT baseline; the
+# overloads are what compiled kernels use.
+
+def ld_u8(mem, off):
+    return int(mem[off])
+
+
+def ld_u16(mem, off):
+    return int(mem[off]) | int(mem[off + 1]) << 8
+
+
+def ld_u32(mem, off):
+    return int.from_bytes(mem[off:off + 4].tobytes(), "little")
+
+
+def ld_u64(mem, off):
+    return int.from_bytes(mem[off:off + 8].tobytes(), "little")
+
+
+def st_u8(mem, off, val):
+    mem[off] = val & 0xFF
+
+
+def st_u16(mem, off, val):
+    mem[off] = val & 0xFF
+    mem[off + 1] = (val >> 8) & 0xFF
+
+
+def st_u32(mem, off, val):
+    mem[off:off + 4] = np.frombuffer((int(val) & 0xFFFFFFFF).to_bytes(4, "little"), dtype=np.uint8)
+
+
+def st_u64(mem, off, val):
+    mem[off:off + 8] = np.frombuffer((int(val) & 0xFFFFFFFFFFFFFFFF).to_bytes(8, "little"), dtype=np.uint8)
+
+
+# In the pure-Python baseline the GIL orders everything, so acquire/release
+# are ordinary accesses.
+def ld_u16_acquire(mem, off):
+    return ld_u16(mem, off)
+
+
+def st_u16_release(mem, off, val):
+    st_u16(mem, off, val)
+
+
+def fence():
+    pass
+
+
+def _pointer(context, builder, arrty, arr, off, bits):
+    ary = context.make_array(arrty)(context, builder, arr)
+    ptr = builder.gep(ary.data, [off])
+    return builder.bitcast(ptr, ir.IntType(bits).as_pointer())
+
+
+def _make_load(bits, ordering):
+    @intrinsic
+    def _load(typingctx, arr, off):
+        def codegen(context, builder, sig, args):
+            off64 = context.cast(builder, args[1], sig.args[1], types.intp)
+            ptr = _pointer(context, builder, sig.args[0], args[0], off64, bits)
+            if ordering:
+                val = builder.load_atomic(ptr, ordering, bits // 8)
+            else:
+                val = builder.load(ptr, align=1)
+            return builder.zext(val, ir.IntType(64)) if bits < 64 else val
+        return types.int64(arr, off), codegen
+    return _load
+
+
+def _make_store(bits, ordering):
+    @intrinsic
+    def _store(typingctx, arr, off, val):
+        def codegen(context, builder, sig, args):
+            off64 = context.cast(builder, args[1], sig.args[1], types.intp)
+            ptr = _pointer(context, builder, sig.args[0], args[0], off64, bits)
+            v64 = context.cast(builder, args[2], sig.args[2], types.int64)
+            v = builder.trunc(v64, ir.IntType(bits)) if bits < 64 else v64
+            if ordering:
+                builder.store_atomic(v, ptr, ordering, bits // 8)
+            else:
+                builder.store(v, ptr, align=1)
+            return context.get_dummy_value()
+        return types.void(arr, off, val), codegen
+    return _store
+
+
+@intrinsic
+def _fence(typingctx):
+    def codegen(context, builder, sig, args):
+        builder.fence("seq_cst")
+        return context.get_dummy_value()
+    return types.void(), codegen
+
+
+def _bind(pyfunc, impl, nargs):
+    # One overload per helper: the compiled body is just the intrinsic.
+    if nargs == 2:
+        @overload(pyfunc, inline="always")
+        def _ol(mem, off):
+            return lambda mem, off: impl(mem, off)
+    else:
+        @overload(pyfunc, inline="always")
+        def _ol(mem, off, val):
+            return lambda mem, off, val: impl(mem, off, val)
+
+
+for _f, _bits in ((ld_u8, 8), (ld_u16, 16), (ld_u32, 32), (ld_u64, 64)):
+    _bind(_f, _make_load(_bits, None), 2)
+for _f, _bits in ((st_u8, 8), (st_u16, 16), (st_u32, 32), (st_u64, 64)):
+    _bind(_f, _make_store(_bits, None), 3)
+
+
+_bind(ld_u16_acquire, _make_load(16, "acquire"), 2)
+_bind(st_u16_release, _make_store(16, "release"), 3)
+
+
+@overload(fence, inline="always")
+def _fence_ol():
+    return lambda: _fence()
+
+
+__all__ = [
+    "PAGE_SIZE", "GuestMemory", "in_ram", "check_range",
+    "ld_u8", "ld_u16", "ld_u32", "ld_u64", "st_u8", "st_u16", "st_u32", "st_u64",
+    "ld_u16_acquire", "st_u16_release", "fence",
+]
