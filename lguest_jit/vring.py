@@ -28,6 +28,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from .hw.libc import EAGAIN, EINTR, sys_read, sys_write
 from .hw.memory import (fence, in_ram, ld_u16, ld_u16_acquire, ld_u32, ld_u64,
                         st_u16, st_u16_release, st_u32)
 
@@ -49,26 +50,30 @@ MAX_QUEUE_SIZE = 32768  # §2.4: "The maximum Queue Size value is 32768"
 
 OK = 0
 NO_BUFFER = -1          # pop: the ring is empty (not an error)
-E_AVAIL_IDX = 2
-E_HEAD_RANGE = 3
-E_NEXT_RANGE = 4
-E_CHAIN_LOOP = 5
-E_OUT_AFTER_IN = 6
-E_BUF_RANGE = 7
-E_INDIRECT_FEATURE = 8
-E_INDIRECT_NESTED = 9
-E_INDIRECT_NEXT = 10
-E_INDIRECT_LEN = 11
-E_INDIRECT_SIZE = 12
-E_INDIRECT_RANGE = 13
-E_QUEUE_SIZE = 14
-E_DESC_ALIGN = 15
-E_AVAIL_ALIGN = 16
-E_USED_ALIGN = 17
-E_DESC_RANGE = 18
-E_AVAIL_RANGE = 19
-E_USED_RANGE = 20
-E_IOV_SHORT = 21
+# STOPPED = -2 is defined with the queue state below; error codes start at 10
+# so a negated code never collides with either.
+E_AVAIL_IDX = 10
+E_HEAD_RANGE = 11
+E_NEXT_RANGE = 12
+E_CHAIN_LOOP = 13
+E_OUT_AFTER_IN = 14
+E_BUF_RANGE = 15
+E_INDIRECT_FEATURE = 16
+E_INDIRECT_NESTED = 17
+E_INDIRECT_NEXT = 18
+E_INDIRECT_LEN = 19
+E_INDIRECT_SIZE = 20
+E_INDIRECT_RANGE = 21
+E_QUEUE_SIZE = 22
+E_DESC_ALIGN = 23
+E_AVAIL_ALIGN = 24
+E_USED_ALIGN = 25
+E_DESC_RANGE = 26
+E_AVAIL_RANGE = 27
+E_USED_RANGE = 28
+E_IOV_SHORT = 29
+E_CHAIN_LONG = 30
+E_NOTIFY_READ = 31
 
 ERRORS = {
     E_AVAIL_IDX: "avail.idx moved further than the queue size since the device last looked (§2.4.6)",
@@ -91,6 +96,8 @@ ERRORS = {
     E_AVAIL_RANGE: "available ring lies outside guest RAM (§2.4)",
     E_USED_RANGE: "used ring lies outside guest RAM (§2.4)",
     E_IOV_SHORT: "iovec array shorter than the queue size (launcher bug)",
+    E_CHAIN_LONG: "descriptor chain (direct plus indirect) longer than the queue size (§2.4.5.3.1)",
+    E_NOTIFY_READ: "reading the queue's notification eventfd failed (launcher bug)",
 }
 
 
@@ -116,21 +123,21 @@ Q_IN = 10
 Q_OUT_BYTES = 11     # total bytes of the last popped chain, readable / writable
 Q_IN_BYTES = 12
 Q_ERROR = 13         # first error seen (positive code), 0 if none
+Q_STOP = 14          # set by the launcher: a waiting service kernel returns STOPPED
 # counters, updated inside the kernels
-Q_N_CHAINS = 14
-Q_N_USED = 15
-Q_N_IRQ = 16
-Q_N_IRQ_SUPPRESSED = 17
-Q_N_ERRORS = 18
-Q_FIELDS = 19
+Q_N_CHAINS = 15      # chains popped
+Q_N_USED = 16        # used elements pushed
+Q_N_NOTIFY = 17      # wake-ups from the notification eventfd
+Q_N_IRQ = 18         # interrupts raised
+Q_N_IRQ_SUPPRESSED = 19  # interrupt decisions that found the driver did not want one
+Q_N_ERRORS = 20
+Q_FIELDS = 21
+
+STOPPED = -2         # wait_chain: the launcher asked the queue to stop
 
 
 def new_queue() -> np.ndarray:
     return np.zeros(Q_FIELDS, dtype=np.int64)
-
-
-def _is_pow2(n):
-    return n > 0 and (n & (n - 1)) == 0
 
 
 @njit(nogil=True, cache=True)
@@ -159,11 +166,12 @@ def check_queue_layout(mem_size: int, size: int, max_size: int, desc: int, avail
     for addr in (desc, avail, used):
         if not 0 <= addr < 2**64:
             raise ValueError(f"ring address {addr:#x} is not a 64-bit value")
-    # Addresses >= 2**63 can never be in RAM; pass them as -1 so the kernel's
-    # int64 arguments cannot overflow.
-    def fit(a):
-        return a if a < 2**63 else -1
-    return int(_check_queue_layout(int(mem_size), int(size), int(max_size), fit(desc), fit(avail), fit(used)))
+    # Pass the raw 64 bits as int64 (two's complement), as kernels see
+    # guest values: low bits keep their alignment, and anything >= 2**63
+    # turns negative, which in_ram rejects.
+    def bits(a):
+        return a - 2**64 if a >= 2**63 else a
+    return int(_check_queue_layout(int(mem_size), int(size), int(max_size), bits(desc), bits(avail), bits(used)))
 
 
 def setup_queue(q: np.ndarray, mem_size: int, size: int, max_size: int,
@@ -180,3 +188,357 @@ def setup_queue(q: np.ndarray, mem_size: int, size: int, max_size: int,
     q[Q_USED] = used
     q[Q_FEATURES] = features & ((1 << VIRTIO_RING_F_INDIRECT_DESC) | (1 << VIRTIO_RING_F_EVENT_IDX))
     return OK
+
+
+# ---------------------------------------------------------------------------
+# Kernels.  ``mem`` is guest RAM, ``q`` a queue state array, ``iov`` an
+# (n, 3) uint64 array.  Ring addresses in ``q`` were validated by
+# setup_queue; everything read from the rings is validated here.
+
+_F_INDIRECT = 1 << VIRTIO_RING_F_INDIRECT_DESC
+_F_EVENT_IDX = 1 << VIRTIO_RING_F_EVENT_IDX
+
+
+@njit(nogil=True, cache=True)
+def _fail(q, code):
+    if q[Q_ERROR] == 0:
+        q[Q_ERROR] = code
+    q[Q_N_ERRORS] += 1
+    return -code
+
+
+@njit(nogil=True, cache=True)
+def _pop(mem, q, iov):
+    """Pop the next available chain into ``iov`` (lguest's wait_for_vq_desc
+    without the wait).  Returns the head index, NO_BUFFER, or -E_*.  On an
+    error nothing is consumed: the queue state is as before the call."""
+    size = q[Q_SIZE]
+    mem_size = mem.size
+    avail = q[Q_AVAIL]
+    last = q[Q_LAST_AVAIL]
+    # Acquire: the ring entry and descriptors are read after the index.
+    idx = ld_u16_acquire(mem, avail + 2)
+    if idx == last:
+        return NO_BUFFER
+    if ((idx - last) & 0xFFFF) > size:
+        return _fail(q, E_AVAIL_IDX)
+    head = ld_u16(mem, avail + 4 + 2 * (last & (size - 1)))
+    if head >= size:
+        return _fail(q, E_HEAD_RANGE)
+    if iov.shape[0] < size:
+        return _fail(q, E_IOV_SHORT)
+
+    table = q[Q_DESC]        # current descriptor table and its entry count
+    entries = size
+    indirect = False
+    visited = 0              # descriptors walked in the current table
+    n = 0                    # iov entries filled
+    n_in = 0
+    out_bytes = 0
+    in_bytes = 0
+    i = head
+    while True:
+        visited += 1
+        if visited > entries:
+            return _fail(q, E_CHAIN_LOOP)
+        d = table + DESC_SIZE * i
+        addr = ld_u64(mem, d)
+        length = ld_u32(mem, d + 8)
+        flags = ld_u16(mem, d + 12)
+        if flags & VRING_DESC_F_INDIRECT:
+            if not (q[Q_FEATURES] & _F_INDIRECT):
+                return _fail(q, E_INDIRECT_FEATURE)
+            if indirect:
+                return _fail(q, E_INDIRECT_NESTED)
+            if flags & VRING_DESC_F_NEXT:
+                return _fail(q, E_INDIRECT_NEXT)
+            if length == 0 or length % DESC_SIZE != 0:
+                return _fail(q, E_INDIRECT_LEN)
+            if length // DESC_SIZE > size:
+                return _fail(q, E_INDIRECT_SIZE)
+            if not in_ram(addr, length, mem_size):
+                return _fail(q, E_INDIRECT_RANGE)
+            # §2.4.5.3.2: the WRITE flag of the pointer itself is ignored.
+            table = addr
+            entries = length // DESC_SIZE
+            indirect = True
+            visited = 0
+            i = 0
+            continue
+        if not in_ram(addr, length, mem_size):
+            return _fail(q, E_BUF_RANGE)
+        if n >= size:
+            return _fail(q, E_CHAIN_LONG)
+        if flags & VRING_DESC_F_WRITE:
+            n_in += 1
+            in_bytes += length
+            iov[n, 2] = 1
+        else:
+            if n_in:
+                return _fail(q, E_OUT_AFTER_IN)
+            out_bytes += length
+            iov[n, 2] = 0
+        iov[n, 0] = addr
+        iov[n, 1] = length
+        n += 1
+        if not (flags & VRING_DESC_F_NEXT):
+            break
+        i = ld_u16(mem, d + 14)
+        if i >= entries:
+            return _fail(q, E_NEXT_RANGE)
+
+    q[Q_LAST_AVAIL] = (last + 1) & 0xFFFF
+    q[Q_OUT] = n - n_in
+    q[Q_IN] = n_in
+    q[Q_OUT_BYTES] = out_bytes
+    q[Q_IN_BYTES] = in_bytes
+    q[Q_N_CHAINS] += 1
+    return head
+
+
+@njit(nogil=True, cache=True)
+def _push(mem, q, head, length):
+    """Write a used element (not yet visible: see _publish)."""
+    used = q[Q_USED]
+    idx = q[Q_USED_IDX]
+    elem = used + 4 + 8 * (idx & (q[Q_SIZE] - 1))
+    st_u32(mem, elem, head)
+    st_u32(mem, elem + 4, length)
+    q[Q_USED_IDX] = (idx + 1) & 0xFFFF
+    q[Q_PENDING] += 1
+    q[Q_N_USED] += 1
+
+
+@njit(nogil=True, cache=True)
+def _publish(mem, q):
+    """Make every pushed element visible: release-store used.idx, so the
+    driver never sees an index ahead of its elements (§2.4.8.2)."""
+    st_u16_release(mem, q[Q_USED] + 2, q[Q_USED_IDX])
+
+
+@njit(nogil=True, cache=True)
+def _need_event(event, new, old):
+    # Linux's vring_need_event: did new pass event since old?  16-bit wrap.
+    return ((new - event - 1) & 0xFFFF) < ((new - old) & 0xFFFF)
+
+
+@njit(nogil=True, cache=True)
+def _need_interrupt(mem, q):
+    """After _publish: does the driver want an interrupt for what was used
+    since the last decision?  (§2.4.7.2; lguest's trigger_irq test.)"""
+    if q[Q_PENDING] == 0:
+        return False
+    # The used.idx store must be globally visible before we read the
+    # driver's suppression state, or both sides can decide to sleep.
+    fence()
+    new = q[Q_USED_IDX]
+    old = q[Q_SIGNALLED]
+    q[Q_SIGNALLED] = new
+    q[Q_PENDING] = 0
+    size = q[Q_SIZE]
+    avail = q[Q_AVAIL]
+    if q[Q_FEATURES] & _F_EVENT_IDX:
+        want = _need_event(ld_u16(mem, avail + 4 + 2 * size), new, old)
+    else:
+        want = (ld_u16(mem, avail) & VRING_AVAIL_F_NO_INTERRUPT) == 0
+    if want:
+        q[Q_N_IRQ] += 1
+    else:
+        q[Q_N_IRQ_SUPPRESSED] += 1
+    return want
+
+
+@njit(nogil=True, cache=True)
+def _disable_notify(mem, q):
+    """Ask the driver not to notify us (we are busy polling).  With
+    EVENT_IDX nothing is written: avail_event simply stays behind (§2.4.9)."""
+    if not (q[Q_FEATURES] & _F_EVENT_IDX):
+        used = q[Q_USED]
+        st_u16(mem, used, ld_u16(mem, used) | VRING_USED_F_NO_NOTIFY)
+
+
+@njit(nogil=True, cache=True)
+def _enable_notify(mem, q):
+    """Ask for notifications again, then re-check the ring: returns True when
+    buffers arrived meanwhile, in which case the caller must not sleep (the
+    race lguest closes with mb())."""
+    used = q[Q_USED]
+    last = q[Q_LAST_AVAIL]
+    if q[Q_FEATURES] & _F_EVENT_IDX:
+        st_u16(mem, used + 4 + 8 * q[Q_SIZE], last)
+    else:
+        st_u16(mem, used, ld_u16(mem, used) & (0xFFFF ^ VRING_USED_F_NO_NOTIFY))
+    fence()
+    return ld_u16_acquire(mem, q[Q_AVAIL] + 2) != last
+
+
+@njit(nogil=True, cache=True)
+def _signal(mem, q, isr, irq_fd, scratch):
+    """lguest's trigger_irq: if the driver wants an interrupt for what we
+    used, set the ISR queue bit first (§4.1.4.5.1), then raise the line by
+    writing the device's interrupt eventfd.  Returns True if raised."""
+    if not _need_interrupt(mem, q):
+        return False
+    isr[0] |= 1
+    fence()
+    scratch[0] = 1
+    sys_write(irq_fd, scratch.ctypes.data, 8)
+    return True
+
+
+@njit(nogil=True, cache=True)
+def _wait_chain(mem, q, iov, notify_fd, isr, irq_fd, scratch):
+    """lguest's wait_for_vq_desc: pop the next chain, sleeping on the
+    queue's notification eventfd while the ring is empty.  Before sleeping,
+    tell the driver about everything used so far.  Returns the head,
+    STOPPED once ``q[Q_STOP]`` is set, or -E_*."""
+    while True:
+        head = _pop(mem, q, iov)
+        if head != NO_BUFFER:
+            return head
+        _publish(mem, q)
+        _signal(mem, q, isr, irq_fd, scratch)
+        if _enable_notify(mem, q):
+            _disable_notify(mem, q)
+            continue
+        if q[Q_STOP]:
+            return STOPPED
+        r = sys_read(notify_fd, scratch.ctypes.data, 8)
+        if r < 0 and r != -EINTR and r != -EAGAIN:
+            return _fail(q, E_NOTIFY_READ)
+        q[Q_N_NOTIFY] += 1
+        _disable_notify(mem, q)
+        if q[Q_STOP]:
+            return STOPPED
+
+
+# ---------------------------------------------------------------------------
+# iovec helpers (lguest's iov_consume and friends).  Entries were checked
+# against guest RAM when the chain was popped.
+
+@njit(nogil=True, cache=True)
+def _iov_to_buf(mem, iov, first, count, buf):
+    """Copy from iov[first:first+count] into ``buf``; returns bytes copied
+    (stops when either side is exhausted)."""
+    done = 0
+    cap = buf.size
+    for k in range(first, first + count):
+        if done >= cap:
+            break
+        a = np.int64(iov[k, 0])
+        n = min(np.int64(iov[k, 1]), cap - done)
+        buf[done:done + n] = mem[a:a + n]
+        done += n
+    return done
+
+
+@njit(nogil=True, cache=True)
+def _buf_to_iov(mem, iov, first, count, buf, length):
+    """Copy ``length`` bytes of ``buf`` into iov[first:first+count]; returns
+    bytes copied."""
+    done = 0
+    length = min(length, buf.size)
+    for k in range(first, first + count):
+        if done >= length:
+            break
+        a = np.int64(iov[k, 0])
+        n = min(np.int64(iov[k, 1]), length - done)
+        mem[a:a + n] = buf[done:done + n]
+        done += n
+    return done
+
+
+@njit(nogil=True, cache=True)
+def _iov_consume(iov, first, count, nbytes):
+    """Drop ``nbytes`` from the front of iov[first:first+count] in place
+    (for headers); returns the bytes actually consumed."""
+    done = 0
+    for k in range(first, first + count):
+        if done >= nbytes:
+            break
+        n = min(np.int64(iov[k, 1]), nbytes - done)
+        iov[k, 0] = np.uint64(np.int64(iov[k, 0]) + n)
+        iov[k, 1] = np.uint64(np.int64(iov[k, 1]) - n)
+        done += n
+    return done
+
+
+@njit(nogil=True, cache=True)
+def _last_writable_byte(iov, first, count):
+    """Guest address of the last byte of the last non-empty writable entry
+    (where a block request's status byte goes), or -1."""
+    for k in range(first + count - 1, first - 1, -1):
+        if iov[k, 2] and iov[k, 1] > 0:
+            return np.int64(iov[k, 0]) + np.int64(iov[k, 1]) - 1
+    return -1
+
+
+# ---------------------------------------------------------------------------
+# Public wrappers: validate, then call the kernel.
+
+
+def new_iov(size: int) -> np.ndarray:
+    return np.zeros((size, 3), dtype=np.uint64)
+
+
+def _check(mem, q):
+    if not isinstance(mem, np.ndarray) or mem.dtype != np.uint8 or mem.ndim != 1:
+        raise TypeError("mem must be the guest's 1-D uint8 array")
+    if q.dtype != np.int64 or q.shape != (Q_FIELDS,):
+        raise TypeError("q must be a queue state array from new_queue()")
+    if q[Q_SIZE] == 0:
+        raise ValueError("queue is not set up")
+
+
+def pop(mem, q, iov) -> int:
+    """Pop the next chain.  Returns head, NO_BUFFER or -E_* (see error_message)."""
+    _check(mem, q)
+    if iov.dtype != np.uint64 or iov.ndim != 2 or iov.shape[1] != 3:
+        raise TypeError("iov must be an (n, 3) uint64 array from new_iov()")
+    return int(_pop(mem, q, iov))
+
+
+def push(mem, q, head: int, length: int) -> None:
+    """Record a used chain; not visible to the driver until publish()."""
+    _check(mem, q)
+    if not 0 <= head < q[Q_SIZE]:
+        raise ValueError(f"head {head} outside queue of size {q[Q_SIZE]}")
+    if not 0 <= length < 2**32:
+        raise ValueError(f"used length {length} is not a u32")
+    _push(mem, q, head, length)
+
+
+def publish(mem, q) -> None:
+    _check(mem, q)
+    _publish(mem, q)
+
+
+def need_interrupt(mem, q) -> bool:
+    _check(mem, q)
+    return bool(_need_interrupt(mem, q))
+
+
+def enable_notify(mem, q) -> bool:
+    _check(mem, q)
+    return bool(_enable_notify(mem, q))
+
+
+def disable_notify(mem, q) -> None:
+    _check(mem, q)
+    _disable_notify(mem, q)
+
+
+def need_event(event: int, new: int, old: int) -> bool:
+    return bool(_need_event(event, new, old))
+
+
+def chain(iov, q) -> list[tuple[int, int, bool]]:
+    """The last popped chain as (guest address, length, writable) tuples."""
+    n = int(q[Q_OUT] + q[Q_IN])
+    return [(int(a), int(ln), bool(w)) for a, ln, w in iov[:n]]
+
+
+def counters(q) -> dict:
+    return {"chains": int(q[Q_N_CHAINS]), "used": int(q[Q_N_USED]), "notifications": int(q[Q_N_NOTIFY]),
+            "interrupts": int(q[Q_N_IRQ]), "interrupts_suppressed": int(q[Q_N_IRQ_SUPPRESSED]),
+            "errors": int(q[Q_N_ERRORS])}

@@ -1,0 +1,211 @@
+"""A guest-side virtio driver that runs in the launcher's process.
+
+``MockDriver`` plays one split virtqueue the way Linux's
+drivers/virtio/virtio_ring.c does: rings in guest memory, a free list
+threaded through the descriptor table, direct and indirect chains, the avail
+index published after the ring entry, kicks decided with event-idx or the
+NO_NOTIFY flag, used entries reaped with ``used_event`` kept current.  Tests
+and benchmarks drive the device side with it without a hypervisor.
+
+Buffers: each head index ``h`` owns a fixed data slot of ``slot_bytes`` at
+``data_base + h * slot_bytes`` (and an indirect table slot), so a chain's
+segments never overlap another in-flight chain's.  An ``add()`` segment is
+``bytes`` (device-readable data, copied into the slot), an ``int`` (a
+device-writable buffer of that length in the slot) or an ``(addr, length)``
+tuple used as it is (for hand-made or malicious layouts).
+
+For malformed-ring tests, ``write_desc`` / ``post`` write raw entries.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from . import vring
+from .hw.memory import GuestMemory
+
+_NEXT = vring.VRING_DESC_F_NEXT
+_WRITE = vring.VRING_DESC_F_WRITE
+_INDIRECT = vring.VRING_DESC_F_INDIRECT
+
+
+class NoSpace(Exception):
+    """Not enough free descriptors (virtqueue_add's -ENOSPC)."""
+
+
+def _align(x: int, a: int) -> int:
+    return (x + a - 1) & ~(a - 1)
+
+
+class MockDriver:
+    def __init__(self, gm: GuestMemory, size: int = 256, base: int = 0x10000,
+                 features: int = 0, slot_bytes: int = 4096):
+        if size & (size - 1) or not 0 < size <= vring.MAX_QUEUE_SIZE:
+            raise ValueError("queue size must be a power of two")
+        self.gm, self.mem, self.size = gm, gm.mem, size
+        self.features = features
+        self.event_idx = bool(features & (1 << vring.VIRTIO_RING_F_EVENT_IDX))
+        self.indirect_ok = bool(features & (1 << vring.VIRTIO_RING_F_INDIRECT_DESC))
+        self.desc = _align(base, 4096)
+        self.avail = self.desc + 16 * size
+        self.used = _align(self.avail + 6 + 2 * size, 4096)
+        self.indirect_base = _align(self.used + 6 + 8 * size, 4096)
+        self.data_base = _align(self.indirect_base + 16 * size * size, 4096)
+        self.slot_bytes = slot_bytes
+        self.end = self.data_base + size * slot_bytes
+        if self.end > gm.size:
+            raise ValueError(f"driver layout needs {self.end:#x} bytes of guest RAM, have {gm.size:#x}")
+        gm.mem[self.desc:self.indirect_base] = 0
+        # Free list threaded through desc.next, as virtio_ring.c does.
+        for i in range(size - 1):
+            self._st16(self.desc + 16 * i + 14, i + 1)
+        self.free_head = 0
+        self.num_free = size
+        self.avail_shadow = 0
+        self.num_added = 0
+        self.last_used = 0
+        self.avail_flags = 0
+        self.inflight: dict[int, tuple[int, list[tuple[int, int, bool]], bool]] = {}
+
+    # -- little helpers over guest memory (plain Python: this is the guest)
+    def _ld16(self, a): return int(self.mem[a]) | int(self.mem[a + 1]) << 8
+    def _ld32(self, a): return int.from_bytes(self.mem[a:a + 4].tobytes(), "little")
+    def _st16(self, a, v): self.mem[a:a + 2] = [v & 0xFF, (v >> 8) & 0xFF]
+
+    def _wdesc(self, table, i, addr, length, flags, nxt):
+        d = table + 16 * i
+        self.mem[d:d + 16] = list(addr.to_bytes(8, "little") + length.to_bytes(4, "little")
+                                  + flags.to_bytes(2, "little") + nxt.to_bytes(2, "little"))
+
+    def rings(self) -> tuple[int, int, int]:
+        return self.desc, self.avail, self.used
+
+    def device_queue(self, max_size: int | None = None):
+        """The device-side state for this queue, as the transport would set
+        it up at queue_enable."""
+        q = vring.new_queue()
+        err = vring.setup_queue(q, self.gm.size, self.size, max_size or self.size,
+                                self.desc, self.avail, self.used, self.features)
+        if err:
+            raise ValueError(vring.error_message(err))
+        return q
+
+    # -- adding buffers
+    def add(self, out=(), in_=(), indirect: bool = False) -> int:
+        segs = [(s, False) for s in out] + [(s, True) for s in in_]
+        if not segs:
+            raise ValueError("a chain needs at least one buffer")
+        use_indirect = indirect and self.indirect_ok and len(segs) > 1
+        need = 1 if use_indirect else len(segs)
+        if need > self.num_free:
+            raise NoSpace
+        head = self.free_head
+        slot = self.data_base + head * self.slot_bytes
+        placed = []
+        cursor = slot
+        for s, writable in segs:
+            if isinstance(s, tuple):
+                addr, length = s
+            elif isinstance(s, int):
+                addr, length = cursor, s
+                cursor += s
+            else:
+                addr, length = cursor, len(s)
+                self.mem[cursor:cursor + length] = np.frombuffer(bytes(s), dtype=np.uint8)
+                cursor += length
+            placed.append((addr, length, writable))
+        if cursor > slot + self.slot_bytes:
+            raise ValueError(f"chain needs {cursor - slot} bytes, slots hold {self.slot_bytes}")
+
+        if use_indirect:
+            table = self.indirect_base + head * 16 * self.size
+            for k, (addr, length, w) in enumerate(placed):
+                last = k == len(placed) - 1
+                self._wdesc(table, k, addr, length, (_WRITE if w else 0) | (0 if last else _NEXT), 0 if last else k + 1)
+            self.free_head = self._ld16(self.desc + 16 * head + 14)
+            self._wdesc(self.desc, head, table, 16 * len(placed), _INDIRECT, 0)
+        else:
+            i = head
+            for k, (addr, length, w) in enumerate(placed):
+                nxt = self._ld16(self.desc + 16 * i + 14)
+                last = k == len(placed) - 1
+                self._wdesc(self.desc, i, addr, length, (_WRITE if w else 0) | (0 if last else _NEXT), nxt)
+                if not last:
+                    i = nxt
+            self.free_head = self._ld16(self.desc + 16 * i + 14)
+        self.num_free -= need
+        self.inflight[head] = (need, placed, use_indirect)
+        self.post(head)
+        return head
+
+    def post(self, head: int) -> None:
+        """Put ``head`` in the avail ring and publish the new index (ring
+        entry first; Python's GIL plus x86 store order stands in for wmb)."""
+        self._st16(self.avail + 4 + 2 * (self.avail_shadow & (self.size - 1)), head)
+        self.avail_shadow = (self.avail_shadow + 1) & 0xFFFF
+        self._st16(self.avail + 2, self.avail_shadow)
+        self.num_added += 1
+
+    def kick_prepare(self) -> bool:
+        """virtqueue_kick_prepare: should the driver notify the device?"""
+        new = self.avail_shadow
+        old = (new - self.num_added) & 0xFFFF
+        self.num_added = 0
+        if self.event_idx:
+            event = self._ld16(self.used + 4 + 8 * self.size)
+            return vring.need_event(event, new, old)
+        return not (self._ld16(self.used) & vring.VRING_USED_F_NO_NOTIFY)
+
+    # -- reaping
+    def used_idx(self) -> int:
+        return self._ld16(self.used + 2)
+
+    def get_used(self):
+        """Reap one used entry: (head, length, [bytes of each writable
+        segment]) or None."""
+        if self.last_used == self.used_idx():
+            return None
+        e = self.used + 4 + 8 * (self.last_used & (self.size - 1))
+        head, length = self._ld32(e), self._ld32(e + 4)
+        if head not in self.inflight:
+            raise AssertionError(f"device returned head {head}, which is not in flight")
+        need, placed, was_indirect = self.inflight.pop(head)
+        data = [self.mem[a:a + n].tobytes() for a, n, w in placed if w]
+        # Return the descriptors to the free list.
+        if was_indirect:
+            tail = head
+        else:
+            tail = head
+            for _ in range(need - 1):
+                tail = self._ld16(self.desc + 16 * tail + 14)
+        self._st16(self.desc + 16 * tail + 14, self.free_head)
+        self.free_head = head
+        self.num_free += need
+        self.last_used = (self.last_used + 1) & 0xFFFF
+        if self.event_idx and not (self.avail_flags & vring.VRING_AVAIL_F_NO_INTERRUPT):
+            self._st16(self.avail + 4 + 2 * self.size, self.last_used)
+        return head, length, data
+
+    def disable_cb(self) -> None:
+        self.avail_flags |= vring.VRING_AVAIL_F_NO_INTERRUPT
+        if not self.event_idx:
+            self._st16(self.avail, self.avail_flags)
+
+    def enable_cb(self) -> bool:
+        """Re-enable interrupts; True if used entries are already pending
+        (the caller must poll instead of waiting)."""
+        self.avail_flags &= ~vring.VRING_AVAIL_F_NO_INTERRUPT
+        if self.event_idx:
+            self._st16(self.avail + 4 + 2 * self.size, self.last_used)
+        else:
+            self._st16(self.avail, self.avail_flags)
+        return self.last_used != self.used_idx()
+
+    def set_used_event(self, value: int) -> None:
+        self._st16(self.avail + 4 + 2 * self.size, value)
+
+    # -- raw access for malformed rings
+    def write_desc(self, i: int, addr: int, length: int, flags: int, nxt: int, table: int | None = None) -> None:
+        self._wdesc(self.desc if table is None else table, i, addr, length, flags, nxt)
+
+    def set_avail_idx(self, idx: int) -> None:
+        self._st16(self.avail + 2, idx)

@@ -1,0 +1,59 @@
+"""Plain-Python reference implementations the kernels are checked against.
+
+Written for clarity, straight from virtio 1.0 §2.4, with no shared code with
+lguest_jit.vring.  Only the *valid-chain* result is compared; for invalid
+input the reference just says "invalid".
+"""
+from __future__ import annotations
+
+import struct
+
+NEXT, WRITE, INDIRECT = 1, 2, 4
+
+
+def walk_chain(mem: bytes, mem_size: int, size: int, desc: int, avail: int, last_avail: int,
+               indirect_ok: bool):
+    """Return ('empty', None), ('invalid', None) or ('ok', (head, [(addr, len, writable), ...]))."""
+    def u16(a): return struct.unpack_from("<H", mem, a)[0]
+
+    def inside(a, n): return 0 <= a and a + n <= mem_size
+
+    idx = u16(avail + 2)
+    if idx == last_avail:
+        return "empty", None
+    if (idx - last_avail) % 65536 > size:
+        return "invalid", None
+    head = u16(avail + 4 + 2 * (last_avail % size))
+    if head >= size:
+        return "invalid", None
+    out = []
+    table, entries, in_indirect, seen = desc, size, False, set()
+    i = head
+    while True:
+        if (table, i) in seen:
+            return "invalid", None
+        seen.add((table, i))
+        addr, length, flags, nxt = struct.unpack_from("<QIHH", mem, table + 16 * i)
+        if flags & INDIRECT:
+            if not indirect_ok or in_indirect or flags & NEXT or length == 0 or length % 16 or length // 16 > size \
+                    or not inside(addr, length):
+                return "invalid", None
+            table, entries, in_indirect, i = addr, length // 16, True, 0
+            continue
+        if not inside(addr, length):
+            return "invalid", None
+        writable = bool(flags & WRITE)
+        if not writable and any(w for _, _, w in out):
+            return "invalid", None
+        out.append((addr, length, writable))
+        if len(out) > size:
+            return "invalid", None
+        if not flags & NEXT:
+            return "ok", (head, out)
+        if nxt >= entries:
+            return "invalid", None
+        i = nxt
+
+
+def vring_need_event(event: int, new: int, old: int) -> bool:
+    return (new - event - 1) % 65536 < (new - old) % 65536

@@ -1,0 +1,524 @@
+"""The split virtqueue engine against a Linux-style driver and against
+malformed rings: one test per rule, each breaking exactly that rule."""
+import os
+import struct
+import threading
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+
+from lguest_jit import vring
+from lguest_jit.hw.memory import GuestMemory
+from lguest_jit.testing import MockDriver
+from naive import vring_need_event, walk_chain
+
+IND = 1 << vring.VIRTIO_RING_F_INDIRECT_DESC
+EVT = 1 << vring.VIRTIO_RING_F_EVENT_IDX
+NEXT, WRITE, INDIRECT = vring.VRING_DESC_F_NEXT, vring.VRING_DESC_F_WRITE, vring.VRING_DESC_F_INDIRECT
+
+
+@pytest.fixture
+def gm():
+    g = GuestMemory(4 << 20)
+    yield g
+    g.close()
+
+
+def setup(gm, size=8, features=IND):
+    drv = MockDriver(gm, size=size, features=features)
+    return drv, drv.device_queue(), vring.new_iov(size)
+
+
+def expect_error(gm, q, iov, code):
+    before = q.copy()
+    r = vring.pop(gm.mem, q, iov)
+    assert r == -code, (r, vring.error_message(r))
+    assert q[vring.Q_ERROR] == code
+    # Nothing consumed: the device can be reset and the driver can retry.
+    assert q[vring.Q_LAST_AVAIL] == before[vring.Q_LAST_AVAIL]
+    assert str(vring.error_message(r)).count("§") >= 1 or code == vring.E_IOV_SHORT
+
+
+# ---------------------------------------------------------------- valid chains
+
+def test_direct_chain_pops_in_order(gm):
+    drv, q, iov = setup(gm)
+    head = drv.add(out=[b"abc", b"defg"], in_=[16])
+    assert vring.pop(gm.mem, q, iov) == head
+    ch = vring.chain(iov, q)
+    assert [(ln, w) for _, ln, w in ch] == [(3, False), (4, False), (16, True)]
+    assert q[vring.Q_OUT] == 2 and q[vring.Q_IN] == 1
+    assert q[vring.Q_OUT_BYTES] == 7 and q[vring.Q_IN_BYTES] == 16
+    assert gm.read(ch[1][0], 4) == b"defg"
+    assert vring.pop(gm.mem, q, iov) == vring.NO_BUFFER
+
+
+def test_indirect_chain(gm):
+    drv, q, iov = setup(gm)
+    head = drv.add(out=[b"hdr", b"payload"], in_=[1], indirect=True)
+    assert drv.inflight[head][2], "driver should have used an indirect table"
+    assert vring.pop(gm.mem, q, iov) == head
+    assert [(ln, w) for _, ln, w in vring.chain(iov, q)] == [(3, False), (7, False), (1, True)]
+
+
+def test_direct_then_indirect_in_one_chain(gm):
+    # §2.4.5.3.2: normal descriptors followed by one indirect descriptor.
+    drv, q, iov = setup(gm)
+    table = drv.indirect_base
+    drv.write_desc(0, 0x200000, 10, NEXT, 1, table=table)
+    drv.write_desc(1, 0x200100, 20, WRITE, 0, table=table)
+    drv.write_desc(0, 0x300000, 5, NEXT, 1)
+    drv.write_desc(1, table, 32, INDIRECT, 0)
+    drv.post(0)
+    assert vring.pop(gm.mem, q, iov) == 0
+    assert [(ln, w) for _, ln, w in vring.chain(iov, q)] == [(5, False), (10, False), (20, True)]
+
+
+def test_indirect_write_flag_on_pointer_is_ignored(gm):
+    drv, q, iov = setup(gm)
+    table = drv.indirect_base
+    drv.write_desc(0, 0x200000, 10, 0, 0, table=table)
+    drv.write_desc(0, table, 16, INDIRECT | WRITE, 0)
+    drv.post(0)
+    assert vring.pop(gm.mem, q, iov) == 0
+    assert vring.chain(iov, q) == [(0x200000, 10, False)]
+
+
+def test_buffer_ending_exactly_at_end_of_ram_is_valid(gm):
+    drv, q, iov = setup(gm)
+    drv.add(out=[(gm.size - 16, 16)])
+    assert vring.pop(gm.mem, q, iov) == 0
+
+
+def test_avail_index_wraps(gm):
+    drv, q, iov = setup(gm, size=4)
+    q[vring.Q_LAST_AVAIL] = 0xFFFE
+    drv.avail_shadow = 0xFFFE
+    heads = [drv.add(out=[b"x"]) for _ in range(4)]
+    got = [vring.pop(gm.mem, q, iov) for _ in range(4)]
+    assert got == heads
+    assert q[vring.Q_LAST_AVAIL] == 2
+    assert vring.pop(gm.mem, q, iov) == vring.NO_BUFFER
+
+
+# ---------------------------------------------------------------- one test per rule
+
+def test_avail_idx_moved_more_than_queue_size(gm):
+    drv, q, iov = setup(gm)
+    drv.add(out=[b"x"])
+    drv.set_avail_idx(9)            # 9 > size 8
+    expect_error(gm, q, iov, vring.E_AVAIL_IDX)
+
+
+def test_head_out_of_range(gm):
+    drv, q, iov = setup(gm)
+    drv.write_desc(0, 0x200000, 1, 0, 0)
+    drv.post(8)
+    expect_error(gm, q, iov, vring.E_HEAD_RANGE)
+
+
+def test_next_out_of_range(gm):
+    drv, q, iov = setup(gm)
+    drv.write_desc(0, 0x200000, 1, NEXT, 8)
+    drv.post(0)
+    expect_error(gm, q, iov, vring.E_NEXT_RANGE)
+
+
+def test_next_out_of_range_of_indirect_table(gm):
+    drv, q, iov = setup(gm)
+    table = drv.indirect_base
+    drv.write_desc(0, 0x200000, 1, NEXT, 2, table=table)   # table has 2 entries
+    drv.write_desc(1, 0x200000, 1, 0, 0, table=table)
+    drv.write_desc(0, table, 32, INDIRECT, 0)
+    drv.post(0)
+    expect_error(gm, q, iov, vring.E_NEXT_RANGE)
+
+
+def test_looped_chain(gm):
+    drv, q, iov = setup(gm)
+    drv.write_desc(0, 0x200000, 1, NEXT, 1)
+    drv.write_desc(1, 0x200000, 1, NEXT, 0)
+    drv.post(0)
+    expect_error(gm, q, iov, vring.E_CHAIN_LOOP)
+
+
+def test_looped_indirect_table(gm):
+    drv, q, iov = setup(gm)
+    table = drv.indirect_base
+    drv.write_desc(0, 0x200000, 1, NEXT, 1, table=table)
+    drv.write_desc(1, 0x200000, 1, NEXT, 0, table=table)
+    drv.write_desc(0, table, 32, INDIRECT, 0)
+    drv.post(0)
+    expect_error(gm, q, iov, vring.E_CHAIN_LOOP)
+
+
+def test_out_after_in(gm):
+    drv, q, iov = setup(gm)
+    drv.write_desc(0, 0x200000, 1, NEXT | WRITE, 1)
+    drv.write_desc(1, 0x200000, 1, 0, 0)
+    drv.post(0)
+    expect_error(gm, q, iov, vring.E_OUT_AFTER_IN)
+
+
+@pytest.mark.parametrize("addr,length", [
+    (4 << 20, 1),                 # starts at end of RAM
+    ((4 << 20) - 8, 9),           # ends one byte past RAM
+    (2**64 - 8, 16),              # wraps around 2^64
+    (2**63, 1),                   # negative as int64
+    (0, 0xFFFFFFFF),              # huge length
+])
+def test_buffer_outside_ram(gm, addr, length):
+    drv, q, iov = setup(gm)
+    drv.write_desc(0, addr, length, 0, 0)
+    drv.post(0)
+    expect_error(gm, q, iov, vring.E_BUF_RANGE)
+
+
+def test_indirect_without_feature(gm):
+    drv, q, iov = setup(gm, features=0)
+    drv.write_desc(0, drv.indirect_base, 16, INDIRECT, 0)
+    drv.post(0)
+    expect_error(gm, q, iov, vring.E_INDIRECT_FEATURE)
+
+
+def test_nested_indirect(gm):
+    drv, q, iov = setup(gm)
+    t1, t2 = drv.indirect_base, drv.indirect_base + 4096
+    drv.write_desc(0, 0x200000, 1, 0, 0, table=t2)
+    drv.write_desc(0, t2, 16, INDIRECT, 0, table=t1)
+    drv.write_desc(0, t1, 16, INDIRECT, 0)
+    drv.post(0)
+    expect_error(gm, q, iov, vring.E_INDIRECT_NESTED)
+
+
+def test_indirect_with_next(gm):
+    drv, q, iov = setup(gm)
+    drv.write_desc(0, 0x200000, 1, 0, 0, table=drv.indirect_base)
+    drv.write_desc(0, drv.indirect_base, 16, INDIRECT | NEXT, 1)
+    drv.write_desc(1, 0x200000, 1, 0, 0)
+    drv.post(0)
+    expect_error(gm, q, iov, vring.E_INDIRECT_NEXT)
+
+
+@pytest.mark.parametrize("length", [0, 8, 17, 40])
+def test_indirect_length_not_multiple_of_16(gm, length):
+    drv, q, iov = setup(gm)
+    drv.write_desc(0, drv.indirect_base, length, INDIRECT, 0)
+    drv.post(0)
+    expect_error(gm, q, iov, vring.E_INDIRECT_LEN)
+
+
+def test_indirect_table_larger_than_queue(gm):
+    drv, q, iov = setup(gm)
+    drv.write_desc(0, drv.indirect_base, 16 * 9, INDIRECT, 0)   # 9 > size 8
+    drv.post(0)
+    expect_error(gm, q, iov, vring.E_INDIRECT_SIZE)
+
+
+@pytest.mark.parametrize("addr", [(4 << 20) - 16, 2**64 - 16])
+def test_indirect_table_outside_ram(gm, addr):
+    drv, q, iov = setup(gm)
+    drv.write_desc(0, addr, 32, INDIRECT, 0)
+    drv.post(0)
+    expect_error(gm, q, iov, vring.E_INDIRECT_RANGE)
+
+
+def test_chain_longer_than_queue_through_indirect(gm):
+    drv, q, iov = setup(gm, size=4)
+    table = drv.indirect_base
+    for k in range(4):
+        drv.write_desc(k, 0x200000, 1, NEXT if k < 3 else 0, k + 1 if k < 3 else 0, table=table)
+    drv.write_desc(0, 0x200000, 1, NEXT, 1)
+    drv.write_desc(1, table, 64, INDIRECT, 0)    # 1 direct + 4 indirect = 5 > 4
+    drv.post(0)
+    expect_error(gm, q, iov, vring.E_CHAIN_LONG)
+
+
+def test_iov_shorter_than_queue_is_refused(gm):
+    drv, q, _ = setup(gm)
+    drv.add(out=[b"x"])
+    expect_error(gm, q, vring.new_iov(4), vring.E_IOV_SHORT)
+
+
+# ---------------------------------------------------------------- queue setup (enable time)
+
+@pytest.mark.parametrize("size,max_size", [(0, 256), (3, 256), (512, 256), (65536, 65536)])
+def test_queue_size_rule(size, max_size):
+    assert vring.check_queue_layout(1 << 24, size, max_size, 0x1000, 0x2000, 0x3000) == vring.E_QUEUE_SIZE
+
+
+@pytest.mark.parametrize("desc,avail,used,code", [
+    (0x1008, 0x2000, 0x3000, vring.E_DESC_ALIGN),
+    (0x1000, 0x2001, 0x3000, vring.E_AVAIL_ALIGN),
+    (0x1000, 0x2000, 0x3002, vring.E_USED_ALIGN),
+    ((1 << 24) - 16 * 255, 0x2000, 0x3000, vring.E_DESC_RANGE),
+    (0x1000, (1 << 24) - 2, 0x3000, vring.E_AVAIL_RANGE),
+    (0x1000, 0x2000, (1 << 24) - 8, vring.E_USED_RANGE),
+    (2**64 - 4096, 0x2000, 0x3000, vring.E_DESC_RANGE),
+    (0x1000, 0x2000, 2**63, vring.E_USED_RANGE),
+])
+def test_queue_layout_rules(desc, avail, used, code):
+    assert vring.check_queue_layout(1 << 24, 256, 256, desc, avail, used) == code
+    assert "§2.4" in vring.error_message(code)
+
+
+def test_queue_layout_valid_at_end_of_ram():
+    size = 1 << 24
+    assert vring.check_queue_layout(size, 256, 256, size - 4096, size - 8192, size - (8 + 8 * 256)) == vring.OK
+
+
+# ---------------------------------------------------------------- used ring, interrupts, notifications
+
+def test_push_is_invisible_until_publish(gm):
+    drv, q, iov = setup(gm)
+    head = drv.add(out=[b"x"], in_=[4])
+    assert vring.pop(gm.mem, q, iov) == head
+    vring.push(gm.mem, q, head, 4)
+    assert drv.get_used() is None
+    vring.publish(gm.mem, q)
+    got = drv.get_used()
+    assert got[0] == head and got[1] == 4
+
+
+def test_batched_publish(gm):
+    drv, q, iov = setup(gm)
+    heads = [drv.add(in_=[8]) for _ in range(5)]
+    for _ in range(5):
+        h = vring.pop(gm.mem, q, iov)
+        vring.push(gm.mem, q, h, 8)
+    vring.publish(gm.mem, q)
+    assert [drv.get_used()[0] for _ in range(5)] == heads
+    assert vring.need_interrupt(gm.mem, q)
+    assert not vring.need_interrupt(gm.mem, q), "nothing new used since the last decision"
+
+
+def test_no_interrupt_flag(gm):
+    drv, q, iov = setup(gm, features=0)
+    drv.disable_cb()
+    h = drv.add(in_=[1])
+    vring.pop(gm.mem, q, iov)
+    vring.push(gm.mem, q, h, 1)
+    vring.publish(gm.mem, q)
+    assert not vring.need_interrupt(gm.mem, q)
+    assert q[vring.Q_N_IRQ_SUPPRESSED] == 1
+    drv.enable_cb()
+    h = drv.get_used()[0]
+    h = drv.add(in_=[1])
+    vring.pop(gm.mem, q, iov)
+    vring.push(gm.mem, q, h, 1)
+    vring.publish(gm.mem, q)
+    assert vring.need_interrupt(gm.mem, q)
+
+
+def test_event_idx_used_event(gm):
+    drv, q, iov = setup(gm, features=EVT)
+    for _ in range(4):
+        drv.add(in_=[1])
+    drv.set_used_event(2)          # interrupt once used idx passes 2 (i.e. reaches 3)
+    for expect in (False, False, True, False):
+        h = vring.pop(gm.mem, q, iov)
+        vring.push(gm.mem, q, h, 1)
+        vring.publish(gm.mem, q)
+        assert vring.need_interrupt(gm.mem, q) is expect
+
+
+@pytest.mark.parametrize("event,new,old", [
+    (0xFFFF, 0, 0xFFFE), (0xFFFE, 1, 0xFFFC), (5, 6, 5), (5, 5, 4), (10, 3, 2), (0, 0, 0), (65535, 65535, 0), (3, 2, 65530),
+])
+def test_need_event_matches_linux(event, new, old):
+    assert vring.need_event(event, new, old) == vring_need_event(event, new, old)
+
+
+@settings(deadline=None)
+@given(st.integers(0, 65535), st.integers(0, 65535), st.integers(0, 65535))
+def test_need_event_property(event, new, old):
+    assert vring.need_event(event, new, old) == vring_need_event(event, new, old)
+
+
+def test_event_idx_interrupt_wraps(gm):
+    drv, q, iov = setup(gm, features=EVT, size=4)
+    q[vring.Q_USED_IDX] = q[vring.Q_SIGNALLED] = 0xFFFF
+    q[vring.Q_LAST_AVAIL] = drv.avail_shadow = drv.last_used = 0xFFFF
+    drv.set_used_event(0xFFFF)     # wants an interrupt when used idx goes 0xFFFF -> 0
+    h = drv.add(in_=[1])
+    assert vring.pop(gm.mem, q, iov) == h
+    vring.push(gm.mem, q, h, 1)
+    vring.publish(gm.mem, q)
+    assert drv.used_idx() == 0
+    assert vring.need_interrupt(gm.mem, q)
+
+
+def test_no_notify_flag_and_recheck(gm):
+    drv, q, iov = setup(gm, features=0)
+    vring.disable_notify(gm.mem, q)
+    drv.add(out=[b"x"])
+    assert not drv.kick_prepare(), "device said NO_NOTIFY"
+    assert vring.pop(gm.mem, q, iov) >= 0
+    assert vring.enable_notify(gm.mem, q) is False, "nothing new: safe to sleep"
+    drv.add(out=[b"y"])
+    assert drv.kick_prepare()
+    # A buffer that slips in between enabling and sleeping is seen.
+    vring.disable_notify(gm.mem, q)
+    assert vring.enable_notify(gm.mem, q) is True
+
+
+def test_event_idx_avail_event(gm):
+    drv, q, iov = setup(gm, features=EVT)
+    drv.add(out=[b"x"])
+    vring.pop(gm.mem, q, iov)
+    assert vring.enable_notify(gm.mem, q) is False
+    assert drv._ld16(drv.used + 4 + 8 * drv.size) == 1     # avail_event = last_avail
+    drv.add(out=[b"y"])
+    assert drv.kick_prepare(), "avail idx passed avail_event"
+    drv.add(out=[b"z"])
+    assert not drv.kick_prepare(), "device has not caught up: no second kick"
+
+
+# ---------------------------------------------------------------- iovec helpers
+
+def test_iov_copy_consume_and_status_byte(gm):
+    drv, q, iov = setup(gm)
+    drv.add(out=[b"0123", b"456789"], in_=[3, 5])
+    vring.pop(gm.mem, q, iov)
+    buf = np.zeros(16, np.uint8)
+    assert vring._iov_to_buf(gm.mem, iov, 0, 2, buf) == 10
+    assert buf[:10].tobytes() == b"0123456789"
+    assert vring._iov_consume(iov, 0, 2, 6) == 6
+    assert vring._iov_to_buf(gm.mem, iov, 0, 2, buf) == 4 and buf[:4].tobytes() == b"6789"
+    src = np.frombuffer(b"abcdefgh", np.uint8).copy()
+    assert vring._buf_to_iov(gm.mem, iov, 2, 2, src, 8) == 8
+    status = vring._last_writable_byte(iov, 2, 2)
+    assert status == int(iov[3, 0]) + 4
+    vring.push(gm.mem, q, 0, 8)
+    vring.publish(gm.mem, q)
+    assert drv.get_used()[2] == [b"abc", b"defgh"]
+
+
+def test_consume_more_than_available_reports_short(gm):
+    drv, q, iov = setup(gm)
+    drv.add(out=[b"ab", b"c"])
+    vring.pop(gm.mem, q, iov)
+    assert vring._iov_consume(iov, 0, 2, 10) == 3
+
+
+# ---------------------------------------------------------------- the blocking service path
+
+def test_wait_chain_sleeps_wakes_and_stops(gm):
+    drv, q, iov = setup(gm, features=0)
+    notify, irq = os.eventfd(0), os.eventfd(0, os.EFD_NONBLOCK)
+    isr = np.zeros(1, np.uint8)
+    scratch = np.zeros(1, np.uint64)
+    results = []
+
+    def service():
+        while True:
+            h = vring._wait_chain(gm.mem, q, iov, notify, isr, irq, scratch)
+            if h < 0:
+                results.append(h)
+                return
+            results.append(h)
+            vring._push(gm.mem, q, h, 0)
+
+    t = threading.Thread(target=service)
+    t.start()
+    try:
+        h = drv.add(out=[b"ping"])
+        if drv.kick_prepare():
+            os.eventfd_write(notify, 1)
+        deadline = 200
+        while drv.used_idx() == 0 and deadline:
+            threading.Event().wait(0.01)
+            deadline -= 1
+        assert drv.get_used()[0] == h
+        assert isr[0] == 1, "ISR bit set before the interrupt"
+        assert os.eventfd_read(irq) >= 1
+    finally:
+        q[vring.Q_STOP] = 1
+        os.eventfd_write(notify, 1)
+        t.join(10)
+    assert not t.is_alive()
+    assert results == [h, vring.STOPPED]
+    os.close(notify)
+    os.close(irq)
+
+
+# ---------------------------------------------------------------- property test
+
+MEM = 1 << 16           # small RAM: rings sit right against the guard page
+
+
+@st.composite
+def rings(draw):
+    size = draw(st.sampled_from([1, 2, 4, 8, 16]))
+    indirect_ok = draw(st.booleans())
+    # Half the rings are well-formed-looking (so valid chains are common and
+    # the walkers get compared); the rest are hostile.
+    sane = draw(st.booleans())
+    if sane:
+        addr = st.integers(0, MEM - 4096)
+        length = st.integers(0, 64)
+        flags = st.sampled_from([0, NEXT, WRITE, NEXT | WRITE, NEXT, NEXT | WRITE, INDIRECT])
+        nxt = st.integers(0, size - 1)
+    else:
+        addr = st.one_of(st.integers(0, MEM - 1), st.integers(MEM - 64, MEM + 64),
+                         st.integers(2**64 - 64, 2**64 - 1), st.integers(0, 2**64 - 1))
+        length = st.one_of(st.integers(0, 64), st.sampled_from([16, 32, 48, 16 * size, 16 * size + 16]),
+                           st.integers(0, 2**32 - 1))
+        flags = st.integers(0, 7)
+        nxt = st.one_of(st.integers(0, size), st.integers(0, 65535))
+    table = [(draw(addr), draw(length), draw(flags), draw(nxt)) for _ in range(size)]
+    # A second table the indirect descriptors can point at.
+    ind = [(draw(addr), draw(length), draw(flags), draw(nxt)) for _ in range(draw(st.integers(1, 8)))]
+    last_avail = draw(st.integers(0, 65535))
+    idx = (last_avail + 1) & 0xFFFF if sane else draw(st.one_of(st.just((last_avail + 1) & 0xFFFF),
+                                                                  st.integers(0, 65535)))
+    head = st.integers(0, size - 1) if sane else st.one_of(st.integers(0, size - 1), st.integers(0, 65535))
+    heads = [draw(head) for _ in range(size)]
+    point_ind = draw(st.booleans())
+    return size, indirect_ok, table, ind, last_avail, idx, heads, point_ind
+
+
+@settings(max_examples=int(os.environ.get("VRING_EXAMPLES", "400")), deadline=None,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(rings())
+def test_property_matches_reference_and_stays_inside(r):
+    size, indirect_ok, table, ind, last_avail, idx, heads, point_ind = r
+    gm = GuestMemory(MEM)
+    try:
+        mem = gm.mem
+        # Layout against the top of RAM: used ring, avail ring, desc table, indirect table.
+        desc = MEM - 16 * size
+        ind_at = (desc - 16 * len(ind)) & ~15
+        avail = (ind_at - (6 + 2 * size)) & ~1
+        used = (avail - (6 + 8 * size)) & ~3
+        for k, (a, ln, fl, nx) in enumerate(ind):
+            struct.pack_into("<QIHH", mem, ind_at + 16 * k, a, ln, fl, nx)
+        for k, (a, ln, fl, nx) in enumerate(table):
+            if point_ind and k == 0:
+                a, ln = ind_at, 16 * len(ind)
+            struct.pack_into("<QIHH", mem, desc + 16 * k, a, ln, fl, nx)
+        struct.pack_into("<HH", mem, avail, 0, idx)
+        for k, h in enumerate(heads):
+            struct.pack_into("<H", mem, avail + 4 + 2 * k, h)
+        q = vring.new_queue()
+        feats = IND if indirect_ok else 0
+        assert vring.setup_queue(q, MEM, size, size, desc, avail, used, feats) == vring.OK
+        q[vring.Q_LAST_AVAIL] = last_avail
+        iov = vring.new_iov(size)
+        got = vring.pop(mem, q, iov)
+        kind, want = walk_chain(mem.tobytes(), MEM, size, desc, avail, last_avail, indirect_ok)
+        event(kind if got >= -1 else f"{kind}: {vring.error_message(got).split(' (')[0]}")
+        if kind == "empty":
+            assert got == vring.NO_BUFFER
+        elif kind == "invalid":
+            assert got <= -vring.E_AVAIL_IDX and vring.error_message(got)
+        else:
+            head, bufs = want
+            assert got == head
+            assert vring.chain(iov, q) == bufs
+        for a, n, _ in (vring.chain(iov, q) if got >= 0 else []):
+            assert 0 <= a and a + n <= MEM
+    finally:
+        gm.close()
