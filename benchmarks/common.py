@@ -20,6 +20,7 @@ def rate(fn, min_time: float = 0.2, repeat: int = 3) -> float:
     The count is grown until one call lasts ``min_time``; the best of
     ``repeat`` calls is reported (the least disturbed by the other core).
     """
+    fn(1)  # warm-up: compilation or cache loading must not be timed
     n = 1
     while True:
         t0 = time.perf_counter()
