@@ -1,0 +1,1224 @@
+"""PCI bus, host bridge, config space with permission masks, and the virtio
+1.0 PCI modern transport (§4.1).
+
+Everything the hypervisor backends and the devices need from PCI lives here.
+
+Bus interface (what backends and tests call)
+============================================
+``Bus(mem, strict=False, notify_mode="per-queue", mmio_base=0xE0000000,
+fatal=None, log=None, irqs=None)``
+    ``mem`` is the :class:`~lguest_jit.hw.memory.GuestMemory`.  ``strict``
+    selects the policy for driver errors (below).  ``notify_mode`` is
+    ``"per-queue"`` (one 16-bit notify register per queue, 4 bytes apart,
+    notify_off_multiplier 4: the KVM ioeventfd layout) or ``"single"`` (one
+    notify register per device, multiplier 0, the value written is the queue
+    index: lguest's layout).  BAR0s are placed from ``mmio_base`` upwards,
+    ``BAR0_SIZE`` bytes each.  ``fatal(message)`` is called when a device
+    thread reports a driver error under ``strict`` (default: raise
+    :class:`BadDriver` in that thread).  ``log(line)`` receives verbose
+    lines; when it is None nothing is formatted.  ``irqs`` is the per-machine
+    :class:`IrqAllocator` (one is made when omitted).
+
+``bus.add_device(dev: VirtioDevice) -> Transport``
+    Next free slot (00:01.0 upwards; 00:00.0 is the host bridge), BAR0 in
+    the MMIO window, an interrupt line from the allocator, pin INTA.
+
+``bus.pio(port: int, size: int, is_write: bool, value: int) -> int``
+    Port I/O, sizes 1, 2, 4.  Reads return the value (zero-extended), writes
+    return 0.  PCI configuration mechanism #1 lives at 0xCF8-0xCFF; ports
+    nobody claimed read all-ones of the access size and ignore writes.
+
+``bus.add_ports(first: int, count: int, handler)``
+    Claim ``count`` ports from ``first`` for ``handler(port, size, is_write,
+    value) -> int`` (same contract as ``pio``).  An access that runs past the
+    end of a claimed range is split into byte accesses.
+
+``bus.mmio(addr: int, size: int, is_write: bool, value: int) -> int``
+    Memory-mapped I/O, sizes 1, 2, 4 and 8 (8 only for the 64-bit queue
+    address fields; elsewhere it is a width error).  Addresses in no BAR
+    read all-ones and ignore writes.
+
+``bus.ioeventfds() -> list[tuple[int, int, int]]``
+    ``(gpa, length, eventfd)`` for each queue's notify register (per-queue
+    mode; ``[]`` in single mode, where one address carries every queue and
+    the value decides).  A ``bus.mmio`` write there writes 1 to the same
+    eventfd, so the KVM ioeventfd path and the exit path agree.
+
+``bus.interrupts() -> list[tuple[int, int]]``
+    ``(irq_line, eventfd)``, one per device: writing 1 to the eventfd is the
+    device raising its line (KVM: irqfd).  ``bus.irq_pending(line) -> bool``
+    is True while a device on that line has a non-zero ISR and INTx is not
+    disabled in its COMMAND register (level-triggered resample).
+
+``bus.close()``
+    Resets every device (joins its threads) and closes the eventfds.
+
+Device interface (devices.py subclasses :class:`VirtioDevice`)
+==============================================================
+``device_type``, ``name``, ``queue_max_sizes``, ``features``, ``config``
+(uint8 array), ``config_write(offset, size, value) -> bool``,
+``activate(ctx: QueueContext)``, ``reset()``.  See the class docstrings.
+A device that changes ``config`` calls ``transport.config_changed()``.
+
+Driver errors
+=============
+Every driver-conformance rule lguest enforces has an ``E_*`` code; the
+``RULES`` table gives its text, virtio 1.0 section and what the device does
+about it.  ``strict``: raise :class:`BadDriver` (``str()`` is
+``"<device>: <rule> (§x.y)"``; the vCPU loop prints ``bad driver: ...`` and
+stops).  Default: behave like a device — drop the bad access (or, for the
+rules marked ``NEEDS_RESET``, set DEVICE_NEEDS_RESET and raise a config
+interrupt), log the rule once per device, keep running.
+
+Implementation
+==============
+Config space is virtualized the vfio way: per slot, ``cfg`` (values),
+``wmask`` (writable bits per byte), ``hook`` (which bytes have behaviour)
+and ``region`` (header / capability number, so accesses are split into
+aligned chunks that never straddle a capability).  One kernel, ``_conf1``,
+handles both conf1 ports.  BAR sizing needs no handler: BAR0's writable bits
+are its size mask, so writing all-ones reads back the mask; unimplemented
+BARs and the ROM BAR have no writable bits and stay 0.
+
+BAR0 (``BAR0_SIZE`` bytes)::
+
+    0x000  common configuration (0x38 bytes)        §4.1.4.3
+    0x040  ISR status (1 byte, read-to-clear)        §4.1.4.5
+    0x100  device-specific configuration            §4.1.4.6
+    0x800  notify: per-queue 2-byte registers 4 apart, or one register
+                                                    §4.1.4.4
+
+``_bar_access`` does all of BAR0 from tables (field at each common-config
+offset, its width, read-only flag) and per-queue state arrays; it returns an
+action code for the few slow paths Python handles (reset, DRIVER_OK,
+queue_enable -> vring.setup_queue, notify -> eventfd, device config writes).
+"""
+from __future__ import annotations
+
+import os
+import select
+import threading
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import numpy as np
+from numba import njit
+
+from . import vring
+from .hw.memory import GuestMemory
+
+# ---------------------------------------------------------------------------
+# PCI constants
+
+CONFIG_ADDRESS = 0xCF8
+CONFIG_DATA = 0xCFC
+MAX_SLOTS = 32
+CFG_SIZE = 256
+
+PCI_VENDOR_ID = 0x00
+PCI_DEVICE_ID = 0x02
+PCI_COMMAND = 0x04
+PCI_STATUS = 0x06
+PCI_REVISION_ID = 0x08
+PCI_CLASS_PROG = 0x09
+PCI_CLASS_DEVICE = 0x0A
+PCI_CACHE_LINE_SIZE = 0x0C
+PCI_LATENCY_TIMER = 0x0D
+PCI_HEADER_TYPE = 0x0E
+PCI_BIST = 0x0F
+PCI_BASE_ADDRESS_0 = 0x10
+PCI_SUBSYSTEM_VENDOR_ID = 0x2C
+PCI_SUBSYSTEM_ID = 0x2E
+PCI_ROM_ADDRESS = 0x30
+PCI_CAPABILITY_LIST = 0x34
+PCI_INTERRUPT_LINE = 0x3C
+PCI_INTERRUPT_PIN = 0x3D
+
+PCI_COMMAND_IO = 0x1
+PCI_COMMAND_MEMORY = 0x2
+PCI_COMMAND_MASTER = 0x4
+PCI_COMMAND_PARITY = 0x40
+PCI_COMMAND_SERR = 0x100
+PCI_COMMAND_INTX_DISABLE = 0x400
+# Bits a driver may flip; everything else in COMMAND reads 0.
+COMMAND_WRITABLE = (PCI_COMMAND_IO | PCI_COMMAND_MEMORY | PCI_COMMAND_MASTER | PCI_COMMAND_PARITY
+                    | PCI_COMMAND_SERR | PCI_COMMAND_INTX_DISABLE)
+PCI_STATUS_CAP_LIST = 0x10
+PCI_CAP_ID_VNDR = 0x09
+
+# Host bridge identity: Red Hat's generic host bridge id, which no Linux
+# quirk matches (an Intel id would pull in chipset quirks).
+HOST_BRIDGE_VENDOR = 0x1B36
+HOST_BRIDGE_DEVICE = 0x0008
+
+# Virtio PCI (§4.1.2, §4.1.4)
+VIRTIO_PCI_VENDOR = 0x1AF4
+VIRTIO_PCI_DEVICE_BASE = 0x1040
+VIRTIO_PCI_SUBSYS_DEVICE = 0x40
+VIRTIO_PCI_CAP_COMMON_CFG = 1
+VIRTIO_PCI_CAP_NOTIFY_CFG = 2
+VIRTIO_PCI_CAP_ISR_CFG = 3
+VIRTIO_PCI_CAP_DEVICE_CFG = 4
+VIRTIO_PCI_CAP_PCI_CFG = 5
+VIRTIO_MSI_NO_VECTOR = 0xFFFF
+
+# Device status bits (§2.1)
+ACKNOWLEDGE = 1
+DRIVER = 2
+DRIVER_OK = 4
+FEATURES_OK = 8
+DEVICE_NEEDS_RESET = 0x40
+FAILED = 0x80
+
+# PCI class codes for each virtio device type (class, subclass, prog-if).
+CLASS_FOR_TYPE = {1: (0x02, 0x00), 2: (0x01, 0x80), 3: (0x07, 0x80), 4: (0xFF, 0x00)}
+
+# ---------------------------------------------------------------------------
+# BAR0 layout
+
+BAR0_SIZE = 0x1000
+COMMON_OFF = 0x000
+COMMON_LEN = 0x38
+ISR_OFF = 0x040
+ISR_LEN = 1
+DEVCFG_OFF = 0x100
+DEVCFG_MAX = 0x700
+NOTIFY_OFF = 0x800
+NOTIFY_STRIDE = 4           # notify_off_multiplier in per-queue mode
+MAX_QUEUES = (BAR0_SIZE - NOTIFY_OFF) // NOTIFY_STRIDE
+
+# Common configuration fields (§4.1.4.3).  64-bit fields are two 32-bit
+# fields for the width rule (§4.1.3.1 lets the driver access halves).
+F_DFSELECT, F_DFEATURE, F_GFSELECT, F_GFEATURE, F_MSIX, F_NUMQ, F_STATUS, F_GEN, \
+    F_QSELECT, F_QSIZE, F_QMSIX, F_QENABLE, F_QNOTIFY_OFF, \
+    F_QDESC_LO, F_QDESC_HI, F_QDRIVER_LO, F_QDRIVER_HI, F_QDEVICE_LO, F_QDEVICE_HI = range(19)
+_FIELDS = (  # (offset, width)
+    (0x00, 4), (0x04, 4), (0x08, 4), (0x0C, 4), (0x10, 2), (0x12, 2), (0x14, 1), (0x15, 1),
+    (0x16, 2), (0x18, 2), (0x1A, 2), (0x1C, 2), (0x1E, 2),
+    (0x20, 4), (0x24, 4), (0x28, 4), (0x2C, 4), (0x30, 4), (0x34, 4),
+)
+FIELD_START = np.array([f[0] for f in _FIELDS], dtype=np.int64)
+FIELD_WIDTH = np.array([f[1] for f in _FIELDS], dtype=np.int64)
+FIELD_AT = np.zeros(COMMON_LEN, dtype=np.int64)
+for _i, (_o, _w) in enumerate(_FIELDS):
+    FIELD_AT[_o:_o + _w] = _i
+COMMON_FIELD_NAMES = ("device_feature_select", "device_feature", "driver_feature_select", "driver_feature",
+                      "msix_config", "num_queues", "device_status", "config_generation", "queue_select",
+                      "queue_size", "queue_msix_vector", "queue_enable", "queue_notify_off",
+                      "queue_desc_lo", "queue_desc_hi", "queue_driver_lo", "queue_driver_hi",
+                      "queue_device_lo", "queue_device_hi")
+
+# Device state (one int64 array per transport)
+S_STATUS = 0
+S_DFSELECT = 1
+S_GFSELECT = 2
+S_OFFER_LO = 3       # offered features, 32-bit halves (no int64 sign trouble)
+S_OFFER_HI = 4
+S_DRIVER_LO = 5      # accepted features
+S_DRIVER_HI = 6
+S_GENERATION = 7
+S_QSELECT = 8
+S_NUM_QUEUES = 9
+S_FOK_UNREAD = 10    # FEATURES_OK written, status not read back since
+S_SINGLE_NOTIFY = 11
+S_CFG_LEN = 12
+S_N_ACCESSES = 13
+S_FIELDS = 14
+
+# Per-queue registers (int64 array, one row per queue)
+QC_SIZE = 0
+QC_MAX = 1
+QC_ENABLE = 2
+QC_NOTIFY_OFF = 3
+QC_DESC_LO = 4
+QC_DESC_HI = 5
+QC_DRIVER_LO = 6
+QC_DRIVER_HI = 7
+QC_DEVICE_LO = 8
+QC_DEVICE_HI = 9
+QC_FIELDS = 10
+
+# Slow-path actions returned by _bar_access
+A_NONE = 0
+A_RESET = 1
+A_DRIVER_OK = 2
+A_QUEUE_ENABLE = 3     # arg: queue index
+A_NOTIFY = 4           # arg: queue index
+A_CONFIG_WRITE = 5     # arg: offset in device config
+A_STATUS = 6           # device_status accepted a new value (verbose log)
+
+# ---------------------------------------------------------------------------
+# Driver-conformance rules.  Kernels return the code; Python applies the
+# policy.  IGNORE: the access was dropped.  PROCEED: it was performed (the
+# device can live with it).  NEEDS_RESET: the device cannot work any more.
+
+IGNORE, PROCEED, NEEDS_RESET = 0, 1, 2
+
+E_WIDTH = 1
+E_READ_ONLY = 2
+E_ISR_WRITE = 3
+E_FEATURE_BEFORE_DRIVER = 4
+E_FEATURE_AFTER_FEATURES_OK = 5
+E_FEATURE_NOT_OFFERED = 6
+E_STATUS_CLEAR = 7
+E_STATUS_TRANSITION = 8
+E_FEATURES_OK_NOT_REREAD = 9
+E_SETUP_BEFORE_FEATURES_OK = 10
+E_ENABLE_AFTER_DRIVER_OK = 11
+E_ENABLE_ZERO = 12
+E_QUEUE_SIZE = 13
+E_QUEUE_LIVE = 14
+E_NOTIFY_EARLY = 15
+E_NOTIFY_QUEUE = 16
+E_MSIX = 17
+E_BAR_RANGE = 18
+E_CFG_WINDOW = 19
+E_CONFIG_WRITE = 20
+E_QUEUE_LAYOUT = 21
+E_DEVICE = 22
+E_FEATURE_READ_BEFORE_DRIVER = 23
+
+RULES = {
+    E_WIDTH: ("access width is not the field's natural width", "4.1.3.1", IGNORE),
+    E_READ_ONLY: ("write to a read-only common configuration field "
+                  "(device_feature, num_queues, config_generation, queue_notify_off)", "4.1.4.3.2", IGNORE),
+    E_ISR_WRITE: ("write to the read-only ISR status", "4.1.4.5", IGNORE),
+    E_FEATURE_BEFORE_DRIVER: ("feature write before the DRIVER status bit", "3.1.1", IGNORE),
+    E_FEATURE_READ_BEFORE_DRIVER: ("feature read before the DRIVER status bit", "3.1.1", PROCEED),
+    E_FEATURE_AFTER_FEATURES_OK: ("feature write after FEATURES_OK", "3.1.1", IGNORE),
+    E_FEATURE_NOT_OFFERED: ("driver accepted a feature the device did not offer", "2.2.1", IGNORE),
+    E_STATUS_CLEAR: ("driver cleared a device status bit", "2.1.1", IGNORE),
+    E_STATUS_TRANSITION: ("unknown device status transition", "3.1.1", NEEDS_RESET),
+    E_FEATURES_OK_NOT_REREAD: ("FEATURES_OK not re-read before queue setup or DRIVER_OK", "3.1.1", PROCEED),
+    E_SETUP_BEFORE_FEATURES_OK: ("queue setup before FEATURES_OK", "3.1.1", IGNORE),
+    E_ENABLE_AFTER_DRIVER_OK: ("queue enabled after DRIVER_OK", "3.1.1", IGNORE),
+    E_ENABLE_ZERO: ("driver wrote 0 to queue_enable", "4.1.4.3.2", IGNORE),
+    E_QUEUE_SIZE: ("queue_size not a power of two, zero, or above the maximum", "4.1.4.3.2", IGNORE),
+    E_QUEUE_LIVE: ("queue configuration written while the queue is enabled", "4.1.4.3.2", IGNORE),
+    E_NOTIFY_EARLY: ("notification before DRIVER_OK", "3.1.1", IGNORE),
+    E_NOTIFY_QUEUE: ("notification for a queue the device does not have", "4.1.4.4", IGNORE),
+    E_MSIX: ("MSI-X vector written but the device has no MSI-X capability", "4.1.5.1.2.2", IGNORE),
+    E_BAR_RANGE: ("access outside the virtio structures in BAR0", "4.1.4", IGNORE),
+    E_CFG_WINDOW: ("VIRTIO_PCI_CAP_PCI_CFG window with an invalid bar, offset or length", "4.1.4.7.2", IGNORE),
+    E_CONFIG_WRITE: ("write to a read-only device configuration field", "4.1.4.6", IGNORE),
+    E_QUEUE_LAYOUT: ("queue enabled with an invalid layout", "2.4", NEEDS_RESET),
+    E_DEVICE: ("device found a malformed request", "2.4", NEEDS_RESET),
+}
+
+
+class BadDriver(Exception):
+    """A driver broke a virtio rule under the strict policy.  ``str()`` is
+    ``"<device>: <rule> (§x.y)"``; ``.detail`` has the offending values."""
+
+    def __init__(self, device: str, code: int, rule: str, section: str, detail: str = ""):
+        self.device, self.code, self.rule, self.section, self.detail = device, code, rule, section, detail
+        super().__init__(f"{device}: {rule} (§{section})")
+
+
+# ---------------------------------------------------------------------------
+# Devices
+
+
+@dataclass
+class QueueContext:
+    """What a device gets at DRIVER_OK (see VirtioDevice.activate)."""
+    mem: GuestMemory
+    features: int                      # negotiated, all 64 bits
+    queues: list                       # vring state array per queue, None if not enabled
+    notify_fds: list                   # one eventfd per queue (blocking)
+    irq_fd: int                        # write 1 to raise the interrupt
+    isr: np.ndarray                    # uint8[1]; OR 1 (used buffer) or 2 (config) into it first
+    driver_error: Callable[[int, str], None]   # (queue_index, message): applies the policy
+    name: str = ""
+
+
+class VirtioDevice:
+    """What a device gives the transport.  Subclasses set the attributes and
+    override ``activate``/``reset`` (and ``config_write`` if any config field
+    is writable).
+
+    ``device_type``: virtio device id (1 net, 2 block, 3 console, 4 rng).
+    ``queue_max_sizes``: one maximum (a power of two, <= 32768) per queue.
+    ``features``: offered feature bits; the transport adds VIRTIO_F_VERSION_1.
+    ``config``: uint8 array, the device-specific configuration (empty: no
+    DEVICE_CFG capability).  After changing it at run time, call
+    ``self.transport.config_changed()``.
+    """
+    device_type: int = 0
+    name: str = "virtio"
+    queue_max_sizes: tuple = ()
+    features: int = 0
+    config: np.ndarray = np.zeros(0, dtype=np.uint8)
+    transport: "Transport" = None
+
+    def config_write(self, offset: int, size: int, value: int) -> bool:
+        """The driver wrote ``size`` bytes of device config at ``offset``.
+        Return False when the field is read-only (a driver error)."""
+        return False
+
+    def activate(self, ctx: QueueContext) -> None:
+        """DRIVER_OK: start serving the enabled queues."""
+
+    def reset(self) -> None:
+        """Stop and join the queue threads; forget negotiated state."""
+
+
+class IrqAllocator:
+    """Interrupt lines for one machine.  Lines used by legacy PC devices
+    (timer 0, keyboard 1, cascade 2, COM1 4, RTC 8, mouse 12, FPU 13, IDE 14)
+    are never handed out; when the free ones run out, lines are shared
+    (PCI INTx is level-triggered and shareable)."""
+
+    ORDER = (5, 9, 10, 11, 3, 6, 7, 15)
+
+    def __init__(self, order=ORDER):
+        self._order = tuple(order)
+        self._next = 0
+
+    def allocate(self) -> int:
+        line = self._order[self._next % len(self._order)]
+        self._next += 1
+        return line
+
+
+# ---------------------------------------------------------------------------
+# Config space kernel
+
+C_ADDR = 0        # the CONFIG_ADDRESS register
+C_FIELDS = 2
+
+H_NONE = 0
+H_BAR0 = 1
+H_COMMAND = 2
+H_CFG_DATA = 3    # pci_cfg_data: reads and writes go through to BAR0
+
+REGION_UNUSED = 0xFF
+
+
+@njit(nogil=True, cache=True)
+def _size_mask(size):
+    if size >= 4:
+        return 0xFFFFFFFF
+    return (1 << (8 * size)) - 1
+
+
+@njit(nogil=True, cache=True)
+def _conf1(conf, cfg, wmask, hook, region, present, port, size, is_write, value, hooks_done):
+    """One access to the conf1 ports; the caller guarantees the access lies
+    inside 0xCF8-0xCFB or 0xCFC-0xCFF.  Returns (result, hooks): ``hooks``
+    is a bit set of H_* handlers for the bytes written.  A read touching
+    pci_cfg_data returns hooks=1<<H_CFG_DATA and does nothing unless
+    ``hooks_done`` (the caller performs the window read and calls again)."""
+    smask = _size_mask(size)
+    if port < CONFIG_DATA:
+        shift = 8 * (port - CONFIG_ADDRESS)
+        if is_write:
+            m = smask << shift
+            conf[C_ADDR] = (conf[C_ADDR] & ~m & 0xFFFFFFFF) | ((value << shift) & m)
+            return 0, 0
+        return (conf[C_ADDR] >> shift) & smask, 0
+    a = conf[C_ADDR]
+    ones = 0 if is_write else smask
+    # Configuration cycles need the enable bit, bus 0 and function 0.
+    if (a & 0x80000000) == 0 or ((a >> 16) & 0xFF) != 0 or ((a >> 8) & 7) != 0:
+        return ones, 0
+    slot = (a >> 11) & 31
+    if present[slot] == 0:
+        return ones, 0
+    base = (a & 0xFC) + (port - CONFIG_DATA)
+    if not is_write and not hooks_done:
+        for i in range(size):
+            if hook[slot, base + i] == H_CFG_DATA:
+                return 0, 1 << H_CFG_DATA
+    result = 0
+    hooks = 0
+    done = 0
+    while done < size:
+        pos = base + done
+        # Chunk: no further than the dword end or the end of this region,
+        # then the largest naturally aligned size that fits (vfio).
+        n = 1
+        r = region[slot, pos]
+        while n < size - done and (pos + n) % 4 != 0 and region[slot, pos + n] == r:
+            n += 1
+        if n >= 4 and pos % 4 == 0:
+            n = 4
+        elif n >= 2 and pos % 2 == 0:
+            n = 2
+        else:
+            n = 1
+        for i in range(n):
+            b = pos + i
+            if is_write:
+                w = int(wmask[slot, b])
+                if w != 0:
+                    v = (value >> (8 * (done + i))) & 0xFF
+                    cfg[slot, b] = (int(cfg[slot, b]) & ~w & 0xFF) | (v & w)
+                    h = int(hook[slot, b])
+                    if h != 0:
+                        hooks |= 1 << h
+            else:
+                result |= int(cfg[slot, b]) << (8 * (done + i))
+        done += n
+    return result, hooks
+
+
+# ---------------------------------------------------------------------------
+# BAR0 kernel
+
+
+@njit(nogil=True, cache=True)
+def _get_le(arr, off, size):
+    v = 0
+    for i in range(size):
+        v |= int(arr[off + i]) << (8 * i)
+    return v
+
+
+@njit(nogil=True, cache=True)
+def _queue_setup_check(st, qs, q):
+    """Rules shared by every queue-configuration write; 0 when allowed."""
+    status = st[S_STATUS]
+    if (status & FEATURES_OK) == 0:
+        return E_SETUP_BEFORE_FEATURES_OK
+    if qs[q, QC_ENABLE] != 0:
+        return E_QUEUE_LIVE
+    if st[S_FOK_UNREAD] != 0:
+        return E_FEATURES_OK_NOT_REREAD   # reported, but the write proceeds
+    return 0
+
+
+@njit(nogil=True, cache=True)
+def _common(st, qs, off, size, is_write, value):
+    fid = FIELD_AT[off]
+    if FIELD_START[fid] != off or FIELD_WIDTH[fid] != size:
+        return 0, A_NONE, 0, E_WIDTH
+    status = st[S_STATUS]
+    q = st[S_QSELECT]
+    have_q = q < st[S_NUM_QUEUES]
+    if not is_write:
+        if fid == F_DFSELECT:
+            return st[S_DFSELECT], A_NONE, 0, 0
+        if fid == F_DFEATURE:
+            sel = st[S_DFSELECT]
+            v = st[S_OFFER_LO] if sel == 0 else (st[S_OFFER_HI] if sel == 1 else 0)
+            return v, A_NONE, 0, (E_FEATURE_READ_BEFORE_DRIVER if (status & DRIVER) == 0 else 0)
+        if fid == F_GFSELECT:
+            return st[S_GFSELECT], A_NONE, 0, 0
+        if fid == F_GFEATURE:
+            sel = st[S_GFSELECT]
+            v = st[S_DRIVER_LO] if sel == 0 else (st[S_DRIVER_HI] if sel == 1 else 0)
+            return v, A_NONE, 0, (E_FEATURE_READ_BEFORE_DRIVER if (status & DRIVER) == 0 else 0)
+        if fid == F_MSIX or fid == F_QMSIX:
+            return VIRTIO_MSI_NO_VECTOR, A_NONE, 0, 0
+        if fid == F_NUMQ:
+            return st[S_NUM_QUEUES], A_NONE, 0, 0
+        if fid == F_STATUS:
+            st[S_FOK_UNREAD] = 0   # the driver has now seen FEATURES_OK (or its absence)
+            return status, A_NONE, 0, 0
+        if fid == F_GEN:
+            return st[S_GENERATION] & 0xFF, A_NONE, 0, 0
+        if fid == F_QSELECT:
+            return q, A_NONE, 0, 0
+        if not have_q:
+            return 0, A_NONE, 0, 0   # §4.1.4.3.1: queue_size reads 0 for no queue
+        if fid == F_QSIZE:
+            return qs[q, QC_SIZE], A_NONE, 0, 0
+        if fid == F_QENABLE:
+            return qs[q, QC_ENABLE], A_NONE, 0, 0
+        if fid == F_QNOTIFY_OFF:
+            return qs[q, QC_NOTIFY_OFF], A_NONE, 0, 0
+        # 64-bit queue addresses: fields F_QDESC_LO .. F_QDEVICE_HI map onto
+        # QC_DESC_LO .. QC_DEVICE_HI in order.
+        return qs[q, QC_DESC_LO + fid - F_QDESC_LO], A_NONE, 0, 0
+
+    value &= _size_mask(size)
+    if fid == F_DFSELECT:
+        st[S_DFSELECT] = value
+        return 0, A_NONE, 0, 0
+    if fid == F_GFSELECT or fid == F_GFEATURE:
+        if (status & DRIVER) == 0:
+            return 0, A_NONE, 0, E_FEATURE_BEFORE_DRIVER
+        if (status & FEATURES_OK) != 0:
+            return 0, A_NONE, 0, E_FEATURE_AFTER_FEATURES_OK
+        if fid == F_GFSELECT:
+            st[S_GFSELECT] = value
+            return 0, A_NONE, 0, 0
+        sel = st[S_GFSELECT]
+        offered = st[S_OFFER_LO] if sel == 0 else (st[S_OFFER_HI] if sel == 1 else 0)
+        err = E_FEATURE_NOT_OFFERED if (value & ~offered) != 0 else 0
+        if sel == 0:
+            st[S_DRIVER_LO] = value & offered
+        elif sel == 1:
+            st[S_DRIVER_HI] = value & offered
+        return 0, A_NONE, 0, err
+    if fid == F_DFEATURE or fid == F_NUMQ or fid == F_GEN or fid == F_QNOTIFY_OFF:
+        return 0, A_NONE, 0, E_READ_ONLY
+    if fid == F_MSIX or fid == F_QMSIX:
+        # Mapping an event to "no vector" is the one value a device without
+        # MSI-X can accept.
+        return 0, A_NONE, 0, (0 if value == VIRTIO_MSI_NO_VECTOR else E_MSIX)
+    if fid == F_STATUS:
+        return _status_write(st, value)
+    if fid == F_QSELECT:
+        st[S_QSELECT] = value
+        return 0, A_NONE, 0, 0
+    if not have_q:
+        return 0, A_NONE, 0, 0   # no such queue: nothing to configure
+    if fid == F_QENABLE:
+        if value == 0:
+            return 0, A_NONE, 0, E_ENABLE_ZERO
+        if (status & DRIVER_OK) != 0:
+            return 0, A_NONE, 0, E_ENABLE_AFTER_DRIVER_OK
+        err = _queue_setup_check(st, qs, q)
+        if err != 0 and err != E_FEATURES_OK_NOT_REREAD:
+            return 0, A_NONE, 0, err
+        return 0, A_QUEUE_ENABLE, q, err
+    err = _queue_setup_check(st, qs, q)
+    if err != 0 and err != E_FEATURES_OK_NOT_REREAD:
+        return 0, A_NONE, 0, err
+    if fid == F_QSIZE:
+        if value == 0 or (value & (value - 1)) != 0 or value > qs[q, QC_MAX]:
+            return 0, A_NONE, 0, E_QUEUE_SIZE
+        qs[q, QC_SIZE] = value
+        return 0, A_NONE, 0, err
+    qs[q, QC_DESC_LO + fid - F_QDESC_LO] = value
+    return 0, A_NONE, 0, err
+
+
+@njit(nogil=True, cache=True)
+def _status_write(st, value):
+    """device_status write (§2.1, §3.1.1).  DEVICE_NEEDS_RESET belongs to the
+    device (a driver writes back what it read), FAILED may be set any time."""
+    new = value & 0xFF
+    if new == 0:
+        return 0, A_RESET, 0, 0
+    old = st[S_STATUS]
+    old_drv = old & ~DEVICE_NEEDS_RESET & 0xFF
+    new_drv = new & ~DEVICE_NEEDS_RESET & 0xFF
+    if (old_drv & ~new_drv) != 0:
+        return 0, A_NONE, 0, E_STATUS_CLEAR
+    added = new_drv & ~old_drv
+    if added == 0:
+        return 0, A_NONE, 0, 0
+    seq = new_drv & ~FAILED
+    # The result must be a prefix of ACKNOWLEDGE, DRIVER, FEATURES_OK, DRIVER_OK.
+    if not (seq == ACKNOWLEDGE or seq == ACKNOWLEDGE | DRIVER or seq == ACKNOWLEDGE | DRIVER | FEATURES_OK
+            or seq == ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK):
+        return 0, A_NONE, 0, E_STATUS_TRANSITION
+    err = 0
+    if (added & FEATURES_OK) != 0:
+        # A modern device refuses FEATURES_OK without VERSION_1 (§6.1):
+        # the driver sees the bit missing when it re-reads.
+        if (st[S_DRIVER_HI] & 1) == 0:
+            added &= ~FEATURES_OK
+        st[S_FOK_UNREAD] = 1
+    st[S_STATUS] = (old | added) & 0xFF
+    if (added & DRIVER_OK) != 0:
+        if st[S_FOK_UNREAD] != 0:
+            err = E_FEATURES_OK_NOT_REREAD
+        return 0, A_DRIVER_OK, 0, err
+    return 0, A_STATUS, 0, err
+
+
+@njit(nogil=True, cache=True)
+def _bar_access(st, qs, isr, devcfg, off, size, is_write, value):
+    """One access to BAR0 at ``off`` (0 <= off < BAR0_SIZE), size 1/2/4.
+    Returns (result, action, arg, error)."""
+    st[S_N_ACCESSES] += 1
+    if off < COMMON_OFF + COMMON_LEN:
+        if off + size > COMMON_OFF + COMMON_LEN:
+            return 0, A_NONE, 0, E_BAR_RANGE
+        return _common(st, qs, off - COMMON_OFF, size, is_write, value)
+    if off >= NOTIFY_OFF:
+        nq = st[S_NUM_QUEUES]
+        if st[S_SINGLE_NOTIFY] != 0:
+            if off >= NOTIFY_OFF + 2:
+                return 0, A_NONE, 0, E_BAR_RANGE
+            q = value & 0xFFFF
+        else:
+            rel = off - NOTIFY_OFF
+            if rel >= nq * NOTIFY_STRIDE or (rel % NOTIFY_STRIDE) >= 2:
+                return 0, A_NONE, 0, E_BAR_RANGE
+            q = rel // NOTIFY_STRIDE
+        if (off - NOTIFY_OFF) % NOTIFY_STRIDE != 0 or size != 2:
+            return 0, A_NONE, 0, E_WIDTH
+        if not is_write:
+            return 0, A_NONE, 0, 0
+        if (st[S_STATUS] & DRIVER_OK) == 0:
+            return 0, A_NONE, 0, E_NOTIFY_EARLY
+        if q >= nq:
+            return 0, A_NONE, 0, E_NOTIFY_QUEUE
+        return 0, A_NOTIFY, q, 0
+    if off >= DEVCFG_OFF:
+        rel = off - DEVCFG_OFF
+        if rel + size > st[S_CFG_LEN]:
+            return 0, A_NONE, 0, E_BAR_RANGE
+        if is_write:
+            return 0, A_CONFIG_WRITE, rel, 0
+        return _get_le(devcfg, rel, size), A_NONE, 0, 0
+    if off == ISR_OFF:
+        if is_write:
+            return 0, A_NONE, 0, E_ISR_WRITE
+        if size != 1:
+            return 0, A_NONE, 0, E_WIDTH
+        # §4.1.4.5.1: reading ISR clears it.
+        v = int(isr[0])
+        isr[0] = 0
+        return v, A_NONE, 0, 0
+    return 0, A_NONE, 0, E_BAR_RANGE
+
+
+# ---------------------------------------------------------------------------
+# Config space construction (the per-region permission tables)
+
+
+def _put(arr, off, width, val):
+    for i in range(width):
+        arr[off + i] = (val >> (8 * i)) & 0xFF
+
+
+class _ConfigBuilder:
+    """Fills one slot's cfg/wmask/hook/region rows region by region."""
+
+    def __init__(self, cfg, wmask, hook, region):
+        self.cfg, self.wmask, self.hook, self.region = cfg, wmask, hook, region
+        cfg[:] = 0
+        wmask[:] = 0
+        hook[:] = H_NONE
+        region[:] = REGION_UNUSED
+        region[:0x40] = 0
+        self._caps = []
+
+    def set(self, off, width, val, writable=0, hook=H_NONE):
+        _put(self.cfg, off, width, val)
+        _put(self.wmask, off, width, writable)
+        if hook != H_NONE:
+            self.hook[off:off + width] = hook
+
+    def header(self, vendor, device, revision, cls, subcls, progif, sub_vendor, sub_device, pin, line,
+               bar0_size=0, bar0=0):
+        self.set(PCI_VENDOR_ID, 2, vendor)
+        self.set(PCI_DEVICE_ID, 2, device)
+        self.set(PCI_COMMAND, 2, 0, COMMAND_WRITABLE, H_COMMAND)
+        self.set(PCI_STATUS, 2, 0)
+        self.set(PCI_REVISION_ID, 1, revision)
+        self.set(PCI_CLASS_PROG, 1, progif)
+        self.set(PCI_CLASS_DEVICE, 2, (cls << 8) | subcls)
+        # Scratch registers Linux may program (pci_set_cacheline_size,
+        # pcibios_set_master): harmless to let them stick, as vfio does.
+        self.set(PCI_CACHE_LINE_SIZE, 1, 0, 0xFF)
+        self.set(PCI_LATENCY_TIMER, 1, 0, 0xFF)
+        self.set(PCI_HEADER_TYPE, 1, 0)
+        if bar0_size:
+            # 32-bit non-prefetchable memory BAR: the writable bits are the
+            # address bits, so an all-ones write reads back the size mask.
+            self.set(PCI_BASE_ADDRESS_0, 4, bar0, (~(bar0_size - 1)) & 0xFFFFFFFF, H_BAR0)
+        # BAR1-5 and the ROM BAR: no writable bits, so they read 0 forever.
+        self.set(PCI_SUBSYSTEM_VENDOR_ID, 2, sub_vendor)
+        self.set(PCI_SUBSYSTEM_ID, 2, sub_device)
+        self.set(PCI_INTERRUPT_LINE, 1, line, 0xFF)
+        self.set(PCI_INTERRUPT_PIN, 1, pin)
+
+    def vendor_cap(self, off, cfg_type, bar_off, length, extra=b"", window=False):
+        """A virtio vendor capability (struct virtio_pci_cap, §4.1.4) at ``off``."""
+        size = 16 + len(extra)
+        idx = len(self._caps) + 1
+        self.region[off:off + size] = idx
+        self.set(off + 0, 1, PCI_CAP_ID_VNDR)
+        self.set(off + 2, 1, size)
+        self.set(off + 3, 1, cfg_type)
+        self.set(off + 4, 1, 0)            # bar
+        self.set(off + 8, 4, bar_off)
+        self.set(off + 12, 4, length)
+        for i, b in enumerate(extra):
+            self.cfg[off + 16 + i] = b
+        if window:
+            # VIRTIO_PCI_CAP_PCI_CFG: the driver programs bar/offset/length
+            # and moves data through pci_cfg_data (§4.1.4.7).
+            self.wmask[off + 4] = 0xFF
+            _put(self.wmask, off + 8, 4, 0xFFFFFFFF)
+            _put(self.wmask, off + 12, 4, 0xFFFFFFFF)
+            _put(self.wmask, off + 16, 4, 0xFFFFFFFF)
+            self.hook[off + 16:off + 20] = H_CFG_DATA
+        if self._caps:
+            self.cfg[self._caps[-1] + 1] = off      # link from the previous cap
+        else:
+            self.cfg[PCI_CAPABILITY_LIST] = off
+            _put(self.cfg, PCI_STATUS, 2, PCI_STATUS_CAP_LIST)
+        self._caps.append(off)
+        return off + size
+
+
+# ---------------------------------------------------------------------------
+# Transport
+
+
+class Transport:
+    """One virtio device on the bus: its config-space slot and BAR0."""
+
+    def __init__(self, bus: "Bus", dev: VirtioDevice, slot: int, bar0: int, irq_line: int):
+        nq = len(dev.queue_max_sizes)
+        if nq == 0 or nq > MAX_QUEUES:
+            raise ValueError(f"{dev.name}: a device needs 1..{MAX_QUEUES} queues, got {nq}")
+        for m in dev.queue_max_sizes:
+            if m <= 0 or m & (m - 1) or m > vring.MAX_QUEUE_SIZE:
+                raise ValueError(f"{dev.name}: queue maximum {m} is not a power of two <= {vring.MAX_QUEUE_SIZE}")
+        config = np.ascontiguousarray(dev.config, dtype=np.uint8)
+        if len(config) > DEVCFG_MAX:
+            raise ValueError(f"{dev.name}: device config of {len(config)} bytes exceeds {DEVCFG_MAX}")
+        if dev.features >= 1 << 64 or dev.features < 0:
+            raise ValueError(f"{dev.name}: features must be a 64-bit mask")
+        self.bus, self.device, self.slot, self.irq_line = bus, dev, slot, irq_line
+        self.name = dev.name
+        self.bar0 = bar0
+        self.single_notify = bus.notify_mode == "single"
+        self.config = config
+        self.offered = int(dev.features) | (1 << vring.VIRTIO_F_VERSION_1)
+        self.st = np.zeros(S_FIELDS, dtype=np.int64)
+        self.qs = np.zeros((nq, QC_FIELDS), dtype=np.int64)
+        self.isr = np.zeros(1, dtype=np.uint8)
+        self.queues = [vring.new_queue() for _ in range(nq)]
+        self.notify_fds = [os.eventfd(0, os.EFD_CLOEXEC) for _ in range(nq)]
+        self.irq_fd = os.eventfd(0, os.EFD_CLOEXEC)
+        self.intx_disabled = False
+        self.active = False
+        self._logged = set()
+        self._lock = threading.Lock()   # state changes from device threads
+        self.st[S_NUM_QUEUES] = nq
+        self.st[S_SINGLE_NOTIFY] = int(self.single_notify)
+        self.st[S_CFG_LEN] = len(config)
+        self.st[S_OFFER_LO] = self.offered & 0xFFFFFFFF
+        self.st[S_OFFER_HI] = self.offered >> 32
+        self._reset_registers()
+        dev.transport = self
+        self._build_config_space()
+
+    # -- config space ------------------------------------------------------
+    def _build_config_space(self):
+        b = self.bus
+        s = self.slot
+        cb = _ConfigBuilder(b.cfg[s], b.wmask[s], b.hook[s], b.region[s])
+        cls, sub = CLASS_FOR_TYPE.get(self.device.device_type, (0xFF, 0x00))
+        cb.header(VIRTIO_PCI_VENDOR, VIRTIO_PCI_DEVICE_BASE + self.device.device_type, 1, cls, sub, 0,
+                  VIRTIO_PCI_VENDOR, VIRTIO_PCI_SUBSYS_DEVICE, pin=1, line=self.irq_line,
+                  bar0_size=BAR0_SIZE, bar0=self.bar0)
+        nq = len(self.queues)
+        off = 0x40
+        off = cb.vendor_cap(off, VIRTIO_PCI_CAP_COMMON_CFG, COMMON_OFF, COMMON_LEN)
+        if self.single_notify:
+            mult, nlen = 0, 2
+        else:
+            mult, nlen = NOTIFY_STRIDE, NOTIFY_STRIDE * nq
+        off = cb.vendor_cap(off, VIRTIO_PCI_CAP_NOTIFY_CFG, NOTIFY_OFF, nlen, extra=mult.to_bytes(4, "little"))
+        off = cb.vendor_cap(off, VIRTIO_PCI_CAP_ISR_CFG, ISR_OFF, ISR_LEN)
+        if len(self.config):
+            off = cb.vendor_cap(off, VIRTIO_PCI_CAP_DEVICE_CFG, DEVCFG_OFF, len(self.config))
+        self.cfg_window = off
+        cb.vendor_cap(off, VIRTIO_PCI_CAP_PCI_CFG, 0, 0, extra=bytes(4), window=True)
+        b.present[s] = 1
+
+    def config_space(self) -> np.ndarray:
+        """This slot's 256 config bytes (a view; for tests and dumps)."""
+        return self.bus.cfg[self.slot]
+
+    # -- state -------------------------------------------------------------
+    def _reset_registers(self):
+        st, qs = self.st, self.qs
+        for i in (S_STATUS, S_DFSELECT, S_GFSELECT, S_DRIVER_LO, S_DRIVER_HI, S_QSELECT, S_FOK_UNREAD):
+            st[i] = 0
+        qs[:] = 0
+        for q, m in enumerate(self.device.queue_max_sizes):
+            qs[q, QC_MAX] = m
+            qs[q, QC_SIZE] = m
+            qs[q, QC_NOTIFY_OFF] = 0 if self.single_notify else q
+        self.isr[0] = 0
+
+    @property
+    def status(self) -> int:
+        return int(self.st[S_STATUS])
+
+    @property
+    def features(self) -> int:
+        """Negotiated features (what the driver accepted)."""
+        return int(self.st[S_DRIVER_HI]) << 32 | int(self.st[S_DRIVER_LO])
+
+    def notify_gpa(self, q: int) -> int:
+        return self.bar0 + NOTIFY_OFF + (0 if self.single_notify else NOTIFY_STRIDE * q)
+
+    # -- interrupts --------------------------------------------------------
+    def raise_irq(self, bit: int) -> None:
+        """§4.1.4.5.1: set the ISR bit, then raise the line."""
+        self.isr[0] |= bit
+        os.eventfd_write(self.irq_fd, 1)
+
+    def config_changed(self) -> None:
+        """The device changed its config: new generation, config interrupt."""
+        with self._lock:
+            self.st[S_GENERATION] = (self.st[S_GENERATION] + 1) & 0xFF
+        self.raise_irq(2)
+
+    # -- policy ------------------------------------------------------------
+    def driver_error(self, code: int, detail: str = "", rule: str | None = None, *, in_thread=False):
+        text, section, severity = RULES[code]
+        if rule is not None:
+            text = rule
+        bus = self.bus
+        if bus.strict:
+            err = BadDriver(self.name, code, text, section, detail)
+            if in_thread and bus.fatal is not None:
+                bus.fatal(str(err))
+                return
+            raise err
+        if severity == NEEDS_RESET:
+            self.needs_reset()
+        if code not in self._logged:
+            self._logged.add(code)
+            if bus.log is not None:
+                what = "device needs reset" if severity == NEEDS_RESET else "ignored" \
+                    if severity == IGNORE else "allowed"
+                bus.log(f"{self.name}: driver error: {text} (§{section}){': ' + detail if detail else ''} "
+                        f"[{what}; further reports of this rule suppressed]")
+
+    def needs_reset(self):
+        """§2.1.2: DEVICE_NEEDS_RESET plus a configuration change interrupt."""
+        with self._lock:
+            if self.st[S_STATUS] & DEVICE_NEEDS_RESET:
+                return
+            self.st[S_STATUS] |= DEVICE_NEEDS_RESET
+        self.raise_irq(2)
+
+    def _thread_driver_error(self, queue_index: int, message: str) -> None:
+        self.driver_error(E_DEVICE, f"queue {queue_index}", rule=message, in_thread=True)
+
+    # -- BAR0 --------------------------------------------------------------
+    def bar_access(self, off: int, size: int, is_write: bool, value: int) -> int:
+        """Access BAR0 at offset ``off`` (the bus has checked it lies in BAR0)."""
+        if size == 8:
+            return self._bar_access64(off, is_write, value)
+        r, action, arg, err = _bar_access(self.st, self.qs, self.isr, self.config, off, size, is_write,
+                                          value & 0xFFFFFFFF)
+        if action == A_NONE and err == 0:
+            return r
+        return self._slow(off, size, is_write, value, r, action, arg, err)
+
+    def _bar_access64(self, off, is_write, value):
+        # Only the 64-bit queue addresses have a natural 8-byte access.
+        if off in (0x20, 0x28, 0x30):
+            lo = self.bar_access(off, 4, is_write, value & 0xFFFFFFFF)
+            hi = self.bar_access(off + 4, 4, is_write, (value >> 32) & 0xFFFFFFFF)
+            return 0 if is_write else lo | hi << 32
+        self.driver_error(E_WIDTH, f"8-byte access at BAR0+{off:#x}")
+        return 0
+
+    def _slow(self, off, size, is_write, value, r, action, arg, err):
+        log = self.bus.log
+        if err:
+            self.driver_error(err, self._describe(off, size, is_write, value))
+        if action == A_NOTIFY:
+            os.eventfd_write(self.notify_fds[arg], 1)
+        elif action == A_RESET:
+            self.reset()
+        elif action == A_DRIVER_OK:
+            if log is not None:
+                log(f"{self.name}: device status -> {self.status:#x} (DRIVER_OK)")
+            self._activate()
+        elif action == A_QUEUE_ENABLE:
+            self._enable_queue(arg)
+        elif action == A_CONFIG_WRITE:
+            if not self.device.config_write(arg, size, value & ((1 << 8 * size) - 1)):
+                self.driver_error(E_CONFIG_WRITE, f"offset {arg:#x} size {size}")
+        elif action == A_STATUS and log is not None:
+            log(f"{self.name}: device status -> {self.status:#x}")
+        return 0 if is_write else r
+
+    def _describe(self, off, size, is_write, value):
+        where = f"BAR0+{off:#x}"
+        if off < COMMON_LEN:
+            where = COMMON_FIELD_NAMES[FIELD_AT[off]] + (f"+{off - FIELD_START[FIELD_AT[off]]}"
+                                                         if off != FIELD_START[FIELD_AT[off]] else "")
+        op = f"{size}-byte write of {value:#x}" if is_write else f"{size}-byte read"
+        return f"{op} at {where} (status {self.status:#x})"
+
+    def _enable_queue(self, q):
+        row = self.qs[q]
+        desc = int(row[QC_DESC_HI]) << 32 | int(row[QC_DESC_LO])
+        avail = int(row[QC_DRIVER_HI]) << 32 | int(row[QC_DRIVER_LO])
+        used = int(row[QC_DEVICE_HI]) << 32 | int(row[QC_DEVICE_LO])
+        code = vring.setup_queue(self.queues[q], self.bus.mem.size, int(row[QC_SIZE]), int(row[QC_MAX]),
+                                 desc, avail, used, self.features)
+        if code != vring.OK:
+            self.driver_error(E_QUEUE_LAYOUT, f"queue {q}: {vring.error_message(code)}",
+                              rule=f"queue enabled with an invalid layout: {vring.error_message(code)}")
+            return
+        row[QC_ENABLE] = 1
+        if self.bus.log is not None:
+            self.bus.log(f"{self.name}: queue {q} enabled: size {int(row[QC_SIZE])} desc {desc:#x} "
+                         f"avail {avail:#x} used {used:#x}")
+
+    def _activate(self):
+        if self.active:
+            return
+        self.active = True
+        queues = [self.queues[q] if self.qs[q, QC_ENABLE] else None for q in range(len(self.queues))]
+        ctx = QueueContext(mem=self.bus.mem, features=self.features, queues=queues,
+                           notify_fds=list(self.notify_fds), irq_fd=self.irq_fd, isr=self.isr,
+                           driver_error=self._thread_driver_error, name=self.name)
+        self.device.activate(ctx)
+
+    def reset(self):
+        """device_status = 0 (§4.1.4.3.1) and launcher exit."""
+        if self.bus.log is not None:
+            self.bus.log(f"{self.name}: reset")
+        self.device.reset()
+        self.active = False
+        with self._lock:
+            self._reset_registers()
+        for fd in self.notify_fds:
+            _drain(fd)
+        _drain(self.irq_fd)
+
+    # -- config-space hooks ------------------------------------------------
+    def _window(self):
+        cfg = self.bus.cfg[self.slot]
+        w = self.cfg_window
+        bar = int(cfg[w + 4])
+        offset = _le(cfg, w + 8, 4)
+        length = _le(cfg, w + 12, 4)
+        ok = (bar == 0 and length in (1, 2, 4) and offset % length == 0 and offset + length <= BAR0_SIZE)
+        return ok, bar, offset, length
+
+    def window_read(self):
+        ok, bar, offset, length = self._window()
+        if not ok:
+            self.driver_error(E_CFG_WINDOW, f"bar {bar} offset {offset:#x} length {length}")
+            return
+        v = self.bar_access(offset, length, False, 0)
+        _put(self.bus.cfg[self.slot], self.cfg_window + 16, 4, v)
+        if self.bus.log is not None:
+            self.bus.log(f"{self.name}: window read {v:#x} from bar {bar} offset {offset:#x} len {length}")
+
+    def window_write(self):
+        ok, bar, offset, length = self._window()
+        if not ok:
+            self.driver_error(E_CFG_WINDOW, f"bar {bar} offset {offset:#x} length {length}")
+            return
+        v = _le(self.bus.cfg[self.slot], self.cfg_window + 16, length)
+        if self.bus.log is not None:
+            self.bus.log(f"{self.name}: window write {v:#x} to bar {bar} offset {offset:#x} len {length}")
+        self.bar_access(offset, length, True, v)
+
+    def command_written(self):
+        cmd = _le(self.bus.cfg[self.slot], PCI_COMMAND, 2)
+        self.intx_disabled = bool(cmd & PCI_COMMAND_INTX_DISABLE)
+
+    def close(self):
+        for fd in self.notify_fds + [self.irq_fd]:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self.notify_fds = []
+        self.irq_fd = -1
+
+
+def _le(arr, off, n):
+    return int.from_bytes(arr[off:off + n].tobytes(), "little")
+
+
+def _drain(fd):
+    try:
+        while select.select([fd], [], [], 0)[0]:
+            os.eventfd_read(fd)
+    except OSError:
+        pass
+
+
+# ---------------------------------------------------------------------------
+# Bus
+
+
+class _HostBridge:
+    name = "host bridge"
+
+    def window_read(self):
+        pass
+
+    def window_write(self):
+        pass
+
+    def command_written(self):
+        pass
+
+
+class Bus:
+    """PCI bus 0 behind conf1, and the MMIO window of the BARs on it."""
+
+    def __init__(self, mem: GuestMemory, strict: bool = False, notify_mode: str = "per-queue",
+                 mmio_base: int = 0xE0000000, fatal: Optional[Callable[[str], None]] = None,
+                 log: Optional[Callable[[str], None]] = None, irqs: Optional[IrqAllocator] = None):
+        if notify_mode not in ("per-queue", "single"):
+            raise ValueError(f"notify_mode must be 'per-queue' or 'single', not {notify_mode!r}")
+        if mmio_base % BAR0_SIZE or not 0 < mmio_base < 1 << 32:
+            raise ValueError(f"mmio_base {mmio_base:#x} must be a {BAR0_SIZE:#x}-aligned 32-bit address")
+        if mmio_base < mem.size:
+            raise ValueError(f"mmio_base {mmio_base:#x} overlaps guest RAM ({mem.size:#x} bytes)")
+        self.mem, self.strict, self.notify_mode, self.mmio_base = mem, strict, notify_mode, mmio_base
+        self.fatal = fatal      # None: device threads raise BadDriver themselves
+        self.log = log
+        self.irqs = irqs if irqs is not None else IrqAllocator()
+        self.conf = np.zeros(C_FIELDS, dtype=np.int64)
+        self.cfg = np.zeros((MAX_SLOTS, CFG_SIZE), dtype=np.uint8)
+        self.wmask = np.zeros((MAX_SLOTS, CFG_SIZE), dtype=np.uint8)
+        self.hook = np.zeros((MAX_SLOTS, CFG_SIZE), dtype=np.uint8)
+        self.region = np.zeros((MAX_SLOTS, CFG_SIZE), dtype=np.uint8)
+        self.present = np.zeros(MAX_SLOTS, dtype=np.uint8)
+        self.slots: list = [None] * MAX_SLOTS
+        self.devices: list[Transport] = []
+        self._ports: dict = {}          # port -> (handler, last port of its range)
+        self._pages: dict = {}          # BAR0 page number -> Transport
+        self._lock = threading.Lock()   # vCPU threads take turns on the bus
+        bridge = _ConfigBuilder(self.cfg[0], self.wmask[0], self.hook[0], self.region[0])
+        bridge.header(HOST_BRIDGE_VENDOR, HOST_BRIDGE_DEVICE, 0, 0x06, 0x00, 0, 0, 0, pin=0, line=0)
+        self.present[0] = 1
+        self.slots[0] = _HostBridge()
+        self.add_ports(CONFIG_ADDRESS, 8, self._conf1_port)
+
+    # -- devices -----------------------------------------------------------
+    def add_device(self, dev: VirtioDevice) -> Transport:
+        slot = next((s for s in range(1, MAX_SLOTS) if self.slots[s] is None), None)
+        if slot is None:
+            raise ValueError("PCI bus 0 is full (31 devices)")
+        bar0 = self.mmio_base + BAR0_SIZE * len(self.devices)
+        if bar0 + BAR0_SIZE > 1 << 32:
+            raise ValueError("the MMIO window runs past 4 GiB")
+        t = Transport(self, dev, slot, bar0, self.irqs.allocate())
+        self.slots[slot] = t
+        self.devices.append(t)
+        self._pages[bar0 // BAR0_SIZE] = t
+        if self.log is not None:
+            self.log(f"device {len(self.devices)}: {dev.name} at 00:{slot:02x}.0, BAR0 {bar0:#x}, irq {t.irq_line}")
+        return t
+
+    # -- port I/O ----------------------------------------------------------
+    def add_ports(self, first: int, count: int, handler) -> None:
+        if not (0 <= first and count > 0 and first + count <= 0x10000):
+            raise ValueError(f"port range {first:#x}+{count} is outside 0..0xffff")
+        last = first + count - 1
+        for p in range(first, first + count):
+            if p in self._ports:
+                raise ValueError(f"port {p:#x} is already claimed")
+        for p in range(first, first + count):
+            self._ports[p] = (handler, last)
+
+    def pio(self, port: int, size: int, is_write: bool, value: int) -> int:
+        ent = self._ports.get(port)
+        if ent is None:
+            if size not in (1, 2, 4):
+                raise ValueError(f"port access size must be 1, 2 or 4, not {size}")
+            return 0 if is_write else (1 << 8 * size) - 1
+        if port + size - 1 > ent[1] or size not in (1, 2, 4):
+            return self._split_pio(port, size, is_write, value)
+        return ent[0](port, size, is_write, value)
+
+    def _split_pio(self, port, size, is_write, value):
+        # An access running off the end of a device's ports: byte by byte,
+        # as the chipset would split it.
+        if size not in (1, 2, 4):
+            raise ValueError(f"port access size must be 1, 2 or 4, not {size}")
+        r = 0
+        for i in range(size):
+            r |= self.pio((port + i) & 0xFFFF, 1, is_write, (value >> 8 * i) & 0xFF) << 8 * i
+        return 0 if is_write else r
+
+    def _conf1_port(self, port, size, is_write, value):
+        with self._lock:
+            r, hooks = _conf1(self.conf, self.cfg, self.wmask, self.hook, self.region, self.present,
+                              port, size, is_write, value & 0xFFFFFFFF, False)
+            if hooks == 0:
+                return r
+            target = self.slots[(int(self.conf[C_ADDR]) >> 11) & 31]
+            if not is_write:
+                target.window_read()
+                r, _ = _conf1(self.conf, self.cfg, self.wmask, self.hook, self.region, self.present,
+                              port, size, False, 0, True)
+                return r
+            if hooks & (1 << H_BAR0):
+                self._bar0_written(target)
+            if hooks & (1 << H_COMMAND):
+                target.command_written()
+            if hooks & (1 << H_CFG_DATA):
+                target.window_write()
+            return 0
+
+    def _bar0_written(self, t):
+        new = _le(self.cfg[t.slot], PCI_BASE_ADDRESS_0, 4) & ~(BAR0_SIZE - 1) & 0xFFFFFFFF
+        if new == t.bar0:
+            return
+        if self._pages.get(t.bar0 // BAR0_SIZE) is t:
+            del self._pages[t.bar0 // BAR0_SIZE]
+        t.bar0 = new
+        # All-ones is the sizing probe, not an address; 0 is "unassigned".
+        if new and new != (~(BAR0_SIZE - 1) & 0xFFFFFFFF):
+            self._pages[new // BAR0_SIZE] = t
+            if self.log is not None:
+                self.log(f"{t.name}: BAR0 moved to {new:#x}")
+
+    # -- MMIO --------------------------------------------------------------
+    def mmio(self, addr: int, size: int, is_write: bool, value: int) -> int:
+        t = self._pages.get(addr // BAR0_SIZE)
+        if t is None or size not in (1, 2, 4, 8):
+            if size not in (1, 2, 4, 8):
+                raise ValueError(f"MMIO access size must be 1, 2, 4 or 8, not {size}")
+            return 0 if is_write else (1 << 8 * size) - 1
+        off = addr - t.bar0
+        if off + size > BAR0_SIZE:
+            with self._lock:
+                t.driver_error(E_BAR_RANGE, f"{size}-byte access at BAR0+{off:#x}")
+            return 0
+        with self._lock:
+            return t.bar_access(off, size, is_write, value)
+
+    # -- eventfds ----------------------------------------------------------
+    def ioeventfds(self) -> list:
+        if self.notify_mode == "single":
+            return []
+        return [(t.notify_gpa(q), 2, fd) for t in self.devices for q, fd in enumerate(t.notify_fds)]
+
+    def interrupts(self) -> list:
+        return [(t.irq_line, t.irq_fd) for t in self.devices]
+
+    def irq_pending(self, line: int) -> bool:
+        return any(t.irq_line == line and t.isr[0] != 0 and not t.intx_disabled for t in self.devices)
+
+    def close(self) -> None:
+        for t in self.devices:
+            try:
+                t.device.reset()
+            finally:
+                t.close()
+
+
+__all__ = [
+    "Bus", "Transport", "VirtioDevice", "QueueContext", "BadDriver", "IrqAllocator", "RULES",
+    "BAR0_SIZE", "COMMON_OFF", "ISR_OFF", "DEVCFG_OFF", "NOTIFY_OFF", "NOTIFY_STRIDE",
+    "conf1_address", "conf1_read", "conf1_write",
+]
+
+
+# ---------------------------------------------------------------------------
+# Guest-side helpers: what Linux's pci_conf1_read/write do (tests, benchmarks)
+
+def conf1_address(slot: int, offset: int, bus: int = 0, function: int = 0) -> int:
+    return 0x80000000 | bus << 16 | slot << 11 | function << 8 | (offset & 0xFC)
+
+
+def conf1_read(bus: Bus, slot: int, offset: int, size: int) -> int:
+    """outl(address, 0xCF8); in{b,w,l}(0xCFC + (offset & 3))."""
+    bus.pio(CONFIG_ADDRESS, 4, True, conf1_address(slot, offset))
+    return bus.pio(CONFIG_DATA + (offset & 3), size, False, 0)
+
+
+def conf1_write(bus: Bus, slot: int, offset: int, size: int, value: int) -> None:
+    bus.pio(CONFIG_ADDRESS, 4, True, conf1_address(slot, offset))
+    bus.pio(CONFIG_DATA + (offset & 3), size, True, value)
