@@ -501,8 +501,9 @@ def _parse_bzimage(data: bytes, name: str) -> _BzImage:
 def lz4_legacy_decompress(data: bytes, limit: int) -> bytes:
     """Decode the kernel's LZ4 "legacy" frame: magic 0x184C2102, then blocks
     of at most 8 MiB output, each preceded by its compressed size (le32).
-    Anything after the last block that does not fit as a block (the kernel's
-    4-byte size trailer) ends the stream.  Raises ValueError on bad data or
+    Anything after the last block that does not fit as a block ends the
+    stream; when that is exactly 4 bytes it is the kernel's size trailer and
+    must equal the decoded length.  Raises ValueError on bad data or
     output beyond ``limit``.  Uses ``lz4.block`` when installed."""
     if len(data) < 4 or _u32(data, 0) != _LZ4_LEGACY_MAGIC:
         raise ValueError("not an LZ4 legacy frame")
@@ -532,6 +533,9 @@ def lz4_legacy_decompress(data: bytes, limit: int) -> bytes:
             raise ValueError(f"output exceeds {limit:#x} bytes")
     if not out:
         raise ValueError("LZ4 frame holds no blocks")
+    if len(data) - pos == 4 and _u32(data, pos) != len(out):
+        # The kernel build appends the uncompressed size: a cheap end-to-end check.
+        raise ValueError(f"size trailer says {_u32(data, pos):#x} bytes, decoded {len(out):#x}")
     return bytes(out)
 
 
@@ -576,7 +580,7 @@ def _lz4_block_into(out: bytearray, src: bytes) -> None:
         mlen += 4
         if offset == 0 or offset > len(out) - start:
             raise ValueError("corrupt LZ4 block: match offset outside the block")
-        if len(out) > _LZ4_LEGACY_BLOCK:
+        if len(out) - start + mlen > _LZ4_LEGACY_BLOCK:
             raise ValueError("corrupt LZ4 block: more than 8 MiB of output")
         pos = len(out) - offset
         if offset >= mlen:
