@@ -1,0 +1,5 @@
+#!/usr/bin/env bash
+# Build (or find cached) default guest; prints vmlinux and initramfs paths.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+exec python3 -m guest.build "$@"

@@ -1,0 +1,225 @@
+"""Fast tests for the default guest's build pieces (no kernel build here)."""
+import os
+import re
+import shutil
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # guest/ is a top-level package of the repo
+    sys.path.insert(0, str(ROOT))
+
+from guest import build, markers  # noqa: E402
+
+BUSYBOX = next((p for p in build.BUSYBOX_CANDIDATES if p.is_file()), None)
+
+
+def read_newc(data: bytes):
+    """Independent newc reader: [(name, mode, nlink, rdev, data)] up to the trailer."""
+    out, pos = [], 0
+    while True:
+        assert data[pos:pos + 6] == b"070701", f"bad magic at {pos}"
+        f = [int(data[pos + 6 + 8 * i: pos + 14 + 8 * i], 16) for i in range(13)]
+        mode, nlink, size, rmaj, rmin, namesize = f[1], f[4], f[6], f[9], f[10], f[11]
+        pos += 110
+        name = data[pos:pos + namesize - 1].decode()
+        assert data[pos + namesize - 1] == 0
+        pos = (pos + namesize + 3) & ~3
+        body = data[pos:pos + size]
+        pos = (pos + size + 3) & ~3
+        if name == "TRAILER!!!":
+            assert pos == len(data)
+            return out
+        out.append((name, mode, nlink, (rmaj, rmin), body))
+
+
+SAMPLE = [
+    build.directory("bin"),
+    build.regular("bin/tool", b"\x7fELF" + bytes(range(7)), 0o755),  # odd length: padding
+    build.symlink("bin/sh", "tool"),
+    build.directory("dev"),
+    build.char_device("dev/console", 5, 1),
+    build.regular("init", b"#!/bin/sh\necho hi\n", 0o755),
+]
+
+
+def test_newc_round_trip():
+    arc = build.write_newc(SAMPLE)
+    assert len(arc) % 4 == 0
+    got = {name: (mode, nlink, rdev, body) for name, mode, nlink, rdev, body in read_newc(arc)}
+    assert list(got) == ["bin", "bin/tool", "bin/sh", "dev", "dev/console", "init"]
+    assert got["bin"][0] == stat.S_IFDIR | 0o755 and got["bin"][1] == 2
+    assert got["bin/tool"] == (stat.S_IFREG | 0o755, 1, (0, 0), b"\x7fELF" + bytes(range(7)))
+    assert got["bin/sh"][0] == stat.S_IFLNK | 0o777 and got["bin/sh"][3] == b"tool"
+    assert got["dev/console"][0] == stat.S_IFCHR | 0o600 and got["dev/console"][2] == (5, 1)
+
+
+def test_newc_is_reproducible_and_strips_slashes():
+    a = build.write_newc([build.regular("/etc/x", b"1")])
+    assert a == build.write_newc([build.regular("etc/x", b"1")])
+    assert read_newc(a)[0][0] == "etc/x"
+
+
+@pytest.mark.parametrize("entries", [
+    [build.regular("a", b"")] * 2,                      # duplicate
+    [build.regular("../escape", b"")],                   # leaves the root
+    [build.CpioEntry("typeless", 0o644)],                # no S_IF* bits
+    [build.CpioEntry("d", stat.S_IFDIR | 0o755, b"x")],  # data on a directory
+])
+def test_newc_rejects_bad_entries(entries):
+    with pytest.raises(ValueError):
+        build.write_newc(entries)
+
+
+@pytest.mark.skipif(shutil.which("cpio") is None, reason="Debian cpio not installed")
+def test_gnu_cpio_reads_archive(tmp_path):
+    arc = build.write_newc(SAMPLE)
+    listing = subprocess.run(["cpio", "-t", "-v"], input=arc, capture_output=True, check=True)
+    text = listing.stdout.decode()
+    assert "bin/sh -> tool" in text
+    assert re.search(r"^crw-------.*5,\s*1.*dev/console$", text, re.M)
+    # Extract the non-device part and check contents and permissions.
+    plain = build.write_newc([e for e in SAMPLE if not stat.S_ISCHR(e.mode)])
+    subprocess.run(["cpio", "-i", "-d", "--quiet", "--no-absolute-filenames"],
+                   input=plain, cwd=tmp_path, check=True)
+    assert (tmp_path / "init").read_bytes() == b"#!/bin/sh\necho hi\n"
+    assert os.readlink(tmp_path / "bin/sh") == "tool"
+    assert stat.S_IMODE((tmp_path / "bin/tool").stat().st_mode) == 0o755
+
+
+def test_initramfs_layout():
+    entries = build.initramfs_entries(b"BUSYBOX", b"#!/bin/sh\n")
+    by_name = {e.name: e for e in entries}
+    assert by_name["init"].mode == stat.S_IFREG | 0o755
+    assert by_name["bin/busybox"].data == b"BUSYBOX"
+    assert (by_name["dev/console"].rdev_major, by_name["dev/console"].rdev_minor) == (5, 1)
+    for d in ("proc", "sys", "dev", "tmp"):
+        assert stat.S_ISDIR(by_name[d].mode)
+    for applet in ("sh", "mount", "dd", "ip", "ping", "poweroff", "awk", "od"):
+        assert by_name[f"bin/{applet}"].data == b"busybox"
+
+
+@pytest.mark.skipif(BUSYBOX is None, reason="busybox-static not installed")
+def test_build_initramfs_into_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("LGUEST_JIT_CACHE", str(tmp_path))
+    assert build.cached_initramfs() is None
+    path = build.build_initramfs(log=lambda m: None)
+    assert path.parent == tmp_path / "guest" / "initramfs"
+    assert build.cached_initramfs() == path
+    members = {name: (mode, body) for name, mode, _, _, body in read_newc(path.read_bytes())}
+    assert members["init"] == (stat.S_IFREG | 0o755, build.INIT_SCRIPT.read_bytes())
+    assert members["bin/busybox"][1] == BUSYBOX.read_bytes()
+    # Building again reuses the file; no kernel means no guest yet.
+    assert build.build_initramfs(log=lambda m: None) == path
+    monkeypatch.setattr(build, "cached_kernel", lambda: None)
+    assert build.cached_guest() is None
+
+
+@pytest.mark.skipif(BUSYBOX is None, reason="busybox-static not installed")
+def test_init_script_syntax():
+    r = subprocess.run([str(BUSYBOX), "sh", "-n", str(build.INIT_SCRIPT)],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.skipif(BUSYBOX is None, reason="busybox-static not installed")
+def test_init_block_pattern_matches_host():
+    # Run the awk program exactly as guest/init has it.
+    m = re.search(r"awk -v n=[^\n]*? \\\n\s*'([^']*)'", build.INIT_SCRIPT.read_text())
+    assert m, "block pattern generator not found in guest/init"
+    r = subprocess.run([str(BUSYBOX), "awk", "-v", "n=300", m.group(1)],
+                       capture_output=True, timeout=30, check=True)
+    assert r.stdout == markers.block_pattern(300 * 16)
+
+
+def test_block_pattern():
+    p = markers.block_pattern(4096)
+    assert len(p) == 4096
+    assert p[:16] == b"lgj-blk 0000000\n" and p[-16:] == b"lgj-blk 00000ff\n"
+    with pytest.raises(ValueError):
+        markers.block_pattern(100)
+
+
+def test_parse_config_and_strictness():
+    cfg = build.parse_config(
+        "# comment\nCONFIG_A=y\n# CONFIG_B is not set\nCONFIG_C=\"x y\"\nCONFIG_D=n\n\nCONFIG_HZ=100\n")
+    assert cfg == {"CONFIG_A": "y", "CONFIG_B": None, "CONFIG_C": '"x y"',
+                   "CONFIG_D": None, "CONFIG_HZ": "100"}
+    with pytest.raises(ValueError, match="line 2"):
+        build.parse_config("CONFIG_A=y\nVIRTIO_PCI=y\n", strict=True)
+
+
+def test_merge_config_overrides_in_place_and_appends():
+    base = "CONFIG_A=y\n# CONFIG_B is not set\nCONFIG_HZ=250\n# some comment\n"
+    merged = build.merge_config(base, {"CONFIG_A": None, "CONFIG_B": "y",
+                                       "CONFIG_HZ": "100", "CONFIG_NEW": "y"})
+    assert merged.splitlines() == ["# CONFIG_A is not set", "CONFIG_B=y", "CONFIG_HZ=100",
+                                   "# some comment", "CONFIG_NEW=y"]
+
+
+def test_config_mismatches():
+    want = {"CONFIG_A": "y", "CONFIG_B": None, "CONFIG_C": None, "CONFIG_HZ": "100"}
+    final = {"CONFIG_A": "y", "CONFIG_B": "y", "CONFIG_HZ": "250"}  # C absent == unset
+    assert build.config_mismatches(want, final) == [
+        "CONFIG_B: wanted not set, got y", "CONFIG_HZ: wanted 100, got 250"]
+    assert build.config_mismatches(want, {"CONFIG_A": "y", "CONFIG_HZ": "100"}) == []
+
+
+def test_fragment_parses_and_requests_the_essentials():
+    frag = build.parse_config(build.FRAGMENT.read_text(), strict=True)
+    for name in ("64BIT", "PCI", "VIRTIO_PCI", "VIRTIO_CONSOLE", "VIRTIO_BLK", "VIRTIO_NET",
+                 "HW_RANDOM_VIRTIO", "INET", "DEVTMPFS", "BLK_DEV_INITRD", "HZ_100",
+                 "NO_HZ_IDLE", "KERNEL_LZ4"):
+        assert frag[f"CONFIG_{name}"] == "y", name
+    for name in ("PARAVIRT", "KVM_GUEST", "ACPI", "VT", "SERIO_I8042", "VIRTIO_PCI_LEGACY",
+                 "CPU_SUP_AMD", "RD_GZIP"):
+        assert frag[f"CONFIG_{name}"] is None, name
+
+
+def test_kernel_key_tracks_fragment_and_source():
+    k = build.kernel_key("CONFIG_A=y\n", "6.1.1-1")
+    assert k == build.kernel_key("CONFIG_A=y\n", "6.1.1-1")
+    assert k != build.kernel_key("CONFIG_A=y\nCONFIG_B=y\n", "6.1.1-1")
+    assert k != build.kernel_key("CONFIG_A=y\n", "6.1.2-1")
+
+
+def test_default_cmdline():
+    line = build.default_cmdline("selftest", "hvc0")
+    words = line.split()
+    assert "console=hvc0" in words and "lguest_jit.workload=selftest" in words
+    assert "noxsave" in words and "acpi=off" in words
+    assert "earlyprintk=serial" in build.default_cmdline(console="ttyS0").split()
+    with pytest.raises(ValueError):
+        build.default_cmdline("rm -rf /")
+
+
+def test_parse_console_with_kernel_noise():
+    text = (
+        "[    1.0] Run /init as init process\r\n"
+        "LGJ-INIT 1.50 6.1.192\n"
+        "LGJ-STEP mount-proc OK 1.51 /proc\n"
+        "LGJ-STEP console OK 1.60 active=hvc0 want=hvc0\n"
+        "LGJ-STEP hw[    2.0] virtio_net virtio0: noise\n"
+        "LGJ-STEP block OK 2.10 bytes=4096 sectors=2048 sha256=ab readback=ok\n"
+        "xx LGJ-STEP ping FAIL 7.30 peer=10.0.2.2 rc=1\r\n"
+        "LGJ-DONE selftest 7.40 ok=3 fail=1 skip=0\n"
+    )
+    rep = markers.parse_console(text.encode())
+    assert rep.kernel == "6.1.192" and rep.init_uptime == 1.5
+    assert [s.name for s in rep.steps] == ["mount-proc", "console", "block", "ping"]
+    assert rep.step("block").fields()["sectors"] == "2048"
+    assert rep.step("ping").detail == "peer=10.0.2.2 rc=1"
+    assert [s.name for s in rep.failed] == ["ping"]
+    assert rep.done and rep.workload == "selftest" and rep.counts == {"ok": 3, "fail": 1, "skip": 0}
+    assert not markers.parse_console("LGJ-INIT 1.0 6.1\n").done
+
+
+def test_cached_guest_empty_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("LGUEST_JIT_CACHE", str(tmp_path))
+    assert build.cache_dir() == tmp_path / "guest"
+    assert build.cached_kernel() is None
+    assert build.cached_guest() is None
