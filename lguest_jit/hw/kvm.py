@@ -614,42 +614,29 @@ class KvmVm:
     # -- boot state -------------------------------------------------------------
 
     def setup_boot(self, info) -> None:
-        """Registers for a loader ``BootInfo``: ``info.mode`` "long" or
-        "protected", ``info.entry``, ``info.boot_params`` (address, into
-        RSI), and for long mode ``info.cr3`` (identity-mapping page tables
-        the loader built).  Segment selectors follow the x86 boot protocol
-        (boot.rst): __BOOT_CS 0x10, __BOOT_DS 0x18, both flat; the loader's
-        GDT (``info.gdt``: (base, limit) or an address, optional) is loaded
-        so the guest can reload its segments.  Interrupts are off."""
-        mode = getattr(info, "mode", None)
-        if mode not in ("long", "protected"):
-            raise ValueError(f"boot mode must be 'long' or 'protected', not {mode!r}")
+        """Registers for a :class:`lguest_jit.hw.loader.BootInfo`: CR0/CR3/
+        CR4/EFER, GDTR, the hidden CS and DS/ES/FS/GS/SS state exactly as the
+        loader computed them (long mode: 64-bit CS, paging on its identity
+        page tables; protected mode: flat segments, paging off), RIP =
+        ``entry``, RSI = ``boot_params``, other GPRs 0 (x86 boot protocol,
+        boot.rst), RFLAGS as given (interrupts off)."""
+        if info.mode not in ("long", "protected"):
+            raise ValueError(f"boot mode must be 'long' or 'protected', not {info.mode!r}")
+        if info.mode == "long" and info.cr3 is None:
+            raise ValueError("a long-mode BootInfo needs cr3 (the loader's page tables)")
         s = self.get_sregs()
-        code = flat_segment(0x10, code=True, long_mode=(mode == "long"))
-        data = flat_segment(0x18, code=False)
-        s.cs = code
-        s.ds = s.es = s.fs = s.gs = s.ss = data
-        gdt = getattr(info, "gdt", None)
-        if gdt is not None:
-            base, limit = gdt if isinstance(gdt, tuple) else (gdt, getattr(info, "gdt_limit", 0x1F))
-            s.gdt.base, s.gdt.limit = base, limit
-        s.cr0 = CR0_PE | CR0_ET
-        s.cr4 = 0
-        s.efer = 0
-        if mode == "long":
-            cr3 = getattr(info, "cr3", None)
-            if cr3 is None:
-                raise ValueError("long-mode boot needs info.cr3 (the loader's page tables)")
-            s.cr3 = cr3
-            s.cr4 = CR4_PAE
-            s.cr0 |= CR0_PG
-            s.efer = EFER_LME | EFER_LMA
+        s.cs = _segment(info.code)
+        s.ds = s.es = s.fs = s.gs = s.ss = _segment(info.data)
+        s.gdt.base, s.gdt.limit = info.gdt_base, info.gdt_limit
+        s.cr0, s.cr4, s.efer = info.cr0, info.cr4, info.efer
+        if info.cr3 is not None:
+            s.cr3 = info.cr3
         self.set_sregs(s)
         self.make_runnable()
         r = kvm_regs()
         r.rip = info.entry
-        r.rsi = getattr(info, "boot_params", 0)
-        r.rflags = 0x2
+        r.rsi = info.boot_params
+        r.rflags = info.rflags
         self.set_regs(r)
 
     # -- the bus -----------------------------------------------------------------
@@ -1048,6 +1035,16 @@ class KvmVm:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _segment(seg) -> kvm_segment:
+    """kvm_segment from an object with kvm_segment's field names (the
+    loader's Segment)."""
+    out = kvm_segment()
+    for name in ("base", "limit", "selector", "type", "present", "dpl", "db", "s", "l", "g", "avl"):
+        setattr(out, name, getattr(seg, name))
+    out.unusable = 0
+    return out
 
 
 def flat_segment(selector: int, *, code: bool, long_mode: bool = False, dpl: int = 0) -> kvm_segment:

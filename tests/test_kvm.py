@@ -1,0 +1,509 @@
+"""The KVM backend, driven by tiny guests assembled here (no Linux).
+
+Under PVM (software KVM) CPL3 code runs natively and CPL0 code is emulated,
+and PVM does not honour IOPL for CPL3 port I/O (an ``out`` at CPL3 raises
+#GP), so port-I/O guests run at CPL0 and stay a few dozen instructions;
+MMIO and notification guests run at CPL3.
+"""
+import os
+import struct
+import threading
+
+import pytest
+
+from lguest_jit.hw import kvm as K
+from lguest_jit.hw.kvm import KvmVm, RunResult, kvm_sregs, translate
+from lguest_jit.hw.memory import GuestMemory
+from lguest_jit.hw.tinyguest import CODE, DATA, RAX, RCX, RDI, RDX, RSI, Asm, setup_long_mode
+from lguest_jit.hw.uart import COM1, Uart8250
+
+KVM_MISSING = K.kvm_available()
+needs_kvm = pytest.mark.skipif(KVM_MISSING is not None, reason=f"no usable KVM: {KVM_MISSING}")
+
+DONE_PORT = 0xF4          # a write here stops the run (like QEMU's isa-debug-exit)
+MMIO_BASE = 0xE0000000    # above RAM: no memory slot, so accesses exit as MMIO
+READY_PORT, COUNT_PORT = 0x510, 0x511   # free ports (0x40-0x43 belong to the in-kernel PIT)
+RUN_TIMEOUT = 10.0        # a broken guest fails the test instead of hanging it
+
+
+class FakeBus:
+    """Records every access and answers with predictable values; the
+    interface is the PCI bus's (pio/mmio/add_ports/ioeventfds/interrupts/
+    irq_pending)."""
+
+    def __init__(self):
+        self.log = []
+        self.vm = None
+        self.ports = []                 # (first, count, handler)
+        self.notify = []                # (gpa, length, eventfd)
+        self.irqs = []                  # (line, eventfd)
+        self.pending_answers = {}       # line -> list of bools irq_pending returns, then False
+        self.pending_calls = 0
+        self.on_port = {}               # port -> callable run on a write there
+
+    def add_ports(self, first, count, handler):
+        self.ports.append((first, count, handler))
+
+    def pio(self, port, size, is_write, value):
+        for first, count, handler in self.ports:
+            if first <= port < first + count:
+                return handler(port, size, is_write, value)
+        self.log.append(("pio", port, size, is_write, value))
+        if is_write:
+            if port == DONE_PORT:
+                self.vm.stop()
+            if port in self.on_port:
+                self.on_port[port]()
+            return 0
+        # Reads: a value that shows port and width were decoded right.
+        return (0xA5C3E100 | port) & ((1 << (8 * size)) - 1)
+
+    def mmio(self, addr, size, is_write, value):
+        self.log.append(("mmio", addr, size, is_write, value))
+        if is_write:
+            return 0
+        return 0x0102030405060708 + (addr & 0xFF)
+
+    def ioeventfds(self):
+        return list(self.notify)
+
+    def interrupts(self):
+        return list(self.irqs)
+
+    def irq_pending(self, line):
+        self.pending_calls += 1
+        answers = self.pending_answers.get(line, [])
+        return answers.pop(0) if answers else False
+
+
+@pytest.fixture
+def gm():
+    g = GuestMemory(4 << 20)
+    yield g
+    g.close()
+
+
+def make_vm(gm, bus, **kw):
+    vm = KvmVm(gm, bus, **kw)
+    bus.vm = vm
+    return vm
+
+
+def done(a: Asm) -> Asm:
+    """Tail of every CPL0 guest: write DONE_PORT (stops the run), then spin."""
+    return a.mov_imm32(RDX, DONE_PORT).out(1).label("spin").jmp("spin")
+
+
+def mmio_done(a: Asm) -> Asm:
+    """Tail of CPL3 guests (no port I/O at CPL3 under PVM): a write to the
+    last MMIO byte stops the run through the bus."""
+    return a.mov_imm64(RDI, MMIO_BASE + 0xFFF).store_rdi(1).label("spin").jmp("spin")
+
+
+class StopOnMmioBus(FakeBus):
+    def mmio(self, addr, size, is_write, value):
+        if is_write and addr == MMIO_BASE + 0xFFF:
+            self.vm.stop()
+            return 0
+        return super().mmio(addr, size, is_write, value)
+
+
+# ---------------------------------------------------------------------------
+# No KVM needed
+
+
+def test_ioctl_numbers_match_linux_headers():
+    # Values from <linux/kvm.h> as compiled on x86-64 (e.g. strace output).
+    assert K.KVM_GET_API_VERSION == 0xAE00
+    assert K.KVM_CREATE_VM == 0xAE01
+    assert K.KVM_RUN == 0xAE80
+    assert K.KVM_GET_SUPPORTED_CPUID == 0xC008AE05
+    assert K.KVM_SET_USER_MEMORY_REGION == 0x4020AE46
+    assert K.KVM_SET_IDENTITY_MAP_ADDR == 0x4008AE48
+    assert K.KVM_IRQ_LINE == 0x4008AE61
+    assert K.KVM_IRQFD == 0x4020AE76
+    assert K.KVM_CREATE_PIT2 == 0x4040AE77
+    assert K.KVM_IOEVENTFD == 0x4040AE79
+    assert K.KVM_GET_REGS == 0x8090AE81
+    assert K.KVM_SET_REGS == 0x4090AE82
+    assert K.KVM_GET_SREGS == 0x8138AE83
+    assert K.KVM_SET_CPUID2 == 0x4008AE90
+    assert K.KVM_GET_VCPU_EVENTS == 0x8040AE9F
+    assert K.KVM_SET_VCPU_EVENTS == 0x4040AEA0
+
+
+class _Ram:
+    """Sparse fake guest RAM for the page-table walker."""
+
+    def __init__(self, size=1 << 32):
+        self.size = size
+        self.words = {}
+
+    def put(self, addr, val):
+        self.words[addr] = val
+
+    def u64(self, addr):
+        return None if addr + 8 > self.size else self.words.get(addr, 0)
+
+    def u32(self, addr):
+        return None if addr + 4 > self.size else self.words.get(addr, 0) & 0xFFFFFFFF
+
+
+def _sregs(cr0, cr3, cr4=0, efer=0):
+    s = kvm_sregs()
+    s.cr0, s.cr3, s.cr4, s.efer = cr0, cr3, cr4, efer
+    return s
+
+
+def test_translate_four_level_pages():
+    ram = _Ram()
+    s = _sregs(K.CR0_PE | K.CR0_PG, 0x1000, K.CR4_PAE, K.EFER_LME | K.EFER_LMA)
+    va = 0xFFFF_8000_1234_5678
+    i4, i3, i2, i1 = (va >> 39) & 511, (va >> 30) & 511, (va >> 21) & 511, (va >> 12) & 511
+    ram.put(0x1000 + i4 * 8, 0x2000 | 1)
+    ram.put(0x2000 + i3 * 8, 0x3000 | 1)
+    ram.put(0x3000 + i2 * 8, 0x4000 | 1)
+    ram.put(0x4000 + i1 * 8, 0xABCD000 | 1 | (1 << 63))   # NX bit is not address
+    assert translate(ram.u64, ram.u32, s, va) == 0xABCD678
+    ram.put(0x3000 + i2 * 8, 0x40000000 | 0x81)            # 2 MiB page
+    assert translate(ram.u64, ram.u32, s, va) == 0x40000000 | (va & 0x1FFFFF)
+    ram.put(0x2000 + i3 * 8, 0x80000000 | 0x81)            # 1 GiB page
+    assert translate(ram.u64, ram.u32, s, va) == 0x80000000 | (va & 0x3FFFFFFF)
+    ram.put(0x2000 + i3 * 8, 0)                            # not present
+    assert translate(ram.u64, ram.u32, s, va) is None
+    ram.put(0x1000 + i4 * 8, 0xFFFFF000 | 1)               # table past the end of RAM
+    small = _Ram(size=0x10000)
+    small.words = ram.words
+    assert translate(small.u64, small.u32, s, va) is None
+
+
+def test_translate_pae_and_legacy_32bit():
+    ram = _Ram()
+    pae = _sregs(K.CR0_PE | K.CR0_PG, 0x1020, K.CR4_PAE)
+    va = 0xC0123456
+    ram.put(0x1020 + 3 * 8, 0x5000 | 1)
+    ram.put(0x5000 + ((va >> 21) & 511) * 8, 0x6000 | 1)
+    ram.put(0x6000 + ((va >> 12) & 511) * 8, 0x77000 | 1)
+    assert translate(ram.u64, ram.u32, pae, va) == 0x77456
+    legacy = _sregs(K.CR0_PE | K.CR0_PG, 0x8000, K.CR4_PSE)
+    ram.put(0x8000 + (va >> 22) * 4, 0x9000 | 1)
+    ram.put(0x9000 + ((va >> 12) & 0x3FF) * 4, 0x123000 | 1)
+    assert translate(ram.u64, ram.u32, legacy, va) == 0x123456
+    ram.put(0x8000 + (va >> 22) * 4, 0x01C00000 | 0x81)     # 4 MiB page
+    assert translate(ram.u64, ram.u32, legacy, va) == 0x01C00000 | (va & 0x3FFFFF)
+    assert translate(ram.u64, ram.u32, _sregs(K.CR0_PE, 0), 0x1234) == 0x1234   # paging off
+
+
+def test_run_result_exit_status():
+    assert RunResult("poweroff").exit_status == 0
+    assert RunResult("halt").exit_status == 0
+    assert RunResult("reboot").exit_status is None
+    assert RunResult("internal-error").exit_status == 1
+    assert RunResult("shutdown").exit_status == 1
+    rep = RunResult("internal-error", "x", {"rip": 0x10}, b"\x0f\xae\x17").report()
+    assert "0f ae 17" in rep and "rip=0x0000000000000010" in rep
+
+
+def test_uart_transmits_and_latches():
+    out = []
+    u = Uart8250(output=out.append)
+    for ch in b"hi\n":
+        u.pio(COM1, 1, True, ch)
+    assert b"".join(out) == b"hi\n"
+    assert u.pio(COM1 + 5, 1, False, 0) == 0x60          # LSR: THRE|TEMT
+    assert u.pio(COM1 + 2, 1, False, 0) == 0x01          # IIR: no interrupt
+    u.pio(COM1 + 3, 1, True, 0x83)                       # DLAB on
+    u.pio(COM1, 1, True, 0x01)                           # DLL, not THR
+    u.pio(COM1 + 1, 1, True, 0x00)                       # DLM
+    assert b"".join(out) == b"hi\n"
+    assert (u.pio(COM1, 1, False, 0), u.pio(COM1 + 1, 1, False, 0)) == (0x01, 0x00)
+    u.pio(COM1 + 3, 1, True, 0x03)                       # 8N1, DLAB off
+    u.pio(COM1 + 7, 1, True, 0x5A)
+    assert u.pio(COM1 + 7, 1, False, 0) == 0x5A
+    assert u.pio(COM1 + 3, 1, False, 0) == 0x03
+    u.pio(COM1 + 4, 1, True, 0x1A)                       # loopback, RTS, OUT2: Linux's probe
+    assert u.pio(COM1 + 6, 1, False, 0) & 0xF0 == 0x90
+    u.pio(COM1, 1, True, ord("x"))                       # looped back, not sent
+    assert b"".join(out) == b"hi\n"
+
+
+def test_uart_thre_interrupt():
+    levels = []
+    u = Uart8250(output=lambda b: None, set_irq=levels.append)
+    u.pio(COM1 + 1, 1, True, 0x02)                       # enable THRI: fires at once
+    assert levels[-1] is True
+    assert u.pio(COM1 + 2, 1, False, 0) == 0x02          # IIR says THRE and clears it
+    assert levels[-1] is False
+    assert u.pio(COM1 + 2, 1, False, 0) == 0x01
+    u.pio(COM1, 1, True, ord("a"))
+    assert levels[-1] is True
+
+
+# ---------------------------------------------------------------------------
+# Tiny guests
+
+
+@needs_kvm
+def test_port_io_each_width(gm):
+    bus = FakeBus()
+    vm = make_vm(gm, bus)
+    a = Asm()
+    a.mov_imm32(RDI, DATA)
+    for size, port in ((1, 0x80), (2, 0x82), (4, 0x84)):
+        a.mov_imm32(RDX, port).inp(size).store_rdi(size)          # read, keep in memory
+        a.mov_imm32(RAX, 0x11223344).out(size)                    # write a known value
+        a.raw(b"\x48\x83\xc7\x08")                                # add rdi, 8
+    setup_long_mode(vm, bytes(done(a)), cpl=0)
+    res = vm.run(timeout=RUN_TIMEOUT)
+    vm.close()
+    assert res.reason == "stopped", res.report()
+    assert [e for e in bus.log if e[1] != DONE_PORT] == [
+        ("pio", 0x80, 1, False, 0), ("pio", 0x80, 1, True, 0x44),
+        ("pio", 0x82, 2, False, 0), ("pio", 0x82, 2, True, 0x3344),
+        ("pio", 0x84, 4, False, 0), ("pio", 0x84, 4, True, 0x11223344)]
+    assert gm.read(DATA, 1) == bytes([0x80])
+    assert gm.read(DATA + 8, 2) == struct.pack("<H", 0xE182)
+    assert gm.read(DATA + 16, 4) == struct.pack("<I", 0xA5C3E184)
+    assert vm.stats.pio == 7
+
+
+@needs_kvm
+def test_string_port_io(gm):
+    bus = FakeBus()
+    vm = make_vm(gm, bus)
+    gm.write(DATA, b"string I/O")
+    a = Asm()
+    a.mov_imm32(RSI, DATA).mov_imm32(RCX, 10).mov_imm32(RDX, 0x90).rep_outsb()
+    a.mov_imm32(RDI, DATA + 0x100).mov_imm32(RCX, 4).mov_imm32(RDX, 0x91).rep_insb()
+    setup_long_mode(vm, bytes(done(a)), cpl=0)
+    res = vm.run(timeout=RUN_TIMEOUT)
+    vm.close()
+    assert res.reason == "stopped", res.report()
+    outs = bytes(e[4] for e in bus.log if e[1] == 0x90)
+    assert outs == b"string I/O"
+    assert gm.read(DATA + 0x100, 4) == bytes([0x91] * 4)
+
+
+@needs_kvm
+def test_mmio_each_width_at_cpl3(gm):
+    bus = StopOnMmioBus()
+    vm = make_vm(gm, bus)
+    a = Asm()
+    a.mov_imm32(RSI, DATA)
+    for i, size in enumerate((1, 2, 4, 8)):
+        a.mov_imm64(RAX, 0).mov_imm64(RDI, MMIO_BASE + 0x10 * i).load_rdi(size).store_rsi_rax().add_rsi_8()
+        a.mov_imm64(RAX, 0xF1E2D3C4B5A69788).mov_imm64(RDI, MMIO_BASE + 0x100 + 0x10 * i).store_rdi(size)
+    setup_long_mode(vm, bytes(mmio_done(a)), cpl=3)
+    res = vm.run(timeout=RUN_TIMEOUT)
+    regs = vm.get_sregs()
+    vm.close()
+    assert res.reason == "stopped", res.report()
+    assert regs.cs.dpl == 3
+    reads = [e for e in bus.log if not e[3]]
+    writes = [e for e in bus.log if e[3]]
+    assert [(e[1], e[2]) for e in reads] == [(MMIO_BASE + 0x10 * i, s) for i, s in enumerate((1, 2, 4, 8))]
+    assert writes == [("mmio", MMIO_BASE + 0x100 + 0x10 * i, s, True, 0xF1E2D3C4B5A69788 & ((1 << 8 * s) - 1))
+                      for i, s in enumerate((1, 2, 4, 8))]
+    got = struct.unpack("<4Q", gm.read(DATA, 32))
+    want = [(0x0102030405060708 + 0x10 * i) & ((1 << 8 * s) - 1) for i, s in enumerate((1, 2, 4, 8))]
+    assert list(got) == want
+
+
+@needs_kvm
+def test_uart_prints_guest_string(gm):
+    bus = FakeBus()
+    out = []
+    Uart8250(output=out.append).register(bus)
+    vm = make_vm(gm, bus)
+    gm.write(DATA, b"Hello from the guest\n")
+    a = Asm()
+    a.mov_imm32(RSI, DATA).mov_imm32(RCX, 21).mov_imm32(RDX, COM1).rep_outsb()
+    a.mov_imm32(RDX, COM1 + 5).inp(1).mov_imm32(RDI, DATA + 0x40).store_rdi(1)     # LSR
+    setup_long_mode(vm, bytes(done(a)), cpl=0)
+    res = vm.run(timeout=RUN_TIMEOUT)
+    vm.close()
+    assert res.reason == "stopped", res.report()
+    assert b"".join(out) == b"Hello from the guest\n"
+    assert gm.read(DATA + 0x40, 1) == b"\x60"
+
+
+@needs_kvm
+def test_hlt_with_interrupts_off_ends_the_run(gm):
+    bus = FakeBus()
+    vm = make_vm(gm, bus)
+    setup_long_mode(vm, bytes(Asm().cli().hlt()), cpl=0)
+    res = vm.run(timeout=RUN_TIMEOUT, halt_poll=0.05)
+    vm.close()
+    assert res.reason == "halt", res.report()
+    assert res.exit_status == 0
+    assert res.regs["rip"] == CODE + 2
+
+
+@needs_kvm
+def test_stop_from_another_thread_ends_a_spinning_guest(gm):
+    vm = make_vm(gm, FakeBus())
+    setup_long_mode(vm, bytes(Asm().label("x").jmp("x")), cpl=3)
+    threading.Timer(0.2, vm.stop).start()
+    res = vm.run(timeout=RUN_TIMEOUT, halt_poll=None)
+    vm.close()
+    assert res.reason == "stopped"
+
+
+def _bp_handler() -> bytes:
+    # CPL0 #BP handler: out 0x30 <- 3, return (the pushed RIP is after int3).
+    h = Asm(0x11000)
+    h.push_rax().push_rdx().mov_imm32(RDX, 0x30).mov_imm32(RAX, 3).out(1).pop_rdx().pop_rax().iretq()
+    return bytes(h)
+
+
+@needs_kvm
+def test_int3_and_fwait_are_assisted_at_cpl0(gm):
+    bus = FakeBus()
+    vm = make_vm(gm, bus)
+    gm.write(0x11000, _bp_handler())
+    a = Asm()
+    a.fwait().mov_imm32(RDX, 0x31).mov_imm32(RAX, 1).out(1)
+    a.int3().mov_imm32(RDX, 0x31).mov_imm32(RAX, 2).out(1)
+    setup_long_mode(vm, bytes(done(a)), cpl=0, handlers={3: 0x11000})
+    res = vm.run(timeout=RUN_TIMEOUT)
+    vm.close()
+    assert res.reason == "stopped", res.report()
+    assert [(e[1], e[4]) for e in bus.log] == [(0x31, 1), (0x30, 3), (0x31, 2), (DONE_PORT, 2)]
+    assert vm.stats.assists == {"fwait": 1, "int3": 1}
+
+
+@needs_kvm
+def test_int3_at_cpl3_needs_no_assist(gm):
+    bus = StopOnMmioBus()
+    vm = make_vm(gm, bus)
+    gm.write(0x11000, _bp_handler())
+    a = Asm().int3()
+    setup_long_mode(vm, bytes(mmio_done(a)), cpl=3, handlers={3: 0x11000})
+    res = vm.run(timeout=RUN_TIMEOUT)
+    vm.close()
+    assert res.reason == "stopped", res.report()
+    assert ("pio", 0x30, 1, True, 3) in bus.log
+    assert vm.stats.assists == {}
+
+
+@needs_kvm
+def test_unassisted_emulation_failure_is_fatal_with_bytes(gm):
+    vm = make_vm(gm, FakeBus())
+    a = Asm().mov_imm32(RDI, DATA).raw(b"\x0f\xae\x17")     # ldmxcsr [rdi]: the emulator refuses it
+    setup_long_mode(vm, bytes(done(a)), cpl=0)
+    res = vm.run(timeout=RUN_TIMEOUT)
+    vm.close()
+    if res.reason == "stopped":
+        pytest.skip("this host's KVM emulates ldmxcsr")
+    assert res.reason == "internal-error", res.report()
+    assert res.insn.startswith(b"\x0f\xae\x17")
+    assert res.regs["rip"] == CODE + 5
+    assert res.exit_status == 1
+
+
+@needs_kvm
+def test_assist_loop_is_refused(gm):
+    # The #BP handler returns to the int3 itself: same RIP assisted forever.
+    vm = make_vm(gm, FakeBus())
+    gm.write(0x11000, bytes(Asm(0x11000).raw(b"\x48\xff\x0c\x24").iretq()))   # dec qword [rsp]; iretq
+    setup_long_mode(vm, bytes(Asm().int3()), cpl=0, handlers={3: 0x11000})
+    res = vm.run(timeout=RUN_TIMEOUT)
+    vm.close()
+    assert res.reason == "internal-error", res.report()
+    assert "not making progress" in res.message
+    assert vm.stats.assists["int3"] == K.ASSIST_REPEAT_LIMIT - 1
+
+
+@needs_kvm
+def test_ioeventfd_signals_without_an_exit(gm):
+    bus = StopOnMmioBus()
+    efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    bus.notify.append((MMIO_BASE + 0x3000, 2, efd))
+    vm = make_vm(gm, bus)
+    a = Asm()
+    a.mov_imm64(RAX, 5).mov_imm64(RDI, MMIO_BASE + 0x3000).store_rdi(2).store_rdi(2)   # notify queue 5, twice
+    a.mov_imm64(RDI, MMIO_BASE + 0x3008).store_rdi(2)                               # not a notify address
+    setup_long_mode(vm, bytes(mmio_done(a)), cpl=3)
+    res = vm.run(timeout=RUN_TIMEOUT)
+    vm.close()
+    try:
+        assert res.reason == "stopped", res.report()
+        assert os.eventfd_read(efd) == 2
+        assert bus.log == [("mmio", MMIO_BASE + 0x3008, 2, True, 5)]
+    finally:
+        os.close(efd)
+
+
+def _irq_guest(gm, line: int, count: int) -> bytes:
+    """CPL0 guest: program the master PIC (vectors 0x20..), unmask ``line``,
+    tell the host it is ready (READY_PORT), then sti;hlt until ``count``
+    interrupts were counted at DATA by the handler, and report the count
+    on COUNT_PORT."""
+    vec = 0x20 + line
+    h = Asm(0x11000)
+    h.push_rax().push_rdx().push_rdi().mov_imm32(RDI, DATA).raw(b"\xfe\x07")      # inc byte [rdi]
+    h.mov_imm32(RDI, DATA + 1).mov_imm32(RAX, vec).store_rdi(1)                   # last vector
+    h.mov_imm32(RDX, 0x20).mov_imm32(RAX, 0x20).out(1)                            # EOI to the master PIC
+    h.pop_rdi().pop_rdx().pop_rax().iretq()
+    gm.write(0x11000, bytes(h))
+    a = Asm()
+    for port, val in ((0x20, 0x11), (0x21, 0x20), (0x21, 0x04), (0x21, 0x01), (0x21, 0xFF & ~(1 << line))):
+        a.mov_imm32(RDX, port).mov_imm32(RAX, val).out(1)                          # ICW1-4, OCW1 mask
+    a.mov_imm32(RDI, DATA).mov_imm32(RDX, READY_PORT).out(1)
+    a.label("wait").sti().hlt().cli().raw(bytes([0x80, 0x3F, count])).jnz("wait")   # cmp byte [rdi], count
+    a.load_rdi(1).mov_imm32(RDX, COUNT_PORT).out(1)
+    return bytes(done(a)), vec
+
+
+@needs_kvm
+@pytest.mark.parametrize("mode", ["irqfd", "resample", "line"])
+def test_irqfd_delivers_an_interrupt(gm, mode):
+    line = 5
+    bus = FakeBus()
+    efd = os.eventfd(0, os.EFD_CLOEXEC)
+    bus.irqs.append((line, efd))
+    bus.on_port[READY_PORT] = lambda: os.eventfd_write(efd, 1)      # raise once the guest is ready
+    try:
+        vm = make_vm(gm, bus, irq_mode=mode)
+        assert vm.irq_mode == mode
+        code, vec = _irq_guest(gm, line, 1)
+        setup_long_mode(vm, code, cpl=0, handlers={vec: 0x11000})
+        res = vm.run(timeout=RUN_TIMEOUT)
+        vm.close()
+    finally:
+        os.close(efd)
+    assert res.reason == "stopped", res.report()
+    assert ("pio", COUNT_PORT, 1, True, 1) in bus.log
+    assert gm.read(DATA, 2) == bytes([1, vec])
+
+
+@needs_kvm
+def test_resample_reraises_a_still_pending_level_interrupt(gm):
+    # One raise; the device stays pending through two EOIs: the guest must
+    # see three interrupts (level semantics), then the line drops.
+    line = 5
+    bus = FakeBus()
+    bus.pending_answers[line] = [True, True]
+    efd = os.eventfd(0, os.EFD_CLOEXEC)
+    bus.irqs.append((line, efd))
+    bus.on_port[READY_PORT] = lambda: os.eventfd_write(efd, 1)
+    try:
+        vm = make_vm(gm, bus, irq_mode="resample")
+        code, vec = _irq_guest(gm, line, 3)
+        setup_long_mode(vm, code, cpl=0, handlers={vec: 0x11000})
+        res = vm.run(timeout=RUN_TIMEOUT)
+        vm.close()
+    finally:
+        os.close(efd)
+    assert res.reason == "stopped", res.report()
+    assert gm.read(DATA, 1) == bytes([3])
+    assert bus.pending_calls >= 3
+
+
+@needs_kvm
+def test_close_releases_every_fd(gm):
+    before = set(os.listdir("/proc/self/fd"))
+    vm = make_vm(gm, FakeBus(), irq_mode="resample")
+    vm.close()
+    vm.close()          # idempotent
+    assert set(os.listdir("/proc/self/fd")) <= before
