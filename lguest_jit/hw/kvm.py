@@ -362,7 +362,8 @@ ASSIST_REPEAT_LIMIT = 16   # the same RIP assisted this often with no other exit
 
 @dataclass
 class ExitStats:
-    """Counters kept by the vCPU loop (read them after, or during, a run)."""
+    """Counters kept by the vCPU loop (pio/mmio/total are added when a run
+    returns; intr and assists as they happen)."""
     pio: int = 0
     mmio: int = 0
     intr: int = 0
@@ -477,6 +478,7 @@ class KvmVm:
         self._vcpu_thread = None
         self._assist_rip = None
         self._assist_repeat = 0
+        self._assist_exit = -2
         self._ioeventfds: list[tuple[int, int, int, int]] = []
         self._irqfds: list[tuple[int, int, int]] = []      # (gsi, fd, resamplefd or -1)
         self._pipe_r = self._pipe_w = -1
@@ -806,73 +808,78 @@ class KvmVm:
 
     def _loop(self, max_exits) -> RunResult:
         # Locals for the hot path: attribute lookups cost more than the work.
+        # Exit data is read through the memoryview of its width: the
+        # string-I/O buffer (data_offset) is page-aligned and the MMIO data
+        # field 8-aligned, so ``view[offset // size]`` is the value.
         fd = self.vcpu_fd
         r8, r16, r32, r64 = self._r8, self._r16, self._r32, self._r64
+        by_size = (None, r8, r16, None, r32, None, None, None, r64)
         pio = self.bus.pio
         mmio = self.bus.mmio
         stats = self.stats
         ioctl = fcntl.ioctl
-        n = 0
+        n = n_pio = n_mmio = 0
         limit = max_exits if max_exits is not None else -1
-        while True:
-            if self._stop:
-                return self._stopped()
-            try:
-                ioctl(fd, KVM_RUN, 0)
-            except InterruptedError:
-                stats.intr += 1
-                if self._halt_check:
-                    self._halt_check = False
-                    if self.halted_for_good():
-                        return RunResult("halt", "the guest halted with interrupts disabled", self._safe_regs())
-                continue
-            except OSError as e:
-                if e.errno == errno.EAGAIN:
+        try:
+            while True:
+                if self._stop:
+                    return self._stopped()
+                try:
+                    ioctl(fd, KVM_RUN, 0)
+                except InterruptedError:
+                    stats.intr += 1
+                    if self._halt_check:
+                        self._halt_check = False
+                        if self.halted_for_good():
+                            return RunResult("halt", "the guest halted with interrupts disabled", self._safe_regs())
                     continue
-                return RunResult("internal-error", f"KVM_RUN failed: {os.strerror(e.errno)}", self._safe_regs())
-            reason = r32[RUN_EXIT_REASON >> 2]
-            n += 1
-            if reason == KVM_EXIT_IO:
-                size = r8[RUN_IO_SIZE]
-                port = r16[RUN_IO_PORT >> 1]
-                count = r32[RUN_IO_COUNT >> 2]
-                off = r64[RUN_IO_DATA_OFFSET >> 3]
-                if r8[RUN_IO_DIRECTION] == KVM_EXIT_IO_OUT:
-                    for i in range(count):
-                        o = off + i * size
-                        pio(port, size, True, int.from_bytes(r8[o:o + size], "little"))
+                except OSError as e:
+                    if e.errno == errno.EAGAIN:
+                        continue
+                    return RunResult("internal-error", f"KVM_RUN failed: {os.strerror(e.errno)}", self._safe_regs())
+                reason = r32[2]                                  # exit_reason at byte 8
+                n += 1
+                if reason == KVM_EXIT_IO:
+                    size = r8[RUN_IO_SIZE]
+                    port = r16[RUN_IO_PORT >> 1]
+                    count = r32[RUN_IO_COUNT >> 2]
+                    view = by_size[size]
+                    idx = r64[RUN_IO_DATA_OFFSET >> 3] // size
+                    if r8[RUN_IO_DIRECTION] == KVM_EXIT_IO_OUT:
+                        for i in range(idx, idx + count):
+                            pio(port, size, True, view[i])
+                    else:
+                        mask = (1 << (8 * size)) - 1
+                        for i in range(idx, idx + count):
+                            view[i] = pio(port, size, False, 0) & mask
+                    n_pio += 1
+                elif reason == KVM_EXIT_MMIO:
+                    ln = r32[RUN_MMIO_LEN >> 2]
+                    addr = r64[RUN_MMIO_PHYS >> 3]
+                    if ln not in (1, 2, 4, 8):
+                        return RunResult("internal-error", f"MMIO access of {ln} bytes at {addr:#x}", self._safe_regs())
+                    view = by_size[ln]
+                    if r8[RUN_MMIO_IS_WRITE]:
+                        mmio(addr, ln, True, view[RUN_MMIO_DATA // ln])
+                    else:
+                        view[RUN_MMIO_DATA // ln] = mmio(addr, ln, False, 0) & ((1 << (8 * ln)) - 1)
+                    n_mmio += 1
+                elif reason == KVM_EXIT_INTR:
+                    stats.intr += 1
+                elif reason == KVM_EXIT_INTERNAL_ERROR:
+                    res = self._internal_error(n)
+                    if res is not None:
+                        return res
                 else:
-                    mask = (1 << (8 * size)) - 1
-                    for i in range(count):
-                        o = off + i * size
-                        r8[o:o + size] = (pio(port, size, False, 0) & mask).to_bytes(size, "little")
-                stats.pio += 1
-                self._assist_rip = None
-            elif reason == KVM_EXIT_MMIO:
-                ln = r32[RUN_MMIO_LEN >> 2]
-                addr = r64[RUN_MMIO_PHYS >> 3]
-                if ln not in (1, 2, 4, 8):
-                    return RunResult("internal-error", f"MMIO access of {ln} bytes at {addr:#x}", self._safe_regs())
-                if r8[RUN_MMIO_IS_WRITE]:
-                    mmio(addr, ln, True, int.from_bytes(r8[RUN_MMIO_DATA:RUN_MMIO_DATA + ln], "little"))
-                else:
-                    v = mmio(addr, ln, False, 0) & ((1 << (8 * ln)) - 1)
-                    r8[RUN_MMIO_DATA:RUN_MMIO_DATA + ln] = v.to_bytes(ln, "little")
-                stats.mmio += 1
-                self._assist_rip = None
-            elif reason == KVM_EXIT_INTR:
-                stats.intr += 1
-            elif reason == KVM_EXIT_INTERNAL_ERROR:
-                res = self._internal_error()
-                if res is not None:
-                    return res
-            else:
-                res = self._other_exit(reason)
-                if res is not None:
-                    return res
-            if n == limit:
-                stats.total += n
-                return RunResult("stopped", f"{n} exits handled (max_exits)")
+                    res = self._other_exit(reason)
+                    if res is not None:
+                        return res
+                if n == limit:
+                    return RunResult("stopped", f"{n} exits handled (max_exits)")
+        finally:
+            stats.pio += n_pio
+            stats.mmio += n_mmio
+            stats.total += n
 
     def halted_for_good(self) -> bool:
         """True when the vCPU sits in HLT with IF clear.  With the in-kernel
@@ -957,7 +964,9 @@ class KvmVm:
             out += self.gm.read(gpa, chunk)
         return bytes(out)
 
-    def _internal_error(self) -> RunResult | None:
+    def _internal_error(self, n: int) -> RunResult | None:
+        """Assist the instruction KVM could not emulate, or say why not.
+        ``n`` numbers the exit, so a repeat with nothing in between shows."""
         r8, r32 = self._r8, self._r32
         sub = r32[RUN_INT_SUBERROR >> 2]
         exit_insn = None
@@ -977,13 +986,14 @@ class KvmVm:
         else:
             return RunResult("internal-error", "emulation failure: KVM's instruction emulator cannot run the "
                              "instruction at RIP and it is not one we assist", self.regs_dict(), insn)
-        if regs.rip == self._assist_rip:
+        if regs.rip == self._assist_rip and n == self._assist_exit + 1:
             self._assist_repeat += 1
             if self._assist_repeat >= ASSIST_REPEAT_LIMIT:
                 return RunResult("internal-error", f"{name} assisted {self._assist_repeat} times at the same RIP "
                                  "with no other exit between: the guest is not making progress", self.regs_dict(), insn)
         else:
             self._assist_rip, self._assist_repeat = regs.rip, 1
+        self._assist_exit = n
         regs.rip = regs.rip + length
         self.set_regs(regs)
         if action == "bp":
