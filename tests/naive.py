@@ -57,3 +57,29 @@ def walk_chain(mem: bytes, mem_size: int, size: int, desc: int, avail: int, last
 
 def vring_need_event(event: int, new: int, old: int) -> bool:
     return (new - event - 1) % 65536 < (new - old) % 65536
+
+
+def page_walk(mem, cr3: int, vaddr: int):
+    """x86-64 4-level translation of ``vaddr`` through the tables at ``cr3``
+    in guest memory ``mem`` (4 KiB, 2 MiB and 1 GiB pages, Intel SDM vol. 3
+    §4.5).  The physical address, or None when an entry is not present."""
+    def entry(table, index):
+        return int.from_bytes(bytes(mem[table + 8 * index:table + 8 * index + 8]), "little")
+    frame = 0x000FFFFFFFFFF000
+    pml4e = entry(cr3 & frame, (vaddr >> 39) & 511)
+    if not pml4e & 1:
+        return None
+    pdpte = entry(pml4e & frame, (vaddr >> 30) & 511)
+    if not pdpte & 1:
+        return None
+    if pdpte & 0x80:
+        return (pdpte & 0x000FFFFFC0000000) | (vaddr & 0x3FFFFFFF)
+    pde = entry(pdpte & frame, (vaddr >> 21) & 511)
+    if not pde & 1:
+        return None
+    if pde & 0x80:
+        return (pde & 0x000FFFFFFFE00000) | (vaddr & 0x1FFFFF)
+    pte = entry(pde & frame, (vaddr >> 12) & 511)
+    if not pte & 1:
+        return None
+    return (pte & frame) | (vaddr & 0xFFF)
