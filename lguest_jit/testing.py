@@ -18,6 +18,8 @@ For malformed-ring tests, ``write_desc`` / ``post`` write raw entries.
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from . import vring
@@ -209,3 +211,147 @@ class MockDriver:
 
     def set_avail_idx(self, idx: int) -> None:
         self._st16(self.avail + 2, idx)
+
+
+class VirtioPciDriver:
+    """Linux's virtio_pci_modern, played through ``bus.pio``/``bus.mmio``:
+    find the device in config space, walk its capabilities, negotiate, set
+    up every queue with a :class:`MockDriver`, then kick and take
+    interrupts as the guest would.
+
+    ``layout_base`` is where the first queue's rings go in guest memory;
+    each queue gets ``queue_span`` bytes from there.
+    """
+
+    def __init__(self, bus, slot: int, gm: GuestMemory, layout_base: int = 0x100000,
+                 queue_span: int = 0x400000, slot_bytes: int = 4096):
+        from . import pci
+        self.pci = pci
+        self.bus, self.slot, self.gm = bus, slot, gm
+        self.layout_base, self.queue_span, self.slot_bytes = layout_base, queue_span, slot_bytes
+        vendor = self.cfg_read(0, 4)
+        if vendor == 0xFFFFFFFF:
+            raise LookupError(f"no device in slot {slot}")
+        self.device_id = vendor >> 16
+        self.bar0 = self.cfg_read(0x10, 4) & ~0xF
+        self.irq_line = self.cfg_read(pci.PCI_INTERRUPT_LINE, 1)
+        self.caps = {}
+        pos = self.cfg_read(pci.PCI_CAPABILITY_LIST, 1)
+        while pos:
+            if self.cfg_read(pos, 1) == pci.PCI_CAP_ID_VNDR:
+                kind = self.cfg_read(pos + 3, 1)
+                self.caps.setdefault(kind, (pos, self.cfg_read(pos + 8, 4), self.cfg_read(pos + 12, 4)))
+            pos = self.cfg_read(pos + 1, 1)
+        notify_pos = self.caps[pci.VIRTIO_PCI_CAP_NOTIFY_CFG][0]
+        self.notify_mult = self.cfg_read(notify_pos + 16, 4)
+        self.irq_fd = dict(bus.interrupts()).get(self.irq_line)
+        self.queues: list[MockDriver] = []
+
+    # -- config space through conf1, as Linux's pci_conf1_read does
+    def cfg_read(self, off: int, size: int) -> int:
+        self.bus.pio(0xCF8, 4, True, 0x80000000 | self.slot << 11 | (off & 0xFC))
+        return self.bus.pio(0xCFC + (off & 3), size, False, 0)
+
+    def cfg_write(self, off: int, size: int, value: int) -> None:
+        self.bus.pio(0xCF8, 4, True, 0x80000000 | self.slot << 11 | (off & 0xFC))
+        self.bus.pio(0xCFC + (off & 3), size, True, value)
+
+    # -- BAR0 structures
+    def _addr(self, kind: int, off: int) -> int:
+        return self.bar0 + self.caps[kind][1] + off
+
+    def common_read(self, off, size):
+        return self.bus.mmio(self._addr(self.pci.VIRTIO_PCI_CAP_COMMON_CFG, off), size, False, 0)
+
+    def common_write(self, off, size, value):
+        self.bus.mmio(self._addr(self.pci.VIRTIO_PCI_CAP_COMMON_CFG, off), size, True, value)
+
+    def config_read(self, off, size):
+        return self.bus.mmio(self._addr(self.pci.VIRTIO_PCI_CAP_DEVICE_CFG, off), size, False, 0)
+
+    def config_write(self, off, size, value):
+        self.bus.mmio(self._addr(self.pci.VIRTIO_PCI_CAP_DEVICE_CFG, off), size, True, value)
+
+    def isr(self) -> int:
+        return self.bus.mmio(self._addr(self.pci.VIRTIO_PCI_CAP_ISR_CFG, 0), 1, False, 0)
+
+    @property
+    def status(self) -> int:
+        return self.common_read(0x14, 1)
+
+    def set_status(self, bit: int) -> None:
+        self.common_write(0x14, 1, self.status | bit)
+
+    def reset(self) -> None:
+        self.common_write(0x14, 1, 0)
+        while self.status != 0:
+            pass
+        self.queues = []
+
+    def init(self, accept=lambda offered: offered, queue_sizes=None) -> int:
+        """Reset, ACKNOWLEDGE, DRIVER, features, FEATURES_OK (and re-read),
+        queues, DRIVER_OK.  ``accept(offered) -> wanted`` picks features.
+        Returns the negotiated features."""
+        pci = self.pci
+        self.reset()
+        self.set_status(pci.ACKNOWLEDGE)
+        self.set_status(pci.DRIVER)
+        offered = 0
+        for sel in (0, 1):
+            self.common_write(0x00, 4, sel)
+            offered |= self.common_read(0x04, 4) << (32 * sel)
+        wanted = accept(offered) & offered
+        for sel in (0, 1):
+            self.common_write(0x08, 4, sel)
+            self.common_write(0x0C, 4, (wanted >> (32 * sel)) & 0xFFFFFFFF)
+        self.set_status(pci.FEATURES_OK)
+        if not self.status & pci.FEATURES_OK:
+            raise RuntimeError("device refused FEATURES_OK")
+        nq = self.common_read(0x12, 2)
+        for i in range(nq):
+            self.common_write(0x16, 2, i)
+            size = self.common_read(0x18, 2)
+            if queue_sizes and i < len(queue_sizes) and queue_sizes[i]:
+                size = queue_sizes[i]
+                self.common_write(0x18, 2, size)
+            drv = MockDriver(self.gm, size=size, base=self.layout_base + i * self.queue_span,
+                             features=wanted, slot_bytes=self.slot_bytes)
+            drv.notify_addr = self._addr(pci.VIRTIO_PCI_CAP_NOTIFY_CFG, self.common_read(0x1E, 2) * self.notify_mult)
+            for off, val in ((0x20, drv.desc), (0x28, drv.avail), (0x30, drv.used)):
+                self.common_write(off, 4, val & 0xFFFFFFFF)
+                self.common_write(off + 4, 4, val >> 32)
+            self.common_write(0x1C, 2, 1)
+            self.queues.append(drv)
+        self.set_status(pci.DRIVER_OK)
+        self.features = wanted
+        return wanted
+
+    # -- running
+    def kick(self, i: int) -> bool:
+        """Notify queue ``i`` if the device asked for it; True if notified."""
+        drv = self.queues[i]
+        if drv.kick_prepare():
+            self.bus.mmio(drv.notify_addr, 2, True, i)
+            return True
+        return False
+
+    def wait_used(self, i: int, timeout: float = 5.0):
+        """The next used entry of queue ``i``, taking interrupts (ISR read
+        clears them) while waiting.  Raises TimeoutError."""
+        import select
+        import time
+        drv = self.queues[i]
+        deadline = time.monotonic() + timeout
+        while True:
+            got = drv.get_used()
+            if got is not None:
+                return got
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"queue {i}: no used buffer within {timeout}s")
+            if self.irq_fd is None:
+                time.sleep(min(left, 0.001))
+                continue
+            if select.select([self.irq_fd], [], [], min(left, 0.05))[0]:
+                os.eventfd_read(self.irq_fd)
+                self.isr()

@@ -131,7 +131,8 @@ Q_N_NOTIFY = 17      # wake-ups from the notification eventfd
 Q_N_IRQ = 18         # interrupts raised
 Q_N_IRQ_SUPPRESSED = 19  # interrupt decisions that found the driver did not want one
 Q_N_ERRORS = 20
-Q_FIELDS = 21
+Q_N_BYTES = 21       # payload bytes moved by the device (its kernels add them)
+Q_FIELDS = 22
 
 STOPPED = -2         # wait_chain: the launcher asked the queue to stop
 
@@ -541,4 +542,4 @@ def chain(iov, q) -> list[tuple[int, int, bool]]:
 def counters(q) -> dict:
     return {"chains": int(q[Q_N_CHAINS]), "used": int(q[Q_N_USED]), "notifications": int(q[Q_N_NOTIFY]),
             "interrupts": int(q[Q_N_IRQ]), "interrupts_suppressed": int(q[Q_N_IRQ_SUPPRESSED]),
-            "errors": int(q[Q_N_ERRORS])}
+            "errors": int(q[Q_N_ERRORS]), "bytes": int(q[Q_N_BYTES])}

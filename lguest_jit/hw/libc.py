@@ -1,17 +1,17 @@
 """libc calls usable from nogil kernels, each with a pure-Python fallback.
 
 Compiled kernels call these as ``ExternalFunction``s (no GIL, cacheable);
-under ``NUMBA_DISABLE_JIT=1`` the same names run the ``os`` equivalents on
-the buffers the addresses point into.  Every call returns the raw result
-(>= 0) or ``-errno``, never raises, so kernels can handle EINTR/EAGAIN.
+under ``NUMBA_DISABLE_JIT=1`` the same names run the ``os``/ctypes
+equivalents.  Every call returns the raw result (>= 0) or ``-errno``, never
+raises, so kernels can handle EINTR/EAGAIN themselves.
 
 Addresses are host addresses (``array.ctypes.data + offset``); callers
-derive them only from checked guest ranges or their own arrays.
+derive them only from checked guest ranges or their own arrays.  iovec
+arguments point at ``count`` rows of (base, length) uint64 pairs.
 """
 from __future__ import annotations
 
 import ctypes
-import os
 
 import numpy as np
 from numba import types
@@ -19,100 +19,92 @@ from numba.extending import overload
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
-_c_read = types.ExternalFunction("read", types.intp(types.int32, types.uintp, types.uintp))
-_c_write = types.ExternalFunction("write", types.intp(types.int32, types.uintp, types.uintp))
-_c_preadv = types.ExternalFunction("preadv", types.intp(types.int32, types.uintp, types.int32, types.int64))
-_c_pwritev = types.ExternalFunction("pwritev", types.intp(types.int32, types.uintp, types.int32, types.int64))
-_c_errno_loc = types.ExternalFunction("__errno_location", types.CPointer(types.int32)())
-
-# Loading the symbols into LLVM's process-wide table lets cached kernels
-# resolve them without the ctypes objects above.
-for _name in ("read", "write", "preadv", "pwritev", "__errno_location"):
-    getattr(_libc, _name)
-
-
-def _neg_errno(exc: OSError) -> int:
-    return -(exc.errno or 5)
-
-
-def _view(addr: int, length: int) -> memoryview:
-    return memoryview((ctypes.c_char * length).from_address(addr)).cast("B")
-
-
-def sys_read(fd, addr, length):
-    """read(2) into host memory at ``addr``."""
-    try:
-        return os.readv(fd, [_view(addr, length)]) if length else 0
-    except OSError as exc:
-        return _neg_errno(exc)
-
-
-def sys_write(fd, addr, length):
-    try:
-        return os.write(fd, _view(addr, length)) if length else 0
-    except OSError as exc:
-        return _neg_errno(exc)
-
-
-def _iovecs(iov_addr, count):
-    rows = np.ctypeslib.as_array((ctypes.c_uint64 * (2 * count)).from_address(iov_addr)).reshape(count, 2)
-    return [_view(int(a), int(n)) for a, n in rows]
-
-
-def sys_preadv(fd, iov_addr, count, offset):
-    """preadv(2); ``iov_addr`` points at ``count`` (base, len) uint64 pairs."""
-    try:
-        return os.preadv(fd, _iovecs(iov_addr, count), offset)
-    except OSError as exc:
-        return _neg_errno(exc)
-
-
-def sys_pwritev(fd, iov_addr, count, offset):
-    try:
-        return os.pwritev(fd, _iovecs(iov_addr, count), offset)
-    except OSError as exc:
-        return _neg_errno(exc)
-
-
-@overload(sys_read)
-def _ol_read(fd, addr, length):
-    def impl(fd, addr, length):
-        r = _c_read(fd, addr, length)
-        if r < 0:
-            return -np.intp(_c_errno_loc()[0])
-        return r
-    return impl
-
-
-@overload(sys_write)
-def _ol_write(fd, addr, length):
-    def impl(fd, addr, length):
-        r = _c_write(fd, addr, length)
-        if r < 0:
-            return -np.intp(_c_errno_loc()[0])
-        return r
-    return impl
-
-
-@overload(sys_preadv)
-def _ol_preadv(fd, iov_addr, count, offset):
-    def impl(fd, iov_addr, count, offset):
-        r = _c_preadv(fd, iov_addr, count, offset)
-        if r < 0:
-            return -np.intp(_c_errno_loc()[0])
-        return r
-    return impl
-
-
-@overload(sys_pwritev)
-def _ol_pwritev(fd, iov_addr, count, offset):
-    def impl(fd, iov_addr, count, offset):
-        r = _c_pwritev(fd, iov_addr, count, offset)
-        if r < 0:
-            return -np.intp(_c_errno_loc()[0])
-        return r
-    return impl
-
-
 EINTR = 4
 EAGAIN = 11
+POLLIN = 0x001
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_ZERO_RANGE = 0x10
+GRND_NONBLOCK = 0x01
+
+_i32, _i64, _ip, _up = types.int32, types.int64, types.intp, types.uintp
+
+# name -> (C signature, Python argtypes for the fallback)
+_SIGNATURES = {
+    "read": (_ip(_i32, _up, _up), (ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t)),
+    "write": (_ip(_i32, _up, _up), (ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t)),
+    "readv": (_ip(_i32, _up, _i32), (ctypes.c_int, ctypes.c_void_p, ctypes.c_int)),
+    "writev": (_ip(_i32, _up, _i32), (ctypes.c_int, ctypes.c_void_p, ctypes.c_int)),
+    "preadv": (_ip(_i32, _up, _i32, _i64), (ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int64)),
+    "pwritev": (_ip(_i32, _up, _i32, _i64), (ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int64)),
+    "fdatasync": (_i32(_i32), (ctypes.c_int,)),
+    "fallocate": (_i32(_i32, _i32, _i64, _i64), (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)),
+    "getrandom": (_ip(_up, _up, types.uint32), (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint)),
+    # pollfds: ``count`` rows of struct pollfd {int fd; short events, revents}
+    "poll": (_i32(_up, types.uint64, _i32), (ctypes.c_void_p, ctypes.c_ulong, ctypes.c_int)),
+}
+_errno_location = types.ExternalFunction("__errno_location", types.CPointer(_i32)())
+_libc.__errno_location  # noqa: B018 - load the symbol for LLVM
+
+
+def _python_call(name, argtypes):
+    # The NUMBA_DISABLE_JIT baseline: the same libc function through ctypes.
+    cfunc = getattr(_libc, name)
+    cfunc.argtypes = argtypes
+    cfunc.restype = ctypes.c_ssize_t if name not in ("fdatasync", "fallocate", "poll") else ctypes.c_int
+
+    def call(*args):
+        r = cfunc(*(int(a) for a in args))
+        return -ctypes.get_errno() if r < 0 else r
+    call.__name__ = f"sys_{name}"
+    call.__doc__ = f"{name}(2) from a kernel: the result, or -errno."
+    return call
+
+
+def _bind_compiled(pyfunc, ext, nargs):
+    # Numba wants the typing and implementing signatures to match, so one
+    # pair per arity: call, then -errno on failure.
+    if nargs == 1:
+        def impl(a):
+            r = ext(a)
+            return -np.intp(_errno_location()[0]) if r < 0 else np.intp(r)
+        overload(pyfunc)(lambda a: impl)
+    elif nargs == 3:
+        def impl(a, b, c):
+            r = ext(a, b, c)
+            return -np.intp(_errno_location()[0]) if r < 0 else np.intp(r)
+        overload(pyfunc)(lambda a, b, c: impl)
+    else:
+        def impl(a, b, c, d):
+            r = ext(a, b, c, d)
+            return -np.intp(_errno_location()[0]) if r < 0 else np.intp(r)
+        overload(pyfunc)(lambda a, b, c, d: impl)
+
+
+for _name, (_sig, _argtypes) in _SIGNATURES.items():
+    _py = _python_call(_name, _argtypes)
+    _bind_compiled(_py, types.ExternalFunction(_name, _sig), len(_sig.args))
+    globals()[f"sys_{_name}"] = _py
+
+# Names for linters and readers; bound in the loop above.
+sys_read = globals()["sys_read"]
+sys_write = globals()["sys_write"]
+sys_readv = globals()["sys_readv"]
+sys_writev = globals()["sys_writev"]
+sys_preadv = globals()["sys_preadv"]
+sys_pwritev = globals()["sys_pwritev"]
+sys_fdatasync = globals()["sys_fdatasync"]
+sys_fallocate = globals()["sys_fallocate"]
+sys_getrandom = globals()["sys_getrandom"]
+sys_poll = globals()["sys_poll"]
+
+
+def host_iov(n: int) -> np.ndarray:
+    """An (n, 2) uint64 array of (host address, length) rows for readv and friends."""
+    return np.zeros((n, 2), dtype=np.uint64)
+
+
+def pollfds(n: int) -> np.ndarray:
+    """An (n, 2) int32 array laid out as struct pollfd: [fd, events | revents << 16]."""
+    return np.zeros((n, 2), dtype=np.int32)
+

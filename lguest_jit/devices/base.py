@@ -1,0 +1,151 @@
+"""What every device shares: one service thread per virtqueue.
+
+A device subclasses :class:`Device` and implements ``serve(index, ctx,
+stop_fd)``: the body of one queue's thread, normally a single call into a
+nogil kernel that loops — wait for a chain, do the I/O, complete it — and
+returns only when told to stop (``vring.STOPPED``) or when the driver broke a
+rule (a negative error code).  Python starts the threads at DRIVER_OK,
+reports errors through the transport's policy, and on reset or exit stops
+and joins them.
+
+Stopping: each queue's state array has ``Q_STOP``; setting it and writing the
+queue's notification eventfd wakes a thread sleeping in ``vring._wait_chain``.
+Threads that also sleep in ``poll`` (console input, network receive) include
+the device's ``stop_fd`` eventfd in their poll set.
+
+Errors: device-level rules (a block request without a status byte, ...) use
+codes from ``DEVICE_ERRORS``, numbered above the vring codes, so one negative
+return value names any rule.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import threading
+
+import numpy as np
+
+from .. import vring
+from ..pci import QueueContext, VirtioDevice
+
+# Device-level driver errors (vring codes stay below 100).
+E_NO_STATUS = 101
+E_SHORT_HEADER = 102
+E_RNG_READABLE = 103
+E_WRITABLE_OUTPUT = 104
+
+DEVICE_ERRORS = {
+    E_NO_STATUS: "block request without a writable status byte (§5.2.6)",
+    E_SHORT_HEADER: "request header shorter than the device's header structure (§5.2.6, §5.1.6)",
+    E_RNG_READABLE: "entropy request with device-readable buffers (§5.4.6)",
+    E_WRITABLE_OUTPUT: "device-writable buffer in a transmit queue (§5.3.6, §5.1.6)",
+}
+
+
+def error_message(code: int) -> str:
+    code = abs(int(code))
+    return DEVICE_ERRORS.get(code) or vring.error_message(code)
+
+
+def _default_fatal(message: str) -> None:
+    print(f"lguest-jit: {message}", file=sys.stderr, flush=True)
+
+
+class Device(VirtioDevice):
+    """Base of the four devices: thread lifecycle, counters, stopping."""
+
+    queue_names: tuple = ()
+    # Ring features every device offers (§2.4.5.3, §2.4.7).
+    RING_FEATURES = (1 << vring.VIRTIO_RING_F_INDIRECT_DESC) | (1 << vring.VIRTIO_RING_F_EVENT_IDX)
+
+    def __init__(self, on_fatal=None):
+        self.on_fatal = on_fatal or _default_fatal
+        self._threads: list[threading.Thread] = []
+        self._ctx: QueueContext | None = None
+        self._stopping = False
+        self.stop_fd = -1
+        self.thread_ids: dict[str, int] = {}
+        # Counters of queues that were stopped (a reset zeroes the live arrays).
+        self.totals = np.zeros((len(self.queue_max_sizes), vring.Q_FIELDS), dtype=np.int64)
+        self.failed: list[str] = []
+
+    # -- what subclasses implement
+    def serve(self, index: int, ctx: QueueContext, stop_fd: int) -> int:
+        raise NotImplementedError
+
+    def on_activate(self, ctx: QueueContext) -> None:
+        """Hook before the threads start (e.g. negotiated-feature set-up)."""
+
+    # -- lifecycle
+    def activate(self, ctx: QueueContext) -> None:
+        self._ctx = ctx
+        self._stopping = False
+        self.stop_fd = os.eventfd(0, os.EFD_CLOEXEC)
+        self.on_activate(ctx)
+        for i, q in enumerate(ctx.queues):
+            if q is None:
+                continue
+            q[vring.Q_STOP] = 0
+            name = f"{self.name}:{self.queue_names[i] if i < len(self.queue_names) else i}"
+            t = threading.Thread(target=self._thread, args=(i, ctx, name), name=name, daemon=True)
+            self._threads.append(t)
+            t.start()
+
+    def _thread(self, i: int, ctx: QueueContext, name: str) -> None:
+        self.thread_ids[name] = threading.get_native_id()
+        try:
+            code = self.serve(i, ctx, self.stop_fd)
+        except BaseException as exc:  # noqa: BLE001 - any death must reach the launcher
+            msg = f"{name}: service thread died: {exc!r}"
+            self.failed.append(msg)
+            self.on_fatal(msg)
+            return
+        if code != vring.STOPPED and code < 0:
+            ctx.driver_error(i, error_message(code))
+
+    def reset(self) -> None:
+        """Stop every queue thread and join it; keep the counters."""
+        ctx = self._ctx
+        if ctx is None:
+            return
+        self._stopping = True
+        for i, q in enumerate(ctx.queues):
+            if q is not None:
+                q[vring.Q_STOP] = 1
+                os.eventfd_write(ctx.notify_fds[i], 1)
+        if self.stop_fd >= 0:
+            os.eventfd_write(self.stop_fd, 1)
+        for t in self._threads:
+            t.join()
+        self._threads.clear()
+        for i, q in enumerate(ctx.queues):
+            if q is not None:
+                self.totals[i, vring.Q_N_CHAINS:] += q[vring.Q_N_CHAINS:]
+                q[:] = 0
+        if self.stop_fd >= 0:
+            os.close(self.stop_fd)
+            self.stop_fd = -1
+        self.on_reset()
+        self._ctx = None
+
+    def on_reset(self) -> None:
+        """Hook after the threads stopped."""
+
+    @property
+    def running(self) -> bool:
+        return any(t.is_alive() for t in self._threads)
+
+    def counters(self) -> dict:
+        """Per-queue counters: stopped totals plus the live queues."""
+        live = self.totals.copy()
+        if self._ctx is not None:
+            for i, q in enumerate(self._ctx.queues):
+                if q is not None:
+                    live[i, vring.Q_N_CHAINS:] += q[vring.Q_N_CHAINS:]
+        out = {}
+        for i, row in enumerate(live):
+            name = self.queue_names[i] if i < len(self.queue_names) else str(i)
+            c = vring.counters(row)
+            out[name] = {"requests": c["chains"], "bytes": c["bytes"], "notifications": c["notifications"],
+                         "interrupts": c["interrupts"], "errors": c["errors"]}
+        return out
