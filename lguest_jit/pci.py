@@ -1082,7 +1082,9 @@ class Bus:
         bridge.header(HOST_BRIDGE_VENDOR, HOST_BRIDGE_DEVICE, 0, 0x06, 0x00, 0, 0, 0, pin=0, line=0)
         self.present[0] = 1
         self.slots[0] = _HostBridge()
-        self.add_ports(CONFIG_ADDRESS, 8, self._conf1_port)
+        # Two ranges, so an access straddling them is split per byte.
+        self.add_ports(CONFIG_ADDRESS, 4, self._conf1_port)
+        self.add_ports(CONFIG_DATA, 4, self._conf1_port)
 
     # -- devices -----------------------------------------------------------
     def add_device(self, dev: VirtioDevice) -> Transport:
