@@ -507,3 +507,119 @@ def test_close_releases_every_fd(gm):
     vm.close()
     vm.close()          # idempotent
     assert set(os.listdir("/proc/self/fd")) <= before
+
+
+def test_tiny_assembler_matches_capstone():
+    capstone = pytest.importorskip("capstone")
+    md = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
+    a = Asm(0)
+    a.mov_imm32(RDX, 0xCF8).mov_imm64(RDI, 0xE0000000).out(1).out(2).out(4).inp(1).inp(2).inp(4)
+    a.store_rdi(8).load_rdi(2).store_at(4, 0x14).load_at(1, 0x40).rep_outsb().rep_insb().iretq()
+    a.label("x").jnz("x")
+    got = [f"{i.mnemonic} {i.op_str}".strip() for i in md.disasm(bytes(a), 0)]
+    assert got == ["mov edx, 0xcf8", "movabs rdi, 0xe0000000", "out dx, al", "out dx, ax", "out dx, eax",
+                   "in al, dx", "in ax, dx", "in eax, dx", "mov qword ptr [rdi], rax", "mov ax, word ptr [rdi]",
+                   "mov dword ptr [rdi + 0x14], eax", "mov al, byte ptr [rdi + 0x40]", "rep outsb dx, byte ptr [rsi]",
+                   "rep insb byte ptr [rdi], dx", "iretq", "jne 0x2f"]   # a jump to itself at byte 47
+
+
+# ---------------------------------------------------------------------------
+# The real PCI bus and a real device: probe, handshake, one request
+
+
+@needs_kvm
+def test_pci_probe_virtio_handshake_and_request_through_kvm(gm):
+    pci = pytest.importorskip("lguest_jit.pci")
+    rng_mod = pytest.importorskip("lguest_jit.devices.rng")
+    bus = pci.Bus(gm)
+    t = bus.add_device(rng_mod.Rng())
+    seen = []                                # every MMIO address that exited to us
+    real_mmio = bus.mmio
+    bus.mmio = lambda addr, size, w, v: (seen.append(addr), real_mmio(addr, size, w, v))[1]
+    stopper = FakeBus()                      # DONE_PORT: stop the run
+    bus.add_ports(DONE_PORT, 1, lambda port, size, w, v: stopper.pio(port, size, w, v))
+    vm = KvmVm(gm, bus)
+    stopper.vm = vm
+    assert vm.irq_mode == "resample"
+    R = 0x28000                              # results the guest stores
+    DESC, AVAIL, USED, BUF = 0x30000, 0x30400, 0x31000, 0x32000
+    line, vec = t.irq_line, 0x20 + t.irq_line
+    bar = t.bar0
+
+    def cfg_addr(a, off):
+        a.mov_imm32(RDX, 0xCF8).mov_imm32(RAX, pci.conf1_address(t.slot, off)).out(4)
+        return a.mov_imm32(RDX, 0xCFC)
+
+    def common_write(a, size, off, val):
+        return a.mov_imm64(RAX, val).mov_imm64(RDI, bar).store_at(size, off)
+
+    def common_read(a, size, off, result):
+        a.mov_imm64(RAX, 0).mov_imm64(RDI, bar).load_at(size, off)
+        return a.mov_imm64(RDI, R).store_at(8, result)
+
+    # Interrupt handler: read (and so clear) the ISR, count, EOI.
+    h = Asm(0x11000)
+    h.push_rax().push_rdx().push_rdi()
+    h.mov_imm64(RDI, bar).load_at(1, pci.ISR_OFF).mov_imm64(RDI, R).store_at(1, 0x80)
+    h.raw(b"\xfe\x87" + struct.pack("<i", 0x88))                             # inc byte [rdi+0x88]
+    h.mov_imm32(RDX, 0x20).mov_imm32(RAX, 0x20).out(1)
+    h.pop_rdi().pop_rdx().pop_rax().iretq()
+    gm.write(0x11000, bytes(h))
+
+    a = Asm()
+    for port, val in ((0x20, 0x11), (0x21, 0x20), (0x21, 0x04), (0x21, 0x01), (0x21, 0xFF & ~(1 << line))):
+        a.mov_imm32(RDX, port).mov_imm32(RAX, val).out(1)
+    a.mov_imm32(RDI, R)
+    cfg_addr(a, 0x00).inp(4).mov_imm32(RDI, R).store_at(4, 0x00)             # vendor/device id
+    cfg_addr(a, 0x10).inp(4).mov_imm32(RDI, R).store_at(4, 0x08)             # BAR0
+    cfg_addr(a, 0x3C).inp(1).mov_imm32(RDI, R).store_at(1, 0x10)             # interrupt line
+    cfg_addr(a, 0x04).mov_imm32(RAX, 0x6).out(2)                             # COMMAND: memory + bus master
+    common_write(a, 1, 0x14, 0)                                              # reset
+    common_write(a, 1, 0x14, 1)                                              # ACKNOWLEDGE
+    common_write(a, 1, 0x14, 3)                                              # DRIVER
+    common_write(a, 4, 0x00, 1)                                              # device_feature_select = 1
+    common_read(a, 4, 0x04, 0x18)                                            # device_feature[63:32]
+    common_write(a, 4, 0x08, 1).store_at(4, 0x0C)                            # driver_feature[63:32] = VERSION_1
+    common_write(a, 1, 0x14, 0xB)                                            # FEATURES_OK
+    common_read(a, 1, 0x14, 0x20)
+    common_write(a, 2, 0x16, 0)                                              # queue_select 0
+    common_read(a, 2, 0x18, 0x28)                                            # queue_size
+    common_write(a, 8, 0x20, DESC)
+    common_write(a, 8, 0x28, AVAIL)
+    common_write(a, 8, 0x30, USED)
+    common_write(a, 2, 0x1C, 1)                                              # queue_enable
+    common_write(a, 1, 0x14, 0xF)                                            # DRIVER_OK
+    # Post one 64-byte device-writable buffer: desc 0, avail.ring[0] = 0, avail.idx = 1.
+    a.mov_imm64(RDI, DESC).mov_imm64(RAX, BUF).store_at(8, 0).mov_imm64(RAX, 64 | (2 << 32)).store_at(8, 8)
+    a.mov_imm64(RDI, AVAIL).mov_imm64(RAX, 0).store_at(2, 4).mov_imm64(RAX, 1).store_at(2, 2)
+    a.mov_imm32(RDI, R).label("wait").sti().hlt().cli()                      # after one sti;hlt ...
+    a.raw(b"\x80\xbf" + struct.pack("<i", 0x88) + b"\x00").jz("kick")        # cmp byte [rdi+0x88], 0
+    a.jmp("out")
+    a.label("kick")
+    common_write(a, 2, pci.NOTIFY_OFF, 0)                                    # notify queue 0 (ioeventfd)
+    a.mov_imm32(RDI, R).jmp("wait")
+    a.label("out")
+    a.mov_imm64(RDI, USED).load_at(2, 2).mov_imm64(RDI, R).store_at(2, 0x30)  # used.idx
+    setup_long_mode(vm, bytes(done(a)), cpl=0, handlers={vec: 0x11000})
+    try:
+        res = vm.run(timeout=RUN_TIMEOUT)
+    finally:
+        vm.close()
+        bus.close()
+    assert res.reason == "stopped", res.report()
+    r = lambda off, n: int.from_bytes(gm.read(R + off, n), "little")   # noqa: E731
+    assert r(0, 4) == 0x1AF4 | (0x1040 + 4) << 16          # virtio vendor, modern rng device id
+    assert r(8, 4) == bar
+    assert r(0x10, 1) == line
+    assert r(0x18, 4) & 1                                  # VIRTIO_F_VERSION_1 offered
+    assert r(0x20, 1) == 0xB                               # FEATURES_OK accepted
+    assert r(0x28, 2) == rng_mod.QUEUE_SIZE
+    assert r(0x88, 1) >= 1 and r(0x80, 1) & 1              # interrupt taken, ISR said "used buffer"
+    assert r(0x30, 2) == 1                                 # the request completed
+    assert int.from_bytes(gm.read(USED + 4, 4), "little") == 0      # used.ring[0].id
+    assert int.from_bytes(gm.read(USED + 8, 4), "little") == 64     # used.ring[0].len
+    assert gm.read(BUF, 64) != bytes(64)
+    # The notify went through the ioeventfd, not through an MMIO exit: the
+    # exits are the handshake's and the ISR reads only.
+    assert bar + pci.NOTIFY_OFF not in seen
+    assert bar + pci.ISR_OFF in seen

@@ -100,6 +100,16 @@ class Asm:
         """mov al/ax/eax/rax, [rdi] (al/ax leave the upper bits alone)."""
         return self.raw({1: b"\x8a\x07", 2: b"\x66\x8b\x07", 4: b"\x8b\x07", 8: b"\x48\x8b\x07"}[size])
 
+    def store_at(self, size: int, disp: int) -> "Asm":
+        """mov [rdi+disp32], al/ax/eax/rax (ModRM 0x87: rdi base, disp32)."""
+        op = {1: b"\x88", 2: b"\x66\x89", 4: b"\x89", 8: b"\x48\x89"}[size]
+        return self.raw(op + b"\x87" + struct.pack("<i", disp))
+
+    def load_at(self, size: int, disp: int) -> "Asm":
+        """mov al/ax/eax/rax, [rdi+disp32]."""
+        op = {1: b"\x8a", 2: b"\x66\x8b", 4: b"\x8b", 8: b"\x48\x8b"}[size]
+        return self.raw(op + b"\x87" + struct.pack("<i", disp))
+
     def store_rsi_rax(self) -> "Asm":
         """mov [rsi], rax."""
         return self.raw(b"\x48\x89\x06")
