@@ -592,13 +592,9 @@ def test_pci_probe_virtio_handshake_and_request_through_kvm(gm):
     # Post one 64-byte device-writable buffer: desc 0, avail.ring[0] = 0, avail.idx = 1.
     a.mov_imm64(RDI, DESC).mov_imm64(RAX, BUF).store_at(8, 0).mov_imm64(RAX, 64 | (2 << 32)).store_at(8, 8)
     a.mov_imm64(RDI, AVAIL).mov_imm64(RAX, 0).store_at(2, 4).mov_imm64(RAX, 1).store_at(2, 2)
-    a.mov_imm32(RDI, R).label("wait").sti().hlt().cli()                      # after one sti;hlt ...
-    a.raw(b"\x80\xbf" + struct.pack("<i", 0x88) + b"\x00").jz("kick")        # cmp byte [rdi+0x88], 0
-    a.jmp("out")
-    a.label("kick")
     common_write(a, 2, pci.NOTIFY_OFF, 0)                                    # notify queue 0 (ioeventfd)
-    a.mov_imm32(RDI, R).jmp("wait")
-    a.label("out")
+    a.mov_imm32(RDI, R).label("wait").sti().hlt().cli()                      # wait for the interrupt
+    a.raw(b"\x80\xbf" + struct.pack("<i", 0x88) + b"\x00").jz("wait")        # cmp byte [rdi+0x88], 0
     a.mov_imm64(RDI, USED).load_at(2, 2).mov_imm64(RDI, R).store_at(2, 0x30)  # used.idx
     setup_long_mode(vm, bytes(done(a)), cpl=0, handlers={vec: 0x11000})
     try:
