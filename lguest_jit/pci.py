@@ -177,6 +177,7 @@ CLASS_FOR_TYPE = {1: (0x02, 0x00), 2: (0x01, 0x80), 3: (0x07, 0x80), 4: (0xFF, 0
 # BAR0 layout
 
 BAR0_SIZE = 0x1000
+BAR0_SHIFT = 12
 COMMON_OFF = 0x000
 COMMON_LEN = 0x38
 ISR_OFF = 0x040
@@ -224,8 +225,12 @@ S_SINGLE_NOTIFY = 11
 S_CFG_LEN = 12
 S_N_ACCESSES = 13
 S_FIELDS = 14
+# Bytes the BAR0 kernel reads: the ISR (a view of it is what devices OR
+# into), then a copy of the device config.
+B_ISR = 0
+B_CFG = 8
 
-# Per-queue registers (int64 array, one row per queue)
+# Per-queue registers (rows 1.. of the same int64 array)
 QC_SIZE = 0
 QC_MAX = 1
 QC_ENABLE = 2
@@ -394,6 +399,13 @@ H_CFG_DATA = 3    # pci_cfg_data: reads and writes go through to BAR0
 
 REGION_UNUSED = 0xFF
 
+# Planes of the per-bus config array space[slot, plane, offset]
+P_CFG = 0         # current values
+P_WMASK = 1       # writable bits
+P_HOOK = 2        # H_* handler id
+P_REGION = 3      # 0 header, n capability n, REGION_UNUSED; an empty slot is all unused
+P_PLANES = 4
+
 
 @njit(nogil=True, cache=True)
 def _size_mask(size):
@@ -403,12 +415,13 @@ def _size_mask(size):
 
 
 @njit(nogil=True, cache=True)
-def _conf1(conf, cfg, wmask, hook, region, present, port, size, is_write, value, hooks_done):
+def _conf1(conf, space, port, size, is_write, value, hooks_done):
     """One access to the conf1 ports; the caller guarantees the access lies
-    inside 0xCF8-0xCFB or 0xCFC-0xCFF.  Returns (result, hooks): ``hooks``
-    is a bit set of H_* handlers for the bytes written.  A read touching
-    pci_cfg_data returns hooks=1<<H_CFG_DATA and does nothing unless
-    ``hooks_done`` (the caller performs the window read and calls again)."""
+    inside 0xCF8-0xCFB or 0xCFC-0xCFF.  ``space[slot, P_*, offset]`` holds
+    the four per-byte tables.  Returns (result, hooks): ``hooks`` is a bit
+    set of H_* handlers for the bytes written.  A read touching pci_cfg_data
+    returns hooks=1<<H_CFG_DATA and does nothing unless ``hooks_done`` (the
+    caller performs the window read and calls again)."""
     smask = _size_mask(size)
     if port < CONFIG_DATA:
         shift = 8 * (port - CONFIG_ADDRESS)
@@ -423,12 +436,12 @@ def _conf1(conf, cfg, wmask, hook, region, present, port, size, is_write, value,
     if (a & 0x80000000) == 0 or ((a >> 16) & 0xFF) != 0 or ((a >> 8) & 7) != 0:
         return ones, 0
     slot = (a >> 11) & 31
-    if present[slot] == 0:
+    if space[slot, P_REGION, 0] != 0:      # no header: empty slot
         return ones, 0
     base = (a & 0xFC) + (port - CONFIG_DATA)
     if not is_write and not hooks_done:
         for i in range(size):
-            if hook[slot, base + i] == H_CFG_DATA:
+            if space[slot, P_HOOK, base + i] == H_CFG_DATA:
                 return 0, 1 << H_CFG_DATA
     result = 0
     hooks = 0
@@ -438,8 +451,8 @@ def _conf1(conf, cfg, wmask, hook, region, present, port, size, is_write, value,
         # Chunk: no further than the dword end or the end of this region,
         # then the largest naturally aligned size that fits (vfio).
         n = 1
-        r = region[slot, pos]
-        while n < size - done and (pos + n) % 4 != 0 and region[slot, pos + n] == r:
+        r = space[slot, P_REGION, pos]
+        while n < size - done and (pos + n) % 4 != 0 and space[slot, P_REGION, pos + n] == r:
             n += 1
         if n >= 4 and pos % 4 == 0:
             n = 4
@@ -450,15 +463,15 @@ def _conf1(conf, cfg, wmask, hook, region, present, port, size, is_write, value,
         for i in range(n):
             b = pos + i
             if is_write:
-                w = int(wmask[slot, b])
+                w = int(space[slot, P_WMASK, b])
                 if w != 0:
                     v = (value >> (8 * (done + i))) & 0xFF
-                    cfg[slot, b] = (int(cfg[slot, b]) & ~w & 0xFF) | (v & w)
-                    h = int(hook[slot, b])
+                    space[slot, P_CFG, b] = (int(space[slot, P_CFG, b]) & ~w & 0xFF) | (v & w)
+                    h = int(space[slot, P_HOOK, b])
                     if h != 0:
                         hooks |= 1 << h
             else:
-                result |= int(cfg[slot, b]) << (8 * (done + i))
+                result |= int(space[slot, P_CFG, b]) << (8 * (done + i))
         done += n
     return result, hooks
 
@@ -476,65 +489,65 @@ def _get_le(arr, off, size):
 
 
 @njit(nogil=True, cache=True)
-def _queue_setup_check(st, qs, q):
+def _queue_setup_check(regs, q):
     """Rules shared by every queue-configuration write; 0 when allowed."""
-    status = st[S_STATUS]
+    status = regs[0, S_STATUS]
     if (status & FEATURES_OK) == 0:
         return E_SETUP_BEFORE_FEATURES_OK
-    if qs[q, QC_ENABLE] != 0:
+    if regs[1 + q, QC_ENABLE] != 0:
         return E_QUEUE_LIVE
-    if st[S_FOK_UNREAD] != 0:
+    if regs[0, S_FOK_UNREAD] != 0:
         return E_FEATURES_OK_NOT_REREAD   # reported, but the write proceeds
     return 0
 
 
 @njit(nogil=True, cache=True)
-def _common(st, qs, off, size, is_write, value):
+def _common(regs, off, size, is_write, value):
     fid = FIELD_AT[off]
     if FIELD_START[fid] != off or FIELD_WIDTH[fid] != size:
         return 0, A_NONE, 0, E_WIDTH
-    status = st[S_STATUS]
-    q = st[S_QSELECT]
-    have_q = q < st[S_NUM_QUEUES]
+    status = regs[0, S_STATUS]
+    q = regs[0, S_QSELECT]
+    have_q = q < regs[0, S_NUM_QUEUES]
     if not is_write:
         if fid == F_DFSELECT:
-            return st[S_DFSELECT], A_NONE, 0, 0
+            return regs[0, S_DFSELECT], A_NONE, 0, 0
         if fid == F_DFEATURE:
-            sel = st[S_DFSELECT]
-            v = st[S_OFFER_LO] if sel == 0 else (st[S_OFFER_HI] if sel == 1 else 0)
+            sel = regs[0, S_DFSELECT]
+            v = regs[0, S_OFFER_LO] if sel == 0 else (regs[0, S_OFFER_HI] if sel == 1 else 0)
             return v, A_NONE, 0, (E_FEATURE_READ_BEFORE_DRIVER if (status & DRIVER) == 0 else 0)
         if fid == F_GFSELECT:
-            return st[S_GFSELECT], A_NONE, 0, 0
+            return regs[0, S_GFSELECT], A_NONE, 0, 0
         if fid == F_GFEATURE:
-            sel = st[S_GFSELECT]
-            v = st[S_DRIVER_LO] if sel == 0 else (st[S_DRIVER_HI] if sel == 1 else 0)
+            sel = regs[0, S_GFSELECT]
+            v = regs[0, S_DRIVER_LO] if sel == 0 else (regs[0, S_DRIVER_HI] if sel == 1 else 0)
             return v, A_NONE, 0, (E_FEATURE_READ_BEFORE_DRIVER if (status & DRIVER) == 0 else 0)
         if fid == F_MSIX or fid == F_QMSIX:
             return VIRTIO_MSI_NO_VECTOR, A_NONE, 0, 0
         if fid == F_NUMQ:
-            return st[S_NUM_QUEUES], A_NONE, 0, 0
+            return regs[0, S_NUM_QUEUES], A_NONE, 0, 0
         if fid == F_STATUS:
-            st[S_FOK_UNREAD] = 0   # the driver has now seen FEATURES_OK (or its absence)
+            regs[0, S_FOK_UNREAD] = 0   # the driver has now seen FEATURES_OK (or its absence)
             return status, A_NONE, 0, 0
         if fid == F_GEN:
-            return st[S_GENERATION] & 0xFF, A_NONE, 0, 0
+            return regs[0, S_GENERATION] & 0xFF, A_NONE, 0, 0
         if fid == F_QSELECT:
             return q, A_NONE, 0, 0
         if not have_q:
             return 0, A_NONE, 0, 0   # §4.1.4.3.1: queue_size reads 0 for no queue
         if fid == F_QSIZE:
-            return qs[q, QC_SIZE], A_NONE, 0, 0
+            return regs[1 + q, QC_SIZE], A_NONE, 0, 0
         if fid == F_QENABLE:
-            return qs[q, QC_ENABLE], A_NONE, 0, 0
+            return regs[1 + q, QC_ENABLE], A_NONE, 0, 0
         if fid == F_QNOTIFY_OFF:
-            return qs[q, QC_NOTIFY_OFF], A_NONE, 0, 0
+            return regs[1 + q, QC_NOTIFY_OFF], A_NONE, 0, 0
         # 64-bit queue addresses: fields F_QDESC_LO .. F_QDEVICE_HI map onto
         # QC_DESC_LO .. QC_DEVICE_HI in order.
-        return qs[q, QC_DESC_LO + fid - F_QDESC_LO], A_NONE, 0, 0
+        return regs[1 + q, QC_DESC_LO + fid - F_QDESC_LO], A_NONE, 0, 0
 
     value &= _size_mask(size)
     if fid == F_DFSELECT:
-        st[S_DFSELECT] = value
+        regs[0, S_DFSELECT] = value
         return 0, A_NONE, 0, 0
     if fid == F_GFSELECT or fid == F_GFEATURE:
         if (status & DRIVER) == 0:
@@ -542,15 +555,15 @@ def _common(st, qs, off, size, is_write, value):
         if (status & FEATURES_OK) != 0:
             return 0, A_NONE, 0, E_FEATURE_AFTER_FEATURES_OK
         if fid == F_GFSELECT:
-            st[S_GFSELECT] = value
+            regs[0, S_GFSELECT] = value
             return 0, A_NONE, 0, 0
-        sel = st[S_GFSELECT]
-        offered = st[S_OFFER_LO] if sel == 0 else (st[S_OFFER_HI] if sel == 1 else 0)
+        sel = regs[0, S_GFSELECT]
+        offered = regs[0, S_OFFER_LO] if sel == 0 else (regs[0, S_OFFER_HI] if sel == 1 else 0)
         err = E_FEATURE_NOT_OFFERED if (value & ~offered) != 0 else 0
         if sel == 0:
-            st[S_DRIVER_LO] = value & offered
+            regs[0, S_DRIVER_LO] = value & offered
         elif sel == 1:
-            st[S_DRIVER_HI] = value & offered
+            regs[0, S_DRIVER_HI] = value & offered
         return 0, A_NONE, 0, err
     if fid == F_DFEATURE or fid == F_NUMQ or fid == F_GEN or fid == F_QNOTIFY_OFF:
         return 0, A_NONE, 0, E_READ_ONLY
@@ -559,9 +572,9 @@ def _common(st, qs, off, size, is_write, value):
         # MSI-X can accept.
         return 0, A_NONE, 0, (0 if value == VIRTIO_MSI_NO_VECTOR else E_MSIX)
     if fid == F_STATUS:
-        return _status_write(st, value)
+        return _status_write(regs, value)
     if fid == F_QSELECT:
-        st[S_QSELECT] = value
+        regs[0, S_QSELECT] = value
         return 0, A_NONE, 0, 0
     if not have_q:
         return 0, A_NONE, 0, 0   # no such queue: nothing to configure
@@ -570,30 +583,30 @@ def _common(st, qs, off, size, is_write, value):
             return 0, A_NONE, 0, E_ENABLE_ZERO
         if (status & DRIVER_OK) != 0:
             return 0, A_NONE, 0, E_ENABLE_AFTER_DRIVER_OK
-        err = _queue_setup_check(st, qs, q)
+        err = _queue_setup_check(regs, q)
         if err != 0 and err != E_FEATURES_OK_NOT_REREAD:
             return 0, A_NONE, 0, err
         return 0, A_QUEUE_ENABLE, q, err
-    err = _queue_setup_check(st, qs, q)
+    err = _queue_setup_check(regs, q)
     if err != 0 and err != E_FEATURES_OK_NOT_REREAD:
         return 0, A_NONE, 0, err
     if fid == F_QSIZE:
-        if value == 0 or (value & (value - 1)) != 0 or value > qs[q, QC_MAX]:
+        if value == 0 or (value & (value - 1)) != 0 or value > regs[1 + q, QC_MAX]:
             return 0, A_NONE, 0, E_QUEUE_SIZE
-        qs[q, QC_SIZE] = value
+        regs[1 + q, QC_SIZE] = value
         return 0, A_NONE, 0, err
-    qs[q, QC_DESC_LO + fid - F_QDESC_LO] = value
+    regs[1 + q, QC_DESC_LO + fid - F_QDESC_LO] = value
     return 0, A_NONE, 0, err
 
 
 @njit(nogil=True, cache=True)
-def _status_write(st, value):
+def _status_write(regs, value):
     """device_status write (§2.1, §3.1.1).  DEVICE_NEEDS_RESET belongs to the
     device (a driver writes back what it read), FAILED may be set any time."""
     new = value & 0xFF
     if new == 0:
         return 0, A_RESET, 0, 0
-    old = st[S_STATUS]
+    old = regs[0, S_STATUS]
     old_drv = old & ~DEVICE_NEEDS_RESET & 0xFF
     new_drv = new & ~DEVICE_NEEDS_RESET & 0xFF
     if (old_drv & ~new_drv) != 0:
@@ -610,29 +623,31 @@ def _status_write(st, value):
     if (added & FEATURES_OK) != 0:
         # A modern device refuses FEATURES_OK without VERSION_1 (§6.1):
         # the driver sees the bit missing when it re-reads.
-        if (st[S_DRIVER_HI] & 1) == 0:
+        if (regs[0, S_DRIVER_HI] & 1) == 0:
             added &= ~FEATURES_OK
-        st[S_FOK_UNREAD] = 1
-    st[S_STATUS] = (old | added) & 0xFF
+        regs[0, S_FOK_UNREAD] = 1
+    regs[0, S_STATUS] = (old | added) & 0xFF
     if (added & DRIVER_OK) != 0:
-        if st[S_FOK_UNREAD] != 0:
+        if regs[0, S_FOK_UNREAD] != 0:
             err = E_FEATURES_OK_NOT_REREAD
         return 0, A_DRIVER_OK, 0, err
     return 0, A_STATUS, 0, err
 
 
 @njit(nogil=True, cache=True)
-def _bar_access(st, qs, isr, devcfg, off, size, is_write, value):
+def _bar_access(regs, bytes_, off, size, is_write, value):
     """One access to BAR0 at ``off`` (0 <= off < BAR0_SIZE), size 1/2/4.
-    Returns (result, action, arg, error)."""
-    st[S_N_ACCESSES] += 1
+    ``regs``: row 0 the device state (S_*), row 1+q queue q (QC_*);
+    ``bytes_``: ISR then the device config.  Returns (result, action, arg,
+    error)."""
+    regs[0, S_N_ACCESSES] += 1
     if off < COMMON_OFF + COMMON_LEN:
         if off + size > COMMON_OFF + COMMON_LEN:
             return 0, A_NONE, 0, E_BAR_RANGE
-        return _common(st, qs, off - COMMON_OFF, size, is_write, value)
+        return _common(regs, off - COMMON_OFF, size, is_write, value)
     if off >= NOTIFY_OFF:
-        nq = st[S_NUM_QUEUES]
-        if st[S_SINGLE_NOTIFY] != 0:
+        nq = regs[0, S_NUM_QUEUES]
+        if regs[0, S_SINGLE_NOTIFY] != 0:
             if off >= NOTIFY_OFF + 2:
                 return 0, A_NONE, 0, E_BAR_RANGE
             q = value & 0xFFFF
@@ -645,26 +660,26 @@ def _bar_access(st, qs, isr, devcfg, off, size, is_write, value):
             return 0, A_NONE, 0, E_WIDTH
         if not is_write:
             return 0, A_NONE, 0, 0
-        if (st[S_STATUS] & DRIVER_OK) == 0:
+        if (regs[0, S_STATUS] & DRIVER_OK) == 0:
             return 0, A_NONE, 0, E_NOTIFY_EARLY
         if q >= nq:
             return 0, A_NONE, 0, E_NOTIFY_QUEUE
         return 0, A_NOTIFY, q, 0
     if off >= DEVCFG_OFF:
         rel = off - DEVCFG_OFF
-        if rel + size > st[S_CFG_LEN]:
+        if rel + size > regs[0, S_CFG_LEN]:
             return 0, A_NONE, 0, E_BAR_RANGE
         if is_write:
             return 0, A_CONFIG_WRITE, rel, 0
-        return _get_le(devcfg, rel, size), A_NONE, 0, 0
+        return _get_le(bytes_, B_CFG + rel, size), A_NONE, 0, 0
     if off == ISR_OFF:
         if is_write:
             return 0, A_NONE, 0, E_ISR_WRITE
         if size != 1:
             return 0, A_NONE, 0, E_WIDTH
         # §4.1.4.5.1: reading ISR clears it.
-        v = int(isr[0])
-        isr[0] = 0
+        v = int(bytes_[B_ISR])
+        bytes_[B_ISR] = 0
         return v, A_NONE, 0, 0
     return 0, A_NONE, 0, E_BAR_RANGE
 
@@ -775,9 +790,14 @@ class Transport:
         self.single_notify = bus.notify_mode == "single"
         self.config = config
         self.offered = int(dev.features) | (1 << vring.VIRTIO_F_VERSION_1)
-        self.st = np.zeros(S_FIELDS, dtype=np.int64)
-        self.qs = np.zeros((nq, QC_FIELDS), dtype=np.int64)
-        self.isr = np.zeros(1, dtype=np.uint8)
+        # Two arrays per device keep the kernel call cheap (each array
+        # argument costs more than the work of a register access).
+        self.regs = np.zeros((1 + nq, max(S_FIELDS, QC_FIELDS)), dtype=np.int64)
+        self.st = self.regs[0]
+        self.qs = self.regs[1:]
+        self.bytes = np.zeros(B_CFG + len(config), dtype=np.uint8)
+        self.isr = self.bytes[B_ISR:B_ISR + 1]
+        self.bytes[B_CFG:] = config
         self.queues = [vring.new_queue() for _ in range(nq)]
         self.notify_fds = [os.eventfd(0, os.EFD_CLOEXEC) for _ in range(nq)]
         self.irq_fd = os.eventfd(0, os.EFD_CLOEXEC)
@@ -816,7 +836,6 @@ class Transport:
             off = cb.vendor_cap(off, VIRTIO_PCI_CAP_DEVICE_CFG, DEVCFG_OFF, len(self.config))
         self.cfg_window = off
         cb.vendor_cap(off, VIRTIO_PCI_CAP_PCI_CFG, 0, 0, extra=bytes(4), window=True)
-        b.present[s] = 1
 
     def config_space(self) -> np.ndarray:
         """This slot's 256 config bytes (a view; for tests and dumps)."""
@@ -852,8 +871,15 @@ class Transport:
         self.isr[0] |= bit
         os.eventfd_write(self.irq_fd, 1)
 
+    def _refresh_config(self):
+        cfg = np.asarray(self.device.config, dtype=np.uint8)
+        if len(cfg) != len(self.config):
+            raise ValueError(f"{self.name}: device config changed size ({len(self.config)} -> {len(cfg)} bytes)")
+        self.bytes[B_CFG:] = cfg
+
     def config_changed(self) -> None:
         """The device changed its config: new generation, config interrupt."""
+        self._refresh_config()
         with self._lock:
             self.st[S_GENERATION] = (self.st[S_GENERATION] + 1) & 0xFF
         self.raise_irq(2)
@@ -896,8 +922,7 @@ class Transport:
         """Access BAR0 at offset ``off`` (the bus has checked it lies in BAR0)."""
         if size == 8:
             return self._bar_access64(off, is_write, value)
-        r, action, arg, err = _bar_access(self.st, self.qs, self.isr, self.config, off, size, is_write,
-                                          value & 0xFFFFFFFF)
+        r, action, arg, err = _bar_access(self.regs, self.bytes, off, size, is_write, value & 0xFFFFFFFF)
         if action == A_NONE and err == 0:
             return r
         return self._slow(off, size, is_write, value, r, action, arg, err)
@@ -928,6 +953,7 @@ class Transport:
         elif action == A_CONFIG_WRITE:
             if not self.device.config_write(arg, size, value & ((1 << 8 * size) - 1)):
                 self.driver_error(E_CONFIG_WRITE, f"offset {arg:#x} size {size}")
+            self._refresh_config()
         elif action == A_STATUS and log is not None:
             log(f"{self.name}: device status -> {self.status:#x}")
         return 0 if is_write else r
@@ -1068,11 +1094,13 @@ class Bus:
         self.log = log
         self.irqs = irqs if irqs is not None else IrqAllocator()
         self.conf = np.zeros(C_FIELDS, dtype=np.int64)
-        self.cfg = np.zeros((MAX_SLOTS, CFG_SIZE), dtype=np.uint8)
-        self.wmask = np.zeros((MAX_SLOTS, CFG_SIZE), dtype=np.uint8)
-        self.hook = np.zeros((MAX_SLOTS, CFG_SIZE), dtype=np.uint8)
-        self.region = np.zeros((MAX_SLOTS, CFG_SIZE), dtype=np.uint8)
-        self.present = np.zeros(MAX_SLOTS, dtype=np.uint8)
+        self.space = np.zeros((MAX_SLOTS, P_PLANES, CFG_SIZE), dtype=np.uint8)
+        self.space[:, P_REGION, :] = REGION_UNUSED
+        # Views of the planes, for Python-side code and tests.
+        self.cfg = self.space[:, P_CFG, :]
+        self.wmask = self.space[:, P_WMASK, :]
+        self.hook = self.space[:, P_HOOK, :]
+        self.region = self.space[:, P_REGION, :]
         self.slots: list = [None] * MAX_SLOTS
         self.devices: list[Transport] = []
         self._ports: dict = {}          # port -> (handler, last port of its range)
@@ -1080,7 +1108,6 @@ class Bus:
         self._lock = threading.Lock()   # vCPU threads take turns on the bus
         bridge = _ConfigBuilder(self.cfg[0], self.wmask[0], self.hook[0], self.region[0])
         bridge.header(HOST_BRIDGE_VENDOR, HOST_BRIDGE_DEVICE, 0, 0x06, 0x00, 0, 0, 0, pin=0, line=0)
-        self.present[0] = 1
         self.slots[0] = _HostBridge()
         # Two ranges, so an access straddling them is split per byte.
         self.add_ports(CONFIG_ADDRESS, 4, self._conf1_port)
@@ -1097,7 +1124,7 @@ class Bus:
         t = Transport(self, dev, slot, bar0, self.irqs.allocate())
         self.slots[slot] = t
         self.devices.append(t)
-        self._pages[bar0 // BAR0_SIZE] = t
+        self._pages[bar0 >> BAR0_SHIFT] = t
         if self.log is not None:
             self.log(f"device {len(self.devices)}: {dev.name} at 00:{slot:02x}.0, BAR0 {bar0:#x}, irq {t.irq_line}")
         return t
@@ -1135,15 +1162,13 @@ class Bus:
 
     def _conf1_port(self, port, size, is_write, value):
         with self._lock:
-            r, hooks = _conf1(self.conf, self.cfg, self.wmask, self.hook, self.region, self.present,
-                              port, size, is_write, value & 0xFFFFFFFF, False)
+            r, hooks = _conf1(self.conf, self.space, port, size, is_write, value & 0xFFFFFFFF, False)
             if hooks == 0:
                 return r
             target = self.slots[(int(self.conf[C_ADDR]) >> 11) & 31]
             if not is_write:
                 target.window_read()
-                r, _ = _conf1(self.conf, self.cfg, self.wmask, self.hook, self.region, self.present,
-                              port, size, False, 0, True)
+                r, _ = _conf1(self.conf, self.space, port, size, False, 0, True)
                 return r
             if hooks & (1 << H_BAR0):
                 self._bar0_written(target)
@@ -1157,29 +1182,35 @@ class Bus:
         new = _le(self.cfg[t.slot], PCI_BASE_ADDRESS_0, 4) & ~(BAR0_SIZE - 1) & 0xFFFFFFFF
         if new == t.bar0:
             return
-        if self._pages.get(t.bar0 // BAR0_SIZE) is t:
-            del self._pages[t.bar0 // BAR0_SIZE]
+        if self._pages.get(t.bar0 >> BAR0_SHIFT) is t:
+            del self._pages[t.bar0 >> BAR0_SHIFT]
         t.bar0 = new
         # All-ones is the sizing probe, not an address; 0 is "unassigned".
         if new and new != (~(BAR0_SIZE - 1) & 0xFFFFFFFF):
-            self._pages[new // BAR0_SIZE] = t
+            self._pages[new >> BAR0_SHIFT] = t
             if self.log is not None:
                 self.log(f"{t.name}: BAR0 moved to {new:#x}")
 
     # -- MMIO --------------------------------------------------------------
     def mmio(self, addr: int, size: int, is_write: bool, value: int) -> int:
-        t = self._pages.get(addr // BAR0_SIZE)
-        if t is None or size not in (1, 2, 4, 8):
+        t = self._pages.get(addr >> BAR0_SHIFT)
+        if t is None or size not in (1, 2, 4):
             if size not in (1, 2, 4, 8):
                 raise ValueError(f"MMIO access size must be 1, 2, 4 or 8, not {size}")
-            return 0 if is_write else (1 << 8 * size) - 1
+            if t is None:
+                return 0 if is_write else (1 << 8 * size) - 1
         off = addr - t.bar0
-        if off + size > BAR0_SIZE:
-            with self._lock:
-                t.driver_error(E_BAR_RANGE, f"{size}-byte access at BAR0+{off:#x}")
-            return 0
         with self._lock:
-            return t.bar_access(off, size, is_write, value)
+            if off + size > BAR0_SIZE:
+                t.driver_error(E_BAR_RANGE, f"{size}-byte access at BAR0+{off:#x}")
+                return 0
+            if size == 8:
+                return t.bar_access(off, size, is_write, value)
+            # The common path, inline: one kernel call.
+            r, action, arg, err = _bar_access(t.regs, t.bytes, off, size, is_write, value & 0xFFFFFFFF)
+            if action == A_NONE and err == 0:
+                return r
+            return t._slow(off, size, is_write, value, r, action, arg, err)
 
     # -- eventfds ----------------------------------------------------------
     def ioeventfds(self) -> list:
