@@ -72,13 +72,18 @@ interrupt), log the rule once per device, keep running.
 
 Implementation
 ==============
-Config space is virtualized the vfio way: per slot, ``cfg`` (values),
-``wmask`` (writable bits per byte), ``hook`` (which bytes have behaviour)
-and ``region`` (header / capability number, so accesses are split into
-aligned chunks that never straddle a capability).  One kernel, ``_conf1``,
-handles both conf1 ports.  BAR sizing needs no handler: BAR0's writable bits
-are its size mask, so writing all-ones reads back the mask; unimplemented
-BARs and the ROM BAR have no writable bits and stay 0.
+Config space is virtualized the vfio way: ``bus.space[slot, plane, offset]``
+holds per byte the value (``P_CFG``), the writable bits (``P_WMASK``), which
+handler has behaviour there (``P_HOOK``: BAR0, COMMAND, pci_cfg_data) and
+the region (``P_REGION``: header or capability number, so accesses are split
+into aligned chunks that never straddle a capability; an empty slot is all
+"unused").  The tables are built per region when a device is added.  One
+kernel, ``_conf1``, handles both conf1 ports; Python runs only the hooks.
+BAR sizing needs no handler: BAR0's writable bits are its size mask, so
+writing all-ones reads back the mask; unimplemented BARs and the ROM BAR
+have no writable bits and stay 0.  BAR0 decodes wherever the guest puts it,
+whatever COMMAND.MEMORY says (lguest's behaviour; Linux never relies on
+decode being off).
 
 BAR0 (``BAR0_SIZE`` bytes)::
 
@@ -89,9 +94,23 @@ BAR0 (``BAR0_SIZE`` bytes)::
                                                     §4.1.4.4
 
 ``_bar_access`` does all of BAR0 from tables (field at each common-config
-offset, its width, read-only flag) and per-queue state arrays; it returns an
-action code for the few slow paths Python handles (reset, DRIVER_OK,
-queue_enable -> vring.setup_queue, notify -> eventfd, device config writes).
+offset, its width) and two arrays per device: ``regs`` (row 0 device state,
+row 1+q queue q's registers: queue_select just picks the row, which is the
+per-queue save/restore) and ``bytes`` (ISR, then a copy of the device
+config, refreshed by ``config_changed()``).  It returns an action code for
+the few slow paths Python handles (reset, status log, DRIVER_OK,
+queue_enable -> ``vring.setup_queue``, notify -> eventfd write, device
+config writes) and an error code for the policy.
+
+Threads: ``pio``/``mmio`` take a bus lock, so several vCPU threads may call
+them.  Device threads only touch the ISR byte, ``config_changed()`` and
+``ctx.driver_error`` (which never take the bus lock, so a reset that joins
+device threads under the lock cannot deadlock).  The ISR byte is updated
+without an atomic read-and-clear: a device's OR racing a driver's ISR read
+can lose one ISR bit (the eventfd still raises the interrupt).
+
+Guest-side helpers ``conf1_address``/``conf1_read``/``conf1_write`` do what
+Linux's pci_conf1_read/write do (tests, benchmarks).
 """
 from __future__ import annotations
 
