@@ -73,12 +73,13 @@ def _print_table(reports) -> None:
             continue
         cols = [k for k in rep if isinstance(rep[k], dict)]
         metrics = list(dict.fromkeys(m for c in cols for m in rep[c]))
-        print("  " + "metric".ljust(36) + "".join(c.rjust(16) for c in cols))
+        width = max(16, *(len(c) + 2 for c in cols))
+        print("  " + "metric".ljust(36) + "".join(c.rjust(width) for c in cols))
         for m in metrics:
             cells = []
             for c in cols:
                 v = rep[c].get(m)
-                cells.append(("-" if v is None else f"{v:,.1f}" if isinstance(v, float) else str(v)).rjust(16))
+                cells.append(("-" if v is None else f"{v:,.2f}" if isinstance(v, float) else str(v)).rjust(width))
             print("  " + m.ljust(36) + "".join(cells))
 
 

@@ -41,6 +41,7 @@ def _align(x: int, a: int) -> int:
 class MockDriver:
     def __init__(self, gm: GuestMemory, size: int = 256, base: int = 0x10000,
                  features: int = 0, slot_bytes: int = 4096):
+        size, base, slot_bytes = int(size), int(base), int(slot_bytes)
         if size & (size - 1) or not 0 < size <= vring.MAX_QUEUE_SIZE:
             raise ValueError("queue size must be a power of two")
         self.gm, self.mem, self.size = gm, gm.mem, size
@@ -250,7 +251,7 @@ class VirtioPciDriver:
     # -- config space through conf1, as Linux's pci_conf1_read does
     def cfg_read(self, off: int, size: int) -> int:
         self.bus.pio(0xCF8, 4, True, 0x80000000 | self.slot << 11 | (off & 0xFC))
-        return self.bus.pio(0xCFC + (off & 3), size, False, 0)
+        return int(self.bus.pio(0xCFC + (off & 3), size, False, 0))
 
     def cfg_write(self, off: int, size: int, value: int) -> None:
         self.bus.pio(0xCF8, 4, True, 0x80000000 | self.slot << 11 | (off & 0xFC))
@@ -261,13 +262,13 @@ class VirtioPciDriver:
         return self.bar0 + self.caps[kind][1] + off
 
     def common_read(self, off, size):
-        return self.bus.mmio(self._addr(self.pci.VIRTIO_PCI_CAP_COMMON_CFG, off), size, False, 0)
+        return int(self.bus.mmio(self._addr(self.pci.VIRTIO_PCI_CAP_COMMON_CFG, off), size, False, 0))
 
     def common_write(self, off, size, value):
         self.bus.mmio(self._addr(self.pci.VIRTIO_PCI_CAP_COMMON_CFG, off), size, True, value)
 
     def config_read(self, off, size):
-        return self.bus.mmio(self._addr(self.pci.VIRTIO_PCI_CAP_DEVICE_CFG, off), size, False, 0)
+        return int(self.bus.mmio(self._addr(self.pci.VIRTIO_PCI_CAP_DEVICE_CFG, off), size, False, 0))
 
     def config_write(self, off, size, value):
         self.bus.mmio(self._addr(self.pci.VIRTIO_PCI_CAP_DEVICE_CFG, off), size, True, value)

@@ -1,0 +1,203 @@
+"""virtio-blk reads through the whole device path, next to a plain preadv loop.
+
+The device runs as in the launcher: its queue thread in the nogil block
+kernel, woken by the queue's notification eventfd.  The guest side is a
+small kernel too (a Python driver would measure Python): it keeps ``depth``
+prebuilt read requests in flight, re-posting each one as it completes, and
+kicks only when the device asked for notifications.  The reference is what
+the device's work physically is: a loop of ``os.preadv`` calls reading the
+same sizes from the same (page-cached) file.
+"""
+from __future__ import annotations
+
+import json
+import os
+import struct
+import sys
+import tempfile
+import time
+
+import numpy as np
+from numba import njit
+
+from lguest_jit import pci, vring
+from lguest_jit.devices import Block
+from lguest_jit.devices import block as blk
+from lguest_jit.hw.libc import sys_write
+from lguest_jit.hw.memory import GuestMemory, fence, ld_u16, ld_u16_acquire, st_u16, st_u16_release
+from lguest_jit.testing import VirtioPciDriver
+
+from .common import jit_disabled, measure_in_subprocess, progress, ratios
+
+FILE_BYTES = 64 << 20
+CASES = [(4096, 1), (4096, 32), (1 << 20, 1), (1 << 20, 32)]
+
+
+@njit(nogil=True, cache=True)
+def _drive(mem, desc_avail_used, size, heads, depth, total, notify_fd, event_idx, scratch, timeout_spins):
+    """Keep ``depth`` requests in flight until ``total`` completed.
+    Returns completions, or -1 if the device stopped answering."""
+    avail = desc_avail_used[1]
+    used = desc_avail_used[2]
+    aidx = ld_u16(mem, avail + 2)
+    last_used = ld_u16(mem, used + 2)
+    posted = 0
+    done = 0
+    while done < total:
+        old = aidx
+        while posted - done < depth and posted < total:
+            st_u16(mem, avail + 4 + 2 * (aidx & (size - 1)), heads[posted % depth])
+            aidx = (aidx + 1) & 0xFFFF
+            posted += 1
+        if aidx != old:
+            st_u16_release(mem, avail + 2, aidx)
+            fence()
+            if event_idx:
+                ev = ld_u16(mem, used + 4 + 8 * size)
+                kick = ((aidx - ev - 1) & 0xFFFF) < ((aidx - old) & 0xFFFF)
+            else:
+                kick = (ld_u16(mem, used) & vring.VRING_USED_F_NO_NOTIFY) == 0
+            if kick:
+                scratch[0] = 1
+                sys_write(notify_fd, scratch.ctypes.data, 8)
+        spins = 0
+        while ld_u16_acquire(mem, used + 2) == last_used:
+            spins += 1
+            if spins > timeout_spins:
+                return -1
+        now = ld_u16_acquire(mem, used + 2)
+        done += (now - last_used) & 0xFFFF
+        last_used = now
+    return done
+
+
+def _setup(path, req_bytes, depth):
+    qsize = blk.QUEUE_SIZE
+    span = qsize * (req_bytes + 4096) + (2 << 20)     # the mock driver's per-head data slots
+    gm = GuestMemory((span + (2 << 20) + 0xFFF) & ~0xFFF)
+    bus = pci.Bus(gm)
+    dev = Block(path)
+    t = bus.add_device(dev)
+    drv = VirtioPciDriver(bus, t.slot, gm, slot_bytes=req_bytes + 4096, queue_span=span)
+    feats = drv.init()
+    q = drv.queues[0]
+    q.disable_cb()          # no interrupts wanted: the benchmark driver polls the used ring
+    heads = []
+    sectors = FILE_BYTES // 512
+    for k in range(depth):
+        sector = (k * req_bytes // 512) % (sectors - req_bytes // 512)
+        hdr = struct.pack("<IIQ", blk.T_IN, 0, sector)
+        heads.append(q.add(out=[hdr], in_=[req_bytes, 1], indirect=True))   # as Linux does
+    # Let the device drain the initial posting so the driver kernel starts clean.
+    drv.kick(0)
+    for _ in range(depth):
+        drv.wait_used(0)
+    q.num_added = 0
+    return gm, bus, dev, drv, q, np.array(heads, dtype=np.int64), feats
+
+
+def _device_rate(path, req_bytes, depth, min_time):
+    gm, bus, dev, drv, q, heads, feats = _setup(path, req_bytes, depth)
+    try:
+        notify = drv.bus.ioeventfds()[0][2] if drv.bus.ioeventfds() else None
+        rings = np.array([q.desc, q.avail, q.used], dtype=np.int64)
+        event_idx = bool(feats >> vring.VIRTIO_RING_F_EVENT_IDX & 1)
+        scratch = np.zeros(1, np.uint64)
+        spins = 2_000_000_000
+
+        def run(n):
+            got = _drive(gm.mem, rings, q.size, heads, depth, n, notify, event_idx, scratch, spins)
+            if got != n:
+                raise RuntimeError("device stopped answering")
+            # Keep the Python-side driver's view in step (for teardown).
+            q.avail_shadow = ld_u16(gm.mem, q.avail + 2)
+            q.last_used = ld_u16(gm.mem, q.used + 2)
+        n = max(8, int(2e8 // req_bytes))
+        run(min(n, 64))        # warm-up
+        t0 = time.perf_counter()
+        count = 0
+        while time.perf_counter() - t0 < min_time:
+            run(n)
+            count += n
+        dt = time.perf_counter() - t0
+        return count / dt
+    finally:
+        bus.close()
+        gm.close()
+
+
+def _preadv_rate(path, req_bytes, depth, min_time):
+    # Same memory footprint as the device: one buffer per request in flight.
+    fd = os.open(path, os.O_RDONLY)
+    bufs = [memoryview(bytearray(req_bytes)) for _ in range(depth)]
+    span = FILE_BYTES - req_bytes
+    try:
+        for b in bufs:
+            os.preadv(fd, [b], 0)
+        t0 = time.perf_counter()
+        count = 0
+        off = 0
+        while True:
+            for k in range(64):
+                os.preadv(fd, [bufs[k % depth]], off)
+                off = (off + req_bytes) % span
+            count += 64
+            if time.perf_counter() - t0 >= min_time:
+                break
+        return count / (time.perf_counter() - t0)
+    finally:
+        os.close(fd)
+
+
+def _disk():
+    d = "/dev/shm" if os.path.isdir("/dev/shm") else None
+    f = tempfile.NamedTemporaryFile(prefix="lguest-jit-bench-", dir=d, delete=False)
+    f.write(np.random.default_rng(0).integers(0, 256, FILE_BYTES, dtype=np.uint8).tobytes())
+    f.close()
+    return f.name
+
+
+def measure(quick: bool = False) -> dict:
+    t = 0.1 if quick or jit_disabled() else 0.5
+    path = _disk()
+    out = {}
+    try:
+        for req_bytes, depth in CASES:
+            name = f"{'4KiB' if req_bytes == 4096 else '1MiB'}_depth{depth}"
+            rps = _device_rate(path, req_bytes, depth, t)
+            out[f"{name}_requests_per_s"] = rps
+            out[f"{name}_MB_per_s"] = rps * req_bytes / 1e6
+    finally:
+        os.unlink(path)
+    return out
+
+
+def measure_reference(quick: bool = False) -> dict:
+    t = 0.1 if quick else 0.5
+    path = _disk()
+    out = {}
+    try:
+        for req_bytes, depth in CASES:
+            name = f"{'4KiB' if req_bytes == 4096 else '1MiB'}_depth{depth}"
+            rps = _preadv_rate(path, req_bytes, depth, t)
+            out[f"{name}_requests_per_s"] = rps
+            out[f"{name}_MB_per_s"] = rps * req_bytes / 1e6
+    finally:
+        os.unlink(path)
+    return out
+
+
+def run(quick: bool = False) -> dict:
+    progress("bench blk: numba device path")
+    fast = measure(quick)
+    progress("bench blk: plain os.preadv loop")
+    ref = measure_reference(quick)
+    progress("bench blk: pure Python device path (NUMBA_DISABLE_JIT=1)")
+    slow = measure_in_subprocess("benchmarks.bench_blk", True)
+    return {"benchmark": "blk", "unit": "read requests per second and MB/s; depth = requests in flight",
+            "numba": fast, "python": slow, "preadv_loop": ref,
+            "numba_vs_preadv_loop": ratios(fast, ref), "numba_vs_python": ratios(fast, slow)}
+
+
+if __name__ == "__main__":
+    print(json.dumps(run("--quick" in sys.argv), indent=2))
