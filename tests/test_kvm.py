@@ -619,3 +619,22 @@ def test_pci_probe_virtio_handshake_and_request_through_kvm(gm):
     # exits are the handshake's and the ISR reads only.
     assert bar + pci.NOTIFY_OFF not in seen
     assert bar + pci.ISR_OFF in seen
+
+
+@needs_kvm
+def test_keyboard_controller_reset_is_a_reboot(gm):
+    pci = pytest.importorskip("lguest_jit.pci")
+    bus = pci.Bus(gm)
+    vm = KvmVm(gm, bus)
+    vm.claim_reset_port()
+    a = Asm().mov_imm32(RDX, 0x64).inp(1).mov_imm32(RDI, DATA).store_rdi(1)   # status: nothing there
+    a.mov_imm32(RAX, 0xFE).out(1).label("spin").jmp("spin")
+    setup_long_mode(vm, bytes(a), cpl=0)
+    try:
+        res = vm.run(timeout=RUN_TIMEOUT)
+    finally:
+        vm.close()
+        bus.close()
+    assert res.reason == "reboot", res.report()
+    assert res.exit_status is None
+    assert gm.read(DATA, 1) == b"\xff"

@@ -474,6 +474,7 @@ class KvmVm:
         self._stop = False
         self._halt_check = False
         self._timed_out = False
+        self._reset_requested = False
         self._closed = False
         self._vcpu_thread = None
         self._assist_rip = None
@@ -695,6 +696,22 @@ class KvmVm:
             t.start()
             self._threads.append(t)
 
+    def claim_reset_port(self) -> None:
+        """Claim port 0x64 on the bus so the guest can reboot the PC way:
+        0xFE written there pulses the reset line (Linux's ``reboot=k``, its
+        default first try) and ``run`` returns "reboot".  Reads answer
+        0xFF, exactly as the unclaimed port did ("no keyboard controller"),
+        so i8042 probing is unchanged."""
+        self.bus.add_ports(0x64, 1, self._reset_port)
+
+    def _reset_port(self, port: int, size: int, is_write: bool, value: int) -> int:
+        if not is_write:
+            return (1 << (8 * size)) - 1
+        if value & 0xFF == 0xFE:
+            self._reset_requested = True
+            self._stop = True
+        return 0
+
     def add_ioeventfd(self, gpa: int, length: int, efd: int, pio: bool = False) -> None:
         """Guest writes of ``length`` bytes (0: any length) at ``gpa`` signal
         ``efd`` inside KVM, without an exit to this loop."""
@@ -904,6 +921,9 @@ class KvmVm:
                 pass
 
     def _stopped(self) -> RunResult:
+        if self._reset_requested:
+            self._reset_requested = False
+            return RunResult("reboot", "reset through the keyboard controller (0xFE to port 0x64)")
         if self._timed_out:
             self._timed_out = False
             if self.halted_for_good():
