@@ -441,13 +441,14 @@ def test_bzimage_payload_elf_outside_ram_is_an_error(tmp_path):
     bytes(range(256)) * 40 + b"xyz" * 1000 + os.urandom(3000),
     (b"kernel " * 50 + os.urandom(7)) * 40,
 ])
-def test_lz4_legacy_round_trip(data):
+@pytest.mark.parametrize("compiled", [True, False])
+def test_lz4_legacy_round_trip(data, compiled):
     frame = lz4_legacy(data, block=4096) + struct.pack("<I", len(data))
     if not data:
         with pytest.raises(ValueError):
-            lz4_legacy_decompress(frame, 1 << 20)
+            lz4_legacy_decompress(frame, 1 << 20, compiled=compiled)
     else:
-        assert lz4_legacy_decompress(frame, 1 << 20) == data
+        assert lz4_legacy_decompress(frame, 1 << 20, compiled=compiled) == data
 
 
 def test_lz4_against_reference_library_when_installed():
@@ -455,7 +456,8 @@ def test_lz4_against_reference_library_when_installed():
     data = (b"vmlinux " * 300 + os.urandom(64)) * 50
     blk = lz4_block.compress(data, store_size=False)
     frame = struct.pack("<II", 0x184C2102, len(blk)) + blk + struct.pack("<I", len(data))
-    assert lz4_legacy_decompress(frame, 1 << 20) == data
+    assert lz4_legacy_decompress(frame, 1 << 20, compiled=True) == data
+    assert lz4_legacy_decompress(frame, 1 << 20, compiled=False) == data
     # and our test compressor produces blocks the library accepts
     assert lz4_block.decompress(lz4_block_compress(data), uncompressed_size=len(data)) == data
 
@@ -467,9 +469,20 @@ def test_lz4_against_reference_library_when_installed():
     struct.pack("<II", 0x184C2102, 3) + b"\x10a\x00",              # truncated offset
     struct.pack("<II", 0x184C2102, 4) + b"\x10a\x00\x00",          # offset 0
 ])
-def test_lz4_corrupt_blocks_are_rejected(bad):
+@pytest.mark.parametrize("compiled", [True, False])
+def test_lz4_corrupt_blocks_are_rejected(bad, compiled):
     with pytest.raises(ValueError):
-        lz4_legacy_decompress(bad, 1 << 20)
+        lz4_legacy_decompress(bad, 1 << 20, compiled=compiled)
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+def test_lz4_block_output_is_bounded(compiled):
+    # One block claiming more than the format's 8 MiB: a long run of zeros.
+    run = 9 << 20
+    block = bytes([0x1F, 0]) + bytes([1, 0]) + b"\xff" * ((run - 19) // 255) + bytes([(run - 19) % 255]) + b"\x00"
+    frame = struct.pack("<II", 0x184C2102, len(block)) + block
+    with pytest.raises(ValueError, match="8 MiB"):
+        lz4_legacy_decompress(frame, 1 << 30, compiled=compiled)
 
 
 def test_decompress_payload_limit():
@@ -588,7 +601,7 @@ def test_bad_image_is_one_clear_line(gm, tmp_path, name):
     (make_elf(64), 2047),
     (make_bzimage(cmdline_size=100), 100),
     (make_bzimage(version=0x0205), 255),                  # before 2.06: 255 characters
-])
+], ids=["elf", "bzimage-cmdline_size", "bzimage-2.05"])
 def test_cmdline_limit(gm, tmp_path, image, limit):
     path = write(tmp_path, "kernel", image)
     info = load_linux(gm, path, "a" * limit, prefer_elf_payload=False)
