@@ -22,7 +22,7 @@ import sys
 
 import numpy as np
 
-from lguest_jit import pci, vring
+from lguest_jit import pci
 from lguest_jit.hw.memory import GuestMemory
 
 from .common import jit_disabled, measure_in_subprocess, progress, rate, ratios

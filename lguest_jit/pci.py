@@ -117,7 +117,7 @@ from __future__ import annotations
 import os
 import select
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import numpy as np

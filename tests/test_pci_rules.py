@@ -5,7 +5,6 @@ launcher stops with "bad driver: ...").  default: nothing raises; the bad
 access is dropped (or the device sets DEVICE_NEEDS_RESET and raises a config
 interrupt), the rule is logged once, and the device keeps working.
 """
-import os
 import select
 
 import numpy as np
