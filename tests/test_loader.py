@@ -782,3 +782,14 @@ def test_loaded_image_boots_and_sees_boot_params(gm, tmp_path, kind):
     assert out == b"ZQ\xff"
     assert sregs.cs.selector == 0x10 and sregs.ds.selector == 0x18
     assert sregs.cs.l == (1 if info.mode == "long" else 0)
+
+
+def test_decompress_payload_codecs():
+    from lguest_jit.hw.loader import CodecUnavailable
+    data = b"payload " * 1000
+    for codec in ("gzip", "bzip2", "xz", "lzma", "lz4"):
+        assert decompress_payload(kernel_payload(codec, data), 1 << 20) == (codec, data)
+    with pytest.raises(CodecUnavailable, match="lzo"):
+        decompress_payload(b"\x89LZO\x00\x0d\x0a\x1a\x0a" + bytes(40), 1 << 20)
+    with pytest.raises(ValueError, match="unknown compression"):
+        decompress_payload(b"\x00" * 64, 1 << 20)

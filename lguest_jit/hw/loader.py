@@ -22,9 +22,11 @@ Public API::
     load_initrd(gm: GuestMemory, path, *, max_addr: int | None = None,
                 low_limit: int = HIGH_MEM_START) -> tuple[int, int]   # (addr, size)
     decompress_payload(data: bytes, limit: int) -> tuple[str, bytes]  # (codec, output)
+        # raises CodecUnavailable (codec known, not installed) or ValueError
     lz4_legacy_decompress(data: bytes, limit: int, *, compiled: bool | None = None) -> bytes
     identity_map_size(ram_size: int) -> int            # bytes the long-mode page tables map
     class LoadError(Exception)          # str(err) is one line naming the file and the rule
+    class CodecUnavailable(LookupError)
     class BootInfo                      # frozen dataclass, fields below
     class Segment                       # frozen dataclass mirroring struct kvm_segment
 
@@ -52,6 +54,16 @@ GDTR = (``gdt_base``, ``gdt_limit``) in both modes; the GDT in guest memory
 matches the hidden segment state in ``code``/``data``, so a guest that
 reloads its segment registers gets the same segments.  TR/LDTR are left to
 the backend (no TSS descriptor is written).
+
+bzImage payloads: the codec is found by magic, as lib/decompress.c does:
+gzip, bzip2, lzma and xz through the standard library, the kernel's legacy
+LZ4 frame by our own decoder (a Numba kernel), zstd when the optional
+``zstandard`` package is installed; LZO never.  When the payload cannot be
+used (codec missing, corrupt data, not an ELF) the bzImage is booted through
+its 32-bit entry and ``BootInfo.payload`` says why.
+
+Command line: at most the header's ``cmdline_size`` bytes (protocol 2.06+),
+255 before 2.06 (boot.rst), 2047 for an ELF vmlinux (COMMAND_LINE_SIZE).
 
 Sizes: the kernel needs no more than its ELF ``p_memsz`` (or, for a bzImage,
 ``init_size`` from the preferred load address), the initrd sits above it.
@@ -233,7 +245,8 @@ class BootInfo:
     cmdline_addr, cmdline_size: where the command line is, its length without NUL
     protocol: boot-protocol version in boot_params (ours for a plain ELF)
     payload: for a bzImage, the payload codec used ("gzip", "xz", ...) or
-             why the payload was not used (e.g. "zstd: codec not available")
+             why the payload was not used (e.g. "zstd: codec not available");
+             None for an ELF file or when prefer_elf_payload was False
     """
     kind: str
     mode: str
@@ -270,7 +283,7 @@ class BootInfo:
 # Files
 
 
-def _read_file(path, what: str) -> bytes:
+def _read_file(path, what: str, max_size: int | None = None) -> bytes:
     """The whole file, or LoadError naming it.  Only regular files: a FIFO or
     a device (/dev/zero) would block or never end."""
     try:
@@ -284,6 +297,9 @@ def _read_file(path, what: str) -> bytes:
             raise LoadError(f"{what} {path}: not a regular file")
         if st.st_size == 0:
             raise LoadError(f"{what} {path}: file is empty")
+        if max_size is not None and st.st_size > max_size:
+            raise LoadError(f"{what} {path}: too little memory: {st.st_size:#x} bytes, "
+                            f"guest RAM is {max_size:#x}")
         # mmap avoids a second copy of a large vmlinux (debug info and all).
         with mmap.mmap(fd, 0, prot=mmap.PROT_READ) as mm:
             return mm[:]
@@ -291,10 +307,6 @@ def _read_file(path, what: str) -> bytes:
         raise LoadError(f"{what} {path}: cannot read: {e.strerror or e}") from None
     finally:
         os.close(fd)
-
-
-def _u8(b, off):
-    return b[off]
 
 
 def _u16(b, off):
@@ -701,25 +713,26 @@ _CODECS = (
 )
 
 
-class _CodecUnavailable(Exception):
-    pass
+class CodecUnavailable(LookupError):
+    """The payload's compression is recognised but no decoder is installed."""
 
 
 def decompress_payload(data: bytes, limit: int) -> tuple[str, bytes]:
     """Identify a bzImage payload's compression by its magic and decode it.
 
-    Returns (codec name, output).  Raises ``_CodecUnavailable`` (a
-    LookupError-like internal) when the codec is known but not installed,
-    ValueError for unknown magic, corrupt data or more than ``limit`` bytes.
+    Returns (codec name, output).  Raises :class:`CodecUnavailable` when the
+    codec is known but not installed, ValueError for unknown magic, corrupt
+    data or more than ``limit`` bytes.  Trailing bytes after the compressed
+    stream (the kernel's 4-byte size trailer) are ignored.
     """
     for codec, magic, decode in _CODECS:
         if data.startswith(magic):
             if decode is None:
-                raise _CodecUnavailable(f"{codec}: codec not available")
+                raise CodecUnavailable(f"{codec}: codec not available")
             try:
                 out = decode(data, limit)
             except ImportError:
-                raise _CodecUnavailable(f"{codec}: codec not available (install the Python package)") from None
+                raise CodecUnavailable(f"{codec}: codec not available (install the Python package)") from None
             except (ValueError, EOFError, OSError, lzma.LZMAError, zlib.error) as e:
                 raise ValueError(f"{codec}: {e}") from None
             if len(out) > limit:
@@ -753,7 +766,7 @@ def load_initrd(gm: GuestMemory, path, *, max_addr: int | None = None,
     header's initrd_addr_max; default: end of RAM below 4 GiB);
     ``low_limit`` is where the kernel ends.  LoadError when it does not fit.
     """
-    data = _read_file(path, "initrd")
+    data = _read_file(path, "initrd", gm.size)
     addr = _place_initrd(len(data), gm.size, MAX_IDENTITY_MAP - 1 if max_addr is None else max_addr,
                          low_limit, path)
     gm.mem[addr:addr + len(data)] = np.frombuffer(data, dtype=np.uint8)
@@ -860,7 +873,7 @@ def load_linux(gm: GuestMemory, kernel_path, cmdline: str = "", initrd_path=None
         raise LoadError(f"{name}: too little memory: guest has {gm.size:#x} bytes, need at least "
                         f"{MIN_RAM >> 20} MiB")
     data = _read_file(kernel_path, "kernel")
-    initrd = _read_file(initrd_path, "initrd") if initrd_path is not None else None
+    initrd = _read_file(initrd_path, "initrd", gm.size) if initrd_path is not None else None
 
     bz = None
     elf = None
@@ -879,7 +892,7 @@ def load_linux(gm: GuestMemory, kernel_path, cmdline: str = "", initrd_path=None
                 start = bz.pm_offset + bz.payload_offset
                 try:
                     codec, elf_data = decompress_payload(data[start:start + bz.payload_length], gm.size)
-                except (_CodecUnavailable, ValueError) as e:
+                except (CodecUnavailable, ValueError) as e:
                     payload_note = str(e)
                 else:
                     if not elf_data.startswith(ELF_MAGIC):
@@ -948,7 +961,7 @@ def load_linux(gm: GuestMemory, kernel_path, cmdline: str = "", initrd_path=None
 
 
 __all__ = [
-    "LoadError", "BootInfo", "Segment", "load_linux", "load_initrd", "decompress_payload",
+    "LoadError", "CodecUnavailable", "BootInfo", "Segment", "load_linux", "load_initrd", "decompress_payload",
     "lz4_legacy_decompress", "identity_map_size",
     "GDT_ADDR", "BOOT_PARAMS_ADDR", "PAGE_TABLE_ADDR", "CMDLINE_ADDR", "LOW_RAM_END", "HIGH_MEM_START",
     "BOOT_CS", "BOOT_DS",
