@@ -73,10 +73,12 @@ register write does in 64-bit mode; in 32-bit code the upper half of a KVM
 register is not architecturally visible, so zero-extending is right there
 too), an 8-byte read replaces the register.
 
-Kernels (``_decode_mmio(buf, n, mode64)``, ``_decode_pio(buf, n)``, the bulk
-forms and ``_merge_register``/``_register_operand``) take a uint8 array and
-int64 values and can be called from other kernels; they never raise and
-never read past ``min(n, buf.size, 15)`` bytes.
+Kernels ``_decode_mmio(buf, n, mode64)`` and ``_decode_pio(buf, n)`` take a
+uint8 array and return the same six fields as a plain int64 tuple, so a
+backend's own kernel can decode without a Python round trip; the bulk forms
+fill (N, 6) int64 arrays (columns ``D_*``).  ``_merge_register`` and
+``_register_operand`` work on int64 two's-complement register values.  None
+of them raises or reads past ``min(n, buf.size, 15)`` bytes.
 """
 from __future__ import annotations
 
@@ -204,8 +206,8 @@ def _modrm_extra(buf, i, n, mode64, addr16):
 def _decode_mmio(buf, n, mode64):
     """Decode a mov to/from memory at ``buf[0:n]``.
 
-    Returns ``(length, reg, width, is_write, high)``; ``length = -E_*`` when
-    refused (see the module docstring).
+    Returns the six :class:`Decoded` fields ``(length, reg, width,
+    is_write, -1, high)``; ``length = -E_*`` when refused.
     """
     n = _usable(buf, n)
     opsize16 = False
@@ -215,26 +217,26 @@ def _decode_mmio(buf, n, mode64):
     i = 0
     while True:
         if i >= n:
-            return -E_TRUNCATED, -1, 0, 0, 0
+            return -E_TRUNCATED, -1, 0, 0, -1, 0
         b = int(buf[i])
         if rex >= 0 and (b == 0x66 or b == 0x67 or b == 0xF0 or b == 0xF2 or b == 0xF3
                          or b == 0x26 or b == 0x2E or b == 0x36 or b == 0x3E
                          or b == 0x64 or b == 0x65 or (b & 0xF0) == 0x40):
-            return -E_REX_POSITION, -1, 0, 0, 0
+            return -E_REX_POSITION, -1, 0, 0, -1, 0
         if b == 0x66:
             if opsize16:
-                return -E_PREFIX_REPEATED, -1, 0, 0, 0
+                return -E_PREFIX_REPEATED, -1, 0, 0, -1, 0
             opsize16 = True
         elif b == 0x67:
             if addr16:
-                return -E_PREFIX_REPEATED, -1, 0, 0, 0
+                return -E_PREFIX_REPEATED, -1, 0, 0, -1, 0
             addr16 = True
         elif b == 0x26 or b == 0x2E or b == 0x36 or b == 0x3E or b == 0x64 or b == 0x65:
             if seg:
-                return -E_PREFIX_REPEATED, -1, 0, 0, 0
+                return -E_PREFIX_REPEATED, -1, 0, 0, -1, 0
             seg = True
         elif b == 0xF0 or b == 0xF2 or b == 0xF3:
-            return -E_LOCK_REP, -1, 0, 0, 0
+            return -E_LOCK_REP, -1, 0, 0, -1, 0
         elif mode64 and (b & 0xF0) == 0x40:
             rex = b & 0xF
         else:
@@ -242,19 +244,19 @@ def _decode_mmio(buf, n, mode64):
         i += 1
     op = int(buf[i])
     if op < 0x88 or op > 0x8B:
-        return -E_OPCODE, -1, 0, 0, 0
+        return -E_OPCODE, -1, 0, 0, -1, 0
     i += 1
     if i >= n:
-        return -E_TRUNCATED, -1, 0, 0, 0
+        return -E_TRUNCATED, -1, 0, 0, -1, 0
     modrm = int(buf[i])
     if (modrm >> 6) == 3:
-        return -E_REGISTER_FORM, -1, 0, 0, 0
+        return -E_REGISTER_FORM, -1, 0, 0, -1, 0
     extra = _modrm_extra(buf, i, n, mode64, addr16)
     if extra < 0:
-        return -E_TRUNCATED, -1, 0, 0, 0
+        return -E_TRUNCATED, -1, 0, 0, -1, 0
     length = i + 1 + extra
     if length > n:
-        return -E_TRUNCATED, -1, 0, 0, 0
+        return -E_TRUNCATED, -1, 0, 0, -1, 0
     reg = (modrm >> 3) & 7
     high = 0
     if rex >= 0 and (rex & 4):
@@ -272,48 +274,49 @@ def _decode_mmio(buf, n, mode64):
     else:
         width = 4
     is_write = 1 if op <= 0x89 else 0
-    return length, reg, width, is_write, high
+    return length, reg, width, is_write, -1, high
 
 
 @njit(nogil=True, cache=True)
 def _decode_pio(buf, n):
     """Decode in/out/cli at ``buf[0:n]``.
 
-    Returns ``(length, reg, width, is_write, port)``: reg 0 (eAX), port -1
-    for DX; ``cli`` is ``(1, -1, 0, 0, -1)``; ``length = -E_*`` when refused.
+    Returns the six :class:`Decoded` fields: reg 0 (eAX), port -1 for DX,
+    high 0; ``cli`` is ``(1, -1, 0, 0, -1, 0)``; ``length = -E_*`` when
+    refused.
     """
     n = _usable(buf, n)
     if n < 1:
-        return -E_TRUNCATED, -1, 0, 0, -1
+        return -E_TRUNCATED, -1, 0, 0, -1, 0
     i = 0
     opsize16 = False
     b = int(buf[0])
     if b == 0xFA:
-        return 1, -1, 0, 0, -1
+        return 1, -1, 0, 0, -1, 0
     if b == 0x66:
         opsize16 = True
         i = 1
         if n < 2:
-            return -E_TRUNCATED, -1, 0, 0, -1
+            return -E_TRUNCATED, -1, 0, 0, -1, 0
         b = int(buf[1])
         if b == 0x66:
-            return -E_PREFIX_REPEATED, -1, 0, 0, -1
+            return -E_PREFIX_REPEATED, -1, 0, 0, -1, 0
         if b == 0xFA:
-            return -E_CLI_PREFIX, -1, 0, 0, -1
+            return -E_CLI_PREFIX, -1, 0, 0, -1, 0
     if b == 0xF0 or b == 0xF2 or b == 0xF3:
-        return -E_LOCK_REP, -1, 0, 0, -1
+        return -E_LOCK_REP, -1, 0, 0, -1, 0
     if (b & 0xF4) != 0xE4:  # E4-E7 and EC-EF only
-        return -E_OPCODE, -1, 0, 0, -1
+        return -E_OPCODE, -1, 0, 0, -1, 0
     if b & 1:
         width = 2 if opsize16 else 4
     else:
         width = 1
     is_write = 1 if b & 2 else 0
     if b & 8:
-        return i + 1, 0, width, is_write, -1
+        return i + 1, 0, width, is_write, -1, 0
     if i + 2 > n:
-        return -E_TRUNCATED, -1, 0, 0, -1
-    return i + 2, 0, width, is_write, int(buf[i + 1])
+        return -E_TRUNCATED, -1, 0, 0, -1, 0
+    return i + 2, 0, width, is_write, int(buf[i + 1]), 0
 
 
 @njit(nogil=True, cache=True)
@@ -321,26 +324,18 @@ def _decode_mmio_bulk(insns, lengths, mode64, out):
     """Decode every row of ``insns`` (N x k uint8, ``lengths[j]`` bytes valid)
     into ``out`` (N x D_COLUMNS int64)."""
     for j in range(insns.shape[0]):
-        length, reg, width, is_write, high = _decode_mmio(insns[j], lengths[j], mode64)
-        out[j, D_LENGTH] = length
-        out[j, D_REG] = reg
-        out[j, D_WIDTH] = width
-        out[j, D_IS_WRITE] = is_write
-        out[j, D_PORT] = -1
-        out[j, D_HIGH] = high
+        r = _decode_mmio(insns[j], lengths[j], mode64)
+        for c in range(D_COLUMNS):
+            out[j, c] = r[c]
 
 
 @njit(nogil=True, cache=True)
 def _decode_pio_bulk(insns, lengths, out):
     """Port-I/O counterpart of :func:`_decode_mmio_bulk`."""
     for j in range(insns.shape[0]):
-        length, reg, width, is_write, port = _decode_pio(insns[j], lengths[j])
-        out[j, D_LENGTH] = length
-        out[j, D_REG] = reg
-        out[j, D_WIDTH] = width
-        out[j, D_IS_WRITE] = is_write
-        out[j, D_PORT] = port
-        out[j, D_HIGH] = 0
+        r = _decode_pio(insns[j], lengths[j])
+        for c in range(D_COLUMNS):
+            out[j, c] = r[c]
 
 
 @njit(nogil=True, cache=True)
@@ -391,6 +386,9 @@ def _unclaimed_port_read(port, width):
 # Public wrappers
 
 _U64 = (1 << 64) - 1
+# Three times cheaper than Decoded(...), which re-parses its arguments; the
+# kernels already return the six fields in order.
+_new_tuple = tuple.__new__
 _WIDTHS = (1, 2, 4, 8)
 
 
@@ -407,16 +405,14 @@ def decode_mmio(insn, mode64: bool = False) -> Decoded:
     uint8 array; only the first 15 bytes are looked at).  ``mode64`` selects
     64-bit code (REX prefixes, RIP-relative); default 32-bit protected mode."""
     buf = _as_bytes_array(insn)
-    length, reg, width, is_write, high = _decode_mmio(buf, buf.size, bool(mode64))
-    return Decoded(length, reg, width, is_write, -1, high)
+    return _new_tuple(Decoded, _decode_mmio(buf, buf.size, bool(mode64)))
 
 
 def decode_pio(insn) -> Decoded:
     """Decode the ``in``/``out``/``cli`` at the start of ``insn`` (bytes-like
     or a 1-D uint8 array)."""
     buf = _as_bytes_array(insn)
-    length, reg, width, is_write, port = _decode_pio(buf, buf.size)
-    return Decoded(length, reg, width, is_write, port, 0)
+    return _new_tuple(Decoded, _decode_pio(buf, buf.size))
 
 
 def _bulk_args(insns, lengths):
