@@ -392,7 +392,13 @@ _new_tuple = tuple.__new__
 _WIDTHS = (1, 2, 4, 8)
 
 
+_UINT8 = np.dtype(np.uint8)
+
+
 def _as_bytes_array(insn) -> np.ndarray:
+    # The common case first: a backend's fetch window, checked cheaply.
+    if type(insn) is np.ndarray and insn.dtype is _UINT8 and insn.ndim == 1:
+        return insn
     if isinstance(insn, np.ndarray):
         if insn.dtype != np.uint8 or insn.ndim != 1:
             raise TypeError(f"instruction bytes must be a 1-D uint8 array, got {insn.dtype} with {insn.ndim} dims")
