@@ -223,3 +223,9 @@ def test_cached_guest_empty_cache(tmp_path, monkeypatch):
     assert build.cache_dir() == tmp_path / "guest"
     assert build.cached_kernel() is None
     assert build.cached_guest() is None
+
+
+@pytest.mark.skipif(shutil.which("dpkg-query") is None, reason="not a Debian system")
+def test_missing_packages_asks_dpkg():
+    # dpkg is always installed on Debian; the second name cannot exist.
+    assert build.missing_packages(("dpkg", "lgj-no-such-package-x")) == ["lgj-no-such-package-x"]
