@@ -1,0 +1,524 @@
+"""virtio-console (device type 3, virtio 1.0 §5.3): the guest's hvc0 on the
+launcher's stdin and stdout.
+
+Two queues, each served by its own thread running one nogil kernel:
+
+* ``receiveq`` (queue 0, device -> driver): sleep in poll(2) on the input fd
+  and the device's ``stop_fd``; when input is readable take a chain (sleeping
+  on the queue's eventfd until the driver posts one) and readv straight into
+  its buffers.  The kernel comes back to Python only for a chunk that is a
+  lone ^C (lguest's "three ^C within a second" exit), at end of input, or
+  when told to stop.  End of input ends this thread only: the guest and its
+  output carry on (lguest naps forever in the same case).
+* ``transmitq`` (queue 1, driver -> device): writev every chain to the
+  output fd, resuming after partial writes, retrying EINTR and sleeping in
+  poll for POLLOUT on EAGAIN (a non-blocking stdout or a full pipe).  A
+  failing output (closed pipe, hung-up tty) drops the data and is counted;
+  the first failure is reported once.
+
+VIRTIO_CONSOLE_F_EMERG_WRITE: a write to ``emerg_wr`` (config offset 8) puts
+its low byte on the output at once, from the vCPU thread.
+
+:func:`raw_terminal` is the launcher's side of the tty: lguest turns off
+ISIG, ICANON and ECHO on stdin and turns them back on when it exits.
+"""
+from __future__ import annotations
+
+import atexit
+import errno
+import os
+import select
+import signal
+import sys
+import termios
+import threading
+import time
+
+import numpy as np
+from numba import njit
+
+from .. import vring
+from ..hw.libc import EAGAIN, EINTR, POLLIN, host_iov, pollfds, sys_poll, sys_readv, sys_writev
+from ..hw.memory import ld_u8
+from ..vring import (Q_IN, Q_IN_BYTES, Q_LAST_AVAIL, Q_N_BYTES, Q_N_CHAINS, Q_OUT, Q_OUT_BYTES, Q_STOP,
+                     STOPPED, _publish, _push, _signal, _wait_chain)
+from .base import DEVICE_ERRORS, E_WRITABLE_OUTPUT, Device
+
+VIRTIO_ID_CONSOLE = 3
+VIRTIO_CONSOLE_F_EMERG_WRITE = 2     # §5.3.3
+
+RECEIVEQ, TRANSMITQ = 0, 1
+QUEUE_SIZE = 128
+
+# Config layout (§5.3.4): cols u16, rows u16, max_nr_ports u32, emerg_wr u32.
+CFG_COLS = 0
+CFG_ROWS = 2
+CFG_MAX_NR_PORTS = 4
+CFG_EMERG_WR = 8
+CFG_SIZE = 12
+
+CTRL_C = 0x03
+
+# Driver rule the transmit side shares with block/rng lives in base.py; the
+# receive side's is console-only (numbered clear of base's codes).
+E_READABLE_INPUT = 121
+if DEVICE_ERRORS.setdefault(E_READABLE_INPUT, "device-readable buffer in a receive queue (§5.3.6.1, §2.4.5)") \
+        != "device-readable buffer in a receive queue (§5.3.6.1, §2.4.5)":
+    raise ImportError(f"device error code {E_READABLE_INPUT} is taken: {DEVICE_ERRORS[E_READABLE_INPUT]}")
+
+# poll(2) event bits beyond POLLIN.
+POLLOUT = 0x004
+POLLNVAL = 0x020
+EBADF = 9
+EIO = 5
+
+# What the kernels return to Python besides STOPPED and -E_* (all positive).
+RET_CTRL_C = 1          # receive: a chunk that was one ^C byte was delivered
+RET_EOF = 2             # receive: input ended (read returned 0)
+RET_INPUT_ERROR = 3     # receive: poll/read failed (errno in CS_IN_ERRNO)
+RET_OUTPUT_ERROR = 4    # transmit: the first write failure (errno in CS_OUT_ERRNO)
+
+# Console state: one int64 array per device, fields owned by one thread each.
+CS_IN_CHUNKS = 0        # reads delivered to the guest (tells ^C chunks apart)
+CS_IN_ERRNO = 1
+CS_OUT_ERRORS = 2       # chains whose data could not all be written
+CS_OUT_ERRNO = 3        # errno of the last failure
+CS_OUT_DROPPED = 4      # bytes lost to those failures
+CS_FIELDS = 5
+
+_W_STOPPED = -1         # _write_all: told to stop while waiting for POLLOUT
+
+
+@njit(nogil=True, cache=True)
+def _revents(pfd, k):
+    return (np.int64(pfd[k, 1]) >> 16) & 0xFFFF
+
+
+@njit(nogil=True, cache=True)
+def _poll2(pfd, fd, events, stop_fd):
+    """poll(fd for ``events``, stop_fd for input), no timeout.  Returns
+    poll's result (>= 0) or -errno."""
+    pfd[0, 0] = fd
+    pfd[0, 1] = events
+    pfd[1, 0] = stop_fd
+    pfd[1, 1] = POLLIN
+    return sys_poll(pfd.ctypes.data, 2, -1)
+
+
+@njit(nogil=True, cache=True)
+def _to_host_iov(mem, iov, first, count, hiov):
+    """Guest iov entries -> host (address, length) rows, skipping empty ones.
+    Entries were checked against guest RAM when the chain was popped."""
+    base = np.uint64(mem.ctypes.data)
+    n = 0
+    for k in range(first, first + count):
+        if iov[k, 1] > 0:
+            hiov[n, 0] = base + iov[k, 0]
+            hiov[n, 1] = iov[k, 1]
+            n += 1
+    return n
+
+
+@njit(nogil=True, cache=True)
+def _unpop(q):
+    # Hand the chain we just popped back to the ring unused: the device's
+    # avail index is private, so stepping it back is invisible to the driver.
+    q[Q_LAST_AVAIL] = (q[Q_LAST_AVAIL] - 1) & 0xFFFF
+    q[Q_N_CHAINS] -= 1
+
+
+@njit(nogil=True, cache=True)
+def _receive(mem, q, iov, hiov, notify_fd, isr, irq_fd, scratch, pfd, input_fd, stop_fd, cs):
+    """receiveq service loop (lguest's console_input).  Returns STOPPED,
+    -E_* for a driver error, or a RET_* event for Python."""
+    head = -1
+    n_iov = 0
+    first = np.int64(0)
+    while True:
+        if q[Q_STOP]:
+            code = STOPPED
+            break
+        # Wait for input first: the thread sleeps here, not holding a chain.
+        r = _poll2(pfd, input_fd, POLLIN, stop_fd)
+        if r == -EINTR:
+            continue
+        if r < 0:
+            cs[CS_IN_ERRNO] = -r
+            code = RET_INPUT_ERROR
+            break
+        if _revents(pfd, 1):
+            code = STOPPED
+            break
+        rev = _revents(pfd, 0)
+        if rev & POLLNVAL:
+            cs[CS_IN_ERRNO] = EBADF
+            code = RET_INPUT_ERROR
+            break
+        if rev == 0:
+            continue
+        if head < 0:
+            head = _wait_chain(mem, q, iov, notify_fd, isr, irq_fd, scratch)
+            if head < 0:
+                code = head
+                break
+            if q[Q_OUT] != 0:
+                head = -1
+                code = -E_READABLE_INPUT
+                break
+            if q[Q_IN_BYTES] == 0:
+                # Nothing to read into; a zero-length readv would look like EOF.
+                _push(mem, q, head, 0)
+                _publish(mem, q)
+                head = -1
+                continue
+            n_iov = _to_host_iov(mem, iov, 0, q[Q_IN], hiov)
+            first = np.int64(hiov[0, 0]) - np.int64(mem.ctypes.data)
+        r = sys_readv(input_fd, hiov.ctypes.data, n_iov)
+        if r == -EINTR or r == -EAGAIN:
+            continue            # keep the chain; poll again
+        if r <= 0:
+            _unpop(q)
+            head = -1
+            if r == 0:
+                code = RET_EOF
+            else:
+                cs[CS_IN_ERRNO] = -r
+                code = RET_INPUT_ERROR
+            break
+        # Console input is interactive: complete and interrupt right away.
+        _push(mem, q, head, r)
+        head = -1
+        q[Q_N_BYTES] += r
+        cs[CS_IN_CHUNKS] += 1
+        _publish(mem, q)
+        _signal(mem, q, isr, irq_fd, scratch)
+        if r == 1 and ld_u8(mem, first) == CTRL_C:
+            code = RET_CTRL_C
+            break
+    if head >= 0:
+        _unpop(q)
+    _publish(mem, q)
+    _signal(mem, q, isr, irq_fd, scratch)
+    return code
+
+
+@njit(nogil=True, cache=True)
+def _write_all(fd, stop_fd, hiov, n, pfd):
+    """writev all of hiov[:n] to ``fd``, resuming after partial writes and
+    waiting for POLLOUT on EAGAIN.  Returns (bytes written, 0 | errno |
+    _W_STOPPED)."""
+    done = 0
+    k = 0
+    while k < n:
+        r = sys_writev(fd, np.uint64(hiov.ctypes.data) + np.uint64(16 * k), n - k)
+        if r == -EINTR:
+            continue
+        if r == -EAGAIN:
+            p = _poll2(pfd, fd, POLLOUT, stop_fd)
+            if p < 0 and p != -EINTR:
+                return done, -p
+            if p > 0 and _revents(pfd, 1):
+                return done, _W_STOPPED
+            if p > 0 and _revents(pfd, 0) & POLLNVAL:
+                return done, EBADF
+            continue
+        if r < 0:
+            return done, -r
+        if r == 0:
+            return done, EIO
+        done += r
+        while k < n and r >= np.int64(hiov[k, 1]):
+            r -= np.int64(hiov[k, 1])
+            k += 1
+        if k < n and r > 0:
+            hiov[k, 0] = hiov[k, 0] + np.uint64(r)
+            hiov[k, 1] = hiov[k, 1] - np.uint64(r)
+    return done, 0
+
+
+@njit(nogil=True, cache=True)
+def _transmit(mem, q, iov, hiov, notify_fd, isr, irq_fd, scratch, pfd, output_fd, stop_fd, cs):
+    """transmitq service loop (lguest's console_output).  Returns STOPPED,
+    -E_* for a driver error, or RET_OUTPUT_ERROR the first time output fails."""
+    while True:
+        if q[Q_STOP]:
+            code = STOPPED
+            break
+        head = _wait_chain(mem, q, iov, notify_fd, isr, irq_fd, scratch)
+        if head < 0:
+            code = head
+            break
+        if q[Q_IN] != 0:
+            code = -E_WRITABLE_OUTPUT
+            break
+        n = _to_host_iov(mem, iov, 0, q[Q_OUT], hiov)
+        done, err = _write_all(output_fd, stop_fd, hiov, n, pfd)
+        q[Q_N_BYTES] += done
+        # Written or not, the buffer goes back: nobody else will write it.
+        _push(mem, q, head, 0)
+        _publish(mem, q)
+        if err == _W_STOPPED:
+            code = STOPPED
+            break
+        if err != 0:
+            cs[CS_OUT_ERRORS] += 1
+            cs[CS_OUT_ERRNO] = err
+            cs[CS_OUT_DROPPED] += q[Q_OUT_BYTES] - done
+            if cs[CS_OUT_ERRORS] == 1:
+                code = RET_OUTPUT_ERROR
+                break
+    _publish(mem, q)
+    _signal(mem, q, isr, irq_fd, scratch)
+    return code
+
+
+def _default_log(message: str) -> None:
+    print(f"lguest-jit: console: {message}", file=sys.stderr, flush=True)
+
+
+class Console(Device):
+    """``Console(input_fd=0, output_fd=1, on_fatal=None, on_interrupt_exit=None,
+    log=None)``.
+
+    ``input_fd`` feeds the receiveq (``None`` or -1: no input at all);
+    ``output_fd`` takes the transmitq and emergency writes.  Either may be a
+    tty, a pty, a pipe or a file, blocking or not.  The console neither
+    changes terminal modes (see :func:`raw_terminal`) nor closes the fds.
+
+    ``on_interrupt_exit()`` is called when three chunks of input that are
+    each a lone ^C arrive within ``CTRL_C_WINDOW`` seconds with nothing in
+    between (lguest's way out of a guest that ignores ^C); without it,
+    ``on_fatal("three ^C ...")`` is.  Either is called from the input thread,
+    so it must ask the launcher to stop, not join that thread.  Every ^C is
+    also delivered to the guest.  Input ends afterwards.
+
+    ``log(message)`` gets the non-fatal events: end of input, the first
+    output failure.  Default: stderr.
+    """
+
+    device_type = VIRTIO_ID_CONSOLE
+    name = "console"
+    queue_names = ("receiveq", "transmitq")
+    queue_max_sizes = (QUEUE_SIZE, QUEUE_SIZE)
+    CTRL_C_WINDOW = 1.0
+    EMERGENCY_WAIT = 1.0     # seconds an emergency byte may wait for a full output
+
+    def __init__(self, input_fd: int | None = 0, output_fd: int = 1, on_fatal=None, on_interrupt_exit=None,
+                 log=None):
+        super().__init__(on_fatal)
+        if input_fd is None:
+            input_fd = -1
+        for what, fd in (("input_fd", input_fd), ("output_fd", output_fd)):
+            if not isinstance(fd, int) or isinstance(fd, bool) or fd < -1 or fd >= 2**31:
+                raise ValueError(f"{what} must be a file descriptor, got {fd!r}")
+        if output_fd < 0:
+            raise ValueError("output_fd must be a file descriptor")
+        self.input_fd = input_fd
+        self.output_fd = output_fd
+        self.on_interrupt_exit = on_interrupt_exit
+        self.log = log or _default_log
+        self.features = self.RING_FEATURES | 1 << VIRTIO_CONSOLE_F_EMERG_WRITE
+        # cols/rows and max_nr_ports stay 0: neither F_SIZE nor F_MULTIPORT is offered.
+        self.config = np.zeros(CFG_SIZE, dtype=np.uint8)
+        self.state = np.zeros(CS_FIELDS, dtype=np.int64)
+        self.clock = time.monotonic            # tests may substitute a fake clock
+        self.input_ended: str | None = None
+        self.emergency_bytes = 0
+        self.emergency_dropped = 0
+        self._ctrl_c: list[tuple[float, int]] = []
+
+    # -- config space
+    def config_write(self, offset: int, size: int, value: int) -> bool:
+        """Only emerg_wr is writable (§5.3.4); its low byte goes out at once."""
+        if offset != CFG_EMERG_WR or size not in (1, 2, 4):
+            return False
+        self.emergency_write(value & 0xFF)
+        return True
+
+    def emergency_write(self, byte: int) -> bool:
+        """Put one byte on the output now (runs on the vCPU thread, so a full
+        output is waited on for at most ``EMERGENCY_WAIT`` seconds).
+        Returns False if the byte was dropped."""
+        data = bytes([byte & 0xFF])
+        deadline = time.monotonic() + self.EMERGENCY_WAIT
+        while True:
+            try:
+                if os.write(self.output_fd, data) == 1:
+                    self.emergency_bytes += 1
+                    return True
+            except BlockingIOError:
+                left = deadline - time.monotonic()
+                if left > 0 and select.select([], [self.output_fd], [], left)[1]:
+                    continue
+            except OSError:
+                pass
+            self.emergency_dropped += 1
+            return False
+
+    # -- queue threads
+    def on_activate(self, ctx) -> None:
+        self._ctrl_c = []
+
+    def serve(self, index, ctx, stop_fd):
+        q = ctx.queues[index]
+        args = (ctx.mem.mem, q, vring.new_iov(QUEUE_SIZE), host_iov(QUEUE_SIZE), ctx.notify_fds[index],
+                ctx.isr, ctx.irq_fd, np.zeros(1, np.uint64), pollfds(2))
+        if index == RECEIVEQ:
+            return self._serve_input(args, stop_fd)
+        return self._serve_output(args, stop_fd)
+
+    def _serve_input(self, args, stop_fd) -> int:
+        if self.input_fd < 0 or self.input_ended is not None:
+            return 0
+        while True:
+            code = int(_receive(*args, self.input_fd, stop_fd, self.state))
+            if code == RET_CTRL_C:
+                if self._three_ctrl_c():
+                    self._end_input("three ^C: input stopped")
+                    if self.on_interrupt_exit is not None:
+                        self.on_interrupt_exit()
+                    else:
+                        self.on_fatal("three ^C within one second on the console")
+                    return 0
+                continue
+            if code == RET_EOF:
+                self._end_input("end of input; the guest keeps running without console input")
+                return 0
+            if code == RET_INPUT_ERROR:
+                err = int(self.state[CS_IN_ERRNO])
+                self._end_input(f"reading input failed ({errno.errorcode.get(err, err)}: {os.strerror(err)});"
+                                " the guest keeps running without console input")
+                return 0
+            return code
+
+    def _end_input(self, message: str) -> None:
+        self.input_ended = message
+        self.log(message)
+
+    def _three_ctrl_c(self) -> bool:
+        """lguest's exit hack: True when the last three input chunks were all
+        a lone ^C and came within CTRL_C_WINDOW seconds."""
+        self._ctrl_c.append((self.clock(), int(self.state[CS_IN_CHUNKS])))
+        del self._ctrl_c[:-3]
+        if len(self._ctrl_c) < 3:
+            return False
+        (t0, n0), _, (t2, n2) = self._ctrl_c
+        if n2 - n0 == 2 and t2 - t0 <= self.CTRL_C_WINDOW:
+            self._ctrl_c.clear()
+            return True
+        return False
+
+    def _serve_output(self, args, stop_fd) -> int:
+        while True:
+            code = int(_transmit(*args, self.output_fd, stop_fd, self.state))
+            if code != RET_OUTPUT_ERROR:
+                return code
+            err = int(self.state[CS_OUT_ERRNO])
+            self.log(f"writing output failed ({errno.errorcode.get(err, err)}: {os.strerror(err)});"
+                     " output is dropped while this lasts")
+
+    def counters(self) -> dict:
+        """Base counters; the transmitq's also says how many chains and bytes
+        failed to go out."""
+        out = super().counters()
+        out["transmitq"]["write_errors"] = int(self.state[CS_OUT_ERRORS])
+        out["transmitq"]["dropped_bytes"] = int(self.state[CS_OUT_DROPPED])
+        return out
+
+    def close(self) -> None:
+        """Stop and join the queue threads (the fds belong to the caller)."""
+        self.reset()
+
+
+# ---------------------------------------------------------------------------
+# The launcher's terminal
+
+_RAW_OFF = termios.ISIG | termios.ICANON | termios.ECHO
+_RESTORE_ON = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+class RawTerminal:
+    """A tty in lguest's raw mode (no signals from keys, no line editing, no
+    echo) until :meth:`restore`, which runs on every way out: ``with`` exit
+    (normal or exception), ``atexit``, and SIGTERM/SIGINT/SIGHUP (restore,
+    then whatever the signal did before: the previous handler, or dying of
+    it).  SIGKILL cannot be caught: ``stty sane`` is the cure then.
+
+    A non-tty fd (pipe, file) makes it a no-op.  Signal handlers can only be
+    installed from the main thread; elsewhere only atexit and ``with``
+    cover it.
+    """
+
+    def __init__(self, fd: int = 0):
+        self.fd = fd
+        self.saved = None
+        self._old_handlers: dict = {}
+
+    @property
+    def active(self) -> bool:
+        return self.saved is not None
+
+    def start(self) -> bool:
+        """Switch to raw mode; False (and nothing done) if fd is no tty."""
+        if self.saved is not None:
+            return True
+        try:
+            saved = termios.tcgetattr(self.fd)
+        except (termios.error, OSError):
+            return False
+        raw = list(saved)
+        raw[3] &= ~_RAW_OFF
+        # Handlers first: a signal between tcsetattr and them would leave the tty raw.
+        self.saved = saved
+        atexit.register(self.restore)
+        if threading.current_thread() is threading.main_thread():
+            for sig in _RESTORE_ON:
+                try:
+                    self._old_handlers[sig] = signal.signal(sig, self._on_signal)
+                except (ValueError, OSError):
+                    pass
+        try:
+            termios.tcsetattr(self.fd, termios.TCSANOW, raw)
+        except (termios.error, OSError):
+            self.restore()
+            return False
+        return True
+
+    def restore(self) -> None:
+        """Put the saved modes back (idempotent) and the old handlers."""
+        saved, self.saved = self.saved, None
+        if saved is not None:
+            try:
+                termios.tcsetattr(self.fd, termios.TCSANOW, saved)
+            except (termios.error, OSError):
+                pass                     # the tty is gone: nothing to restore
+            atexit.unregister(self.restore)
+        if self._old_handlers and threading.current_thread() is threading.main_thread():
+            for sig, old in self._old_handlers.items():
+                if signal.getsignal(sig) == self._on_signal:
+                    signal.signal(sig, old)
+            self._old_handlers = {}
+
+    def _on_signal(self, signum, frame):
+        old = self._old_handlers.get(signum, signal.SIG_DFL)
+        self.restore()
+        if callable(old):
+            old(signum, frame)
+        elif old != signal.SIG_IGN:
+            # Die of the signal as if it had never been caught.
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+
+    def __enter__(self) -> "RawTerminal":
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.restore()
+
+
+def raw_terminal(fd: int = 0) -> RawTerminal:
+    """``with raw_terminal(0): ...`` -- see :class:`RawTerminal`."""
+    if not isinstance(fd, int) or fd < 0:
+        raise ValueError(f"fd must be a file descriptor, got {fd!r}")
+    return RawTerminal(fd)
