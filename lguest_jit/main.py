@@ -30,7 +30,11 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
+import signal
 import sys
+import threading
+import time
 
 from docopt import DocoptExit, docopt
 
@@ -83,17 +87,283 @@ def _print_table(reports) -> None:
             print("  " + m.ljust(36) + "".join(cells))
 
 
+# ---------------------------------------------------------------------------
+# Running a guest
+
+MIN_MEM_MB = 16
+
+
+def _host_available_mb() -> int:
+    import psutil
+    return psutil.virtual_memory().available // (1 << 20)
+
+
+def _readable_file(path: str, what: str) -> str:
+    if not os.path.exists(path):
+        raise UsageError(f"{what} {path!r} does not exist")
+    if not os.path.isfile(path):
+        raise UsageError(f"{what} {path!r} is not a regular file")
+    if not os.access(path, os.R_OK):
+        raise UsageError(f"{what} {path!r} is not readable")
+    return path
+
+
+def _choose_hypervisor(kind: str) -> str:
+    from .hw.kvm import kvm_available
+    have_kvm = kvm_available() is None
+    have_lguest = os.path.exists("/dev/lguest")
+    if kind == "auto":
+        if have_kvm:
+            return "kvm"
+        if have_lguest:
+            return "lguest"
+        raise UsageError("no usable /dev/kvm and no /dev/lguest: this host cannot run guests")
+    if kind == "kvm":
+        if not have_kvm:
+            raise UsageError(f"--hypervisor=kvm: {kvm_available() or '/dev/kvm is not usable'}")
+        return kind
+    if kind == "lguest":
+        if not have_lguest:
+            raise UsageError("--hypervisor=lguest: /dev/lguest does not exist on this host")
+        return kind
+    raise UsageError(f"--hypervisor must be kvm, lguest or auto, not {kind!r}")
+
+
+class RunConfig:
+    """Every argument, validated before anything is created."""
+
+    def __init__(self, args):
+        mem = args["<mem-in-mb>"]
+        try:
+            self.mem_mb = int(mem, 10)
+        except ValueError:
+            raise UsageError(f"memory size {mem!r} is not a whole number of megabytes") from None
+        if self.mem_mb <= 0:
+            raise UsageError(f"memory size must be positive, got {self.mem_mb} MB")
+        if self.mem_mb < MIN_MEM_MB:
+            raise UsageError(f"memory size {self.mem_mb} MB is too small to boot Linux (minimum {MIN_MEM_MB} MB)")
+        if self.mem_mb >= 1 << 22:
+            raise UsageError(f"memory size {self.mem_mb} MB is absurd (4 TiB or more)")
+        avail = _host_available_mb()
+        if self.mem_mb > avail:
+            raise UsageError(f"memory size {self.mem_mb} MB is more than the host has free ({avail} MB)")
+        self.kernel = _readable_file(args["<vmlinux>"], "kernel")
+        self.initrd = _readable_file(args["--initrd"], "initrd") if args["--initrd"] else None
+        self.cmdline = " ".join(args["<args>"])
+        self.blocks = []
+        for spec in args["--block"]:
+            path, _, flags = spec.partition(",")
+            if flags not in ("", "ro"):
+                raise UsageError(f"--block={spec}: unknown flag {flags!r} (only ',ro')")
+            self.blocks.append((_readable_file(path, "block device file"), flags == "ro"))
+        from .devices import net
+        self.nets = []
+        for spec in args["--tunnet"]:
+            try:
+                self.nets.append(net.parse_tunnet(spec))
+            except ValueError as exc:
+                raise UsageError(f"--tunnet={spec}: {exc}") from None
+        if self.nets and not os.path.exists("/dev/net/tun"):
+            raise UsageError("--tunnet needs /dev/net/tun, which this host lacks")
+        self.rng = bool(args["--rng"])
+        self.user = None
+        if args["--username"]:
+            import pwd
+            try:
+                self.user = pwd.getpwnam(args["--username"])
+            except KeyError:
+                raise UsageError(f"--username: no user {args['--username']!r}") from None
+        self.chroot = args["--chroot"]
+        if self.chroot and not os.path.isdir(self.chroot):
+            raise UsageError(f"--chroot: {self.chroot!r} is not a directory")
+        self.verbose = bool(args["--verbose"])
+        self.strict = bool(args["--strict"])
+        self.stats = bool(args["--stats"])
+        self.stats_json = args["--stats-json"]
+        if self.stats_json:
+            d = os.path.dirname(os.path.abspath(self.stats_json))
+            if not os.path.isdir(d) or not os.access(d, os.W_OK):
+                raise UsageError(f"--stats-json: cannot write into {d!r}")
+        self.hypervisor = _choose_hypervisor(args["--hypervisor"])
+
+
+def _drop_privileges(cfg: RunConfig) -> None:
+    # As lguest: chroot first (needs root), then give up the user.
+    if cfg.chroot:
+        os.chroot(cfg.chroot)
+        os.chdir("/")
+    if cfg.user is not None:
+        os.setgroups([])
+        os.setgid(cfg.user.pw_gid)
+        os.setuid(cfg.user.pw_uid)
+
+
+class Launcher:
+    """One guest: memory, kernel, bus, devices, backend.  ``run()`` returns
+    the exit status, or None when the guest asked to reboot."""
+
+    def __init__(self, cfg: RunConfig):
+        self.cfg = cfg
+        self.fatal_message = None
+        self.devices = []
+        self.backend = None
+        self.gm = self.bus = None
+        self.started = time.monotonic()
+
+    def log(self, line: str) -> None:
+        print(f"lguest-jit: {line}", file=sys.stderr, flush=True)
+
+    def fatal(self, message: str) -> None:
+        """A device thread died or a strict-mode driver error: stop the guest."""
+        if self.fatal_message is None:
+            self.fatal_message = message
+        if self.backend is not None:
+            self.backend.stop()
+
+    def build(self) -> None:
+        from . import pci
+        from .devices import Block, Rng
+        from .hw import loader
+        from .hw.memory import GuestMemory
+        cfg = self.cfg
+        self.gm = GuestMemory(cfg.mem_mb << 20)
+        try:
+            self.info = loader.load_linux(self.gm, cfg.kernel, cfg.cmdline, cfg.initrd)
+        except loader.LoadError as exc:
+            raise UsageError(str(exc)) from None
+        self.bus = pci.Bus(self.gm, strict=cfg.strict, notify_mode="single" if cfg.hypervisor == "lguest" else "per-queue",
+                           fatal=self.fatal, log=self.log if cfg.verbose else None)
+        from .devices import Console
+        from .devices.net import Net
+        devs = [Console(on_fatal=self.fatal, on_interrupt_exit=self._interrupted)]
+        devs += [Net(spec, on_fatal=self.fatal) for spec in cfg.nets]
+        devs += [Block(path, readonly=ro, on_fatal=self.fatal) for path, ro in cfg.blocks]
+        if cfg.rng:
+            devs.append(Rng(on_fatal=self.fatal))
+        for d in devs:
+            t = self.bus.add_device(d)
+            self.devices.append(d)
+            if cfg.verbose:
+                self.log(f"device {t.slot}: {d.name} (virtio type {d.device_type}) irq {t.irq_line} "
+                         f"BAR0 {t.bar0:#x}")
+        if cfg.hypervisor == "kvm":
+            from .hw.kvm import KvmVm
+            from .hw.uart import Uart8250
+            self.uart = Uart8250()
+            self.uart.register(self.bus)
+            self.backend = KvmVm(self.gm, self.bus)
+            self.backend.claim_reset_port()
+            self.backend.setup_boot(self.info)
+        else:
+            from .hw.lguest import LguestBackend
+            self.backend = LguestBackend(self.gm, self.bus, self.info.entry)
+
+    def _interrupted(self) -> None:
+        self.fatal("three ^C within one second: stopping the guest")
+        self.interrupted = True
+
+    def run(self) -> int | None:
+        from .pci import BadDriver
+        self.interrupted = False
+        try:
+            result = self.backend.run()
+        except BadDriver as exc:
+            self.log(f"bad driver: {exc}" + (f" [{exc.detail}]" if exc.detail else ""))
+            return 1
+        if self.fatal_message is not None:
+            self.log(self.fatal_message if not self.fatal_message.startswith("bad driver")
+                     else self.fatal_message)
+            return 130 if self.interrupted else 1
+        status = result.exit_status
+        if status:
+            self.log(result.report())
+        elif self.cfg.verbose:
+            self.log(f"guest ended: {result.reason}: {result.message}")
+        return status
+
+    def stats(self) -> dict:
+        import psutil
+        proc = psutil.Process()
+        names = {threading.main_thread().native_id: "vcpu0"}
+        for d in self.devices:
+            for name, tid in d.thread_ids.items():
+                names[tid] = name
+        threads = {}
+        for t in proc.threads():
+            name = names.get(t.id, f"thread-{t.id}")
+            threads[name] = {"user_s": t.user_time, "system_s": t.system_time}
+        ctx = proc.num_ctx_switches()
+        mem = proc.memory_info()
+        out = {"elapsed_s": time.monotonic() - self.started, "rss_bytes": mem.rss,
+               "context_switches": {"voluntary": ctx.voluntary, "involuntary": ctx.involuntary},
+               "threads": threads,
+               "queues": {d.name: d.counters() for d in self.devices}}
+        if self.backend is not None and hasattr(self.backend, "stats"):
+            st = self.backend.stats
+            out["exits"] = {"pio": st.pio, "mmio": st.mmio, "total": st.total, "assists": dict(st.assists)}
+        return out
+
+    def print_stats(self, stream=sys.stderr) -> None:
+        st = self.stats()
+        print(f"lguest-jit stats: {st['elapsed_s']:.2f} s, RSS {st['rss_bytes'] >> 20} MiB, context switches "
+              f"{st['context_switches']['voluntary']} voluntary / {st['context_switches']['involuntary']} involuntary",
+              file=stream)
+        for name, t in sorted(st["threads"].items()):
+            print(f"  thread {name:28s} user {t['user_s']:8.3f} s  system {t['system_s']:8.3f} s", file=stream)
+        for dev, queues in st["queues"].items():
+            for q, c in queues.items():
+                print(f"  queue  {dev + '/' + q:28s} " + " ".join(f"{k} {v}" for k, v in c.items()), file=stream)
+        if "exits" in st:
+            print(f"  exits  {st['exits']}", file=stream)
+
+    def close(self) -> None:
+        if self.bus is not None:
+            self.bus.close()
+        for d in self.devices:
+            if hasattr(d, "close"):
+                d.close()
+        if self.backend is not None:
+            self.backend.close()
+        if self.gm is not None:
+            self.gm.close()
+
+
+def _run_guest(args, argv) -> int:
+    cfg = RunConfig(args)
+    launcher = Launcher(cfg)
+    usr1 = signal.signal(signal.SIGUSR1, lambda *_: launcher.print_stats())
+    try:
+        launcher.build()
+        from .devices.console import raw_terminal
+        with raw_terminal(0):
+            _drop_privileges(cfg)
+            status = launcher.run()
+    finally:
+        signal.signal(signal.SIGUSR1, usr1)
+        if cfg.stats:
+            launcher.print_stats()
+        if cfg.stats_json:
+            with open(cfg.stats_json, "w") as f:
+                json.dump(launcher.stats(), f, indent=2)
+        launcher.close()
+    if status is None:
+        # The guest rebooted: start afresh, as lguest re-executes itself.
+        os.execv(sys.executable, [sys.executable, "-m", "lguest_jit.main", *argv])
+    return status
+
+
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
         args = docopt(__doc__, argv=argv, version=f"lguest-jit {__version__}")
-    except DocoptExit as exc:
-        print(f"lguest-jit: bad arguments (see --help)\n{exc.usage if hasattr(exc, 'usage') else ''}".rstrip(),
-              file=sys.stderr)
+    except DocoptExit:
+        print("lguest-jit: bad arguments; usage: lguest-jit [options] <mem-in-mb> <vmlinux> [<args>...] "
+              "(see --help)", file=sys.stderr)
         return 2
     try:
         if args["bench"]:
             return _bench(args)
-        raise UsageError("running a guest is not available yet in this build")
+        return _run_guest(args, argv)
     except UsageError as exc:
         print(f"lguest-jit: {exc}", file=sys.stderr)
         return 2

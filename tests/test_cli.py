@@ -31,3 +31,107 @@ def test_bench_vring_json():
                                   [(1, "direct"), (3, "direct"), (17, "direct"), (3, "indirect"), (17, "indirect")]}
         assert all(v > 0 for v in rep[side].values())
     assert all(v == rep["numba"][k] / rep["python"][k] for k, v in rep["speedup"].items())
+
+
+# ---------------------------------------------------------------- bad arguments: one line, non-zero, nothing created
+
+import os  # noqa: E402
+import threading  # noqa: E402
+
+import pytest  # noqa: E402
+
+from lguest_jit import main as cli  # noqa: E402
+
+
+@pytest.fixture
+def kernel(tmp_path):
+    k = tmp_path / "vmlinux"
+    k.write_bytes(b"\x7fELF" + bytes(60))
+    return str(k)
+
+
+def _interfaces():
+    return sorted(os.listdir("/sys/class/net")) if os.path.isdir("/sys/class/net") else []
+
+
+def check_refused(capsys, argv, needle, tmp_path=None):
+    before_threads = threading.active_count()
+    before_ifs = _interfaces()
+    before_files = sorted(os.listdir(tmp_path)) if tmp_path else None
+    status = cli.main(argv)
+    err = capsys.readouterr().err
+    assert status != 0
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert needle in lines[0], lines[0]
+    assert lines[0].startswith("lguest-jit: ")
+    assert threading.active_count() == before_threads, "no thread was started"
+    assert _interfaces() == before_ifs, "no tap was created"
+    if tmp_path:
+        assert sorted(os.listdir(tmp_path)) == before_files, "no file was created"
+
+
+@pytest.mark.parametrize("mem,needle", [
+    ("0", "must be positive"), ("-5", "must be positive"), ("abc", "not a whole number"),
+    ("8", "too small"), ("99999999999", "absurd"),
+])
+def test_bad_memory_sizes(capsys, kernel, mem, needle, tmp_path):
+    argv = ["--stats-json", str(tmp_path / "s.json"), mem, kernel]
+    check_refused(capsys, argv, needle, tmp_path)
+
+
+def test_memory_above_host_free(capsys, kernel, tmp_path):
+    import psutil
+    free = psutil.virtual_memory().available >> 20
+    if free + 1 >= 1 << 22:
+        pytest.skip("this host has more than 4 TiB free")
+    check_refused(capsys, [str(free + 1024), kernel], "more than the host has free", tmp_path)
+
+
+def test_missing_and_unreadable_files(capsys, kernel, tmp_path):
+    check_refused(capsys, ["64", str(tmp_path / "nope")], "does not exist", tmp_path)
+    check_refused(capsys, ["64", str(tmp_path)], "not a regular file", tmp_path)
+    check_refused(capsys, ["--initrd", str(tmp_path / "nope"), "64", kernel], "initrd", tmp_path)
+    check_refused(capsys, ["--block", str(tmp_path / "disk"), "64", kernel], "block device file", tmp_path)
+    check_refused(capsys, ["--block", kernel + ",rw", "64", kernel], "unknown flag", tmp_path)
+    if os.geteuid() != 0:
+        locked = tmp_path / "locked"
+        locked.write_bytes(b"x")
+        locked.chmod(0)
+        check_refused(capsys, ["64", str(locked)], "not readable", tmp_path)
+
+
+@pytest.mark.parametrize("spec,needle", [
+    ("10.0.0.300", "--tunnet=10.0.0.300"), ("10.0.0.1:zz:00:00:00:00:00", "--tunnet="),
+    ("bridge:", "--tunnet=bridge:"),
+])
+def test_bad_tunnet(capsys, kernel, spec, needle, tmp_path):
+    check_refused(capsys, ["--tunnet", spec, "64", kernel], needle, tmp_path)
+
+
+def test_unknown_user_and_chroot(capsys, kernel, tmp_path):
+    check_refused(capsys, ["--username", "no-such-user-xyz", "64", kernel], "no user", tmp_path)
+    check_refused(capsys, ["--chroot", str(tmp_path / "none"), "64", kernel], "not a directory", tmp_path)
+
+
+def test_unknown_option_single_line(capsys, kernel):
+    check_refused(capsys, ["--frobnicate", "64", kernel], "bad arguments")
+
+
+def test_no_hypervisor(capsys, kernel, tmp_path, monkeypatch):
+    import lguest_jit.hw.kvm as kvm
+    monkeypatch.setattr(kvm, "kvm_available", lambda path="/dev/kvm": "/dev/kvm does not exist")
+    real_exists = os.path.exists
+    monkeypatch.setattr(os.path, "exists", lambda p: False if p == "/dev/lguest" else real_exists(p))
+    check_refused(capsys, ["64", kernel], "no usable /dev/kvm and no /dev/lguest", tmp_path)
+    check_refused(capsys, ["--hypervisor=kvm", "64", kernel], "--hypervisor=kvm", tmp_path)
+    check_refused(capsys, ["--hypervisor=lguest", "64", kernel], "/dev/lguest does not exist", tmp_path)
+    check_refused(capsys, ["--hypervisor=xen", "64", kernel], "must be kvm, lguest or auto", tmp_path)
+
+
+def test_bad_kernel_image_is_one_line(capsys, tmp_path):
+    if not os.path.exists("/dev/kvm"):
+        pytest.skip("needs a hypervisor to get as far as loading")
+    bad = tmp_path / "notakernel"
+    bad.write_bytes(b"hello world" * 100)
+    check_refused(capsys, ["64", str(bad)], "notakernel", tmp_path)
