@@ -1,0 +1,496 @@
+"""virtio-net (device type 1, virtio 1.0 §5.1) over a Linux tap device.
+
+Two queues, receive (0) and transmit (1), each served by its own thread
+running one nogil kernel.  The tap is opened with IFF_VNET_HDR and a 12-byte
+header size, so frames cross between guest memory and the tap exactly as the
+guest lays them out — virtio_net_hdr_v1 first, then the Ethernet frame — with
+readv/writev straight on guest memory: no copy, no GIL.
+
+Receive follows lguest's net_input: a chain is taken only once the tap has a
+frame for it, and before the thread blocks (in poll for the next frame, or
+on the notification eventfd for more buffers) the driver gets its interrupt
+for whatever was filled.  Transmit follows net_output: each chain's readable
+part is written to the tap as one frame.
+
+Host side (``--tunnet``): ``IP[:MAC]`` gives the tap the address IP/24 and
+raises it; ``bridge:NAME[:MAC]`` raises it and adds it to the existing
+bridge NAME.  Interface configuration goes through pyroute2 (netlink); only
+the tap itself is set up with ioctls on its file descriptor.  MAC is the
+guest's address; without one a random locally administered address is used.
+
+Offloads: lguest enables checksum and TSO on the tap unconditionally; here
+the tap's offloads follow what the driver negotiated (GUEST_CSUM, GUEST_TSO4,
+GUEST_TSO6, GUEST_ECN), so a driver that declines them never receives a
+partial checksum or a GSO frame it cannot handle.
+"""
+from __future__ import annotations
+
+import errno
+import fcntl
+import ipaddress
+import os
+import re
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+from numba import njit
+
+from .. import vring
+from ..hw.libc import EAGAIN, EINTR, POLLIN, host_iov, pollfds, sys_poll, sys_readv, sys_writev
+from ..vring import (Q_IN, Q_IN_BYTES, Q_N_BYTES, Q_OUT, Q_OUT_BYTES, Q_STOP, STOPPED, _publish, _push,
+                     _signal, _wait_chain)
+from .base import DEVICE_ERRORS, E_SHORT_HEADER, E_WRITABLE_OUTPUT, Device
+
+VIRTIO_ID_NET = 1
+RX, TX = 0, 1
+QUEUE_SIZE = 256
+
+# Feature bits (§5.1.3)
+VIRTIO_NET_F_CSUM = 0
+VIRTIO_NET_F_GUEST_CSUM = 1
+VIRTIO_NET_F_MAC = 5
+VIRTIO_NET_F_GUEST_TSO4 = 7
+VIRTIO_NET_F_GUEST_TSO6 = 8
+VIRTIO_NET_F_GUEST_ECN = 9
+VIRTIO_NET_F_HOST_TSO4 = 11
+VIRTIO_NET_F_HOST_TSO6 = 12
+VIRTIO_NET_F_HOST_ECN = 13
+VIRTIO_NET_F_STATUS = 16
+
+# virtio_net_hdr_v1 (§5.1.6): with VERSION_1 the header always carries
+# num_buffers, so it is 12 bytes whether or not MRG_RXBUF is negotiated.
+HDR_SIZE = 12
+VIRTIO_NET_HDR_F_NEEDS_CSUM = 1
+
+# Config layout (§5.1.4).  status is only meaningful with VIRTIO_NET_F_STATUS,
+# which (like lguest) we do not offer; max_virtqueue_pairs only with MQ.
+CFG_MAC = 0
+CFG_STATUS = 6
+CFG_MAX_VQ_PAIRS = 8
+CFG_SIZE = 10
+VIRTIO_NET_S_LINK_UP = 1
+
+# Device-level driver error, numbered clear of base.py's (10x) and the
+# console's (12x) codes.
+E_NET_READABLE_INPUT = 131
+_RULE = "device-readable buffer in a network receive queue (§5.1.6.3, §2.4.5)"
+if DEVICE_ERRORS.setdefault(E_NET_READABLE_INPUT, _RULE) != _RULE:
+    raise ImportError(f"device error code {E_NET_READABLE_INPUT} is taken: {DEVICE_ERRORS[E_NET_READABLE_INPUT]}")
+# Host failure of the tap itself: not the driver's fault, never reaches
+# driver_error (serve() reports it through on_fatal).
+E_TAP = 132
+
+# Per-device counters updated by the kernels (rx and tx use separate fields).
+NS_TX_DROPPED = 0     # frames the tap refused (bad GSO header, interface down, ...)
+NS_TX_ERRNO = 1       # errno of the last refusal
+NS_RX_SPURIOUS = 2    # poll said readable but readv found nothing (chain kept)
+NS_RX_ERRNO = 3       # errno of a fatal tap error on receive
+NS_TX_BLOCKED = 4     # writev returned EAGAIN and the thread waited for POLLOUT
+NS_FIELDS = 5
+
+# poll(2) bits beyond POLLIN
+POLLOUT = 0x004
+POLLERR = 0x008
+POLLHUP = 0x010
+POLLNVAL = 0x020
+
+# <linux/if_tun.h>
+TUNSETIFF = 0x400454CA
+TUNSETOFFLOAD = 0x400454D0
+TUNSETVNETHDRSZ = 0x400454D8
+IFF_TAP = 0x0002
+IFF_NO_PI = 0x1000
+IFF_VNET_HDR = 0x4000
+TUN_F_CSUM = 0x01
+TUN_F_TSO4 = 0x02
+TUN_F_TSO6 = 0x04
+TUN_F_TSO_ECN = 0x08
+IFNAMSIZ = 16
+
+LGUEST_FEATURES = (1 << VIRTIO_NET_F_CSUM | 1 << VIRTIO_NET_F_GUEST_CSUM | 1 << VIRTIO_NET_F_MAC
+                   | 1 << VIRTIO_NET_F_GUEST_TSO4 | 1 << VIRTIO_NET_F_GUEST_TSO6 | 1 << VIRTIO_NET_F_GUEST_ECN
+                   | 1 << VIRTIO_NET_F_HOST_TSO4 | 1 << VIRTIO_NET_F_HOST_TSO6 | 1 << VIRTIO_NET_F_HOST_ECN)
+
+
+# ---------------------------------------------------------------------------
+# --tunnet parsing
+
+BRIDGE_PREFIX = "bridge:"
+_MAC_RE = re.compile(r"^[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){5}$")
+_IFNAME_RE = re.compile(r"^[^\s/:]{1,15}$")
+
+
+@dataclass(frozen=True)
+class TunSpec:
+    """A parsed ``--tunnet``: exactly one of ``ip`` (host-side IPv4 address)
+    and ``bridge`` (name of an existing bridge) is set; ``mac`` is the
+    guest's MAC (6 bytes) or None for a random one."""
+    ip: str | None = None
+    bridge: str | None = None
+    mac: bytes | None = None
+
+    def __str__(self) -> str:
+        where = BRIDGE_PREFIX + self.bridge if self.bridge is not None else self.ip
+        return where if self.mac is None else f"{where}:{format_mac(self.mac)}"
+
+
+def format_mac(mac: bytes) -> str:
+    return ":".join(f"{b:02x}" for b in mac)
+
+
+def parse_mac(text: str) -> bytes:
+    """``aa:bb:cc:dd:ee:ff`` -> 6 bytes; ValueError unless a unicast MAC."""
+    if not _MAC_RE.match(text):
+        raise ValueError(f"--tunnet: bad MAC address {text!r} (want six hex pairs like 52:54:00:12:34:56)")
+    mac = bytes(int(p, 16) for p in text.split(":"))
+    if mac[0] & 1:
+        raise ValueError(f"--tunnet: MAC address {text} is a multicast address; a guest needs a unicast one")
+    return mac
+
+
+def parse_tunnet(spec: str) -> TunSpec:
+    """Parse ``IP[:MAC]`` or ``bridge:NAME[:MAC]`` (lguest's --tunnet).
+    Raises ValueError with a one-line message naming what is wrong."""
+    if not isinstance(spec, str):
+        raise TypeError("--tunnet spec must be a string")
+    rest, bridging = spec, spec.startswith(BRIDGE_PREFIX)
+    if bridging:
+        rest = spec[len(BRIDGE_PREFIX):]
+    # As in lguest, the first colon after the address or bridge name starts the MAC.
+    where, sep, mac_text = rest.partition(":")
+    mac = parse_mac(mac_text) if sep else None
+    if bridging:
+        if not where:
+            raise ValueError(f"--tunnet={spec}: must specify a bridge name")
+        if not _IFNAME_RE.match(where):
+            raise ValueError(f"--tunnet={spec}: {where!r} is not a valid interface name "
+                             "(1-15 characters, no spaces, '/' or ':')")
+        return TunSpec(bridge=where, mac=mac)
+    try:
+        ip = ipaddress.IPv4Address(where)
+    except ValueError:
+        raise ValueError(f"--tunnet={spec}: bad IPv4 address {where!r} (want IP[:MAC] or bridge:NAME[:MAC])") from None
+    if ip.is_unspecified or ip.is_multicast or ip.is_loopback or ip == ipaddress.IPv4Address("255.255.255.255"):
+        raise ValueError(f"--tunnet={spec}: {ip} cannot be an interface address")
+    return TunSpec(ip=str(ip), mac=mac)
+
+
+def random_mac() -> bytes:
+    """A random locally administered unicast MAC."""
+    mac = bytearray(os.urandom(6))
+    mac[0] = (mac[0] & 0xFE) | 0x02
+    return bytes(mac)
+
+
+# ---------------------------------------------------------------------------
+# Kernels
+
+@njit(nogil=True, cache=True)
+def _host_iov(mem, iov, first, count, hiov):
+    """Guest iov entries -> host (address, length) rows, skipping empty ones.
+    The entries were checked against guest RAM when the chain was popped."""
+    base = np.uint64(mem.ctypes.data)
+    n = 0
+    for k in range(first, first + count):
+        if iov[k, 1] > 0:
+            hiov[n, 0] = base + iov[k, 0]
+            hiov[n, 1] = iov[k, 1]
+            n += 1
+    return n
+
+
+@njit(nogil=True, cache=True)
+def _poll(pfds, timeout):
+    """poll the two rows of ``pfds`` (the tap, then the stop eventfd).
+    Returns 1 when the tap is ready, 0 on timeout, STOPPED when the stop
+    eventfd fired, or -E_TAP when poll fails or flags the tap (ERR/HUP/NVAL)."""
+    while True:
+        pfds[0, 1] = pfds[0, 1] & 0xFFFF          # clear revents
+        pfds[1, 1] = pfds[1, 1] & 0xFFFF
+        r = sys_poll(pfds.ctypes.data, 2, timeout)
+        if r == -EINTR:
+            if timeout == 0:
+                return 0
+            continue
+        if r < 0:
+            return -E_TAP
+        if r == 0:
+            return 0
+        if (pfds[1, 1] >> 16) & 0xFFFF:
+            return STOPPED
+        rev = (pfds[0, 1] >> 16) & 0xFFFF
+        if rev & (POLLERR | POLLHUP | POLLNVAL):
+            return -E_TAP
+        if rev:
+            return 1
+        if timeout == 0:
+            return 0
+
+
+@njit(nogil=True, cache=True)
+def _rx_serve(mem, q, iov, hiov, notify_fd, isr, irq_fd, scratch, tap_fd, pfds, stats):
+    """The receive queue's thread (lguest's net_input, looped)."""
+    head = -1        # a chain taken for a frame that was not there after all
+    n = 0            # its host iov rows
+    while True:
+        if q[Q_STOP]:
+            code = STOPPED
+            break
+        ready = _poll(pfds, 0)
+        if ready == 0:
+            # About to block: the driver hears about filled buffers first.
+            _publish(mem, q)
+            _signal(mem, q, isr, irq_fd, scratch)
+            ready = _poll(pfds, -1)
+        if ready < 0:
+            code = ready
+            break
+        if ready == 0:
+            continue
+        if head < 0:
+            # A frame is waiting: now take a buffer for it (sleeping for one
+            # if the driver has none posted; that path signals first too).
+            h = _wait_chain(mem, q, iov, notify_fd, isr, irq_fd, scratch)
+            if h < 0:
+                code = h
+                break
+            if q[Q_OUT] != 0:
+                code = -E_NET_READABLE_INPUT
+                break
+            if q[Q_IN_BYTES] < HDR_SIZE:
+                code = -E_SHORT_HEADER
+                break
+            head = h
+            n = _host_iov(mem, iov, 0, q[Q_IN], hiov)
+        r = sys_readv(tap_fd, hiov.ctypes.data, n)
+        if r == -EAGAIN or r == -EINTR:
+            # Spurious readiness: keep the chain for the next frame.
+            stats[NS_RX_SPURIOUS] += 1
+            continue
+        if r < 0:
+            stats[NS_RX_ERRNO] = -r
+            code = -E_TAP
+            break
+        # The tap truncates a frame longer than the buffer; r is what landed.
+        q[Q_N_BYTES] += r
+        _push(mem, q, head, r)
+        _publish(mem, q)
+        head = -1
+    _publish(mem, q)
+    _signal(mem, q, isr, irq_fd, scratch)
+    return code
+
+
+@njit(nogil=True, cache=True)
+def _send(tap_fd, hiov, n, pfds, stats):
+    """writev one frame; waits for POLLOUT on EAGAIN.  Returns bytes written,
+    -errno when the tap refused the frame, STOPPED or -E_TAP."""
+    while True:
+        r = sys_writev(tap_fd, hiov.ctypes.data, n)
+        if r == -EINTR:
+            continue
+        if r != -EAGAIN:
+            return r
+        stats[NS_TX_BLOCKED] += 1
+        w = _poll(pfds, -1)
+        if w < 0:
+            return w
+
+
+@njit(nogil=True, cache=True)
+def _tx_serve(mem, q, iov, hiov, notify_fd, isr, irq_fd, scratch, tap_fd, pfds, stats):
+    """The transmit queue's thread (lguest's net_output, looped)."""
+    while True:
+        if q[Q_STOP]:
+            code = STOPPED
+            break
+        head = _wait_chain(mem, q, iov, notify_fd, isr, irq_fd, scratch)
+        if head < 0:
+            code = head
+            break
+        if q[Q_IN] != 0:
+            code = -E_WRITABLE_OUTPUT
+            break
+        if q[Q_OUT_BYTES] < HDR_SIZE:
+            code = -E_SHORT_HEADER
+            break
+        n = _host_iov(mem, iov, 0, q[Q_OUT], hiov)
+        r = _send(tap_fd, hiov, n, pfds, stats)
+        if r == STOPPED or r == -E_TAP:
+            code = r
+            break
+        if r < 0:
+            # The tap refused this frame; like lguest, drop it and go on.
+            stats[NS_TX_DROPPED] += 1
+            stats[NS_TX_ERRNO] = -r
+        else:
+            q[Q_N_BYTES] += r
+        _push(mem, q, head, 0)
+        _publish(mem, q)
+    _publish(mem, q)
+    _signal(mem, q, isr, irq_fd, scratch)
+    return code
+
+
+# ---------------------------------------------------------------------------
+# Host side: the tap and its interface
+
+def open_tap() -> tuple[int, str]:
+    """Create a tap (``tapN``) with a 12-byte vnet header and lguest's
+    offloads.  Returns (fd, interface name).  The fd is non-blocking: the
+    receive kernel polls before reading."""
+    try:
+        fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as e:
+        raise OSError(e.errno, f"--tunnet: cannot open /dev/net/tun: {e.strerror}") from None
+    try:
+        ifr = struct.pack("16sH22x", b"tap%d", IFF_TAP | IFF_NO_PI | IFF_VNET_HDR)
+        try:
+            ifr = fcntl.ioctl(fd, TUNSETIFF, ifr)
+        except OSError as e:
+            raise OSError(e.errno, f"--tunnet: creating a tap device (TUNSETIFF): {e.strerror}") from None
+        name = ifr[:IFNAMSIZ].split(b"\0", 1)[0].decode()
+        try:
+            fcntl.ioctl(fd, TUNSETVNETHDRSZ, struct.pack("i", HDR_SIZE))
+        except OSError as e:
+            raise OSError(e.errno, f"--tunnet: setting the tap's header size to {HDR_SIZE}: {e.strerror}") from None
+        set_offload(fd, TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6 | TUN_F_TSO_ECN)
+        return fd, name
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def set_offload(fd: int, flags: int) -> None:
+    try:
+        fcntl.ioctl(fd, TUNSETOFFLOAD, flags)
+    except OSError as e:
+        raise OSError(e.errno, f"--tunnet: setting tap offloads {flags:#x} (TUNSETOFFLOAD): {e.strerror}") from None
+
+
+def offload_flags(features: int) -> int:
+    """The tap offloads a driver with ``features`` can take on receive.  The
+    tap wants TSO only with CSUM and ECN only with TSO (tun's set_offload)."""
+    if not features >> VIRTIO_NET_F_GUEST_CSUM & 1:
+        return 0
+    flags = TUN_F_CSUM
+    if features >> VIRTIO_NET_F_GUEST_TSO4 & 1:
+        flags |= TUN_F_TSO4
+    if features >> VIRTIO_NET_F_GUEST_TSO6 & 1:
+        flags |= TUN_F_TSO6
+    if flags & (TUN_F_TSO4 | TUN_F_TSO6) and features >> VIRTIO_NET_F_GUEST_ECN & 1:
+        flags |= TUN_F_TSO_ECN
+    return flags
+
+
+def configure_interface(ifname: str, spec: TunSpec) -> None:
+    """Address and raise the tap, or raise it and enslave it to the bridge
+    (netlink through pyroute2).  ValueError for a missing or non-bridge."""
+    from pyroute2 import IPRoute
+    from pyroute2.netlink.exceptions import NetlinkError
+
+    with IPRoute() as ipr:
+        found = ipr.link_lookup(ifname=ifname)
+        if not found:
+            raise OSError(errno.ENODEV, f"--tunnet: tap {ifname} vanished before it was configured")
+        index = found[0]
+        try:
+            if spec.bridge is not None:
+                br = ipr.link_lookup(ifname=spec.bridge)
+                if not br:
+                    raise ValueError(f"--tunnet: bridge {spec.bridge!r} does not exist")
+                link = ipr.get_links(br[0])[0]
+                info = link.get_attr("IFLA_LINKINFO")
+                kind = info.get_attr("IFLA_INFO_KIND") if info is not None else None
+                if kind != "bridge":
+                    raise ValueError(f"--tunnet: {spec.bridge!r} is not a bridge (kind {kind or 'none'})")
+                ipr.link("set", index=index, master=br[0])
+            else:
+                # lguest's SIOCSIFADDR with a /24, as the project chose.
+                ipr.addr("add", index=index, address=spec.ip, prefixlen=24)
+            ipr.link("set", index=index, state="up")
+        except NetlinkError as e:
+            raise OSError(e.code, f"--tunnet: configuring {ifname} ({spec}): {os.strerror(e.code)}") from None
+
+
+# ---------------------------------------------------------------------------
+# The device
+
+class Net(Device):
+    """``Net(spec, on_fatal=None)``: a network card whose other end is a new
+    tap interface configured from ``spec`` (a ``--tunnet`` string or a
+    :class:`TunSpec`).  ``ifname`` is the tap's name, ``mac`` the guest's
+    MAC.  ``close()`` stops the threads and closes the tap (the kernel then
+    deletes the interface)."""
+
+    device_type = VIRTIO_ID_NET
+    queue_names = ("rx", "tx")
+    queue_max_sizes = (QUEUE_SIZE, QUEUE_SIZE)
+
+    def __init__(self, spec, on_fatal=None):
+        super().__init__(on_fatal)
+        self.spec = parse_tunnet(spec) if isinstance(spec, str) else spec
+        if not isinstance(self.spec, TunSpec):
+            raise TypeError("spec must be a --tunnet string or a TunSpec")
+        self.mac = self.spec.mac or random_mac()
+        self.tap_fd = -1
+        self.tap_fd, self.ifname = open_tap()
+        try:
+            configure_interface(self.ifname, self.spec)
+        except BaseException:
+            os.close(self.tap_fd)
+            self.tap_fd = -1
+            raise
+        self.name = f"net:{self.ifname}"
+        self.features = self.RING_FEATURES | LGUEST_FEATURES
+        cfg = np.zeros(CFG_SIZE, dtype=np.uint8)
+        cfg[CFG_MAC:CFG_MAC + 6] = np.frombuffer(self.mac, dtype=np.uint8)
+        cfg[CFG_STATUS] = VIRTIO_NET_S_LINK_UP
+        cfg[CFG_MAX_VQ_PAIRS] = 1
+        self.config = cfg
+        self.offloads = TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6 | TUN_F_TSO_ECN
+        self.stats = np.zeros(NS_FIELDS, dtype=np.int64)
+
+    def on_activate(self, ctx) -> None:
+        flags = offload_flags(ctx.features)
+        if flags != self.offloads:
+            set_offload(self.tap_fd, flags)
+            self.offloads = flags
+
+    def serve(self, index, ctx, stop_fd):
+        q = ctx.queues[index]
+        fds = pollfds(2)
+        fds[0] = (self.tap_fd, POLLIN if index == RX else POLLOUT)
+        fds[1] = (stop_fd, POLLIN)
+        kernel = _rx_serve if index == RX else _tx_serve
+        code = int(kernel(ctx.mem.mem, q, vring.new_iov(QUEUE_SIZE), host_iov(QUEUE_SIZE), ctx.notify_fds[index],
+                          ctx.isr, ctx.irq_fd, np.zeros(1, np.uint64), self.tap_fd, fds, self.stats))
+        if code == -E_TAP:
+            err = int(self.stats[NS_RX_ERRNO]) if index == RX else 0
+            why = os.strerror(err) if err else "poll reported an error on it"
+            self.failed.append(f"{self.name}: tap {self.ifname}: {why}")
+            self.on_fatal(f"{self.name}: {self.queue_names[index]}: tap {self.ifname} failed: {why}")
+            return STOPPED
+        return code
+
+    def net_counters(self) -> dict:
+        """Host-side events the queue counters do not show."""
+        s = self.stats
+        return {"tx_dropped": int(s[NS_TX_DROPPED]), "tx_last_errno": int(s[NS_TX_ERRNO]),
+                "tx_blocked": int(s[NS_TX_BLOCKED]), "rx_spurious": int(s[NS_RX_SPURIOUS])}
+
+    def close(self) -> None:
+        self.reset()
+        if self.tap_fd >= 0:
+            os.close(self.tap_fd)
+            self.tap_fd = -1
+
+    def __del__(self):
+        # A Net dropped without close() must not keep its interface alive.
+        fd = getattr(self, "tap_fd", -1)
+        if fd >= 0 and not self.running:
+            try:
+                os.close(fd)
+            except OSError:
+                pass

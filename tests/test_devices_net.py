@@ -1,0 +1,457 @@
+"""virtio-net over a real tap, driven by Linux's driver sequence over the PCI
+bus (no hypervisor).
+
+Every test that creates an interface runs this file as a script in a
+private network namespace (``unshare --net``), which it checks is empty
+before touching anything: nothing here can reach the host's own network.
+Traffic goes only to 10.0.2.x on the tap inside that namespace.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from lguest_jit.devices import net
+from lguest_jit.devices.net import TunSpec, offload_flags, parse_tunnet
+
+HOST_IP = "10.0.2.2"
+GUEST_IP = "10.0.2.15"
+GUEST_MAC = bytes.fromhex("525400123456")
+GUEST_MAC_TEXT = "52:54:00:12:34:56"
+BCAST = b"\xff" * 6
+HDR0 = bytes(net.HDR_SIZE)          # virtio_net_hdr_v1: no offload, num_buffers 0
+RX_BUF = 2048
+
+
+# ---------------------------------------------------------------------------
+# Parsing and feature logic: no interface needed.
+
+@pytest.mark.parametrize("spec, want", [
+    ("10.0.2.2", TunSpec(ip="10.0.2.2")),
+    ("192.168.19.1:52:54:00:12:34:56", TunSpec(ip="192.168.19.1", mac=GUEST_MAC)),
+    ("bridge:br0", TunSpec(bridge="br0")),
+    ("bridge:lan-1:02:AB:cd:00:00:01", TunSpec(bridge="lan-1", mac=bytes.fromhex("02abcd000001"))),
+])
+def test_parse_tunnet_accepts(spec, want):
+    got = parse_tunnet(spec)
+    assert got == want
+    assert parse_tunnet(str(got)) == got
+
+
+@pytest.mark.parametrize("spec, words", [
+    ("10.0.2", "bad IPv4"),
+    ("10.0.2.256", "bad IPv4"),
+    ("", "bad IPv4"),
+    ("0.0.0.0", "cannot be an interface address"),
+    ("224.0.0.1", "cannot be an interface address"),
+    ("10.0.2.2:52:54:00:12:34", "bad MAC"),
+    ("10.0.2.2:52:54:00:12:34:5g", "bad MAC"),
+    ("10.0.2.2:", "bad MAC"),
+    ("10.0.2.2:01:00:5e:00:00:01", "multicast"),
+    ("bridge:", "must specify a bridge name"),
+    ("bridge::52:54:00:12:34:56", "must specify a bridge name"),
+    ("bridge:a-very-long-bridge-name", "not a valid interface name"),
+    ("bridge:br0:zz", "bad MAC"),
+])
+def test_parse_tunnet_rejects_with_one_line(spec, words):
+    with pytest.raises(ValueError) as e:
+        parse_tunnet(spec)
+    msg = str(e.value)
+    assert words in msg and "\n" not in msg and msg.startswith("--tunnet")
+
+
+def test_random_mac_is_local_unicast():
+    macs = {net.random_mac() for _ in range(64)}
+    assert len(macs) > 60
+    for m in macs:
+        assert len(m) == 6 and m[0] & 1 == 0 and m[0] & 2 == 2
+
+
+def test_offloads_follow_negotiated_features():
+    f = {name: 1 << getattr(net, f"VIRTIO_NET_F_{name}") for name in ("GUEST_CSUM", "GUEST_TSO4", "GUEST_TSO6",
+                                                                    "GUEST_ECN")}
+    everything = sum(f.values())
+    assert offload_flags(everything) == net.TUN_F_CSUM | net.TUN_F_TSO4 | net.TUN_F_TSO6 | net.TUN_F_TSO_ECN
+    assert offload_flags(0) == 0
+    # The tap takes TSO only with CSUM, ECN only with some TSO.
+    assert offload_flags(everything & ~f["GUEST_CSUM"]) == 0
+    assert offload_flags(f["GUEST_CSUM"] | f["GUEST_ECN"]) == net.TUN_F_CSUM
+    assert offload_flags(f["GUEST_CSUM"] | f["GUEST_TSO6"]) == net.TUN_F_CSUM | net.TUN_F_TSO6
+
+
+# ---------------------------------------------------------------------------
+# Tap tests: each runs a scenario below in its own network namespace.
+
+@functools.cache
+def _netns_unavailable() -> str | None:
+    if not os.path.exists("/dev/net/tun"):
+        return "/dev/net/tun is missing"
+    if shutil.which("unshare") is None:
+        return "unshare (util-linux) is not installed"
+    try:
+        r = subprocess.run(["unshare", "--net", "true"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"unshare --net failed: {e}"
+    if r.returncode != 0:
+        return f"cannot create a network namespace: {r.stderr.strip() or r.returncode}"
+    return None
+
+
+def run_in_netns(scenario: str, *, no_jit: bool = False) -> None:
+    reason = _netns_unavailable()
+    if reason:
+        print(f"skipping tap test {scenario}: {reason}", file=sys.stderr)
+        pytest.skip(reason)
+    env = dict(os.environ)
+    if no_jit:
+        env["NUMBA_DISABLE_JIT"] = "1"
+    r = subprocess.run(["unshare", "--net", sys.executable, os.path.abspath(__file__), scenario],
+                       capture_output=True, text=True, timeout=240, env=env)
+    assert r.returncode == 0, f"{scenario} failed in its namespace:\n{r.stdout}\n{r.stderr}"
+    assert f"{scenario}: ok" in r.stdout
+
+
+def test_guest_to_host_arp_and_ping():
+    run_in_netns("scn_arp_and_ping")
+
+
+def test_guest_to_host_without_jit():
+    run_in_netns("scn_arp_and_ping", no_jit=True)
+
+
+def test_host_to_guest_udp_and_offloads():
+    run_in_netns("scn_host_to_guest")
+
+
+def test_driver_errors_need_reset():
+    run_in_netns("scn_driver_errors")
+
+
+def test_bridge_and_bad_bridges():
+    run_in_netns("scn_bridge")
+
+
+def test_close_removes_tap_and_threads():
+    run_in_netns("scn_close")
+
+
+# ---------------------------------------------------------------------------
+# Frames, built and parsed byte by byte.
+
+def inet_csum(data: bytes) -> int:
+    if len(data) % 2:
+        data += b"\0"
+    s = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while s >> 16:
+        s = (s & 0xFFFF) + (s >> 16)
+    return ~s & 0xFFFF
+
+
+def ip4(text: str) -> bytes:
+    return socket.inet_aton(text)
+
+
+def arp_request(src_mac: bytes, src_ip: str, target_ip: str) -> bytes:
+    eth = BCAST + src_mac + b"\x08\x06"
+    arp = struct.pack("!HHBBH", 1, 0x0800, 6, 4, 1) + src_mac + ip4(src_ip) + bytes(6) + ip4(target_ip)
+    return eth + arp
+
+
+def icmp_echo(src_mac, dst_mac, src_ip, dst_ip, ident, seq, payload) -> bytes:
+    icmp = struct.pack("!BBHHH", 8, 0, 0, ident, seq) + payload
+    icmp = icmp[:2] + struct.pack("!H", inet_csum(icmp)) + icmp[4:]
+    iph = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(icmp), 0x1234, 0x4000, 64, 1, 0, ip4(src_ip), ip4(dst_ip))
+    iph = iph[:10] + struct.pack("!H", inet_csum(iph)) + iph[12:]
+    return dst_mac + src_mac + b"\x08\x00" + iph + icmp
+
+
+# ---------------------------------------------------------------------------
+# Scenario helpers (run inside the namespace)
+
+def _ns_setup():
+    from pyroute2 import IPRoute
+    with IPRoute() as ipr:
+        names = {link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
+    # The guarantee that nothing touches the host's network: a fresh
+    # namespace holds only its own loopback.
+    assert names == {"lo"}, f"not a fresh network namespace: {names}"
+    quiet = True
+    for conf in ("all", "default"):
+        try:
+            with open(f"/proc/sys/net/ipv6/conf/{conf}/disable_ipv6", "w") as f:
+                f.write("1")
+        except OSError:
+            quiet = False      # IPv6 chatter (MLD, router solicitations) is filtered instead
+    return quiet
+
+
+def _machine():
+    from lguest_jit import pci
+    from lguest_jit.hw.memory import GuestMemory
+    gm = GuestMemory(32 << 20)
+    return gm, pci.Bus(gm)
+
+
+def _bring_up(bus, gm, dev, **kw):
+    from lguest_jit.testing import VirtioPciDriver
+    t = bus.add_device(dev)
+    drv = VirtioPciDriver(bus, t.slot, gm, slot_bytes=4096)
+    drv.init(**kw)
+    return drv
+
+
+def _post_rx(drv, count, indirect=False):
+    for _ in range(count):
+        # Header and frame in separate descriptors, as Linux lays out small buffers.
+        drv.queues[net.RX].add(in_=[net.HDR_SIZE, RX_BUF - net.HDR_SIZE], indirect=indirect)
+    drv.kick(net.RX)
+
+
+def _send(drv, frame: bytes, hdr: bytes = HDR0, indirect=False):
+    q = drv.queues[net.TX]
+    q.add(out=[hdr, frame], indirect=indirect)
+    drv.kick(net.TX)
+    head, length, _ = drv.wait_used(net.TX)
+    assert length == 0
+
+
+def _recv(drv, want, timeout=5.0, indirect=False):
+    """The first received (vnet header, frame) for which want(frame) holds;
+    every buffer reaped is posted again."""
+    deadline = time.monotonic() + timeout
+    while True:
+        left = deadline - time.monotonic()
+        assert left > 0, "no matching frame received"
+        head, length, data = drv.wait_used(net.RX, timeout=left)
+        blob = b"".join(data)[:length]
+        _post_rx(drv, 1, indirect)
+        assert length >= net.HDR_SIZE
+        hdr, frame = blob[:net.HDR_SIZE], blob[net.HDR_SIZE:]
+        if want(frame):
+            return hdr, frame
+
+
+def _link(ifname):
+    from pyroute2 import IPRoute
+    with IPRoute() as ipr:
+        idx = ipr.link_lookup(ifname=ifname)
+        if not idx:
+            return None
+        link = ipr.get_links(idx[0])[0]
+        addrs = [(a.get_attr("IFA_ADDRESS"), a["prefixlen"]) for a in ipr.get_addr(index=idx[0], family=socket.AF_INET)]
+        return {"index": idx[0], "up": bool(link["flags"] & 1), "master": link.get_attr("IFLA_MASTER"),
+                "mac": bytes.fromhex(link.get_attr("IFLA_ADDRESS").replace(":", "")), "addrs": addrs}
+
+
+def _wait_status(drv, bit, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if drv.status & bit:
+            return True
+        time.sleep(0.01)
+    return False
+
+
+# ---------------------------------------------------------------------------
+# Scenarios
+
+def scn_arp_and_ping():
+    from lguest_jit import vring
+    quiet = _ns_setup()
+    gm, bus = _machine()
+    dev = net.Net(f"{HOST_IP}:{GUEST_MAC_TEXT}")
+    tap = _link(dev.ifname)
+    assert tap["up"] and tap["addrs"] == [(HOST_IP, 24)] and tap["master"] is None
+    drv = _bring_up(bus, gm, dev)
+    assert drv.device_id == 0x1040 + net.VIRTIO_ID_NET
+    assert bytes(drv.config_read(net.CFG_MAC + i, 1) for i in range(6)) == GUEST_MAC
+    for bit in (0, 1, 5, 7, 8, 9, 11, 12, 13, vring.VIRTIO_RING_F_INDIRECT_DESC, vring.VIRTIO_F_VERSION_1):
+        assert drv.features >> bit & 1, bit
+    assert not drv.features >> net.VIRTIO_NET_F_STATUS & 1
+    _post_rx(drv, 8)
+    if quiet:
+        # lguest's net_input: no frame, no chain taken.
+        time.sleep(0.2)
+        assert dev.counters()["rx"]["requests"] == 0
+        assert gm.mem[drv.queues[net.RX].used + 2] == 0
+
+    # Guest -> host: ARP who-has 10.0.2.2; the host's kernel answers.
+    _send(drv, arp_request(GUEST_MAC, GUEST_IP, HOST_IP))
+    hdr, reply = _recv(drv, lambda f: f[12:14] == b"\x08\x06")
+    assert hdr == HDR0
+    assert reply[0:6] == GUEST_MAC and reply[6:12] == tap["mac"]
+    htype, ptype, hlen, plen, op = struct.unpack("!HHBBH", reply[14:22])
+    assert (htype, ptype, hlen, plen, op) == (1, 0x0800, 6, 4, 2)
+    assert reply[22:28] == tap["mac"] and reply[28:32] == ip4(HOST_IP)
+    assert reply[32:38] == GUEST_MAC and reply[38:42] == ip4(GUEST_IP)
+
+    # Ping, through indirect descriptors this time.
+    payload = os.urandom(56)
+    _send(drv, icmp_echo(GUEST_MAC, tap["mac"], GUEST_IP, HOST_IP, 0x4242, 7, payload), indirect=True)
+    _, echo = _recv(drv, lambda f: f[12:14] == b"\x08\x00" and f[23] == 1)
+    ip = echo[14:34]
+    assert ip[12:16] == ip4(HOST_IP) and ip[16:20] == ip4(GUEST_IP) and inet_csum(ip) == 0
+    icmp = echo[34:]
+    assert icmp[0] == 0 and struct.unpack("!HH", icmp[4:8]) == (0x4242, 7) and icmp[8:] == payload
+    assert inet_csum(icmp) == 0
+
+    c = dev.counters()
+    assert c["tx"]["requests"] == 2 and c["tx"]["bytes"] == 2 * net.HDR_SIZE + 42 + 98
+    assert c["rx"]["requests"] >= 2 and c["rx"]["bytes"] >= 2 * net.HDR_SIZE + 42 + 98
+    assert dev.net_counters()["tx_dropped"] == 0
+    bus.close()
+    dev.close()
+    gm.close()
+
+
+def scn_host_to_guest():
+    from pyroute2 import IPRoute
+    _ns_setup()
+    gm, bus = _machine()
+    dev = net.Net(f"{HOST_IP}:{GUEST_MAC_TEXT}")
+    with IPRoute() as ipr:
+        ipr.neigh("add", dst=GUEST_IP, lladdr=GUEST_MAC_TEXT, ifindex=_link(dev.ifname)["index"], state=0x80)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind((HOST_IP, 4321))
+
+    def udp_to_guest(payload, indirect):
+        sock.sendto(payload, (GUEST_IP, 9999))
+        return _recv(drv, lambda f: f[12:14] == b"\x08\x00" and f[23] == 17 and f[36:38] == b"\x27\x0f",
+                     indirect=indirect)
+
+    # Every offload negotiated: the tap hands the guest a partial checksum.
+    drv = _bring_up(bus, gm, dev)
+    assert dev.offloads == net.TUN_F_CSUM | net.TUN_F_TSO4 | net.TUN_F_TSO6 | net.TUN_F_TSO_ECN
+    _post_rx(drv, 4, indirect=True)
+    payload = os.urandom(300)
+    hdr, frame = udp_to_guest(payload, True)
+    flags, gso, hdr_len, gso_size, csum_start, csum_offset, nbuf = struct.unpack("<BBHHHHH", hdr)
+    assert flags == net.VIRTIO_NET_HDR_F_NEEDS_CSUM and gso == 0
+    assert (csum_start, csum_offset) == (14 + 20, 6)
+    assert frame[0:6] == GUEST_MAC and frame[30:34] == ip4(GUEST_IP) and frame[26:30] == ip4(HOST_IP)
+    assert struct.unpack("!HHH", frame[34:40]) == (4321, 9999, 8 + len(payload)) and frame[42:] == payload
+
+    # Renegotiated without GUEST_CSUM: the tap's offloads follow, and the
+    # frame arrives with a complete checksum and an empty header.
+    drv.reset()
+    no_csum = ~(1 << net.VIRTIO_NET_F_GUEST_CSUM | 1 << net.VIRTIO_NET_F_GUEST_TSO4
+                | 1 << net.VIRTIO_NET_F_GUEST_TSO6 | 1 << net.VIRTIO_NET_F_GUEST_ECN)
+    drv.init(accept=lambda offered: offered & no_csum)
+    assert dev.offloads == 0
+    _post_rx(drv, 4)
+    payload = os.urandom(700)
+    hdr, frame = udp_to_guest(payload, False)
+    assert hdr == HDR0 and frame[42:] == payload
+    pseudo = frame[26:34] + struct.pack("!BBH", 0, 17, 8 + len(payload))
+    assert inet_csum(pseudo + frame[34:]) == 0
+
+    # A frame longer than the buffer is cut to the buffer (the tap truncates).
+    drv.reset()
+    drv.init(accept=lambda offered: offered & no_csum)
+    drv.queues[net.RX].add(in_=[net.HDR_SIZE + 100])
+    drv.kick(net.RX)
+    sock.sendto(os.urandom(500), (GUEST_IP, 9999))
+    _, length, data = drv.wait_used(net.RX)
+    assert length == net.HDR_SIZE + 100 and data[0][net.HDR_SIZE:net.HDR_SIZE + 6] == GUEST_MAC
+    sock.close()
+    bus.close()
+    dev.close()
+    gm.close()
+
+
+def scn_driver_errors():
+    from lguest_jit import pci
+    _ns_setup()
+    gm, bus = _machine()
+    dev = net.Net(f"{HOST_IP}:{GUEST_MAC_TEXT}")
+    drv = _bring_up(bus, gm, dev)
+    # A writable buffer on the transmit queue.
+    drv.queues[net.TX].add(out=[HDR0 + arp_request(GUEST_MAC, GUEST_IP, HOST_IP)], in_=[64])
+    drv.kick(net.TX)
+    assert _wait_status(drv, pci.DEVICE_NEEDS_RESET)
+    # A transmit chain too short for the 12-byte header.
+    drv.init()
+    drv.queues[net.TX].add(out=[bytes(8)])
+    drv.kick(net.TX)
+    assert _wait_status(drv, pci.DEVICE_NEEDS_RESET)
+    # A readable buffer on the receive queue: found once a frame arrives
+    # for it (the guest sends an ARP request; the reply needs a buffer).
+    drv.init()
+    drv.queues[net.RX].add(out=[bytes(64)], in_=[RX_BUF])
+    drv.kick(net.RX)
+    _send(drv, arp_request(GUEST_MAC, GUEST_IP, HOST_IP))
+    assert _wait_status(drv, pci.DEVICE_NEEDS_RESET)
+    # And after a reset it works again.
+    drv.init()
+    _post_rx(drv, 4)
+    _send(drv, arp_request(GUEST_MAC, GUEST_IP, HOST_IP))
+    _recv(drv, lambda f: f[12:14] == b"\x08\x06")
+    bus.close()
+    dev.close()
+    gm.close()
+
+
+def scn_bridge():
+    from pyroute2 import IPRoute
+    _ns_setup()
+    with IPRoute() as ipr:
+        ipr.link("add", ifname="br0", kind="bridge")
+        br = ipr.link_lookup(ifname="br0")[0]
+    dev = net.Net("bridge:br0")
+    tap = _link(dev.ifname)
+    assert tap["master"] == br and tap["up"] and tap["addrs"] == []
+    assert dev.mac[0] & 3 == 2 and dev.config[net.CFG_MAC:net.CFG_MAC + 6].tobytes() == dev.mac
+    dev.close()
+    for spec, words in (("bridge:nosuch", "does not exist"), ("bridge:lo", "is not a bridge")):
+        try:
+            net.Net(spec)
+        except ValueError as e:
+            assert words in str(e) and "\n" not in str(e), e
+        else:
+            raise AssertionError(f"{spec} accepted")
+    # A refused spec leaves no tap behind.
+    with IPRoute() as ipr:
+        names = {link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
+    assert names == {"lo", "br0"}, names
+
+
+def scn_close():
+    import gc
+    _ns_setup()
+    before_fds = len(os.listdir("/proc/self/fd"))
+    before_threads = threading.active_count()
+    gm, bus = _machine()
+    dev = net.Net(HOST_IP)
+    drv = _bring_up(bus, gm, dev)
+    _post_rx(drv, 4)
+    assert threading.active_count() == before_threads + 2
+    assert _link(dev.ifname) is not None
+    drv.reset()                     # both threads joined, tap kept
+    assert not dev.running and threading.active_count() == before_threads
+    drv.init()
+    assert threading.active_count() == before_threads + 2
+    bus.close()
+    dev.close()
+    gm.close()
+    gc.collect()
+    assert not dev.running and threading.active_count() == before_threads
+    assert _link(dev.ifname) is None, "the tap outlived close()"
+    assert len(os.listdir("/proc/self/fd")) == before_fds
+
+
+if __name__ == "__main__":
+    # Run as ``unshare --net python tests/test_devices_net.py <scenario>``.
+    name = sys.argv[1]
+    if not name.startswith("scn_"):
+        sys.exit(f"unknown scenario {name}")
+    globals()[name]()
+    print(f"{name}: ok", flush=True)
