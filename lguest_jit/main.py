@@ -241,11 +241,8 @@ class Launcher:
         if cfg.rng:
             devs.append(Rng(on_fatal=self.fatal))
         for d in devs:
-            t = self.bus.add_device(d)
+            self.bus.add_device(d)       # the bus logs slot, BAR0 and irq with --verbose
             self.devices.append(d)
-            if cfg.verbose:
-                self.log(f"device {t.slot}: {d.name} (virtio type {d.device_type}) irq {t.irq_line} "
-                         f"BAR0 {t.bar0:#x}")
         if cfg.hypervisor == "kvm":
             from .hw.kvm import KvmVm
             from .hw.uart import Uart8250
@@ -284,14 +281,19 @@ class Launcher:
     def stats(self) -> dict:
         import psutil
         proc = psutil.Process()
-        names = {threading.main_thread().native_id: "vcpu0"}
+        names = {t.native_id: t.name for t in threading.enumerate()}
+        names[threading.main_thread().native_id] = "vcpu0"
         for d in self.devices:
             for name, tid in d.thread_ids.items():
                 names[tid] = name
         threads = {}
+        for d in self.devices:
+            for name, (user, system) in d.thread_times.items():
+                threads[name] = {"user_s": user, "system_s": system}
         for t in proc.threads():
             name = names.get(t.id, f"thread-{t.id}")
-            threads[name] = {"user_s": t.user_time, "system_s": t.system_time}
+            prev = threads.get(name, {"user_s": 0.0, "system_s": 0.0})
+            threads[name] = {"user_s": prev["user_s"] + t.user_time, "system_s": prev["system_s"] + t.system_time}
         ctx = proc.num_ctx_switches()
         mem = proc.memory_info()
         out = {"elapsed_s": time.monotonic() - self.started, "rss_bytes": mem.rss,

@@ -290,14 +290,14 @@ def test_elf64_ignores_non_load_segments(gm, tmp_path):
     assert gm.read(0, 4) == b"\0\0\0\0"
 
 
-def test_page_tables_cover_all_ram_up_to_4g(tmp_path):
+def test_page_tables_cover_ram_and_the_mmio_window(tmp_path):
     path = write(tmp_path, "vmlinux", make_elf(64))
-    for size, mapped in ((3 * GiB // 2, 2 * GiB), (5 * GiB, 4 * GiB)):
+    for size, mapped in ((64 << 20, 4 * GiB), (3 * GiB // 2, 4 * GiB), (5 * GiB, 4 * GiB)):
         big = GuestMemory(size)
         try:
             info = load_linux(big, path)
             assert identity_map_size(size) == mapped
-            for va in (0, GiB + 12345, mapped - 4096):
+            for va in (0, GiB + 12345, 0xE0000000 + 0x14, mapped - 4096):   # RAM and the PCI BARs
                 assert translate(big.mem, info.cr3, va) == va
             assert translate(big.mem, info.cr3, mapped) is None
             e820_top = struct.unpack_from("<QQI", big.read(BOOT_PARAMS_ADDR + 0x2D0 + 40, 20))

@@ -20,6 +20,7 @@ return value names any rule.
 from __future__ import annotations
 
 import os
+import resource
 import sys
 import threading
 
@@ -64,7 +65,8 @@ class Device(VirtioDevice):
         self._ctx: QueueContext | None = None
         self._stopping = False
         self.stop_fd = -1
-        self.thread_ids: dict[str, int] = {}
+        self.thread_ids: dict[str, int] = {}          # live queue threads: name -> native id
+        self.thread_times: dict[str, tuple] = {}      # ended ones: name -> (user s, system s)
         # Counters of queues that were stopped (a reset zeroes the live arrays).
         self.totals = np.zeros((len(self.queue_max_sizes), vring.Q_FIELDS), dtype=np.int64)
         self.failed: list[str] = []
@@ -100,6 +102,12 @@ class Device(VirtioDevice):
             self.failed.append(msg)
             self.on_fatal(msg)
             return
+        finally:
+            # The thread's own CPU time, kept after it is gone (--stats).
+            ru = resource.getrusage(resource.RUSAGE_THREAD)
+            user, system = self.thread_times.get(name, (0.0, 0.0))
+            self.thread_times[name] = (user + ru.ru_utime, system + ru.ru_stime)
+            self.thread_ids.pop(name, None)
         if code != vring.STOPPED and code < 0:
             ctx.driver_error(i, error_message(code))
 

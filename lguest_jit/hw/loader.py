@@ -826,9 +826,10 @@ def _write_gdt(gm: GuestMemory, code: Segment, data: Segment) -> int:
 
 
 def identity_map_size(ram_size: int) -> int:
-    """How much the long-mode page tables map: all of RAM rounded up to
-    1 GiB, at least 1 GiB, at most 4 GiB."""
-    return min(MAX_IDENTITY_MAP, max(GIB, -(-ram_size // GIB) * GIB))
+    """How much the long-mode page tables map: always the low 4 GiB, so
+    both RAM (up to 4 GiB) and the PCI MMIO window below 4 GiB are reachable
+    before the guest installs page tables of its own."""
+    return MAX_IDENTITY_MAP
 
 
 def _write_page_tables(gm: GuestMemory) -> int:
