@@ -178,9 +178,12 @@ def test_large_input_fills_several_buffers_in_order(machine, fds):
 # ^C
 
 
-def ctrl_c(drv, w):
+def ctrl_c(drv, w, dev):
+    seen = dev.ctrl_c_seen
     os.write(w, b"\x03")
     assert receive(drv, 1) == b"\x03"               # every ^C reaches the guest
+    # The guest sees it before the input thread looks at the clock: wait for that.
+    assert wait_for(lambda: dev.ctrl_c_seen == seen + 1)
 
 
 def test_three_ctrl_c_within_a_second_end_the_launcher(machine, fds):
@@ -188,17 +191,18 @@ def test_three_ctrl_c_within_a_second_end_the_launcher(machine, fds):
     out_r, out_w = fds(*os.pipe())
     called = threading.Event()
     dev = Console(r, out_w, on_interrupt_exit=called.set, log=lambda m: None)
+    dev.clock = lambda: 100.0                        # a loaded machine must not make it flaky
     drv = bring_up(machine, dev)
     post_rx(drv, count=16)
-    ctrl_c(drv, w)
-    ctrl_c(drv, w)
+    ctrl_c(drv, w, dev)
+    ctrl_c(drv, w, dev)
     assert not called.wait(0.05), "two ^C are just input"
     os.write(w, b"x")                                # other input in between starts the count again
     assert receive(drv, 1) == b"x"
-    ctrl_c(drv, w)
-    ctrl_c(drv, w)
+    ctrl_c(drv, w, dev)
+    ctrl_c(drv, w, dev)
     assert not called.wait(0.05)
-    ctrl_c(drv, w)
+    ctrl_c(drv, w, dev)
     assert called.wait(5)
     assert wait_for(lambda: not dev._threads[con.RECEIVEQ].is_alive())
     transmit(drv, b"still here")                     # the device itself lives until the launcher stops it
@@ -216,17 +220,17 @@ def test_ctrl_c_too_slow_or_not_alone_does_not_exit(machine, fds):
     post_rx(drv, count=16)
     for step in (0.0, 0.6, 0.6):                     # third one 1.2 s after the first
         now[0] += step
-        ctrl_c(drv, w)
+        ctrl_c(drv, w, dev)
     assert not called.wait(0.05)
     os.write(w, b"\x03\x03")                         # two in one chunk: not lone ^C
     assert receive(drv, 2) == b"\x03\x03"
     now[0] += 0.1
-    ctrl_c(drv, w)                                   # last three lone ones: 1.2 s apart, then a non-lone chunk
+    ctrl_c(drv, w, dev)                                   # last three lone ones: 1.2 s apart, then a non-lone chunk
     assert not called.wait(0.05)
     now[0] += 0.1
-    ctrl_c(drv, w)
+    ctrl_c(drv, w, dev)
     now[0] += 0.1
-    ctrl_c(drv, w)                                   # three lone ^C within 0.2 s
+    ctrl_c(drv, w, dev)                                   # three lone ^C within 0.2 s
     assert called.wait(5)
 
 
@@ -235,10 +239,11 @@ def test_three_ctrl_c_without_callback_is_fatal(machine, fds):
     out_r, out_w = fds(*os.pipe())
     messages = []
     dev = Console(r, out_w, on_fatal=messages.append, log=lambda m: None)
+    dev.clock = lambda: 100.0
     drv = bring_up(machine, dev)
     post_rx(drv)
     for _ in range(3):
-        ctrl_c(drv, w)
+        ctrl_c(drv, w, dev)
     assert wait_for(lambda: messages)
     assert "three ^C" in messages[0]
 
@@ -308,7 +313,10 @@ def test_partial_writes_to_a_small_nonblocking_pipe(machine, fds):
     reader.join(25)
     assert not reader.is_alive()
     assert bytes(got) == blob
-    assert dev.counters()["transmitq"]["bytes"] == len(blob)
+    c = dev.counters()["transmitq"]
+    assert c["bytes"] == len(blob) and c["write_errors"] == 0
+    assert c["output_full_waits"] > 0, "the pipe filled up: the EAGAIN path ran"
+
 
 
 def test_closed_output_drops_data_and_keeps_going(machine, fds):
@@ -392,6 +400,33 @@ def test_reset_and_close_join_threads(fds):
     bus.close()
     assert threading.active_count() == before
     gm.close()
+
+
+def open_fds():
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_stalled_blocking_output_does_not_hold_up_reset_and_no_fd_leaks(fds):
+    in_r, in_w = fds(*os.pipe())
+    out_r, out_w = fds(*os.pipe())                   # blocking, and nobody reads it
+    fcntl.fcntl(out_w, fcntl.F_SETPIPE_SZ, 4096)
+    before = open_fds()
+    gm = GuestMemory(32 << 20)
+    bus = pci.Bus(gm)
+    dev = Console(in_r, out_w)
+    drv = bring_up((gm, bus), dev, slot_bytes=1 << 16)
+    drv.queues[con.TRANSMITQ].add(out=[b"s" * 50000])
+    drv.kick(con.TRANSMITQ)
+    assert wait_for(lambda: dev.counters()["transmitq"]["output_full_waits"] > 0)
+    assert os.get_blocking(out_w), "the caller's fd is left as it was"
+    drv.reset()                                      # would hang in a blocking write
+    assert not dev.running
+    drv.init()
+    drv.reset()
+    bus.close()
+    gm.close()
+    assert open_fds() == before
+    assert len(os.read(out_r, 1 << 16)) == 4096
 
 
 # ---------------------------------------------------------------------------

@@ -29,6 +29,7 @@ import errno
 import os
 import select
 import signal
+import stat
 import sys
 import termios
 import threading
@@ -84,7 +85,8 @@ CS_IN_ERRNO = 1
 CS_OUT_ERRORS = 2       # chains whose data could not all be written
 CS_OUT_ERRNO = 3        # errno of the last failure
 CS_OUT_DROPPED = 4      # bytes lost to those failures
-CS_FIELDS = 5
+CS_OUT_WAITS = 5        # times the output was full (EAGAIN) and we waited for POLLOUT
+CS_FIELDS = 6
 
 _W_STOPPED = -1         # _write_all: told to stop while waiting for POLLOUT
 
@@ -203,7 +205,7 @@ def _receive(mem, q, iov, hiov, notify_fd, isr, irq_fd, scratch, pfd, input_fd, 
 
 
 @njit(nogil=True, cache=True)
-def _write_all(fd, stop_fd, hiov, n, pfd):
+def _write_all(fd, stop_fd, hiov, n, pfd, cs):
     """writev all of hiov[:n] to ``fd``, resuming after partial writes and
     waiting for POLLOUT on EAGAIN.  Returns (bytes written, 0 | errno |
     _W_STOPPED)."""
@@ -214,6 +216,7 @@ def _write_all(fd, stop_fd, hiov, n, pfd):
         if r == -EINTR:
             continue
         if r == -EAGAIN:
+            cs[CS_OUT_WAITS] += 1
             p = _poll2(pfd, fd, POLLOUT, stop_fd)
             if p < 0 and p != -EINTR:
                 return done, -p
@@ -252,7 +255,7 @@ def _transmit(mem, q, iov, hiov, notify_fd, isr, irq_fd, scratch, pfd, output_fd
             code = -E_WRITABLE_OUTPUT
             break
         n = _to_host_iov(mem, iov, 0, q[Q_OUT], hiov)
-        done, err = _write_all(output_fd, stop_fd, hiov, n, pfd)
+        done, err = _write_all(output_fd, stop_fd, hiov, n, pfd, cs)
         q[Q_N_BYTES] += done
         # Written or not, the buffer goes back: nobody else will write it.
         _push(mem, q, head, 0)
@@ -272,6 +275,37 @@ def _transmit(mem, q, iov, hiov, notify_fd, isr, irq_fd, scratch, pfd, output_fd
     return code
 
 
+_PTMX = os.makedev(5, 2)
+
+
+def _nonblocking_twin(fd: int, access: int) -> int | None:
+    """A private O_NONBLOCK open of what ``fd`` refers to, or None.
+
+    The service threads must never sleep in read/write where a reset cannot
+    wake them (a stalled pipe reader, a terminal under ^S).  Setting
+    O_NONBLOCK on stdin/stdout themselves would change them for every
+    process sharing them (the shell), so pipes and ttys are reopened through
+    /proc for a file description of our own.  Regular files never block and
+    other kinds (sockets, a pty master: reopening /dev/ptmx makes a new pty)
+    are used as they are.
+    """
+    try:
+        st = os.fstat(fd)
+    except OSError:
+        return None
+    if not (stat.S_ISFIFO(st.st_mode) or stat.S_ISCHR(st.st_mode)) or st.st_rdev == _PTMX:
+        return None
+    try:
+        twin = os.open(f"/proc/self/fd/{fd}", access | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    got = os.fstat(twin)
+    if (got.st_dev, got.st_ino, got.st_rdev) != (st.st_dev, st.st_ino, st.st_rdev):
+        os.close(twin)
+        return None
+    return twin
+
+
 def _default_log(message: str) -> None:
     print(f"lguest-jit: console: {message}", file=sys.stderr, flush=True)
 
@@ -283,7 +317,10 @@ class Console(Device):
     ``input_fd`` feeds the receiveq (``None`` or -1: no input at all);
     ``output_fd`` takes the transmitq and emergency writes.  Either may be a
     tty, a pty, a pipe or a file, blocking or not.  The console neither
-    changes terminal modes (see :func:`raw_terminal`) nor closes the fds.
+    changes terminal modes (see :func:`raw_terminal`) nor changes or closes
+    the fds: while the queues run it uses private non-blocking opens of
+    pipes and ttys (see ``_nonblocking_twin``), so a stalled reader or
+    writer never keeps a reset or the launcher's exit waiting.
 
     ``on_interrupt_exit()`` is called when three chunks of input that are
     each a lone ^C arrive within ``CTRL_C_WINDOW`` seconds with nothing in
@@ -325,7 +362,10 @@ class Console(Device):
         self.input_ended: str | None = None
         self.emergency_bytes = 0
         self.emergency_dropped = 0
+        self.ctrl_c_seen = 0                   # lone-^C chunks delivered
         self._ctrl_c: list[tuple[float, int]] = []
+        self._in_fd = self._out_fd = -1        # what the running threads use
+        self._twins: list[int] = []
 
     # -- config space
     def config_write(self, offset: int, size: int, value: int) -> bool:
@@ -341,23 +381,45 @@ class Console(Device):
         Returns False if the byte was dropped."""
         data = bytes([byte & 0xFF])
         deadline = time.monotonic() + self.EMERGENCY_WAIT
+        writable = select.poll()
+        writable.register(self.output_fd, select.POLLOUT)
         while True:
+            left = deadline - time.monotonic()
             try:
+                # Writable first: a pipe or tty that polls writable takes one
+                # byte without blocking, even through a blocking fd.
+                if left <= 0 or not writable.poll(max(1, int(left * 1000))):
+                    break
                 if os.write(self.output_fd, data) == 1:
                     self.emergency_bytes += 1
                     return True
             except BlockingIOError:
-                left = deadline - time.monotonic()
-                if left > 0 and select.select([], [self.output_fd], [], left)[1]:
-                    continue
+                continue
             except OSError:
-                pass
-            self.emergency_dropped += 1
-            return False
+                break
+        self.emergency_dropped += 1
+        return False
 
     # -- queue threads
     def on_activate(self, ctx) -> None:
         self._ctrl_c = []
+        self._in_fd, self._out_fd = self.input_fd, self.output_fd
+        if self.input_fd >= 0 and self.input_ended is None:
+            twin = _nonblocking_twin(self.input_fd, os.O_RDONLY)
+            if twin is not None:
+                self._twins.append(twin)
+                self._in_fd = twin
+        twin = _nonblocking_twin(self.output_fd, os.O_WRONLY)
+        if twin is not None:
+            self._twins.append(twin)
+            self._out_fd = twin
+
+    def on_reset(self) -> None:
+        # The threads are joined: nothing uses the private fds any more.
+        for fd in self._twins:
+            os.close(fd)
+        self._twins.clear()
+        self._in_fd = self._out_fd = -1
 
     def serve(self, index, ctx, stop_fd):
         q = ctx.queues[index]
@@ -368,10 +430,10 @@ class Console(Device):
         return self._serve_output(args, stop_fd)
 
     def _serve_input(self, args, stop_fd) -> int:
-        if self.input_fd < 0 or self.input_ended is not None:
+        if self._in_fd < 0 or self.input_ended is not None:
             return 0
         while True:
-            code = int(_receive(*args, self.input_fd, stop_fd, self.state))
+            code = int(_receive(*args, self._in_fd, stop_fd, self.state))
             if code == RET_CTRL_C:
                 if self._three_ctrl_c():
                     self._end_input("three ^C: input stopped")
@@ -399,6 +461,7 @@ class Console(Device):
         """lguest's exit hack: True when the last three input chunks were all
         a lone ^C and came within CTRL_C_WINDOW seconds."""
         self._ctrl_c.append((self.clock(), int(self.state[CS_IN_CHUNKS])))
+        self.ctrl_c_seen += 1
         del self._ctrl_c[:-3]
         if len(self._ctrl_c) < 3:
             return False
@@ -410,7 +473,7 @@ class Console(Device):
 
     def _serve_output(self, args, stop_fd) -> int:
         while True:
-            code = int(_transmit(*args, self.output_fd, stop_fd, self.state))
+            code = int(_transmit(*args, self._out_fd, stop_fd, self.state))
             if code != RET_OUTPUT_ERROR:
                 return code
             err = int(self.state[CS_OUT_ERRNO])
@@ -419,10 +482,11 @@ class Console(Device):
 
     def counters(self) -> dict:
         """Base counters; the transmitq's also says how many chains and bytes
-        failed to go out."""
+        failed to go out and how often the output was full."""
         out = super().counters()
         out["transmitq"]["write_errors"] = int(self.state[CS_OUT_ERRORS])
         out["transmitq"]["dropped_bytes"] = int(self.state[CS_OUT_DROPPED])
+        out["transmitq"]["output_full_waits"] = int(self.state[CS_OUT_WAITS])
         return out
 
     def close(self) -> None:
