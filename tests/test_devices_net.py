@@ -89,6 +89,197 @@ def test_offloads_follow_negotiated_features():
 
 
 # ---------------------------------------------------------------------------
+# The queue kernels on their own, with a datagram socket pair standing in for
+# the tap (it keeps frame boundaries as a tap does): runs anywhere.
+
+class KernelRig:
+    """One queue kernel in a thread over a MockDriver ring; ``peer`` is the
+    far end of the fake tap."""
+
+    def __init__(self, kernel, size=16, poll_fd=None):
+        import numpy as np
+        from lguest_jit import vring
+        from lguest_jit.devices.base import Device
+        from lguest_jit.hw.libc import host_iov, pollfds
+        from lguest_jit.hw.memory import GuestMemory
+        from lguest_jit.testing import MockDriver
+        self.gm = GuestMemory(8 << 20)
+        self.drv = MockDriver(self.gm, size=size, features=Device.RING_FEATURES)
+        self.q = self.drv.device_queue()
+        self.notify = os.eventfd(0, os.EFD_CLOEXEC)
+        self.irq = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self.stop_fd = os.eventfd(0, os.EFD_CLOEXEC)
+        self.tap, self.peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.tap.setblocking(False)
+        # A small send buffer, so the tx tests can fill the "tap" (a
+        # connected AF_UNIX pair is limited by the sender's buffer only).
+        self.tap.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        self.isr = np.zeros(1, np.uint8)
+        self.stats = np.zeros(net.NS_FIELDS, np.int64)
+        self.pfds = pollfds(2)
+        events = net.POLLIN if kernel is net._rx_serve else net.POLLOUT
+        self.pfds[0] = (self.tap.fileno() if poll_fd is None else poll_fd, events)
+        self.pfds[1] = (self.stop_fd, net.POLLIN)
+        args = (self.gm.mem, self.q, vring.new_iov(size), host_iov(size), self.notify, self.isr, self.irq,
+                np.zeros(1, np.uint64), self.tap.fileno(), self.pfds, self.stats)
+        self.code = None
+        self.thread = threading.Thread(target=lambda: setattr(self, "code", int(kernel(*args))), daemon=True)
+        self.thread.start()
+
+    def kick(self):
+        if self.drv.kick_prepare():
+            os.eventfd_write(self.notify, 1)
+
+    def used(self, timeout=5.0):
+        deadline = time.monotonic() + timeout
+        while (got := self.drv.get_used()) is None:
+            assert time.monotonic() < deadline, "no used buffer"
+            time.sleep(0.002)
+        return got
+
+    def interrupted(self, timeout=5.0) -> bool:
+        import select
+        if select.select([self.irq], [], [], timeout)[0]:
+            os.eventfd_read(self.irq)
+            return True
+        return False
+
+    def stop(self):
+        from lguest_jit import vring
+        self.q[vring.Q_STOP] = 1
+        os.eventfd_write(self.notify, 1)
+        os.eventfd_write(self.stop_fd, 1)
+        self.thread.join(10)
+        assert not self.thread.is_alive()
+        for fd in (self.notify, self.irq, self.stop_fd):
+            os.close(fd)
+        self.tap.close()
+        self.peer.close()
+        self.gm.close()
+        return self.code
+
+
+def test_rx_kernel_takes_a_chain_only_for_a_frame_and_interrupts_before_blocking():
+    from lguest_jit import vring
+    rig = KernelRig(net._rx_serve)
+    heads = [rig.drv.add(in_=[net.HDR_SIZE, 200]) for _ in range(3)]
+    rig.kick()
+    time.sleep(0.1)
+    assert rig.q[vring.Q_N_CHAINS] == 0 and not rig.interrupted(0)
+    frame = HDR0 + os.urandom(150)
+    rig.peer.send(frame)
+    head, length, data = rig.used()
+    assert head == heads[0] and length == len(frame) and b"".join(data)[:length] == frame
+    # Nothing more to read: the thread signalled before going back to poll.
+    assert rig.interrupted() and rig.isr[0] & 1
+    assert rig.q[vring.Q_N_CHAINS] == 1
+    assert rig.stop() == vring.STOPPED
+
+
+def test_rx_kernel_waits_for_buffers_then_delivers_in_order():
+    from lguest_jit import vring
+    rig = KernelRig(net._rx_serve)
+    frames = [HDR0 + bytes([k]) * (60 + k) for k in range(5)]
+    for f in frames:
+        rig.peer.send(f)
+    time.sleep(0.05)                       # the thread now sleeps for buffers
+    for _ in frames:
+        rig.drv.add(in_=[net.HDR_SIZE, 1500], indirect=True)
+    rig.kick()
+    got = [rig.used() for _ in frames]
+    assert [b"".join(d)[:n] for _, n, d in got] == frames
+    assert rig.q[vring.Q_N_BYTES] == sum(map(len, frames))
+    assert rig.stop() == vring.STOPPED
+
+
+def test_rx_kernel_keeps_its_chain_on_spurious_readiness():
+    from lguest_jit import vring
+    always = os.eventfd(1, os.EFD_CLOEXEC)          # polls readable, the "tap" itself stays empty
+    rig = KernelRig(net._rx_serve, poll_fd=always)
+    first = rig.drv.add(in_=[300])
+    rig.drv.add(in_=[300])
+    rig.kick()
+    deadline = time.monotonic() + 5
+    while rig.stats[net.NS_RX_SPURIOUS] < 3:
+        assert time.monotonic() < deadline
+        time.sleep(0.001)
+    assert rig.q[vring.Q_N_CHAINS] == 1 and rig.drv.used_idx() == 0
+    frame = HDR0 + os.urandom(100)
+    rig.peer.send(frame)
+    head, length, data = rig.used()
+    assert head == first and data[0][:length] == frame
+    assert rig.stop() == vring.STOPPED
+    os.close(always)
+
+
+def test_rx_kernel_refuses_readable_and_headerless_buffers():
+    from lguest_jit.devices.base import error_message
+    for out, in_ in (([b"x" * 16], [200]), ((), [net.HDR_SIZE - 2])):
+        rig = KernelRig(net._rx_serve)
+        rig.drv.add(out=out, in_=in_)
+        rig.kick()
+        rig.peer.send(HDR0 + bytes(60))
+        rig.thread.join(5)
+        code = rig.stop()
+        assert code in (-net.E_NET_READABLE_INPUT, -net.E_SHORT_HEADER)
+        assert ("receive queue" if out else "header") in error_message(code)
+
+
+def test_tx_kernel_writes_each_chain_as_one_frame():
+    from lguest_jit import vring
+    rig = KernelRig(net._tx_serve, size=64)
+    frames = [os.urandom(n) for n in (14, 60, 1514, 300)]
+    for k, f in enumerate(frames):
+        # Header and frame split over descriptors in several ways.
+        rig.drv.add(out=[HDR0[:5], HDR0[5:] + f[:7], f[7:]], indirect=bool(k & 1))
+    rig.kick()
+    for f in frames:
+        assert rig.peer.recv(4096) == HDR0 + f
+    for _ in frames:
+        assert rig.used()[1] == 0
+    assert rig.q[vring.Q_N_BYTES] == sum(len(f) + net.HDR_SIZE for f in frames)
+    assert rig.stop() == vring.STOPPED
+
+
+def test_tx_kernel_waits_when_the_tap_is_full_and_stops_while_waiting():
+    from lguest_jit import vring
+    rig = KernelRig(net._tx_serve, size=64)
+    frames = [HDR0 + bytes([k]) * 100 for k in range(40)]   # more than the peer queues unread
+    for f in frames:
+        rig.drv.add(out=[f])
+    rig.kick()
+    deadline = time.monotonic() + 5
+    while rig.stats[net.NS_TX_BLOCKED] == 0:
+        assert time.monotonic() < deadline
+        time.sleep(0.002)
+    got = [rig.peer.recv(4096) for _ in frames]
+    assert got == frames
+    assert all(rig.used()[1] == 0 for _ in frames)
+    # Fill it again and stop the thread while it waits for room.
+    blocked = int(rig.stats[net.NS_TX_BLOCKED])
+    for f in frames[:30]:
+        rig.drv.add(out=[f])
+    rig.kick()
+    deadline = time.monotonic() + 5
+    while rig.stats[net.NS_TX_BLOCKED] == blocked:
+        assert time.monotonic() < deadline
+        time.sleep(0.002)
+    assert rig.stop() == vring.STOPPED
+
+
+def test_tx_kernel_drops_a_refused_frame_and_goes_on():
+    from lguest_jit import vring
+    rig = KernelRig(net._tx_serve)
+    rig.peer.close()                                  # writes now fail: ECONNREFUSED
+    rig.drv.add(out=[HDR0 + bytes(60)])
+    rig.kick()
+    head, length, _ = rig.used()
+    assert length == 0 and rig.stats[net.NS_TX_DROPPED] == 1 and rig.stats[net.NS_TX_ERRNO] > 0
+    rig.peer = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)   # stop() closes it
+    assert rig.stop() == vring.STOPPED
+
+
+# ---------------------------------------------------------------------------
 # Tap tests: each runs a scenario below in its own network namespace.
 
 @functools.cache
