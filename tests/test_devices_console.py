@@ -273,6 +273,25 @@ def test_pipes_and_eof_stops_only_input(machine, fds):
     assert not drv.status & pci.DEVICE_NEEDS_RESET
 
 
+def test_pty_hangup_ends_input_and_output_quietly(machine):
+    master, slave = os.openpty()
+    logged = []
+    dev = Console(slave, slave, log=logged.append)
+    try:
+        drv = bring_up(machine, dev)
+        post_rx(drv)
+        os.close(master)                             # the terminal goes away
+        assert wait_for(lambda: not dev._threads[con.RECEIVEQ].is_alive())
+        assert dev.input_ended and drv.queues[con.RECEIVEQ].get_used() is None
+        transmit(drv, b"nobody reads this")
+        assert dev.counters()["transmitq"]["write_errors"] == 1
+        assert wait_for(lambda: len(logged) == 2)        # logged after the buffer went back
+        assert not drv.status & pci.DEVICE_NEEDS_RESET
+    finally:
+        dev.close()
+        os.close(slave)
+
+
 def test_no_input_fd(machine, fds):
     out_r, out_w = fds(*os.pipe())
     dev = Console(None, out_w)
@@ -330,7 +349,9 @@ def test_closed_output_drops_data_and_keeps_going(machine, fds):
     transmit(drv, b"lost too")
     c = dev.counters()["transmitq"]
     assert c["write_errors"] == 2 and c["dropped_bytes"] == 12 and c["bytes"] == 0
-    assert len(logged) == 1 and "EPIPE" in logged[0]     # reported once
+    assert wait_for(lambda: logged) and "EPIPE" in logged[0]
+    time.sleep(0.05)
+    assert len(logged) == 1                          # reported once
     drv.config_write(con.CFG_EMERG_WR, 4, ord("x"))
     assert dev.emergency_dropped == 1 and dev.emergency_bytes == 0
     post_rx(drv)

@@ -256,20 +256,21 @@ def _transmit(mem, q, iov, hiov, notify_fd, isr, irq_fd, scratch, pfd, output_fd
             break
         n = _to_host_iov(mem, iov, 0, q[Q_OUT], hiov)
         done, err = _write_all(output_fd, stop_fd, hiov, n, pfd, cs)
+        # Counters first, so they are current by the time the driver sees the buffer.
         q[Q_N_BYTES] += done
+        if err > 0:
+            cs[CS_OUT_ERRORS] += 1
+            cs[CS_OUT_ERRNO] = err
+            cs[CS_OUT_DROPPED] += q[Q_OUT_BYTES] - done
         # Written or not, the buffer goes back: nobody else will write it.
         _push(mem, q, head, 0)
         _publish(mem, q)
         if err == _W_STOPPED:
             code = STOPPED
             break
-        if err != 0:
-            cs[CS_OUT_ERRORS] += 1
-            cs[CS_OUT_ERRNO] = err
-            cs[CS_OUT_DROPPED] += q[Q_OUT_BYTES] - done
-            if cs[CS_OUT_ERRORS] == 1:
-                code = RET_OUTPUT_ERROR
-                break
+        if err > 0 and cs[CS_OUT_ERRORS] == 1:
+            code = RET_OUTPUT_ERROR
+            break
     _publish(mem, q)
     _signal(mem, q, isr, irq_fd, scratch)
     return code
