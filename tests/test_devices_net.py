@@ -323,6 +323,10 @@ def test_host_to_guest_udp_and_offloads():
     run_in_netns("scn_host_to_guest")
 
 
+def test_guest_checksum_and_tso_offloads_reach_host_sockets():
+    run_in_netns("scn_guest_offloads")
+
+
 def test_driver_errors_need_reset():
     run_in_netns("scn_driver_errors")
 
@@ -363,6 +367,32 @@ def icmp_echo(src_mac, dst_mac, src_ip, dst_ip, ident, seq, payload) -> bytes:
     iph = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(icmp), 0x1234, 0x4000, 64, 1, 0, ip4(src_ip), ip4(dst_ip))
     iph = iph[:10] + struct.pack("!H", inet_csum(iph)) + iph[12:]
     return dst_mac + src_mac + b"\x08\x00" + iph + icmp
+
+
+def ipv4_header(src_ip, dst_ip, proto, payload_len, ident=0x1234) -> bytes:
+    iph = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + payload_len, ident, 0x4000, 64, proto, 0,
+                      ip4(src_ip), ip4(dst_ip))
+    return iph[:10] + struct.pack("!H", inet_csum(iph)) + iph[12:]
+
+
+def pseudo_sum(src_ip, dst_ip, proto, length) -> int:
+    """The folded, uncomplemented pseudo-header sum a NEEDS_CSUM packet
+    carries in its checksum field (the device finishes the sum)."""
+    return ~inet_csum(ip4(src_ip) + ip4(dst_ip) + struct.pack("!BBH", 0, proto, length)) & 0xFFFF
+
+
+def udp_frame(src_mac, dst_mac, src_ip, dst_ip, sport, dport, payload, csum) -> bytes:
+    udp = struct.pack("!HHHH", sport, dport, 8 + len(payload), csum) + payload
+    return dst_mac + src_mac + b"\x08\x00" + ipv4_header(src_ip, dst_ip, 17, len(udp)) + udp
+
+
+def tcp_segment(src_mac, dst_mac, src_ip, dst_ip, sport, dport, seq, ack, flags, payload=b"", csum=None):
+    """An IPv4 TCP frame; ``csum=None`` computes the full checksum."""
+    tcp = struct.pack("!HHIIBBHHH", sport, dport, seq, ack, 5 << 4, flags, 65535, 0, 0) + payload
+    if csum is None:
+        csum = inet_csum(ip4(src_ip) + ip4(dst_ip) + struct.pack("!BBH", 0, 6, len(tcp)) + tcp)
+    tcp = tcp[:16] + struct.pack("!H", csum) + tcp[18:]
+    return dst_mac + src_mac + b"\x08\x00" + ipv4_header(src_ip, dst_ip, 6, len(tcp)) + tcp
 
 
 # ---------------------------------------------------------------------------
@@ -554,6 +584,73 @@ def scn_host_to_guest():
     _, length, data = drv.wait_used(net.RX)
     assert length == net.HDR_SIZE + 100 and data[0][net.HDR_SIZE:net.HDR_SIZE + 6] == GUEST_MAC
     sock.close()
+    bus.close()
+    dev.close()
+    gm.close()
+
+
+def scn_guest_offloads():
+    import select
+    _ns_setup()
+    gm, bus = _machine()
+    dev = net.Net(f"{HOST_IP}:{GUEST_MAC_TEXT}")
+    host_mac = _link(dev.ifname)["mac"]
+    drv = _bring_up(bus, gm, dev)
+    _post_rx(drv, 16)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind((HOST_IP, 7777))
+    sock.setblocking(False)
+
+    def delivered(frame, hdr=HDR0):
+        _send(drv, frame, hdr)
+        if not select.select([sock], [], [], 1.0)[0]:
+            return None
+        try:
+            return sock.recvfrom(4096)
+        except BlockingIOError:      # UDP verifies the checksum at read time and drops
+            return None
+
+    # Complete checksum, no offload: the host takes it.
+    payload = os.urandom(200)
+    frame = udp_frame(GUEST_MAC, host_mac, GUEST_IP, HOST_IP, 5555, 7777, payload, 0)
+    good = inet_csum(ip4(GUEST_IP) + ip4(HOST_IP) + struct.pack("!BBH", 0, 17, 208) + frame[34:])
+    frame = frame[:40] + struct.pack("!H", good) + frame[42:]
+    assert delivered(frame) == (payload, (GUEST_IP, 5555))
+    # A wrong checksum without NEEDS_CSUM: dropped (the host does check) ...
+    bad = frame[:40] + struct.pack("!H", good ^ 0x5A5A) + frame[42:]
+    assert delivered(bad) is None
+    # ... while VIRTIO_NET_F_CSUM lets the guest leave it to the device.
+    partial = frame[:40] + struct.pack("!H", pseudo_sum(GUEST_IP, HOST_IP, 17, 208)) + frame[42:]
+    hdr = struct.pack("<BBHHHHH", net.VIRTIO_NET_HDR_F_NEEDS_CSUM, 0, 0, 0, 34, 6, 0)
+    assert delivered(partial, hdr) == (payload, (GUEST_IP, 5555))
+    sock.close()
+
+    # HOST_TSO4: one 4000-byte GSO segment into a host TCP connection whose
+    # handshake the guest plays by hand.
+    with __import__("pyroute2").IPRoute() as ipr:
+        ipr.neigh("add", dst=GUEST_IP, lladdr=GUEST_MAC_TEXT, ifindex=_link(dev.ifname)["index"], state=0x80)
+    host = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    host.setblocking(False)
+    assert host.connect_ex((GUEST_IP, 8080)) == 115          # EINPROGRESS
+    _, syn = _recv(drv, lambda f: f[12:14] == b"\x08\x00" and f[23] == 6 and f[47] & 0x02)
+    hport, = struct.unpack("!H", syn[34:36])
+    hseq, = struct.unpack("!I", syn[38:42])
+    gseq = 0x10000000
+    _send(drv, tcp_segment(GUEST_MAC, host_mac, GUEST_IP, HOST_IP, 8080, hport, gseq, hseq + 1, 0x12))
+    assert select.select([], [host], [], 5)[1] and host.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0
+    data = os.urandom(4000)
+    seg = tcp_segment(GUEST_MAC, host_mac, GUEST_IP, HOST_IP, 8080, hport, gseq + 1, hseq + 1, 0x18, data,
+                      csum=pseudo_sum(GUEST_IP, HOST_IP, 6, 20 + len(data)))
+    gso_hdr = struct.pack("<BBHHHHH", net.VIRTIO_NET_HDR_F_NEEDS_CSUM, 1, 54, 1000, 34, 16, 0)  # GSO_TCPV4
+    _send(drv, seg, gso_hdr)
+    got = b""
+    deadline = time.monotonic() + 5
+    while len(got) < len(data) and time.monotonic() < deadline:
+        if select.select([host], [], [], 0.5)[0]:
+            got += host.recv(65536)
+    assert got == data
+    host.close()
+    assert dev.net_counters()["tx_dropped"] == 0
     bus.close()
     dev.close()
     gm.close()
