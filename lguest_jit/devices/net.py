@@ -284,18 +284,19 @@ def _rx_serve(mem, q, iov, hiov, notify_fd, isr, irq_fd, scratch, tap_fd, pfds, 
 
 @njit(nogil=True, cache=True)
 def _send(tap_fd, hiov, n, pfds, stats):
-    """writev one frame; waits for POLLOUT on EAGAIN.  Returns bytes written,
-    -errno when the tap refused the frame, STOPPED or -E_TAP."""
+    """writev one frame, waiting for POLLOUT on EAGAIN.  Returns (bytes
+    written or -errno of a refused frame, 0), or (0, STOPPED / -E_TAP) when
+    the wait ended otherwise; two values so no errno can pose as a stop."""
     while True:
         r = sys_writev(tap_fd, hiov.ctypes.data, n)
         if r == -EINTR:
             continue
         if r != -EAGAIN:
-            return r
+            return r, 0
         stats[NS_TX_BLOCKED] += 1
         w = _poll(pfds, -1)
         if w < 0:
-            return w
+            return 0, w
 
 
 @njit(nogil=True, cache=True)
@@ -316,9 +317,9 @@ def _tx_serve(mem, q, iov, hiov, notify_fd, isr, irq_fd, scratch, tap_fd, pfds, 
             code = -E_SHORT_HEADER
             break
         n = _host_iov(mem, iov, 0, q[Q_OUT], hiov)
-        r = _send(tap_fd, hiov, n, pfds, stats)
-        if r == STOPPED or r == -E_TAP:
-            code = r
+        r, stop = _send(tap_fd, hiov, n, pfds, stats)
+        if stop != 0:
+            code = stop
             break
         if r < 0:
             # The tap refused this frame; like lguest, drop it and go on.
