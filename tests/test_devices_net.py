@@ -294,6 +294,15 @@ def _netns_unavailable() -> str | None:
         return f"unshare --net failed: {e}"
     if r.returncode != 0:
         return f"cannot create a network namespace: {r.stderr.strip() or r.returncode}"
+    # Opening /dev/net/tun can still be refused (a container without
+    # CAP_NET_ADMIN or the device cgroup entry): try one tap in a namespace.
+    probe = ("import fcntl, os, struct\n"
+             "fd = os.open('/dev/net/tun', os.O_RDWR)\n"
+             f"fcntl.ioctl(fd, {net.TUNSETIFF:#x}, struct.pack('16sH22x', b'tap%d', {net.IFF_TAP | net.IFF_NO_PI:#x}))\n")
+    r = subprocess.run(["unshare", "--net", sys.executable, "-c", probe], capture_output=True, text=True, timeout=30)
+    if r.returncode != 0:
+        last = (r.stderr.strip().splitlines() or [str(r.returncode)])[-1]
+        return f"cannot create a tap in a network namespace: {last}"
     return None
 
 
