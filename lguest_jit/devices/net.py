@@ -142,16 +142,17 @@ def format_mac(mac: bytes) -> str:
 def parse_mac(text: str) -> bytes:
     """``aa:bb:cc:dd:ee:ff`` -> 6 bytes; ValueError unless a unicast MAC."""
     if not _MAC_RE.match(text):
-        raise ValueError(f"--tunnet: bad MAC address {text!r} (want six hex pairs like 52:54:00:12:34:56)")
+        raise ValueError(f"bad MAC address {text!r} (want six hex pairs like 52:54:00:12:34:56)")
     mac = bytes(int(p, 16) for p in text.split(":"))
     if mac[0] & 1:
-        raise ValueError(f"--tunnet: MAC address {text} is a multicast address; a guest needs a unicast one")
+        raise ValueError(f"MAC address {text} is a multicast address; a guest needs a unicast one")
     return mac
 
 
 def parse_tunnet(spec: str) -> TunSpec:
     """Parse ``IP[:MAC]`` or ``bridge:NAME[:MAC]`` (lguest's --tunnet).
-    Raises ValueError with a one-line message naming what is wrong."""
+    Raises ValueError with a one-line message naming what is wrong (without
+    the option name: the caller prefixes ``--tunnet=SPEC: ``)."""
     if not isinstance(spec, str):
         raise TypeError("--tunnet spec must be a string")
     rest, bridging = spec, spec.startswith(BRIDGE_PREFIX)
@@ -162,17 +163,17 @@ def parse_tunnet(spec: str) -> TunSpec:
     mac = parse_mac(mac_text) if sep else None
     if bridging:
         if not where:
-            raise ValueError(f"--tunnet={spec}: must specify a bridge name")
+            raise ValueError("must specify a bridge name after 'bridge:'")
         if not _IFNAME_RE.match(where):
-            raise ValueError(f"--tunnet={spec}: {where!r} is not a valid interface name "
+            raise ValueError(f"{where!r} is not a valid bridge name "
                              "(1-15 characters, no spaces, '/' or ':')")
         return TunSpec(bridge=where, mac=mac)
     try:
         ip = ipaddress.IPv4Address(where)
     except ValueError:
-        raise ValueError(f"--tunnet={spec}: bad IPv4 address {where!r} (want IP[:MAC] or bridge:NAME[:MAC])") from None
+        raise ValueError(f"bad IPv4 address {where!r} (want IP[:MAC] or bridge:NAME[:MAC])") from None
     if ip.is_unspecified or ip.is_multicast or ip.is_loopback or ip == ipaddress.IPv4Address("255.255.255.255"):
-        raise ValueError(f"--tunnet={spec}: {ip} cannot be an interface address")
+        raise ValueError(f"{ip} cannot be an interface address")
     return TunSpec(ip=str(ip), mac=mac)
 
 
@@ -394,25 +395,25 @@ def configure_interface(ifname: str, spec: TunSpec) -> None:
     with IPRoute() as ipr:
         found = ipr.link_lookup(ifname=ifname)
         if not found:
-            raise OSError(errno.ENODEV, f"--tunnet: tap {ifname} vanished before it was configured")
+            raise OSError(errno.ENODEV, f"--tunnet={spec}: tap {ifname} vanished before it was configured")
         index = found[0]
         try:
             if spec.bridge is not None:
                 br = ipr.link_lookup(ifname=spec.bridge)
                 if not br:
-                    raise ValueError(f"--tunnet: bridge {spec.bridge!r} does not exist")
+                    raise ValueError(f"--tunnet={spec}: bridge {spec.bridge!r} does not exist")
                 link = ipr.get_links(br[0])[0]
                 info = link.get_attr("IFLA_LINKINFO")
                 kind = info.get_attr("IFLA_INFO_KIND") if info is not None else None
                 if kind != "bridge":
-                    raise ValueError(f"--tunnet: {spec.bridge!r} is not a bridge (kind {kind or 'none'})")
+                    raise ValueError(f"--tunnet={spec}: {spec.bridge!r} is not a bridge (kind {kind or 'none'})")
                 ipr.link("set", index=index, master=br[0])
             else:
                 # lguest's SIOCSIFADDR with a /24, as the project chose.
                 ipr.addr("add", index=index, address=spec.ip, prefixlen=24)
             ipr.link("set", index=index, state="up")
         except NetlinkError as e:
-            raise OSError(e.code, f"--tunnet: configuring {ifname} ({spec}): {os.strerror(e.code)}") from None
+            raise OSError(e.code, f"--tunnet={spec}: configuring {ifname}: {os.strerror(e.code)}") from None
 
 
 # ---------------------------------------------------------------------------
@@ -456,7 +457,13 @@ class Net(Device):
     def on_activate(self, ctx) -> None:
         flags = offload_flags(ctx.features)
         if flags != self.offloads:
-            set_offload(self.tap_fd, flags)
+            try:
+                set_offload(self.tap_fd, flags)
+            except OSError as e:
+                # The guest would get frames it cannot parse: stop, loudly.
+                self.failed.append(f"{self.name}: {e}")
+                self.on_fatal(f"{self.name}: {e}")
+                return
             self.offloads = flags
 
     def serve(self, index, ctx, stop_fd):
