@@ -638,3 +638,176 @@ def test_keyboard_controller_reset_is_a_reboot(gm):
     assert res.reason == "reboot", res.report()
     assert res.exit_status is None
     assert gm.read(DATA, 1) == b"\xff"
+
+
+# ---------------------------------------------------------------------------
+# User -> kernel transitions: what this host's KVM does with them.  Under
+# kvm_pvm (software KVM: CPL3 native, CPL0 emulated) SYSCALL, INT n and
+# SYSENTER from CPL3 do not reach CPL0; exceptions do.  guest/README.md
+# ("What this host needs") draws the consequences for Linux.
+
+ON_PVM = os.path.isdir("/sys/module/kvm_pvm")
+MARK = DATA + 24            # handlers store their vector (or ENTRY_MARK) here
+ENTRY_MARK = 0x5C
+STUBS = 0x40000             # one stub per vector, 0x40 bytes apart
+
+
+def _marker_stub(origin: int, marker: int) -> bytes:
+    """Store ``marker`` (and CS, whose low bits are the CPL the code really
+    runs at) and stop the run through MMIO, which works at any CPL."""
+    a = Asm(origin)
+    a.mov_imm32(RDI, DATA).raw(b"\x8c\xc8").store_at(4, 16)                  # mov eax, cs; [DATA+16]
+    a.mov_imm32(RAX, marker).store_at(4, 24)
+    return bytes(mmio_done(a))
+
+
+def _user_entry_guest(gm, insn: bytes, vectors=range(0, 20)) -> dict:
+    """CPL3 code: rcx/r11 poisoned, then ``insn``; every vector in
+    ``vectors`` (and 0x80) has a DPL3 gate to a marker stub.  The syscall /
+    sysenter target (0x11000) is a marker stub with ENTRY_MARK."""
+    handlers = {}
+    for v in list(vectors) + [0x80]:
+        handlers[v] = STUBS + v * 0x40
+        gm.write(handlers[v], _marker_stub(handlers[v], v))
+    gm.write(0x11000, _marker_stub(0x11000, ENTRY_MARK))
+    a = Asm().mov_imm64(RCX, 0x1111).raw(b"\x49\xc7\xc3\x22\x22\x00\x00")     # mov r11, 0x2222
+    a.raw(insn).label("spin").jmp("spin")
+    return bytes(a), handlers
+
+
+def _frame(gm):
+    """The interrupt frame a no-error-code delivery left on the CPL0 stack:
+    (rip, cs, rflags, rsp, ss)."""
+    return struct.unpack("<5Q", gm.read(K_STACK_TOP - 40, 40))
+
+
+K_STACK_TOP = 0xC000
+INSN_AT = CODE + 17          # after the two register-poisoning moves
+
+
+def _run_user_entry(gm, insn: bytes, msrs: dict | None = None):
+    bus = StopOnMmioBus()
+    vm = make_vm(gm, bus)
+    code, handlers = _user_entry_guest(gm, insn)
+    setup_long_mode(vm, code, cpl=3, handlers=handlers)
+    if msrs:
+        vm.set_msrs(msrs)
+    res = vm.run(timeout=RUN_TIMEOUT)
+    regs, sregs = vm.get_regs(), vm.get_sregs()
+    vm.close()
+    assert res.reason == "stopped", res.report()
+    mark = int.from_bytes(gm.read(MARK, 4), "little")
+    cs_seen = int.from_bytes(gm.read(DATA + 16, 4), "little")
+    return mark, cs_seen, regs, sregs
+
+
+def test_user_entry_guest_layout():
+    # INSN_AT must be where _user_entry_guest puts the instruction under test.
+    code, _ = _user_entry_guest(GuestMemory(1 << 20), b"\x0f\x05")
+    assert code[INSN_AT - CODE:INSN_AT - CODE + 2] == b"\x0f\x05"
+
+
+@needs_kvm
+def test_msrs_round_trip_and_refusal(gm):
+    vm = make_vm(gm, FakeBus())
+    try:
+        want = {K.MSR_STAR: (0x10 << 48) | (0x08 << 32), K.MSR_LSTAR: 0x11000, K.MSR_SYSCALL_MASK: 0x4700,
+                K.MSR_KERNEL_GS_BASE: 0x123000}
+        vm.set_msrs(want)
+        assert vm.get_msrs(want) == want
+        with pytest.raises(K.KvmError, match="0xdeadbeef"):
+            vm.get_msrs([K.MSR_LSTAR, 0xDEADBEEF])
+        with pytest.raises(K.KvmError, match="MSR 0xc0000082"):
+            vm.set_msrs({K.MSR_STAR: 0, K.MSR_LSTAR: 1 << 63 | 1 << 50})   # non-canonical LSTAR
+    finally:
+        vm.close()
+
+
+@needs_kvm
+def test_syscall_from_cpl3(gm):
+    """SYSCALL loads RIP from LSTAR, RCX/R11 with the return address and
+    RFLAGS, and applies FMASK; on hardware it also switches to CPL0.  PVM
+    does all of that except the switch: the LSTAR code runs natively at CPL3
+    (so Linux's entry_SYSCALL_64 faults: guest/patches/0001)."""
+    msrs = {K.MSR_EFER: K.EFER_LME | K.EFER_LMA | K.EFER_SCE, K.MSR_STAR: (0x10 << 48) | (0x08 << 32),
+            K.MSR_LSTAR: 0x11000, K.MSR_SYSCALL_MASK: 0x200}
+    mark, cs_seen, regs, sregs = _run_user_entry(gm, b"\x0f\x05", msrs)
+    assert mark == ENTRY_MARK                       # the LSTAR code ran
+    assert regs.rcx == INSN_AT + 2                  # return address
+    assert regs.r11 & 0x2 and regs.r11 != 0x2222    # RFLAGS image
+    if ON_PVM:
+        assert cs_seen & 3 == 3 and sregs.cs.dpl == 3, "PVM now switches to CPL0 on SYSCALL: drop the guest patch?"
+    else:
+        assert cs_seen & 3 == 0 and sregs.cs.dpl == 0
+
+
+@needs_kvm
+@pytest.mark.parametrize("vector", [0x80, 0x20])
+def test_int_n_from_cpl3(gm, vector):
+    """INT n through a DPL3 gate: on hardware the gate's handler runs at
+    CPL0.  PVM raises #UD at the INT instead, for every vector whose host
+    gate is not DPL3 (0x80 included): no int $0x80 system calls either."""
+    mark, cs_seen, regs, sregs = _run_user_entry(gm, bytes([0xCD, vector]))
+    rip, cs, rflags, rsp, ss = _frame(gm)
+    assert sregs.cs.dpl == 0 and cs & 3 == 3 and rsp == 0x80000   # an event from CPL3 reached CPL0
+    if ON_PVM:
+        assert mark == 6 and rip == INSN_AT, "PVM now delivers INT n: int $0x80 would work"
+    else:
+        assert mark == vector and rip == INSN_AT + 2
+
+
+@needs_kvm
+@pytest.mark.parametrize("vector", [3, 4])
+def test_int_3_and_4_from_cpl3_are_delivered(gm, vector):
+    """INT 3 and INT 4 (DPL3 gates on the host too) reach the guest's
+    handler at CPL0 with the return address after the instruction, as do
+    the exceptions: these are the user->kernel paths PVM gets right."""
+    mark, cs_seen, regs, sregs = _run_user_entry(gm, bytes([0xCD, vector]))
+    rip, cs, rflags, rsp, ss = _frame(gm)
+    assert mark == vector and rip == INSN_AT + 2 and cs & 3 == 3
+    assert sregs.cs.dpl == 0 and cs_seen & 3 in (0, 3)
+
+
+@needs_kvm
+def test_sysenter_from_cpl3(gm):
+    """SYSENTER in 64-bit mode: #UD on AMD; Intel runs it.  PVM raises #UD."""
+    msrs = {K.MSR_IA32_SYSENTER_CS: 0x08, K.MSR_IA32_SYSENTER_EIP: 0x11000, K.MSR_IA32_SYSENTER_ESP: K_STACK_TOP}
+    mark, cs_seen, regs, sregs = _run_user_entry(gm, b"\x0f\x34", msrs)
+    if ON_PVM:
+        assert mark == 6 and _frame(gm)[0] == INSN_AT
+    else:
+        assert mark in (6, ENTRY_MARK)
+
+
+@needs_kvm
+def test_cpl_can_be_changed_between_runs(gm):
+    """KVM_SET_SREGS may move a vCPU that has run between CPL3 and CPL0 (what
+    a launcher-side SYSCALL/SYSRET assist would need): CPL0 port I/O exits,
+    CPL3 MMIO exits."""
+    bus = StopOnMmioBus()
+    vm = make_vm(gm, bus)
+    try:
+        gm.write(0x11000, bytes(done(Asm(0x11000))))
+        gm.write(0x13000, bytes(mmio_done(Asm(0x13000))))
+        setup_long_mode(vm, bytes(Asm().label("spin").jmp("spin")), cpl=3)
+        assert vm.run(timeout=0.2, halt_poll=None).reason == "timeout"
+        s = vm.get_sregs()
+        s.cs = K.flat_segment(0x08, code=True, long_mode=True, dpl=0)
+        s.ss = K.flat_segment(0x10, code=False, dpl=0)
+        vm.set_sregs(s)
+        r = vm.get_regs()
+        r.rip, r.rsp = 0x11000, K_STACK_TOP
+        vm.set_regs(r)
+        assert vm.run(timeout=RUN_TIMEOUT).reason == "stopped"
+        assert bus.log[-1][:4] == ("pio", DONE_PORT, 1, True)
+        s = vm.get_sregs()
+        s.cs = K.flat_segment(0x20 | 3, code=True, long_mode=True, dpl=3)
+        s.ss = K.flat_segment(0x18 | 3, code=False, dpl=3)
+        vm.set_sregs(s)
+        r = vm.get_regs()
+        r.rip, r.rsp = 0x13000, 0x80000
+        vm.set_regs(r)
+        assert vm.run(timeout=RUN_TIMEOUT).reason == "stopped"
+        assert vm.get_sregs().cs.dpl == 3
+    finally:
+        vm.close()

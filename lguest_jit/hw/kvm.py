@@ -149,13 +149,23 @@ class kvm_vcpu_events(ctypes.Structure):
                 ("exception_has_payload", u8), ("exception_payload", u64)]
 
 
+class kvm_msr_entry(ctypes.Structure):
+    _fields_ = [("index", u32), ("reserved", u32), ("data", u64)]
+
+
+class kvm_msrs(ctypes.Structure):
+    # Header only; the entries follow it (see KvmVm._msr_buffer).
+    _fields_ = [("nmsrs", u32), ("pad", u32)]
+
+
 class kvm_mp_state(ctypes.Structure):
     _fields_ = [("mp_state", u32)]
 
 
 for _s, _n in ((kvm_regs, 144), (kvm_segment, 24), (kvm_sregs, 312), (kvm_userspace_memory_region, 32),
                (kvm_cpuid_entry2, 40), (kvm_ioeventfd, 64), (kvm_irqfd, 32), (kvm_pit_config, 64),
-               (kvm_vcpu_events, 64), (kvm_translation, 24)):
+               (kvm_vcpu_events, 64), (kvm_translation, 24), (kvm_msr_entry, 16),
+               (kvm_msrs, 8)):
     assert ctypes.sizeof(_s) == _n, (_s.__name__, ctypes.sizeof(_s))
 
 KVM_GET_API_VERSION = _io(0x00)
@@ -178,6 +188,8 @@ KVM_SET_REGS = _iow(0x82, kvm_regs)
 KVM_GET_SREGS = _ior(0x83, kvm_sregs)
 KVM_SET_SREGS = _iow(0x84, kvm_sregs)
 KVM_TRANSLATE = _iowr(0x85, kvm_translation)
+KVM_GET_MSRS = _iowr(0x88, kvm_msrs)
+KVM_SET_MSRS = _iow(0x89, kvm_msrs)
 KVM_SET_CPUID2 = _iow(0x90, kvm_cpuid2)
 KVM_GET_CPUID2 = _iowr(0x91, kvm_cpuid2)
 KVM_GET_MP_STATE = _ior(0x98, kvm_mp_state)
@@ -257,6 +269,12 @@ CR0_PE, CR0_MP, CR0_ET, CR0_NE, CR0_WP, CR0_PG = 1, 2, 0x10, 0x20, 1 << 16, 1 <<
 CR4_PSE, CR4_PAE = 0x10, 0x20
 EFER_LME, EFER_LMA, EFER_NX = 1 << 8, 1 << 10, 1 << 11
 RFLAGS_IF = 1 << 9
+EFER_SCE = 1 << 0
+
+# MSRs the syscall/sysenter paths use (Intel SDM vol. 4, table 2-2).
+MSR_IA32_SYSENTER_CS, MSR_IA32_SYSENTER_ESP, MSR_IA32_SYSENTER_EIP = 0x174, 0x175, 0x176
+MSR_EFER, MSR_STAR, MSR_LSTAR, MSR_CSTAR, MSR_SYSCALL_MASK = 0xC0000080, 0xC0000081, 0xC0000082, 0xC0000083, 0xC0000084
+MSR_FS_BASE, MSR_GS_BASE, MSR_KERNEL_GS_BASE = 0xC0000100, 0xC0000101, 0xC0000102
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -598,6 +616,38 @@ class KvmVm:
 
     def set_events(self, ev: kvm_vcpu_events) -> None:
         _ioctl(self.vcpu_fd, KVM_SET_VCPU_EVENTS, ev, "KVM_SET_VCPU_EVENTS")
+
+    @staticmethod
+    def _msr_buffer(n: int):
+        class _msrs(ctypes.Structure):
+            _fields_ = [("nmsrs", u32), ("pad", u32), ("entries", kvm_msr_entry * n)]
+        buf = _msrs()
+        buf.nmsrs = n
+        return buf
+
+    def get_msrs(self, indices) -> dict:
+        """KVM_GET_MSRS: {index: value}.  KVM stops at the first MSR it does
+        not know; that is an error here, naming the MSR."""
+        indices = list(indices)
+        buf = self._msr_buffer(len(indices))
+        for i, idx in enumerate(indices):
+            buf.entries[i].index = idx
+        n = _ioctl(self.vcpu_fd, _ioc(_IOC_READ | _IOC_WRITE, 0x88, ctypes.sizeof(kvm_msrs)), buf, "KVM_GET_MSRS")
+        if n != len(indices):
+            raise KvmError(errno.EINVAL, f"KVM_GET_MSRS: MSR {indices[n]:#x} is not supported")
+        return {buf.entries[i].index: buf.entries[i].data for i in range(n)}
+
+    def set_msrs(self, values: dict) -> None:
+        """KVM_SET_MSRS from {index: value}; an MSR KVM refuses is an error
+        naming it (KVM returns how many it set before stopping)."""
+        items = list(values.items())
+        buf = self._msr_buffer(len(items))
+        for i, (idx, val) in enumerate(items):
+            buf.entries[i].index = idx
+            buf.entries[i].data = val & 0xFFFFFFFFFFFFFFFF
+        n = _ioctl(self.vcpu_fd, _ioc(_IOC_WRITE, 0x89, ctypes.sizeof(kvm_msrs)), buf, "KVM_SET_MSRS")
+        if n != len(items):
+            raise KvmError(errno.EINVAL, f"KVM_SET_MSRS: MSR {items[n][0]:#x} = {items[n][1]:#x} was refused")
 
     def make_runnable(self) -> None:
         """Leave a HLT state (KVM_SET_MP_STATE RUNNABLE): needed before
