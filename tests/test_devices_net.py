@@ -225,6 +225,13 @@ def test_rx_kernel_refuses_readable_and_headerless_buffers():
         assert ("receive queue" if out else "header") in error_message(code)
 
 
+def test_rx_kernel_reports_a_broken_tap_instead_of_spinning():
+    rig = KernelRig(net._rx_serve, poll_fd=999_999)   # no such fd: poll says POLLNVAL
+    rig.thread.join(5)
+    assert not rig.thread.is_alive()
+    assert rig.stop() == -net.E_TAP
+
+
 def test_tx_kernel_writes_each_chain_as_one_frame():
     from lguest_jit import vring
     rig = KernelRig(net._tx_serve, size=64)
