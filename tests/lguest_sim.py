@@ -268,6 +268,7 @@ class TrappedBus:
         self.sim = sim
         self.cursor = 0
         self.n = 0
+        self.accesses: list[tuple] = []     # ("pio"|"mmio", where, size, is_write, value)
         self._regs = itertools.cycle((0, 1, 2, 3, 6, 7, 5))    # every register but esp
         self._forms = itertools.cycle(FORMS)
         self.junk = 0xA5C3F00D
@@ -298,6 +299,7 @@ class TrappedBus:
         return before, after
 
     def pio(self, port: int, size: int, is_write: bool, value: int) -> int:
+        self.accesses.append(("pio", port, size, is_write, value))
         imm = port if port < 0x100 and self.n % 2 else None
         insn = pio_insn(is_write, size, imm)
         junk = (self.junk * (self.n + 1)) & 0xFFFFFFFF
@@ -313,6 +315,7 @@ class TrappedBus:
         return after["eax"] & mask
 
     def mmio(self, addr: int, size: int, is_write: bool, value: int) -> int:
+        self.accesses.append(("mmio", addr, size, is_write, value))
         form = next(self._forms)
         reg = next(self._regs)
         if size == 1:

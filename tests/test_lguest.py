@@ -160,6 +160,12 @@ def test_constructor_checks():
 
 def test_available(tmp_path):
     assert not lg.available(str(tmp_path / "lguest"))
+    gm = GuestMemory(1 << 20)
+    try:
+        with pytest.raises(FileNotFoundError):
+            lg.LguestBackend(gm, pci.Bus(gm, notify_mode="single"), 0, dev=str(tmp_path / "lguest"))
+    finally:
+        gm.close()
     (tmp_path / "lguest").touch()
     assert lg.available(str(tmp_path / "lguest"))
 
@@ -381,10 +387,11 @@ def test_block_bring_up_and_data(machines, disk):
     assert cap == (1 << 20) // 512
 
     ref = bytearray(disk.read_bytes())
+    kicks = []
 
     def request(rtype, sector, out=(), in_lens=()):
         drv.queues[0].add(out=[struct.pack("<IIQ", rtype, 0, sector), *out], in_=[*in_lens, 1])
-        assert drv.kick(0)
+        kicks.append(drv.kick(0))       # False when the device is awake (event idx)
         head, length, data = drv.wait_used(0)
         return data[-1][0], length, data[:-1]
 
@@ -398,8 +405,11 @@ def test_block_bring_up_and_data(machines, disk):
     assert status == blk.S_OK and data[0] == payload
     assert disk.read_bytes() == ref
 
+    # Each kick was one 16-bit write of the queue index to the single notify register.
+    notifies = [a for a in drv.bus.accesses if a[:2] == ("mmio", t.notify_gpa(0))]
+    assert notifies == [("mmio", t.notify_gpa(0), 2, True, 0)] * sum(kicks)
     # Everything went through traps and interrupts: no eventfd on the guest side.
-    assert drv.irq_fd is None and m.sim.irqs.get(t.irq_line, 0) >= 1
+    assert drv.irq_fd is None and m.sim.wait_irq(t.irq_line, 0, 5) >= 1
     assert m.sim.traps[lg.TRAP_GPF] > 20 and m.sim.traps[lg.TRAP_PAGE_FAULT] > 30
     assert m.sim.reinjected is None and "reinject13" not in m.be.stats.assists
     r = m.finish("poweroff")
@@ -428,7 +438,7 @@ def test_console_data_both_ways(machines):
         os.write(in_w, b"root\n")
         _, length, data = drv.wait_used(con.RECEIVEQ)
         assert data[0][:length] == b"root\n"
-        assert m.sim.irqs.get(t.irq_line, 0) >= 2
+        assert m.sim.wait_irq(t.irq_line, 0, 5) >= 1     # completions interrupt through LHREQ_IRQ
         m.finish()
         m.bus.close()
     finally:

@@ -121,6 +121,7 @@ REG_BY_NUMBER = tuple(REG[n] for n in ("eax", "ecx", "edx", "ebx", "esp", "ebp",
 GUEST_KERNEL_RPL = 1               # lguest runs the guest kernel in ring 1
 GUEST_PAGE_OFFSET = 0xC0000000     # i386 PAGE_OFFSET: guest kernel virtual = physical + this
 LGUEST_IRQS = 32                   # the host refuses LHREQ_IRQ lines >= this
+DECODE_CACHE_ENTRIES = 4096        # distinct trapping instructions remembered per kind
 _U32 = 0xFFFFFFFF
 
 
@@ -188,8 +189,9 @@ class DevLguest:
         return os.pwrite(self.fd, data, offset)
 
     def pread(self, size: int, offset: int) -> bytes:
-        main = threading.current_thread() is threading.main_thread()
-        if main:
+        # Only the run-pread (the size of struct lguest_pending) may be cut
+        # short: a register read interrupted half-way would be an error.
+        if size == PENDING.size and threading.current_thread() is threading.main_thread():
             self._reader = threading.get_ident()
         try:
             return os.pread(self.fd, size, offset)
@@ -243,6 +245,11 @@ class LguestBackend:
         self.gm, self.bus, self.entry, self.cpu_id = gm, bus, entry, cpu_id
         self.word = word_bytes
         self.log = log
+        # Per-trap requests carry values already in range (constant offsets,
+        # 32-bit register values): prebuilt packers skip encode_request's checks.
+        code = "I" if word_bytes == 4 else "Q"
+        self._pack2 = struct.Struct(f"<2{code}").pack
+        self._pack3 = struct.Struct(f"<3{code}").pack
         if mmio_limit is None:
             ndev = max(1, len(getattr(bus, "devices", ())))
             mmio_limit = getattr(bus, "mmio_base", gm.size) + BAR0_SIZE * ndev
@@ -258,34 +265,45 @@ class LguestBackend:
         self._relay = None
         self._relay_pipe = None
         self._relay_error = None
-        self._insn = b""
+        # Decoding is a pure function of the 7 bytes, and a guest traps on the
+        # same few accessor instructions over and over: a dict lookup is ~50x
+        # cheaper than a decoder call from Python.
+        self._pio_decoded: dict = {}
+        self._mmio_decoded: dict = {}
         self._own_host = host is None
         self.host = DevLguest(dev) if host is None else host
         self.init_args = (gm.base, gm.size // PAGE_SIZE, entry, mmio_limit // PAGE_SIZE)
-        self._request(self.host.write, "LHREQ_INITIALIZE", LHREQ_INITIALIZE, *self.init_args)
+        try:
+            self._request(self.host.write, "LHREQ_INITIALIZE", LHREQ_INITIALIZE, *self.init_args)
+        except BaseException:
+            if self._own_host:
+                self.host.close()
+            raise
 
     # -- requests ------------------------------------------------------------
 
-    def _request(self, send, name, *words, offset=None):
+    def _request(self, send, name, *words):
         try:
-            data = encode_request(*words, word_bytes=self.word)
-            return send(data) if offset is None else send(data, offset)
+            return send(encode_request(*words, word_bytes=self.word))
         except OSError as e:
             raise LguestError(e.errno, f"{name} {words[1:]} failed: {e.strerror}") from None
 
     def getreg(self, offset: int) -> int:
         """The 32-bit guest register at ``offset`` in user_regs_struct."""
-        self._request(self.host.pwrite, "LHREQ_GETREG", LHREQ_GETREG, offset, offset=self.cpu_id)
         try:
+            self.host.pwrite(self._pack2(LHREQ_GETREG, offset), self.cpu_id)
             data = self.host.pread(self.word, self.cpu_id)
         except OSError as e:
-            raise LguestError(e.errno, f"reading register at offset {offset}: {e.strerror}") from None
+            raise LguestError(e.errno, f"LHREQ_GETREG of register offset {offset} failed: {e.strerror}") from None
         if len(data) != self.word:
             raise LguestError(errno.EIO, f"reading register at offset {offset}: got {len(data)} bytes")
         return int.from_bytes(data, "little") & _U32
 
     def setreg(self, offset: int, value: int) -> None:
-        self._request(self.host.pwrite, "LHREQ_SETREG", LHREQ_SETREG, offset, value & _U32, offset=self.cpu_id)
+        try:
+            self.host.pwrite(self._pack3(LHREQ_SETREG, offset, value & _U32), self.cpu_id)
+        except OSError as e:
+            raise LguestError(e.errno, f"LHREQ_SETREG of register offset {offset} failed: {e.strerror}") from None
 
     def reinject(self, trap: int) -> None:
         """Deliver ``trap`` to the guest: the fault it would have had anyway."""
@@ -344,7 +362,6 @@ class LguestBackend:
                                                f"expected a {PENDING.size}-byte struct lguest_pending")
         trap, insn, addr = PENDING.unpack(data)
         self.stats.total += 1
-        self._insn = insn
         if trap == TRAP_GPF:
             self.stats.pio += 1
             self.emulate_insn(insn)
@@ -372,6 +389,16 @@ class LguestBackend:
 
     # -- emulation ----------------------------------------------------------
 
+    @staticmethod
+    def _decoded(cache: dict, decode, insn: bytes):
+        d = cache.get(insn)
+        if d is None:
+            d = decode(insn)
+            if len(cache) >= DECODE_CACHE_ENTRIES:
+                cache.clear()
+            cache[insn] = d
+        return d
+
     def _skip(self, length: int) -> None:
         self.setreg(REG["eip"], self.getreg(REG["eip"]) + length)
 
@@ -392,7 +419,7 @@ class LguestBackend:
         if self.getreg(REG["xcs"]) & 3 != GUEST_KERNEL_RPL:
             self._note(f"trap 13 from guest user mode (insn {insn.hex(' ')}): re-injected")
             return self.reinject(TRAP_GPF)
-        d = decode_pio(insn)
+        d = self._decoded(self._pio_decoded, decode_pio, insn)
         if not d.ok:
             self._note(f"trap 13 on {insn.hex(' ')}: {error_message(d.error)}: re-injected")
             return self.reinject(TRAP_GPF)
@@ -419,7 +446,7 @@ class LguestBackend:
 
     def emulate_mmio(self, addr: int, insn: bytes) -> None:
         """Trap 14: a ``mov`` to or from a device's BAR0, else re-inject."""
-        d = decode_mmio(insn)
+        d = self._decoded(self._mmio_decoded, decode_mmio, insn)
         if not d.ok and len(insn) < MAX_INSN_LEN:
             full = self._full_insn(insn)
             if full is not None:
