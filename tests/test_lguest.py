@@ -6,6 +6,7 @@ time (tests/lguest_sim.py): PCI enumeration over conf1 with ``in``/``out``
 14), interrupts back through LHREQ_IRQ.  The launcher side is the real
 backend, bus and devices.
 """
+import errno
 import os
 import struct
 import threading
@@ -347,6 +348,34 @@ def test_device_interrupt_becomes_lhreq_irq(machines):
     assert ("irq", m.transports[1].irq_line) in m.sim.records
     m.finish()
     assert m.be.stats.intr == 2
+
+
+def test_host_errors_end_the_run(machines, monkeypatch):
+    m = machines([Rng()], start=False)
+    real = m.sim.pwrite
+
+    def no_setreg(data, offset):
+        if lg.decode_request(data)[0] == lg.LHREQ_SETREG:
+            raise OSError(errno.EFAULT, "Bad address")
+        return real(data, offset)
+    monkeypatch.setattr(m.sim, "pwrite", no_setreg)
+    m.sim.post(lg.TRAP_GPF, b"\xfa" + bytes(6))
+    r = m.be.run()
+    assert r.reason == "internal-error" and "LHREQ_SETREG" in r.message and "Bad address" in r.message
+
+
+def test_failed_interrupt_ends_the_run(machines, monkeypatch):
+    m = machines([Rng()], start=False)
+    real = m.sim.write
+
+    def no_irq(data):
+        if lg.decode_request(data)[0] == lg.LHREQ_IRQ:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real(data)
+    monkeypatch.setattr(m.sim, "write", no_irq)
+    os.eventfd_write(m.transports[0].irq_fd, 1)
+    r = m.be.run()
+    assert r.reason == "internal-error" and f"raising interrupt {m.transports[0].irq_line}" in r.message
 
 
 # ---------------------------------------------------------------------------

@@ -332,9 +332,7 @@ class LguestBackend:
         try:
             while True:
                 if self._stop:
-                    return RunResult("stopped", "stop() was called")
-                if self._relay_error is not None:
-                    return RunResult("internal-error", self._relay_error)
+                    return self._stopped()
                 r = self.step()
                 if r is not None:
                     return r
@@ -350,7 +348,7 @@ class LguestBackend:
         try:
             data = self.host.pread(PENDING.size, self.cpu_id)
         except InterruptedError:
-            return None if not self._stop else RunResult("stopped", "stop() was called")
+            return self._stopped() if self._stop else None
         except OSError as e:
             if e.errno == errno.ENOENT:
                 return RunResult("died", self._death_reason())
@@ -362,15 +360,24 @@ class LguestBackend:
                                                f"expected a {PENDING.size}-byte struct lguest_pending")
         trap, insn, addr = PENDING.unpack(data)
         self.stats.total += 1
-        if trap == TRAP_GPF:
-            self.stats.pio += 1
-            self.emulate_insn(insn)
-        elif trap == TRAP_PAGE_FAULT:
-            self.stats.mmio += 1
-            self.emulate_mmio(addr, insn)
-        else:
-            return RunResult("internal-error", f"unknown trap {trap} (address {addr:#x})", insn=insn)
+        try:
+            if trap == TRAP_GPF:
+                self.stats.pio += 1
+                self.emulate_insn(insn)
+            elif trap == TRAP_PAGE_FAULT:
+                self.stats.mmio += 1
+                self.emulate_mmio(addr, insn)
+            else:
+                return RunResult("internal-error", f"unknown trap {trap} (address {addr:#x})", insn=insn)
+        except LguestError as e:
+            # The reference launcher dies with err(1) here; we say why and stop.
+            return RunResult("internal-error", f"emulating trap {trap}: {e.strerror}", insn=insn)
         return None
+
+    def _stopped(self) -> RunResult:
+        if self._relay_error is not None:
+            return RunResult("internal-error", self._relay_error)
+        return RunResult("stopped", "stop() was called")
 
     def _death_reason(self) -> str:
         try:
