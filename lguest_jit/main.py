@@ -266,14 +266,21 @@ class Launcher:
                            fatal=self.fatal, log=self.log if cfg.verbose else None)
         from .devices import Console
         from .devices.net import Net
-        devs = [Console(on_fatal=self.fatal, on_interrupt_exit=self._interrupted)]
-        devs += [Net(spec, on_fatal=self.fatal) for spec in cfg.nets]
-        devs += [Block(path, readonly=ro, on_fatal=self.fatal) for path, ro in cfg.blocks]
+        makers = [lambda: Console(on_fatal=self.fatal, on_interrupt_exit=self._interrupted)]
+        makers += [lambda spec=spec: Net(spec, on_fatal=self.fatal) for spec in cfg.nets]
+        makers += [lambda p=path, ro=ro: Block(p, readonly=ro, on_fatal=self.fatal) for path, ro in cfg.blocks]
         if cfg.rng:
-            devs.append(Rng(on_fatal=self.fatal))
-        for d in devs:
-            self.bus.add_device(d)       # the bus logs slot, BAR0 and irq with --verbose
+            makers.append(lambda: Rng(on_fatal=self.fatal))
+        for make in makers:
+            try:
+                d = make()
+            except (OSError, ValueError) as exc:
+                # A tap that cannot be made, a bridge that is not there, a
+                # disk that cannot be opened: one line, and close() undoes
+                # what was built so far.
+                raise UsageError(str(exc).splitlines()[0]) from None
             self.devices.append(d)
+            self.bus.add_device(d)       # the bus logs slot, BAR0 and irq with --verbose
         if cfg.hypervisor == "kvm":
             from .hw.kvm import KvmVm
             from .hw.uart import Uart8250
@@ -365,20 +372,24 @@ def _run_guest(args, argv) -> int:
     cfg = RunConfig(args)
     launcher = Launcher(cfg)
     usr1 = signal.signal(signal.SIGUSR1, lambda *_: launcher.print_stats())
+    ran = False
     try:
         launcher.build()
         from .devices.console import raw_terminal
         with raw_terminal(0):
             _drop_privileges(cfg)
+            ran = True
             status = launcher.run()
     finally:
         signal.signal(signal.SIGUSR1, usr1)
-        if cfg.stats:
-            launcher.print_stats()
-        if cfg.stats_json:
-            with open(cfg.stats_json, "w") as f:
-                json.dump(launcher.stats(), f, indent=2)
-        launcher.close()
+        try:
+            if ran and cfg.stats:
+                launcher.print_stats()
+            if ran and cfg.stats_json:
+                with open(cfg.stats_json, "w") as f:
+                    json.dump(launcher.stats(), f, indent=2)
+        finally:
+            launcher.close()
     if status is None:
         # The guest rebooted: start afresh, as lguest re-executes itself.
         os.execv(sys.executable, [sys.executable, "-m", "lguest_jit.main", *argv])

@@ -91,3 +91,22 @@ def test_short_run_stats_json(tmp_path):
     assert st["exits"]["pio"] >= 4 and st["exits"]["mmio"] >= 12
     assert st["rss_bytes"] > 0
     assert "thread vcpu0" in r.stderr and "rng/requests" in r.stderr     # --stats printed too
+
+
+def test_missing_bridge_is_one_line_and_leaves_no_tap(tmp_path):
+    import shutil
+    if not shutil.which("unshare") or not __import__("os").path.exists("/dev/net/tun"):
+        pytest.skip("needs unshare(1) and /dev/net/tun for a private network namespace")
+    kernel = tmp_path / "tiny.elf"
+    kernel.write_bytes(_elf64(_guest(), LOAD))
+    # if_nameindex asks the namespace itself (/sys would still show the host's view).
+    script = (f"{sys.executable} -m lguest_jit.main --tunnet=bridge:nosuchbr0 64 {kernel}; echo status=$?; "
+              f"{sys.executable} -c 'import socket; print(*[n for _, n in socket.if_nameindex()])'")
+    r = subprocess.run(["unshare", "--net", "sh", "-c", script], stdin=subprocess.DEVNULL, capture_output=True,
+                       text=True, timeout=300)
+    if "status=" not in r.stdout:
+        pytest.skip(f"cannot create a network namespace here: {r.stderr.strip()[:200]}")
+    assert "status=2" in r.stdout
+    assert r.stdout.split("status=2", 1)[1].split() == ["lo"], "the tap was removed again"
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("lguest-jit: ") and "nosuchbr0" in lines[0], r.stderr
