@@ -32,18 +32,18 @@ def _device_rate(req_bytes, depth, min_time):
         drv = VirtioPciDriver(bus, t.slot, gm, slot_bytes=req_bytes, queue_span=4 << 20)
         feats = drv.init()
         q = drv.queues[0]
-        q.disable_cb()
         heads = np.array([q.add(in_=[req_bytes]) for _ in range(depth)], dtype=np.int64)
         drv.kick(0)
         for _ in range(depth):
             drv.wait_used(0)
         rings = np.array([q.desc, q.avail, q.used], dtype=np.int64)
         notify = bus.ioeventfds()[0][2]
+        irq = bus.interrupts()[0][1]
         scratch = np.zeros(1, np.uint64)
         event_idx = bool(feats >> vring.VIRTIO_RING_F_EVENT_IDX & 1)
 
         def run(n):
-            if _drive(gm.mem, rings, q.size, heads, depth, n, notify, event_idx, scratch, 2_000_000_000) != n:
+            if _drive(gm.mem, rings, q.size, heads, depth, n, notify, irq, event_idx, scratch) != n:
                 raise RuntimeError("device stopped answering")
             q.avail_shadow = ld_u16(gm.mem, q.avail + 2)
             q.last_used = ld_u16(gm.mem, q.used + 2)

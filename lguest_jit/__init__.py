@@ -1,2 +1,34 @@
 """lguest-jit: the lguest launcher in Python, hot paths compiled with Numba."""
+import hashlib
+import os
+from pathlib import Path
+
 __version__ = "0.1.0"
+
+
+def _use_source_keyed_cache() -> None:
+    """Numba's on-disk cache checks only each function's own file, so a
+    kernel that inlined a helper from another module stays stale after that
+    module changes (a stale ``_wait_chain`` inside the block kernel hung a
+    device).  Keying the cache directory on every source file of the package
+    makes any edit recompile everything.  NUMBA_CACHE_DIR set by the user
+    wins."""
+    if os.environ.get("NUMBA_CACHE_DIR"):
+        return
+    here = Path(__file__).parent
+    digest = hashlib.sha256()
+    for path in sorted(here.rglob("*.py")):
+        digest.update(str(path.relative_to(here)).encode())
+        digest.update(path.read_bytes())
+    base = Path(os.environ.get("LGUEST_JIT_CACHE", Path.home() / ".cache" / "lguest-jit"))
+    cache = base / "numba" / digest.hexdigest()[:16]
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return      # read-only home: Numba falls back to its own locations
+    os.environ["NUMBA_CACHE_DIR"] = str(cache)
+    import numba.core.config
+    numba.core.config.CACHE_DIR = str(cache)
+
+
+_use_source_keyed_cache()

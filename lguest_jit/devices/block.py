@@ -233,6 +233,7 @@ class Block(Device):
     device_type = VIRTIO_ID_BLOCK
     queue_names = ("requests",)
     queue_max_sizes = (QUEUE_SIZE,)
+    poll_us = 50.0      # a 4 KiB read takes ~1.5 us; a sleep and wake-up costs several
 
     def __init__(self, path: str, readonly: bool = False, on_fatal=None):
         super().__init__(on_fatal)

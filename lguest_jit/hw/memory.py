@@ -26,7 +26,7 @@ import os
 import numpy as np
 from llvmlite import ir
 from numba import njit
-from numba.core import types
+from numba.core import cgutils, types
 from numba.extending import intrinsic, overload
 
 PAGE_SIZE = mmap.PAGESIZE
@@ -171,6 +171,11 @@ def fence():
     pass
 
 
+def cpu_relax():
+    """The spin-loop hint (x86 ``pause``): a busy-polling thread yields the
+    core's pipeline and avoids the memory-order flush on loop exit."""
+
+
 def _pointer(context, builder, arrty, arr, off, bits):
     ary = context.make_array(arrty)(context, builder, arr)
     ptr = builder.gep(ary.data, [off])
@@ -244,8 +249,23 @@ def _fence_ol():
     return lambda: _fence()
 
 
+@intrinsic
+def _pause(typingctx):
+    def codegen(context, builder, sig, args):
+        fnty = ir.FunctionType(ir.VoidType(), [])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.x86.sse2.pause")
+        builder.call(fn, [])
+        return context.get_dummy_value()
+    return types.void(), codegen
+
+
+@overload(cpu_relax, inline="always")
+def _cpu_relax_ol():
+    return lambda: _pause()
+
+
 __all__ = [
     "PAGE_SIZE", "GuestMemory", "in_ram", "check_range",
     "ld_u8", "ld_u16", "ld_u32", "ld_u64", "st_u8", "st_u16", "st_u32", "st_u64",
-    "ld_u16_acquire", "st_u16_release", "fence",
+    "ld_u16_acquire", "st_u16_release", "fence", "cpu_relax",
 ]
