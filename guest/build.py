@@ -30,6 +30,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 FRAGMENT = HERE / "kernel.config"
+# Source patches, applied in name order with `patch -p1` (guest/README.md
+# says why each exists).
+PATCH_DIR = HERE / "patches"
 INIT_SCRIPT = HERE / "init"
 
 KERNEL_SOURCE_PACKAGE = "linux-source-6.1"
@@ -38,7 +41,7 @@ KERNEL_TARBALL = Path("/usr/src/linux-source-6.1.tar.xz")
 # tarball tooling used by the kernel build; busybox-static: the userland.
 APT_PACKAGES = (
     KERNEL_SOURCE_PACKAGE, "build-essential", "bc", "flex", "bison",
-    "libelf-dev", "libssl-dev", "xz-utils", "busybox-static",
+    "libelf-dev", "libssl-dev", "xz-utils", "busybox-static", "patch",
 )
 BUSYBOX_CANDIDATES = (Path("/bin/busybox"), Path("/usr/bin/busybox"))
 
@@ -60,10 +63,13 @@ APPLETS = (
 # clearcpuid names CPU features whose kernel code paths use instructions
 # KVM's emulator lacks: clac/stac (smap), cmpxchg16b (cx16), rdrand/rdseed
 # (random init), popcnt (hweight via alternatives), rd/wrfsbase (context
-# switch), invpcid (TLB flush).
+# switch), invpcid (TLB flush).  syscall_fault_entry enables
+# patches/0001-x86-syscall-fault-entry.patch: kvm_pvm leaves a SYSCALL from
+# guest user mode in user mode at MSR_LSTAR (guest/README.md).
 BASE_CMDLINE = (
     "acpi=off nokaslr panic=-1 noxsave tsc=reliable mitigations=off "
-    "clearcpuid=smap,cx16,rdrand,rdseed,popcnt,fsgsbase,invpcid,pcid"
+    "clearcpuid=smap,cx16,rdrand,rdseed,popcnt,fsgsbase,invpcid,pcid "
+    "syscall_fault_entry"
 )
 
 
@@ -227,19 +233,86 @@ def _is_static_elf(data: bytes) -> bool:
 # kernel
 # --------------------------------------------------------------------------
 
-def kernel_key(fragment_text: str, source_version: str) -> str:
+def kernel_patches() -> list[Path]:
+    """guest/patches/*.patch in the order they are applied."""
+    return sorted(PATCH_DIR.glob("*.patch")) if PATCH_DIR.is_dir() else []
+
+
+def _patches_digest(patches) -> str:
+    """Hash of the patch names and contents ("" when there are none)."""
+    if not patches:
+        return ""
     h = hashlib.sha256()
-    for part in (RECIPE_VERSION, source_version, fragment_text):
+    for p in patches:
+        h.update(p.name.encode() + b"\0" + p.read_bytes() + b"\0")
+    return h.hexdigest()[:12]
+
+
+def kernel_key(fragment_text: str, source_version: str, patches_digest: str = "") -> str:
+    h = hashlib.sha256()
+    parts = (RECIPE_VERSION, source_version, fragment_text)
+    if patches_digest:      # keeps keys of unpatched recipes unchanged
+        parts += (patches_digest,)
+    for part in parts:
         h.update(part.encode())
         h.update(b"\0")
     return h.hexdigest()[:16]
+
+
+def _current_kernel_key() -> str:
+    return kernel_key(FRAGMENT.read_text(), kernel_source_version(), _patches_digest(kernel_patches()))
 
 
 def _kernel_dir(key: str) -> Path:
     return cache_dir() / "kernels" / key
 
 
+def _patched_files(patch_text: str) -> list[str]:
+    """Paths (relative to the tree, -p1) a unified diff modifies."""
+    out = []
+    for line in patch_text.splitlines():
+        if line.startswith("+++ "):
+            name = line[4:].split("\t")[0].strip()
+            if name != "/dev/null":
+                out.append(name.split("/", 1)[1])
+    return out
+
+
 def _source_tree(version: str, log=print) -> Path:
+    """The kernel source for `version` with guest/patches applied.  The
+    pristine tree is unpacked once per package version; a patched tree is a
+    hard-linked copy of it (each patched file gets its own inode first, so
+    the pristine tree never changes), one per patch set."""
+    pristine = _pristine_tree(version, log)
+    patches = kernel_patches()
+    if not patches:
+        return pristine
+    src = pristine.with_name(f"{pristine.name}+p{_patches_digest(patches)}")
+    if (src / ".lgj-patched").is_file():
+        return src
+    tmp = src.with_name(src.name + ".patching")
+    shutil.rmtree(tmp, ignore_errors=True)
+    subprocess.run(["cp", "-al", str(pristine), str(tmp)], check=True)
+    for patch in patches:
+        text = patch.read_text()
+        for rel in _patched_files(text):
+            f = tmp / rel
+            if f.is_file():   # break the hard link before patch edits it
+                shutil.copy2(f, f.with_name(f.name + ".lgj-unlink"))
+                os.replace(f.with_name(f.name + ".lgj-unlink"), f)
+        log(f"guest: applying {patch.name}")
+        r = subprocess.run(["patch", "-p1", "--forward", "--batch", "-d", str(tmp), "-i", str(patch)],
+                           capture_output=True, text=True)
+        if r.returncode != 0:
+            raise RuntimeError(f"{patch.name} does not apply to {KERNEL_SOURCE_PACKAGE} {version}:\n"
+                               + r.stdout + r.stderr)
+    (tmp / ".lgj-patched").write_text("".join(p.name + "\n" for p in patches))
+    shutil.rmtree(src, ignore_errors=True)
+    os.replace(tmp, src)
+    return src
+
+
+def _pristine_tree(version: str, log=print) -> Path:
     """Unpack the linux-source tarball once per package version."""
     src = cache_dir() / "src" / f"{KERNEL_SOURCE_PACKAGE}_{version}"
     if (src / "Makefile").is_file():
@@ -281,7 +354,7 @@ def configure_kernel(src: Path, out: Path, fragment_text: str, logfile=None) -> 
 def cached_kernel() -> Path | None:
     """The cached vmlinux for the current fragment and source, or None."""
     try:
-        key = kernel_key(FRAGMENT.read_text(), kernel_source_version())
+        key = _current_kernel_key()
     except RuntimeError:
         return None
     vmlinux = _kernel_dir(key) / "vmlinux"
@@ -294,7 +367,7 @@ def build_kernel(*, force: bool = False, bzimage: bool = False,
     With bzimage=True also keep an arch/x86/boot/bzImage next to it."""
     fragment_text = FRAGMENT.read_text()
     version = kernel_source_version()
-    key = kernel_key(fragment_text, version)
+    key = _current_kernel_key()
     kdir = _kernel_dir(key)
     vmlinux = kdir / "vmlinux"
     with _locked(cache_dir() / "build.lock"):

@@ -185,6 +185,46 @@ def test_kernel_key_tracks_fragment_and_source():
     assert k == build.kernel_key("CONFIG_A=y\n", "6.1.1-1")
     assert k != build.kernel_key("CONFIG_A=y\nCONFIG_B=y\n", "6.1.1-1")
     assert k != build.kernel_key("CONFIG_A=y\n", "6.1.2-1")
+    assert k != build.kernel_key("CONFIG_A=y\n", "6.1.1-1", "abc123")
+    assert build.kernel_key("CONFIG_A=y\n", "6.1.1-1", "") == k    # no patches: key as before
+
+
+def test_patches_are_listed_in_order_and_hashed(tmp_path, monkeypatch):
+    monkeypatch.setattr(build, "PATCH_DIR", tmp_path)
+    assert build.kernel_patches() == [] and build._patches_digest([]) == ""
+    (tmp_path / "0002-b.patch").write_text("b")
+    (tmp_path / "0001-a.patch").write_text("a")
+    (tmp_path / "notes.txt").write_text("not a patch")
+    got = build.kernel_patches()
+    assert [p.name for p in got] == ["0001-a.patch", "0002-b.patch"]
+    d = build._patches_digest(got)
+    (tmp_path / "0002-b.patch").write_text("b2")
+    assert build._patches_digest(got) != d
+
+
+def test_patched_files():
+    text = ("--- a/arch/x86/mm/fault.c\t2024-01-01\n+++ b/arch/x86/mm/fault.c\t2024-01-02\n@@ -1 +1 @@\n"
+            "--- a/README\n+++ b/README\n--- a/gone.c\n+++ /dev/null\n")
+    assert build._patched_files(text) == ["arch/x86/mm/fault.c", "README"]
+
+
+def test_syscall_patch_applies_to_the_installed_source(tmp_path):
+    # The pristine tree only exists once a kernel was built on this machine.
+    trees = [t for t in sorted((build.cache_dir() / "src").glob(f"{build.KERNEL_SOURCE_PACKAGE}_*"))
+             if (t / "Makefile").is_file() and "+" not in t.name]       # pristine trees only
+    if not trees or shutil.which("patch") is None:
+        pytest.skip("no unpacked kernel source or no patch(1)")
+    for patch in build.kernel_patches():
+        for rel in build._patched_files(patch.read_text()):
+            dst = tmp_path / rel
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(trees[-1] / rel, dst)
+        r = subprocess.run(["patch", "-p1", "--forward", "--batch", "-d", str(tmp_path), "-i", str(patch)],
+                           capture_output=True, text=True)
+        assert r.returncode == 0, r.stdout + r.stderr
+    fault = (tmp_path / "arch/x86/mm/fault.c").read_text()
+    assert "handle_syscall_fault(regs, address)" in fault
+    assert '__setup("syscall_fault_entry"' in fault
 
 
 def test_default_cmdline():
@@ -192,6 +232,7 @@ def test_default_cmdline():
     words = line.split()
     assert "console=hvc0" in words and "lguest_jit.workload=selftest" in words
     assert "noxsave" in words and "acpi=off" in words
+    assert "syscall_fault_entry" in words          # patches/0001 is off without it
     assert "earlyprintk=serial" in build.default_cmdline(console="ttyS0").split()
     with pytest.raises(ValueError):
         build.default_cmdline("rm -rf /")
