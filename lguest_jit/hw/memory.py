@@ -124,20 +124,24 @@ def _mprotect(addr: int, length: int, prot: int) -> None:
 # Loads and stores.  Python bodies are the NUMBA_DISABLE_JIT baseline; the
 # overloads are what compiled kernels use.
 
+# Each access is one numpy operation, so under the GIL another thread sees
+# it whole: a 16-bit index stored byte by byte could be read torn (0x00FF ->
+# 0x0100 seen as 0x0000), which the compiled atomic accesses never allow.
+
 def ld_u8(mem, off):
     return int(mem[off])
 
 
 def ld_u16(mem, off):
-    return int(mem[off]) | int(mem[off + 1]) << 8
+    return int(mem[off:off + 2].view(np.uint16)[0])
 
 
 def ld_u32(mem, off):
-    return int.from_bytes(mem[off:off + 4].tobytes(), "little")
+    return int(mem[off:off + 4].view(np.uint32)[0])
 
 
 def ld_u64(mem, off):
-    return int.from_bytes(mem[off:off + 8].tobytes(), "little")
+    return int(mem[off:off + 8].view(np.uint64)[0])
 
 
 def st_u8(mem, off, val):
@@ -145,16 +149,15 @@ def st_u8(mem, off, val):
 
 
 def st_u16(mem, off, val):
-    mem[off] = val & 0xFF
-    mem[off + 1] = (val >> 8) & 0xFF
+    mem[off:off + 2].view(np.uint16)[0] = int(val) & 0xFFFF
 
 
 def st_u32(mem, off, val):
-    mem[off:off + 4] = np.frombuffer((int(val) & 0xFFFFFFFF).to_bytes(4, "little"), dtype=np.uint8)
+    mem[off:off + 4].view(np.uint32)[0] = int(val) & 0xFFFFFFFF
 
 
 def st_u64(mem, off, val):
-    mem[off:off + 8] = np.frombuffer((int(val) & 0xFFFFFFFFFFFFFFFF).to_bytes(8, "little"), dtype=np.uint8)
+    mem[off:off + 8].view(np.uint64)[0] = int(val) & 0xFFFFFFFFFFFFFFFF
 
 
 # In the pure-Python baseline the GIL orders everything, so acquire/release

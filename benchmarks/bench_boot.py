@@ -1,0 +1,117 @@
+"""Boot time of the default guest: to its /init and to power-off.
+
+The guest runs its ``boot`` workload (init prints ``LGJ-INIT``, then powers
+off) through the real command line, with console, block and rng devices.
+In the same run, the same kernel and initramfs under any other launcher on
+this machine: QEMU (TCG, since QEMU cannot step over the instructions this
+host's KVM emulator rejects), booting the bzImage the guest build keeps.
+Otherwise the report says why nothing is comparable.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+from .common import progress
+
+TIMEOUT = 1200
+_INIT = re.compile(rb"LGJ-INIT (\S+)")
+
+
+def _timed(argv, env=None) -> dict:
+    """Run ``argv``; wall seconds until LGJ-INIT appears and until exit."""
+    t0 = time.monotonic()
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            env=env)
+    seen = b""
+    t_init = guest_uptime = None
+    try:
+        while True:
+            chunk = proc.stdout.read1(65536)
+            if not chunk:
+                break
+            seen += chunk
+            if t_init is None and (m := _INIT.search(seen)):
+                t_init = time.monotonic() - t0
+                guest_uptime = float(m.group(1))
+            if time.monotonic() - t0 > TIMEOUT:
+                proc.kill()
+                break
+    finally:
+        status = proc.wait()
+    out = {"seconds_to_init": t_init, "seconds_to_exit": time.monotonic() - t0, "exit_status": status,
+           "guest_uptime_at_init": guest_uptime}
+    if t_init is None:
+        out["error"] = "the guest never reached init; last output: " + seen[-400:].decode(errors="replace")
+    return out
+
+
+def _guest():
+    try:
+        from guest.build import cached_guest, cache_dir, default_cmdline
+    except ImportError as exc:
+        return None, f"guest package unavailable: {exc}"
+    g = cached_guest()
+    if g is None:
+        return None, "the default guest is not built yet (bash scripts/boot-default-guest.sh builds it)"
+    return (g, cache_dir, default_cmdline), None
+
+
+def measure(quick: bool = False) -> dict:
+    from lguest_jit.hw.kvm import kvm_available
+    why = kvm_available()
+    if why:
+        return {"skipped": f"no usable KVM: {why}"}
+    found, why = _guest()
+    if found is None:
+        return {"skipped": why}
+    (vmlinux, initrd), _, default_cmdline = found
+    cmdline = default_cmdline("boot", "hvc0").split()
+    with tempfile.TemporaryDirectory() as d:
+        disk = os.path.join(d, "disk.img")
+        with open(disk, "wb") as f:
+            f.truncate(16 << 20)
+        progress("bench boot: lguest-jit (this takes minutes under software KVM)")
+        return _timed([sys.executable, "-m", "lguest_jit.main", "--rng", f"--block={disk}",
+                       f"--initrd={initrd}", "256", str(vmlinux), *cmdline])
+
+
+def measure_qemu(quick: bool = False) -> dict:
+    qemu = shutil.which("qemu-system-x86_64")
+    if not qemu:
+        return {"not_comparable": "no other launcher on this machine (qemu-system-x86_64 is not installed)"}
+    found, why = _guest()
+    if found is None:
+        return {"not_comparable": why}
+    (vmlinux, initrd), _, default_cmdline = found
+    bzimage = os.path.join(os.path.dirname(vmlinux), "bzImage")
+    if not os.path.exists(bzimage):
+        return {"not_comparable": "QEMU cannot load the ELF vmlinux and no bzImage was built "
+                                  "(python -m guest.build --bzimage)"}
+    cmdline = default_cmdline("boot", "ttyS0")
+    progress("bench boot: QEMU (TCG)")
+    out = _timed([qemu, "-accel", "tcg", "-m", "256", "-nographic", "-no-reboot", "-nodefaults",
+                  "-serial", "stdio", "-kernel", bzimage, "-initrd", str(initrd), "-append", cmdline])
+    out["note"] = ("QEMU with TCG: every guest instruction is translated in software, user code included; "
+                   "lguest-jit runs guest user code natively and kernel code in KVM's emulator")
+    return out
+
+
+def run(quick: bool = False) -> dict:
+    ours = measure(quick)
+    if "skipped" in ours:
+        return {"benchmark": "boot", "skipped": ours["skipped"]}
+    return {"benchmark": "boot", "unit": "wall seconds (lower is better)", "lguest_jit": ours,
+            "qemu": measure_qemu(quick),
+            "python": {"not_measured": "the boot is dominated by emulated guest kernel code, not by the "
+                                       "launcher's kernels; see bench vring/blk/pci for Numba vs Python"}}
+
+
+if __name__ == "__main__":
+    print(json.dumps(run("--quick" in sys.argv), indent=2))
