@@ -1,10 +1,12 @@
-"""Fast tests for the default guest's build pieces (no kernel build here)."""
+"""Tests for the default guest: its build pieces (fast, no kernel build) and
+two slow end-to-end boots (our KVM; QEMU TCG), skipped when nothing is built."""
 import os
 import re
 import shutil
 import stat
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -301,3 +303,41 @@ def test_default_guest_boots_to_done_under_kvm(tmp_path):
     assert len(rep.step("hwrng").fields()["hex"]) == 128
     # Only the assists the README names were needed.
     assert set(run.stats.assists) <= {"int3", "fwait"}
+
+
+@pytest.mark.slow
+def test_default_guest_boots_under_qemu_tcg(tmp_path):
+    """The same kernel, patch and command line on an architecturally exact
+    CPU (QEMU's TCG): SYSCALL works natively there, so syscall_fault_entry
+    must change nothing.  Needs the bzImage (python -m guest.build --bzimage)."""
+    qemu = shutil.which("qemu-system-x86_64")
+    vmlinux = build.cached_kernel()
+    if qemu is None or vmlinux is None or not (vmlinux.parent / "bzImage").is_file():
+        pytest.skip("needs qemu-system-x86_64 and a cached bzImage (guest.build --bzimage)")
+    initrd = build.cached_initramfs()
+    if initrd is None:
+        pytest.skip("initramfs not built")
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(bytes(1 << 20))
+    cmd = [qemu, "-accel", "tcg", "-m", "128", "-kernel", str(vmlinux.parent / "bzImage"), "-initrd", str(initrd),
+           "-append", build.default_cmdline("selftest", "ttyS0"), "-nographic", "-no-reboot", "-monitor", "none",
+           "-serial", "stdio", "-display", "none",
+           "-drive", f"if=none,id=d0,file={disk},format=raw", "-device", "virtio-blk-pci,drive=d0,disable-legacy=on",
+           "-device", "virtio-rng-pci,disable-legacy=on"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    out = b""
+    timer = threading.Timer(180, proc.kill)      # a hung guest fails the test instead of hanging it
+    timer.start()
+    try:
+        for line in proc.stdout:                 # QEMU idles after the halt: stop at LGJ-DONE
+            out += line
+            if b"LGJ-DONE" in line or b"Kernel panic" in line:
+                break
+    finally:
+        timer.cancel()
+        proc.kill()
+        proc.wait()
+    rep = markers.parse_console(out)
+    assert rep.done and rep.counts["fail"] == 0, out[-3000:].decode(errors="replace")
+    assert rep.step("block").status == "OK" and rep.step("hwrng").status == "OK"
+    assert disk.read_bytes()[:4096] == markers.block_pattern(4096)
