@@ -28,7 +28,7 @@ from lguest_jit.hw.libc import sys_read, sys_write
 from lguest_jit.hw.memory import GuestMemory, cpu_relax, fence, ld_u16, ld_u16_acquire, st_u16, st_u16_release
 from lguest_jit.testing import VirtioPciDriver
 
-from .common import jit_disabled, measure_in_subprocess, progress, ratios
+from .common import jit_disabled, three_way
 
 FILE_BYTES = 64 << 20
 CASES = [(4096, 1), (4096, 32), (1 << 20, 1), (1 << 20, 32)]
@@ -215,15 +215,8 @@ def measure_reference(quick: bool = False) -> dict:
 
 
 def run(quick: bool = False) -> dict:
-    progress("bench blk: numba device path")
-    fast = measure(quick)
-    progress("bench blk: plain os.preadv loop")
-    ref = measure_reference(quick)
-    progress("bench blk: pure Python device path (NUMBA_DISABLE_JIT=1)")
-    slow = measure_in_subprocess("benchmarks.bench_blk", True)
-    return {"benchmark": "blk", "unit": "read requests per second and MB/s; depth = requests in flight",
-            "numba": fast, "python": slow, "preadv_loop": ref,
-            "numba_vs_preadv_loop": ratios(fast, ref), "numba_vs_python": ratios(fast, slow)}
+    return three_way("blk", "read requests per second and MB/s; depth = requests in flight", "benchmarks.bench_blk",
+                     quick, measure, measure_reference, "preadv_loop")
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from lguest_jit.hw.memory import GuestMemory, ld_u16
 from lguest_jit.testing import VirtioPciDriver
 
 from .bench_blk import _drive
-from .common import jit_disabled, measure_in_subprocess, progress, ratios
+from .common import jit_disabled, three_way
 
 CASES = [(64, 1), (4096, 1), (4096, 32)]
 
@@ -95,15 +95,8 @@ def measure_reference(quick: bool = False) -> dict:
 
 
 def run(quick: bool = False) -> dict:
-    progress("bench rng: numba device path")
-    fast = measure(quick)
-    progress("bench rng: plain getrandom loop")
-    ref = measure_reference(quick)
-    progress("bench rng: pure Python device path (NUMBA_DISABLE_JIT=1)")
-    slow = measure_in_subprocess("benchmarks.bench_rng", True)
-    return {"benchmark": "rng", "unit": "requests per second and MB/s; depth = requests in flight",
-            "numba": fast, "python": slow, "getrandom_loop": ref,
-            "numba_vs_getrandom_loop": ratios(fast, ref), "numba_vs_python": ratios(fast, slow)}
+    return three_way("rng", "requests per second and MB/s; depth = requests in flight", "benchmarks.bench_rng",
+                     quick, measure, measure_reference, "getrandom_loop")
 
 
 if __name__ == "__main__":

@@ -60,3 +60,17 @@ def ratios(fast: dict, slow: dict) -> dict:
 
 def progress(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
+
+
+def three_way(bench: str, unit: str, module: str, quick: bool, measure, reference, ref_name: str) -> dict:
+    """The report of a device benchmark: the Numba device path, the same path
+    as plain Python, and a plain host loop doing the same I/O (``ref_name``),
+    measured in that order in one run, with the two ratios."""
+    progress(f"bench {bench}: numba device path")
+    fast = measure(quick)
+    progress(f"bench {bench}: {ref_name.replace('_', ' ')}")
+    ref = reference(quick)
+    progress(f"bench {bench}: pure Python device path (NUMBA_DISABLE_JIT=1)")
+    slow = measure_in_subprocess(module, True)
+    return {"benchmark": bench, "unit": unit, "numba": fast, "python": slow, ref_name: ref,
+            f"numba_vs_{ref_name}": ratios(fast, ref), "numba_vs_python": ratios(fast, slow)}

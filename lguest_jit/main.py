@@ -284,9 +284,12 @@ class Launcher:
         if cfg.hypervisor == "kvm":
             from .hw.kvm import KvmVm
             from .hw.uart import Uart8250
-            self.uart = Uart8250()
-            self.uart.register(self.bus)
             self.backend = KvmVm(self.gm, self.bus)
+            # THRE interrupts on IRQ 4: Linux's 8250 driver waits for them
+            # before it sends user-space output (polling covers only printk).
+            vm = self.backend
+            self.uart = Uart8250(set_irq=lambda level: vm.irq_line(4, int(level)))
+            self.uart.register(self.bus)
             self.backend.claim_reset_port()
             self.backend.setup_boot(self.info)
         else:
@@ -306,8 +309,7 @@ class Launcher:
             self.log(f"bad driver: {exc}" + (f" [{exc.detail}]" if exc.detail else ""))
             return 1
         if self.fatal_message is not None:
-            self.log(self.fatal_message if not self.fatal_message.startswith("bad driver")
-                     else self.fatal_message)
+            self.log(self.fatal_message)
             return 130 if self.interrupted else 1
         status = result.exit_status
         if status:

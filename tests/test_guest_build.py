@@ -1,5 +1,6 @@
 """Tests for the default guest: its build pieces (fast, no kernel build) and
-two slow end-to-end boots (our KVM; QEMU TCG), skipped when nothing is built."""
+a slow boot of the same guest under QEMU TCG when QEMU is installed.  The
+end-to-end boot under lguest-jit is tests/test_boot_e2e.py."""
 import os
 import re
 import shutil
@@ -272,37 +273,6 @@ def test_cached_guest_empty_cache(tmp_path, monkeypatch):
 def test_missing_packages_asks_dpkg():
     # dpkg is always installed on Debian; the second name cannot exist.
     assert build.missing_packages(("dpkg", "lgj-no-such-package-x")) == ["lgj-no-such-package-x"]
-
-
-@pytest.mark.slow
-def test_default_guest_boots_to_done_under_kvm(tmp_path):
-    """The whole default guest on our KVM: kernel, /init selftest, power-off.
-    About a minute on kvm_pvm (see guest/README.md for the timeline)."""
-    from lguest_jit.hw.kvm import kvm_available
-    why = kvm_available()
-    if why is not None:
-        pytest.skip(f"no usable KVM: {why}")
-    if build.cached_guest() is None:
-        pytest.skip("default guest not built (python -m guest.build)")
-    from guest import profile_boot
-    disk = tmp_path / "disk.img"
-    disk.write_bytes(b"\xee" * (1 << 20))
-    run = profile_boot.boot(disk=str(disk), timeout=900)
-    rep = markers.parse_console(run.console)
-    tail = run.console[-3000:].decode(errors="replace")
-    assert run.result.reason == "halt", run.result.report() + "\n" + tail
-    assert rep.done and rep.workload == "selftest", tail
-    assert rep.counts["fail"] == 0, [s for s in rep.steps if s.status == "FAIL"]
-    for name in ("mount-proc", "mount-sysfs", "mount-devtmpfs", "console", "pci", "virtio", "hwrng", "block"):
-        assert rep.step(name) is not None and rep.step(name).status == "OK", name
-    assert rep.step("virtio").fields() == {"virtio0": "0x0002:virtio_blk", "virtio1": "0x0004:virtio_rng"}
-    # The guest's write reached the host file, and nothing past it.
-    data = disk.read_bytes()
-    assert data[:4096] == markers.block_pattern(4096)
-    assert data[4096:] == b"\xee" * ((1 << 20) - 4096)
-    assert len(rep.step("hwrng").fields()["hex"]) == 128
-    # Only the assists the README names were needed.
-    assert set(run.stats.assists) <= {"int3", "fwait"}
 
 
 @pytest.mark.slow

@@ -18,8 +18,8 @@ import numpy as np
 from numba import njit
 
 from .. import vring
-from ..hw.libc import (EINTR, FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, host_iov,
-                       sys_fallocate, sys_fdatasync, sys_preadv, sys_pwritev)
+from ..hw.libc import (EINTR, FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, fill_host_iov,
+                       host_iov, sys_fallocate, sys_fdatasync, sys_preadv, sys_pwritev)
 from ..hw.memory import ld_u32, ld_u64, st_u8
 from ..vring import (Q_IN, Q_IN_BYTES, Q_N_BYTES, Q_OUT, Q_OUT_BYTES, Q_STOP, STOPPED, _iov_consume,
                      _iov_to_buf, _publish, _push, _signal, _wait_chain)
@@ -84,19 +84,6 @@ def _rw_all(fd, hiov, n, offset, write):
             hiov[k, 0] = hiov[k, 0] + np.uint64(r)
             hiov[k, 1] = hiov[k, 1] - np.uint64(r)
     return done
-
-
-@njit(nogil=True, cache=True)
-def _host_iov(mem, iov, first, count, hiov):
-    """Guest iov entries -> host (address, length) rows, skipping empty ones."""
-    base = np.uint64(mem.ctypes.data)
-    n = 0
-    for k in range(first, first + count):
-        if iov[k, 1] > 0:
-            hiov[n, 0] = base + iov[k, 0]
-            hiov[n, 1] = iov[k, 1]
-            n += 1
-    return n
 
 
 @njit(nogil=True, cache=True)
@@ -172,9 +159,9 @@ def _blk_request(mem, q, iov, hiov, hdr, segs, fd, limits, ident):
             status = S_IOERR
         else:
             if rtype == T_IN:
-                n = _host_iov(mem, iov, nout, nin, hiov)
+                n = fill_host_iov(mem, iov, nout, nin, hiov)
             else:
-                n = _host_iov(mem, iov, 0, nout, hiov)
+                n = fill_host_iov(mem, iov, 0, nout, hiov)
             if n > 0 and _rw_all(fd, hiov, n, sector * SECTOR, rtype == T_OUT) != nbytes:
                 status = S_IOERR
             elif rtype == T_IN:

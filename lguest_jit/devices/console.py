@@ -39,7 +39,7 @@ import numpy as np
 from numba import njit
 
 from .. import vring
-from ..hw.libc import EAGAIN, EINTR, POLLIN, host_iov, pollfds, sys_poll, sys_readv, sys_writev
+from ..hw.libc import EAGAIN, EINTR, POLLIN, fill_host_iov, host_iov, pollfds, sys_poll, sys_readv, sys_writev
 from ..hw.memory import ld_u8
 from ..vring import (Q_IN, Q_IN_BYTES, Q_LAST_AVAIL, Q_N_BYTES, Q_N_CHAINS, Q_OUT, Q_OUT_BYTES, Q_STOP,
                      STOPPED, _publish, _push, _signal, _wait_chain)
@@ -108,20 +108,6 @@ def _poll2(pfd, fd, events, stop_fd):
 
 
 @njit(nogil=True, cache=True)
-def _to_host_iov(mem, iov, first, count, hiov):
-    """Guest iov entries -> host (address, length) rows, skipping empty ones.
-    Entries were checked against guest RAM when the chain was popped."""
-    base = np.uint64(mem.ctypes.data)
-    n = 0
-    for k in range(first, first + count):
-        if iov[k, 1] > 0:
-            hiov[n, 0] = base + iov[k, 0]
-            hiov[n, 1] = iov[k, 1]
-            n += 1
-    return n
-
-
-@njit(nogil=True, cache=True)
 def _unpop(q):
     # Hand the chain we just popped back to the ring unused: the device's
     # avail index is private, so stepping it back is invisible to the driver.
@@ -173,7 +159,7 @@ def _receive(mem, q, iov, hiov, notify_fd, isr, irq_fd, scratch, pfd, input_fd, 
                 _publish(mem, q)
                 head = -1
                 continue
-            n_iov = _to_host_iov(mem, iov, 0, q[Q_IN], hiov)
+            n_iov = fill_host_iov(mem, iov, 0, q[Q_IN], hiov)
             first = np.int64(hiov[0, 0]) - np.int64(mem.ctypes.data)
         r = sys_readv(input_fd, hiov.ctypes.data, n_iov)
         if r == -EINTR or r == -EAGAIN:
@@ -254,7 +240,7 @@ def _transmit(mem, q, iov, hiov, notify_fd, isr, irq_fd, scratch, pfd, output_fd
         if q[Q_IN] != 0:
             code = -E_WRITABLE_OUTPUT
             break
-        n = _to_host_iov(mem, iov, 0, q[Q_OUT], hiov)
+        n = fill_host_iov(mem, iov, 0, q[Q_OUT], hiov)
         done, err = _write_all(output_fd, stop_fd, hiov, n, pfd, cs)
         # Counters first, so they are current by the time the driver sees the buffer.
         q[Q_N_BYTES] += done

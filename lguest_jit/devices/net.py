@@ -37,7 +37,7 @@ import numpy as np
 from numba import njit
 
 from .. import vring
-from ..hw.libc import EAGAIN, EINTR, POLLIN, host_iov, pollfds, sys_poll, sys_readv, sys_writev
+from ..hw.libc import EAGAIN, EINTR, POLLIN, fill_host_iov, host_iov, pollfds, sys_poll, sys_readv, sys_writev
 from ..vring import (Q_IN, Q_IN_BYTES, Q_N_BYTES, Q_OUT, Q_OUT_BYTES, Q_STOP, STOPPED, _publish, _push,
                      _signal, _wait_chain)
 from .base import DEVICE_ERRORS, E_SHORT_HEADER, E_WRITABLE_OUTPUT, Device
@@ -188,20 +188,6 @@ def random_mac() -> bytes:
 # Kernels
 
 @njit(nogil=True, cache=True)
-def _host_iov(mem, iov, first, count, hiov):
-    """Guest iov entries -> host (address, length) rows, skipping empty ones.
-    The entries were checked against guest RAM when the chain was popped."""
-    base = np.uint64(mem.ctypes.data)
-    n = 0
-    for k in range(first, first + count):
-        if iov[k, 1] > 0:
-            hiov[n, 0] = base + iov[k, 0]
-            hiov[n, 1] = iov[k, 1]
-            n += 1
-    return n
-
-
-@njit(nogil=True, cache=True)
 def _poll(pfds, timeout):
     """poll the two rows of ``pfds`` (the tap, then the stop eventfd).
     Returns 1 when the tap is ready, 0 on timeout, STOPPED when the stop
@@ -263,7 +249,7 @@ def _rx_serve(mem, q, iov, hiov, notify_fd, isr, irq_fd, scratch, tap_fd, pfds, 
                 code = -E_SHORT_HEADER
                 break
             head = h
-            n = _host_iov(mem, iov, 0, q[Q_IN], hiov)
+            n = fill_host_iov(mem, iov, 0, q[Q_IN], hiov)
         r = sys_readv(tap_fd, hiov.ctypes.data, n)
         if r == -EAGAIN or r == -EINTR:
             # Spurious readiness: keep the chain for the next frame.
@@ -317,7 +303,7 @@ def _tx_serve(mem, q, iov, hiov, notify_fd, isr, irq_fd, scratch, tap_fd, pfds, 
         if q[Q_OUT_BYTES] < HDR_SIZE:
             code = -E_SHORT_HEADER
             break
-        n = _host_iov(mem, iov, 0, q[Q_OUT], hiov)
+        n = fill_host_iov(mem, iov, 0, q[Q_OUT], hiov)
         r, stop = _send(tap_fd, hiov, n, pfds, stats)
         if stop != 0:
             code = stop

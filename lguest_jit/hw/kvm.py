@@ -495,7 +495,7 @@ class KvmVm:
         self._reset_requested = False
         self._closed = False
         self._vcpu_thread = None
-        self._assist_rip = None
+        self._assist_state = None
         self._assist_repeat = 0
         self._assist_exit = -2
         self._ioeventfds: list[tuple[int, int, int, int]] = []
@@ -1056,13 +1056,19 @@ class KvmVm:
         else:
             return RunResult("internal-error", "emulation failure: KVM's instruction emulator cannot run the "
                              "instruction at RIP and it is not one we assist", self.regs_dict(), insn)
-        if regs.rip == self._assist_rip and n == self._assist_exit + 1:
+        # A guest stuck on an assisted instruction comes back to it with every
+        # register unchanged.  The same RIP alone is no sign: the kernel's
+        # fpu__drop runs its fwait once per exiting task, and with a virtio
+        # console nothing else may exit between two of them.
+        state = bytes(regs)
+        if state == self._assist_state and n == self._assist_exit + 1:
             self._assist_repeat += 1
             if self._assist_repeat >= ASSIST_REPEAT_LIMIT:
                 return RunResult("internal-error", f"{name} assisted {self._assist_repeat} times at the same RIP "
-                                 "with no other exit between: the guest is not making progress", self.regs_dict(), insn)
+                                 "with the same registers and no other exit between: the guest is not making "
+                                 "progress", self.regs_dict(), insn)
         else:
-            self._assist_rip, self._assist_repeat = regs.rip, 1
+            self._assist_state, self._assist_repeat = state, 1
         self._assist_exit = n
         regs.rip = regs.rip + length
         self.set_regs(regs)

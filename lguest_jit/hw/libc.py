@@ -14,7 +14,7 @@ from __future__ import annotations
 import ctypes
 
 import numpy as np
-from numba import types
+from numba import njit, types
 from numba.extending import overload
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -102,6 +102,22 @@ sys_poll = globals()["sys_poll"]
 def host_iov(n: int) -> np.ndarray:
     """An (n, 2) uint64 array of (host address, length) rows for readv and friends."""
     return np.zeros((n, 2), dtype=np.uint64)
+
+
+@njit(nogil=True, cache=True)
+def fill_host_iov(mem, iov, first, count, hiov):
+    """Rows first..first+count of a popped chain's iov (guest address, length,
+    flags) -> host (address, length) rows in ``hiov``, skipping empty
+    buffers; returns the row count.  The vring engine checked every entry
+    against guest RAM when it popped the chain, so no check is repeated."""
+    base = np.uint64(mem.ctypes.data)
+    n = 0
+    for k in range(first, first + count):
+        if iov[k, 1] > 0:
+            hiov[n, 0] = base + iov[k, 0]
+            hiov[n, 1] = iov[k, 1]
+            n += 1
+    return n
 
 
 def pollfds(n: int) -> np.ndarray:
