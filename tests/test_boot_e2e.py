@@ -87,8 +87,10 @@ def test_default_guest_drives_every_device(tmp_path):
         text = raw.decode(errors="replace").strip()
         if "Run /init" in text or "LGJ-" in text:
             at = when - t0
-            up = text.split()[2] if text.startswith(("LGJ-STEP", "LGJ-DONE")) else \
-                text.split()[1] if text.startswith("LGJ-INIT") else None
+            words = text[text.find("LGJ-"):].split() if "LGJ-" in text else []
+            # LGJ-INIT <uptime>, LGJ-DONE <workload> <uptime>, LGJ-STEP <name> <status> <uptime>
+            at_word = {"LGJ-INIT": 1, "LGJ-DONE": 2, "LGJ-STEP": 3}.get(words[0] if words else "")
+            up = words[at_word] if at_word is not None and len(words) > at_word else None
             delta = f"+{at - prev_wall:6.1f} s" if prev_wall is not None else " " * 9
             print(f"  wall {at:7.1f} s {delta}  guest uptime {up or '-':>8}  {text[:110]}")
             prev_wall = at
