@@ -43,7 +43,7 @@ def _device_rate(req_bytes, depth, min_time):
         event_idx = bool(feats >> vring.VIRTIO_RING_F_EVENT_IDX & 1)
 
         def run(n):
-            if _drive(gm.mem, rings, q.size, heads, depth, n, notify, irq, event_idx, scratch) != n:
+            if _drive(gm.mem, rings, q.size, heads, depth, n, notify, irq, event_idx, scratch, False) != n:
                 raise RuntimeError("device stopped answering")
             q.avail_shadow = ld_u16(gm.mem, q.avail + 2)
             q.last_used = ld_u16(gm.mem, q.used + 2)
