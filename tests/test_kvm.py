@@ -14,7 +14,7 @@ import pytest
 from lguest_jit.hw import kvm as K
 from lguest_jit.hw.kvm import KvmVm, RunResult, kvm_sregs, translate
 from lguest_jit.hw.memory import GuestMemory
-from lguest_jit.hw.tinyguest import CODE, DATA, RAX, RCX, RDI, RDX, RSI, Asm, setup_long_mode
+from lguest_jit.hw.tinyguest import CODE, DATA, RAX, RCX, RDI, RDX, RSI, USTACK_TOP, Asm, setup_long_mode
 from lguest_jit.hw.uart import COM1, Uart8250
 
 KVM_MISSING = K.kvm_available()
@@ -826,3 +826,84 @@ def test_cpl_can_be_changed_between_runs(gm):
         assert vm.get_sregs().cs.dpl == 3
     finally:
         vm.close()
+
+
+# ---------------------------------------------------------------------------
+# What Linux's context switch relies on, checked on this host: a null FS
+# selector loaded at CPL0 clears the FS base that CPL3 code then uses (Linux
+# assumes it unless the AMD vendor code finds X86_BUG_NULL_SEG), and FXSAVE /
+# FXRSTOR run by KVM's emulator at CPL0 keep all sixteen XMM registers of the
+# interrupted CPL3 code.  Both hold on the AMD host where pipelined process
+# start-ups crash (guest/README.md, "Pipelines"), so neither is the cause.
+
+def _user_fs_read(gm, null_selector: bool) -> int:
+    """CPL0 sets FS base 0x30000, optionally loads a null FS selector, then
+    irets to CPL3 code that reads fs:[0x10] into DATA."""
+    ucode = 0x12000
+    gm.write(0x10, struct.pack("<Q", 0x1111111111111111))          # what base 0 reads
+    gm.write(0x30010, struct.pack("<Q", 0x3333333333333333))       # what the stale base reads
+    vm = make_vm(gm, StopOnMmioBus())
+    try:
+        a = Asm().mov_imm32(RCX, K.MSR_FS_BASE).mov_imm32(RAX, 0x30000).mov_imm32(RDX, 0).raw(b"\x0f\x30")  # wrmsr
+        if null_selector:
+            a.mov_imm32(RAX, 0).raw(b"\x8e\xe0")                                # mov fs, eax
+        a.raw(b"\x6a\x1b").mov_imm64(RAX, USTACK_TOP).push_rax()                # ss, rsp
+        a.raw(b"\x68\x02\x30\x00\x00\x6a\x23").mov_imm64(RAX, ucode).push_rax()  # rflags, cs, rip
+        a.iretq()
+        u = Asm(ucode).raw(b"\x64\x48\x8b\x04\x25\x10\x00\x00\x00")            # mov rax, fs:[0x10]
+        gm.write(ucode, bytes(mmio_done(u.mov_imm64(RDI, DATA).store_rdi(8))))
+        setup_long_mode(vm, bytes(a), cpl=0)
+        res = vm.run(timeout=RUN_TIMEOUT)
+        assert res.reason == "stopped", res.report()
+        return int.from_bytes(gm.read(DATA, 8), "little")
+    finally:
+        vm.close()
+
+
+@needs_kvm
+def test_null_fs_selector_clears_the_base_cpl3_uses(gm):
+    assert _user_fs_read(gm, null_selector=False) == 0x3333333333333333
+    assert _user_fs_read(gm, null_selector=True) == 0x1111111111111111
+
+
+@needs_kvm
+@pytest.mark.parametrize("clobber", [False, True])
+def test_emulated_fxsave_fxrstor_keep_user_xmm_registers(gm, clobber):
+    """CPL3 loads XMM0-15, traps (int3) to a CPL0 handler that FXSAVEs them
+    (and, with ``clobber``, FXRSTORs a zeroed image and then the saved one),
+    and stores them again after the iretq."""
+    ucode, handler, pat, out, save, zero = 0x12000, 0x11000, 0x30000, 0x31000, 0x32000, 0x33000
+    pattern = bytes(range(256))[::-1]
+    gm.write(pat, pattern)
+    gm.write(out, bytes(256))
+    gm.write(save, bytes(512))
+    gm.write(zero, struct.pack("<H", 0x37F) + bytes(22) + struct.pack("<I", 0x1F80) + bytes(484))  # FCW, MXCSR
+    ptr = lambda op, addr: bytes([0x48, 0x0F, 0xAE, op, 0x25]) + struct.pack("<I", addr)  # noqa: E731
+    h = Asm(handler).raw(ptr(0x04, save))                                    # fxsave64 [save]
+    if clobber:
+        h.raw(ptr(0x0C, zero)).raw(ptr(0x0C, save))                          # fxrstor64 [zero], [save]
+    gm.write(handler, bytes(h.iretq()))
+
+    def movdqu(opcode, n, modrm_base):   # movdqu xmmN <-> [reg + 16n], disp32
+        rex = b"\x44" if n >= 8 else b""
+        return b"\xf3" + rex + bytes([0x0F, opcode, modrm_base | (n & 7) << 3]) + struct.pack("<I", 16 * n)
+    u = Asm(ucode).mov_imm64(RDI, pat).mov_imm64(RSI, out)
+    for n in range(16):
+        u.raw(movdqu(0x6F, n, 0x87))                                         # load from [rdi]
+    u.int3()
+    for n in range(16):
+        u.raw(movdqu(0x7F, n, 0x86))                                         # store to [rsi]
+    gm.write(ucode, bytes(mmio_done(u)))
+    vm = make_vm(gm, StopOnMmioBus())
+    try:
+        setup_long_mode(vm, b"", cpl=3, handlers={3: handler}, entry=ucode)
+        s = vm.get_sregs()
+        s.cr4 |= 1 << 9 | 1 << 10          # OSFXSR, OSXMMEXCPT: SSE on
+        s.cr0 = (s.cr0 & ~(1 << 2 | 1 << 3)) | 1 << 1   # no EM, no TS; MP
+        vm.set_sregs(s)
+        res = vm.run(timeout=RUN_TIMEOUT)
+    finally:
+        vm.close()
+    assert res.reason == "stopped", res.report()
+    assert gm.read(save + 160, 256) == pattern, "the FXSAVE image's XMM area"
+    assert gm.read(out, 256) == pattern, "XMM0-15 after the return to CPL3"
