@@ -93,7 +93,12 @@ class MockDriver:
         return q
 
     # -- adding buffers
-    def add(self, out=(), in_=(), indirect: bool = False) -> int:
+    def add(self, out=(), in_=(), indirect: bool = False, align: int = 0) -> int:
+        """Post a chain: each buffer is bytes (device-readable contents), an
+        int (a length, placed in the head's slot) or an explicit (addr,
+        length).  With ``align``, placed buffers of at least ``align`` bytes
+        start on an ``align`` boundary, as Linux's block layer hands devices
+        whole pages while headers and status bytes are small allocations."""
         segs = [(s, False) for s in out] + [(s, True) for s in in_]
         if not segs:
             raise ValueError("a chain needs at least one buffer")
@@ -106,6 +111,8 @@ class MockDriver:
         placed = []
         cursor = slot
         for s, writable in segs:
+            if align and not isinstance(s, tuple) and (s if isinstance(s, int) else len(s)) >= align:
+                cursor = -(-cursor // align) * align
             if isinstance(s, tuple):
                 addr, length = s
             elif isinstance(s, int):

@@ -666,7 +666,24 @@ if os.environ.get("LGUEST_JIT_TEST_BZIMAGE"):
     REAL_KERNELS.append(os.environ["LGUEST_JIT_TEST_BZIMAGE"])
 
 
-@pytest.mark.skipif(not REAL_KERNELS, reason="no /boot/vmlinuz-* (or $LGUEST_JIT_TEST_BZIMAGE) here")
+def _default_guest_bzimage():
+    """The default guest's bzImage, when `python -m guest.build --bzimage` made one."""
+    import sys
+    from pathlib import Path
+    root = str(Path(__file__).resolve().parents[1])
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    from guest.build import cached_kernel
+    vmlinux = cached_kernel()
+    bz = vmlinux.parent / "bzImage" if vmlinux is not None else None
+    return str(bz) if bz is not None and bz.is_file() else None
+
+
+if not REAL_KERNELS and _default_guest_bzimage():
+    REAL_KERNELS.append(_default_guest_bzimage())
+
+
+@pytest.mark.skipif(not REAL_KERNELS, reason="no /boot/vmlinuz-*, $LGUEST_JIT_TEST_BZIMAGE or default-guest bzImage here")
 def test_real_bzimage():
     path = REAL_KERNELS[-1]
     if not os.access(path, os.R_OK):

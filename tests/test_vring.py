@@ -522,3 +522,15 @@ def test_property_matches_reference_and_stays_inside(r):
             assert 0 <= a and a + n <= MEM
     finally:
         gm.close()
+
+
+def test_mock_driver_aligns_large_buffers_only(gm):
+    drv = MockDriver(gm, size=8, features=IND, slot_bytes=3 * 4096)
+    q, iov = drv.device_queue(), vring.new_iov(8)
+    head = drv.add(out=[b"h" * 16], in_=[4096, 1], indirect=True, align=4096)
+    slot = drv.data_base + head * drv.slot_bytes
+    assert vring.pop(gm.mem, q, iov) == head
+    (a0, l0), (a1, l1), (a2, l2) = [(int(iov[k, 0]), int(iov[k, 1])) for k in range(3)]
+    assert (a0, l0) == (slot, 16)                     # header packed at the slot's start
+    assert a1 % 4096 == 0 and a1 > slot and l1 == 4096  # the page of data on a page boundary
+    assert (a2, l2) == (a1 + 4096, 1)                 # the status byte right after it
