@@ -281,6 +281,8 @@ class Launcher:
                 raise UsageError(str(exc).splitlines()[0]) from None
             self.devices.append(d)
             self.bus.add_device(d)       # the bus logs slot, BAR0 and irq with --verbose
+        from .hw.cmos import CmosRtc
+        CmosRtc().register(self.bus)     # the guest's wall clock, without Linux's 2 s wait for UIP
         if cfg.hypervisor == "kvm":
             from .hw.kvm import KvmVm
             from .hw.uart import Uart8250
