@@ -135,3 +135,29 @@ def test_bad_kernel_image_is_one_line(capsys, tmp_path):
     bad = tmp_path / "notakernel"
     bad.write_bytes(b"hello world" * 100)
     check_refused(capsys, ["64", str(bad)], "notakernel", tmp_path)
+
+
+def test_kvm_benchmarks_skip_with_a_reason_without_kvm(tmp_path):
+    """`bench all` on a machine without a usable /dev/kvm: the benchmarks
+    that need it report why they were skipped, and the run succeeds.  A
+    private mount namespace puts a plain file where /dev/kvm is."""
+    import shutil
+    if not shutil.which("unshare"):
+        pytest.skip("needs unshare(1)")
+    fake = tmp_path / "kvm"
+    fake.write_bytes(b"")
+    script = (f"mount --bind {fake} /dev/kvm 2>/dev/null; "    # no /dev/kvm at all: nothing to hide
+              f"for b in exits boot; do {sys.executable} -m lguest_jit.main bench $b --json --quick; done")
+    r = subprocess.run(["unshare", "--mount", "sh", "-c", script], capture_output=True, text=True, timeout=300)
+    if r.returncode != 0 and "unshare" in r.stderr:
+        pytest.skip(f"cannot make a mount namespace here: {r.stderr.strip()[:200]}")
+    assert r.returncode == 0, r.stderr
+    decoder = json.JSONDecoder()
+    text, reports = r.stdout.strip(), []
+    while text:
+        rep, end = decoder.raw_decode(text)
+        reports.append(rep)
+        text = text[end:].strip()
+    assert [rep["benchmark"] for rep in reports] == ["exits", "boot"]
+    for rep in reports:
+        assert "/dev/kvm" in rep["skipped"], rep

@@ -319,6 +319,8 @@ def kvm_available(path: str = "/dev/kvm") -> str | None:
         v = fcntl.ioctl(fd, KVM_GET_API_VERSION, 0)
         if v != KVM_API_VERSION:
             return f"KVM API version {v}, need {KVM_API_VERSION}"
+    except OSError as e:
+        return f"{path} is not a KVM device: {e.strerror}"
     finally:
         os.close(fd)
     return None
