@@ -97,6 +97,8 @@ def test_default_guest_drives_every_device(tmp_path):
     assert status == 0, tail
     assert rep.done and rep.workload == "selftest", tail
     assert rep.failed == [], tail
+    # No guest process crashed on the way (guest/README.md, "Pipelines").
+    assert b"segfault at" not in console, tail
 
     for name in ("mount-proc", "mount-sysfs", "mount-devtmpfs", "console", "pci", "virtio", "hwrng", "block", "net",
                  "ping"):
