@@ -907,3 +907,68 @@ def test_emulated_fxsave_fxrstor_keep_user_xmm_registers(gm, clobber):
     assert res.reason == "stopped", res.report()
     assert gm.read(save + 160, 256) == pattern, "the FXSAVE image's XMM area"
     assert gm.read(out, 256) == pattern, "XMM0-15 after the return to CPL3"
+
+
+class _FloatWorkBus(StopOnMmioBus):
+    """Does floating-point numpy work in every exit, so the launcher's own
+    use of the XMM registers would show in a guest that lost its state."""
+
+    def _dirty(self):
+        import numpy as np
+        a = np.linspace(0.5, 3.5, 4096)
+        self.sink = float(np.sqrt(a).sum() + a @ a)
+
+    def mmio(self, addr, size, is_write, value):
+        self._dirty()
+        return super().mmio(addr, size, is_write, value)
+
+    def pio(self, port, size, is_write, value):
+        self._dirty()
+        return super().pio(port, size, is_write, value)
+
+
+@needs_kvm
+@pytest.mark.parametrize("exit_kind", ["cpl3-mmio-read", "cpl0-fwait-assist", "cpl0-port-write"])
+def test_user_xmm_registers_survive_exits_to_the_launcher(gm, exit_kind):
+    """User code holds XMM0-15 across an exit to the launcher (which runs
+    numpy meanwhile): an MMIO read it makes itself, or a trap to a CPL0
+    handler that needs the fwait assist or writes a port."""
+    ucode, handler, pat, out = 0x12000, 0x11000, 0x30000, 0x31000
+    pattern = bytes((i * 37 + 11) & 0xFF for i in range(256))
+    gm.write(pat, pattern)
+    gm.write(out, bytes(256))
+    h = Asm(handler)
+    if exit_kind == "cpl0-fwait-assist":
+        h.fwait()
+    elif exit_kind == "cpl0-port-write":
+        h.mov_imm32(RDX, READY_PORT).out(1)
+    gm.write(handler, bytes(h.iretq()))
+
+    def movdqu(opcode, n, modrm_base):
+        rex = b"\x44" if n >= 8 else b""
+        return b"\xf3" + rex + bytes([0x0F, opcode, modrm_base | (n & 7) << 3]) + struct.pack("<I", 16 * n)
+    u = Asm(ucode).mov_imm64(RDI, pat).mov_imm64(RSI, out)
+    for n in range(16):
+        u.raw(movdqu(0x6F, n, 0x87))
+    if exit_kind == "cpl3-mmio-read":
+        u.mov_imm64(RDX, MMIO_BASE + 0x10).raw(b"\x8b\x02")                  # mov eax, [rdx]
+    else:
+        u.int3()
+    for n in range(16):
+        u.raw(movdqu(0x7F, n, 0x86))
+    gm.write(ucode, bytes(mmio_done(u)))
+    bus = _FloatWorkBus()
+    vm = make_vm(gm, bus)
+    try:
+        setup_long_mode(vm, b"", cpl=3, handlers={3: handler}, entry=ucode)
+        s = vm.get_sregs()
+        s.cr4 |= 1 << 9 | 1 << 10
+        s.cr0 = (s.cr0 & ~(1 << 2 | 1 << 3)) | 1 << 1
+        vm.set_sregs(s)
+        res = vm.run(timeout=RUN_TIMEOUT)
+    finally:
+        vm.close()
+    assert res.reason == "stopped", res.report()
+    if exit_kind == "cpl0-fwait-assist":
+        assert vm.stats.assists == {"fwait": 1}
+    assert gm.read(out, 256) == pattern
