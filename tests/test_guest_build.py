@@ -311,3 +311,17 @@ def test_default_guest_boots_under_qemu_tcg(tmp_path):
     assert rep.done and rep.counts["fail"] == 0, out[-3000:].decode(errors="replace")
     assert rep.step("block").status == "OK" and rep.step("hwrng").status == "OK"
     assert disk.read_bytes()[:4096] == markers.block_pattern(4096)
+
+
+@pytest.mark.skipif(shutil.which("gcc") is None, reason="no gcc")
+def test_exec_tls_reproducer_builds_and_is_clean_on_the_host(tmp_path):
+    """guest/diag/exec_tls.c (README "Pipelines") must build static and find
+    nothing wrong on a sane machine, or it proves nothing in a guest."""
+    exe = tmp_path / "exec_tls"
+    r = subprocess.run(["gcc", "-O2", "-static", "-o", str(exe), str(ROOT / "guest/diag/exec_tls.c")],
+                       capture_output=True, text=True)
+    if r.returncode != 0 and "cannot find -lc" in r.stderr:
+        pytest.skip("no static C library")
+    assert r.returncode == 0, r.stderr
+    out = subprocess.run([str(exe), "5", "4"], capture_output=True, text=True, timeout=60).stdout
+    assert out.strip() == "EXEC_TLS total=20 crashes=0 bad=0"
