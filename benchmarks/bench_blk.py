@@ -28,7 +28,7 @@ from lguest_jit.hw.libc import sys_read, sys_write
 from lguest_jit.hw.memory import GuestMemory, cpu_relax, fence, ld_u16, ld_u16_acquire, st_u16, st_u16_release
 from lguest_jit.testing import VirtioPciDriver
 
-from .common import jit_disabled, three_way
+from .common import WARMUP_TIMEOUT, jit_disabled, three_way
 
 FILE_BYTES = 64 << 20
 CASES = [(4096, 1), (4096, 32), (1 << 20, 1), (1 << 20, 32)]
@@ -116,7 +116,7 @@ def _setup(path, req_bytes, depth):
     # Let the device drain the initial posting so the driver kernel starts clean.
     drv.kick(0)
     for _ in range(depth):
-        drv.wait_used(0)
+        drv.wait_used(0, timeout=WARMUP_TIMEOUT)
     q.num_added = 0
     return gm, bus, dev, drv, q, np.array(heads, dtype=np.int64), feats
 

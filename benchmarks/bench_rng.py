@@ -19,7 +19,7 @@ from lguest_jit.hw.memory import GuestMemory, ld_u16
 from lguest_jit.testing import VirtioPciDriver
 
 from .bench_blk import _drive
-from .common import jit_disabled, three_way
+from .common import WARMUP_TIMEOUT, jit_disabled, three_way
 
 CASES = [(64, 1), (4096, 1), (4096, 32)]
 
@@ -35,7 +35,7 @@ def _device_rate(req_bytes, depth, min_time):
         heads = np.array([q.add(in_=[req_bytes]) for _ in range(depth)], dtype=np.int64)
         drv.kick(0)
         for _ in range(depth):
-            drv.wait_used(0)
+            drv.wait_used(0, timeout=WARMUP_TIMEOUT)
         rings = np.array([q.desc, q.avail, q.used], dtype=np.int64)
         notify = bus.ioeventfds()[0][2]
         irq = bus.interrupts()[0][1]

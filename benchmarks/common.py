@@ -14,6 +14,11 @@ import sys
 import time
 
 
+# The first request a device serves may wait for its service kernels to
+# compile (a cold Numba cache takes seconds); later ones take microseconds.
+WARMUP_TIMEOUT = 300.0
+
+
 def rate(fn, min_time: float = 0.2, repeat: int = 3) -> float:
     """Operations per second of ``fn(n)``, which must perform ``n`` operations.
 
