@@ -51,10 +51,11 @@ def _timed(argv, env=None, end: bytes | None = None) -> dict:
     finally:
         timer.cancel()
         status = proc.wait()
-    if t_end is None:
+    saw_end = t_end is not None          # QEMU was killed after the guest halted: a clean end
+    if not saw_end:
         t_end = time.monotonic() - t0
     out = {"seconds_to_init": t_init, "seconds_to_exit": t_end,
-           "exit_status": 0 if end is not None and end in seen else status, "guest_uptime_at_init": guest_uptime}
+           "exit_status": 0 if saw_end else status, "guest_uptime_at_init": guest_uptime}
     if t_init is None:
         out["error"] = "the guest never reached init; last output: " + seen[-400:].decode(errors="replace")
     return out

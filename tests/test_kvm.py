@@ -866,37 +866,33 @@ def test_null_fs_selector_clears_the_base_cpl3_uses(gm):
     assert _user_fs_read(gm, null_selector=True) == 0x1111111111111111
 
 
-@needs_kvm
-@pytest.mark.parametrize("clobber", [False, True])
-def test_emulated_fxsave_fxrstor_keep_user_xmm_registers(gm, clobber):
-    """CPL3 loads XMM0-15, traps (int3) to a CPL0 handler that FXSAVEs them
-    (and, with ``clobber``, FXRSTORs a zeroed image and then the saved one),
-    and stores them again after the iretq."""
-    ucode, handler, pat, out, save, zero = 0x12000, 0x11000, 0x30000, 0x31000, 0x32000, 0x33000
-    pattern = bytes(range(256))[::-1]
-    gm.write(pat, pattern)
-    gm.write(out, bytes(256))
-    gm.write(save, bytes(512))
-    gm.write(zero, struct.pack("<H", 0x37F) + bytes(22) + struct.pack("<I", 0x1F80) + bytes(484))  # FCW, MXCSR
-    ptr = lambda op, addr: bytes([0x48, 0x0F, 0xAE, op, 0x25]) + struct.pack("<I", addr)  # noqa: E731
-    h = Asm(handler).raw(ptr(0x04, save))                                    # fxsave64 [save]
-    if clobber:
-        h.raw(ptr(0x0C, zero)).raw(ptr(0x0C, save))                          # fxrstor64 [zero], [save]
-    gm.write(handler, bytes(h.iretq()))
+def _movdqu(opcode: int, n: int, modrm_base: int) -> bytes:
+    """movdqu xmmN <-> [base register + 16n] with a disp32 (0x6F load, 0x7F store)."""
+    rex = b"\x44" if n >= 8 else b""
+    return b"\xf3" + rex + bytes([0x0F, opcode, modrm_base | (n & 7) << 3]) + struct.pack("<I", 16 * n)
 
-    def movdqu(opcode, n, modrm_base):   # movdqu xmmN <-> [reg + 16n], disp32
-        rex = b"\x44" if n >= 8 else b""
-        return b"\xf3" + rex + bytes([0x0F, opcode, modrm_base | (n & 7) << 3]) + struct.pack("<I", 16 * n)
+
+XMM_PATTERN = bytes((i * 37 + 11) & 0xFF for i in range(256))
+
+
+def _user_xmm_round_trip(gm, bus, handler: Asm, trigger: bytes):
+    """CPL3 code loads XMM0-15 with XMM_PATTERN, runs ``trigger`` (which
+    traps to ``handler`` at CPL0 or exits by itself), then stores XMM0-15
+    at 0x31000.  Returns (run result, vm) after the run; the vm is closed."""
+    ucode, pat, out = 0x12000, 0x30000, 0x31000
+    gm.write(pat, XMM_PATTERN)
+    gm.write(out, bytes(256))
+    gm.write(handler.origin, bytes(handler.iretq()))
     u = Asm(ucode).mov_imm64(RDI, pat).mov_imm64(RSI, out)
     for n in range(16):
-        u.raw(movdqu(0x6F, n, 0x87))                                         # load from [rdi]
-    u.int3()
+        u.raw(_movdqu(0x6F, n, 0x87))                                        # load from [rdi]
+    u.raw(trigger)
     for n in range(16):
-        u.raw(movdqu(0x7F, n, 0x86))                                         # store to [rsi]
+        u.raw(_movdqu(0x7F, n, 0x86))                                        # store to [rsi]
     gm.write(ucode, bytes(mmio_done(u)))
-    vm = make_vm(gm, StopOnMmioBus())
+    vm = make_vm(gm, bus)
     try:
-        setup_long_mode(vm, b"", cpl=3, handlers={3: handler}, entry=ucode)
+        setup_long_mode(vm, b"", cpl=3, handlers={3: handler.origin}, entry=ucode)
         s = vm.get_sregs()
         s.cr4 |= 1 << 9 | 1 << 10          # OSFXSR, OSXMMEXCPT: SSE on
         s.cr0 = (s.cr0 & ~(1 << 2 | 1 << 3)) | 1 << 1   # no EM, no TS; MP
@@ -905,8 +901,25 @@ def test_emulated_fxsave_fxrstor_keep_user_xmm_registers(gm, clobber):
     finally:
         vm.close()
     assert res.reason == "stopped", res.report()
-    assert gm.read(save + 160, 256) == pattern, "the FXSAVE image's XMM area"
-    assert gm.read(out, 256) == pattern, "XMM0-15 after the return to CPL3"
+    return res, vm
+
+
+@needs_kvm
+@pytest.mark.parametrize("clobber", [False, True])
+def test_emulated_fxsave_fxrstor_keep_user_xmm_registers(gm, clobber):
+    """CPL3 loads XMM0-15, traps (int3) to a CPL0 handler that FXSAVEs them
+    (and, with ``clobber``, FXRSTORs a zeroed image and then the saved one),
+    and stores them again after the iretq."""
+    save, zero = 0x32000, 0x33000
+    gm.write(save, bytes(512))
+    gm.write(zero, struct.pack("<H", 0x37F) + bytes(22) + struct.pack("<I", 0x1F80) + bytes(484))  # FCW, MXCSR
+    ptr = lambda op, addr: bytes([0x48, 0x0F, 0xAE, op, 0x25]) + struct.pack("<I", addr)  # noqa: E731
+    h = Asm(0x11000).raw(ptr(0x04, save))                                    # fxsave64 [save]
+    if clobber:
+        h.raw(ptr(0x0C, zero)).raw(ptr(0x0C, save))                          # fxrstor64 [zero], [save]
+    _user_xmm_round_trip(gm, StopOnMmioBus(), h, b"\xcc")
+    assert gm.read(save + 160, 256) == XMM_PATTERN, "the FXSAVE image's XMM area"
+    assert gm.read(0x31000, 256) == XMM_PATTERN, "XMM0-15 after the return to CPL3"
 
 
 class _FloatWorkBus(StopOnMmioBus):
@@ -933,42 +946,16 @@ def test_user_xmm_registers_survive_exits_to_the_launcher(gm, exit_kind):
     """User code holds XMM0-15 across an exit to the launcher (which runs
     numpy meanwhile): an MMIO read it makes itself, or a trap to a CPL0
     handler that needs the fwait assist or writes a port."""
-    ucode, handler, pat, out = 0x12000, 0x11000, 0x30000, 0x31000
-    pattern = bytes((i * 37 + 11) & 0xFF for i in range(256))
-    gm.write(pat, pattern)
-    gm.write(out, bytes(256))
-    h = Asm(handler)
+    h = Asm(0x11000)
     if exit_kind == "cpl0-fwait-assist":
         h.fwait()
     elif exit_kind == "cpl0-port-write":
         h.mov_imm32(RDX, READY_PORT).out(1)
-    gm.write(handler, bytes(h.iretq()))
-
-    def movdqu(opcode, n, modrm_base):
-        rex = b"\x44" if n >= 8 else b""
-        return b"\xf3" + rex + bytes([0x0F, opcode, modrm_base | (n & 7) << 3]) + struct.pack("<I", 16 * n)
-    u = Asm(ucode).mov_imm64(RDI, pat).mov_imm64(RSI, out)
-    for n in range(16):
-        u.raw(movdqu(0x6F, n, 0x87))
     if exit_kind == "cpl3-mmio-read":
-        u.mov_imm64(RDX, MMIO_BASE + 0x10).raw(b"\x8b\x02")                  # mov eax, [rdx]
+        trigger = bytes(Asm().mov_imm64(RDX, MMIO_BASE + 0x10).raw(b"\x8b\x02"))   # mov eax, [rdx]
     else:
-        u.int3()
-    for n in range(16):
-        u.raw(movdqu(0x7F, n, 0x86))
-    gm.write(ucode, bytes(mmio_done(u)))
-    bus = _FloatWorkBus()
-    vm = make_vm(gm, bus)
-    try:
-        setup_long_mode(vm, b"", cpl=3, handlers={3: handler}, entry=ucode)
-        s = vm.get_sregs()
-        s.cr4 |= 1 << 9 | 1 << 10
-        s.cr0 = (s.cr0 & ~(1 << 2 | 1 << 3)) | 1 << 1
-        vm.set_sregs(s)
-        res = vm.run(timeout=RUN_TIMEOUT)
-    finally:
-        vm.close()
-    assert res.reason == "stopped", res.report()
+        trigger = b"\xcc"                                                           # int3
+    _, vm = _user_xmm_round_trip(gm, _FloatWorkBus(), h, trigger)
     if exit_kind == "cpl0-fwait-assist":
         assert vm.stats.assists == {"fwait": 1}
-    assert gm.read(out, 256) == pattern
+    assert gm.read(0x31000, 256) == XMM_PATTERN

@@ -679,8 +679,8 @@ def _default_guest_bzimage():
     return str(bz) if bz is not None and bz.is_file() else None
 
 
-if not REAL_KERNELS and _default_guest_bzimage():
-    REAL_KERNELS.append(_default_guest_bzimage())
+if not REAL_KERNELS:
+    REAL_KERNELS += [k for k in [_default_guest_bzimage()] if k is not None]
 
 
 @pytest.mark.skipif(not REAL_KERNELS, reason="no /boot/vmlinuz-*, $LGUEST_JIT_TEST_BZIMAGE or default-guest bzImage here")
