@@ -1,6 +1,7 @@
 """lguest-jit: the lguest launcher in Python, hot paths compiled with Numba."""
 import hashlib
 import os
+import sys
 from pathlib import Path
 
 __version__ = "0.1.0"
@@ -12,7 +13,8 @@ def _use_source_keyed_cache() -> None:
     module changes (a stale ``_wait_chain`` inside the block kernel hung a
     device).  Keying the cache directory on every source file of the package
     makes any edit recompile everything.  NUMBA_CACHE_DIR set by the user
-    wins."""
+    wins.  Numba is not imported here (the CLI answers --help without it):
+    it reads the variable when it is first imported."""
     if os.environ.get("NUMBA_CACHE_DIR"):
         return
     here = Path(__file__).parent
@@ -27,8 +29,9 @@ def _use_source_keyed_cache() -> None:
     except OSError:
         return      # read-only home: Numba falls back to its own locations
     os.environ["NUMBA_CACHE_DIR"] = str(cache)
-    import numba.core.config
-    numba.core.config.CACHE_DIR = str(cache)
+    config = sys.modules.get("numba.core.config")
+    if config is not None:      # Numba came first: it has read its environment already
+        config.CACHE_DIR = str(cache)
 
 
 _use_source_keyed_cache()

@@ -28,7 +28,12 @@ Benchmarks: vring, pci, decode, blk, rng, exits, boot, or all.
 """
 from __future__ import annotations
 
+# Only the standard library and docopt here: --help, --version and bad
+# arguments must answer without loading Numba or numpy (~0.5 s).  Whatever
+# pulls them in (benchmarks, devices, hw, pci) is imported inside the
+# function that needs it, once the arguments have been checked.
 import importlib
+import importlib.util
 import json
 import os
 import signal
@@ -47,11 +52,24 @@ class UsageError(Exception):
     """Bad input from the command line: one line, non-zero exit, no traceback."""
 
 
+def _check_plot_path(path: str) -> None:
+    """--plot is checked before the benchmarks run, not after minutes of them."""
+    if importlib.util.find_spec("matplotlib") is None:
+        raise UsageError("--plot needs matplotlib (pip install 'lguest-jit[plot]')")
+    d = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(d) or not os.access(d, os.W_OK):
+        raise UsageError(f"--plot: cannot write into {d!r}")
+    if os.path.isdir(path):
+        raise UsageError(f"--plot: {path!r} is a directory")
+
+
 def _bench(args) -> int:
     what = args["<what>"]
     names = BENCHMARKS if what == "all" else (what,)
     if what != "all" and what not in BENCHMARKS:
         raise UsageError(f"unknown benchmark {what!r}; choose from {', '.join(BENCHMARKS)} or all")
+    if args["--plot"]:
+        _check_plot_path(args["--plot"])
     reports = []
     for name in names:
         try:
@@ -139,25 +157,33 @@ def _readable_file(path: str, what: str) -> str:
     return path
 
 
-def _choose_hypervisor(kind: str) -> str:
+HYPERVISORS = ("auto", "kvm", "lguest")
+
+
+def _kvm_problem() -> str | None:
+    """None when /dev/kvm is usable, else why not.  The KVM backend (and with
+    it Numba) is imported only when there is a /dev/kvm to ask."""
+    if not os.path.exists("/dev/kvm"):
+        return "/dev/kvm does not exist"
     from .hw.kvm import kvm_available
-    have_kvm = kvm_available() is None
-    have_lguest = os.path.exists("/dev/lguest")
-    if kind == "auto":
-        if have_kvm:
-            return "kvm"
-        if have_lguest:
-            return "lguest"
-        raise UsageError("no usable /dev/kvm and no /dev/lguest: this host cannot run guests")
-    if kind == "kvm":
-        if not have_kvm:
-            raise UsageError(f"--hypervisor=kvm: {kvm_available() or '/dev/kvm is not usable'}")
-        return kind
+    return kvm_available()
+
+
+def _choose_hypervisor(kind: str) -> str:
+    if kind not in HYPERVISORS:
+        raise UsageError(f"--hypervisor must be kvm, lguest or auto, not {kind!r}")
     if kind == "lguest":
-        if not have_lguest:
+        if not os.path.exists("/dev/lguest"):
             raise UsageError("--hypervisor=lguest: /dev/lguest does not exist on this host")
         return kind
-    raise UsageError(f"--hypervisor must be kvm, lguest or auto, not {kind!r}")
+    why = _kvm_problem()
+    if why is None:
+        return "kvm"
+    if kind == "kvm":
+        raise UsageError(f"--hypervisor=kvm: {why}")
+    if os.path.exists("/dev/lguest"):
+        return "lguest"
+    raise UsageError("no usable /dev/kvm and no /dev/lguest: this host cannot run guests")
 
 
 class RunConfig:
@@ -187,14 +213,7 @@ class RunConfig:
             if flags not in ("", "ro"):
                 raise UsageError(f"--block={spec}: unknown flag {flags!r} (only ',ro')")
             self.blocks.append((_readable_file(path, "block device file"), flags == "ro"))
-        from .devices import net
-        self.nets = []
-        for spec in args["--tunnet"]:
-            try:
-                self.nets.append(net.parse_tunnet(spec))
-            except ValueError as exc:
-                raise UsageError(f"--tunnet={spec}: {exc}") from None
-        if self.nets and not os.path.exists("/dev/net/tun"):
+        if args["--tunnet"] and not os.path.exists("/dev/net/tun"):
             raise UsageError("--tunnet needs /dev/net/tun, which this host lacks")
         self.rng = bool(args["--rng"])
         self.user = None
@@ -215,6 +234,16 @@ class RunConfig:
             d = os.path.dirname(os.path.abspath(self.stats_json))
             if not os.path.isdir(d) or not os.access(d, os.W_OK):
                 raise UsageError(f"--stats-json: cannot write into {d!r}")
+        # Last, the checks that import Numba (the net device's spec parser,
+        # the KVM backend): every cheaper mistake has been reported by now.
+        self.nets = []
+        if args["--tunnet"]:
+            from .devices import net
+            for spec in args["--tunnet"]:
+                try:
+                    self.nets.append(net.parse_tunnet(spec))
+                except ValueError as exc:
+                    raise UsageError(f"--tunnet={spec}: {exc}") from None
         self.hypervisor = _choose_hypervisor(args["--hypervisor"])
 
 

@@ -161,3 +161,49 @@ def test_kvm_benchmarks_skip_with_a_reason_without_kvm(tmp_path):
     assert [rep["benchmark"] for rep in reports] == ["exits", "boot"]
     for rep in reports:
         assert "/dev/kvm" in rep["skipped"], rep
+
+
+# ---------------------------------------------------------------- answers that must not wait for Numba
+
+_WHAT_WAS_IMPORTED = """
+import json, runpy, sys
+sys.argv = ["lguest-jit", *sys.argv[1:]]
+try:
+    runpy.run_module("lguest_jit.main", run_name="__main__", alter_sys=True)
+except SystemExit as exc:
+    status = exc.code
+heavy = ("numba", "numpy", "lguest_jit.hw", "lguest_jit.devices", "lguest_jit.pci", "benchmarks")
+print(json.dumps({"status": status, "loaded": sorted(m for m in heavy if m in sys.modules)}))
+"""
+
+
+@pytest.mark.parametrize("argv,status", [
+    (["--help"], None), (["--version"], None),
+    (["0", "/nonexistent"], 2), (["--frobnicate", "64", "vmlinux"], 2), (["64", "/nonexistent"], 2),
+    (["--hypervisor=xen", "64", "{kernel}"], 2), (["bench", "nope"], 2),
+    (["bench", "vring", "--plot=/nonexistent/dir/plot.png"], 2),
+])
+def test_help_version_and_bad_arguments_do_not_import_numba(kernel, argv, status):
+    """`--help`, `--version` and a refused command line answer from the
+    standard library and docopt alone (Numba's import alone takes ~0.5 s)."""
+    argv = [a.format(kernel=kernel) for a in argv]
+    r = subprocess.run([sys.executable, "-c", _WHAT_WAS_IMPORTED, *argv], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out == {"status": status, "loaded": []}, r.stderr
+    if status:
+        assert r.stderr.startswith("lguest-jit: ") and r.stderr.count("\n") == 1, r.stderr
+
+
+def test_a_valid_command_line_does_load_the_engine(tmp_path):
+    """The check above can fail: the same probe sees Numba once the
+    arguments are valid and the launcher gets as far as loading a kernel."""
+    if not os.path.exists("/dev/kvm") and not os.path.exists("/dev/lguest"):
+        pytest.skip("needs a hypervisor to get past argument checks")
+    bad = tmp_path / "notakernel"
+    bad.write_bytes(b"hello world" * 100)
+    r = subprocess.run([sys.executable, "-c", _WHAT_WAS_IMPORTED, "64", str(bad)], capture_output=True,
+                       text=True, timeout=300)
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["status"] == 2 and "numba" in out["loaded"], (out, r.stderr)
