@@ -5,7 +5,7 @@
 # Devices: console (hvc0), rng, and a scratch disk the selftest writes to.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
+bash scripts/install.sh      # once; again only when pyproject.toml changes
 workload="${1:-selftest}"
 read -r vmlinux initrd < <(python3 -m guest.build --json | python3 -c '
 import json, sys; g = json.load(sys.stdin); print(g["vmlinux"], g["initramfs"])')

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Installs lguest-jit and its test dependencies into the current Python.
+# Installs lguest-jit and its test dependencies into the current Python
+# (once; again when pyproject.toml changes: see scripts/install.sh).
 set -euo pipefail
-cd "$(dirname "$0")/.."
-python3 -m pip install --quiet --disable-pip-version-check -e ".[test]"
+exec bash "$(dirname "$0")/install.sh" --test
