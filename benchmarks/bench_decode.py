@@ -12,14 +12,11 @@ REX forms in 64-bit mode), rotated so no branch settles on one form.
 """
 from __future__ import annotations
 
-import json
-import sys
-
 import numpy as np
 
 from lguest_jit.hw import decode
 
-from .common import jit_disabled, measure_in_subprocess, progress, rate, ratios
+from .common import jit_disabled, rates, report, side
 
 MMIO32 = ["8b4214", "890c24", "6689500c", "884313", "8a6104", "8b0500e0ffff", "894c2408",
           "8b148d00100000", "66648b4310", "8a8180000000"]
@@ -59,26 +56,16 @@ def _bulk(fn, windows: np.ndarray, **kw):
 
 
 def measure(quick: bool = False) -> dict:
-    t = 0.05 if quick or jit_disabled() else 0.25
     m32, m64, pio = _windows(MMIO32), _windows(MMIO64), _windows(PIO)
-    return {
-        "mmio_decodes_per_s": rate(_single(decode.decode_mmio, m32), min_time=t),
-        "mmio64_decodes_per_s": rate(_single(decode.decode_mmio, m64, mode64=True), min_time=t),
-        "pio_decodes_per_s": rate(_single(decode.decode_pio, pio), min_time=t),
-        "mmio_bulk_decodes_per_s": rate(_bulk(decode.decode_mmio_bulk, m32), min_time=t),
-        "mmio64_bulk_decodes_per_s": rate(_bulk(decode.decode_mmio_bulk, m64, mode64=True), min_time=t),
-        "pio_bulk_decodes_per_s": rate(_bulk(decode.decode_pio_bulk, pio), min_time=t),
-    }
+    return rates(f"bench decode: {side()}", {
+        "mmio_decodes_per_s": _single(decode.decode_mmio, m32),
+        "mmio64_decodes_per_s": _single(decode.decode_mmio, m64, mode64=True),
+        "pio_decodes_per_s": _single(decode.decode_pio, pio),
+        "mmio_bulk_decodes_per_s": _bulk(decode.decode_mmio_bulk, m32),
+        "mmio64_bulk_decodes_per_s": _bulk(decode.decode_mmio_bulk, m64, mode64=True),
+        "pio_bulk_decodes_per_s": _bulk(decode.decode_pio_bulk, pio),
+    }, 0.05 if quick or jit_disabled() else 0.25)
 
 
 def run(quick: bool = False) -> dict:
-    progress("bench decode: numba")
-    fast = measure(quick)
-    progress("bench decode: pure Python (NUMBA_DISABLE_JIT=1)")
-    slow = measure_in_subprocess("benchmarks.bench_decode", quick)
-    return {"benchmark": "decode", "unit": "instructions decoded per second, one core",
-            "numba": fast, "python": slow, "speedup": ratios(fast, slow)}
-
-
-if __name__ == "__main__":
-    print(json.dumps(run("--quick" in sys.argv), indent=2))
+    return report("decode", "instructions decoded per second, one core", "benchmarks.bench_decode", quick, measure)

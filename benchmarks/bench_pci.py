@@ -16,16 +16,14 @@ the kernels:
 """
 from __future__ import annotations
 
-import json
 import os
-import sys
 
 import numpy as np
 
 from lguest_jit import pci
 from lguest_jit.hw.memory import GuestMemory
 
-from .common import jit_disabled, measure_in_subprocess, progress, rate, ratios
+from .common import jit_disabled, rates, report, side
 
 
 class _Dev(pci.VirtioDevice):
@@ -103,25 +101,16 @@ def measure(quick: bool = False) -> dict:
         # keep the eventfd counter far from its limit
         os.eventfd_read(fd)
 
-    out = {
-        "config_accesses_per_s": rate(config_reads, min_time=t_min),
-        "config_writes_per_s": rate(config_writes, min_time=t_min),
-        "common_cfg_accesses_per_s": rate(common_cfg, min_time=t_min),
-        "notify_per_s": rate(notify, min_time=t_min),
-    }
-    bus.close()
-    gm.close()
-    return out
+    try:
+        return rates(f"bench pci: {side()}", {
+            "config_accesses_per_s": config_reads, "config_writes_per_s": config_writes,
+            "common_cfg_accesses_per_s": common_cfg, "notify_per_s": notify,
+        }, t_min)
+    finally:
+        bus.close()
+        gm.close()
 
 
 def run(quick: bool = False) -> dict:
-    progress("bench pci: numba")
-    fast = measure(quick)
-    progress("bench pci: pure Python (NUMBA_DISABLE_JIT=1)")
-    slow = measure_in_subprocess("benchmarks.bench_pci", quick)
-    return {"benchmark": "pci", "unit": "accesses per second through bus.pio/bus.mmio, one thread",
-            "numba": fast, "python": slow, "speedup": ratios(fast, slow)}
-
-
-if __name__ == "__main__":
-    print(json.dumps(run("--quick" in sys.argv), indent=2))
+    return report("pci", "accesses per second through bus.pio/bus.mmio, one thread", "benchmarks.bench_pci",
+                  quick, measure)

@@ -8,16 +8,13 @@ in the same kernel so the figure is the engine's, not Python's loop.
 """
 from __future__ import annotations
 
-import json
-import sys
-
 from numba import njit
 
 from lguest_jit import vring
 from lguest_jit.hw.memory import GuestMemory, st_u16, st_u16_release
 from lguest_jit.testing import MockDriver
 
-from .common import jit_disabled, measure_in_subprocess, progress, rate, ratios
+from .common import jit_disabled, rates, report, side
 
 QUEUE_SIZE = 256
 CASES = [(1, False), (3, False), (17, False), (3, True), (17, True)]
@@ -56,22 +53,11 @@ def _case(ndesc: int, indirect: bool):
 
 
 def measure(quick: bool = False) -> dict:
-    t = 0.05 if quick or jit_disabled() else 0.25
-    out = {}
-    for ndesc, indirect in CASES:
-        name = f"chains_per_s_{ndesc}desc_{'indirect' if indirect else 'direct'}"
-        out[name] = rate(_case(ndesc, indirect), min_time=t)
-    return out
+    cases = {f"chains_per_s_{ndesc}desc_{'indirect' if indirect else 'direct'}": _case(ndesc, indirect)
+             for ndesc, indirect in CASES}
+    return rates(f"bench vring: {side()}", cases, 0.05 if quick or jit_disabled() else 0.25)
 
 
 def run(quick: bool = False) -> dict:
-    progress("bench vring: numba")
-    fast = measure(quick)
-    progress("bench vring: pure Python (NUMBA_DISABLE_JIT=1)")
-    slow = measure_in_subprocess("benchmarks.bench_vring", quick)
-    return {"benchmark": "vring", "unit": "pop+push+publish cycles per second, one core",
-            "queue_size": QUEUE_SIZE, "numba": fast, "python": slow, "speedup": ratios(fast, slow)}
-
-
-if __name__ == "__main__":
-    print(json.dumps(run("--quick" in sys.argv), indent=2))
+    return report("vring", "pop+push+publish cycles per second, one core", "benchmarks.bench_vring", quick,
+                  measure, queue_size=QUEUE_SIZE)

@@ -1,4 +1,5 @@
-"""Shared timing helpers for the benchmarks.
+"""Shared helpers for the benchmarks: timing, live progress, the pure-Python
+side in a subprocess, and the report every benchmark returns.
 
 Every benchmark reports numbers from one run, side by side: the Numba
 kernels, the same kernels as plain Python (``NUMBA_DISABLE_JIT=1`` in a
@@ -7,6 +8,7 @@ sense a physical reference such as a plain ``os.preadv`` loop.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -24,6 +26,7 @@ def rate(fn, min_time: float = 0.2, repeat: int = 3) -> float:
 
     The count is grown until one call lasts ``min_time``; the best of
     ``repeat`` calls is reported (the least disturbed by the other core).
+    A slow side (pure Python) simply does fewer operations in the same time.
     """
     fn(1)  # warm-up: compilation or cache loading must not be timed
     n = 1
@@ -46,9 +49,76 @@ def jit_disabled() -> bool:
     return os.environ.get("NUMBA_DISABLE_JIT", "0") not in ("", "0")
 
 
+def side() -> str:
+    """The side this process measures, for progress lines."""
+    return "pure Python (NUMBA_DISABLE_JIT=1)" if jit_disabled() else "numba"
+
+
+def progress(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def live(title: str, total: int):
+    """Progress of one phase of ``total`` cases: yields ``step(case)``, to
+    call as each case starts.  On a terminal a rich bar on stderr shows the
+    phase, the case, done/total and the elapsed time (it ticks while a case
+    runs, so a slow case does not look hung); elsewhere (a pipe, a log, CI)
+    one plain line per phase.  Never on stdout: ``--json`` stays clean."""
+    if not sys.stderr.isatty():
+        progress(title)
+        yield lambda case: None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    # Two refreshes a second: the display thread takes the GIL that the
+    # pure-Python side is being timed on.
+    with Progress(TextColumn("{task.description}"), BarColumn(bar_width=20), MofNCompleteColumn(),
+                  TimeElapsedColumn(), TextColumn("{task.fields[case]}"),
+                  console=Console(stderr=True), refresh_per_second=2) as bar:
+        task = bar.add_task(title, total=total, case="")
+        started = False
+
+        def step(case: str) -> None:
+            nonlocal started
+            if started:
+                bar.advance(task)
+            started = True
+            bar.update(task, case=case)
+
+        yield step
+        bar.update(task, completed=total, case="")
+
+
+def rates(title: str, cases: dict, min_time: float) -> dict:
+    """``rate()`` of each ``name: fn(n)`` in ``cases``, under live progress."""
+    out = {}
+    with live(title, len(cases)) as step:
+        for name, fn in cases.items():
+            step(name)
+            out[name] = rate(fn, min_time=min_time)
+    return out
+
+
+def throughput(title: str, cases: list, requests_per_s) -> dict:
+    """The device benchmarks' metrics: for each ``(name, req_bytes, params)``
+    case, ``{name}_requests_per_s = requests_per_s(params)`` and the MB/s it
+    makes, under live progress."""
+    out = {}
+    with live(title, len(cases)) as step:
+        for name, req_bytes, params in cases:
+            step(name)
+            rps = requests_per_s(params)
+            out[f"{name}_requests_per_s"] = rps
+            out[f"{name}_MB_per_s"] = rps * req_bytes / 1e6
+    return out
+
+
 def measure_in_subprocess(module: str, quick: bool, env: dict | None = None) -> dict:
     """Run ``module.measure(quick)`` in a fresh interpreter (default: pure
-    Python, ``NUMBA_DISABLE_JIT=1``) and return its result."""
+    Python, ``NUMBA_DISABLE_JIT=1``) and return its result.  The child's
+    stderr is this process's: its live progress reaches the terminal."""
     child_env = dict(os.environ)
     child_env.update(env if env is not None else {"NUMBA_DISABLE_JIT": "1"})
     code = (f"import json, {module} as m; "
@@ -63,19 +133,21 @@ def ratios(fast: dict, slow: dict) -> dict:
     return {k: (fast[k] / slow[k] if slow.get(k) else None) for k in fast if k in slow}
 
 
-def progress(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-def three_way(bench: str, unit: str, module: str, quick: bool, measure, reference, ref_name: str) -> dict:
-    """The report of a device benchmark: the Numba device path, the same path
-    as plain Python, and a plain host loop doing the same I/O (``ref_name``),
-    measured in that order in one run, with the two ratios."""
-    progress(f"bench {bench}: numba device path")
-    fast = measure(quick)
-    progress(f"bench {bench}: {ref_name.replace('_', ' ')}")
-    ref = reference(quick)
-    progress(f"bench {bench}: pure Python device path (NUMBA_DISABLE_JIT=1)")
-    slow = measure_in_subprocess(module, True)
-    return {"benchmark": bench, "unit": unit, "numba": fast, "python": slow, ref_name: ref,
-            f"numba_vs_{ref_name}": ratios(fast, ref), "numba_vs_python": ratios(fast, slow)}
+def report(bench: str, unit: str, module: str, quick: bool, measure, reference=None, ref_name: str = "",
+           python_note: str = "", **extra) -> dict:
+    """The report of a Numba-vs-Python benchmark, measured in one run: the
+    Numba side, then (device benchmarks) a plain host loop doing the same
+    I/O, ``ref_name``, then the same module as plain Python.  Ratios only
+    for metrics measured on both sides of them; when pure Python measured
+    fewer cases, ``python_note`` says which and why."""
+    rep = {"benchmark": bench, "unit": unit, **extra}
+    rep["numba"] = fast = measure(quick)
+    if reference is not None:
+        rep[ref_name] = ref = reference(quick)
+        rep[f"numba_vs_{ref_name}"] = ratios(fast, ref)
+    rep["python"] = slow = measure_in_subprocess(module, quick)
+    rep["numba_vs_python" if reference is not None else "speedup"] = ratios(fast, slow)
+    if slow.keys() != fast.keys():
+        rep["python_cases"] = sorted(slow)
+        rep["python_note"] = python_note or "pure Python measured fewer cases; ratios only where both sides did"
+    return rep

@@ -91,32 +91,9 @@ def _bench(args) -> int:
 
 
 def _plot(reports, path: str) -> None:
-    """One panel per benchmark: every metric, each measured side (Numba,
-    pure Python, physical reference) as a bar, on a log scale."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise UsageError("--plot needs matplotlib (pip install 'lguest-jit[plot]')") from None
-    shown = [r for r in reports if "skipped" not in r]
-    if not shown:
+    from benchmarks.plot import plot
+    if not plot(reports, path):
         raise UsageError("--plot: every benchmark was skipped, nothing to draw")
-    fig, axes = plt.subplots(len(shown), 1, figsize=(11, 3.2 * len(shown)), squeeze=False)
-    for ax, rep in zip(axes[:, 0], shown):
-        sides = [k for k, v in rep.items() if isinstance(v, dict) and "_vs_" not in k and k != "speedup"]
-        metrics = list(dict.fromkeys(m for s in sides for m in rep[s] if isinstance(rep[s][m], (int, float))))
-        width = 0.8 / max(1, len(sides))
-        for j, side in enumerate(sides):
-            vals = [rep[side].get(m) or 0 for m in metrics]
-            ax.bar([i + j * width for i in range(len(metrics))], vals, width, label=side)
-        ax.set_yscale("log")
-        ax.set_xticks([i + width * (len(sides) - 1) / 2 for i in range(len(metrics))])
-        ax.set_xticklabels(metrics, rotation=20, ha="right", fontsize=7)
-        ax.set_title(f"{rep['benchmark']}: {rep.get('unit', '')}", fontsize=9)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
 
 
 def _print_table(reports) -> None:
@@ -134,6 +111,8 @@ def _print_table(reports) -> None:
                 v = rep[c].get(m)
                 cells.append(("-" if v is None else f"{v:,.2f}" if isinstance(v, float) else str(v)).rjust(width))
             print("  " + m.ljust(36) + "".join(cells))
+        if "python_note" in rep:
+            print(f"  note: {rep['python_note']}")
 
 
 # ---------------------------------------------------------------------------

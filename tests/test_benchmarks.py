@@ -24,3 +24,44 @@ def test_every_listed_benchmark_has_measure_and_run():
     for name in BENCHMARKS:
         mod = importlib.import_module(f"benchmarks.bench_{name}")
         assert callable(mod.measure) and callable(mod.run), name
+
+
+def test_quick_pure_python_blk_measures_fewer_cases_and_ratios_stay_honest():
+    """--quick's pure-Python side of bench blk runs the interrupt-driven
+    cases only (in a subprocess, as `bench blk` does); a ratio exists only
+    for a metric both sides measured."""
+    from benchmarks import bench_blk
+    from benchmarks.common import measure_in_subprocess, ratios
+    slow = measure_in_subprocess("benchmarks.bench_blk", True)
+    irq = {f"{name}_{unit}" for name, _, (_, _, mode) in bench_blk._cases() if mode == "irq"
+           for unit in ("requests_per_s", "MB_per_s")}
+    assert set(slow) == irq and all(v > 0 for v in slow.values())
+    fast = {k: 1.0 for name, _, _ in bench_blk._cases() for k in (f"{name}_requests_per_s", f"{name}_MB_per_s")}
+    assert set(ratios(fast, slow)) == irq
+
+
+def test_plot_labels_every_axis_with_its_unit(tmp_path):
+    """Each benchmark and unit gets its own panel (bench blk: requests/s
+    and MB/s), with the unit on the value axis and the case names as
+    horizontal tick labels; the PNG is written."""
+    pytest.importorskip("matplotlib")
+    from benchmarks.plot import _panels, plot
+    reps = [{"benchmark": "blk", "unit": "read requests per second and MB/s; depth = requests in flight",
+             "numba": {"4KiB_depth1_irq_requests_per_s": 3e5, "4KiB_depth1_irq_MB_per_s": 1.2e3},
+             "python": {"4KiB_depth1_irq_requests_per_s": 4e3, "4KiB_depth1_irq_MB_per_s": 16.0},
+             "numba_vs_python": {"4KiB_depth1_irq_requests_per_s": 75.0}},
+            {"benchmark": "exits", "unit": "guest exits per second, one vCPU",
+             "metrics": {"pio_exits_per_s": 2e4}, "overhead_us": {"pio": 12.5}},
+            {"benchmark": "boot", "unit": "wall seconds (lower is better)",
+             "lguest_jit": {"seconds_to_init": 30.0, "exit_status": 0}, "python": {"not_measured": "why"}},
+            {"benchmark": "rng", "skipped": "no reason"}]
+    panels = {(b, u): m for b, u, m in _panels(reps)}
+    assert set(panels) == {("blk", "read requests per second (log scale)"), ("blk", "MB/s (log scale)"),
+                           ("exits", "guest exits per second (log scale)"),
+                           ("exits", "microseconds per exit (lower is better)"),
+                           ("boot", "wall seconds (lower is better)")}
+    assert panels[("blk", "MB/s (log scale)")] == {"4KiB_depth1_irq_MB_per_s": {"numba": 1.2e3, "python": 16.0}}
+    assert panels[("boot", "wall seconds (lower is better)")] == {"seconds_to_init": {"lguest_jit": 30.0}}
+    out = tmp_path / "bench.png"
+    assert plot(reps, str(out)) == 5
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

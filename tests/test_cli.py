@@ -207,3 +207,49 @@ def test_a_valid_command_line_does_load_the_engine(tmp_path):
                        text=True, timeout=300)
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["status"] == 2 and "numba" in out["loaded"], (out, r.stderr)
+
+
+# ---------------------------------------------------------------- benchmark progress: terminal only, never on stdout
+
+def _bench_with_stderr_on_a_terminal(*args):
+    """Run `lguest-jit bench ...` with stdout a pipe and stderr a pseudo-terminal."""
+    import pty
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "lguest_jit.main", "bench", *args], stdout=subprocess.PIPE,
+                            stderr=slave, stdin=subprocess.DEVNULL)
+    os.close(slave)
+    seen = []
+    reader = threading.Thread(target=lambda: seen.extend(iter(lambda: _read_pty(master), b"")))
+    reader.start()
+    out, _ = proc.communicate(timeout=600)
+    reader.join(timeout=30)
+    os.close(master)
+    return proc.returncode, out.decode(), b"".join(seen).decode(errors="replace")
+
+
+def _read_pty(fd):
+    try:
+        return os.read(fd, 65536)
+    except OSError:         # EIO: every writer has closed the terminal
+        return b""
+
+
+def test_bench_progress_goes_to_a_terminal_and_never_into_json():
+    status, out, term = _bench_with_stderr_on_a_terminal("vring", "--quick", "--json")
+    assert status == 0, term
+    rep = json.loads(out)           # stdout is the JSON and nothing else
+    assert rep["benchmark"] == "vring"
+    # Both phases showed a live bar: done/total and the case names, the
+    # pure-Python one from the subprocess, through the same terminal.
+    n = len(rep["numba"])
+    assert "bench vring: numba" in term and "bench vring: pure Python" in term
+    assert term.count(f"{n}/{n}") >= 2, term
+    assert "chains_per_s_17desc_indirect" in term
+    assert "\x1b[" in term          # drawn in place, not a log
+
+
+def test_bench_progress_off_a_terminal_is_one_plain_line_per_phase():
+    r = run("bench", "vring", "--quick", "--json")
+    assert r.returncode == 0, r.stderr
+    json.loads(r.stdout)
+    assert r.stderr.splitlines() == ["bench vring: numba", "bench vring: pure Python (NUMBA_DISABLE_JIT=1)"]
