@@ -9,7 +9,6 @@ Otherwise the report says why nothing is comparable.
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -19,38 +18,42 @@ import tempfile
 import threading
 import time
 
-from .common import progress
+from .common import live
 
 TIMEOUT = 1200
 _INIT = re.compile(rb"LGJ-INIT (\S+)")
 
 
-def _timed(argv, env=None, end: bytes | None = None) -> dict:
+def _timed(title: str, argv, env=None, end: bytes | None = None) -> dict:
     """Run ``argv``; wall seconds until LGJ-INIT appears and until exit, or
-    until ``end`` appears (QEMU does not exit when the guest halts)."""
-    t0 = time.monotonic()
-    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            env=env)
-    timer = threading.Timer(TIMEOUT, proc.kill)     # a hung guest ends the benchmark, not the run
-    timer.start()
-    seen = b""
-    t_init = guest_uptime = t_end = None
-    try:
-        while True:
-            chunk = proc.stdout.read1(65536)
-            if not chunk:
-                break
-            seen += chunk
-            if t_init is None and (m := _INIT.search(seen)):
-                t_init = time.monotonic() - t0
-                guest_uptime = float(m.group(1))
-            if end is not None and end in seen:
-                t_end = time.monotonic() - t0
-                proc.kill()
-                break
-    finally:
-        timer.cancel()
-        status = proc.wait()
+    until ``end`` appears (QEMU does not exit when the guest halts).  The
+    two stages show as live progress: a boot is minutes of silence."""
+    with live(title, 2) as step:
+        step("booting to /init")
+        t0 = time.monotonic()
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                env=env)
+        timer = threading.Timer(TIMEOUT, proc.kill)     # a hung guest ends the benchmark, not the run
+        timer.start()
+        seen = b""
+        t_init = guest_uptime = t_end = None
+        try:
+            while True:
+                chunk = proc.stdout.read1(65536)
+                if not chunk:
+                    break
+                seen += chunk
+                if t_init is None and (m := _INIT.search(seen)):
+                    t_init = time.monotonic() - t0
+                    guest_uptime = float(m.group(1))
+                    step("/init reached, powering off")
+                if end is not None and end in seen:
+                    t_end = time.monotonic() - t0
+                    proc.kill()
+                    break
+        finally:
+            timer.cancel()
+            status = proc.wait()
     saw_end = t_end is not None          # QEMU was killed after the guest halted: a clean end
     if not saw_end:
         t_end = time.monotonic() - t0
@@ -86,8 +89,7 @@ def measure(quick: bool = False) -> dict:
         disk = os.path.join(d, "disk.img")
         with open(disk, "wb") as f:
             f.truncate(16 << 20)
-        progress("bench boot: lguest-jit (this takes minutes under software KVM)")
-        return _timed([sys.executable, "-m", "lguest_jit.main", "--rng", f"--block={disk}",
+        return _timed("bench boot: lguest-jit (minutes under software KVM)", [sys.executable, "-m", "lguest_jit.main", "--rng", f"--block={disk}",
                        f"--initrd={initrd}", "256", str(vmlinux), *cmdline])
 
 
@@ -104,8 +106,7 @@ def measure_qemu(quick: bool = False) -> dict:
         return {"not_comparable": "QEMU cannot load the ELF vmlinux and no bzImage was built "
                                   "(python -m guest.build --bzimage)"}
     cmdline = default_cmdline("boot", "ttyS0")
-    progress("bench boot: QEMU (TCG)")
-    out = _timed([qemu, "-accel", "tcg", "-m", "256", "-nographic", "-no-reboot", "-nodefaults",
+    out = _timed("bench boot: QEMU (TCG)", [qemu, "-accel", "tcg", "-m", "256", "-nographic", "-no-reboot", "-nodefaults",
                   "-serial", "stdio", "-kernel", bzimage, "-initrd", str(initrd), "-append", cmdline],
                  end=b"System halted")
     out["note"] = ("seconds_to_exit is when the guest halted (QEMU keeps running after a halt); "
@@ -122,7 +123,3 @@ def run(quick: bool = False) -> dict:
             "qemu": measure_qemu(quick),
             "python": {"not_measured": "the boot is dominated by emulated guest kernel code, not by the "
                                        "launcher's kernels; see bench vring/blk/pci for Numba vs Python"}}
-
-
-if __name__ == "__main__":
-    print(json.dumps(run("--quick" in sys.argv), indent=2))

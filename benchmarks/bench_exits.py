@@ -14,10 +14,8 @@ There is no pure-Python comparison: this loop is Python either way.
 from __future__ import annotations
 
 import fcntl
-import json
-import sys
 
-from benchmarks.common import progress, rate
+from benchmarks.common import live, rate
 
 
 class _NullBus:
@@ -50,21 +48,25 @@ def measure(quick: bool = False) -> dict:
     bus = _NullBus()
     vm = KvmVm(gm, bus)
     out = {}
+    guests = _guests()
     try:
-        for kind, (code, cpl) in _guests().items():
-            setup_long_mode(vm, code, cpl=cpl)
+        with live("bench exits: KVM vCPU loop vs bare KVM_RUN", 2 * len(guests)) as step:
+            for kind, (code, cpl) in guests.items():
+                setup_long_mode(vm, code, cpl=cpl)
 
-            def ours(n):
-                res = vm.run(max_exits=n, halt_poll=None)
-                if res.reason != "stopped":
-                    raise RuntimeError(f"exit benchmark guest ended: {res.report()}")
+                def ours(n):
+                    res = vm.run(max_exits=n, halt_poll=None)
+                    if res.reason != "stopped":
+                        raise RuntimeError(f"exit benchmark guest ended: {res.report()}")
 
-            def bare(n, fd=vm.vcpu_fd, ioctl=fcntl.ioctl):
-                for _ in range(n):
-                    ioctl(fd, KVM_RUN, 0)
+                def bare(n, fd=vm.vcpu_fd, ioctl=fcntl.ioctl):
+                    for _ in range(n):
+                        ioctl(fd, KVM_RUN, 0)
 
-            out[f"{kind}_exits_per_s"] = rate(ours, min_time=t)
-            out[f"bare_kvm_run_{kind}_per_s"] = rate(bare, min_time=t)
+                step(f"{kind}: KvmVm.run")
+                out[f"{kind}_exits_per_s"] = rate(ours, min_time=t)
+                step(f"{kind}: bare KVM_RUN")
+                out[f"bare_kvm_run_{kind}_per_s"] = rate(bare, min_time=t)
     finally:
         vm.close()
         gm.close()
@@ -77,13 +79,8 @@ def run(quick: bool = False) -> dict:
     why = kvm_available()
     if why is not None:
         return {"benchmark": "exits", "skipped": why}
-    progress("bench exits: KVM vCPU loop vs bare KVM_RUN")
     m = measure(quick)
     return {"benchmark": "exits", "unit": "guest exits per second, one vCPU",
             "metrics": m,
             "overhead_us": {k: 1e6 / m[f"{k}_exits_per_s"] - 1e6 / m[f"bare_kvm_run_{k}_per_s"]
                             for k in ("pio", "mmio")}}
-
-
-if __name__ == "__main__":
-    print(json.dumps(run("--quick" in sys.argv), indent=2))
