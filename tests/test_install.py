@@ -8,7 +8,6 @@ downloaded and the venv needs no pip of its own)."""
 import os
 import shutil
 import subprocess
-import sys
 import venv
 from pathlib import Path
 
