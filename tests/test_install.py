@@ -33,7 +33,8 @@ DIST = "lguest_jit-0.0.1"
 def build_editable(wheel_directory, config_settings=None, metadata_directory=None):
     name = DIST + "-py3-none-any.whl"
     files = {DIST + ".dist-info/METADATA": "Metadata-Version: 2.1\\nName: lguest-jit\\nVersion: 0.0.1\\n",
-             DIST + ".dist-info/WHEEL": "Wheel-Version: 1.0\\nGenerator: test\\nRoot-Is-Purelib: true\\nTag: py3-none-any\\n"}
+             DIST + ".dist-info/WHEEL": "Wheel-Version: 1.0\\nGenerator: test\\nRoot-Is-Purelib: true\\n"
+                                        "Tag: py3-none-any\\n"}
     with zipfile.ZipFile(wheel_directory + "/" + name, "w") as z:
         for path, text in files.items():
             z.writestr(path, text)
