@@ -27,7 +27,7 @@ from lguest_jit.hw.libc import sys_read, sys_write
 from lguest_jit.hw.memory import GuestMemory, cpu_relax, fence, ld_u16, ld_u16_acquire, st_u16, st_u16_release
 from lguest_jit.testing import VirtioPciDriver
 
-from .common import WARMUP_TIMEOUT, jit_disabled, rate, report, side, throughput
+from .common import WARMUP_TIMEOUT, jit_disabled, rate, report, side, throughput, min_time_for
 
 FILE_BYTES = 64 << 20
 CASES = [(4096, 1), (4096, 32), (1 << 20, 1), (1 << 20, 32)]
@@ -195,7 +195,7 @@ def _disk():
 
 
 def measure(quick: bool = False) -> dict:
-    t = 0.1 if quick or jit_disabled() else 0.5
+    t = min_time_for(quick)
     cases = _cases(PYTHON_QUICK_DRIVERS if quick and jit_disabled() else DRIVERS)
     with _disk() as path:
         return throughput(f"bench blk: {side()} device path", cases,
@@ -203,7 +203,7 @@ def measure(quick: bool = False) -> dict:
 
 
 def measure_reference(quick: bool = False) -> dict:
-    t = 0.1 if quick else 0.5
+    t = min_time_for(quick)
     with _disk() as path:
         preadv = functools.cache(lambda req_bytes, depth: _preadv_rate(path, req_bytes, depth, t))
         # The same loop is the reference for both drivers.

@@ -16,7 +16,7 @@ import numpy as np
 
 from lguest_jit.hw import decode
 
-from .common import jit_disabled, rates, report, side
+from .common import rates, report, side, min_time_for
 
 MMIO32 = ["8b4214", "890c24", "6689500c", "884313", "8a6104", "8b0500e0ffff", "894c2408",
           "8b148d00100000", "66648b4310", "8a8180000000"]
@@ -64,7 +64,7 @@ def measure(quick: bool = False) -> dict:
         "mmio_bulk_decodes_per_s": _bulk(decode.decode_mmio_bulk, m32),
         "mmio64_bulk_decodes_per_s": _bulk(decode.decode_mmio_bulk, m64, mode64=True),
         "pio_bulk_decodes_per_s": _bulk(decode.decode_pio_bulk, pio),
-    }, 0.05 if quick or jit_disabled() else 0.25)
+    }, min_time_for(quick, 0.25))
 
 
 def run(quick: bool = False) -> dict:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import fcntl
 
-from benchmarks.common import live, rate
+from benchmarks.common import live, rate, min_time_for
 
 
 class _NullBus:
@@ -43,7 +43,7 @@ def measure(quick: bool = False) -> dict:
     from lguest_jit.hw.memory import GuestMemory
     from lguest_jit.hw.tinyguest import setup_long_mode
 
-    t = 0.1 if quick else 0.5
+    t = min_time_for(quick)
     gm = GuestMemory(2 << 20)
     bus = _NullBus()
     vm = KvmVm(gm, bus)

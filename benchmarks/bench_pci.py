@@ -23,7 +23,7 @@ import numpy as np
 from lguest_jit import pci
 from lguest_jit.hw.memory import GuestMemory
 
-from .common import jit_disabled, rates, report, side
+from .common import rates, report, side, min_time_for
 
 
 class _Dev(pci.VirtioDevice):
@@ -58,7 +58,7 @@ def _machine():
 
 
 def measure(quick: bool = False) -> dict:
-    t_min = 0.05 if quick or jit_disabled() else 0.25
+    t_min = min_time_for(quick, 0.25)
     gm, bus, t = _machine()
     pio, mmio = bus.pio, bus.mmio
     slot = t.slot

@@ -16,7 +16,7 @@ from lguest_jit.hw.memory import GuestMemory
 from lguest_jit.testing import VirtioPciDriver
 
 from .bench_blk import drive_rate
-from .common import WARMUP_TIMEOUT, jit_disabled, rate, report, side, throughput
+from .common import WARMUP_TIMEOUT, rate, report, side, throughput, min_time_for
 
 CASES = [(64, 1), (4096, 1), (4096, 32)]
 
@@ -52,12 +52,12 @@ def _cases() -> list:
 
 
 def measure(quick: bool = False) -> dict:
-    t = 0.1 if quick or jit_disabled() else 0.5
+    t = min_time_for(quick)
     return throughput(f"bench rng: {side()} device path", _cases(), lambda c: _device_rate(*c, t))
 
 
 def measure_reference(quick: bool = False) -> dict:
-    t = 0.1 if quick else 0.5
+    t = min_time_for(quick)
     return throughput("bench rng: getrandom loop", _cases(), lambda c: _getrandom_rate(c[0], t))
 
 

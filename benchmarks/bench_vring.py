@@ -14,7 +14,7 @@ from lguest_jit import vring
 from lguest_jit.hw.memory import GuestMemory, st_u16, st_u16_release
 from lguest_jit.testing import MockDriver
 
-from .common import jit_disabled, rates, report, side
+from .common import rates, report, side, min_time_for
 
 QUEUE_SIZE = 256
 CASES = [(1, False), (3, False), (17, False), (3, True), (17, True)]
@@ -55,7 +55,7 @@ def _case(ndesc: int, indirect: bool):
 def measure(quick: bool = False) -> dict:
     cases = {f"chains_per_s_{ndesc}desc_{'indirect' if indirect else 'direct'}": _case(ndesc, indirect)
              for ndesc, indirect in CASES}
-    return rates(f"bench vring: {side()}", cases, 0.05 if quick or jit_disabled() else 0.25)
+    return rates(f"bench vring: {side()}", cases, min_time_for(quick, 0.25))
 
 
 def run(quick: bool = False) -> dict:

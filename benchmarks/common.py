@@ -49,6 +49,12 @@ def jit_disabled() -> bool:
     return os.environ.get("NUMBA_DISABLE_JIT", "0") not in ("", "0")
 
 
+def min_time_for(quick: bool, full: float = 0.5) -> float:
+    """Seconds one timed call should last: short with --quick, and for
+    pure Python (it is measured for the ratio, not for its own sake)."""
+    return 0.05 if quick else 0.1 if jit_disabled() else full
+
+
 def side() -> str:
     """The side this process measures, for progress lines."""
     return "pure Python (NUMBA_DISABLE_JIT=1)" if jit_disabled() else "numba"
