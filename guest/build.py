@@ -738,27 +738,25 @@ def cached_guest() -> tuple[Path, Path] | None:
     return vmlinux, initrd
 
 
+def _ensure(cached, make, *, force: bool, apt: bool, log):
+    got = None if force else cached()
+    if got is not None:
+        return got
+    if apt:
+        ensure_packages(log=log)
+    return make()
+
+
 def ensure_guest(*, force: bool = False, apt: bool = True, log=print) -> tuple[Path, Path]:
     """(vmlinux, initramfs), building whatever is missing (minutes the first
     time on a machine, instant afterwards)."""
-    if not force:
-        got = cached_guest()
-        if got is not None:
-            return got
-    if apt:
-        ensure_packages(log=log)
-    return build_kernel(force=force, log=log), build_initramfs(force=force, log=log)
+    return _ensure(cached_guest, lambda: (build_kernel(force=force, log=log), build_initramfs(force=force, log=log)),
+                   force=force, apt=apt, log=log)
 
 
 def ensure_rootfs(*, force: bool = False, apt: bool = True, log=print) -> Path:
     """The pristine root-disk image, built if missing (seconds)."""
-    if not force:
-        got = cached_rootfs()
-        if got is not None:
-            return got
-    if apt:
-        ensure_packages(log=log)
-    return build_rootfs(force=force, log=log)
+    return _ensure(cached_rootfs, lambda: build_rootfs(force=force, log=log), force=force, apt=apt, log=log)
 
 
 def main(argv=None) -> int:

@@ -12,7 +12,6 @@ import os
 import shutil
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -23,6 +22,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from guest import build, markers  # noqa: E402
+from test_boot_e2e import run_console  # noqa: E402
 
 BOOT_TIMEOUT_S = 1500          # two boots; a hung guest fails the test instead of hanging CI
 SCRATCH_BYTES = 1 << 20
@@ -59,20 +59,8 @@ def test_root_disk_boot_selftest_write_reboot_and_the_file_persists(tmp_path):
     cmdline = build.default_cmdline("persist", "hvc0", root="/dev/vda")
     argv = [sys.executable, "-m", "lguest_jit.main", "--rng", f"--block={root}", f"--block={scratch}",
             "256", str(vmlinux), *cmdline.split()]
-    lines = []
     t0 = time.monotonic()
-    with open(tmp_path / "stderr.txt", "wb") as err:
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err,
-                                env=dict(os.environ, PYTHONPATH=str(ROOT)))
-        reader = threading.Thread(target=lambda: [lines.append((time.monotonic(), raw)) for raw in proc.stdout],
-                                  daemon=True)
-        reader.start()
-        try:
-            status = proc.wait(timeout=BOOT_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            status = proc.wait()
-        reader.join(10)
+    status, lines = run_console(argv, tmp_path / "stderr.txt", BOOT_TIMEOUT_S, env=dict(os.environ, PYTHONPATH=str(ROOT)))
     console = b"".join(raw for _, raw in lines)
     tail = console[-5000:].decode(errors="replace") + "\n--- stderr ---\n" + \
         (tmp_path / "stderr.txt").read_text(errors="replace")[-2000:]
