@@ -219,7 +219,9 @@ def ensure_packages(packages=APT_PACKAGES, log=print) -> None:
     logpath.parent.mkdir(parents=True, exist_ok=True)
     log(f"guest: installing {' '.join(missing + forced)} (log: {logpath})")
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    install = ["apt-get", "install", "-y", "--no-install-recommends"]
+    # Lock timeout: wait for another apt/dpkg run (a second build, the
+    # system's own updates) instead of failing at once.
+    install = ["apt-get", "-o", "DPkg::Lock::Timeout=300", "install", "-y", "--no-install-recommends"]
     with open(logpath, "w") as logfile, _progress("apt-get install"):
         def apt(*argv):
             return subprocess.run(argv, env=env, stdin=subprocess.DEVNULL, stdout=logfile,
