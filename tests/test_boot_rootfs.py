@@ -29,9 +29,8 @@ SCRATCH_BYTES = 1 << 20
 SCRATCH_FILL = b"\xee"
 
 
-def _debugfs() -> str | None:
-    return shutil.which("debugfs") or next((p for p in ("/sbin/debugfs", "/usr/sbin/debugfs")
-                                            if os.path.exists(p)), None)
+def _e2fs(tool: str) -> str | None:
+    return shutil.which(tool) or next((p for p in (f"/sbin/{tool}", f"/usr/sbin/{tool}") if os.path.exists(p)), None)
 
 
 def _sha256(path: Path) -> str:
@@ -44,9 +43,9 @@ def test_root_disk_boot_selftest_write_reboot_and_the_file_persists(tmp_path):
     why = kvm_available()
     if why is not None:
         pytest.skip(f"no usable KVM: {why}")
-    debugfs = _debugfs()
-    if debugfs is None:
-        pytest.skip("needs debugfs (e2fsprogs; python -m guest.build installs it)")
+    debugfs, e2fsck = _e2fs("debugfs"), _e2fs("e2fsck")
+    if debugfs is None or e2fsck is None:
+        pytest.skip("needs debugfs and e2fsck (e2fsprogs; python -m guest.build installs it)")
     # A fresh machine builds the guest here (a build failure fails the test).
     vmlinux, _ = build.ensure_guest(log=lambda m: print(m, flush=True))
     pristine = build.ensure_rootfs(log=lambda m: print(m, flush=True))
@@ -101,6 +100,6 @@ def test_root_disk_boot_selftest_write_reboot_and_the_file_persists(tmp_path):
     # the guest left the file system clean, and the built image is untouched.
     r = subprocess.run([debugfs, "-R", "cat /var/lgj-persist", str(root)], capture_output=True, text=True)
     assert r.stdout == f"{token}\nafter-reboot {token}\n", r.stdout + r.stderr
-    r = subprocess.run(["e2fsck", "-fn", str(root)], capture_output=True, text=True)
+    r = subprocess.run([e2fsck, "-fn", str(root)], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
     assert _sha256(pristine) == pristine_sha

@@ -269,8 +269,11 @@ def test_cached_guest_empty_cache(tmp_path, monkeypatch):
     assert build.cached_guest() is None
 
 
-DEBUGFS = shutil.which("debugfs") or next((p for p in ("/sbin/debugfs", "/usr/sbin/debugfs") if os.path.exists(p)),
-                                          None)
+def _e2fs(tool):
+    return shutil.which(tool) or next((p for p in (f"/sbin/{tool}", f"/usr/sbin/{tool}") if os.path.exists(p)), None)
+
+
+DEBUGFS, DUMPE2FS, E2FSCK = _e2fs("debugfs"), _e2fs("dumpe2fs"), _e2fs("e2fsck")
 
 
 def debugfs(image, request: str) -> str:
@@ -279,7 +282,8 @@ def debugfs(image, request: str) -> str:
     return r.stdout
 
 
-@pytest.mark.skipif(BUSYBOX is None or DEBUGFS is None, reason="needs busybox-static and e2fsprogs")
+@pytest.mark.skipif(BUSYBOX is None or None in (DEBUGFS, DUMPE2FS, E2FSCK),
+                    reason="needs busybox-static and e2fsprogs")
 def test_build_rootfs_into_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("LGUEST_JIT_CACHE", str(tmp_path))
     assert build.cached_rootfs() is None
@@ -301,16 +305,16 @@ def test_build_rootfs_into_cache(tmp_path, monkeypatch):
         assert re.search(r"User:\s+0\s+Group:\s+0\b", st), (path, st)
     # The features mke2fs enables by default, 4 KiB blocks, inode tables
     # already zeroed (no lazy init in the guest), clean.
-    r = subprocess.run(["dumpe2fs", "-h", str(img)], capture_output=True, text=True)
+    r = subprocess.run([DUMPE2FS, "-h", str(img)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     head = r.stdout
     features = set(re.search(r"Filesystem features:\s+(.*)", head).group(1).split())
     assert {"has_journal", "extent", "64bit", "flex_bg", "metadata_csum", "huge_file", "dir_nlink",
             "extra_isize"} <= features
     assert re.search(r"Block size:\s+4096", head) and re.search(r"Filesystem state:\s+clean", head)
-    groups = subprocess.run(["dumpe2fs", str(img)], capture_output=True, text=True).stdout
+    groups = subprocess.run([DUMPE2FS, str(img)], capture_output=True, text=True).stdout
     assert "ITABLE_ZEROED" in groups
-    r = subprocess.run(["e2fsck", "-fn", str(img)], capture_output=True, text=True)
+    r = subprocess.run([E2FSCK, "-fn", str(img)], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
     # Cached: built once.
     assert build.build_rootfs(log=lambda m: 1 / 0) == img
