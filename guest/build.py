@@ -5,8 +5,12 @@ busybox initramfs.
 
 The kernel is `make tinyconfig` + guest/kernel.config + `make olddefconfig`,
 built once per (fragment, kernel source version) and cached; the initramfs is
-an uncompressed newc cpio written here (no cpio tool), cached per content.
-The last two lines printed are the vmlinux and initramfs paths.
+an uncompressed newc cpio written here (no cpio tool), cached per content;
+the root-disk image is ext4 made by `mke2fs -d` from a staged directory (no
+root privileges needed), cached per content.  Standard output carries only
+the result: the vmlinux, initramfs and rootfs paths, one a line (or one JSON
+object with --json); everything else, tools' output included, goes to
+standard error or to log files in the cache.
 
 Cache root: $LGUEST_JIT_CACHE (default ~/.cache/lguest-jit); this module uses
 its guest/ subdirectory.
@@ -42,7 +46,15 @@ KERNEL_TARBALL = Path("/usr/src/linux-source-6.1.tar.xz")
 APT_PACKAGES = (
     KERNEL_SOURCE_PACKAGE, "build-essential", "bc", "flex", "bison",
     "libelf-dev", "libssl-dev", "xz-utils", "busybox-static", "patch",
+    # mke2fs -d and debugfs: the root-disk image (and the tests read it back).
+    "e2fsprogs",
 )
+# Packages to treat as missing even when installed (space-separated), so
+# that the apt-get step really runs: how the tests meet the build the way a
+# fresh machine does without uninstalling anything.  apt-get reinstalls them.
+ASSUME_MISSING_ENV = "LGUEST_JIT_APT_ASSUME_MISSING"
+# Child processes write their chatter here (never to stdout: see main()).
+STDERR_FD = 2
 BUSYBOX_CANDIDATES = (Path("/bin/busybox"), Path("/usr/bin/busybox"))
 
 # Bump when the build recipe changes in a way that changes the output.
@@ -69,8 +81,11 @@ APPLETS = (
 # measured: rodata=off skips write-protecting the kernel image and freeing
 # the gaps (page-table splitting, ~5 s emulated); pci=noearly skips the
 # early chipset quirks, a conf1 scan of every slot (~1.5 s of port exits).
+# noapic: the launcher's MP table (lguest_jit/hw/firmware.py) has no I/O
+# APIC; interrupts stay on the PIC through LINT0, which Linux sets to ExtINT
+# only with I/O APIC set-up off.
 BASE_CMDLINE = (
-    "acpi=off nokaslr panic=-1 noxsave tsc=reliable mitigations=off "
+    "acpi=off nokaslr panic=-1 noxsave tsc=reliable mitigations=off noapic "
     "clearcpuid=smap,cx16,rdrand,rdseed,popcnt,fsgsbase,invpcid,pcid "
     "syscall_fault_entry rodata=off pci=noearly"
 )
@@ -191,20 +206,63 @@ def missing_packages(packages=APT_PACKAGES) -> list[str]:
 
 
 def ensure_packages(packages=APT_PACKAGES, log=print) -> None:
-    """apt-get install whatever is missing; does nothing when all present."""
+    """apt-get install whatever is missing; does nothing when all present.
+    apt-get's own output goes to $cache/guest/apt.log, never to stdout."""
     missing = missing_packages(packages)
-    if not missing:
+    forced = [p for p in os.environ.get(ASSUME_MISSING_ENV, "").split() if p not in missing]
+    if not missing and not forced:
         return
     if os.geteuid() != 0:
         raise RuntimeError("missing Debian packages (run as root or install): "
-                           + " ".join(missing))
-    log(f"guest: installing {' '.join(missing)}")
+                           + " ".join(missing + forced))
+    logpath = cache_dir() / "apt.log"
+    logpath.parent.mkdir(parents=True, exist_ok=True)
+    log(f"guest: installing {' '.join(missing + forced)} (log: {logpath})")
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    install = ["apt-get", "install", "-y", "--no-install-recommends", *missing]
-    if subprocess.run(install, env=env).returncode != 0:
-        # A fresh machine has no package lists yet.
-        subprocess.run(["apt-get", "update"], env=env, check=True)
-        subprocess.run(install, env=env, check=True)
+    # Lock timeout: wait for another apt/dpkg run (a second build, the
+    # system's own updates) instead of failing at once.
+    install = ["apt-get", "-o", "DPkg::Lock::Timeout=300", "install", "-y", "--no-install-recommends"]
+    with open(logpath, "w") as logfile, _progress("apt-get install"):
+        def apt(*argv):
+            return subprocess.run(argv, env=env, stdin=subprocess.DEVNULL, stdout=logfile,
+                                  stderr=subprocess.STDOUT).returncode == 0
+        ok = True
+        if missing:
+            ok = apt(*install, *missing)
+        if ok and forced:
+            ok = apt(*install, "--reinstall", *forced)
+        if not ok:
+            # A fresh machine has no package lists yet.
+            ok = apt("apt-get", "update") and apt(*install, *missing) and \
+                (not forced or apt(*install, "--reinstall", *forced))
+    if not ok:
+        raise RuntimeError(f"apt-get install failed: {_last_line(logpath)} (log: {logpath})")
+
+
+def _last_line(path: Path) -> str:
+    try:
+        lines = [ln.strip() for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
+    except OSError:
+        return "no log"
+    return lines[-1] if lines else "no output"
+
+
+@contextlib.contextmanager
+def _progress(what: str):
+    """While a long step runs: a live "what  0:01:23" line on stderr when
+    stderr is a terminal (rich); nothing at all otherwise."""
+    try:
+        if not sys.stderr.isatty():
+            raise ImportError
+        from rich.console import Console
+        from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+    except ImportError:
+        yield
+        return
+    with Progress(SpinnerColumn(), TextColumn("guest: {task.description}"), TimeElapsedColumn(),
+                  console=Console(stderr=True), transient=True) as bar:
+        bar.add_task(what, total=None)
+        yield
 
 
 def kernel_source_version() -> str:
@@ -324,7 +382,9 @@ def _pristine_tree(version: str, log=print) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     log(f"guest: unpacking {KERNEL_TARBALL} into {src}")
-    subprocess.run(["tar", "-xf", str(KERNEL_TARBALL), "-C", str(tmp)], check=True)
+    with _progress("unpacking the kernel source"):
+        subprocess.run(["tar", "-xf", str(KERNEL_TARBALL), "-C", str(tmp)], check=True,
+                       stdout=STDERR_FD)
     (inner,) = [p for p in tmp.iterdir() if p.is_dir()]
     shutil.rmtree(src, ignore_errors=True)
     os.replace(inner, src)
@@ -337,7 +397,9 @@ def _make(src: Path, out: Path, *targets: str, logfile=None, jobs: int | None = 
     if jobs:
         cmd.append(f"-j{jobs}")
     cmd.extend(targets)
-    r = subprocess.run(cmd, stdout=logfile, stderr=subprocess.STDOUT if logfile else None)
+    with _progress(f"make {' '.join(targets)}"):
+        r = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=logfile or STDERR_FD,
+                           stderr=subprocess.STDOUT if logfile else None)
     if r.returncode != 0:
         where = f" (log: {logfile.name})" if logfile else ""
         raise RuntimeError(f"make {' '.join(targets)} failed{where}")
@@ -531,19 +593,140 @@ def build_initramfs(*, force: bool = False, log=print) -> Path:
 
 
 # --------------------------------------------------------------------------
+# root-disk image: ext4 from a staged tree (mke2fs -d), no root privileges
+# --------------------------------------------------------------------------
+
+# Bump when the image's layout changes (not RECIPE_VERSION: that is part of
+# the kernel's cache key too, and would rebuild the kernel).
+ROOTFS_VERSION = "1"
+ROOTFS_MIB = 64
+ROOTFS_LABEL = "lgj-root"
+# Features: mke2fs's defaults for ext4 from /etc/mke2fs.conf, which the
+# kernel supports (kernel.config).  -T default: 4 KiB blocks (mke2fs picks
+# 1 KiB for a disk this small: four times the block and buffer-head work
+# per page in the emulated kernel).  Zero the inode tables and the journal
+# now, on the host, so the guest kernel starts no ext4lazyinit thread
+# (emulated zeroing); no blocks reserved for root on a 64 MiB disk.
+MKE2FS_OPTIONS = ("-t", "ext4", "-T", "default", "-L", ROOTFS_LABEL, "-m", "0",
+                  "-E", "lazy_itable_init=0,lazy_journal_init=0,root_owner=0:0")
+
+
+def rootfs_tree(busybox: bytes, init_script: bytes, applets=APPLETS) -> list[CpioEntry]:
+    """The root disk's files: the initramfs's tree with /init moved to
+    /sbin/init (where the kernel looks without an initramfs).  No device
+    nodes (making them needs root): the kernel mounts devtmpfs on /dev
+    before it starts init (CONFIG_DEVTMPFS_MOUNT)."""
+    entries = [e for e in initramfs_entries(busybox, init_script, applets)
+               if e.name not in ("init", "dev/console")]
+    entries += [directory("sbin"), directory("var"), directory("mnt"),
+                regular("sbin/init", init_script, 0o755)]
+    return entries
+
+
+def _stage(entries, root: Path) -> None:
+    for e in entries:
+        path = root / e.name
+        if stat.S_ISDIR(e.mode):
+            path.mkdir(parents=True, exist_ok=True)
+        elif stat.S_ISLNK(e.mode):
+            path.symlink_to(e.data.decode())
+        elif stat.S_ISREG(e.mode):
+            path.write_bytes(e.data)
+        else:
+            raise ValueError(f"{e.name}: only directories, files and symlinks on the root disk")
+        if not stat.S_ISLNK(e.mode):
+            path.chmod(stat.S_IMODE(e.mode))
+
+
+def _e2fs_tool(name: str) -> str:
+    for cand in (shutil.which(name), f"/sbin/{name}", f"/usr/sbin/{name}"):
+        if cand and os.access(cand, os.X_OK):
+            return cand
+    raise RuntimeError(f"{name} not found: install e2fsprogs")
+
+
+def make_ext4_image(entries, image: Path, size_mib: int = ROOTFS_MIB) -> None:
+    """Write an ext4 image of `entries` (CpioEntry list) to `image`, as any
+    user: mke2fs -d copies a staged tree, then debugfs makes every inode
+    root's (mke2fs keeps the stager's uid/gid)."""
+    import tempfile
+    image.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=image.parent, prefix=".stage-") as d:
+        stage = Path(d) / "root"
+        stage.mkdir()
+        _stage(entries, stage)
+        tmp = image.with_name(image.name + ".tmp")
+        with open(tmp, "wb") as f:
+            f.truncate(size_mib << 20)
+        r = subprocess.run([_e2fs_tool("mke2fs"), "-q", "-F", *MKE2FS_OPTIONS, "-d", str(stage), str(tmp)],
+                           stdin=subprocess.DEVNULL, capture_output=True, text=True)
+        if r.returncode != 0:
+            raise RuntimeError(f"mke2fs failed: {(r.stderr or r.stdout).strip().splitlines()[-1:]}")
+        names = sorted({"/" + e.name.strip("/") for e in entries})
+        cmds = "".join(f'sif "{n}" {field} 0\n' for n in names for field in ("uid", "gid"))
+        r = subprocess.run([_e2fs_tool("debugfs"), "-w", "-f", "-", str(tmp)], input=cmds,
+                           capture_output=True, text=True)
+        if r.returncode != 0:
+            raise RuntimeError(f"debugfs failed: {r.stderr.strip().splitlines()[-1:]}")
+        os.replace(tmp, image)
+
+
+def _rootfs_key(busybox: bytes, init_script: bytes) -> str:
+    h = hashlib.sha256()
+    for part in (ROOTFS_VERSION.encode(), busybox, init_script, "\n".join(APPLETS).encode(),
+                 str(ROOTFS_MIB).encode(), " ".join(MKE2FS_OPTIONS).encode()):
+        h.update(hashlib.sha256(part).digest())
+    return h.hexdigest()[:16]
+
+
+def _rootfs_path(busybox: bytes, init_script: bytes) -> Path:
+    return cache_dir() / "rootfs" / f"rootfs-{_rootfs_key(busybox, init_script)}.img"
+
+
+def cached_rootfs() -> Path | None:
+    """The pristine root-disk image if built, else None.  Boot a copy of
+    it (it is shared by everything using this cache)."""
+    try:
+        p = _rootfs_path(find_busybox().read_bytes(), INIT_SCRIPT.read_bytes())
+    except RuntimeError:
+        return None
+    return p if p.is_file() else None
+
+
+def build_rootfs(*, force: bool = False, log=print) -> Path:
+    """Write (or reuse) the pristine root-disk image; returns its path."""
+    busybox = find_busybox().read_bytes()
+    init_script = INIT_SCRIPT.read_bytes()
+    out = _rootfs_path(busybox, init_script)
+    if out.is_file() and not force:
+        return out
+    with _locked(cache_dir() / "rootfs.lock"):
+        if not out.is_file() or force:
+            make_ext4_image(rootfs_tree(busybox, init_script), out)
+            log(f"guest: wrote {out} (ext4, {ROOTFS_MIB} MiB)")
+    return out
+
+
+# --------------------------------------------------------------------------
 # public entry points
 # --------------------------------------------------------------------------
 
 def default_cmdline(workload: str = "selftest", console: str = "hvc0",
-                    extra: str = "") -> str:
+                    extra: str = "", root: str | None = None) -> str:
     """Kernel command line for the default guest under our KVM.  console
-    "hvc0" needs the virtio console; "ttyS0" the 8250 at 0x3f8."""
+    "hvc0" needs the virtio console; "ttyS0" the 8250 at 0x3f8.  root (e.g.
+    "/dev/vda"): boot from the ext4 root disk instead of an initramfs."""
     if not re.fullmatch(r"[A-Za-z0-9_-]+", workload):
         raise ValueError(f"bad workload name {workload!r}")
     parts = [BASE_CMDLINE]
     if console == "ttyS0":
         parts.append("earlyprintk=serial")
     parts += [f"console={console}", f"lguest_jit.workload={workload}"]
+    if root is not None:
+        if not re.fullmatch(r"/dev/[a-z0-9]+", root):
+            raise ValueError(f"bad root device {root!r}")
+        # rw: no remount (and journal work) in init; rootfstype: no probing.
+        parts.append(f"root={root} rootfstype=ext4 rw")
     if extra:
         parts.append(extra)
     return " ".join(parts)
@@ -557,16 +740,25 @@ def cached_guest() -> tuple[Path, Path] | None:
     return vmlinux, initrd
 
 
+def _ensure(cached, make, *, force: bool, apt: bool, log):
+    got = None if force else cached()
+    if got is not None:
+        return got
+    if apt:
+        ensure_packages(log=log)
+    return make()
+
+
 def ensure_guest(*, force: bool = False, apt: bool = True, log=print) -> tuple[Path, Path]:
     """(vmlinux, initramfs), building whatever is missing (minutes the first
     time on a machine, instant afterwards)."""
-    if not force:
-        got = cached_guest()
-        if got is not None:
-            return got
-    if apt:
-        ensure_packages(log=log)
-    return build_kernel(force=force, log=log), build_initramfs(force=force, log=log)
+    return _ensure(cached_guest, lambda: (build_kernel(force=force, log=log), build_initramfs(force=force, log=log)),
+                   force=force, apt=apt, log=log)
+
+
+def ensure_rootfs(*, force: bool = False, apt: bool = True, log=print) -> Path:
+    """The pristine root-disk image, built if missing (seconds)."""
+    return _ensure(cached_rootfs, lambda: build_rootfs(force=force, log=log), force=force, apt=apt, log=log)
 
 
 def main(argv=None) -> int:
@@ -580,23 +772,37 @@ def main(argv=None) -> int:
     ap.add_argument("--json", action="store_true", help="print the paths as JSON")
     args = ap.parse_args(argv)
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    # The caller reads our stdout (scripts parse the JSON), so for the whole
+    # build fd 1 is fd 2: whatever a tool or library prints goes to stderr.
+    sys.stdout.flush()
+    result_fd = os.dup(1)
+    os.dup2(2, 1)
     try:
-        if not args.no_apt:
-            ensure_packages(log=log)
-        initrd = build_initramfs(force=args.force, log=log)
-        if args.initramfs_only:
-            print(initrd)
-            return 0
-        vmlinux = build_kernel(force=args.force, bzimage=args.bzimage, jobs=args.jobs, log=log)
-    except (RuntimeError, subprocess.CalledProcessError, ValueError) as e:
-        print(f"guest: error: {e}", file=sys.stderr)
-        return 1
+        try:
+            if not args.no_apt:
+                ensure_packages(log=log)
+            initrd = build_initramfs(force=args.force, log=log)
+            if args.initramfs_only:
+                result = {"initramfs": str(initrd)}
+            else:
+                rootfs = build_rootfs(force=args.force, log=log)
+                vmlinux = build_kernel(force=args.force, bzimage=args.bzimage, jobs=args.jobs, log=log)
+                result = {"vmlinux": str(vmlinux), "initramfs": str(initrd), "rootfs": str(rootfs),
+                          "cmdline": default_cmdline()}
+        except (RuntimeError, subprocess.CalledProcessError, ValueError, OSError) as e:
+            print(f"guest: error: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}",
+                  file=sys.stderr)
+            return 1
+    finally:
+        sys.stdout.flush()
+        os.dup2(result_fd, 1)
+        os.close(result_fd)
     if args.json:
-        print(json.dumps({"vmlinux": str(vmlinux), "initramfs": str(initrd),
-                          "cmdline": default_cmdline()}))
+        print(json.dumps(result), flush=True)
     else:
-        print(vmlinux)
-        print(initrd)
+        for key in ("vmlinux", "initramfs", "rootfs"):
+            if key in result:
+                print(result[key], flush=True)
     return 0
 
 

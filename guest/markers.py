@@ -5,6 +5,7 @@ Lines the guest prints (format in guest/README.md):
     LGJ-INIT <uptime> <kernel release>
     LGJ-STEP <name> <OK|FAIL|SKIP> <uptime> <detail...>
     LGJ-DONE <workload> <uptime> ok=<n> fail=<n> skip=<n>
+    LGJ-REBOOT <workload> <uptime>          (the persist workload's first boot)
 
 Kernel messages can land in the middle of a console line, so markers are
 found anywhere in a line, not only at its start.
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field
 _INIT_RE = re.compile(r"LGJ-INIT (\S+) (\S+)")
 _STEP_RE = re.compile(r"LGJ-STEP (\S+) (OK|FAIL|SKIP) (\S+) ?([^\r\n]*)")
 _DONE_RE = re.compile(r"LGJ-DONE (\S+) (\S+) ok=(\d+) fail=(\d+) skip=(\d+)")
+_REBOOT_RE = re.compile(r"LGJ-REBOOT (\S+) (\S+)")
 
 BLOCK_RECORD = 16  # bytes per "lgj-blk %07x\n" record
 
@@ -41,6 +43,7 @@ class Report:
     workload: str | None = None
     done_uptime: float | None = None
     counts: dict[str, int] | None = None   # ok/fail/skip from LGJ-DONE
+    rebooted: bool = False                   # LGJ-REBOOT seen
 
     @property
     def done(self) -> bool:
@@ -83,7 +86,24 @@ def parse_console(text: str | bytes) -> Report:
             rep.workload, rep.done_uptime = m.group(1), _float(m.group(2))
             rep.counts = {"ok": int(m.group(3)), "fail": int(m.group(4)),
                           "skip": int(m.group(5))}
+        if _REBOOT_RE.search(line):
+            rep.rebooted = True
     return rep
+
+
+def parse_boots(text: str | bytes) -> list[Report]:
+    """One Report per boot, for a console that saw the guest reboot (the
+    launcher re-executes itself): a new boot starts at each LGJ-INIT."""
+    if isinstance(text, bytes):
+        text = text.decode("utf-8", "replace")
+    chunks, cur = [], []
+    for line in text.splitlines(keepends=True):
+        if _INIT_RE.search(line) and any(_INIT_RE.search(c) for c in cur):
+            chunks.append("".join(cur))
+            cur = []
+        cur.append(line)
+    chunks.append("".join(cur))
+    return [parse_console(c) for c in chunks if _INIT_RE.search(c)]
 
 
 def block_pattern(nbytes: int) -> bytes:

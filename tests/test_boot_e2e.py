@@ -37,6 +37,23 @@ def _read_timed(stream, lines):
         lines.append((time.monotonic(), raw))
 
 
+def run_console(argv, stderr_path, timeout=BOOT_TIMEOUT_S, env=None):
+    """Run a launcher command line; (exit status, [(wall time, console
+    line)]).  A guest still running after `timeout` s is killed."""
+    lines = []
+    with open(stderr_path, "wb") as err:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err, env=env)
+        reader = threading.Thread(target=_read_timed, args=(proc.stdout, lines), daemon=True)
+        reader.start()
+        try:
+            status = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            status = proc.wait()
+        reader.join(10)
+    return status, lines
+
+
 @pytest.mark.slow
 def test_default_guest_drives_every_device(tmp_path):
     from lguest_jit.hw.kvm import kvm_available
@@ -60,21 +77,10 @@ def test_default_guest_drives_every_device(tmp_path):
     argv = [sys.executable, "-m", "lguest_jit.main", f"--tunnet={HOST_IP}:{GUEST_MAC}", f"--block={disk}", "--rng",
             f"--initrd={initrd}", f"--stats-json={stats_file}", "256", str(vmlinux), *cmdline.split()]
     stderr_file = tmp_path / "stderr.txt"
-    lines = []
     t0 = time.monotonic()
-    with open(stderr_file, "wb") as err:
-        # The launcher, its tap and the host side of the ping live in a
-        # network namespace of their own.
-        proc = subprocess.Popen(["unshare", "--net", "--", *argv], stdin=subprocess.DEVNULL,
-                                stdout=subprocess.PIPE, stderr=err)
-        reader = threading.Thread(target=_read_timed, args=(proc.stdout, lines), daemon=True)
-        reader.start()
-        try:
-            status = proc.wait(timeout=BOOT_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            status = proc.wait()
-        reader.join(10)
+    # The launcher, its tap and the host side of the ping live in a
+    # network namespace of their own.
+    status, lines = run_console(["unshare", "--net", "--", *argv], stderr_file)
     wall = time.monotonic() - t0
     console = b"".join(raw for _, raw in lines)
     tail = console[-4000:].decode(errors="replace") + "\n--- stderr ---\n" + stderr_file.read_text(errors="replace")

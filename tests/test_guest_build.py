@@ -269,6 +269,83 @@ def test_cached_guest_empty_cache(tmp_path, monkeypatch):
     assert build.cached_guest() is None
 
 
+def _e2fs(tool):
+    return shutil.which(tool) or next((p for p in (f"/sbin/{tool}", f"/usr/sbin/{tool}") if os.path.exists(p)), None)
+
+
+DEBUGFS, DUMPE2FS, E2FSCK = _e2fs("debugfs"), _e2fs("dumpe2fs"), _e2fs("e2fsck")
+
+
+def debugfs(image, request: str) -> str:
+    r = subprocess.run([DEBUGFS, "-R", request, str(image)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
+
+@pytest.mark.skipif(BUSYBOX is None or None in (DEBUGFS, DUMPE2FS, E2FSCK),
+                    reason="needs busybox-static and e2fsprogs")
+def test_build_rootfs_into_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("LGUEST_JIT_CACHE", str(tmp_path))
+    assert build.cached_rootfs() is None
+    img = build.build_rootfs(log=lambda m: None)
+    assert img.parent == tmp_path / "guest" / "rootfs" and build.cached_rootfs() == img
+    assert img.stat().st_size == build.ROOTFS_MIB << 20
+    # The kernel finds /sbin/init; busybox and its applets are there.
+    assert debugfs(img, "cat /sbin/init") == build.INIT_SCRIPT.read_text()
+    r = subprocess.run([DEBUGFS, "-R", "cat /bin/busybox", str(img)], capture_output=True, timeout=60)
+    assert r.stdout == BUSYBOX.read_bytes()
+    ls = debugfs(img, "ls -l /bin")
+    for applet in ("sh", "mount", "dd", "reboot", "poweroff"):
+        assert re.search(rf"\b120777\b.*\s{re.escape(applet)}\s*$", ls, re.M), (applet, ls)
+    for d in ("dev", "proc", "sys", "tmp", "var", "etc"):
+        assert "Type: directory" in debugfs(img, f"stat /{d}")
+    # Every inode is root's, whoever built it (the stager's uid is rewritten).
+    for path in ("/", "/sbin/init", "/bin/busybox", "/bin/sh", "/var"):
+        st = debugfs(img, f"stat {path}")
+        assert re.search(r"User:\s+0\s+Group:\s+0\b", st), (path, st)
+    # The features mke2fs enables by default, 4 KiB blocks, inode tables
+    # already zeroed (no lazy init in the guest), clean.
+    r = subprocess.run([DUMPE2FS, "-h", str(img)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    head = r.stdout
+    features = set(re.search(r"Filesystem features:\s+(.*)", head).group(1).split())
+    assert {"has_journal", "extent", "64bit", "flex_bg", "metadata_csum", "huge_file", "dir_nlink",
+            "extra_isize"} <= features
+    assert re.search(r"Block size:\s+4096", head) and re.search(r"Filesystem state:\s+clean", head)
+    groups = subprocess.run([DUMPE2FS, str(img)], capture_output=True, text=True).stdout
+    assert "ITABLE_ZEROED" in groups
+    r = subprocess.run([E2FSCK, "-fn", str(img)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    # Cached: built once.
+    assert build.build_rootfs(log=lambda m: 1 / 0) == img
+
+
+def test_rootfs_tree_moves_init_and_has_no_device_nodes():
+    entries = build.rootfs_tree(b"BUSYBOX", b"#!/bin/sh\n")
+    by_name = {e.name: e for e in entries}
+    assert by_name["sbin/init"].mode == stat.S_IFREG | 0o755 and by_name["sbin/init"].data == b"#!/bin/sh\n"
+    assert "init" not in by_name
+    assert not any(stat.S_ISCHR(e.mode) or stat.S_ISBLK(e.mode) for e in entries)
+
+
+def test_default_cmdline_for_a_root_disk():
+    words = build.default_cmdline("persist", "hvc0", root="/dev/vda").split()
+    assert {"root=/dev/vda", "rootfstype=ext4", "rw", "lguest_jit.workload=persist"} <= set(words)
+    assert not any(w.startswith("root=") for w in build.default_cmdline().split())
+    with pytest.raises(ValueError):
+        build.default_cmdline(root="/dev/vda init=/bin/sh")
+
+
+def test_parse_boots_splits_at_each_init():
+    text = ("LGJ-INIT 1.0 6.1\nLGJ-STEP persist OK 2.0 wrote=lgj-1 boot=1\nLGJ-REBOOT persist 2.1\n"
+            "[ 0.0] Linux version 6.1\nLGJ-INIT 1.1 6.1\nLGJ-STEP persist OK 1.5 found=lgj-1 boot=2\n"
+            "LGJ-DONE persist 1.6 ok=1 fail=0 skip=0\n")
+    first, second = markers.parse_boots(text)
+    assert first.rebooted and not first.done and first.step("persist").fields()["wrote"] == "lgj-1"
+    assert second.done and not second.rebooted and second.step("persist").fields()["found"] == "lgj-1"
+    assert markers.parse_boots("no markers at all\n") == []
+
+
 @pytest.mark.skipif(shutil.which("dpkg-query") is None, reason="not a Debian system")
 def test_missing_packages_asks_dpkg():
     # dpkg is always installed on Debian; the second name cannot exist.

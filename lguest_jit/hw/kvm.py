@@ -32,6 +32,8 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from .firmware import with_tsc_frequency
+
 # ---------------------------------------------------------------------------
 # ioctl numbers: <linux/ioctl.h> encodes direction, argument size, type and
 # number; KVM's type is 0xAE (<linux/kvm.h>).
@@ -172,6 +174,7 @@ KVM_GET_API_VERSION = _io(0x00)
 KVM_CREATE_VM = _io(0x01)
 KVM_CHECK_EXTENSION = _io(0x03)
 KVM_GET_VCPU_MMAP_SIZE = _io(0x04)
+KVM_GET_TSC_KHZ = _io(0xA3)
 KVM_GET_SUPPORTED_CPUID = _iowr(0x05, kvm_cpuid2)
 KVM_CREATE_VCPU = _io(0x41)
 KVM_SET_USER_MEMORY_REGION = _iow(0x46, kvm_userspace_memory_region)
@@ -584,8 +587,17 @@ class KvmVm:
         _ioctl(self.vcpu_fd, KVM_GET_CPUID2, buf, "KVM_GET_CPUID2")
         return [buf.entries[i] for i in range(buf.nent)]
 
+    def tsc_khz(self) -> int:
+        """The guest TSC's frequency (KVM_GET_TSC_KHZ), 0 if KVM won't say."""
+        try:
+            return fcntl.ioctl(self.vcpu_fd, KVM_GET_TSC_KHZ, 0)
+        except OSError:
+            return 0
+
     def _set_cpuid(self, hook) -> None:
-        entries = self.supported_cpuid()
+        # With the TSC frequency in CPUID the guest skips calibrating it
+        # against the PIT (hw/firmware.py).
+        entries = with_tsc_frequency(self.supported_cpuid(), self.tsc_khz())
         if hook is not None:
             entries = list(hook(entries))
         buf = self._cpuid_buffer(len(entries))

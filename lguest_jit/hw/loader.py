@@ -32,6 +32,7 @@ Public API::
 
 Guest physical layout (all below 1 MiB, which kernels never occupy)::
 
+    0x000010  MP floating pointer, then the MP table (hw/firmware.py)
     0x000500  GDT: null, null, code (sel 0x10), data (sel 0x18)   GDT_ADDR
     0x007000  boot_params, the "zero page" (4 KiB)                 BOOT_PARAMS_ADDR
     0x009000  PML4, PDPT, then 1-4 page directories (long mode)    PAGE_TABLE_ADDR
@@ -85,6 +86,7 @@ import numba
 import numpy as np
 from numba import njit
 
+from .firmware import write_mp_table
 from .memory import PAGE_SIZE, GuestMemory
 
 # ---------------------------------------------------------------------------
@@ -937,6 +939,7 @@ def load_linux(gm: GuestMemory, kernel_path, cmdline: str = "", initrd_path=None
     if initrd is not None:
         gm.mem[initrd_addr:initrd_addr + initrd_size] = np.frombuffer(initrd, dtype=np.uint8)
     _write_boot_params(gm, header, raw_cmdline, initrd_addr, initrd_size)
+    write_mp_table(gm)      # ends Linux's MP-table scan at its first look
 
     if elf is not None and elf.bits == 64:
         code, seg_data = CODE64, DATA

@@ -1,0 +1,118 @@
+"""What a PC's firmware would leave for the kernel, where Linux looks first.
+
+* An Intel MultiProcessor (MP 1.4) floating pointer at physical address
+  0x10 and its configuration table after it.  Without one, Linux scans the first
+  KiB, the last KiB of base memory and the 64 KiB BIOS area for the "_MP_"
+  signature, remapping every 16-byte step through the fixmap: seconds of
+  emulated kernel code on a software-KVM host (guest/README.md, "Boot
+  timeline").  Found at its second step, the scan ends there.  (Address 0
+  itself stays zero: a null pointer read there finds nothing.)
+
+  The table describes this machine as it is used today: one CPU (local APIC
+  id 0 at 0xfee00000), a PCI bus and an ISA bus, and no I/O APIC, so every
+  interrupt stays on the 8259 PIC (KVM's in-kernel one) through the local
+  APIC's LINT0 in ExtINT mode.  Linux enables LINT0 as ExtINT only when I/O
+  APIC set-up is off, hence `noapic` on the guest command line (with no
+  table it turns I/O APIC support off by itself).  With no interrupt
+  source entries Linux prints "BIOS bug, no explicit IRQ entries" and
+  builds ISA defaults it never uses (there is no I/O APIC to program).
+
+* The TSC frequency in CPUID leaves 0x15 (TSC/crystal ratio and crystal
+  clock) and 0x16 (base MHz), so Linux neither calibrates the TSC against
+  the PIT nor calibrates its delay loop, and marks the frequency known.
+  Linux 6.1 reads them only on GenuineIntel CPUs (native_calibrate_tsc,
+  cpu_khz_from_cpuid); elsewhere `tsc_early_khz=` on the command line does
+  the same.  The crystal is given as 1 GHz, the rate of KVM's local APIC
+  timer, which Linux derives from it (lapic_timer_period).
+"""
+from __future__ import annotations
+
+import struct
+from fractions import Fraction
+
+MPF_ADDR = 0x10             # second 16-byte step of Linux's smp_scan_config()
+MPC_ADDR = 0x20             # configuration table right after the pointer
+LAPIC_ADDR = 0xFEE00000
+LAPIC_VERSION = 0x14        # integrated local APIC
+MP_SPEC_REV = 4             # MP 1.4
+
+# Entry types (MP 1.4 table 4-3).
+MP_PROCESSOR, MP_BUS = 0, 1
+CPU_ENABLED, CPU_BOOTPROCESSOR = 0x01, 0x02
+
+CRYSTAL_HZ = 1_000_000_000
+_U32 = 1 << 32
+
+
+def _checksummed(raw: bytearray, at: int) -> bytes:
+    """Set byte `at` so that all bytes of raw sum to 0 mod 256."""
+    raw[at] = (-sum(raw)) & 0xFF
+    return bytes(raw)
+
+
+def mp_config_table(cpuid_signature: int = 0, cpuid_features: int = 0) -> bytes:
+    """The MP configuration table ("PCMP"): header, BSP, buses PCI 0 and ISA 1."""
+    cpu = struct.pack("<BBBBII8x", MP_PROCESSOR, 0, LAPIC_VERSION, CPU_ENABLED | CPU_BOOTPROCESSOR,
+                      cpuid_signature, cpuid_features)
+    buses = struct.pack("<BB6s", MP_BUS, 0, b"PCI   ") + struct.pack("<BB6s", MP_BUS, 1, b"ISA   ")
+    entries = cpu + buses
+    header_len = 44
+    header = bytearray(struct.pack("<4sHBB8s12sIHHII", b"PCMP", header_len + len(entries), MP_SPEC_REV, 0,
+                                   b"LGUESTJT", b"lguest-jit  ", 0, 0, 3, LAPIC_ADDR, 0))
+    return _checksummed(header + entries, 7)
+
+
+def mp_floating_pointer(table_addr: int = MPC_ADDR) -> bytes:
+    """The 16-byte "_MP_" structure pointing at the configuration table."""
+    raw = bytearray(struct.pack("<4sIBBBB4x", b"_MP_", table_addr, 1, MP_SPEC_REV, 0, 0))
+    return _checksummed(raw, 10)
+
+
+def write_mp_table(gm, cpuid_signature: int = 0, cpuid_features: int = 0) -> tuple[int, int]:
+    """Write the floating pointer at MPF_ADDR and the table at MPC_ADDR
+    into guest memory; returns (table address, table length)."""
+    table = mp_config_table(cpuid_signature, cpuid_features)
+    gm.write(MPF_ADDR, mp_floating_pointer(MPC_ADDR))
+    gm.write(MPC_ADDR, table)
+    return MPC_ADDR, len(table)
+
+
+def tsc_leaves(tsc_khz: int) -> dict[int, tuple[int, int, int, int]] | None:
+    """CPUID 0x15 and 0x16 (eax, ebx, ecx, edx) announcing tsc_khz, or None
+    when it cannot be said exactly within Linux's 32-bit arithmetic
+    (crystal_khz * numerator must fit in 32 bits)."""
+    if tsc_khz <= 0:
+        return None
+    ratio = Fraction(tsc_khz * 1000, CRYSTAL_HZ)
+    if (CRYSTAL_HZ // 1000) * ratio.numerator < _U32:
+        leaf15 = (ratio.denominator, ratio.numerator, CRYSTAL_HZ, 0)
+    elif tsc_khz * 1000 < _U32:
+        # Crystal = TSC: exact, but the APIC timer period Linux derives is
+        # then wrong (harmless with the TSC-deadline timer it prefers).
+        leaf15 = (1, 1, tsc_khz * 1000, 0)
+    else:
+        return None
+    mhz = tsc_khz // 1000
+    return {0x15: leaf15, 0x16: (mhz, mhz, CRYSTAL_HZ // 1_000_000, 0)}
+
+
+def with_tsc_frequency(entries: list, tsc_khz: int) -> list:
+    """kvm_cpuid_entry2 list with leaves 0x15/0x16 set to tsc_khz (added
+    when absent), if the maximum basic leaf reaches them."""
+    leaves = tsc_leaves(tsc_khz)
+    if not leaves:
+        return entries
+    top = next((e.eax for e in entries if e.function == 0 and e.index == 0), 0)
+    by_leaf = {e.function: e for e in entries if e.function in leaves and e.index == 0}
+    for leaf, regs in leaves.items():
+        if leaf > top:
+            continue
+        e = by_leaf.get(leaf)
+        if e is None:
+            e = type(entries[0])() if entries else None
+            if e is None:
+                continue
+            e.function, e.index = leaf, 0
+            entries.append(e)
+        e.eax, e.ebx, e.ecx, e.edx = regs
+    return entries
