@@ -255,6 +255,15 @@ class VirtioPciDriver:
         self.irq_fd = dict(bus.interrupts()).get(self.irq_line)
         self.queues: list[MockDriver] = []
 
+    @classmethod
+    def attach(cls, bus, gm: GuestMemory, dev, slot_bytes: int = 4096, **init_kw) -> "VirtioPciDriver":
+        """Put ``dev`` on ``bus`` and bring it up as Linux would (:meth:`init`
+        with ``init_kw``)."""
+        t = bus.add_device(dev)
+        drv = cls(bus, t.slot, gm, slot_bytes=slot_bytes)
+        drv.init(**init_kw)
+        return drv
+
     # -- config space through conf1, as Linux's pci_conf1_read does
     def cfg_read(self, off: int, size: int) -> int:
         self.bus.pio(0xCF8, 4, True, 0x80000000 | self.slot << 11 | (off & 0xFC))
@@ -289,6 +298,17 @@ class VirtioPciDriver:
 
     def set_status(self, bit: int) -> None:
         self.common_write(0x14, 1, self.status | bit)
+
+    def wait_status(self, bit: int, timeout: float = 5.0) -> bool:
+        """Wait until the device sets status ``bit`` (DEVICE_NEEDS_RESET: a
+        queue thread found a driver error); False when it did not."""
+        import time
+        deadline = time.monotonic() + timeout
+        while not self.status & bit:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.005)
+        return True
 
     def reset(self) -> None:
         self.common_write(0x14, 1, 0)
@@ -346,7 +366,6 @@ class VirtioPciDriver:
     def wait_used(self, i: int, timeout: float = 5.0):
         """The next used entry of queue ``i``, taking interrupts (ISR read
         clears them) while waiting.  Raises TimeoutError."""
-        import select
         import time
         drv = self.queues[i]
         deadline = time.monotonic() + timeout
@@ -357,9 +376,18 @@ class VirtioPciDriver:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise TimeoutError(f"queue {i}: no used buffer within {timeout}s")
-            if self.irq_fd is None:
-                time.sleep(min(left, 0.001))
-                continue
-            if select.select([self.irq_fd], [], [], min(left, 0.05))[0]:
-                os.eventfd_read(self.irq_fd)
+            if self.wait_interrupt(min(left, 0.05)):
                 self.isr()
+
+    def wait_interrupt(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` s for the device's interrupt; True if it
+        came (consumed)."""
+        import select
+        import time
+        if self.irq_fd is None:
+            time.sleep(min(timeout, 0.001))
+            return False
+        if select.select([self.irq_fd], [], [], timeout)[0]:
+            os.eventfd_read(self.irq_fd)
+            return True
+        return False

@@ -13,3 +13,15 @@ def guest_memory():
     gm = GuestMemory(4 << 20)
     yield gm
     gm.close()
+
+
+@pytest.fixture
+def machine():
+    """(guest memory, PCI bus) for device tests without a hypervisor."""
+    from lguest_jit import pci
+    from lguest_jit.hw.memory import GuestMemory
+    gm = GuestMemory(32 << 20)
+    bus = pci.Bus(gm)
+    yield gm, bus
+    bus.close()
+    gm.close()

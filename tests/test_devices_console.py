@@ -23,15 +23,6 @@ RAW_BITS = termios.ISIG | termios.ICANON | termios.ECHO
 
 
 @pytest.fixture
-def machine():
-    gm = GuestMemory(32 << 20)
-    bus = pci.Bus(gm)
-    yield gm, bus
-    bus.close()
-    gm.close()
-
-
-@pytest.fixture
 def fds():
     """Every fd a test opens goes here and is closed afterwards."""
     opened = []
@@ -49,10 +40,7 @@ def fds():
 
 def bring_up(machine, dev, slot_bytes=4096):
     gm, bus = machine
-    t = bus.add_device(dev)
-    drv = VirtioPciDriver(bus, t.slot, gm, slot_bytes=slot_bytes)
-    drv.init()
-    return drv
+    return VirtioPciDriver.attach(bus, gm, dev, slot_bytes=slot_bytes)
 
 
 def wait_for(pred, timeout=5.0):
@@ -103,7 +91,7 @@ def transmit(drv, *segments):
 
 
 def needs_reset(drv):
-    return wait_for(lambda: drv.status & pci.DEVICE_NEEDS_RESET)
+    return drv.wait_status(pci.DEVICE_NEEDS_RESET)
 
 
 # ---------------------------------------------------------------------------
@@ -379,7 +367,7 @@ def test_readable_buffer_in_receiveq_needs_reset(machine, fds):
     drv.kick(con.RECEIVEQ)
     os.write(w, b"data")
     assert needs_reset(drv)
-    assert "receive queue" in con.DEVICE_ERRORS[con.E_READABLE_INPUT]
+    assert "receive queue" in vring.error_message(vring.E_CHAIN_READABLE)
 
 
 # ---------------------------------------------------------------------------
