@@ -141,8 +141,9 @@ def _readable_file(path: str, what: str) -> str:
 
 def _choose_hypervisor(kind: str) -> str:
     from .hw.kvm import kvm_available
+    from .hw.lguest import available as lguest_available
     have_kvm = kvm_available() is None
-    have_lguest = os.path.exists("/dev/lguest")
+    have_lguest = lguest_available()
     if kind == "auto":
         if have_kvm:
             return "kvm"
@@ -296,7 +297,9 @@ class Launcher:
             self.backend.setup_boot(self.info)
         else:
             from .hw.lguest import LguestBackend
-            self.backend = LguestBackend(self.gm, self.bus, self.info.entry)
+            # Pages up to the end of the BAR window trap as MMIO (lguest's device_limit).
+            self.backend = LguestBackend(self.gm, self.bus, self.info.entry,
+                                         mmio_limit=self.bus.mmio_base + pci.BAR0_SIZE * len(self.bus.devices))
 
     def _interrupted(self) -> None:
         self.fatal("three ^C within one second: stopping the guest")

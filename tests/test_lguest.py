@@ -127,10 +127,12 @@ def test_request_encoding():
 def test_initialize_arguments(machines):
     m = machines(start=False)
     assert m.sim.records[0] == ("init", m.gm.base, MEM // PAGE_SIZE, ENTRY, m.be.mmio_limit // PAGE_SIZE)
-    assert m.be.mmio_limit == m.bus.mmio_base + pci.BAR0_SIZE   # no devices: one BAR's worth
-    m2 = machines([Rng(), Rng()], start=False)
+    assert m.be.mmio_limit == 1 << 32          # default: every page above RAM traps
+    # The launcher passes the end of its BAR window; INITIALIZE carries it page-rounded.
+    bars_end = 0xE0000000 + 2 * pci.BAR0_SIZE
+    m2 = machines([Rng(), Rng()], start=False, mmio_limit=bars_end - 100)
     last = m2.transports[-1]
-    assert m2.sim.init[3] * PAGE_SIZE == last.bar0 + pci.BAR0_SIZE
+    assert m2.sim.init[3] * PAGE_SIZE == last.bar0 + pci.BAR0_SIZE == bars_end
 
 
 def test_constructor_checks():

@@ -332,7 +332,7 @@ def test_queue_size(policy, make, size):
     drv = make()
     drv.to_features_ok()
     drv.w(QSEL, 2, 0)
-    if violate(policy, drv, pci.E_QUEUE_SIZE, lambda: drv.w(QSIZE, 2, size)):
+    if violate(policy, drv, pci.E_QUEUE_SIZE_VALUE, lambda: drv.w(QSIZE, 2, size)):
         assert drv.r(QSIZE, 2) == 256
 
 
