@@ -389,3 +389,18 @@ def test_random_config_accesses_keep_read_only_bits(gm, ops):
             assert [c[2] for c in walk(b, s)] == [c[2] for c in chain[s]]
     finally:
         b.close()
+
+
+def test_bar_at_names_the_bar_that_holds_an_address(bus):
+    t = bus.t
+    second = bus.add_device(Dev())
+    assert bus.bar_at(t.bar0) == (t, 0, 0)
+    assert bus.bar_at(t.bar0 + pci.NOTIFY_OFF + 2, 2) == (t, 0, pci.NOTIFY_OFF + 2)
+    assert bus.bar_at(second.bar0 + pci.BAR0_SIZE - 4, 4) == (second, 0, pci.BAR0_SIZE - 4)
+    assert bus.bar_at(t.bar0 + pci.BAR0_SIZE - 2, 4) is None          # runs into the next BAR
+    assert bus.bar_at(second.bar0 + pci.BAR0_SIZE) is None            # past the last one
+    assert bus.bar_at(0x1000) is None                                  # RAM
+    # The guest moves BAR0: the query follows it.
+    pci.conf1_write(bus, t.slot, 0x10, 4, 0xF0001000)
+    assert bus.bar_at(0xF0001000 + 8) == (t, 0, 8)
+    assert bus.bar_at(0xE0000000) is None
