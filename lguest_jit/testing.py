@@ -22,7 +22,7 @@ import os
 
 import numpy as np
 
-from . import vring
+from . import pci, vring
 from .hw.memory import GuestMemory
 
 _NEXT = vring.VRING_DESC_F_NEXT
@@ -221,6 +221,24 @@ class MockDriver:
         self._st16(self.avail + 2, idx)
 
 
+class RecordingDevice(pci.VirtioDevice):
+    """A device for transport tests: no queue threads; it keeps the
+    :class:`~lguest_jit.pci.QueueContext` it was activated with (``ctx``)
+    and counts resets.  Subclasses set ``device_type``, ``name``,
+    ``queue_max_sizes``, ``features``."""
+
+    def __init__(self, config: bytes = b""):
+        self.config = np.frombuffer(bytes(config), dtype=np.uint8).copy()
+        self.ctx = None
+        self.resets = 0
+
+    def activate(self, ctx) -> None:
+        self.ctx = ctx
+
+    def reset(self) -> None:
+        self.resets += 1
+
+
 class VirtioPciDriver:
     """Linux's virtio_pci_modern, played through ``bus.pio``/``bus.mmio``:
     find the device in config space, walk its capabilities, negotiate, set
@@ -233,7 +251,6 @@ class VirtioPciDriver:
 
     def __init__(self, bus, slot: int, gm: GuestMemory, layout_base: int = 0x100000,
                  queue_span: int = 0x400000, slot_bytes: int = 4096):
-        from . import pci
         self.pci = pci
         self.bus, self.slot, self.gm = bus, slot, gm
         self.layout_base, self.queue_span, self.slot_bytes = layout_base, queue_span, slot_bytes

@@ -594,25 +594,9 @@ def unpop(q):
 # against guest RAM when the chain was popped.
 
 @njit(nogil=True, cache=True)
-def iov_to_buf(mem, iov, first, count, buf):
-    """Copy from iov[first:first+count] into ``buf``; returns bytes copied
-    (stops when either side is exhausted)."""
-    done = 0
-    cap = buf.size
-    for k in range(first, first + count):
-        if done >= cap:
-            break
-        a = np.int64(iov[k, 0])
-        n = min(np.int64(iov[k, 1]), cap - done)
-        buf[done:done + n] = mem[a:a + n]
-        done += n
-    return done
-
-
-@njit(nogil=True, cache=True)
-def buf_to_iov(mem, iov, first, count, buf, length):
-    """Copy ``length`` bytes of ``buf`` into iov[first:first+count]; returns
-    bytes copied."""
+def _iov_copy(mem, iov, first, count, buf, length, to_guest):
+    # Up to ``length`` bytes between ``buf`` and iov[first:first+count], in
+    # order, until either side runs out; returns bytes copied.
     done = 0
     length = min(length, buf.size)
     for k in range(first, first + count):
@@ -620,9 +604,26 @@ def buf_to_iov(mem, iov, first, count, buf, length):
             break
         a = np.int64(iov[k, 0])
         n = min(np.int64(iov[k, 1]), length - done)
-        mem[a:a + n] = buf[done:done + n]
+        if to_guest:
+            mem[a:a + n] = buf[done:done + n]
+        else:
+            buf[done:done + n] = mem[a:a + n]
         done += n
     return done
+
+
+@njit(nogil=True, cache=True)
+def iov_to_buf(mem, iov, first, count, buf):
+    """Copy from iov[first:first+count] into ``buf``; returns bytes copied
+    (stops when either side is exhausted)."""
+    return _iov_copy(mem, iov, first, count, buf, buf.size, False)
+
+
+@njit(nogil=True, cache=True)
+def buf_to_iov(mem, iov, first, count, buf, length):
+    """Copy ``length`` bytes of ``buf`` into iov[first:first+count]; returns
+    bytes copied."""
+    return _iov_copy(mem, iov, first, count, buf, length, True)
 
 
 @njit(nogil=True, cache=True)

@@ -8,11 +8,12 @@ def pytest_report_header(config):
 
 
 @pytest.fixture
-def guest_memory():
+def gm():
+    """4 MiB of guest memory."""
     from lguest_jit.hw.memory import GuestMemory
-    gm = GuestMemory(4 << 20)
-    yield gm
-    gm.close()
+    m = GuestMemory(4 << 20)
+    yield m
+    m.close()
 
 
 @pytest.fixture

@@ -38,6 +38,16 @@ def fds():
             pass
 
 
+def piped_console(machine, fds):
+    """A console between two pipes, brought up: (dev, drv, input write end,
+    output read end, logged messages)."""
+    in_r, in_w = fds(*os.pipe())
+    out_r, out_w = fds(*os.pipe())
+    logged = []
+    dev = Console(in_r, out_w, log=logged.append)
+    return dev, bring_up(machine, dev), in_w, out_r, logged
+
+
 def bring_up(machine, dev, slot_bytes=4096):
     gm, bus = machine
     return VirtioPciDriver.attach(bus, gm, dev, slot_bytes=slot_bytes)
@@ -241,11 +251,8 @@ def test_three_ctrl_c_without_callback_is_fatal(machine, fds):
 
 
 def test_pipes_and_eof_stops_only_input(machine, fds):
-    in_r, in_w = fds(*os.pipe())
-    out_r, out_w = fds(*os.pipe())
-    logged = []
-    dev = Console(in_r, out_w, log=logged.append)
-    drv = bring_up(machine, dev)
+    dev, drv, in_w, out_r, logged = piped_console(machine, fds)
+    in_r = dev.input_fd
     assert raw_terminal(in_r).start() is False       # a pipe is no tty: raw mode is a no-op
     post_rx(drv, count=4)
     os.write(in_w, b"abc")
@@ -327,11 +334,7 @@ def test_partial_writes_to_a_small_nonblocking_pipe(machine, fds):
 
 
 def test_closed_output_drops_data_and_keeps_going(machine, fds):
-    in_r, in_w = fds(*os.pipe())
-    out_r, out_w = fds(*os.pipe())
-    logged = []
-    dev = Console(in_r, out_w, log=logged.append)
-    drv = bring_up(machine, dev)
+    dev, drv, in_w, out_r, logged = piped_console(machine, fds)
     os.close(out_r)                                  # EPIPE from now on (Python ignores SIGPIPE)
     transmit(drv, b"lost")
     transmit(drv, b"lost too")

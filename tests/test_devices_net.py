@@ -439,6 +439,20 @@ def _machine():
     return gm, pci.Bus(gm)
 
 
+def _tap_machine():
+    """A scenario's start in its namespace: (gm, bus, Net on a host-addressed
+    tap, whether the namespace is quiet)."""
+    quiet = _ns_setup()
+    gm, bus = _machine()
+    return gm, bus, net.Net(f"{HOST_IP}:{GUEST_MAC_TEXT}"), quiet
+
+
+def _close(gm, bus, dev):
+    bus.close()
+    dev.close()
+    gm.close()
+
+
 def _bring_up(bus, gm, dev, **kw):
     from lguest_jit.testing import VirtioPciDriver
     return VirtioPciDriver.attach(bus, gm, dev, **kw)
@@ -501,9 +515,7 @@ def _wait_status(drv, bit, timeout=5.0):
 
 def scn_arp_and_ping():
     from lguest_jit import vring
-    quiet = _ns_setup()
-    gm, bus = _machine()
-    dev = net.Net(f"{HOST_IP}:{GUEST_MAC_TEXT}")
+    gm, bus, dev, quiet = _tap_machine()
     tap = _link(dev.ifname)
     assert tap["up"] and tap["addrs"] == [(HOST_IP, 24)] and tap["master"] is None
     drv = _bring_up(bus, gm, dev)
@@ -543,16 +555,12 @@ def scn_arp_and_ping():
     assert c["tx"]["requests"] == 2 and c["tx"]["bytes"] == 2 * net.HDR_SIZE + 42 + 98
     assert c["rx"]["requests"] >= 2 and c["rx"]["bytes"] >= 2 * net.HDR_SIZE + 42 + 98
     assert dev.net_counters()["tx_dropped"] == 0
-    bus.close()
-    dev.close()
-    gm.close()
+    _close(gm, bus, dev)
 
 
 def scn_host_to_guest():
     from pyroute2 import IPRoute
-    _ns_setup()
-    gm, bus = _machine()
-    dev = net.Net(f"{HOST_IP}:{GUEST_MAC_TEXT}")
+    gm, bus, dev, _ = _tap_machine()
     with IPRoute() as ipr:
         ipr.neigh("add", dst=GUEST_IP, lladdr=GUEST_MAC_TEXT, ifindex=_link(dev.ifname)["index"], state=0x80)
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -598,16 +606,12 @@ def scn_host_to_guest():
     _, length, data = drv.wait_used(net.RX)
     assert length == net.HDR_SIZE + 100 and data[0][net.HDR_SIZE:net.HDR_SIZE + 6] == GUEST_MAC
     sock.close()
-    bus.close()
-    dev.close()
-    gm.close()
+    _close(gm, bus, dev)
 
 
 def scn_guest_offloads():
     import select
-    _ns_setup()
-    gm, bus = _machine()
-    dev = net.Net(f"{HOST_IP}:{GUEST_MAC_TEXT}")
+    gm, bus, dev, _ = _tap_machine()
     host_mac = _link(dev.ifname)["mac"]
     drv = _bring_up(bus, gm, dev)
     _post_rx(drv, 16)
@@ -665,16 +669,12 @@ def scn_guest_offloads():
     assert got == data
     host.close()
     assert dev.net_counters()["tx_dropped"] == 0
-    bus.close()
-    dev.close()
-    gm.close()
+    _close(gm, bus, dev)
 
 
 def scn_driver_errors():
     from lguest_jit import pci
-    _ns_setup()
-    gm, bus = _machine()
-    dev = net.Net(f"{HOST_IP}:{GUEST_MAC_TEXT}")
+    gm, bus, dev, _ = _tap_machine()
     drv = _bring_up(bus, gm, dev)
     # A writable buffer on the transmit queue.
     drv.queues[net.TX].add(out=[HDR0 + arp_request(GUEST_MAC, GUEST_IP, HOST_IP)], in_=[64])
@@ -697,9 +697,7 @@ def scn_driver_errors():
     _post_rx(drv, 4)
     _send(drv, arp_request(GUEST_MAC, GUEST_IP, HOST_IP))
     _recv(drv, lambda f: f[12:14] == b"\x08\x06")
-    bus.close()
-    dev.close()
-    gm.close()
+    _close(gm, bus, dev)
 
 
 def scn_bridge():
@@ -741,9 +739,7 @@ def scn_close():
     assert not dev.running and threading.active_count() == before_threads
     drv.init()
     assert threading.active_count() == before_threads + 2
-    bus.close()
-    dev.close()
-    gm.close()
+    _close(gm, bus, dev)
     gc.collect()
     assert not dev.running and threading.active_count() == before_threads
     assert _link(dev.ifname) is None, "the tap outlived close()"

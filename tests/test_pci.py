@@ -9,34 +9,19 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from lguest_jit import pci, vring
-from lguest_jit.hw.memory import GuestMemory
+from lguest_jit.testing import RecordingDevice
 
 STATUS, QSEL, QSIZE, QENABLE, NUMQ, GEN = 0x14, 0x16, 0x18, 0x1C, 0x12, 0x15
 
 
-class Dev(pci.VirtioDevice):
+class Dev(RecordingDevice):
     device_type = 2
     name = "blk"
     queue_max_sizes = (128, 64, 32)
     features = 1 << vring.VIRTIO_RING_F_EVENT_IDX
 
     def __init__(self, config=bytes(range(12))):
-        self.config = np.frombuffer(bytes(config), dtype=np.uint8).copy()
-        self.ctx = None
-        self.resets = 0
-
-    def activate(self, ctx):
-        self.ctx = ctx
-
-    def reset(self):
-        self.resets += 1
-
-
-@pytest.fixture
-def gm():
-    m = GuestMemory(4 << 20)
-    yield m
-    m.close()
+        super().__init__(config)
 
 
 @pytest.fixture

@@ -7,40 +7,31 @@ interrupt), the rule is logged once, and the device keeps working.
 """
 import select
 
-import numpy as np
 import pytest
 
 from lguest_jit import pci, vring
 from lguest_jit.hw.memory import GuestMemory
+from lguest_jit.testing import RecordingDevice
 
 # common configuration offsets (§4.1.4.3)
 DFSEL, DF, GFSEL, GF, MSIX, NUMQ, STATUS, GEN = 0x00, 0x04, 0x08, 0x0C, 0x10, 0x12, 0x14, 0x15
 QSEL, QSIZE, QMSIX, QENABLE, QNOFF, QDESC, QDRIVER, QDEVICE = 0x16, 0x18, 0x1A, 0x1C, 0x1E, 0x20, 0x28, 0x30
 
 
-class Dev(pci.VirtioDevice):
+class Dev(RecordingDevice):
     device_type = 3
     name = "testdev"
     queue_max_sizes = (256, 16)
     features = 1 << vring.VIRTIO_RING_F_INDIRECT_DESC
 
     def __init__(self):
-        # byte 0 writable, the rest read-only
-        self.config = np.array([1, 2, 3, 4, 5, 6, 7, 8], dtype=np.uint8)
-        self.ctx = None
-        self.resets = 0
+        super().__init__(bytes([1, 2, 3, 4, 5, 6, 7, 8]))     # byte 0 writable, the rest read-only
 
     def config_write(self, offset, size, value):
         if offset == 0 and size == 1:
             self.config[0] = value
             return True
         return False
-
-    def activate(self, ctx):
-        self.ctx = ctx
-
-    def reset(self):
-        self.resets += 1
 
 
 class Driver:

@@ -19,13 +19,6 @@ EVT = 1 << vring.VIRTIO_RING_F_EVENT_IDX
 NEXT, WRITE, INDIRECT = vring.VRING_DESC_F_NEXT, vring.VRING_DESC_F_WRITE, vring.VRING_DESC_F_INDIRECT
 
 
-@pytest.fixture
-def gm():
-    g = GuestMemory(4 << 20)
-    yield g
-    g.close()
-
-
 def setup(gm, size=8, features=IND):
     drv = MockDriver(gm, size=size, features=features)
     return drv, drv.device_queue(), vring.new_iov(size)
