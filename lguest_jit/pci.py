@@ -137,7 +137,7 @@ from .hw.memory import GuestMemory
 CONFIG_ADDRESS = 0xCF8
 CONFIG_DATA = 0xCFC
 MAX_SLOTS = 32
-CFG_SIZE = 256
+PCI_CFG_SPACE_SIZE = 256   # config space of a conventional PCI function
 
 PCI_VENDOR_ID = 0x00
 PCI_DEVICE_ID = 0x02
@@ -1118,7 +1118,7 @@ class Bus:
         self.log = log
         self.irqs = irqs if irqs is not None else IrqAllocator()
         self.conf = np.zeros(C_FIELDS, dtype=np.int64)
-        self.space = np.zeros((MAX_SLOTS, P_PLANES, CFG_SIZE), dtype=np.uint8)
+        self.space = np.zeros((MAX_SLOTS, P_PLANES, PCI_CFG_SPACE_SIZE), dtype=np.uint8)
         self.space[:, P_REGION, :] = REGION_UNUSED
         # Views of the planes, for Python-side code and tests.
         self.cfg = self.space[:, P_CFG, :]

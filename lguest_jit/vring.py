@@ -7,11 +7,19 @@ semantics are lguest's ``wait_for_vq_desc`` / ``next_desc`` / ``add_used`` /
 ``trigger_irq``, with every guest-controlled value checked in the kernel
 that uses it.
 
+This module is the one home of the device side of the protocol.  Devices
+call its public kernels from their own service kernels: ``next_chain``
+(wait for a chain and check the shape the device needs), ``complete``,
+``notify_used``, ``finish``, ``unpop``, and the iovec helpers
+``iov_to_buf``/``buf_to_iov``/``iov_consume``/``iov_advance``; they keep
+only their own I/O.
+
 Queue state is one int64 array per queue (``new_queue()``), indexed by the
-``Q_*`` constants.  Kernels never raise: a malformed ring comes back as a
-negative error code (``-E_*``); ``error_message(code)`` names the rule and
-the spec section it enforces.  What a device does about it is the
-transport's policy (pci.py), not the engine's.
+``Q_*`` constants.  Kernels never raise: a malformed ring, or a chain of
+the wrong shape for its device, comes back as a negated error code
+(``-E_*``, one per rule, in the one ``ERRORS`` table); ``error_message(code)``
+names the rule and the spec section it enforces.  What a device does about
+it is the transport's policy (pci.py), not the engine's.
 
 iovec arrays are ``(n, 3)`` uint64: guest address, length, writable flag,
 device-readable entries first.  ``n`` must be at least the queue size: a
