@@ -44,6 +44,7 @@ import time
 from docopt import DocoptExit, docopt
 
 from . import __version__
+from .hw.hosts import LGUEST_DEVICE, lguest_available
 
 BENCHMARKS = ("vring", "pci", "decode", "blk", "rng", "exits", "boot")
 
@@ -152,15 +153,15 @@ def _choose_hypervisor(kind: str) -> str:
     if kind not in HYPERVISORS:
         raise UsageError(f"--hypervisor must be kvm, lguest or auto, not {kind!r}")
     if kind == "lguest":
-        if not os.path.exists("/dev/lguest"):
-            raise UsageError("--hypervisor=lguest: /dev/lguest does not exist on this host")
+        if not lguest_available():
+            raise UsageError(f"--hypervisor=lguest: {LGUEST_DEVICE} does not exist on this host")
         return kind
     why = _kvm_problem()
     if why is None:
         return "kvm"
     if kind == "kvm":
         raise UsageError(f"--hypervisor=kvm: {why}")
-    if os.path.exists("/dev/lguest"):
+    if lguest_available():
         return "lguest"
     raise UsageError("no usable /dev/kvm and no /dev/lguest: this host cannot run guests")
 
@@ -304,7 +305,9 @@ class Launcher:
             self.backend.setup_boot(self.info)
         else:
             from .hw.lguest import LguestBackend
-            self.backend = LguestBackend(self.gm, self.bus, self.info.entry)
+            # Pages up to the end of the BAR window trap as MMIO (lguest's device_limit).
+            self.backend = LguestBackend(self.gm, self.bus, self.info.entry,
+                                         mmio_limit=self.bus.mmio_base + pci.BAR0_SIZE * len(self.bus.devices))
 
     def _interrupted(self) -> None:
         self.fatal("three ^C within one second: stopping the guest")

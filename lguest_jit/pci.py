@@ -38,6 +38,11 @@ fatal=None, log=None, irqs=None)``
     address fields; elsewhere it is a width error).  Addresses in no BAR
     read all-ones and ignore writes.
 
+``bus.bar_at(addr: int, size: int = 1) -> tuple[Transport, int, int] | None``
+    Which device's BAR holds guest-physical ``addr`` .. ``addr + size - 1``:
+    ``(transport, bar number, offset in the BAR)``, or None when no single
+    BAR holds all of it (what a backend asks before emulating an access).
+
 ``bus.ioeventfds() -> list[tuple[int, int, int]]``
     ``(gpa, length, eventfd)`` for each queue's notify register (per-queue
     mode; ``[]`` in single mode, where one address carries every queue and
@@ -53,8 +58,8 @@ fatal=None, log=None, irqs=None)``
 ``bus.close()``
     Resets every device (joins its threads) and closes the eventfds.
 
-Device interface (devices.py subclasses :class:`VirtioDevice`)
-==============================================================
+Device interface (``lguest_jit.devices`` subclass :class:`VirtioDevice`)
+=======================================================================
 ``device_type``, ``name``, ``queue_max_sizes``, ``features``, ``config``
 (uint8 array), ``config_write(offset, size, value) -> bool``,
 ``activate(ctx: QueueContext)``, ``reset()``.  See the class docstrings.
@@ -132,7 +137,7 @@ from .hw.memory import GuestMemory
 CONFIG_ADDRESS = 0xCF8
 CONFIG_DATA = 0xCFC
 MAX_SLOTS = 32
-CFG_SIZE = 256
+PCI_CFG_SPACE_SIZE = 256   # config space of a conventional PCI function
 
 PCI_VENDOR_ID = 0x00
 PCI_DEVICE_ID = 0x02
@@ -290,7 +295,7 @@ E_FEATURES_OK_NOT_REREAD = 9
 E_SETUP_BEFORE_FEATURES_OK = 10
 E_ENABLE_AFTER_DRIVER_OK = 11
 E_ENABLE_ZERO = 12
-E_QUEUE_SIZE = 13
+E_QUEUE_SIZE_VALUE = 13   # the register write; vring.E_QUEUE_SIZE is the layout check at enable
 E_QUEUE_LIVE = 14
 E_NOTIFY_EARLY = 15
 E_NOTIFY_QUEUE = 16
@@ -317,7 +322,7 @@ RULES = {
     E_SETUP_BEFORE_FEATURES_OK: ("queue setup before FEATURES_OK", "3.1.1", IGNORE),
     E_ENABLE_AFTER_DRIVER_OK: ("queue enabled after DRIVER_OK", "3.1.1", IGNORE),
     E_ENABLE_ZERO: ("driver wrote 0 to queue_enable", "4.1.4.3.2", IGNORE),
-    E_QUEUE_SIZE: ("queue_size not a power of two, zero, or above the maximum", "4.1.4.3.2", IGNORE),
+    E_QUEUE_SIZE_VALUE: ("queue_size not a power of two, zero, or above the maximum", "4.1.4.3.2", IGNORE),
     E_QUEUE_LIVE: ("queue configuration written while the queue is enabled", "4.1.4.3.2", IGNORE),
     E_NOTIFY_EARLY: ("notification before DRIVER_OK", "3.1.1", IGNORE),
     E_NOTIFY_QUEUE: ("notification for a queue the device does not have", "4.1.4.4", IGNORE),
@@ -611,7 +616,7 @@ def _common(regs, off, size, is_write, value):
         return 0, A_NONE, 0, err
     if fid == F_QSIZE:
         if value == 0 or (value & (value - 1)) != 0 or value > regs[1 + q, QC_MAX]:
-            return 0, A_NONE, 0, E_QUEUE_SIZE
+            return 0, A_NONE, 0, E_QUEUE_SIZE_VALUE
         regs[1 + q, QC_SIZE] = value
         return 0, A_NONE, 0, err
     regs[1 + q, QC_DESC_LO + fid - F_QDESC_LO] = value
@@ -1113,7 +1118,7 @@ class Bus:
         self.log = log
         self.irqs = irqs if irqs is not None else IrqAllocator()
         self.conf = np.zeros(C_FIELDS, dtype=np.int64)
-        self.space = np.zeros((MAX_SLOTS, P_PLANES, CFG_SIZE), dtype=np.uint8)
+        self.space = np.zeros((MAX_SLOTS, P_PLANES, PCI_CFG_SPACE_SIZE), dtype=np.uint8)
         self.space[:, P_REGION, :] = REGION_UNUSED
         # Views of the planes, for Python-side code and tests.
         self.cfg = self.space[:, P_CFG, :]
@@ -1230,6 +1235,14 @@ class Bus:
             if action == A_NONE and err == 0:
                 return r
             return t._slow(off, size, is_write, value, r, action, arg, err)
+
+    def bar_at(self, addr: int, size: int = 1):
+        """``(transport, bar, offset)`` of the BAR holding ``addr`` .. ``addr
+        + size - 1`` (only BAR0 exists), or None.  A lookup, no access."""
+        t = self._pages.get(addr >> BAR0_SHIFT)
+        if t is None or size < 1 or addr - t.bar0 + size > BAR0_SIZE:
+            return None
+        return t, 0, addr - t.bar0
 
     # -- eventfds ----------------------------------------------------------
     def ioeventfds(self) -> list:

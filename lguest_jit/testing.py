@@ -22,7 +22,7 @@ import os
 
 import numpy as np
 
-from . import vring
+from . import pci, vring
 from .hw.memory import GuestMemory
 
 _NEXT = vring.VRING_DESC_F_NEXT
@@ -221,6 +221,24 @@ class MockDriver:
         self._st16(self.avail + 2, idx)
 
 
+class RecordingDevice(pci.VirtioDevice):
+    """A device for transport tests: no queue threads; it keeps the
+    :class:`~lguest_jit.pci.QueueContext` it was activated with (``ctx``)
+    and counts resets.  Subclasses set ``device_type``, ``name``,
+    ``queue_max_sizes``, ``features``."""
+
+    def __init__(self, config: bytes = b""):
+        self.config = np.frombuffer(bytes(config), dtype=np.uint8).copy()
+        self.ctx = None
+        self.resets = 0
+
+    def activate(self, ctx) -> None:
+        self.ctx = ctx
+
+    def reset(self) -> None:
+        self.resets += 1
+
+
 class VirtioPciDriver:
     """Linux's virtio_pci_modern, played through ``bus.pio``/``bus.mmio``:
     find the device in config space, walk its capabilities, negotiate, set
@@ -233,7 +251,6 @@ class VirtioPciDriver:
 
     def __init__(self, bus, slot: int, gm: GuestMemory, layout_base: int = 0x100000,
                  queue_span: int = 0x400000, slot_bytes: int = 4096):
-        from . import pci
         self.pci = pci
         self.bus, self.slot, self.gm = bus, slot, gm
         self.layout_base, self.queue_span, self.slot_bytes = layout_base, queue_span, slot_bytes
@@ -254,6 +271,15 @@ class VirtioPciDriver:
         self.notify_mult = self.cfg_read(notify_pos + 16, 4)
         self.irq_fd = dict(bus.interrupts()).get(self.irq_line)
         self.queues: list[MockDriver] = []
+
+    @classmethod
+    def attach(cls, bus, gm: GuestMemory, dev, slot_bytes: int = 4096, **init_kw) -> "VirtioPciDriver":
+        """Put ``dev`` on ``bus`` and bring it up as Linux would (:meth:`init`
+        with ``init_kw``)."""
+        t = bus.add_device(dev)
+        drv = cls(bus, t.slot, gm, slot_bytes=slot_bytes)
+        drv.init(**init_kw)
+        return drv
 
     # -- config space through conf1, as Linux's pci_conf1_read does
     def cfg_read(self, off: int, size: int) -> int:
@@ -289,6 +315,17 @@ class VirtioPciDriver:
 
     def set_status(self, bit: int) -> None:
         self.common_write(0x14, 1, self.status | bit)
+
+    def wait_status(self, bit: int, timeout: float = 5.0) -> bool:
+        """Wait until the device sets status ``bit`` (DEVICE_NEEDS_RESET: a
+        queue thread found a driver error); False when it did not."""
+        import time
+        deadline = time.monotonic() + timeout
+        while not self.status & bit:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.005)
+        return True
 
     def reset(self) -> None:
         self.common_write(0x14, 1, 0)
@@ -346,7 +383,6 @@ class VirtioPciDriver:
     def wait_used(self, i: int, timeout: float = 5.0):
         """The next used entry of queue ``i``, taking interrupts (ISR read
         clears them) while waiting.  Raises TimeoutError."""
-        import select
         import time
         drv = self.queues[i]
         deadline = time.monotonic() + timeout
@@ -357,9 +393,18 @@ class VirtioPciDriver:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise TimeoutError(f"queue {i}: no used buffer within {timeout}s")
-            if self.irq_fd is None:
-                time.sleep(min(left, 0.001))
-                continue
-            if select.select([self.irq_fd], [], [], min(left, 0.05))[0]:
-                os.eventfd_read(self.irq_fd)
+            if self.wait_interrupt(min(left, 0.05)):
                 self.isr()
+
+    def wait_interrupt(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` s for the device's interrupt; True if it
+        came (consumed)."""
+        import select
+        import time
+        if self.irq_fd is None:
+            time.sleep(min(timeout, 0.001))
+            return False
+        if select.select([self.irq_fd], [], [], timeout)[0]:
+            os.eventfd_read(self.irq_fd)
+            return True
+        return False

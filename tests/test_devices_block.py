@@ -17,27 +17,15 @@ DISK = 1 << 20
 
 
 @pytest.fixture
-def machine():
-    gm = GuestMemory(32 << 20)
-    bus = pci.Bus(gm)
-    yield gm, bus
-    bus.close()
-    gm.close()
-
-
-@pytest.fixture
 def disk(tmp_path):
     path = tmp_path / "disk.img"
     path.write_bytes(np.random.default_rng(1).integers(0, 256, DISK, dtype=np.uint8).tobytes())
     return path
 
 
-def bring_up(machine, dev, **kw):
+def bring_up(machine, dev, slot_bytes=1 << 16, **kw):
     gm, bus = machine
-    t = bus.add_device(dev)
-    drv = VirtioPciDriver(bus, t.slot, gm, slot_bytes=kw.pop("slot_bytes", 1 << 16))
-    drv.init(**kw)
-    return drv
+    return VirtioPciDriver.attach(bus, gm, dev, slot_bytes=slot_bytes, **kw)
 
 
 def request(drv, rtype, sector=0, out=(), in_lens=(), indirect=False):
@@ -64,10 +52,10 @@ def test_read_and_write_byte_for_byte(machine, disk, indirect):
     drv = bring_up(machine, Block(str(disk)))
     ref = bytearray(disk.read_bytes())
     status, length, data = request(drv, blk.T_IN, 8, in_lens=[4096], indirect=indirect)
-    assert status == blk.S_OK and length == 4097 and data[0] == ref[4096:8192]
+    assert status == blk.BLK_S_OK and length == 4097 and data[0] == ref[4096:8192]
     payload = os.urandom(8192)
     status, length, _ = request(drv, blk.T_OUT, 100, out=[payload], indirect=indirect)
-    assert status == blk.S_OK and length == 1
+    assert status == blk.BLK_S_OK and length == 1
     ref[100 * 512:100 * 512 + 8192] = payload
     assert disk.read_bytes() == ref
 
@@ -80,13 +68,13 @@ def test_requests_split_over_many_segments(machine, disk):
     pad = (-total) % 512
     pieces.append(b"\0" * pad)
     status, _, _ = request(drv, blk.T_OUT, 3, out=pieces, indirect=True)
-    assert status == blk.S_OK
+    assert status == blk.BLK_S_OK
     blob = b"".join(pieces)
     ref[3 * 512:3 * 512 + len(blob)] = blob
     assert disk.read_bytes() == ref
     lens = [len(p) for p in pieces]
     status, length, data = request(drv, blk.T_IN, 3, in_lens=lens, indirect=True)
-    assert status == blk.S_OK and b"".join(data) == blob and length == len(blob) + 1
+    assert status == blk.BLK_S_OK and b"".join(data) == blob and length == len(blob) + 1
 
 
 def test_out_of_range_write_leaves_file_untouched(machine, disk):
@@ -95,38 +83,38 @@ def test_out_of_range_write_leaves_file_untouched(machine, disk):
     last = DISK // 512 - 1
     for sector, n in ((last, 1024), (DISK // 512, 512), (2**63 // 512 + 5, 512), (2**64 // 512 - 1, 512)):
         status, length, _ = request(drv, blk.T_OUT, sector % 2**64, out=[b"\xAA" * n])
-        assert status == blk.S_IOERR and length == 1
+        assert status == blk.BLK_S_IOERR and length == 1
         status, _, _ = request(drv, blk.T_IN, sector % 2**64, in_lens=[n])
-        assert status == blk.S_IOERR
+        assert status == blk.BLK_S_IOERR
     assert disk.read_bytes() == before
     assert os.path.getsize(disk) == DISK
     status, _, data = request(drv, blk.T_IN, last, in_lens=[512])     # the last sector itself is fine
-    assert status == blk.S_OK and data[0] == before[-512:]
+    assert status == blk.BLK_S_OK and data[0] == before[-512:]
 
 
 def test_flush_get_id_unknown(machine, disk):
     drv = bring_up(machine, Block(str(disk)))
-    assert request(drv, blk.T_FLUSH)[0] == blk.S_OK
+    assert request(drv, blk.T_FLUSH)[0] == blk.BLK_S_OK
     status, length, data = request(drv, blk.T_GET_ID, in_lens=[20])
-    assert status == blk.S_OK and data[0].rstrip(b"\0") == b"disk.img" and length == 21
-    assert request(drv, 77)[0] == blk.S_UNSUPP
+    assert status == blk.BLK_S_OK and data[0].rstrip(b"\0") == b"disk.img" and length == 21
+    assert request(drv, 77)[0] == blk.BLK_S_UNSUPP
 
 
 def test_discard_and_write_zeroes(machine, disk):
     drv = bring_up(machine, Block(str(disk)))
     ref = bytearray(disk.read_bytes())
     seg = struct.pack("<QII", 16, 16, 0)
-    assert request(drv, blk.T_DISCARD, out=[seg])[0] == blk.S_OK
+    assert request(drv, blk.T_DISCARD, out=[seg])[0] == blk.BLK_S_OK
     ref[16 * 512:32 * 512] = bytes(16 * 512)
     seg = struct.pack("<QII", 100, 8, 0) + struct.pack("<QII", 200, 3, blk.WRITE_ZEROES_UNMAP)
-    assert request(drv, blk.T_WRITE_ZEROES, out=[seg])[0] == blk.S_OK
+    assert request(drv, blk.T_WRITE_ZEROES, out=[seg])[0] == blk.BLK_S_OK
     ref[100 * 512:108 * 512] = bytes(8 * 512)
     ref[200 * 512:203 * 512] = bytes(3 * 512)
     assert disk.read_bytes() == ref
     # A table with one bad segment changes nothing at all.
     bad = struct.pack("<QII", 300, 8, 0) + struct.pack("<QII", DISK // 512 - 1, 8, 0)
-    assert request(drv, blk.T_WRITE_ZEROES, out=[bad])[0] == blk.S_IOERR
-    assert request(drv, blk.T_DISCARD, out=[struct.pack("<QII", 0, 1, 1)])[0] == blk.S_UNSUPP  # unmap flag
+    assert request(drv, blk.T_WRITE_ZEROES, out=[bad])[0] == blk.BLK_S_IOERR
+    assert request(drv, blk.T_DISCARD, out=[struct.pack("<QII", 0, 1, 1)])[0] == blk.BLK_S_UNSUPP  # unmap flag
     assert disk.read_bytes() == ref
 
 
@@ -139,8 +127,8 @@ def test_read_only(machine, disk, how):
     drv = bring_up(machine, Block(str(disk), readonly=(how == "flag")))
     before = disk.read_bytes()
     assert drv.features >> blk.VIRTIO_BLK_F_RO & 1
-    assert request(drv, blk.T_OUT, 0, out=[b"x" * 512])[0] == blk.S_IOERR
-    assert request(drv, blk.T_WRITE_ZEROES, out=[struct.pack("<QII", 0, 1, 0)])[0] == blk.S_IOERR
+    assert request(drv, blk.T_OUT, 0, out=[b"x" * 512])[0] == blk.BLK_S_IOERR
+    assert request(drv, blk.T_WRITE_ZEROES, out=[struct.pack("<QII", 0, 1, 0)])[0] == blk.BLK_S_IOERR
     assert request(drv, blk.T_IN, 0, in_lens=[512])[2][0] == before[:512]
     assert disk.read_bytes() == before
 
@@ -150,11 +138,7 @@ def test_request_without_status_byte_needs_reset(machine, disk):
     drv = bring_up(machine, Block(str(disk)))
     drv.queues[0].add(out=[struct.pack("<IIQ", blk.T_IN, 0, 0)])     # no writable byte at all
     drv.kick(0)
-    for _ in range(500):
-        if drv.status & pci.DEVICE_NEEDS_RESET:
-            break
-        threading.Event().wait(0.01)
-    assert drv.status & pci.DEVICE_NEEDS_RESET
+    assert drv.wait_status(pci.DEVICE_NEEDS_RESET)
 
 
 def test_reset_with_requests_in_flight_loses_no_completed_write(machine, disk):
@@ -184,7 +168,7 @@ def test_reset_with_requests_in_flight_loses_no_completed_write(machine, disk):
     assert threading.active_count() < 50
     # And the device comes back after the reset.
     drv.init()
-    assert request(drv, blk.T_IN, 0, in_lens=[512])[0] == blk.S_OK
+    assert request(drv, blk.T_IN, 0, in_lens=[512])[0] == blk.BLK_S_OK
 
 
 def test_rng_returns_bytes(machine):
@@ -204,11 +188,7 @@ def test_rng_rejects_readable_buffers(machine):
     drv = bring_up(machine, Rng())
     drv.queues[0].add(out=[b"x"], in_=[8])
     drv.kick(0)
-    for _ in range(500):
-        if drv.status & pci.DEVICE_NEEDS_RESET:
-            break
-        threading.Event().wait(0.01)
-    assert drv.status & pci.DEVICE_NEEDS_RESET
+    assert drv.wait_status(pci.DEVICE_NEEDS_RESET)
 
 
 def test_threads_stop_on_bus_close(disk):

@@ -23,15 +23,6 @@ RAW_BITS = termios.ISIG | termios.ICANON | termios.ECHO
 
 
 @pytest.fixture
-def machine():
-    gm = GuestMemory(32 << 20)
-    bus = pci.Bus(gm)
-    yield gm, bus
-    bus.close()
-    gm.close()
-
-
-@pytest.fixture
 def fds():
     """Every fd a test opens goes here and is closed afterwards."""
     opened = []
@@ -47,12 +38,19 @@ def fds():
             pass
 
 
+def piped_console(machine, fds):
+    """A console between two pipes, brought up: (dev, drv, input write end,
+    output read end, logged messages)."""
+    in_r, in_w = fds(*os.pipe())
+    out_r, out_w = fds(*os.pipe())
+    logged = []
+    dev = Console(in_r, out_w, log=logged.append)
+    return dev, bring_up(machine, dev), in_w, out_r, logged
+
+
 def bring_up(machine, dev, slot_bytes=4096):
     gm, bus = machine
-    t = bus.add_device(dev)
-    drv = VirtioPciDriver(bus, t.slot, gm, slot_bytes=slot_bytes)
-    drv.init()
-    return drv
+    return VirtioPciDriver.attach(bus, gm, dev, slot_bytes=slot_bytes)
 
 
 def wait_for(pred, timeout=5.0):
@@ -103,7 +101,7 @@ def transmit(drv, *segments):
 
 
 def needs_reset(drv):
-    return wait_for(lambda: drv.status & pci.DEVICE_NEEDS_RESET)
+    return drv.wait_status(pci.DEVICE_NEEDS_RESET)
 
 
 # ---------------------------------------------------------------------------
@@ -253,11 +251,8 @@ def test_three_ctrl_c_without_callback_is_fatal(machine, fds):
 
 
 def test_pipes_and_eof_stops_only_input(machine, fds):
-    in_r, in_w = fds(*os.pipe())
-    out_r, out_w = fds(*os.pipe())
-    logged = []
-    dev = Console(in_r, out_w, log=logged.append)
-    drv = bring_up(machine, dev)
+    dev, drv, in_w, out_r, logged = piped_console(machine, fds)
+    in_r = dev.input_fd
     assert raw_terminal(in_r).start() is False       # a pipe is no tty: raw mode is a no-op
     post_rx(drv, count=4)
     os.write(in_w, b"abc")
@@ -339,11 +334,7 @@ def test_partial_writes_to_a_small_nonblocking_pipe(machine, fds):
 
 
 def test_closed_output_drops_data_and_keeps_going(machine, fds):
-    in_r, in_w = fds(*os.pipe())
-    out_r, out_w = fds(*os.pipe())
-    logged = []
-    dev = Console(in_r, out_w, log=logged.append)
-    drv = bring_up(machine, dev)
+    dev, drv, in_w, out_r, logged = piped_console(machine, fds)
     os.close(out_r)                                  # EPIPE from now on (Python ignores SIGPIPE)
     transmit(drv, b"lost")
     transmit(drv, b"lost too")
@@ -379,7 +370,7 @@ def test_readable_buffer_in_receiveq_needs_reset(machine, fds):
     drv.kick(con.RECEIVEQ)
     os.write(w, b"data")
     assert needs_reset(drv)
-    assert "receive queue" in con.DEVICE_ERRORS[con.E_READABLE_INPUT]
+    assert "receive queue" in vring.error_message(vring.E_CHAIN_READABLE)
 
 
 # ---------------------------------------------------------------------------

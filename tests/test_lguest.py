@@ -37,23 +37,15 @@ class TrappedDriver(VirtioPciDriver):
     def __init__(self, sim, slot, gm, **kw):
         self.sim = sim
         super().__init__(TrappedBus(sim), slot, gm, **kw)
+        self._seen = sim.irqs.get(self.irq_line, 0)
 
-    def wait_used(self, i, timeout=5.0):
-        import time
-        drv = self.queues[i]
-        deadline = time.monotonic() + timeout
-        seen = self.sim.irqs.get(self.irq_line, 0)
-        while True:
-            got = drv.get_used()
-            if got is not None:
-                return got
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError(f"queue {i}: no used buffer within {timeout}s")
-            now = self.sim.wait_irq(self.irq_line, seen, min(left, 0.05))
-            if now > seen:
-                seen = now
-                self.isr()
+    def wait_interrupt(self, timeout):
+        # The simulated host counts LHREQ_IRQs per line instead of an eventfd.
+        now = self.sim.wait_irq(self.irq_line, self._seen, timeout)
+        if now > self._seen:
+            self._seen = now
+            return True
+        return False
 
 
 class Machine:
@@ -135,10 +127,12 @@ def test_request_encoding():
 def test_initialize_arguments(machines):
     m = machines(start=False)
     assert m.sim.records[0] == ("init", m.gm.base, MEM // PAGE_SIZE, ENTRY, m.be.mmio_limit // PAGE_SIZE)
-    assert m.be.mmio_limit == m.bus.mmio_base + pci.BAR0_SIZE   # no devices: one BAR's worth
-    m2 = machines([Rng(), Rng()], start=False)
+    assert m.be.mmio_limit == 1 << 32          # default: every page above RAM traps
+    # The launcher passes the end of its BAR window; INITIALIZE carries it page-rounded.
+    bars_end = 0xE0000000 + 2 * pci.BAR0_SIZE
+    m2 = machines([Rng(), Rng()], start=False, mmio_limit=bars_end - 100)
     last = m2.transports[-1]
-    assert m2.sim.init[3] * PAGE_SIZE == last.bar0 + pci.BAR0_SIZE
+    assert m2.sim.init[3] * PAGE_SIZE == last.bar0 + pci.BAR0_SIZE == bars_end
 
 
 def test_constructor_checks():
@@ -425,13 +419,13 @@ def test_block_bring_up_and_data(machines, disk):
         return data[-1][0], length, data[:-1]
 
     status, length, data = request(blk.T_IN, 8, in_lens=[4096])
-    assert status == blk.S_OK and length == 4097 and data[0] == ref[4096:8192]
+    assert status == blk.BLK_S_OK and length == 4097 and data[0] == ref[4096:8192]
     payload = os.urandom(8192)
     status, length, _ = request(blk.T_OUT, 100, out=[payload])
-    assert status == blk.S_OK and length == 1
+    assert status == blk.BLK_S_OK and length == 1
     ref[100 * 512:100 * 512 + 8192] = payload
     status, _, data = request(blk.T_IN, 100, in_lens=[8192])
-    assert status == blk.S_OK and data[0] == payload
+    assert status == blk.BLK_S_OK and data[0] == payload
     assert disk.read_bytes() == ref
 
     # Each kick was one 16-bit write of the queue index to the single notify register.

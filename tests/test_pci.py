@@ -9,34 +9,19 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from lguest_jit import pci, vring
-from lguest_jit.hw.memory import GuestMemory
+from lguest_jit.testing import RecordingDevice
 
 STATUS, QSEL, QSIZE, QENABLE, NUMQ, GEN = 0x14, 0x16, 0x18, 0x1C, 0x12, 0x15
 
 
-class Dev(pci.VirtioDevice):
+class Dev(RecordingDevice):
     device_type = 2
     name = "blk"
     queue_max_sizes = (128, 64, 32)
     features = 1 << vring.VIRTIO_RING_F_EVENT_IDX
 
     def __init__(self, config=bytes(range(12))):
-        self.config = np.frombuffer(bytes(config), dtype=np.uint8).copy()
-        self.ctx = None
-        self.resets = 0
-
-    def activate(self, ctx):
-        self.ctx = ctx
-
-    def reset(self):
-        self.resets += 1
-
-
-@pytest.fixture
-def gm():
-    m = GuestMemory(4 << 20)
-    yield m
-    m.close()
+        super().__init__(config)
 
 
 @pytest.fixture
@@ -389,3 +374,18 @@ def test_random_config_accesses_keep_read_only_bits(gm, ops):
             assert [c[2] for c in walk(b, s)] == [c[2] for c in chain[s]]
     finally:
         b.close()
+
+
+def test_bar_at_names_the_bar_that_holds_an_address(bus):
+    t = bus.t
+    second = bus.add_device(Dev())
+    assert bus.bar_at(t.bar0) == (t, 0, 0)
+    assert bus.bar_at(t.bar0 + pci.NOTIFY_OFF + 2, 2) == (t, 0, pci.NOTIFY_OFF + 2)
+    assert bus.bar_at(second.bar0 + pci.BAR0_SIZE - 4, 4) == (second, 0, pci.BAR0_SIZE - 4)
+    assert bus.bar_at(t.bar0 + pci.BAR0_SIZE - 2, 4) is None          # runs into the next BAR
+    assert bus.bar_at(second.bar0 + pci.BAR0_SIZE) is None            # past the last one
+    assert bus.bar_at(0x1000) is None                                  # RAM
+    # The guest moves BAR0: the query follows it.
+    pci.conf1_write(bus, t.slot, 0x10, 4, 0xF0001000)
+    assert bus.bar_at(0xF0001000 + 8) == (t, 0, 8)
+    assert bus.bar_at(0xE0000000) is None

@@ -13,17 +13,17 @@ queue enable after all queues, DRIVER_OK).
 import os
 import select
 
-import numpy as np
 import pytest
 
 from lguest_jit import pci, vring
 from lguest_jit.hw.memory import GuestMemory
+from lguest_jit.testing import RecordingDevice
 
 PCI_ROM_ADDRESS_MASK = 0xFFFFF800
 PCI_COMMAND_DECODE_ENABLE = 0x3
 
 
-class ConsoleLike(pci.VirtioDevice):
+class ConsoleLike(RecordingDevice):
     """Two queues of different maxima and an 8-byte config (cols, rows,
     max_nr_ports) so every structure is present."""
     device_type = 3
@@ -32,27 +32,13 @@ class ConsoleLike(pci.VirtioDevice):
     features = 1 << vring.VIRTIO_RING_F_EVENT_IDX
 
     def __init__(self):
-        self.config = np.array([80, 0, 25, 0, 1, 0, 0, 0], dtype=np.uint8)
-        self.activated = None
-        self.resets = 0
-
-    def activate(self, ctx):
-        self.activated = ctx
-
-    def reset(self):
-        self.resets += 1
+        super().__init__(bytes([80, 0, 25, 0, 1, 0, 0, 0]))
 
 
-class Rng(pci.VirtioDevice):
+class Rng(RecordingDevice):
     device_type = 4
     name = "rng"
     queue_max_sizes = (128,)
-
-    def __init__(self):
-        self.activated = None
-
-    def activate(self, ctx):
-        self.activated = ctx
 
 
 class Linux:
@@ -372,7 +358,7 @@ def test_linux_61_probe_replay(machine):
         st = linux.r(C + 0x14, 1)
         linux.w(C + 0x14, 1, st | pci.DRIVER_OK)
         assert linux.r(C + 0x14, 1) == 0x0F
-        ctx = dev.activated
+        ctx = dev.ctx
         assert ctx is not None and ctx.features == accepted and ctx.mem is gm
         for q, (num, desc, avail, used, naddr) in enumerate(rings):
             qa = ctx.queues[q]

@@ -19,13 +19,6 @@ EVT = 1 << vring.VIRTIO_RING_F_EVENT_IDX
 NEXT, WRITE, INDIRECT = vring.VRING_DESC_F_NEXT, vring.VRING_DESC_F_WRITE, vring.VRING_DESC_F_INDIRECT
 
 
-@pytest.fixture
-def gm():
-    g = GuestMemory(4 << 20)
-    yield g
-    g.close()
-
-
 def setup(gm, size=8, features=IND):
     drv = MockDriver(gm, size=size, features=features)
     return drv, drv.device_queue(), vring.new_iov(size)
@@ -126,13 +119,19 @@ def test_next_out_of_range(gm):
     expect_error(gm, q, iov, vring.E_NEXT_RANGE)
 
 
+def post_indirect(drv, entries):
+    """Head 0 points at an indirect table holding ``entries`` (flags, next),
+    each a 1-byte buffer."""
+    table = drv.indirect_base
+    for i, (flags, nxt) in enumerate(entries):
+        drv.write_desc(i, 0x200000, 1, flags, nxt, table=table)
+    drv.write_desc(0, table, 16 * len(entries), INDIRECT, 0)
+    drv.post(0)
+
+
 def test_next_out_of_range_of_indirect_table(gm):
     drv, q, iov = setup(gm)
-    table = drv.indirect_base
-    drv.write_desc(0, 0x200000, 1, NEXT, 2, table=table)   # table has 2 entries
-    drv.write_desc(1, 0x200000, 1, 0, 0, table=table)
-    drv.write_desc(0, table, 32, INDIRECT, 0)
-    drv.post(0)
+    post_indirect(drv, [(NEXT, 2), (0, 0)])                # table has 2 entries
     expect_error(gm, q, iov, vring.E_NEXT_RANGE)
 
 
@@ -146,11 +145,7 @@ def test_looped_chain(gm):
 
 def test_looped_indirect_table(gm):
     drv, q, iov = setup(gm)
-    table = drv.indirect_base
-    drv.write_desc(0, 0x200000, 1, NEXT, 1, table=table)
-    drv.write_desc(1, 0x200000, 1, NEXT, 0, table=table)
-    drv.write_desc(0, table, 32, INDIRECT, 0)
-    drv.post(0)
+    post_indirect(drv, [(NEXT, 1), (NEXT, 0)])
     expect_error(gm, q, iov, vring.E_CHAIN_LOOP)
 
 
@@ -383,12 +378,12 @@ def test_iov_copy_consume_and_status_byte(gm):
     drv.add(out=[b"0123", b"456789"], in_=[3, 5])
     vring.pop(gm.mem, q, iov)
     buf = np.zeros(16, np.uint8)
-    assert vring._iov_to_buf(gm.mem, iov, 0, 2, buf) == 10
+    assert vring.iov_to_buf(gm.mem, iov, 0, 2, buf) == 10
     assert buf[:10].tobytes() == b"0123456789"
-    assert vring._iov_consume(iov, 0, 2, 6) == 6
-    assert vring._iov_to_buf(gm.mem, iov, 0, 2, buf) == 4 and buf[:4].tobytes() == b"6789"
+    assert vring.iov_consume(iov, 0, 2, 6) == 6
+    assert vring.iov_to_buf(gm.mem, iov, 0, 2, buf) == 4 and buf[:4].tobytes() == b"6789"
     src = np.frombuffer(b"abcdefgh", np.uint8).copy()
-    assert vring._buf_to_iov(gm.mem, iov, 2, 2, src, 8) == 8
+    assert vring.buf_to_iov(gm.mem, iov, 2, 2, src, 8) == 8
     status = vring._last_writable_byte(iov, 2, 2)
     assert status == int(iov[3, 0]) + 4
     vring.push(gm.mem, q, 0, 8)
@@ -400,7 +395,91 @@ def test_consume_more_than_available_reports_short(gm):
     drv, q, iov = setup(gm)
     drv.add(out=[b"ab", b"c"])
     vring.pop(gm.mem, q, iov)
-    assert vring._iov_consume(iov, 0, 2, 10) == 3
+    assert vring.iov_consume(iov, 0, 2, 10) == 3
+
+
+def test_iov_advance_resumes_after_short_transfers(gm):
+    hiov = np.array([[100, 4], [200, 3], [300, 5]], dtype=np.uint64)
+    assert vring.iov_advance(hiov, 0, 3, 2) == 0 and hiov[0].tolist() == [102, 2]      # inside a row
+    assert vring.iov_advance(hiov, 0, 3, 2) == 1 and hiov[0].tolist() == [102, 2]      # a row exactly
+    assert vring.iov_advance(hiov, 1, 3, 4) == 2 and hiov[2].tolist() == [301, 4]      # across rows
+    assert vring.iov_advance(hiov, 2, 3, 4) == 3                                        # all done
+    assert vring.iov_advance(hiov, 3, 3, 0) == 3
+
+
+# ---------------------------------------------------------------- the device side: next_chain and friends
+
+def device_args(gm, q, iov):
+    """next_chain's fd arguments with nothing to wait on: chains are posted first."""
+    notify, irq = os.eventfd(0, os.EFD_NONBLOCK), os.eventfd(0, os.EFD_NONBLOCK)
+    return (gm.mem, q, iov, notify, np.zeros(1, np.uint8), irq, np.zeros(1, np.uint64)), (notify, irq)
+
+
+@pytest.mark.parametrize("shape, header, out, in_, code", [
+    (vring.CHAIN_WRITABLE, 0, [b"x"], [8], vring.E_CHAIN_READABLE),       # rng, console/net receive
+    (vring.CHAIN_WRITABLE, 12, [], [8], vring.E_SHORT_HEADER),            # net receive header
+    (vring.CHAIN_READABLE, 0, [b"x"], [8], vring.E_CHAIN_WRITABLE),       # console/net transmit
+    (vring.CHAIN_READABLE, 12, [b"x" * 11], [], vring.E_SHORT_HEADER),    # net transmit header
+    (vring.CHAIN_REQUEST, 16, [b"h" * 16], [], vring.E_NO_STATUS),        # block: no writable part
+    (vring.CHAIN_REQUEST, 16, [b"h" * 16], [8, 0], vring.E_NO_STATUS),    # block: last buffer empty
+    (vring.CHAIN_REQUEST, 16, [b"h" * 15], [1], vring.E_SHORT_HEADER),    # block: short header
+])
+def test_next_chain_refuses_each_shape_rule_with_its_code(gm, shape, header, out, in_, code):
+    drv, q, iov = setup(gm)
+    drv.add(out=out, in_=in_)
+    args, fds = device_args(gm, q, iov)
+    try:
+        assert vring.next_chain(*args, shape, header) == -code
+        assert q[vring.Q_ERROR] == code and q[vring.Q_N_ERRORS] == 1
+        assert "§" in vring.error_message(code)
+        # The same chain is fine for a device that asks for no shape.
+        drv.add(out=out, in_=in_)
+        assert vring.next_chain(*args, vring.CHAIN_ANY, 0) >= 0
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+@pytest.mark.parametrize("shape, header, out, in_", [
+    (vring.CHAIN_WRITABLE, 12, [], [8, 4]),
+    (vring.CHAIN_READABLE, 12, [b"x" * 6, b"y" * 6], []),
+    (vring.CHAIN_REQUEST, 16, [b"h" * 8, b"h" * 8, b"data"], [512, 1]),
+])
+def test_next_chain_accepts_each_shape(gm, shape, header, out, in_):
+    drv, q, iov = setup(gm)
+    head = drv.add(out=out, in_=in_)
+    args, fds = device_args(gm, q, iov)
+    try:
+        assert vring.next_chain(*args, shape, header) == head
+        assert q[vring.Q_N_ERRORS] == 0
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def test_complete_unpop_and_finish(gm):
+    drv, q, iov = setup(gm, features=0)
+    args, (notify, irq) = device_args(gm, q, iov)
+    try:
+        first = drv.add(in_=[8])
+        second = drv.add(in_=[8])
+        assert vring.next_chain(*args, vring.CHAIN_WRITABLE, 0) == first
+        vring.complete(gm.mem, q, first, 5, 7)
+        assert drv.used_idx() == 1 and q[vring.Q_N_BYTES] == 7           # published at once
+        assert vring.next_chain(*args, vring.CHAIN_WRITABLE, 0) == second
+        vring.unpop(q)                                                  # handed back unused
+        assert q[vring.Q_N_CHAINS] == 1
+        assert vring.next_chain(*args, vring.CHAIN_WRITABLE, 0) == second
+        vring.unpop(q)
+        q[vring.Q_STOP] = 1
+        assert vring.next_chain(*args, vring.CHAIN_WRITABLE, 0) == vring.STOPPED
+        mem, q_, iov_, notify_, isr, irq_, scratch = args
+        assert vring.finish(mem, q, isr, irq, scratch, vring.STOPPED) == vring.STOPPED
+        assert isr[0] == 1 and os.eventfd_read(irq) == 1                 # the driver heard of `first`
+        assert drv.get_used()[:2] == (first, 5) and drv.get_used() is None
+    finally:
+        os.close(notify)
+        os.close(irq)
 
 
 # ---------------------------------------------------------------- the blocking service path
@@ -414,12 +493,12 @@ def test_wait_chain_sleeps_wakes_and_stops(gm):
 
     def service():
         while True:
-            h = vring._wait_chain(gm.mem, q, iov, notify, isr, irq, scratch)
+            h = vring.next_chain(gm.mem, q, iov, notify, isr, irq, scratch, vring.CHAIN_ANY, 0)
             if h < 0:
                 results.append(h)
                 return
             results.append(h)
-            vring._push(gm.mem, q, h, 0)
+            vring.complete(gm.mem, q, h, 0, 0)
 
     t = threading.Thread(target=service)
     t.start()
@@ -427,7 +506,7 @@ def test_wait_chain_sleeps_wakes_and_stops(gm):
         h = drv.add(out=[b"ping"])
         if drv.kick_prepare():
             os.eventfd_write(notify, 1)
-        deadline = 200
+        deadline = 3000    # 30 s: the first run may compile the kernels
         while drv.used_idx() == 0 and deadline:
             threading.Event().wait(0.01)
             deadline -= 1

@@ -1,21 +1,21 @@
 """What every device shares: one service thread per virtqueue.
 
 A device subclasses :class:`Device` and implements ``serve(index, ctx,
-stop_fd)``: the body of one queue's thread, normally a single call into a
-nogil kernel that loops — wait for a chain, do the I/O, complete it — and
-returns only when told to stop (``vring.STOPPED``) or when the driver broke a
-rule (a negative error code).  Python starts the threads at DRIVER_OK,
-reports errors through the transport's policy, and on reset or exit stops
-and joins them.
+stop_fd)``: the body of one queue's thread, normally a single call into the
+device's nogil kernel, which loops over ``vring.next_chain`` (wait for a
+chain of the right shape), its own I/O and ``vring.complete``, and ends with
+``vring.finish``.  It returns only when told to stop (``vring.STOPPED``) or
+when the driver broke a rule (a negated ``vring.E_*`` code).  Python starts
+the threads at DRIVER_OK, reports errors through the transport's policy, and
+on reset or exit stops and joins them.
 
 Stopping: each queue's state array has ``Q_STOP``; setting it and writing the
-queue's notification eventfd wakes a thread sleeping in ``vring._wait_chain``.
+queue's notification eventfd wakes a thread sleeping in ``vring.next_chain``.
 Threads that also sleep in ``poll`` (console input, network receive) include
 the device's ``stop_fd`` eventfd in their poll set.
 
-Errors: device-level rules (a block request without a status byte, ...) use
-codes from ``DEVICE_ERRORS``, numbered above the vring codes, so one negative
-return value names any rule.
+Errors: every driver rule, the ring's and the chain shapes devices require,
+has one code in vring's table (``vring.error_message``).
 """
 from __future__ import annotations
 
@@ -28,24 +28,7 @@ import numpy as np
 
 from .. import vring
 from ..pci import QueueContext, VirtioDevice
-
-# Device-level driver errors (vring codes stay below 100).
-E_NO_STATUS = 101
-E_SHORT_HEADER = 102
-E_RNG_READABLE = 103
-E_WRITABLE_OUTPUT = 104
-
-DEVICE_ERRORS = {
-    E_NO_STATUS: "block request without a writable status byte (§5.2.6)",
-    E_SHORT_HEADER: "request header shorter than the device's header structure (§5.2.6, §5.1.6)",
-    E_RNG_READABLE: "entropy request with device-readable buffers (§5.4.6)",
-    E_WRITABLE_OUTPUT: "device-writable buffer in a transmit queue (§5.3.6, §5.1.6)",
-}
-
-
-def error_message(code: int) -> str:
-    code = abs(int(code))
-    return DEVICE_ERRORS.get(code) or vring.error_message(code)
+from ..vring import error_message  # noqa: F401 - one table names every rule a device kernel returns
 
 
 def _default_fatal(message: str) -> None:
@@ -78,6 +61,13 @@ class Device(VirtioDevice):
     # -- what subclasses implement
     def serve(self, index: int, ctx: QueueContext, stop_fd: int) -> int:
         raise NotImplementedError
+
+    def queue_args(self, ctx: QueueContext, index: int) -> tuple:
+        """What every service kernel starts with, for queue ``index``:
+        ``(mem, q, iov, notify_fd, isr, irq_fd, scratch)`` (the first seven
+        arguments of ``vring.next_chain``)."""
+        return (ctx.mem.mem, ctx.queues[index], vring.new_iov(self.queue_max_sizes[index]), ctx.notify_fds[index],
+                ctx.isr, ctx.irq_fd, np.zeros(1, np.uint64))
 
     def on_activate(self, ctx: QueueContext) -> None:
         """Hook before the threads start (e.g. negotiated-feature set-up)."""

@@ -17,13 +17,12 @@ import os
 import numpy as np
 from numba import njit
 
-from .. import vring
 from ..hw.libc import (EINTR, FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, fill_host_iov,
                        host_iov, sys_fallocate, sys_fdatasync, sys_preadv, sys_pwritev)
 from ..hw.memory import ld_u32, ld_u64, st_u8
-from ..vring import (Q_IN, Q_IN_BYTES, Q_N_BYTES, Q_OUT, Q_OUT_BYTES, Q_STOP, STOPPED, _iov_consume,
-                     _iov_to_buf, _publish, _push, _signal, _wait_chain)
-from .base import E_NO_STATUS, E_SHORT_HEADER, Device
+from ..vring import (CHAIN_REQUEST, Q_IN, Q_IN_BYTES, Q_N_BYTES, Q_OUT, Q_OUT_BYTES, buf_to_iov, complete, finish,
+                     iov_advance, iov_consume, iov_to_buf, next_chain)
+from .base import Device
 
 VIRTIO_ID_BLOCK = 2
 SECTOR = 512
@@ -35,9 +34,10 @@ VIRTIO_BLK_F_FLUSH = 9
 VIRTIO_BLK_F_DISCARD = 13
 VIRTIO_BLK_F_WRITE_ZEROES = 14
 
-# Request types and status (§5.2.6)
+# Request types and status values (§5.2.6)
 T_IN, T_OUT, T_FLUSH, T_GET_ID, T_DISCARD, T_WRITE_ZEROES = 0, 1, 4, 8, 11, 13
-S_OK, S_IOERR, S_UNSUPP = 0, 1, 2
+BLK_S_OK, BLK_S_IOERR, BLK_S_UNSUPP = 0, 1, 2
+HDR_SIZE = 16
 ID_BYTES = 20
 WRITE_ZEROES_UNMAP = 1
 
@@ -77,12 +77,7 @@ def _rw_all(fd, hiov, n, offset, write):
         if r <= 0:
             return -1
         done += r
-        while k < n and r >= np.int64(hiov[k, 1]):
-            r -= np.int64(hiov[k, 1])
-            k += 1
-        if k < n and r > 0:
-            hiov[k, 0] = hiov[k, 0] + np.uint64(r)
-            hiov[k, 1] = hiov[k, 1] - np.uint64(r)
+        k = iov_advance(hiov, k, n, r)
     return done
 
 
@@ -91,24 +86,24 @@ def _fallocate_ranges(mem, q, iov, nout, fd, segs, limits, zeroes):
     """DISCARD / WRITE_ZEROES (§5.2.6): a table of {u64 sector, u32
     num_sectors, u32 flags} segments, copied out of the guest once and
     validated whole before the file is touched."""
-    data = q[Q_OUT_BYTES] - 16
+    data = q[Q_OUT_BYTES] - HDR_SIZE
     if data <= 0 or data % 16 != 0:
-        return S_UNSUPP
+        return BLK_S_UNSUPP
     nseg = data // 16
     if nseg > limits[L_MAX_SEGS] or 16 * nseg > segs.size:
-        return S_UNSUPP
+        return BLK_S_UNSUPP
     if limits[L_READONLY]:
-        return S_IOERR
-    _iov_to_buf(mem, iov, 0, nout, segs[:16 * nseg])
+        return BLK_S_IOERR
+    iov_to_buf(mem, iov, 0, nout, segs[:16 * nseg])
     last_sector = limits[L_CAPACITY] // SECTOR
     allowed_flags = WRITE_ZEROES_UNMAP if zeroes else 0
     for s in range(nseg):
         sector = ld_u64(segs, 16 * s)
         num = ld_u32(segs, 16 * s + 8)
         if ld_u32(segs, 16 * s + 12) & ~allowed_flags:
-            return S_UNSUPP
+            return BLK_S_UNSUPP
         if num > limits[L_MAX_SECTORS] or sector < 0 or sector > last_sector or num > last_sector - sector:
-            return S_IOERR
+            return BLK_S_IOERR
     for s in range(nseg):
         off = ld_u64(segs, 16 * s) * SECTOR
         length = ld_u32(segs, 16 * s + 8) * SECTOR
@@ -122,94 +117,67 @@ def _fallocate_ranges(mem, q, iov, nout, fd, segs, limits, zeroes):
         else:
             r = sys_fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, off, length)
         if r < 0:
-            return S_IOERR
-    return S_OK
+            return BLK_S_IOERR
+    return BLK_S_OK
 
 
 @njit(nogil=True, cache=True)
 def _blk_request(mem, q, iov, hiov, hdr, segs, fd, limits, ident):
-    """One request.  Returns (used length, status) or (-error, 0) when the
-    driver broke a rule that leaves no way to answer."""
+    """One request, its shape checked by next_chain (CHAIN_REQUEST).
+    Writes the status byte; returns the used length."""
     nout = q[Q_OUT]
     nin = q[Q_IN]
-    if nin == 0:
-        return -E_NO_STATUS, 0
     last = nout + nin - 1
-    if iov[last, 1] == 0:
-        return -E_NO_STATUS, 0
     status_at = np.int64(iov[last, 0] + iov[last, 1]) - 1
     iov[last, 1] = iov[last, 1] - np.uint64(1)
-    if q[Q_OUT_BYTES] < 16:
-        return -E_SHORT_HEADER, 0
-    _iov_to_buf(mem, iov, 0, nout, hdr)
-    _iov_consume(iov, 0, nout, 16)
+    iov_to_buf(mem, iov, 0, nout, hdr)
+    iov_consume(iov, 0, nout, HDR_SIZE)
     rtype = ld_u32(hdr, 0)
     sector = ld_u64(hdr, 8)
     capacity = limits[L_CAPACITY]
     in_bytes = q[Q_IN_BYTES] - 1
-    out_bytes = q[Q_OUT_BYTES] - 16
-    status = S_OK
+    out_bytes = q[Q_OUT_BYTES] - HDR_SIZE
+    status = BLK_S_OK
     used = 0
     if rtype == T_IN or rtype == T_OUT:
         nbytes = in_bytes if rtype == T_IN else out_bytes
         # §5.2.6.2: past the end is an error; check before touching the file.
         if sector < 0 or sector > capacity // SECTOR or nbytes > capacity - sector * SECTOR:
-            status = S_IOERR
+            status = BLK_S_IOERR
         elif rtype == T_OUT and limits[L_READONLY]:
-            status = S_IOERR
+            status = BLK_S_IOERR
         else:
             if rtype == T_IN:
                 n = fill_host_iov(mem, iov, nout, nin, hiov)
             else:
                 n = fill_host_iov(mem, iov, 0, nout, hiov)
             if n > 0 and _rw_all(fd, hiov, n, sector * SECTOR, rtype == T_OUT) != nbytes:
-                status = S_IOERR
+                status = BLK_S_IOERR
             elif rtype == T_IN:
                 used = nbytes
             q[Q_N_BYTES] += nbytes
     elif rtype == T_FLUSH:
         if sys_fdatasync(fd) < 0:
-            status = S_IOERR
+            status = BLK_S_IOERR
     elif rtype == T_GET_ID:
-        n = min(ID_BYTES, in_bytes)
-        k = nout
-        done = 0
-        while done < n and k < nout + nin:
-            a = np.int64(iov[k, 0])
-            c = min(np.int64(iov[k, 1]), n - done)
-            mem[a:a + c] = ident[done:done + c]
-            done += c
-            k += 1
-        used = done
+        used = buf_to_iov(mem, iov, nout, nin, ident, min(ID_BYTES, in_bytes))
     elif rtype == T_DISCARD or rtype == T_WRITE_ZEROES:
         status = _fallocate_ranges(mem, q, iov, nout, fd, segs, limits, rtype == T_WRITE_ZEROES)
     else:
-        status = S_UNSUPP
+        status = BLK_S_UNSUPP
     st_u8(mem, status_at, status)
-    return used + 1, status
+    return used + 1
 
 
 @njit(nogil=True, cache=True)
-def _blk_serve(mem, q, iov, hiov, notify_fd, isr, irq_fd, scratch, hdr, segs, fd, limits, ident):
+def _blk_serve(mem, q, iov, notify_fd, isr, irq_fd, scratch, hiov, hdr, segs, fd, limits, ident):
     """The request queue's thread: until stopped or the driver breaks a rule."""
     while True:
-        if q[Q_STOP]:
-            code = STOPPED
-            break
-        head = _wait_chain(mem, q, iov, notify_fd, isr, irq_fd, scratch)
+        head = next_chain(mem, q, iov, notify_fd, isr, irq_fd, scratch, CHAIN_REQUEST, HDR_SIZE)
         if head < 0:
-            code = head
             break
-        used, status = _blk_request(mem, q, iov, hiov, hdr, segs, fd, limits, ident)
-        if used < 0:
-            code = used
-            break
-        _push(mem, q, head, used)
-        _publish(mem, q)
-    # Whatever completed must reach the driver before the thread goes.
-    _publish(mem, q)
-    _signal(mem, q, isr, irq_fd, scratch)
-    return code
+        complete(mem, q, head, _blk_request(mem, q, iov, hiov, hdr, segs, fd, limits, ident), 0)
+    return finish(mem, q, isr, irq_fd, scratch, head)
 
 
 class Block(Device):
@@ -257,11 +225,8 @@ class Block(Device):
         self.ident[:len(ident)] = np.frombuffer(ident, dtype=np.uint8)
 
     def serve(self, index, ctx, stop_fd):
-        q = ctx.queues[index]
-        return int(_blk_serve(ctx.mem.mem, q, vring.new_iov(QUEUE_SIZE), host_iov(QUEUE_SIZE),
-                              ctx.notify_fds[index], ctx.isr, ctx.irq_fd, np.zeros(1, np.uint64),
-                              np.zeros(16, np.uint8), np.zeros(16 * MAX_DISCARD_SEGS, np.uint8), self.fd,
-                              self.limits, self.ident))
+        return int(_blk_serve(*self.queue_args(ctx, index), host_iov(QUEUE_SIZE), np.zeros(HDR_SIZE, np.uint8),
+                              np.zeros(16 * MAX_DISCARD_SEGS, np.uint8), self.fd, self.limits, self.ident))
 
     def close(self) -> None:
         self.reset()

@@ -38,12 +38,12 @@ import time
 import numpy as np
 from numba import njit
 
-from .. import vring
-from ..hw.libc import EAGAIN, EINTR, POLLIN, fill_host_iov, host_iov, pollfds, sys_poll, sys_readv, sys_writev
+from ..hw.libc import (EAGAIN, EBADF, EINTR, EIO, POLLIN, POLLNVAL, POLLOUT, fill_host_iov, host_iov, pollfds,
+                       sys_poll, sys_readv, sys_writev)
 from ..hw.memory import ld_u8
-from ..vring import (Q_IN, Q_IN_BYTES, Q_LAST_AVAIL, Q_N_BYTES, Q_N_CHAINS, Q_OUT, Q_OUT_BYTES, Q_STOP,
-                     STOPPED, _publish, _push, _signal, _wait_chain)
-from .base import DEVICE_ERRORS, E_WRITABLE_OUTPUT, Device
+from ..vring import (CHAIN_READABLE, CHAIN_WRITABLE, Q_IN, Q_IN_BYTES, Q_OUT, Q_OUT_BYTES, Q_STOP, STOPPED, complete,
+                     finish, iov_advance, next_chain, notify_used, unpop)
+from .base import Device
 
 VIRTIO_ID_CONSOLE = 3
 VIRTIO_CONSOLE_F_EMERG_WRITE = 2     # §5.3.3
@@ -59,19 +59,6 @@ CFG_EMERG_WR = 8
 CFG_SIZE = 12
 
 CTRL_C = 0x03
-
-# Driver rule the transmit side shares with block/rng lives in base.py; the
-# receive side's is console-only (numbered clear of base's codes).
-E_READABLE_INPUT = 121
-if DEVICE_ERRORS.setdefault(E_READABLE_INPUT, "device-readable buffer in a receive queue (§5.3.6.1, §2.4.5)") \
-        != "device-readable buffer in a receive queue (§5.3.6.1, §2.4.5)":
-    raise ImportError(f"device error code {E_READABLE_INPUT} is taken: {DEVICE_ERRORS[E_READABLE_INPUT]}")
-
-# poll(2) event bits beyond POLLIN.
-POLLOUT = 0x004
-POLLNVAL = 0x020
-EBADF = 9
-EIO = 5
 
 # What the kernels return to Python besides STOPPED and -E_* (all positive).
 RET_CTRL_C = 1          # receive: a chunk that was one ^C byte was delivered
@@ -108,15 +95,7 @@ def _poll2(pfd, fd, events, stop_fd):
 
 
 @njit(nogil=True, cache=True)
-def _unpop(q):
-    # Hand the chain we just popped back to the ring unused: the device's
-    # avail index is private, so stepping it back is invisible to the driver.
-    q[Q_LAST_AVAIL] = (q[Q_LAST_AVAIL] - 1) & 0xFFFF
-    q[Q_N_CHAINS] -= 1
-
-
-@njit(nogil=True, cache=True)
-def _receive(mem, q, iov, hiov, notify_fd, isr, irq_fd, scratch, pfd, input_fd, stop_fd, cs):
+def _receive(mem, q, iov, notify_fd, isr, irq_fd, scratch, hiov, pfd, input_fd, stop_fd, cs):
     """receiveq service loop (lguest's console_input).  Returns STOPPED,
     -E_* for a driver error, or a RET_* event for Python."""
     head = -1
@@ -145,18 +124,14 @@ def _receive(mem, q, iov, hiov, notify_fd, isr, irq_fd, scratch, pfd, input_fd, 
         if rev == 0:
             continue
         if head < 0:
-            head = _wait_chain(mem, q, iov, notify_fd, isr, irq_fd, scratch)
+            head = next_chain(mem, q, iov, notify_fd, isr, irq_fd, scratch, CHAIN_WRITABLE, 0)
             if head < 0:
                 code = head
-                break
-            if q[Q_OUT] != 0:
                 head = -1
-                code = -E_READABLE_INPUT
                 break
             if q[Q_IN_BYTES] == 0:
                 # Nothing to read into; a zero-length readv would look like EOF.
-                _push(mem, q, head, 0)
-                _publish(mem, q)
+                complete(mem, q, head, 0, 0)
                 head = -1
                 continue
             n_iov = fill_host_iov(mem, iov, 0, q[Q_IN], hiov)
@@ -165,29 +140,21 @@ def _receive(mem, q, iov, hiov, notify_fd, isr, irq_fd, scratch, pfd, input_fd, 
         if r == -EINTR or r == -EAGAIN:
             continue            # keep the chain; poll again
         if r <= 0:
-            _unpop(q)
-            head = -1
-            if r == 0:
-                code = RET_EOF
-            else:
+            code = RET_EOF if r == 0 else RET_INPUT_ERROR
+            if r < 0:
                 cs[CS_IN_ERRNO] = -r
-                code = RET_INPUT_ERROR
             break
         # Console input is interactive: complete and interrupt right away.
-        _push(mem, q, head, r)
+        complete(mem, q, head, r, r)
         head = -1
-        q[Q_N_BYTES] += r
         cs[CS_IN_CHUNKS] += 1
-        _publish(mem, q)
-        _signal(mem, q, isr, irq_fd, scratch)
+        notify_used(mem, q, isr, irq_fd, scratch)
         if r == 1 and ld_u8(mem, first) == CTRL_C:
             code = RET_CTRL_C
             break
     if head >= 0:
-        _unpop(q)
-    _publish(mem, q)
-    _signal(mem, q, isr, irq_fd, scratch)
-    return code
+        unpop(q)        # input ended with a chain taken: it stays the driver's
+    return finish(mem, q, isr, irq_fd, scratch, code)
 
 
 @njit(nogil=True, cache=True)
@@ -216,50 +183,33 @@ def _write_all(fd, stop_fd, hiov, n, pfd, cs):
         if r == 0:
             return done, EIO
         done += r
-        while k < n and r >= np.int64(hiov[k, 1]):
-            r -= np.int64(hiov[k, 1])
-            k += 1
-        if k < n and r > 0:
-            hiov[k, 0] = hiov[k, 0] + np.uint64(r)
-            hiov[k, 1] = hiov[k, 1] - np.uint64(r)
+        k = iov_advance(hiov, k, n, r)
     return done, 0
 
 
 @njit(nogil=True, cache=True)
-def _transmit(mem, q, iov, hiov, notify_fd, isr, irq_fd, scratch, pfd, output_fd, stop_fd, cs):
+def _transmit(mem, q, iov, notify_fd, isr, irq_fd, scratch, hiov, pfd, output_fd, stop_fd, cs):
     """transmitq service loop (lguest's console_output).  Returns STOPPED,
     -E_* for a driver error, or RET_OUTPUT_ERROR the first time output fails."""
     while True:
-        if q[Q_STOP]:
-            code = STOPPED
-            break
-        head = _wait_chain(mem, q, iov, notify_fd, isr, irq_fd, scratch)
-        if head < 0:
-            code = head
-            break
-        if q[Q_IN] != 0:
-            code = -E_WRITABLE_OUTPUT
+        code = next_chain(mem, q, iov, notify_fd, isr, irq_fd, scratch, CHAIN_READABLE, 0)
+        if code < 0:
             break
         n = fill_host_iov(mem, iov, 0, q[Q_OUT], hiov)
         done, err = _write_all(output_fd, stop_fd, hiov, n, pfd, cs)
-        # Counters first, so they are current by the time the driver sees the buffer.
-        q[Q_N_BYTES] += done
         if err > 0:
             cs[CS_OUT_ERRORS] += 1
             cs[CS_OUT_ERRNO] = err
             cs[CS_OUT_DROPPED] += q[Q_OUT_BYTES] - done
         # Written or not, the buffer goes back: nobody else will write it.
-        _push(mem, q, head, 0)
-        _publish(mem, q)
+        complete(mem, q, code, 0, done)
         if err == _W_STOPPED:
             code = STOPPED
             break
         if err > 0 and cs[CS_OUT_ERRORS] == 1:
             code = RET_OUTPUT_ERROR
             break
-    _publish(mem, q)
-    _signal(mem, q, isr, irq_fd, scratch)
-    return code
+    return finish(mem, q, isr, irq_fd, scratch, code)
 
 
 _PTMX = os.makedev(5, 2)
@@ -409,9 +359,7 @@ class Console(Device):
         self._in_fd = self._out_fd = -1
 
     def serve(self, index, ctx, stop_fd):
-        q = ctx.queues[index]
-        args = (ctx.mem.mem, q, vring.new_iov(QUEUE_SIZE), host_iov(QUEUE_SIZE), ctx.notify_fds[index],
-                ctx.isr, ctx.irq_fd, np.zeros(1, np.uint64), pollfds(2))
+        args = (*self.queue_args(ctx, index), host_iov(QUEUE_SIZE), pollfds(2))
         if index == RECEIVEQ:
             return self._serve_input(args, stop_fd)
         return self._serve_output(args, stop_fd)

@@ -36,11 +36,11 @@ from dataclasses import dataclass
 import numpy as np
 from numba import njit
 
-from .. import vring
-from ..hw.libc import EAGAIN, EINTR, POLLIN, fill_host_iov, host_iov, pollfds, sys_poll, sys_readv, sys_writev
-from ..vring import (Q_IN, Q_IN_BYTES, Q_N_BYTES, Q_OUT, Q_OUT_BYTES, Q_STOP, STOPPED, _publish, _push,
-                     _signal, _wait_chain)
-from .base import DEVICE_ERRORS, E_SHORT_HEADER, E_WRITABLE_OUTPUT, Device
+from ..hw.libc import (EAGAIN, EINTR, POLLERR, POLLHUP, POLLIN, POLLNVAL, POLLOUT, fill_host_iov, host_iov, pollfds,
+                       sys_poll, sys_readv, sys_writev)
+from ..vring import (CHAIN_READABLE, CHAIN_WRITABLE, Q_IN, Q_OUT, Q_STOP, STOPPED, complete, finish, next_chain,
+                     notify_used)
+from .base import Device
 
 VIRTIO_ID_NET = 1
 RX, TX = 0, 1
@@ -71,14 +71,9 @@ CFG_MAX_VQ_PAIRS = 8
 CFG_SIZE = 10
 VIRTIO_NET_S_LINK_UP = 1
 
-# Device-level driver error, numbered clear of base.py's (10x) and the
-# console's (12x) codes.
-E_NET_READABLE_INPUT = 131
-_RULE = "device-readable buffer in a network receive queue (§5.1.6.3, §2.4.5)"
-if DEVICE_ERRORS.setdefault(E_NET_READABLE_INPUT, _RULE) != _RULE:
-    raise ImportError(f"device error code {E_NET_READABLE_INPUT} is taken: {DEVICE_ERRORS[E_NET_READABLE_INPUT]}")
 # Host failure of the tap itself: not the driver's fault, never reaches
-# driver_error (serve() reports it through on_fatal).
+# driver_error (serve() reports it through on_fatal).  Numbered clear of
+# vring's driver-rule codes.
 E_TAP = 132
 
 # Per-device counters updated by the kernels (rx and tx use separate fields).
@@ -88,12 +83,6 @@ NS_RX_SPURIOUS = 2    # poll said readable but readv found nothing (chain kept)
 NS_RX_ERRNO = 3       # errno of a fatal tap error on receive
 NS_TX_BLOCKED = 4     # writev returned EAGAIN and the thread waited for POLLOUT
 NS_FIELDS = 5
-
-# poll(2) bits beyond POLLIN
-POLLOUT = 0x004
-POLLERR = 0x008
-POLLHUP = 0x010
-POLLNVAL = 0x020
 
 # <linux/if_tun.h>
 TUNSETIFF = 0x400454CA
@@ -216,7 +205,7 @@ def _poll(pfds, timeout):
 
 
 @njit(nogil=True, cache=True)
-def _rx_serve(mem, q, iov, hiov, notify_fd, isr, irq_fd, scratch, tap_fd, pfds, stats):
+def _rx_serve(mem, q, iov, notify_fd, isr, irq_fd, scratch, hiov, tap_fd, pfds, stats):
     """The receive queue's thread (lguest's net_input, looped)."""
     head = -1        # a chain taken for a frame that was not there after all
     n = 0            # its host iov rows
@@ -227,8 +216,7 @@ def _rx_serve(mem, q, iov, hiov, notify_fd, isr, irq_fd, scratch, tap_fd, pfds, 
         ready = _poll(pfds, 0)
         if ready == 0:
             # About to block: the driver hears about filled buffers first.
-            _publish(mem, q)
-            _signal(mem, q, isr, irq_fd, scratch)
+            notify_used(mem, q, isr, irq_fd, scratch)
             ready = _poll(pfds, -1)
         if ready < 0:
             code = ready
@@ -238,17 +226,10 @@ def _rx_serve(mem, q, iov, hiov, notify_fd, isr, irq_fd, scratch, tap_fd, pfds, 
         if head < 0:
             # A frame is waiting: now take a buffer for it (sleeping for one
             # if the driver has none posted; that path signals first too).
-            h = _wait_chain(mem, q, iov, notify_fd, isr, irq_fd, scratch)
-            if h < 0:
-                code = h
+            code = next_chain(mem, q, iov, notify_fd, isr, irq_fd, scratch, CHAIN_WRITABLE, HDR_SIZE)
+            if code < 0:
                 break
-            if q[Q_OUT] != 0:
-                code = -E_NET_READABLE_INPUT
-                break
-            if q[Q_IN_BYTES] < HDR_SIZE:
-                code = -E_SHORT_HEADER
-                break
-            head = h
+            head = code
             n = fill_host_iov(mem, iov, 0, q[Q_IN], hiov)
         r = sys_readv(tap_fd, hiov.ctypes.data, n)
         if r == -EAGAIN or r == -EINTR:
@@ -260,13 +241,9 @@ def _rx_serve(mem, q, iov, hiov, notify_fd, isr, irq_fd, scratch, tap_fd, pfds, 
             code = -E_TAP
             break
         # The tap truncates a frame longer than the buffer; r is what landed.
-        q[Q_N_BYTES] += r
-        _push(mem, q, head, r)
-        _publish(mem, q)
+        complete(mem, q, head, r, r)
         head = -1
-    _publish(mem, q)
-    _signal(mem, q, isr, irq_fd, scratch)
-    return code
+    return finish(mem, q, isr, irq_fd, scratch, code)
 
 
 @njit(nogil=True, cache=True)
@@ -287,21 +264,11 @@ def _send(tap_fd, hiov, n, pfds, stats):
 
 
 @njit(nogil=True, cache=True)
-def _tx_serve(mem, q, iov, hiov, notify_fd, isr, irq_fd, scratch, tap_fd, pfds, stats):
+def _tx_serve(mem, q, iov, notify_fd, isr, irq_fd, scratch, hiov, tap_fd, pfds, stats):
     """The transmit queue's thread (lguest's net_output, looped)."""
     while True:
-        if q[Q_STOP]:
-            code = STOPPED
-            break
-        head = _wait_chain(mem, q, iov, notify_fd, isr, irq_fd, scratch)
-        if head < 0:
-            code = head
-            break
-        if q[Q_IN] != 0:
-            code = -E_WRITABLE_OUTPUT
-            break
-        if q[Q_OUT_BYTES] < HDR_SIZE:
-            code = -E_SHORT_HEADER
+        code = next_chain(mem, q, iov, notify_fd, isr, irq_fd, scratch, CHAIN_READABLE, HDR_SIZE)
+        if code < 0:
             break
         n = fill_host_iov(mem, iov, 0, q[Q_OUT], hiov)
         r, stop = _send(tap_fd, hiov, n, pfds, stats)
@@ -312,13 +279,8 @@ def _tx_serve(mem, q, iov, hiov, notify_fd, isr, irq_fd, scratch, tap_fd, pfds, 
             # The tap refused this frame; like lguest, drop it and go on.
             stats[NS_TX_DROPPED] += 1
             stats[NS_TX_ERRNO] = -r
-        else:
-            q[Q_N_BYTES] += r
-        _push(mem, q, head, 0)
-        _publish(mem, q)
-    _publish(mem, q)
-    _signal(mem, q, isr, irq_fd, scratch)
-    return code
+        complete(mem, q, code, 0, max(r, 0))
+    return finish(mem, q, isr, irq_fd, scratch, code)
 
 
 # ---------------------------------------------------------------------------
@@ -453,13 +415,11 @@ class Net(Device):
             self.offloads = flags
 
     def serve(self, index, ctx, stop_fd):
-        q = ctx.queues[index]
         fds = pollfds(2)
         fds[0] = (self.tap_fd, POLLIN if index == RX else POLLOUT)
         fds[1] = (stop_fd, POLLIN)
         kernel = _rx_serve if index == RX else _tx_serve
-        code = int(kernel(ctx.mem.mem, q, vring.new_iov(QUEUE_SIZE), host_iov(QUEUE_SIZE), ctx.notify_fds[index],
-                          ctx.isr, ctx.irq_fd, np.zeros(1, np.uint64), self.tap_fd, fds, self.stats))
+        code = int(kernel(*self.queue_args(ctx, index), host_iov(QUEUE_SIZE), self.tap_fd, fds, self.stats))
         if code == -E_TAP:
             err = int(self.stats[NS_RX_ERRNO]) if index == RX else 0
             why = os.strerror(err) if err else "poll reported an error on it"

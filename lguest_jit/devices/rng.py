@@ -10,10 +10,9 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from .. import vring
 from ..hw.libc import EINTR, sys_getrandom
-from ..vring import Q_IN, Q_N_BYTES, Q_OUT, Q_STOP, STOPPED, _publish, _push, _signal, _wait_chain
-from .base import E_RNG_READABLE, Device
+from ..vring import CHAIN_WRITABLE, Q_IN, complete, finish, next_chain
+from .base import Device
 
 VIRTIO_ID_RNG = 4
 QUEUE_SIZE = 64
@@ -44,23 +43,12 @@ def _fill(mem, iov, first, count, cap):
 @njit(nogil=True, cache=True)
 def _rng_serve(mem, q, iov, notify_fd, isr, irq_fd, scratch, cap):
     while True:
-        if q[Q_STOP]:
-            code = STOPPED
-            break
-        head = _wait_chain(mem, q, iov, notify_fd, isr, irq_fd, scratch)
+        head = next_chain(mem, q, iov, notify_fd, isr, irq_fd, scratch, CHAIN_WRITABLE, 0)
         if head < 0:
-            code = head
-            break
-        if q[Q_OUT] != 0:
-            code = -E_RNG_READABLE
             break
         n = _fill(mem, iov, 0, q[Q_IN], cap)
-        q[Q_N_BYTES] += n
-        _push(mem, q, head, n)
-        _publish(mem, q)
-    _publish(mem, q)
-    _signal(mem, q, isr, irq_fd, scratch)
-    return code
+        complete(mem, q, head, n, n)
+    return finish(mem, q, isr, irq_fd, scratch, head)
 
 
 class Rng(Device):
@@ -78,5 +66,4 @@ class Rng(Device):
         self.config = np.zeros(0, dtype=np.uint8)
 
     def serve(self, index, ctx, stop_fd):
-        return int(_rng_serve(ctx.mem.mem, ctx.queues[index], vring.new_iov(QUEUE_SIZE), ctx.notify_fds[index],
-                              ctx.isr, ctx.irq_fd, np.zeros(1, np.uint64), self.cap))
+        return int(_rng_serve(*self.queue_args(ctx, index), self.cap))

@@ -30,7 +30,11 @@ import select
 import signal
 import threading
 import time
-from dataclasses import dataclass, field
+
+from .run import ExitStats, RunResult  # noqa: F401 - backend-neutral, re-exported for callers of kvm
+from .x86 import (CR0_ET, CR0_NE, CR0_PE, CR0_PG, CR4_PAE, CR4_PSE, EFER_LMA, EFER_LME,  # noqa: F401
+                  EFER_SCE, MSR_EFER, MSR_FS_BASE, MSR_IA32_SYSENTER_CS, MSR_IA32_SYSENTER_EIP,
+                  MSR_IA32_SYSENTER_ESP, MSR_KERNEL_GS_BASE, MSR_LSTAR, MSR_STAR, MSR_SYSCALL_MASK, RFLAGS_IF)
 
 from .firmware import with_tsc_frequency
 
@@ -266,19 +270,6 @@ RUN_FAIL_REASON = 32
 TSS_ADDR = 0xFFFBD000
 IDENTITY_MAP_ADDR = 0xFFFBC000
 
-# Control-register and flag bits used when setting up boot state and walking
-# page tables.
-CR0_PE, CR0_MP, CR0_ET, CR0_NE, CR0_WP, CR0_PG = 1, 2, 0x10, 0x20, 1 << 16, 1 << 31
-CR4_PSE, CR4_PAE = 0x10, 0x20
-EFER_LME, EFER_LMA, EFER_NX = 1 << 8, 1 << 10, 1 << 11
-RFLAGS_IF = 1 << 9
-EFER_SCE = 1 << 0
-
-# MSRs the syscall/sysenter paths use (Intel SDM vol. 4, table 2-2).
-MSR_IA32_SYSENTER_CS, MSR_IA32_SYSENTER_ESP, MSR_IA32_SYSENTER_EIP = 0x174, 0x175, 0x176
-MSR_EFER, MSR_STAR, MSR_LSTAR, MSR_CSTAR, MSR_SYSCALL_MASK = 0xC0000080, 0xC0000081, 0xC0000082, 0xC0000083, 0xC0000084
-MSR_FS_BASE, MSR_GS_BASE, MSR_KERNEL_GS_BASE = 0xC0000100, 0xC0000101, 0xC0000102
-
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
@@ -333,43 +324,6 @@ def kvm_available(path: str = "/dev/kvm") -> str | None:
 # Results of a run
 
 
-@dataclass
-class RunResult:
-    """Why ``KvmVm.run`` returned.
-
-    ``reason`` is one of: ``poweroff`` (guest asked to power off),
-    ``reboot`` (guest asked to reset: the launcher restarts it), ``halt``
-    (HLT with interrupts off: nothing can ever wake the guest), ``stopped``
-    (``stop()`` from another thread), ``timeout``, ``shutdown`` (triple
-    fault), ``internal-error`` (an instruction KVM cannot run and we do not
-    assist), ``fail-entry``, ``unknown-exit``.
-    """
-    reason: str
-    message: str = ""
-    regs: dict | None = None
-    insn: bytes | None = None
-
-    @property
-    def exit_status(self) -> int | None:
-        """Launcher exit status: 0 for a clean end, None for "restart", 1 otherwise."""
-        if self.reason in ("poweroff", "halt", "stopped"):
-            return 0
-        if self.reason == "reboot":
-            return None
-        return 1
-
-    def report(self) -> str:
-        """Human-readable lines for the console (instruction bytes, registers)."""
-        lines = [f"{self.reason}: {self.message}"]
-        if self.insn is not None:
-            lines.append("instruction bytes: " + (self.insn.hex(" ") or "(none)"))
-        if self.regs:
-            items = [f"{k}={v:#018x}" for k, v in self.regs.items()]
-            for i in range(0, len(items), 4):
-                lines.append("  " + " ".join(items[i:i + 4]))
-        return "\n".join(lines)
-
-
 # The instructions we step over for the emulator.  Each entry: leading bytes
 # -> (name, length, action).  Narrow on purpose: anything else is fatal.
 #   fwait (0x9B): waits for pending x87 exceptions; with none pending it is a
@@ -381,17 +335,6 @@ ASSISTS = {
     b"\xcc": ("int3", 1, "bp"),
 }
 ASSIST_REPEAT_LIMIT = 16   # the same RIP assisted this often with no other exit between: a loop
-
-
-@dataclass
-class ExitStats:
-    """Counters kept by the vCPU loop (pio/mmio/total are added when a run
-    returns; intr and assists as they happen)."""
-    pio: int = 0
-    mmio: int = 0
-    intr: int = 0
-    assists: dict = field(default_factory=dict)   # name -> count
-    total: int = 0
 
 
 # ---------------------------------------------------------------------------
@@ -574,7 +517,7 @@ class KvmVm:
         while True:
             buf = self._cpuid_buffer(nent)
             try:
-                fcntl.ioctl(self.kvm_fd, _ioc(_IOC_READ | _IOC_WRITE, 0x05, ctypes.sizeof(kvm_cpuid2)), buf)
+                fcntl.ioctl(self.kvm_fd, KVM_GET_SUPPORTED_CPUID, buf)
                 return [buf.entries[i] for i in range(buf.nent)]
             except OSError as e:
                 if e.errno != errno.E2BIG or nent >= 4096:
@@ -646,7 +589,7 @@ class KvmVm:
         buf = self._msr_buffer(len(indices))
         for i, idx in enumerate(indices):
             buf.entries[i].index = idx
-        n = _ioctl(self.vcpu_fd, _ioc(_IOC_READ | _IOC_WRITE, 0x88, ctypes.sizeof(kvm_msrs)), buf, "KVM_GET_MSRS")
+        n = _ioctl(self.vcpu_fd, KVM_GET_MSRS, buf, "KVM_GET_MSRS")
         if n != len(indices):
             raise KvmError(errno.EINVAL, f"KVM_GET_MSRS: MSR {indices[n]:#x} is not supported")
         return {buf.entries[i].index: buf.entries[i].data for i in range(n)}
@@ -659,7 +602,7 @@ class KvmVm:
         for i, (idx, val) in enumerate(items):
             buf.entries[i].index = idx
             buf.entries[i].data = val & 0xFFFFFFFFFFFFFFFF
-        n = _ioctl(self.vcpu_fd, _ioc(_IOC_WRITE, 0x89, ctypes.sizeof(kvm_msrs)), buf, "KVM_SET_MSRS")
+        n = _ioctl(self.vcpu_fd, KVM_SET_MSRS, buf, "KVM_SET_MSRS")
         if n != len(items):
             raise KvmError(errno.EINVAL, f"KVM_SET_MSRS: MSR {items[n][0]:#x} = {items[n][1]:#x} was refused")
 

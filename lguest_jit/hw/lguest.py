@@ -81,11 +81,11 @@ import signal
 import struct
 import threading
 
-from ..pci import BAR0_SIZE
-from .decode import decode_mmio, decode_pio, error_message, merge_register, register_operand
-from .decode import MAX_INSN_LEN, PS2_STATUS_PORT, PS2_STATUS_VALUE
-from .kvm import ExitStats, RunResult
+from .decode import (MAX_INSN_LEN, PS2_STATUS_PORT, decode_mmio, decode_pio, error_message, merge_register,
+                     register_operand, unclaimed_port_read)
 from .memory import PAGE_SIZE
+from .hosts import lguest_available
+from .run import ExitStats, RunResult
 
 # ---------------------------------------------------------------------------
 # Protocol constants (include/linux/lguest_launcher.h)
@@ -129,9 +129,8 @@ class LguestError(OSError):
     """A /dev/lguest request failed (the message names the request)."""
 
 
-def available(dev: str = "/dev/lguest") -> bool:
-    """True when this host has the lguest device (no current kernel does)."""
-    return os.path.exists(dev)
+# The probe lives where the CLI can ask it without loading the engine.
+available = lguest_available
 
 
 def encode_request(req: int, *args: int, word_bytes: int = WORD_BYTES) -> bytes:
@@ -224,11 +223,16 @@ class DevLguest:
 class LguestBackend:
     """One lguest guest (one CPU) over guest memory ``gm`` and PCI ``bus``.
 
+    ``bus`` is used through ``pio``, ``mmio``, ``bar_at`` (which BAR, if
+    any, holds an address) and ``interrupts``; this layer knows nothing
+    else of PCI.
     ``entry``: guest-physical start address (the loader's entry point).
     ``dev``/``host``: the device path, or a host object speaking the same
     protocol (see the module docstring); a given host is not closed by us.
-    ``mmio_limit``: end of the guest-physical MMIO region (default: the end
-    of the bus's BAR window, page-rounded).  ``log(line)``: diagnostics.
+    ``mmio_limit``: end of the guest-physical MMIO region, page-rounded (the
+    caller knows where its BARs are; default 4 GiB: every page above RAM
+    traps, and accesses in no BAR are re-injected).  ``log(line)``:
+    diagnostics.
     LHREQ_INITIALIZE is written here, as the reference's ``tell_kernel``.
     """
 
@@ -251,8 +255,7 @@ class LguestBackend:
         self._pack2 = struct.Struct(f"<2{code}").pack
         self._pack3 = struct.Struct(f"<3{code}").pack
         if mmio_limit is None:
-            ndev = max(1, len(getattr(bus, "devices", ())))
-            mmio_limit = getattr(bus, "mmio_base", gm.size) + BAR0_SIZE * ndev
+            mmio_limit = 1 << 32
         mmio_limit = (mmio_limit + PAGE_SIZE - 1) // PAGE_SIZE * PAGE_SIZE
         if not gm.size < mmio_limit <= 1 << 32:
             raise ValueError(f"MMIO limit {mmio_limit:#x} must lie above RAM ({gm.size:#x}) and within 4 GiB")
@@ -438,18 +441,12 @@ class LguestBackend:
         if d.is_write:
             self.bus.pio(port, d.width, True, register_operand(eax, d.width))
         else:
-            if port == PS2_STATUS_PORT:
-                val = PS2_STATUS_VALUE
+            if port == PS2_STATUS_PORT:     # nobody claims it here: lguest's answer ends i8042 probing
+                val = unclaimed_port_read(port, d.width)
             else:
                 val = self.bus.pio(port, d.width, False, 0)
             self.setreg(REG["eax"], merge_register(eax, val, d.width))
         self._skip(d.length)
-
-    def _in_bar(self, addr: int, width: int) -> bool:
-        for t in self.bus.devices:
-            if t.bar0 <= addr and addr + width <= t.bar0 + BAR0_SIZE:
-                return True
-        return False
 
     def emulate_mmio(self, addr: int, insn: bytes) -> None:
         """Trap 14: a ``mov`` to or from a device's BAR0, else re-inject."""
@@ -461,7 +458,7 @@ class LguestBackend:
         if not d.ok:
             self._note(f"MMIO at {addr:#x} by {insn.hex(' ')}: {error_message(d.error)}: re-injected")
             return self.reinject(TRAP_PAGE_FAULT)
-        if not self._in_bar(addr, d.width):
+        if self.bus.bar_at(addr, d.width) is None:
             self._note(f"MMIO touching {addr:#x} ({d.width} bytes), which is no device's BAR0: re-injected")
             return self.reinject(TRAP_PAGE_FAULT)
         off = REG_BY_NUMBER[d.reg]   # 32-bit guest: reg is 0..7, AH..BH folded by the decoder

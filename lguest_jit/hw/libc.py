@@ -19,9 +19,16 @@ from numba.extending import overload
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
+EIO = 5
 EINTR = 4
+EBADF = 9
 EAGAIN = 11
+# poll(2) event bits (<asm-generic/poll.h>)
 POLLIN = 0x001
+POLLOUT = 0x004
+POLLERR = 0x008
+POLLHUP = 0x010
+POLLNVAL = 0x020
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
 FALLOC_FL_ZERO_RANGE = 0x10

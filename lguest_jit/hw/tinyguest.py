@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import struct
 
-from .kvm import CR0_ET, CR0_NE, CR0_PE, CR0_PG, CR4_PAE, EFER_LMA, EFER_LME, flat_segment, kvm_regs
+from .kvm import flat_segment, kvm_regs
+from .x86 import CR0_ET, CR0_NE, CR0_PE, CR0_PG, CR4_PAE, EFER_LMA, EFER_LME
 
 PML4, PDPT, PD0 = 0x1000, 0x2000, 0x3000
 GDT, IDT, TSS = 0x7000, 0x8000, 0x9000
