@@ -88,6 +88,7 @@ from numba import njit
 
 from .firmware import write_mp_table
 from .memory import PAGE_SIZE, GuestMemory
+from .x86 import CR0_ET, CR0_PE, CR0_PG, CR4_PAE, EFER_LMA, EFER_LME
 
 # ---------------------------------------------------------------------------
 # Guest physical layout
@@ -109,13 +110,6 @@ MAX_IDENTITY_MAP = 4 * GIB
 BOOT_CS = 0x10
 BOOT_DS = 0x18
 
-# Control registers and EFER.
-CR0_PE = 1 << 0
-CR0_ET = 1 << 4
-CR0_PG = 1 << 31
-CR4_PAE = 1 << 5
-EFER_LME = 1 << 8
-EFER_LMA = 1 << 10
 RFLAGS_RESERVED = 0x2
 
 # Page-table entry bits.
