@@ -161,3 +161,19 @@ def test_driver_ok_without_version_1_is_refused(gm, strict):
     assert status == pci.ACKNOWLEDGE | pci.DRIVER
     assert dev.activated == 0                     # and the device was activated
     bus.close()
+
+
+# --- fault 3: a kernel file larger than host memory ---------------------------
+
+def test_loader_sizes_the_kernel_file_before_reading_it(tmp_path):
+    from lguest_jit.hw import loader
+    huge = tmp_path / "vmlinux"
+    with open(huge, "wb") as f:
+        f.truncate(1 << 40)               # sparse: costs nothing on disk
+    gm = GuestMemory(8 << 20)
+    try:
+        with pytest.raises(loader.LoadError, match="free memory") as ei:   # before the fix: MemoryError
+            loader.load_linux(gm, str(huge))
+        assert "\n" not in str(ei.value) and str(huge) in str(ei.value)
+    finally:
+        gm.close()
