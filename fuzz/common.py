@@ -7,8 +7,8 @@ AssertionError on any disagreement; the returned digest summarises what the
 kernels did, so the same input can be replayed under Numba and compared
 with the pure-Python run (``replay``).
 
-``main(module_name)`` is each target's command line:
-    python -m fuzz.fuzz_<t> [libFuzzer flags] [CORPUS_DIR...]   fuzz (atheris)
+Command lines:
+    python -m fuzz.run <t> [libFuzzer flags] [CORPUS_DIR...]    fuzz (atheris)
     python -m fuzz.fuzz_<t> --replay FILE_OR_DIR...             digest per input
 In fuzz mode, with NUMBA_DISABLE_JIT=1, lguest_jit is imported under atheris
 instrumentation, so its kernels (plain Python then) give the coverage.
@@ -95,12 +95,10 @@ def replay(one_input, paths) -> int:
     return 1 if failed else 0
 
 
-def main(module: str) -> None:
-    argv = sys.argv[1:]
-    if argv and argv[0] == "--replay":
-        mod = importlib.import_module(module)
-        sys.exit(replay(mod.one_input, argv[1:]))
+def fuzz(module: str, argv) -> None:
+    """Fuzz ``module``'s one_input with atheris (see fuzz/run.py)."""
     import atheris
+    assert "lguest_jit" not in sys.modules, "imported before instrumentation"
     pure = os.environ.get("NUMBA_DISABLE_JIT", "0") not in ("", "0")
     # Pure Python: coverage of the launcher's own code (its kernels run as
     # Python).  Jitted: only the harness and references are visible, the
@@ -109,3 +107,12 @@ def main(module: str) -> None:
         mod = importlib.import_module(module)
     atheris.Setup([sys.argv[0], *argv], mod.one_input)
     atheris.Fuzz()
+
+
+def main(module: str) -> None:
+    """A target's own command line: ``--replay FILE_OR_DIR...``."""
+    argv = sys.argv[1:]
+    if not argv or argv[0] != "--replay":
+        sys.exit(f"usage: python -m {module} --replay FILE_OR_DIR... (to fuzz: python -m fuzz.run TARGET)")
+    mod = importlib.import_module(module)
+    sys.exit(replay(mod.one_input, argv[1:]))

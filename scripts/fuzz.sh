@@ -40,7 +40,7 @@ for t in "${targets[@]}"; do
     log="$work/$t.log"
     mode=pure; [ $jit = 1 ] && mode=jit
     if [ $jit = 1 ]; then env_jit=0; else env_jit=1; fi
-    NUMBA_DISABLE_JIT=$env_jit python3 -m "fuzz.fuzz_$t" -max_total_time="$seconds" -timeout=60 \
+    NUMBA_DISABLE_JIT=$env_jit python3 -m fuzz.run "$t" -max_total_time="$seconds" -timeout=60 \
         -rss_limit_mb=4096 -print_final_stats=1 -artifact_prefix="$work/crash-$t-" \
         "$work/corpus/$t" "fuzz/corpus/$t" >"$log" 2>&1
     rc=$?
