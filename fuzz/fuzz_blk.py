@@ -9,12 +9,11 @@ import struct
 
 import numpy as np
 
-from lguest_jit import vring
 from lguest_jit.devices import block as blk
 from lguest_jit.hw.libc import host_iov
 
 from .common import Reader, digest, main
-from .ring import PAYLOAD, Ring, apply_writes, gather  # noqa: F401 (PAYLOAD: tests)
+from .ring import Ring, apply_writes, gather
 
 SECTORS = 16
 _fd = None
@@ -101,12 +100,7 @@ def one_input(data: bytes) -> str:
                       dtype=np.int64)
     hiov, hdr, segs = host_iov(ring.size), np.zeros(16, np.uint8), np.zeros(16 * blk.MAX_DISCARD_SEGS, np.uint8)
     results = []
-    for _ in range(ring.size + 2):
-        got = ring.pop()
-        if got is None or isinstance(got, int):
-            results.append(got)
-            break
-        head, bufs = got
+    for head, bufs in ring.chains(results):
         want_mem = bytearray(ring.mem.tobytes())
         want_used, want_status = shadow(want_mem, disk, bufs, readonly, bytes(ident))
         used, status = (int(x) for x in blk._blk_request(ring.mem, ring.q, ring.iov, hiov, hdr, segs, _fd,
@@ -119,8 +113,7 @@ def one_input(data: bytes) -> str:
         assert ring.mem.tobytes() == bytes(want_mem), "guest memory differs from the shadow"
         assert os.pread(_fd, len(disk) + 1, 0) == bytes(disk), "disk differs from the shadow disk"
         results.append((head, used, status))
-        vring._push(ring.mem, ring.q, head, used)
-        vring._publish(ring.mem, ring.q)
+        ring.complete(head, used)
     return digest(results, ring.mem.tobytes(), bytes(disk))
 
 

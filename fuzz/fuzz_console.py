@@ -40,12 +40,7 @@ def one_input(data: bytes) -> str:
     os.lseek(in_fd, 0, os.SEEK_SET)
     hiov, pfd, cs = host_iov(ring.size), pollfds(2), np.zeros(console.CS_FIELDS, np.int64)
     results, sent = [], b""
-    for _ in range(ring.size + 2):
-        got = ring.pop()
-        if got is None or isinstance(got, int):
-            results.append(got)
-            break
-        head, bufs = got
+    for head, bufs in ring.chains(results):
         nout, nin = int(ring.q[vring.Q_OUT]), int(ring.q[vring.Q_IN])
         if receive:
             if nout:
@@ -73,8 +68,7 @@ def one_input(data: bytes) -> str:
             assert done == sum(ln for _a, ln, _w in bufs)
             used = 0
         results.append((head, used))
-        vring._push(ring.mem, ring.q, head, used)
-        vring._publish(ring.mem, ring.q)
+        ring.complete(head, used)
     if not receive:
         size = os.fstat(out_fd).st_size
         assert os.pread(out_fd, size + 1, 0) == sent, "console output is not the readable bytes"

@@ -71,6 +71,22 @@ class Ring:
                           flags.to_bytes(2, "little") + nxt.to_bytes(2, "little"), np.uint8)
         self.mem[at:at + 16] = b
 
+    def chains(self, results: list):
+        """Yield (head, buffers) for each valid chain, as the device's serve
+        loop would get them; the ring running empty or an invalid chain
+        ends the walk, recorded in ``results``.  The caller completes each
+        chain with ``complete`` (or stops, as a device that found an error)."""
+        for _ in range(self.size + 2):
+            got = self.pop()
+            if got is None or isinstance(got, int):
+                results.append(got)
+                return
+            yield got
+
+    def complete(self, head: int, used: int) -> None:
+        vring._push(self.mem, self.q, head, used)
+        vring._publish(self.mem, self.q)
+
     def pop(self):
         """Pop one chain with the kernel and the reference; they must agree.
         Returns (head, [(addr, len, writable)...]), None when the ring is

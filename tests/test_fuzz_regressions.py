@@ -34,12 +34,13 @@ def test_a_wrong_kernel_result_is_caught(monkeypatch):
     """The blk target's shadow disk notices a request kernel that answers
     wrongly (here: reads return the sector after the one asked for)."""
     from fuzz import fuzz_blk
+    from fuzz.ring import PAYLOAD
     from lguest_jit.devices import block
     real = block._blk_request
 
     def off_by_one(mem, q, iov, hiov, hdr, segs, fd, limits, ident):
-        if mem[fuzz_blk.PAYLOAD] == block.T_IN:
-            mem[fuzz_blk.PAYLOAD + 8] += 1          # the sector number in the request header
+        if mem[PAYLOAD] == block.T_IN:
+            mem[PAYLOAD + 8] += 1          # the sector number in the request header
         return real(mem, q, iov, hiov, hdr, segs, fd, limits, ident)
     monkeypatch.setattr(fuzz_blk.blk, "_blk_request", off_by_one)
     with open(os.path.join(CORPUS, "blk", "seed-read"), "rb") as f:

@@ -1,11 +1,10 @@
 """Faults found by the adversarial run (issue 13), one test each, and the
 property that BAR decoding is a pure function of the current BAR values."""
-import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lguest_jit import pci, vring
+from lguest_jit import pci
 from lguest_jit.hw.memory import GuestMemory
 
 from naive import bar_decode
