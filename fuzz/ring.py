@@ -4,6 +4,8 @@ chains through the real vring kernel, check each against the reference, then
 hand the popped chain to the device's request kernel."""
 from __future__ import annotations
 
+import struct
+
 import numpy as np
 
 import naive
@@ -16,6 +18,7 @@ MEM_SIZE = 0x10000          # 64 KiB of guest RAM between two guard pages
 DESC, AVAIL, USED = 0x0000, 0x1000, 0x2000
 DATA = 0x3000               # buffers and indirect tables live from here
 PAYLOAD = DATA + 0x100      # the rest of the input is copied here
+_IMAGE = bytes(DATA) + ((np.arange(MEM_SIZE - DATA) * 7 + 3) & 0xFF).astype(np.uint8).tobytes()
 _GM = None
 
 
@@ -26,7 +29,6 @@ class Ring:
             _GM = GuestMemory(MEM_SIZE)     # one per process: guard pages on both sides
         self.gm = _GM
         self.mem = self.gm.mem
-        self.mem[:DATA] = 0
         self.size = 1 << (r.u8() % (max_log2 + 1))
         flags = r.u8()
         features = (1 << vring.VIRTIO_RING_F_INDIRECT_DESC if flags & 1 else 0) | \
@@ -37,24 +39,23 @@ class Ring:
         start = r.u16()
         self.q[vring.Q_LAST_AVAIL] = start
         self.q[vring.Q_USED_IDX] = start
-        # Buffer contents first (a pattern the target can tell apart), then
+        # The image is built in Python and copied into guest RAM once: rings
+        # zeroed, buffer contents a pattern the target can tell apart, then
         # the descriptor table and the avail ring from the input.
-        self.mem[DATA:] = (np.arange(MEM_SIZE - DATA) * 7 + 3).astype(np.uint8)
+        img = bytearray(_IMAGE)
         for i in range(self.size + 4):      # a few indirect-table descriptors beyond the ring
-            self._desc(r, DESC + 16 * i if i < self.size else DATA + 16 * (i - self.size))
-        self.mem[AVAIL:AVAIL + 2] = np.frombuffer(r.u16().to_bytes(2, "little"), np.uint8)
-        self.mem[AVAIL + 2:AVAIL + 4] = np.frombuffer(((start + r.u8() % (self.size + 2)) & 0xFFFF)
-                                                      .to_bytes(2, "little"), np.uint8)
+            self._desc(r, img, DESC + 16 * i if i < self.size else DATA + 16 * (i - self.size))
+        struct.pack_into("<HH", img, AVAIL, r.u16(), (start + r.u8() % (self.size + 2)) & 0xFFFF)
         for i in range(self.size):
-            self.mem[AVAIL + 4 + 2 * i:AVAIL + 6 + 2 * i] = np.frombuffer(
-                (r.u8() % (self.size + 1)).to_bytes(2, "little"), np.uint8)
+            struct.pack_into("<H", img, AVAIL + 4 + 2 * i, r.u8() % (self.size + 1))
         self.iov = vring.new_iov(self.size)
         # Whatever input is left is buffer contents (request headers...).
         rest = r.data[r.pos:r.pos + MEM_SIZE - PAYLOAD]
         r.pos += len(rest)
-        self.mem[PAYLOAD:PAYLOAD + len(rest)] = np.frombuffer(rest, np.uint8)
+        img[PAYLOAD:PAYLOAD + len(rest)] = rest
+        self.mem[:] = np.frombuffer(img, np.uint8)
 
-    def _desc(self, r: Reader, at: int) -> None:
+    def _desc(self, r: Reader, img: bytearray, at: int) -> None:
         kind = r.u8()
         if kind & 0xC0 == 0xC0:        # occasionally a raw 64-bit address (out of RAM, wrapping)
             addr = r.u64()
@@ -65,11 +66,7 @@ class Ring:
         length = r.u16() % 0x2000 if kind & 0x20 else r.u8()
         if kind & 0x10 and r.u8() & 1:
             length = r.u32()
-        flags = kind & 7
-        nxt = r.u8() % (self.size + 2)
-        b = np.frombuffer(int(addr).to_bytes(8, "little") + length.to_bytes(4, "little") +
-                          flags.to_bytes(2, "little") + nxt.to_bytes(2, "little"), np.uint8)
-        self.mem[at:at + 16] = b
+        struct.pack_into("<QIHH", img, at, addr, length, kind & 7, r.u8() % (self.size + 2))
 
     def chains(self, results: list):
         """Yield (head, buffers) for each valid chain, as the device's serve
