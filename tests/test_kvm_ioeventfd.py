@@ -92,3 +92,17 @@ def test_sync_registers_exactly_what_decodes(machine):
     with pytest.raises(K.KvmError):
         vm.add_ioeventfd(NEW_BAR + pci.NOTIFY_OFF, 2, b.notify_fds[0])
     vm.add_ioeventfd(0xE0200000 + pci.NOTIFY_OFF, 2, b.notify_fds[0])   # a free address is fine
+
+
+@needs_kvm
+def test_an_address_kvm_refuses_falls_back_to_the_exit_path(machine):
+    gm, bus, vm, a, b, exits = machine
+    other = os.eventfd(0, os.EFD_CLOEXEC)
+    try:
+        vm.add_ioeventfd(NEW_BAR + pci.NOTIFY_OFF, 2, other)        # someone else holds the address
+        pci.conf1_write(bus, b.slot, pci.PCI_BASE_ADDRESS_0, 4, NEW_BAR)   # must not raise
+        assert (NEW_BAR + pci.NOTIFY_OFF, 2, b.notify_fds[0]) not in vm._bus_ioeventfds
+        assert b.bar0 == NEW_BAR
+    finally:
+        vm.close()
+        os.close(other)

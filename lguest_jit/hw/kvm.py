@@ -799,7 +799,13 @@ class KvmVm:
             self.remove_ioeventfd(gpa, length, efd)
         self._bus_ioeventfds = have & want
         for gpa, length, efd in sorted(want - have):
-            self.add_ioeventfd(gpa, length, efd)
+            try:
+                self.add_ioeventfd(gpa, length, efd)
+            except KvmError:
+                # The guest chose the address (a BAR move): never fatal.
+                # Unregistered, the notify exits to bus.mmio, which signals
+                # the same eventfd.
+                continue
             self._bus_ioeventfds.add((gpa, length, efd))
 
     def add_irqfd(self, gsi: int, efd: int, resamplefd: int = -1) -> None:
