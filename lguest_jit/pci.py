@@ -39,10 +39,16 @@ fatal=None, log=None, irqs=None)``
     read all-ones and ignore writes.
 
 ``bus.ioeventfds() -> list[tuple[int, int, int]]``
-    ``(gpa, length, eventfd)`` for each queue's notify register (per-queue
-    mode; ``[]`` in single mode, where one address carries every queue and
+    ``(gpa, length, eventfd)`` for each queue's notify register of every
+    device whose BAR0 decodes (per-queue mode; ``[]`` in single mode, where one address carries every queue and
     the value decides).  A ``bus.mmio`` write there writes 1 to the same
     eventfd, so the KVM ioeventfd path and the exit path agree.
+
+``bus.add_decode_listener(fn)``
+    ``fn()`` is called (under the bus lock) whenever a BAR write changes
+    which device decodes which page; ``ioeventfds()`` then lists the new
+    set.  Decoding is rebuilt from every BAR0 on each write; overlapping
+    BAR0s: the lowest slot decodes (see ``_rebuild_decode``).
 
 ``bus.interrupts() -> list[tuple[int, int]]``
     ``(irq_line, eventfd)``, one per device: writing 1 to the eventfd is the
