@@ -111,9 +111,9 @@ def apply_writes(mem: bytearray, bufs, data: bytes) -> None:
     they alias, as sequential writes do)."""
     pos = 0
     for a, ln, _w in bufs:
-        n = min(ln, len(data) - pos)
-        if n <= 0:
+        if pos >= len(data):
             break
+        n = min(ln, len(data) - pos)     # an empty buffer takes nothing and is skipped
         mem[a:a + n] = data[pos:pos + n]
         pos += n
 
