@@ -86,10 +86,10 @@ def _inputs(paths):
 
 
 def replay(one_input, paths) -> int:
-    """Run every input once; print "<name> <digest> <seconds>" per input and
-    a closing "slowest" line.  Exit 1 if any input failed a check."""
+    """Run every input once; print "<name> <digest>" per input and a closing
+    "slowest" line on stderr.  Exit 1 if any input failed a check."""
     failed = 0
-    slowest = (0.0, "")
+    times = []
     for f in _inputs(paths):
         with open(f, "rb") as fh:
             data = fh.read()
@@ -99,10 +99,21 @@ def replay(one_input, paths) -> int:
         except Exception as exc:       # a finding: report it, keep replaying
             d = f"FAIL:{type(exc).__name__}:{str(exc)[:200]!r}"
             failed += 1
-        dt = time.perf_counter() - t0
-        slowest = max(slowest, (dt, os.path.basename(f)))
+        times.append((time.perf_counter() - t0, f))
         print(f"{os.path.basename(f)} {d}")
-    print(f"# slowest {slowest[1]} {slowest[0]:.4f} s", file=sys.stderr)
+    # Time the five slowest again: a first run may have paid for compiling
+    # (or loading the cache of) the kernels it was the first to call.
+    slowest = (0.0, "")
+    for first, f in sorted(times)[-5:]:
+        with open(f, "rb") as fh:
+            again = fh.read()
+        t0 = time.perf_counter()
+        try:
+            one_input(again)
+        except Exception:
+            pass
+        slowest = max(slowest, (min(first, time.perf_counter() - t0), f))
+    print(f"# slowest {os.path.basename(slowest[1])} {slowest[0]:.4f} s", file=sys.stderr)
     return 1 if failed else 0
 
 
