@@ -137,6 +137,37 @@ def _readable_file(path: str, what: str) -> str:
     return path
 
 
+def _input_size(path: str, what: str, limit: int, limit_what: str) -> int:
+    """The size of input file ``path``, refused (one line) when it is not a
+    regular file, is empty, or is larger than ``limit`` bytes: checked with
+    stat alone, before the launcher creates or reads anything."""
+    st = os.stat(_readable_file(path, what))
+    if st.st_size == 0:
+        raise UsageError(f"{what} {path!r} is empty")
+    if st.st_size > limit:
+        raise UsageError(f"{what} {path!r} is too large: {st.st_size} bytes, more than {limit_what} "
+                         f"({limit} bytes)")
+    return st.st_size
+
+
+def _writable_output(path: str, what: str) -> str:
+    """An output file the launcher writes at the end: checked now so the run's
+    result is never lost to a bad path."""
+    if not path:
+        raise UsageError(f"{what}: empty file name")
+    if path.endswith(os.sep) or os.path.isdir(path):
+        raise UsageError(f"{what}: {path!r} is a directory, not a file")
+    if os.path.lexists(path):
+        if not os.path.isfile(path):
+            raise UsageError(f"{what}: {path!r} exists and is not a regular file")
+        if not os.access(path, os.W_OK):
+            raise UsageError(f"{what}: {path!r} is not writable")
+    d = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(d) or not os.access(d, os.W_OK | os.X_OK):
+        raise UsageError(f"{what}: cannot write into {d!r}")
+    return path
+
+
 HYPERVISORS = ("auto", "kvm", "lguest")
 
 
@@ -184,8 +215,12 @@ class RunConfig:
         avail = _host_available_mb()
         if self.mem_mb > avail:
             raise UsageError(f"memory size {self.mem_mb} MB is more than the host has free ({avail} MB)")
-        self.kernel = _readable_file(args["<vmlinux>"], "kernel")
-        self.initrd = _readable_file(args["--initrd"], "initrd") if args["--initrd"] else None
+        # The whole kernel file is read into host memory; an initrd must fit in guest RAM.
+        self.kernel = args["<vmlinux>"]
+        _input_size(self.kernel, "kernel", avail << 20, "the host has free")
+        self.initrd = args["--initrd"]
+        if self.initrd is not None:
+            _input_size(self.initrd, "initrd", self.mem_mb << 20, "guest RAM")
         self.cmdline = " ".join(args["<args>"])
         self.blocks = []
         for spec in args["--block"]:
@@ -210,10 +245,8 @@ class RunConfig:
         self.strict = bool(args["--strict"])
         self.stats = bool(args["--stats"])
         self.stats_json = args["--stats-json"]
-        if self.stats_json:
-            d = os.path.dirname(os.path.abspath(self.stats_json))
-            if not os.path.isdir(d) or not os.access(d, os.W_OK):
-                raise UsageError(f"--stats-json: cannot write into {d!r}")
+        if self.stats_json is not None:
+            _writable_output(self.stats_json, "--stats-json")
         # Last, the checks that import Numba (the net device's spec parser,
         # the KVM backend): every cheaper mistake has been reported by now.
         self.nets = []
@@ -271,6 +304,9 @@ class Launcher:
             self.info = loader.load_linux(self.gm, cfg.kernel, cfg.cmdline, cfg.initrd)
         except loader.LoadError as exc:
             raise UsageError(str(exc)) from None
+        except MemoryError:
+            # The files were sized at argument time; the host's free memory may have shrunk since.
+            raise UsageError(f"kernel {cfg.kernel!r}: not enough host memory to load it") from None
         self.bus = pci.Bus(self.gm, strict=cfg.strict, notify_mode="single" if cfg.hypervisor == "lguest" else "per-queue",
                            fatal=self.fatal, log=self.log if cfg.verbose else None)
         from .devices import Console

@@ -44,10 +44,16 @@ fatal=None, log=None, irqs=None)``
     BAR holds all of it (what a backend asks before emulating an access).
 
 ``bus.ioeventfds() -> list[tuple[int, int, int]]``
-    ``(gpa, length, eventfd)`` for each queue's notify register (per-queue
-    mode; ``[]`` in single mode, where one address carries every queue and
+    ``(gpa, length, eventfd)`` for each queue's notify register of every
+    device whose BAR0 decodes (per-queue mode; ``[]`` in single mode, where one address carries every queue and
     the value decides).  A ``bus.mmio`` write there writes 1 to the same
     eventfd, so the KVM ioeventfd path and the exit path agree.
+
+``bus.add_decode_listener(fn)``
+    ``fn()`` is called (under the bus lock) whenever a BAR write changes
+    which device decodes which page; ``ioeventfds()`` then lists the new
+    set.  Decoding is rebuilt from every BAR0 on each write; overlapping
+    BAR0s: the lowest slot decodes (see ``_rebuild_decode``).
 
 ``bus.interrupts() -> list[tuple[int, int]]``
     ``(irq_line, eventfd)``, one per device: writing 1 to the eventfd is the
@@ -306,6 +312,7 @@ E_CONFIG_WRITE = 20
 E_QUEUE_LAYOUT = 21
 E_DEVICE = 22
 E_FEATURE_READ_BEFORE_DRIVER = 23
+E_DRIVER_OK_WITHOUT_FEATURES_OK = 24
 
 RULES = {
     E_WIDTH: ("access width is not the field's natural width", "4.1.3.1", IGNORE),
@@ -332,6 +339,8 @@ RULES = {
     E_CONFIG_WRITE: ("write to a read-only device configuration field", "4.1.4.6", IGNORE),
     E_QUEUE_LAYOUT: ("queue enabled with an invalid layout", "2.4", NEEDS_RESET),
     E_DEVICE: ("device found a malformed request", "2.4", NEEDS_RESET),
+    E_DRIVER_OK_WITHOUT_FEATURES_OK: ("DRIVER_OK set but the device refused the features (no FEATURES_OK)",
+                                      "3.1.1", IGNORE),
 }
 
 
@@ -650,6 +659,11 @@ def _status_write(regs, value):
         if (regs[0, S_DRIVER_HI] & 1) == 0:
             added &= ~FEATURES_OK
         regs[0, S_FOK_UNREAD] = 1
+    if (added & DRIVER_OK) != 0 and ((old | added) & FEATURES_OK) == 0:
+        # §3.1.1: DRIVER_OK only follows accepted features; a refused
+        # feature set (§2.2.3) leaves the device unactivated.
+        added &= ~DRIVER_OK
+        err = E_DRIVER_OK_WITHOUT_FEATURES_OK
     regs[0, S_STATUS] = (old | added) & 0xFF
     if (added & DRIVER_OK) != 0:
         if regs[0, S_FOK_UNREAD] != 0:
@@ -1128,7 +1142,8 @@ class Bus:
         self.slots: list = [None] * MAX_SLOTS
         self.devices: list[Transport] = []
         self._ports: dict = {}          # port -> (handler, last port of its range)
-        self._pages: dict = {}          # BAR0 page number -> Transport
+        self._pages: dict = {}          # BAR0 page number -> Transport (see _rebuild_decode)
+        self._decode_listeners: list = []
         self._lock = threading.Lock()   # vCPU threads take turns on the bus
         bridge = _ConfigBuilder(self.cfg[0], self.wmask[0], self.hook[0], self.region[0])
         bridge.header(HOST_BRIDGE_VENDOR, HOST_BRIDGE_DEVICE, 0, 0x06, 0x00, 0, 0, 0, pin=0, line=0)
@@ -1148,7 +1163,7 @@ class Bus:
         t = Transport(self, dev, slot, bar0, self.irqs.allocate())
         self.slots[slot] = t
         self.devices.append(t)
-        self._pages[bar0 >> BAR0_SHIFT] = t
+        self._rebuild_decode()
         if self.log is not None:
             self.log(f"device {len(self.devices)}: {dev.name} at 00:{slot:02x}.0, BAR0 {bar0:#x}, irq {t.irq_line}")
         return t
@@ -1203,17 +1218,37 @@ class Bus:
             return 0
 
     def _bar0_written(self, t):
+        """Any write to a BAR0 register, changed or not: decode is rebuilt
+        from every device's current BAR0 (a pure function of the BAR values),
+        so an overlap that ends restores the device it hid."""
         new = _le(self.cfg[t.slot], PCI_BASE_ADDRESS_0, 4) & ~(BAR0_SIZE - 1) & 0xFFFFFFFF
-        if new == t.bar0:
-            return
-        if self._pages.get(t.bar0 >> BAR0_SHIFT) is t:
-            del self._pages[t.bar0 >> BAR0_SHIFT]
+        moved = new != t.bar0
         t.bar0 = new
-        # All-ones is the sizing probe, not an address; 0 is "unassigned".
-        if new and new != (~(BAR0_SIZE - 1) & 0xFFFFFFFF):
-            self._pages[new >> BAR0_SHIFT] = t
-            if self.log is not None:
-                self.log(f"{t.name}: BAR0 moved to {new:#x}")
+        if moved and self.log is not None:
+            self.log(f"{t.name}: BAR0 moved to {new:#x}")
+        self._rebuild_decode()
+
+    def _rebuild_decode(self):
+        """The page -> device map from the BARs.  Overlap rule: when two
+        BAR0s claim one page the device in the lowest slot decodes it, the
+        others are hidden there (undefined on real PCI; here deterministic
+        and independent of the order of the writes).  BAR0 = 0 (unassigned)
+        and the all-ones sizing probe decode nothing."""
+        pages = {}
+        for t in sorted(self.devices, key=lambda d: d.slot):
+            if t.bar0 and t.bar0 != (~(BAR0_SIZE - 1) & 0xFFFFFFFF):
+                pages.setdefault(t.bar0 >> BAR0_SHIFT, t)
+        if pages == self._pages:
+            return
+        self._pages = pages
+        for listener in self._decode_listeners:
+            listener()
+
+    def add_decode_listener(self, listener: Callable[[], None]) -> None:
+        """Call ``listener()`` after every change of BAR decoding (under the
+        bus lock), so a backend can move what it registered per address,
+        e.g. KVM ioeventfds (``ioeventfds()`` then lists the new set)."""
+        self._decode_listeners.append(listener)
 
     # -- MMIO --------------------------------------------------------------
     def mmio(self, addr: int, size: int, is_write: bool, value: int) -> int:
@@ -1248,7 +1283,10 @@ class Bus:
     def ioeventfds(self) -> list:
         if self.notify_mode == "single":
             return []
-        return [(t.notify_gpa(q), 2, fd) for t in self.devices for q, fd in enumerate(t.notify_fds)]
+        # Only what decodes: a device hidden under another's BAR0 (overlap
+        # rule in _rebuild_decode) gets no notification there.
+        return [(t.notify_gpa(q), 2, fd) for t in self.devices if self._pages.get(t.bar0 >> BAR0_SHIFT) is t
+                for q, fd in enumerate(t.notify_fds)]
 
     def interrupts(self) -> list:
         return [(t.irq_line, t.irq_fd) for t in self.devices]

@@ -83,3 +83,17 @@ def page_walk(mem, cr3: int, vaddr: int):
     if not pte & 1:
         return None
     return (pte & frame) | (vaddr & 0xFFF)
+
+
+def bar_decode(bars, size=0x1000):
+    """PCI BAR decode as a plain table: ``bars`` maps slot -> BAR0 register
+    value; returns page number -> slot.  A BAR of 0 (unassigned) or the
+    all-ones sizing probe decodes nothing; where BARs overlap the lowest
+    slot wins (the launcher's documented rule)."""
+    probe = ~(size - 1) & 0xFFFFFFFF
+    out = {}
+    for slot in sorted(bars, reverse=True):       # lower slots overwrite higher ones
+        base = bars[slot] & probe
+        if base not in (0, probe):
+            out[base // size] = slot
+    return out

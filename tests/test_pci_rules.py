@@ -243,6 +243,15 @@ def test_features_ok_refused_without_version_1(make):
     assert not drv.r(STATUS, 1) & pci.FEATURES_OK   # §6.1: device refuses legacy negotiation
 
 
+def test_driver_ok_after_refused_features(policy, make):
+    drv = make()
+    drv.to_driver()
+    drv.w(GFSEL, 4, 1)
+    drv.w(GF, 4, 0)                                   # no VERSION_1: FEATURES_OK will be refused
+    if violate(policy, drv, pci.E_DRIVER_OK_WITHOUT_FEATURES_OK, lambda: drv.w(STATUS, 1, 0x0F)):
+        assert drv.r(STATUS, 1) == pci.ACKNOWLEDGE | pci.DRIVER and drv.dev.ctx is None
+
+
 # --- §2.1.1 / §3.1.1 device status -----------------------------------------
 
 def test_status_clear(policy, make):

@@ -447,6 +447,7 @@ class KvmVm:
         self._assist_repeat = 0
         self._assist_exit = -2
         self._ioeventfds: list[tuple[int, int, int, int]] = []
+        self._bus_ioeventfds: set[tuple[int, int, int]] = set()   # the subset bus.ioeventfds() asked for
         self._irqfds: list[tuple[int, int, int]] = []      # (gsi, fd, resamplefd or -1)
         self._pipe_r = self._pipe_w = -1
         self.run_map = None
@@ -666,8 +667,11 @@ class KvmVm:
         pulses the line with KVM_IRQ_LINE.
         """
         self.bus = bus
-        for gpa, length, efd in (bus.ioeventfds() if hasattr(bus, "ioeventfds") else ()):
-            self.add_ioeventfd(gpa, length, efd)
+        self.sync_ioeventfds()
+        # The bus is above us in the layers: it calls back, we never import it.
+        listen = getattr(bus, "add_decode_listener", None)
+        if listen is not None:
+            listen(self.sync_ioeventfds)
         irqs = list(bus.interrupts()) if hasattr(bus, "interrupts") else []
         mode = self._irq_mode_request
         if mode is None:
@@ -730,6 +734,34 @@ class KvmVm:
         arg = kvm_ioeventfd(datamatch=0, addr=gpa, len=length, fd=efd, flags=flags)
         _ioctl(self.vm_fd, KVM_IOEVENTFD, arg, "KVM_IOEVENTFD")
         self._ioeventfds.append((gpa, length, efd, flags))
+
+    def remove_ioeventfd(self, gpa: int, length: int, efd: int, pio: bool = False) -> None:
+        """Undo ``add_ioeventfd`` with the same arguments."""
+        flags = KVM_IOEVENTFD_FLAG_PIO if pio else 0
+        arg = kvm_ioeventfd(datamatch=0, addr=gpa, len=length, fd=efd, flags=flags | KVM_IOEVENTFD_FLAG_DEASSIGN)
+        _ioctl(self.vm_fd, KVM_IOEVENTFD, arg, "KVM_IOEVENTFD (deassign)")
+        self._ioeventfds.remove((gpa, length, efd, flags))
+
+    def sync_ioeventfds(self) -> None:
+        """Make the MMIO ioeventfds taken from the bus exactly
+        ``bus.ioeventfds()`` now: called at attach and by the bus whenever
+        BAR decoding changes, so every queue's notify address follows its
+        BAR0 (and a BAR hidden under another decodes no notify)."""
+        want = set(self.bus.ioeventfds()) if hasattr(self.bus, "ioeventfds") else set()
+        have = self._bus_ioeventfds
+        # Deassign first: KVM refuses a second eventfd on an address in use.
+        for gpa, length, efd in sorted(have - want):
+            self.remove_ioeventfd(gpa, length, efd)
+        self._bus_ioeventfds = have & want
+        for gpa, length, efd in sorted(want - have):
+            try:
+                self.add_ioeventfd(gpa, length, efd)
+            except KvmError:
+                # The guest chose the address (a BAR move): never fatal.
+                # Unregistered, the notify exits to bus.mmio, which signals
+                # the same eventfd.
+                continue
+            self._bus_ioeventfds.add((gpa, length, efd))
 
     def add_irqfd(self, gsi: int, efd: int, resamplefd: int = -1) -> None:
         """Writes to ``efd`` raise ``gsi``: a pulse, or with ``resamplefd`` a

@@ -279,9 +279,22 @@ class BootInfo:
 # Files
 
 
-def _read_file(path, what: str, max_size: int | None = None) -> bytes:
+def _host_free_bytes() -> int:
+    """MemAvailable: what the host can give us without swapping."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) << 10
+    except (OSError, ValueError, IndexError):
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def _read_file(path, what: str, max_size: int | None = None, limit_what: str = "guest RAM") -> bytes:
     """The whole file, or LoadError naming it.  Only regular files: a FIFO or
-    a device (/dev/zero) would block or never end."""
+    a device (/dev/zero) would block or never end.  The size is checked
+    against ``max_size`` before a byte is read."""
     try:
         # O_NONBLOCK: opening a FIFO must not wait for a writer.
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
@@ -295,7 +308,7 @@ def _read_file(path, what: str, max_size: int | None = None) -> bytes:
             raise LoadError(f"{what} {path}: file is empty")
         if max_size is not None and st.st_size > max_size:
             raise LoadError(f"{what} {path}: too little memory: {st.st_size:#x} bytes, "
-                            f"guest RAM is {max_size:#x}")
+                            f"{limit_what} is {max_size:#x}")
         # mmap avoids a second copy of a large vmlinux (debug info and all).
         with mmap.mmap(fd, 0, prot=mmap.PROT_READ) as mm:
             return mm[:]
@@ -869,7 +882,9 @@ def load_linux(gm: GuestMemory, kernel_path, cmdline: str = "", initrd_path=None
     if gm.size < MIN_RAM:
         raise LoadError(f"{name}: too little memory: guest has {gm.size:#x} bytes, need at least "
                         f"{MIN_RAM >> 20} MiB")
-    data = _read_file(kernel_path, "kernel")
+    # The file is copied into host memory whole (a vmlinux may be far larger
+    # than guest RAM: debug info), so the host's free memory is the limit.
+    data = _read_file(kernel_path, "kernel", _host_free_bytes(), "the host's free memory")
     initrd = _read_file(initrd_path, "initrd", gm.size) if initrd_path is not None else None
 
     bz = None

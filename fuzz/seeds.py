@@ -1,0 +1,120 @@
+"""Writes the seed corpus (fuzz/corpus/<target>/): hand-built inputs that
+reach each target's interesting paths, so fuzzing and the CI smoke start
+from valid requests.  ``python -m fuzz.seeds``."""
+from __future__ import annotations
+
+import os
+import struct
+
+from .common import HERE
+from .ring import DATA, PAYLOAD
+
+NEXT, WRITE, INDIRECT = 1, 2, 4
+
+
+def ring(bufs, size_log2=3, flags=3, start=0, extra=(), n_avail=1, heads=(0,)):
+    """Encode a Ring (see ring.Ring): ``bufs`` the descriptor table as
+    (addr, len, flags, next); ``extra`` up to 4 indirect-table descriptors."""
+    size = 1 << size_log2
+    out = bytes([size_log2, flags]) + struct.pack("<H", start)
+    table = list(bufs) + [(DATA, 0, 0, 0)] * (size - len(bufs))
+    ind = list(extra) + [(DATA, 0, 0, 0)] * (4 - len(extra))
+    for addr, ln, fl, nxt in table + ind:
+        if DATA <= addr < 0x10000:
+            kind = 0x20 | fl
+            out += bytes([kind]) + struct.pack("<H", addr - DATA)
+        else:
+            kind = 0xE0 | fl
+            out += bytes([kind]) + struct.pack("<Q", addr)
+        out += struct.pack("<H", ln) + bytes([nxt])
+    out += struct.pack("<H", 0) + bytes([n_avail]) + bytes(list(heads) + [0] * (size - len(heads)))
+    return out
+
+
+def blk_req(rtype, sector, data_len, payload=b"", readonly=0):
+    hdr = struct.pack("<IIQ", rtype, 0, sector) + payload
+    bufs = [(PAYLOAD, len(hdr), NEXT, 1)]
+    if data_len:
+        bufs.append((PAYLOAD + 0x400, data_len, WRITE | NEXT, 2))
+    bufs.append((PAYLOAD + 0x2000, 1, WRITE, 0))
+    return bytes([readonly, 5]) + ring(bufs) + hdr
+
+
+def seeds():
+    s = {}
+    s["vring"] = {
+        "one": ring([(PAYLOAD, 16, 0, 0)]),
+        "chain": ring([(PAYLOAD, 16, NEXT, 1), (PAYLOAD + 64, 32, WRITE, 0)]),
+        "indirect": ring([(DATA, 32, INDIRECT, 0)], extra=[(PAYLOAD, 8, NEXT, 1), (PAYLOAD + 8, 8, WRITE, 0)]),
+        "loop": ring([(PAYLOAD, 16, NEXT, 1), (PAYLOAD, 16, NEXT, 0)]),
+        "two": ring([(PAYLOAD, 4, 0, 0), (PAYLOAD + 4, 4, WRITE, 0)], n_avail=2, heads=(0, 1)),
+        "wrap": ring([(PAYLOAD, 4, 0, 0)], start=0xFFFF, n_avail=2, heads=(0, 0)),
+        "outside": ring([(0xFFFFFFFFFFFFF000, 0x2000, 0, 0)]),
+    }
+    s["blk"] = {
+        "read": blk_req(0, 2, 1024),
+        "write": blk_req(1, 3, 0, payload=bytes(range(256)) * 2),
+        "write_ro": blk_req(1, 3, 0, payload=bytes(512), readonly=1),
+        "past_end": blk_req(0, 15, 1024),
+        "flush": blk_req(4, 0, 0),
+        "get_id": blk_req(8, 0, 20),
+        "discard": blk_req(11, 0, 0, payload=struct.pack("<QII", 2, 4, 0)),
+        "zeroes": blk_req(13, 0, 0, payload=struct.pack("<QII", 8, 8, 1)),
+        "unsupported": blk_req(99, 0, 0),
+        "no_status": bytes([0, 5]) + ring([(PAYLOAD, 16, 0, 0)]),
+    }
+    s["rng"] = {
+        "fill": bytes([64]) + ring([(PAYLOAD, 100, WRITE | NEXT, 1), (PAYLOAD + 200, 300, WRITE, 0)]),
+        "readable": bytes([8]) + ring([(PAYLOAD, 100, 0, 0)]),
+        "capped": bytes([1]) + ring([(PAYLOAD, 0x1000, WRITE, 0)]),
+    }
+    s["console"] = {
+        "tx": bytes([0]) + ring([(PAYLOAD, 12, NEXT, 1), (PAYLOAD + 40, 5, 0, 0)]) + b"hello, world" * 4,
+        "rx": bytes([1, 9]) + b"typed text" + ring([(PAYLOAD, 4, WRITE | NEXT, 1), (PAYLOAD + 40, 16, WRITE, 0)]),
+        "rx_empty_buf": bytes([1, 3]) + b"abc" + ring([(PAYLOAD, 0, WRITE, 0)]),
+        "tx_writable": bytes([0]) + ring([(PAYLOAD, 4, WRITE, 0)]),
+    }
+    s["pci"] = {
+        # single/per-queue, then ops (see fuzz_pci): BAR writes by conf1, MMIO
+        "bar_overlap": bytes([0]) + bytes([0xC7, 1, 0x10, 0xE0, 0, 0] + [0xC7, 1, 0x10, 0x01, 0xE0, 0] * 2) * 3,
+        "mmio": bytes([0]) + bytes([0x84, 0, 0x14, 0, 1, 0x80, 1, 0x14, 0]) * 6,
+        "single": bytes([1]) + bytes([0xC3, 2, 0x10, 0xC4, 0, 0x00, 0x08, 2, 0]) * 4,
+    }
+    import gzip
+    from test_loader import bzimage_with_payload, kernel_payload, make_bzimage, make_elf
+    elf = make_elf(64, entry=0x100000)
+    s["loader"] = {
+        "elf64": bytes([0]) + elf,
+        "elf32": bytes([0]) + make_elf(32),
+        "elf_initrd": bytes([1]) + struct.pack("<H", len(elf)) + elf + b"initrd" * 100,
+        "bzimage": bytes([0]) + make_bzimage(),
+        "bz_gzip": bytes([0]) + bzimage_with_payload(kernel_payload("gzip", elf)),
+        "bz_xz": bytes([0]) + bzimage_with_payload(kernel_payload("xz", elf)),
+        "bz_lz4": bytes([0]) + bzimage_with_payload(kernel_payload("lz4", elf)),
+        "gzip": bytes([2]) + struct.pack("<I", 1 << 16) + gzip.compress(b"x" * 1000) + struct.pack("<I", 1000),
+        "lz4": bytes([2]) + struct.pack("<I", 1 << 16) + kernel_payload("lz4", b"abc" * 300),
+        "garbage": bytes([0]) + b"\x7fELF" + bytes(60),
+    }
+    s["decode"] = {
+        "mov_store": bytes([0, 6]) + bytes.fromhex("8905 00100000") + bytes(9),
+        "mov_load64": bytes([1, 7]) + bytes.fromhex("488b0500100000") + bytes(8),
+        "rex_high": bytes([1, 3]) + bytes.fromhex("408a20") + bytes(12),
+        "out_dx": bytes([0, 2]) + bytes.fromhex("66ef") + bytes(13),
+        "in_imm": bytes([0, 2]) + bytes.fromhex("e4f4") + bytes(13),
+        "cli": bytes([0, 1]) + bytes.fromhex("fa") + bytes(14),
+        "prefixes": bytes([1, 0]) + bytes.fromhex("2e6766f3488905") + bytes(8),
+    }
+    return s
+
+
+def write_all():
+    for target, inputs in seeds().items():
+        d = os.path.join(HERE, "corpus", target)
+        os.makedirs(d, exist_ok=True)
+        for name, data in inputs.items():
+            with open(os.path.join(d, f"seed-{name}"), "wb") as f:
+                f.write(data)
+
+
+if __name__ == "__main__":
+    write_all()

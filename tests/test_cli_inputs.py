@@ -1,0 +1,81 @@
+"""Every user input the launcher reads is checked before anything is
+created (issue 13): a table of bad inputs, each must give exactly one
+``lguest-jit: ...`` line, exit status 2, no traceback, and leave no file
+behind.  The kernel in the table is garbage on purpose: an input the
+argument checks let through would reach the loader and fail with a
+different message, so each row also names what its message must say."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HUGE = 1 << 40           # a sparse file bigger than any host's memory
+
+
+def run(args, cwd):
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    return subprocess.run([sys.executable, "-m", "lguest_jit.main", *args], capture_output=True, text=True,
+                          timeout=120, cwd=cwd, env=env)
+
+
+@pytest.fixture
+def files(tmp_path):
+    def make(name, size=None, data=b"not a kernel at all" * 10):
+        p = tmp_path / name
+        with open(p, "wb") as f:
+            if size is None:
+                f.write(data)
+            else:
+                f.truncate(size)
+        return str(p)
+    k = make("kernel")
+    make("empty", data=b"")
+    make("huge", size=HUGE)
+    make("initrd-big", size=512 << 20)
+    make("disk", data=bytes(4096))
+    (tmp_path / "adir").mkdir()
+    os.mkfifo(tmp_path / "fifo")
+    return tmp_path, k
+
+
+# (name, args with {d} = the temp dir and {k} = a present kernel file, words the message must contain)
+BAD = [
+    ("kernel missing", ["64", "{d}/nope"], "does not exist"),
+    ("kernel is a directory", ["64", "{d}/adir"], "not a regular file"),
+    ("kernel is a fifo", ["64", "{d}/fifo"], "not a regular file"),
+    ("kernel empty", ["64", "{d}/empty"], "is empty"),
+    ("kernel larger than host memory", ["64", "{d}/huge"], "too large"),
+    ("initrd missing", ["--initrd={d}/nope", "64", "{k}"], "initrd"),
+    ("initrd is a directory", ["--initrd={d}/adir", "64", "{k}"], "not a regular file"),
+    ("initrd empty", ["--initrd={d}/empty", "64", "{k}"], "initrd"),
+    ("initrd larger than guest RAM", ["--initrd={d}/initrd-big", "64", "{k}"], "guest RAM"),
+    ("initrd larger than host memory", ["--initrd={d}/huge", "64", "{k}"], "too large"),
+    ("disk missing", ["--block={d}/nope", "64", "{k}"], "does not exist"),
+    ("disk is a directory", ["--block={d}/adir", "64", "{k}"], "not a regular file"),
+    ("disk is a fifo", ["--block={d}/fifo", "64", "{k}"], "not a regular file"),
+    ("disk flag unknown", ["--block={d}/disk,rw", "64", "{k}"], "unknown flag"),
+    ("stats-json is a directory", ["--stats-json={d}/adir", "64", "{k}"], "is a directory"),
+    ("stats-json ends in a slash", ["--stats-json={d}/new/", "64", "{k}"], "is a directory"),
+    ("stats-json in a missing directory", ["--stats-json={d}/nope/s.json", "64", "{k}"], "cannot write into"),
+    ("stats-json is a fifo", ["--stats-json={d}/fifo", "64", "{k}"], "not a regular file"),
+    ("stats-json empty", ["--stats-json=", "64", "{k}"], "empty file name"),
+    ("memory not a number", ["lots", "{k}"], "not a whole number"),
+    ("memory zero", ["0", "{k}"], "must be positive"),
+    ("memory absurd", ["99999999", "{k}"], "absurd"),
+]
+
+
+@pytest.mark.parametrize("name,args,words", BAD, ids=[b[0] for b in BAD])
+def test_bad_input_is_one_line_exit_2_nothing_created(files, name, args, words):
+    d, k = files
+    before = sorted(os.listdir(d))
+    r = run([a.format(d=d, k=k) for a in args], cwd=d)
+    lines = r.stderr.splitlines()
+    assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
+    assert len(lines) == 1 and lines[0].startswith("lguest-jit: "), r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
+    assert words in lines[0], lines[0]
+    assert sorted(os.listdir(d)) == before      # nothing created, not even the stats file
+    assert r.stdout == ""
