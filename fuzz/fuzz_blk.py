@@ -9,6 +9,7 @@ import struct
 
 import numpy as np
 
+from lguest_jit import vring
 from lguest_jit.devices import block as blk
 from lguest_jit.hw.libc import host_iov
 
@@ -47,13 +48,13 @@ def shadow(mem: bytearray, disk: bytearray, bufs, readonly: bool, ident: bytes):
     payload = readable[16:]
     cap = SECTORS * blk.SECTOR
     in_bytes = sum(b[1] for b in data_in)
-    status, used = blk.S_OK, 0
+    status, used = blk.BLK_S_OK, 0
     if rtype in (blk.T_IN, blk.T_OUT):
         n = in_bytes if rtype == blk.T_IN else len(payload)
         if sector > cap // blk.SECTOR or n > cap - sector * blk.SECTOR:
-            status = blk.S_IOERR
+            status = blk.BLK_S_IOERR
         elif rtype == blk.T_OUT and readonly:
-            status = blk.S_IOERR
+            status = blk.BLK_S_IOERR
         elif rtype == blk.T_IN:
             apply_writes(mem, data_in, bytes(disk[sector * blk.SECTOR:sector * blk.SECTOR + n]))
             used = n
@@ -68,26 +69,26 @@ def shadow(mem: bytearray, disk: bytearray, bufs, readonly: bool, ident: bytes):
     elif rtype in (blk.T_DISCARD, blk.T_WRITE_ZEROES):
         status = _ranges(disk, payload, readonly, rtype == blk.T_WRITE_ZEROES)
     else:
-        status = blk.S_UNSUPP
+        status = blk.BLK_S_UNSUPP
     mem[status_at] = status
     return used + 1, status
 
 
 def _ranges(disk, payload, readonly, zeroes):
     if not payload or len(payload) % 16 or len(payload) // 16 > blk.MAX_DISCARD_SEGS:
-        return blk.S_UNSUPP
+        return blk.BLK_S_UNSUPP
     if readonly:
-        return blk.S_IOERR
+        return blk.BLK_S_IOERR
     segs = [struct.unpack_from("<QII", payload, 16 * i) for i in range(len(payload) // 16)]
     last = SECTORS
     for sector, num, flags in segs:
         if flags & ~(blk.WRITE_ZEROES_UNMAP if zeroes else 0):
-            return blk.S_UNSUPP
+            return blk.BLK_S_UNSUPP
         if num > blk.MAX_DISCARD_SECTORS or sector > last or num > last - sector:
-            return blk.S_IOERR
+            return blk.BLK_S_IOERR
     for sector, num, _f in segs:
         disk[sector * blk.SECTOR:(sector + num) * blk.SECTOR] = bytes(num * blk.SECTOR)
-    return blk.S_OK
+    return blk.BLK_S_OK
 
 
 def one_input(data: bytes) -> str:
@@ -103,12 +104,16 @@ def one_input(data: bytes) -> str:
     for head, bufs in ring.chains(results):
         want_mem = bytearray(ring.mem.tobytes())
         want_used, want_status = shadow(want_mem, disk, bufs, readonly, bytes(ident))
-        used, status = (int(x) for x in blk._blk_request(ring.mem, ring.q, ring.iov, hiov, hdr, segs, _fd,
-                                                           limits, ident))
+        # As the device's serve kernel: next_chain's shape rule, then the request.
+        err = int(vring.shape_error(ring.q, ring.iov, vring.CHAIN_REQUEST, blk.HDR_SIZE))
         if want_used < 0:
-            assert used < 0, ("driver error not caught", used, bufs)
-            results.append(("error", used))
+            assert err != vring.OK, ("driver error not caught", bufs)
+            results.append(("error", err))
             break
+        assert err == vring.OK, ("valid request refused", err, bufs)
+        used = int(blk._blk_request(ring.mem, ring.q, ring.iov, hiov, hdr, segs, _fd, limits, ident))
+        last = [b for b in bufs if b[2]][-1]
+        status = int(ring.mem[last[0] + last[1] - 1])
         assert (used, status) == (want_used, want_status), ((used, status), (want_used, want_status), bufs)
         assert ring.mem.tobytes() == bytes(want_mem), "guest memory differs from the shadow"
         assert os.pread(_fd, len(disk) + 1, 0) == bytes(disk), "disk differs from the shadow disk"

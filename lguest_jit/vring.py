@@ -525,7 +525,10 @@ CHAIN_REQUEST = 3     # readable header (+ data), writable part ending in a stat
 
 
 @njit(nogil=True, cache=True, inline='always')
-def _shape_error(q, iov, shape, header):
+def shape_error(q, iov, shape, header):
+    """OK, or the E_* code of the first shape rule (``CHAIN_*``) the chain
+    just popped into ``q``/``iov`` breaks; ``next_chain`` applies it to every
+    chain, and a harness that pops chains itself applies it the same way."""
     if shape == CHAIN_READABLE:
         if q[Q_IN] != 0:
             return E_CHAIN_WRITABLE
@@ -557,7 +560,7 @@ def next_chain(mem, q, iov, notify_fd, isr, irq_fd, scratch, shape, header):
     head = _wait_chain(mem, q, iov, notify_fd, isr, irq_fd, scratch)
     if head < 0:
         return head
-    err = _shape_error(q, iov, shape, header)
+    err = shape_error(q, iov, shape, header)
     if err != OK:
         return _fail(q, err)
     return head

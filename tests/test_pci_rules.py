@@ -483,6 +483,7 @@ RULE_TESTS = {
     pci.E_FEATURE_AFTER_FEATURES_OK: (test_feature_write_after_features_ok, {}),
     pci.E_FEATURE_NOT_OFFERED: (test_feature_not_offered, {}),
     pci.E_STATUS_CLEAR: (test_status_clear, {}),
+    pci.E_DRIVER_OK_WITHOUT_FEATURES_OK: (test_driver_ok_after_refused_features, {}),
     pci.E_STATUS_TRANSITION: (test_status_unknown_transition, dict(start=0, value=pci.DRIVER)),
     pci.E_FEATURES_OK_NOT_REREAD: (test_features_ok_not_reread, dict(when="queue setup")),
     pci.E_SETUP_BEFORE_FEATURES_OK: (test_queue_setup_before_features_ok, {}),
