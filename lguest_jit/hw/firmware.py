@@ -39,7 +39,6 @@ MP_SPEC_REV = 4             # MP 1.4
 # Entry types (MP 1.4 table 4-3).
 MP_PROCESSOR, MP_BUS = 0, 1
 CPU_ENABLED, CPU_BOOTPROCESSOR = 0x01, 0x02
-MPF_IMCRP = 0x80           # floating pointer feature byte 2: PIC mode
 
 CRYSTAL_HZ = 1_000_000_000
 _U32 = 1 << 32
@@ -65,11 +64,9 @@ def mp_config_table(cpuid_signature: int = 0, cpuid_features: int = 0) -> bytes:
 
 def mp_floating_pointer(table_addr: int = MPC_ADDR) -> bytes:
     """The 16-byte "_MP_" structure pointing at the configuration table."""
-    # Feature byte 2 bit 7 (IMCRP): the machine starts in PIC mode.  Linux
-    # then routes the 8259's output through the boot CPU's LINT0 (ExtINT)
-    # whatever its I/O APIC settings, so kernels without `noapic` keep their
-    # interrupts too (its IMCR writes to ports 0x22/0x23 are unclaimed).
-    raw = bytearray(struct.pack("<4sIBBBBB3x", b"_MP_", table_addr, 1, MP_SPEC_REV, 0, 0, MPF_IMCRP))
+    # Feature bytes stay 0 (virtual-wire mode).  Setting IMCRP (PIC mode)
+    # was tried: a kernel without `noapic` still got no device interrupts.
+    raw = bytearray(struct.pack("<4sIBBBB4x", b"_MP_", table_addr, 1, MP_SPEC_REV, 0, 0))
     return _checksummed(raw, 10)
 
 
