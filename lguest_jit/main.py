@@ -247,16 +247,16 @@ class RunConfig:
         self.stats_json = args["--stats-json"]
         if self.stats_json is not None:
             _writable_output(self.stats_json, "--stats-json")
-        # Last, the checks that import Numba (the net device's spec parser,
-        # the KVM backend): every cheaper mistake has been reported by now.
         self.nets = []
         if args["--tunnet"]:
-            from .devices import net
+            from .devices.tunspec import parse_tunnet
             for spec in args["--tunnet"]:
                 try:
-                    self.nets.append(net.parse_tunnet(spec))
+                    self.nets.append(parse_tunnet(spec))
                 except ValueError as exc:
                     raise UsageError(f"--tunnet={spec}: {exc}") from None
+        # Last, the check that imports Numba (the KVM backend): every
+        # cheaper mistake has been reported by now.
         self.hypervisor = _choose_hypervisor(args["--hypervisor"])
 
 
