@@ -95,11 +95,15 @@ BASE_CMDLINE = (
 # cache layout
 # --------------------------------------------------------------------------
 
+def cache_root() -> Path:
+    """$LGUEST_JIT_CACHE, default ~/.cache/lguest-jit."""
+    root = os.environ.get("LGUEST_JIT_CACHE")
+    return Path(root) if root else Path.home() / ".cache" / "lguest-jit"
+
+
 def cache_dir() -> Path:
     """The guest cache directory ($LGUEST_JIT_CACHE/guest)."""
-    root = os.environ.get("LGUEST_JIT_CACHE")
-    base = Path(root) if root else Path.home() / ".cache" / "lguest-jit"
-    return base / "guest"
+    return cache_root() / "guest"
 
 
 @contextlib.contextmanager

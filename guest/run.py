@@ -18,12 +18,14 @@ import argparse
 import json
 import os
 import shlex
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from guest.build import cache_root, default_cmdline  # noqa: E402 - after the path above
 PROG = "boot-default-guest"
 WORKLOADS = ("selftest", "shell", "boot", "persist")
 MEM_MB = 256
@@ -32,11 +34,6 @@ SCRATCH_MIB = 64
 
 class JobError(Exception):
     """One line for the user."""
-
-
-def cache_root() -> Path:
-    root = os.environ.get("LGUEST_JIT_CACHE")
-    return Path(root) if root else Path.home() / ".cache" / "lguest-jit"
 
 
 def built_guest() -> dict:
@@ -83,8 +80,6 @@ def scratch_disk() -> Path:
 
 
 def launcher_argv(args) -> list[str]:
-    sys.path.insert(0, str(ROOT))
-    from guest.build import default_cmdline
     g = built_guest()
     argv = [sys.executable, "-m", "lguest_jit.main", "--rng"]
     if args.initramfs:
