@@ -84,6 +84,7 @@ from dataclasses import dataclass
 
 import numba
 import numpy as np
+import psutil
 from numba import njit
 
 from .firmware import write_mp_table
@@ -280,15 +281,9 @@ class BootInfo:
 
 
 def _host_free_bytes() -> int:
-    """MemAvailable: what the host can give us without swapping."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) << 10
-    except (OSError, ValueError, IndexError):
-        pass
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    """What the host can give us without swapping (MemAvailable), as the
+    CLI's argument check measures it."""
+    return psutil.virtual_memory().available
 
 
 def _read_file(path, what: str, max_size: int | None = None, limit_what: str = "guest RAM") -> bytes:
