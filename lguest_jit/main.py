@@ -44,6 +44,7 @@ import time
 from docopt import DocoptExit, docopt
 
 from . import __version__
+from .devices.tunspec import parse_tunnet
 from .hw.hosts import LGUEST_DEVICE, lguest_available
 
 BENCHMARKS = ("vring", "pci", "decode", "blk", "rng", "exits", "boot")
@@ -57,11 +58,7 @@ def _check_plot_path(path: str) -> None:
     """--plot is checked before the benchmarks run, not after minutes of them."""
     if importlib.util.find_spec("matplotlib") is None:
         raise UsageError("--plot needs matplotlib (pip install 'lguest-jit[plot]')")
-    d = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(d) or not os.access(d, os.W_OK):
-        raise UsageError(f"--plot: cannot write into {d!r}")
-    if os.path.isdir(path):
-        raise UsageError(f"--plot: {path!r} is a directory")
+    _writable_output(path, "--plot")
 
 
 def _bench(args) -> int:
@@ -228,7 +225,13 @@ class RunConfig:
             if flags not in ("", "ro"):
                 raise UsageError(f"--block={spec}: unknown flag {flags!r} (only ',ro')")
             self.blocks.append((_readable_file(path, "block device file"), flags == "ro"))
-        if args["--tunnet"] and not os.path.exists("/dev/net/tun"):
+        self.nets = []
+        for spec in args["--tunnet"]:
+            try:
+                self.nets.append(parse_tunnet(spec))
+            except ValueError as exc:
+                raise UsageError(f"--tunnet={spec}: {exc}") from None
+        if self.nets and not os.path.exists("/dev/net/tun"):
             raise UsageError("--tunnet needs /dev/net/tun, which this host lacks")
         self.rng = bool(args["--rng"])
         self.user = None
@@ -247,14 +250,6 @@ class RunConfig:
         self.stats_json = args["--stats-json"]
         if self.stats_json is not None:
             _writable_output(self.stats_json, "--stats-json")
-        self.nets = []
-        if args["--tunnet"]:
-            from .devices.tunspec import parse_tunnet
-            for spec in args["--tunnet"]:
-                try:
-                    self.nets.append(parse_tunnet(spec))
-                except ValueError as exc:
-                    raise UsageError(f"--tunnet={spec}: {exc}") from None
         # Last, the check that imports Numba (the KVM backend): every
         # cheaper mistake has been reported by now.
         self.hypervisor = _choose_hypervisor(args["--hypervisor"])
