@@ -25,8 +25,9 @@ key="$( { sha256sum < "$root/pyproject.toml"; echo "$root"; command -v "$python"
 installed_here() {
     # The installed distribution must point at this checkout: another
     # `pip install -e` elsewhere repoints the `lguest-jit` command.  Run from
-    # / so this checkout's own files do not answer for the installed ones.
-    (cd / && "$python" - "$root" <<'EOF'
+    # / and without PYTHONPATH, so no checkout's own files (its egg-info)
+    # answer for the installed ones.
+    (cd / && env -u PYTHONPATH "$python" - "$root" <<'EOF'
 import json, sys
 from importlib import metadata
 from urllib.parse import unquote

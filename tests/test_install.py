@@ -59,6 +59,7 @@ def env(tmp_path_factory):
     venv.EnvBuilder(system_site_packages=True, with_pip=False).create(base / "venv")
     e = dict(os.environ, PYTHON=str(base / "venv" / "bin" / "python"), LGUEST_JIT_CACHE=str(base / "cache"),
              PIP_NO_INPUT="1", PIP_NO_INDEX="1")
+    e.pop("PYTHONPATH", None)       # a checkout on the path would answer for the venv's install
     return base, e
 
 
