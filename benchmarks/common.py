@@ -91,7 +91,9 @@ def live(title: str, total: int):
             if started:
                 bar.advance(task)
             started = True
-            bar.update(task, case=case)
+            # Drawn now, not at the next tick: a case shorter than the
+            # refresh period would otherwise never show its name.
+            bar.update(task, case=case, refresh=True)
 
         yield step
         bar.update(task, completed=total, case="")

@@ -221,10 +221,16 @@ def test_a_valid_command_line_does_load_the_engine(tmp_path):
 
 def _bench_with_stderr_on_a_terminal(*args):
     """Run `lguest-jit bench ...` with stdout a pipe and stderr a pseudo-terminal."""
+    import fcntl
     import pty
+    import struct
+    import termios
     master, slave = pty.openpty()
+    # Wide enough that rich never crops the case name off the end of the line.
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 50, 200, 0, 0))
+    env = {**os.environ, "COLUMNS": "200", "LINES": "50"}     # rich reads these before the terminal's size
     proc = subprocess.Popen([sys.executable, "-m", "lguest_jit.main", "bench", *args], stdout=subprocess.PIPE,
-                            stderr=slave, stdin=subprocess.DEVNULL)
+                            stderr=slave, stdin=subprocess.DEVNULL, env=env)
     os.close(slave)
     seen = []
     reader = threading.Thread(target=lambda: seen.extend(iter(lambda: _read_pty(master), b"")))
