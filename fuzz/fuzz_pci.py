@@ -15,7 +15,9 @@ from lguest_jit.hw.memory import GuestMemory
 from .common import Reader, digest, main
 
 _gm = None
-PAGES = (0xE0000, 0xE0001, 0xE0002, 0xE0003, 0xF0000, 0xFFFFF)
+# BAR-sized pages: where the BARs start, beside them, far away, the top.
+PAGES = tuple(a >> pci.BAR0_SHIFT for a in (0xE0000000, 0xE0002000, 0xE0004000, 0xE0006000, 0xF0000000,
+                                            0xFFFFE000))
 VALID = {0, 1, 3, 11, 15}       # ACK, ACK|DRIVER, +FEATURES_OK, +DRIVER_OK (FAILED/NEEDS_RESET masked)
 
 
@@ -52,11 +54,12 @@ def one_input(data: bytes) -> str:
                     bus.pio(0xCF8, 4, True, pci.conf1_address(t.slot, reg) if reg & 3 == 0 else r.u32())
                     port = 0xCFC + (reg & 3)
                 if op & 4:
-                    bus.pio(port, size, True, r.pick(PAGES) << 12 | r.u16() & 0xFFF if op & 8 else r.u32())
+                    bar = r.pick(PAGES) << pci.BAR0_SHIFT | r.u16() & (pci.BAR0_SIZE - 1)
+                    bus.pio(port, size, True, bar if op & 8 else r.u32())
                 else:
                     reads.append(bus.pio(port, size, False, 0))
             else:
-                addr = r.pick(PAGES) << 12 | r.u16() & 0xFFF
+                addr = r.pick(PAGES) << pci.BAR0_SHIFT | r.u16() & (pci.BAR0_SIZE - 1)
                 if op & 4:
                     bus.mmio(addr, size, True, r.u64() if op & 8 else r.u8())
                 else:
@@ -69,11 +72,11 @@ def one_input(data: bytes) -> str:
 
 def _check(bus, ts):
     bars = {t.slot: pci._le(bus.cfg[t.slot], pci.PCI_BASE_ADDRESS_0, 4) for t in ts}
-    want = naive.bar_decode(bars)
+    want = naive.bar_decode(bars, pci.BAR0_SIZE)
     got = {page: t.slot for page, t in bus._pages.items()}
     assert got == want, (got, want, bars)
     if bus.notify_mode == "per-queue":
-        want_fds = sorted((p << 12) + pci.NOTIFY_OFF + 4 * q for p, s in want.items()
+        want_fds = sorted((p << pci.BAR0_SHIFT) + pci.NOTIFY_OFF + 4 * q for p, s in want.items()
                           for q in range(len(bus.slots[s].notify_fds)))
         assert sorted(g for g, _l, _f in bus.ioeventfds()) == want_fds
     for t in ts:

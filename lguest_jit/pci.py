@@ -103,6 +103,8 @@ BAR0 (``BAR0_SIZE`` bytes)::
     0x100  device-specific configuration            §4.1.4.6
     0x800  notify: per-queue 2-byte registers 4 apart, or one register
                                                     §4.1.4.4
+    0x1000 MSI-X table (16 bytes per vector)        PCI 3.0 §6.8.2
+    0x1800 MSI-X pending bit array
 
 ``_bar_access`` does all of BAR0 from tables (field at each common-config
 offset, its width) and two arrays per device: ``regs`` (row 0 device state,
@@ -206,8 +208,8 @@ CLASS_FOR_TYPE = {1: (0x02, 0x00), 2: (0x01, 0x80), 3: (0x07, 0x80), 4: (0xFF, 0
 # ---------------------------------------------------------------------------
 # BAR0 layout
 
-BAR0_SIZE = 0x1000
-BAR0_SHIFT = 12
+BAR0_SIZE = 0x2000
+BAR0_SHIFT = 13
 COMMON_OFF = 0x000
 COMMON_LEN = 0x38
 ISR_OFF = 0x040
@@ -216,7 +218,13 @@ DEVCFG_OFF = 0x100
 DEVCFG_MAX = 0x700
 NOTIFY_OFF = 0x800
 NOTIFY_STRIDE = 4           # notify_off_multiplier in per-queue mode
-MAX_QUEUES = (BAR0_SIZE - NOTIFY_OFF) // NOTIFY_STRIDE
+MSIX_TABLE_OFF = 0x1000     # MSI-X table (16 bytes per vector), PCI 3.0 §6.8.2
+MSIX_PBA_OFF = 0x1800       # MSI-X pending bit array
+MAX_QUEUES = (MSIX_TABLE_OFF - NOTIFY_OFF) // NOTIFY_STRIDE
+MSIX_MAX_VECTORS = (MSIX_PBA_OFF - MSIX_TABLE_OFF) // 16
+# MSI-X state, one int64 array per device (``Bus.msix[slot]``): row 0 the
+# function (MX_* fields), row 1 + v vector v (MV_* fields).
+MSIX_FIELDS = 8
 
 # Common configuration fields (§4.1.4.3).  64-bit fields are two 32-bit
 # fields for the width rule (§4.1.3.1 lets the driver access halves).
@@ -673,16 +681,19 @@ def _status_write(regs, value):
 
 
 @njit(nogil=True, cache=True)
-def _bar_access(regs, bytes_, off, size, is_write, value):
+def _bar_access(regs, bytes_, msix, off, size, is_write, value):
     """One access to BAR0 at ``off`` (0 <= off < BAR0_SIZE), size 1/2/4.
     ``regs``: row 0 the device state (S_*), row 1+q queue q (QC_*);
-    ``bytes_``: ISR then the device config.  Returns (result, action, arg,
-    error)."""
+    ``bytes_``: ISR then the device config; ``msix``: the MSI-X state
+    (table and PBA live at MSIX_TABLE_OFF / MSIX_PBA_OFF).  Returns
+    (result, action, arg, error)."""
     regs[0, S_N_ACCESSES] += 1
     if off < COMMON_OFF + COMMON_LEN:
         if off + size > COMMON_OFF + COMMON_LEN:
             return 0, A_NONE, 0, E_BAR_RANGE
         return _common(regs, off - COMMON_OFF, size, is_write, value)
+    if off >= MSIX_TABLE_OFF:
+        return 0, A_NONE, 0, E_BAR_RANGE
     if off >= NOTIFY_OFF:
         nq = regs[0, S_NUM_QUEUES]
         if regs[0, S_SINGLE_NOTIFY] != 0:
@@ -835,6 +846,7 @@ class Transport:
         self.qs = self.regs[1:]
         self.bytes = np.zeros(B_CFG + len(config), dtype=np.uint8)
         self.isr = self.bytes[B_ISR:B_ISR + 1]
+        self.msix = bus.msix[slot]
         self.bytes[B_CFG:] = config
         self.queues = [vring.new_queue() for _ in range(nq)]
         self.notify_fds = [os.eventfd(0, os.EFD_CLOEXEC) for _ in range(nq)]
@@ -960,7 +972,7 @@ class Transport:
         """Access BAR0 at offset ``off`` (the bus has checked it lies in BAR0)."""
         if size == 8:
             return self._bar_access64(off, is_write, value)
-        r, action, arg, err = _bar_access(self.regs, self.bytes, off, size, is_write, value & 0xFFFFFFFF)
+        r, action, arg, err = _bar_access(self.regs, self.bytes, self.msix, off, size, is_write, value & 0xFFFFFFFF)
         if action == A_NONE and err == 0:
             return r
         return self._slow(off, size, is_write, value, r, action, arg, err)
@@ -1132,6 +1144,7 @@ class Bus:
         self.log = log
         self.irqs = irqs if irqs is not None else IrqAllocator()
         self.conf = np.zeros(C_FIELDS, dtype=np.int64)
+        self.msix = np.zeros((MAX_SLOTS, 1 + MSIX_MAX_VECTORS, MSIX_FIELDS), dtype=np.int64)
         self.space = np.zeros((MAX_SLOTS, P_PLANES, PCI_CFG_SPACE_SIZE), dtype=np.uint8)
         self.space[:, P_REGION, :] = REGION_UNUSED
         # Views of the planes, for Python-side code and tests.
@@ -1266,7 +1279,7 @@ class Bus:
             if size == 8:
                 return t.bar_access(off, size, is_write, value)
             # The common path, inline: one kernel call.
-            r, action, arg, err = _bar_access(t.regs, t.bytes, off, size, is_write, value & 0xFFFFFFFF)
+            r, action, arg, err = _bar_access(t.regs, t.bytes, t.msix, off, size, is_write, value & 0xFFFFFFFF)
             if action == A_NONE and err == 0:
                 return r
             return t._slow(off, size, is_write, value, r, action, arg, err)

@@ -85,7 +85,7 @@ def page_walk(mem, cr3: int, vaddr: int):
     return (pte & frame) | (vaddr & 0xFFF)
 
 
-def bar_decode(bars, size=0x1000):
+def bar_decode(bars, size):
     """PCI BAR decode as a plain table: ``bars`` maps slot -> BAR0 register
     value; returns page number -> slot.  A BAR of 0 (unassigned) or the
     all-ones sizing probe decodes nothing; where BARs overlap the lowest

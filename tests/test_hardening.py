@@ -35,7 +35,7 @@ def make_bus(gm, n=3):
 
 
 def decoder_at(bus, page):
-    v = bus.mmio(page << 12, 4, False, 0)
+    v = bus.mmio(page << pci.BAR0_SHIFT, 4, False, 0)
     return None if v == 0xFFFFFFFF else v - 0x100
 
 
@@ -56,16 +56,16 @@ def test_overlap_then_move_back_restores_both(gm):
     bus, (a, b, _) = make_bus(gm)
     a0, b0 = a.bar0, b.bar0
     set_bar(bus, b, a0)                   # B onto A's page: the lower slot (A) wins
-    assert decoder_at(bus, a0 >> 12) == a.slot
-    assert decoder_at(bus, b0 >> 12) is None
+    assert decoder_at(bus, a0 >> pci.BAR0_SHIFT) == a.slot
+    assert decoder_at(bus, b0 >> pci.BAR0_SHIFT) is None
     set_bar(bus, b, b0)                   # and back
-    assert decoder_at(bus, a0 >> 12) == a.slot
-    assert decoder_at(bus, b0 >> 12) == b.slot
+    assert decoder_at(bus, a0 >> pci.BAR0_SHIFT) == a.slot
+    assert decoder_at(bus, b0 >> pci.BAR0_SHIFT) == b.slot
     set_bar(bus, a, b0)                   # A onto B's page, then back
-    assert decoder_at(bus, b0 >> 12) == a.slot
+    assert decoder_at(bus, b0 >> pci.BAR0_SHIFT) == a.slot
     set_bar(bus, a, a0)
-    assert decoder_at(bus, a0 >> 12) == a.slot
-    assert decoder_at(bus, b0 >> 12) == b.slot   # before the fix: B read all-ones here
+    assert decoder_at(bus, a0 >> pci.BAR0_SHIFT) == a.slot
+    assert decoder_at(bus, b0 >> pci.BAR0_SHIFT) == b.slot   # before the fix: B read all-ones here
     bus.close()
 
 
@@ -73,9 +73,9 @@ def test_higher_slot_moved_onto_lower_is_hidden_not_winning(gm):
     bus, (a, b, c) = make_bus(gm)
     set_bar(bus, c, b.bar0)
     set_bar(bus, a, b.bar0)
-    assert decoder_at(bus, b.bar0 >> 12) == a.slot     # lowest slot of the three
+    assert decoder_at(bus, b.bar0 >> pci.BAR0_SHIFT) == a.slot     # lowest slot of the three
     set_bar(bus, a, 0xE0100000)
-    assert decoder_at(bus, b.bar0 >> 12) == b.slot
+    assert decoder_at(bus, b.bar0 >> pci.BAR0_SHIFT) == b.slot
     bus.close()
 
 
@@ -84,10 +84,10 @@ def test_unchanged_bar_write_keeps_decode_right(gm):
     b0 = b.bar0
     set_bar(bus, a, b0)
     set_bar(bus, b, b0)                   # same value written again
-    assert decoder_at(bus, b0 >> 12) == a.slot
+    assert decoder_at(bus, b0 >> pci.BAR0_SHIFT) == a.slot
     set_bar(bus, a, 0xE0200000)
     set_bar(bus, b, b0)
-    assert decoder_at(bus, b0 >> 12) == b.slot
+    assert decoder_at(bus, b0 >> pci.BAR0_SHIFT) == b.slot
     bus.close()
 
 
@@ -106,8 +106,10 @@ def test_ioeventfds_list_only_decoding_devices(gm):
     bus.close()
 
 
-_pages = st.sampled_from([0xE0000, 0xE0001, 0xE0002, 0xF0000, 0x00000, 0xFFFFF])
-_write = st.tuples(st.integers(0, 2), _pages, st.integers(0, 0xFFF), st.sampled_from([4, 4, 4, 2, 1]),
+# BAR-sized page numbers: the first three BARs, far away, zero, the top.
+_PAGES = [a >> pci.BAR0_SHIFT for a in (0xE0000000, 0xE0002000, 0xE0004000, 0xF0000000)]
+_pages = st.sampled_from(_PAGES + [0, 0xFFFFFFFF >> pci.BAR0_SHIFT])
+_write = st.tuples(st.integers(0, 2), _pages, st.integers(0, pci.BAR0_SIZE - 1), st.sampled_from([4, 4, 4, 2, 1]),
                    st.integers(0, 3))
 
 
@@ -118,7 +120,7 @@ def test_any_bar_write_sequence_decodes_like_the_reference(gm, writes):
     try:
         for i, page, low, size, byte in writes:
             t = ts[i]
-            value = page << 12 | low
+            value = page << pci.BAR0_SHIFT | low
             if size == 4:
                 set_bar(bus, t, value)
             else:
@@ -126,11 +128,11 @@ def test_any_bar_write_sequence_decodes_like_the_reference(gm, writes):
                 pci.conf1_write(bus, t.slot, pci.PCI_BASE_ADDRESS_0 + off, size,
                                 (value >> 8 * off) & ((1 << 8 * size) - 1))
             bars = {u.slot: pci.conf1_read(bus, u.slot, pci.PCI_BASE_ADDRESS_0, 4) for u in ts}
-            want = bar_decode(bars)
-            for p in {0xE0000, 0xE0001, 0xE0002, 0xF0000, *want}:
+            want = bar_decode(bars, pci.BAR0_SIZE)
+            for p in {*_PAGES, *want}:
                 assert decoder_at(bus, p) == want.get(p), (hex(p), bars)
             notify = {gpa: fd for gpa, _, fd in bus.ioeventfds()}
-            want_notify = {(p << 12) + pci.NOTIFY_OFF + 4 * q: bus.slots[s].notify_fds[q]
+            want_notify = {(p << pci.BAR0_SHIFT) + pci.NOTIFY_OFF + 4 * q: bus.slots[s].notify_fds[q]
                            for p, s in want.items() for q in range(2)}
             assert notify == want_notify
     finally:
