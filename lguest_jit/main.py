@@ -18,6 +18,8 @@ Options:
   --strict              Stop with "bad driver" on any driver conformance error.
   --stats               Print resource use and per-queue counters at exit.
   --stats-json=FILE     Write the same as JSON to FILE.
+  --profile=FILE        Sample the guest's RIP (KVM): folded stacks to FILE, top functions at exit.
+  --profile-hz=N        Samples per second for --profile (default 1000, where the host's clock allows).
   --json                Benchmarks: print JSON instead of a table.
   --quick               Benchmarks: shorter measurements.
   --plot=FILE           Benchmarks: draw the comparison as a PNG.
@@ -45,7 +47,7 @@ from docopt import DocoptExit, docopt
 
 from . import __version__
 from .devices.tunspec import parse_tunnet
-from .hw.hosts import LGUEST_DEVICE, lguest_available
+from .hw.hosts import LGUEST_DEVICE, default_sample_hz, lguest_available, max_sample_hz
 
 BENCHMARKS = ("vring", "pci", "decode", "blk", "rng", "exits", "boot")
 
@@ -250,9 +252,31 @@ class RunConfig:
         self.stats_json = args["--stats-json"]
         if self.stats_json is not None:
             _writable_output(self.stats_json, "--stats-json")
+        self.profile, self.profile_hz = _profile_args(args["--profile"], args["--profile-hz"])
         # Last, the check that imports Numba (the KVM backend): every
         # cheaper mistake has been reported by now.
         self.hypervisor = _choose_hypervisor(args["--hypervisor"])
+        if self.profile is not None and self.hypervisor != "kvm":
+            raise UsageError("--profile samples a KVM vCPU; the lguest backend has no registers to sample")
+
+
+def _profile_args(path: str | None, hz: str | None):
+    """(folded-stacks path or None, samples per second)."""
+    if hz is not None and path is None:
+        raise UsageError("--profile-hz needs --profile=FILE")
+    if path is None:
+        return None, 0
+    _writable_output(path, "--profile")
+    if hz is None:
+        return path, default_sample_hz()
+    top = max_sample_hz()
+    try:
+        rate = int(hz, 10)
+    except ValueError:
+        raise UsageError(f"--profile-hz={hz}: not a whole number of samples per second") from None
+    if not 1 <= rate <= top:
+        raise UsageError(f"--profile-hz={rate}: must be between 1 and {top} samples per second on this host")
+    return path, rate
 
 
 def _drop_privileges(cfg: RunConfig) -> None:
@@ -275,6 +299,7 @@ class Launcher:
         self.fatal_message = None
         self.devices = []
         self.backend = None
+        self.profiler = None
         self.gm = self.bus = None
         self.started = time.monotonic()
 
@@ -334,6 +359,9 @@ class Launcher:
             self.uart.register(self.bus)
             self.backend.claim_reset_port()
             self.backend.setup_boot(self.info)
+            if cfg.profile is not None:
+                from .hw.profile import Profiler
+                self.profiler = Profiler(cfg.profile_hz).attach(self.backend)
         else:
             from .hw.lguest import LguestBackend
             # Pages up to the end of the BAR window trap as MMIO (lguest's device_limit).
@@ -347,11 +375,21 @@ class Launcher:
     def run(self) -> int | None:
         from .pci import BadDriver
         self.interrupted = False
+        if self.profiler is not None:
+            from .hw.profile import ProfileError
+            try:
+                self.profiler.start()        # aimed at this thread: the one that runs the vCPU
+            except (ProfileError, OSError) as exc:
+                self.log(f"--profile: cannot sample on this host ({exc}); running without a profile")
+                self.profiler = None
         try:
             result = self.backend.run()
         except BadDriver as exc:
             self.log(f"bad driver: {exc}" + (f" [{exc.detail}]" if exc.detail else ""))
             return 1
+        finally:
+            if self.profiler is not None:
+                self.profiler.stop()
         if self.fatal_message is not None:
             self.log(self.fatal_message)
             return 130 if self.interrupted else 1
@@ -402,6 +440,13 @@ class Launcher:
         if "exits" in st:
             print(f"  exits  {st['exits']}", file=stream)
 
+    def print_profile(self, stream=sys.stderr) -> None:
+        """Write --profile's folded stacks and print its report (stderr:
+        stdout is the guest's console)."""
+        from .hw.profile import report
+        for line in report(self.profiler, self.cfg.kernel, self.cfg.profile, self.stats()):
+            print(line, file=stream)
+
     def close(self) -> None:
         if self.bus is not None:
             self.bus.close()
@@ -434,6 +479,8 @@ def _run_guest(args, argv) -> int:
             if ran and cfg.stats_json:
                 with open(cfg.stats_json, "w") as f:
                     json.dump(launcher.stats(), f, indent=2)
+            if ran and launcher.profiler is not None:
+                launcher.print_profile()
         finally:
             launcher.close()
     if status is None:

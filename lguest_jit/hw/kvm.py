@@ -884,6 +884,7 @@ class KvmVm:
                     ioctl(fd, KVM_RUN, 0)
                 except InterruptedError:
                     stats.intr += 1
+                    self._on_signal()
                     if self._halt_check:
                         self._halt_check = False
                         if self.halted_for_good():
@@ -936,6 +937,16 @@ class KvmVm:
             stats.pio += n_pio
             stats.mmio += n_mmio
             stats.total += n
+
+    profiler = None     # a hw.profile.Profiler attached to this VM, or None
+
+    def _on_signal(self) -> None:
+        """A signal took the vCPU thread out of KVM_RUN (a kick: stop, the
+        halt poll, or the profiler's timer): the vCPU's registers are
+        readable now, so this is where a profile sample is taken.  Runs on
+        the vCPU thread; the caller re-enters the guest."""
+        if self.profiler is not None:
+            self.profiler.sample()
 
     def halted_for_good(self) -> bool:
         """True when the vCPU sits in HLT with IF clear.  With the in-kernel

@@ -1,0 +1,353 @@
+"""Where a guest run spends its time: the vCPU's instruction pointer sampled
+at a fixed rate, symbolized with the kernel's ELF symbol table, written as
+folded stacks (the text format flamegraph.pl, inferno and speedscope read:
+one ``frame;frame;... count`` line per distinct stack) and summed up as a
+table of the hottest functions.
+
+How a sample is taken: a POSIX timer (``timer_create`` with
+SIGEV_THREAD_ID) sends the KVM backend's kick signal to the vCPU thread
+``hz`` times a second.  The signal makes KVM_RUN return EINTR, the run loop
+calls ``KvmVm._on_signal()``, which calls :meth:`Profiler.sample`: two
+ioctls (KVM_GET_REGS, KVM_GET_SREGS for the privilege level) into buffers
+made once, and the loop re-enters the guest.  No helper thread wakes up in
+Python and the guest sees nothing but the time the exit took.  A signal
+that lands while the vCPU thread is outside KVM_RUN (handling an exit) is
+no sample: the profile is of guest time.
+
+Stacks are leaf-only (``[kernel];function`` or ``[user]``): the default
+guest's kernel has no frame pointers (CONFIG_UNWINDER_GUESS), so there is
+no chain to walk.
+"""
+from __future__ import annotations
+
+import bisect
+import collections
+import ctypes
+import fcntl
+import os
+import signal
+import threading
+import time
+
+from .hosts import MAX_SAMPLE_HZ, default_sample_hz
+from .kvm import KICK_SIGNAL, KVM_GET_REGS, KVM_GET_SREGS, kvm_regs, kvm_sregs
+from .x86 import CR0_PE
+
+TOP = 20
+
+USER_FRAME = "[user]"
+KERNEL_FRAME = "[kernel]"
+
+
+class ProfileError(ValueError):
+    """A profiling request this host or this kernel image cannot honour."""
+
+
+# ---------------------------------------------------------------------------
+# A per-thread interval timer (timer_create(2) with SIGEV_THREAD_ID)
+
+_SIGEV_THREAD_ID = 4
+_CLOCK_MONOTONIC = 1
+
+
+class _sigevent(ctypes.Structure):
+    # x86-64 glibc layout: sigval, signo, notify, then a 48-byte union whose
+    # first int is the thread id for SIGEV_THREAD_ID.
+    _fields_ = [("sigev_value", ctypes.c_void_p), ("sigev_signo", ctypes.c_int),
+                ("sigev_notify", ctypes.c_int), ("sigev_tid", ctypes.c_int), ("pad", ctypes.c_int * 11)]
+
+
+class _timespec(ctypes.Structure):
+    _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
+
+
+class _itimerspec(ctypes.Structure):
+    _fields_ = [("it_interval", _timespec), ("it_value", _timespec)]
+
+
+assert ctypes.sizeof(_sigevent) == 64
+
+
+def _librt():
+    libc = ctypes.CDLL(None, use_errno=True)
+    if not hasattr(libc, "timer_create"):          # glibc before 2.34 keeps them in librt
+        libc = ctypes.CDLL("librt.so.1", use_errno=True)
+    return libc
+
+
+class ThreadTimer:
+    """Sends ``signo`` to thread ``tid`` every ``1/hz`` seconds until closed."""
+
+    def __init__(self, tid: int, signo: int, hz: int):
+        self._rt = _librt()
+        self._id = ctypes.c_void_p()
+        ev = _sigevent(sigev_signo=int(signo), sigev_notify=_SIGEV_THREAD_ID, sigev_tid=tid)
+        if self._rt.timer_create(_CLOCK_MONOTONIC, ctypes.byref(ev), ctypes.byref(self._id)) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"timer_create failed: {os.strerror(err)}")
+        period = _timespec(0, 1_000_000_000 // hz) if hz > 1 else _timespec(1, 0)
+        spec = _itimerspec(it_interval=period, it_value=period)
+        if self._rt.timer_settime(self._id, 0, ctypes.byref(spec), None) != 0:
+            err = ctypes.get_errno()
+            self.close()
+            raise OSError(err, f"timer_settime failed: {os.strerror(err)}")
+
+    def close(self) -> None:
+        if self._id is not None:
+            self._rt.timer_delete(self._id)
+            self._id = None
+
+
+# ---------------------------------------------------------------------------
+# Sampling
+
+class Profiler:
+    """RIP samples of one KVM vCPU.  ``attach(vm)``, then ``start()`` on the
+    thread that will call ``vm.run()``, ``stop()`` after it returns."""
+
+    def __init__(self, hz: int | None = None):
+        self.hz = default_sample_hz() if hz is None else hz
+        if not 1 <= self.hz <= MAX_SAMPLE_HZ:
+            raise ProfileError(f"profile rate {self.hz} Hz is outside 1..{MAX_SAMPLE_HZ}")
+        self._regs = kvm_regs()
+        self._sregs = kvm_sregs()
+        self._fd = -1
+        self.rips: list[int] = []
+        self.cpls: list[int] = []
+        self.failed = 0          # samples whose register read failed (the vCPU was being torn down)
+        self.seconds = 0.0
+        self._timer = None
+        self._t0 = None
+
+    def attach(self, vm) -> "Profiler":
+        vm.profiler = self
+        self._fd = vm.vcpu_fd
+        return self
+
+    def start(self, tid: int | None = None) -> None:
+        """Arm the timer aimed at thread ``tid`` (default: the calling one,
+        which must be the one running the vCPU)."""
+        if self._fd < 0:
+            raise ProfileError("attach the profiler to a VM before starting it")
+        if signal.getsignal(KICK_SIGNAL) in (signal.SIG_DFL, signal.SIG_IGN, None):
+            # With no handler the kick signal would kill the process.
+            raise ProfileError("the KVM kick signal has no handler: build the first KvmVm on the main thread")
+        tid = threading.get_native_id() if tid is None else tid
+        self._timer = ThreadTimer(tid, KICK_SIGNAL, self.hz)
+        self._t0 = time.monotonic()
+
+    def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.close()
+            self._timer = None
+            self.seconds += time.monotonic() - self._t0
+
+    def sample(self) -> None:
+        """One sample, on the vCPU thread while it is out of KVM_RUN."""
+        try:
+            fcntl.ioctl(self._fd, KVM_GET_REGS, self._regs)
+            fcntl.ioctl(self._fd, KVM_GET_SREGS, self._sregs)
+        except OSError:
+            self.failed += 1
+            return
+        s = self._sregs
+        # CPL is CS's RPL in protected and long mode; real mode runs at 0.
+        self.cpls.append(s.cs.selector & 3 if s.cr0 & CR0_PE else 0)
+        self.rips.append(self._regs.rip)
+
+    def counts(self) -> collections.Counter:
+        """(cpl, rip) -> samples."""
+        return collections.Counter(zip(self.cpls, self.rips))
+
+
+# ---------------------------------------------------------------------------
+# Symbols
+
+# Elf64_Sym and Elf32_Sym, little-endian (numpy dtype specs).
+_SYM_FIELDS = {
+    64: [("name", "<u4"), ("info", "u1"), ("other", "u1"), ("shndx", "<u2"), ("value", "<u8"), ("size", "<u8")],
+    32: [("name", "<u4"), ("value", "<u4"), ("size", "<u4"), ("info", "u1"), ("other", "u1"), ("shndx", "<u2")],
+}
+_STT_NOTYPE, _STT_FUNC = 0, 2
+_STB_GLOBAL = 1
+
+
+class Symbols:
+    """Address -> function name from an ELF symbol table: the starts of
+    code symbols sorted once, each lookup a bisect.  Names are read from
+    the string table only for addresses that are looked up."""
+
+    def __init__(self, starts, sizes, name_offsets, strtab: bytes):
+        self.starts = [int(v) for v in starts]
+        self._sizes = [int(v) for v in sizes]
+        self._names = [int(v) for v in name_offsets]
+        self._strtab = strtab
+
+    def __len__(self):
+        return len(self.starts)
+
+    @classmethod
+    def from_elf(cls, path: str) -> "Symbols":
+        """The code symbols of ELF file ``path``; ProfileError (saying
+        why) for an image that is not an ELF file or has no symbol table."""
+        import numpy as np
+        from elftools.common.exceptions import ELFError
+        from elftools.elf.constants import SH_FLAGS
+        from elftools.elf.elffile import ELFFile
+        with open(path, "rb") as f:
+            if f.read(4) != b"\x7fELF":
+                raise ProfileError(f"{path} is not an ELF vmlinux (a bzImage or raw image has no symbol table)")
+            f.seek(0)
+            try:
+                elf = ELFFile(f)
+                symtab = elf.get_section_by_name(".symtab")
+                if symtab is None or symtab["sh_entsize"] == 0:
+                    raise ProfileError(f"{path} has no symbol table (stripped)")
+                if not elf.little_endian:
+                    raise ProfileError(f"{path} is big-endian: not an x86 kernel")
+                code = np.array([bool(s["sh_flags"] & SH_FLAGS.SHF_EXECINSTR) for s in elf.iter_sections()]
+                                + [False])
+                strtab = elf.get_section(symtab["sh_link"]).data()
+                raw = symtab.data()
+            except ELFError as exc:
+                raise ProfileError(f"{path}: unreadable ELF file ({exc})") from None
+        dt = np.dtype(_SYM_FIELDS[elf.elfclass])
+        syms = np.frombuffer(raw, dtype=dt, count=len(raw) // dt.itemsize)
+        kind = syms["info"] & 0xF
+        shndx = np.minimum(syms["shndx"].astype(np.int64), len(code) - 1)   # SHN_ABS etc. are not code
+        keep = ((kind == _STT_FUNC) | (kind == _STT_NOTYPE)) & code[shndx] & (syms["name"] != 0)
+        syms = syms[keep]
+        # At one address several names (aliases, local labels): the sort
+        # puts functions, then globals, last, and the last one wins.
+        rank = (syms["info"] & 0xF == _STT_FUNC).astype(np.int64) * 2 + (syms["info"] >> 4 == _STB_GLOBAL)
+        order = np.lexsort((rank, syms["value"].astype(np.uint64)))
+        syms = syms[order]
+        values = syms["value"].astype(np.uint64)
+        last = np.ones(len(values), dtype=bool)
+        last[:-1] = values[1:] != values[:-1]
+        syms = syms[last]
+        if len(syms) == 0:
+            raise ProfileError(f"{path} has no code symbols")
+        return cls(syms["value"], syms["size"], syms["name"], strtab)
+
+    def _name(self, i: int) -> str:
+        off = self._names[i]
+        end = self._strtab.find(b"\0", off)
+        return self._strtab[off:end if end >= 0 else len(self._strtab)].decode(errors="replace")
+
+    def lookup(self, addr: int) -> str | None:
+        """The function containing ``addr``, or None (before the first
+        symbol, or past the end of a sized one)."""
+        i = bisect.bisect_right(self.starts, addr) - 1
+        if i < 0:
+            return None
+        size = self._sizes[i]
+        if size and addr >= self.starts[i] + size:
+            return None
+        return self._name(i)
+
+
+# ---------------------------------------------------------------------------
+# Folding, the table, the file
+
+def fold(counts, symbols: Symbols | None) -> collections.Counter:
+    """Folded stacks (``frame;frame`` -> samples) from (cpl, rip) counts:
+    user mode as ``[user]``, kernel code as ``[kernel];function`` (or its
+    raw address where there is no symbol for it)."""
+    out = collections.Counter()
+    for (cpl, rip), n in counts.items():
+        if cpl == 3:
+            out[USER_FRAME] += n
+            continue
+        name = symbols.lookup(rip) if symbols is not None else None
+        out[f"{KERNEL_FRAME};{name if name is not None else f'{rip:#x}'}"] += n
+    return out
+
+
+def folded_text(stacks: collections.Counter) -> str:
+    """One ``stack count`` line per stack, hottest first."""
+    return "".join(f"{stack} {n}\n" for stack, n in sorted(stacks.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
+def parse_folded(text: str) -> collections.Counter:
+    """Read folded stacks as flamegraph.pl does: the count is the last
+    whitespace-separated number on the line, the frames before it split
+    on ';'.  Returns (frames tuple) -> samples; a malformed line is a
+    ValueError naming it."""
+    out = collections.Counter()
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        stack, _, count = line.rstrip().rpartition(" ")
+        if not stack or not count.isdigit():
+            raise ValueError(f"line {lineno}: not 'frame;frame count': {line!r}")
+        out[tuple(stack.split(";"))] += int(count)
+    return out
+
+
+def leaf_totals(stacks: collections.Counter) -> collections.Counter:
+    """Samples per leaf frame (the function the vCPU was in)."""
+    out = collections.Counter()
+    for stack, n in stacks.items():
+        out[stack.rsplit(";", 1)[-1]] += n
+    return out
+
+
+def top_table(stacks: collections.Counter, n: int = TOP) -> list[str]:
+    total = sum(stacks.values())
+    lines = [f"  {'rank':>4} {'samples':>8} {'%':>6}  function"]
+    for rank, (name, c) in enumerate(leaf_totals(stacks).most_common(n), 1):
+        lines.append(f"  {rank:>4} {c:>8} {100.0 * c / total:>5.1f}%  {name}")
+    return lines
+
+
+def launcher_lines(stats: dict) -> list[str]:
+    """The launcher's side from ``Launcher.stats()``: CPU seconds per
+    thread, exits by kind, interrupts per queue."""
+    wall = stats.get("elapsed_s") or 0.0
+    lines = [f"  launcher threads over {wall:.2f} s wall (CPU seconds, user + system):"]
+    for name, t in sorted(stats.get("threads", {}).items(), key=lambda kv: -(kv[1]["user_s"] + kv[1]["system_s"])):
+        cpu = t["user_s"] + t["system_s"]
+        share = f"{100.0 * cpu / wall:5.1f}%" if wall > 0 else "    -"
+        lines.append(f"    {name:28s} {cpu:9.3f} s {share}  (user {t['user_s']:.3f}, system {t['system_s']:.3f})")
+    ex = stats.get("exits")
+    if ex:
+        kinds = " ".join(f"{k} {v}" for k, v in ex.items() if not isinstance(v, dict))
+        assists = " ".join(f"{k} {v}" for k, v in ex.get("assists", {}).items())
+        lines.append(f"  exits: {kinds}" + (f"; assisted: {assists}" if assists else ""))
+    irqs = [f"{dev}/{q} {c['interrupts']}" for dev, queues in stats.get("queues", {}).items()
+            for q, c in queues.items() if "interrupts" in c]
+    if irqs:
+        lines.append("  interrupts per queue: " + ", ".join(irqs))
+    return lines
+
+
+def report(profiler: Profiler, kernel: str, path: str | None, launcher_stats: dict | None = None) -> list[str]:
+    """Symbolize ``profiler``'s samples with ``kernel``'s symbol table,
+    write the folded stacks to ``path`` (if given) and return the report
+    lines: a header, a note when there are no symbols, the top table, the
+    launcher's side."""
+    symbols, note = None, None
+    try:
+        symbols = Symbols.from_elf(kernel)
+    except (ProfileError, OSError) as exc:
+        note = f"  no kernel symbols: {exc}; kernel addresses are printed raw"
+    stacks = fold(profiler.counts(), symbols)
+    if path is not None:
+        with open(path, "w") as f:
+            f.write(folded_text(stacks))
+    total = sum(stacks.values())
+    user = stacks.get(USER_FRAME, 0)
+    head = (f"lguest-jit profile: {total} samples at {profiler.hz} Hz over {profiler.seconds:.2f} s"
+            + (f" (kernel {100.0 * (total - user) / total:.1f}%, user {100.0 * user / total:.1f}%)" if total else "")
+            + (f", folded stacks in {path}" if path else ""))
+    lines = [head] + ([note] if note else [])
+    lines += top_table(stacks) if total else ["  no samples: the guest did not run long enough"]
+    if profiler.failed:
+        lines.append(f"  {profiler.failed} samples lost (register read failed)")
+    if launcher_stats is not None:
+        lines += launcher_lines(launcher_stats)
+    return lines
+
+
+__all__ = ["Profiler", "Symbols", "ProfileError", "ThreadTimer", "fold", "folded_text", "parse_folded", "leaf_totals", "top_table", "launcher_lines", "report"]
