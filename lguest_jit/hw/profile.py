@@ -12,7 +12,10 @@ ioctls (KVM_GET_REGS, KVM_GET_SREGS for the privilege level) into buffers
 made once, and the loop re-enters the guest.  No helper thread wakes up in
 Python and the guest sees nothing but the time the exit took.  A signal
 that lands while the vCPU thread is outside KVM_RUN (handling an exit) is
-no sample: the profile is of guest time.
+no sample: the profile is of guest time.  A tick that falls while the
+previous signal is still pending (the host ran something else on the
+vCPU's CPU) is counted with the next sample, where the guest still was
+(``timer_getoverrun``), so the counts stay proportional to wall time.
 
 Stacks are leaf-only (``[kernel];function`` or ``[user]``): the default
 guest's kernel has no frame pointers (CONFIG_UNWINDER_GUESS), so there is
@@ -92,6 +95,11 @@ class ThreadTimer:
             self.close()
             raise OSError(err, f"timer_settime failed: {os.strerror(err)}")
 
+    def overrun(self) -> int:
+        """Expirations since the last signal that sent none: the thread did
+        not run to take it (timer_getoverrun(2))."""
+        return max(0, self._rt.timer_getoverrun(self._id)) if self._id is not None else 0
+
     def close(self) -> None:
         if self._id is not None:
             self._rt.timer_delete(self._id)
@@ -114,6 +122,7 @@ class Profiler:
         self._fd = -1
         self.rips: list[int] = []
         self.cpls: list[int] = []
+        self.weights: list[int] = []     # 1 + the timer ticks that fell while the vCPU thread was off CPU
         self.failed = 0          # samples whose register read failed (the vCPU was being torn down)
         self.seconds = 0.0
         self._timer = None
@@ -154,10 +163,18 @@ class Profiler:
         # CPL is CS's RPL in protected and long mode; real mode runs at 0.
         self.cpls.append(s.cs.selector & 3 if s.cr0 & CR0_PE else 0)
         self.rips.append(self._regs.rip)
+        # A tick that found the previous one still pending (the host ran
+        # something else on this CPU) sent no signal: the guest was still
+        # here, so the sample stands for those ticks too and the profile
+        # stays one of wall time.
+        self.weights.append(1 + (self._timer.overrun() if self._timer is not None else 0))
 
     def counts(self) -> collections.Counter:
-        """(cpl, rip) -> samples."""
-        return collections.Counter(zip(self.cpls, self.rips))
+        """(cpl, rip) -> samples, each weighted by the ticks it stands for."""
+        out = collections.Counter()
+        for key, w in zip(zip(self.cpls, self.rips), self.weights):
+            out[key] += w
+        return out
 
 
 # ---------------------------------------------------------------------------
@@ -338,7 +355,9 @@ def report(profiler: Profiler, kernel: str, path: str | None, launcher_stats: di
             f.write(folded_text(stacks))
     total = sum(stacks.values())
     user = stacks.get(USER_FRAME, 0)
+    taken = len(profiler.rips)
     head = (f"lguest-jit profile: {total} samples at {profiler.hz} Hz over {profiler.seconds:.2f} s"
+            + (f" ({taken} taken, {total - taken} ticks the host delayed counted with them)" if taken != total else "")
             + (f" (kernel {100.0 * (total - user) / total:.1f}%, user {100.0 * user / total:.1f}%)" if total else "")
             + (f", folded stacks in {path}" if path else ""))
     lines = [head] + ([note] if note else [])
