@@ -6,6 +6,7 @@ loader in long mode at CPL0 (emulated on software-KVM hosts, which is what
 makes its spin slow enough to sample): it spins in a function of known
 name, then halts for good, which ends the run with status 0."""
 import collections
+import json
 import struct
 import subprocess
 import sys
@@ -142,6 +143,51 @@ def test_folded_output_reads_as_a_flame_graph_tool_reads_it(tmp_path):
         parse_folded("a;b 1\na;b\n")
 
 
+# ---------------------------------------------------------------- sampling a vCPU in-process
+
+class _NoDevices:
+    def pio(self, port, size, is_write, value):
+        return 0
+
+    def mmio(self, addr, size, is_write, value):
+        return 0
+
+
+@needs_kvm
+@pytest.mark.parametrize("cpl", [3, 0])
+@pytest.mark.parametrize("sync_regs", [True, False], ids=["kvm_run-synced", "ioctls"])
+def test_every_sample_is_where_the_guest_spins(cpl, sync_regs):
+    """A guest in `jmp $` at CPL3 (native) or CPL0 (emulated): every sample
+    has its RIP and privilege level, read from kvm_run's synced registers
+    or through KVM_GET_REGS/SREGS; afterwards the VM closes cleanly (no
+    view of kvm_run left behind)."""
+    from lguest_jit.hw.kvm import KvmVm
+    from lguest_jit.hw.memory import GuestMemory
+    from lguest_jit.hw.profile import Profiler
+    from lguest_jit.hw.tinyguest import CODE, setup_long_mode
+    gm = GuestMemory(2 << 20)
+    vm = KvmVm(gm, _NoDevices())
+    try:
+        setup_long_mode(vm, bytes(Asm(CODE).label("spin").jmp("spin")), cpl=cpl)
+        prof = Profiler(500, sync_regs=sync_regs).attach(vm)
+        prof.start()
+        synced = prof.synced
+        try:
+            res = vm.run(timeout=1.0, halt_poll=None)
+        finally:
+            prof.stop()
+        if sync_regs and not synced:
+            pytest.skip("this KVM lacks KVM_CAP_SYNC_REGS")
+        assert synced == sync_regs and not prof.synced
+        assert res.reason == "timeout", res.report()
+        counts = prof.counts()
+        assert set(counts) == {(cpl, CODE)}, counts
+        assert prof.failed == 0
+    finally:
+        vm.close()
+        gm.close()
+
+
 # ---------------------------------------------------------------- the command line
 
 def _run(*args, timeout=300):
@@ -158,12 +204,16 @@ def _run(*args, timeout=300):
     (["--profile=/nonexistent/dir/p.folded"], "cannot write into"),
 ])
 def test_bad_profile_arguments_are_one_line(tmp_path, args, message):
+    """Refused before anything is made, and before Numba or numpy load
+    (test_cli's probe of what the command imported)."""
+    from test_cli import _WHAT_WAS_IMPORTED
     kernel = tmp_path / "k.elf"
     kernel.write_bytes(b"\x7fELF" + bytes(100))
     out = tmp_path / "p.folded"
     args = [a.format(out=out, tmp=tmp_path) for a in args]
-    r = _run(*args, "64", str(kernel), timeout=60)
-    assert r.returncode == 2
+    r = subprocess.run([sys.executable, "-c", _WHAT_WAS_IMPORTED, *args, "64", str(kernel)], capture_output=True,
+                       text=True, timeout=60)
+    assert json.loads(r.stdout.strip().splitlines()[-1]) == {"status": 2, "loaded": []}, r.stderr
     assert r.stderr.startswith("lguest-jit: ") and r.stderr.count("\n") == 1 and message in r.stderr, r.stderr
     assert not out.exists()
 
