@@ -25,7 +25,7 @@ HOT = "spin_in_known_function"
 # Iterations of the two-instruction spin: seconds of emulated CPL0 code
 # (~2 M instructions/s here), several times the ~1 s the launcher's halt
 # poll takes to see the final `cli; hlt`.
-SPIN_ITERATIONS = 2_000_000
+SPIN_ITERATIONS = 3_000_000
 
 
 def elf_with_symbols(code: bytes, addr: int, symbols) -> bytes:
