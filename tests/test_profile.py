@@ -143,6 +143,23 @@ def test_folded_output_reads_as_a_flame_graph_tool_reads_it(tmp_path):
         parse_folded("a;b 1\na;b\n")
 
 
+def test_launcher_side_lines():
+    """Threads busiest first with their share of the wall time, exits by
+    kind and each breakdown busiest first, interrupts per queue."""
+    from lguest_jit.hw.profile import launcher_lines
+    stats = {"elapsed_s": 10.0,
+             "threads": {"rng:requests": {"user_s": 0.5, "system_s": 0.5},
+                         "vcpu0": {"user_s": 1.0, "system_s": 4.0}},
+             "queues": {"rng": {"requests": {"requests": 3, "interrupts": 2}}},
+             "exits": {"pio": 7, "mmio": 5, "total": 12, "assists": {"int3": 1, "fwait": 4}}}
+    lines = launcher_lines(stats)
+    assert lines[1].split()[:3] == ["vcpu0", "5.000", "s"] and "50.0%" in lines[1]
+    assert lines[2].split()[0] == "rng:requests" and "10.0%" in lines[2]
+    assert lines[3] == "  exits: pio 7 mmio 5 total 12"
+    assert lines[4] == "  exits, assists: fwait 4, int3 1"
+    assert lines[5] == "  interrupts per queue: rng/requests 2"
+
+
 # ---------------------------------------------------------------- sampling a vCPU in-process
 
 class _NoDevices:

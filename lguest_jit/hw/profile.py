@@ -367,9 +367,12 @@ def launcher_lines(stats: dict) -> list[str]:
         lines.append(f"    {name:28s} {cpu:9.3f} s {share}  (user {t['user_s']:.3f}, system {t['system_s']:.3f})")
     ex = stats.get("exits")
     if ex:
-        kinds = " ".join(f"{k} {v}" for k, v in ex.items() if not isinstance(v, dict))
-        assists = " ".join(f"{k} {v}" for k, v in ex.get("assists", {}).items())
-        lines.append(f"  exits: {kinds}" + (f"; assisted: {assists}" if assists else ""))
+        lines.append("  exits: " + " ".join(f"{k} {v}" for k, v in ex.items() if not isinstance(v, dict)))
+        # Breakdowns (assisted instructions, exits per device register...), busiest first.
+        for what, by in ex.items():
+            if isinstance(by, dict) and by:
+                top = sorted(by.items(), key=lambda kv: -kv[1])[:12]
+                lines.append(f"  exits, {what}: " + ", ".join(f"{k} {v}" for k, v in top))
     irqs = [f"{dev}/{q} {c['interrupts']}" for dev, queues in stats.get("queues", {}).items()
             for q, c in queues.items() if "interrupts" in c]
     if irqs:
