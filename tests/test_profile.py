@@ -143,6 +143,22 @@ def test_folded_output_reads_as_a_flame_graph_tool_reads_it(tmp_path):
         parse_folded("a;b 1\na;b\n")
 
 
+def test_report_survives_an_output_it_cannot_write(tmp_path):
+    """The run's result is never lost to the file: the table still prints,
+    with one line saying why the file is missing."""
+    from lguest_jit.hw.profile import Profiler, report
+    code, syms = spinning_guest()
+    kernel = tmp_path / "k.elf"
+    kernel.write_bytes(elf_with_symbols(code, LOAD, syms))
+    prof = Profiler(100)
+    hot = LOAD + syms[1][1]
+    prof.rips, prof.cpls, prof.weights = [hot, hot, LOAD], [0, 0, 0], [1, 2, 1]
+    lines = report(prof, str(kernel), str(tmp_path / "gone" / "p.folded"))
+    assert lines[0].startswith("lguest-jit profile: 4 samples at 100 Hz") and "folded stacks in" not in lines[0]
+    assert lines[1].startswith("  could not write ") and lines[1].count("\n") == 0
+    assert lines[3].split()[-1] == HOT and lines[3].split()[1] == "3"
+
+
 def test_launcher_side_lines():
     """Threads busiest first with their share of the wall time, exits by
     kind and each breakdown busiest first, interrupts per queue."""

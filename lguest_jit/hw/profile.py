@@ -385,15 +385,20 @@ def report(profiler: Profiler, kernel: str, path: str | None, launcher_stats: di
     write the folded stacks to ``path`` (if given) and return the report
     lines: a header, a note when there are no symbols, the top table, the
     launcher's side."""
-    symbols, note = None, None
+    symbols, notes = None, []
     try:
         symbols = Symbols.from_elf(kernel)
     except (ProfileError, OSError) as exc:
-        note = f"  no kernel symbols: {exc}; kernel addresses are printed raw"
+        notes.append(f"  no kernel symbols: {exc}; kernel addresses are printed raw")
     stacks = fold(profiler.counts(), symbols)
     if path is not None:
-        with open(path, "w") as f:
-            f.write(folded_text(stacks))
+        try:
+            with open(path, "w") as f:
+                f.write(folded_text(stacks))
+        except OSError as exc:
+            # Checked writable before the run; whatever changed since, the table below still prints.
+            notes.append(f"  could not write {path}: {exc.strerror}")
+            path = None
     total = sum(stacks.values())
     user = stacks.get(USER_FRAME, 0)
     taken = len(profiler.rips)
@@ -401,7 +406,7 @@ def report(profiler: Profiler, kernel: str, path: str | None, launcher_stats: di
             + (f" ({taken} taken, {total - taken} ticks the host delayed counted with them)" if taken != total else "")
             + (f" (kernel {100.0 * (total - user) / total:.1f}%, user {100.0 * user / total:.1f}%)" if total else "")
             + (f", folded stacks in {path}" if path else ""))
-    lines = [head] + ([note] if note else [])
+    lines = [head] + notes
     lines += top_table(stacks) if total else ["  no samples: the guest did not run long enough"]
     if profiler.failed:
         lines.append(f"  {profiler.failed} samples lost (register read failed)")
@@ -410,4 +415,5 @@ def report(profiler: Profiler, kernel: str, path: str | None, launcher_stats: di
     return lines
 
 
-__all__ = ["Profiler", "Symbols", "ProfileError", "ThreadTimer", "fold", "folded_text", "parse_folded", "leaf_totals", "top_table", "launcher_lines", "report"]
+__all__ = ["Profiler", "Symbols", "ProfileError", "ThreadTimer", "fold", "folded_text", "parse_folded", "leaf_totals",
+           "top_table", "launcher_lines", "report"]
