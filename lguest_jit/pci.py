@@ -1088,6 +1088,32 @@ class Transport:
         cmd = _le(self.bus.cfg[self.slot], PCI_COMMAND, 2)
         self.intx_disabled = bool(cmd & PCI_COMMAND_INTX_DISABLE)
 
+    # -- snapshots ---------------------------------------------------------
+    def state(self) -> dict:
+        """Everything the driver configured, as arrays (a snapshot; the
+        caller has paused the device so the queue arrays are still)."""
+        return {"name": self.name, "slot": self.slot, "bar0": self.bar0, "active": self.active,
+                "intx_disabled": self.intx_disabled, "regs": self.regs.copy(), "bytes": self.bytes.copy(),
+                "msix": self.msix.copy(), "queues": [q.copy() for q in self.queues]}
+
+    def set_state(self, st: dict) -> None:
+        """Put back what ``state()`` returned, on a transport built for the
+        same device; an active device's queue threads start again."""
+        if st["name"] != self.name or st["slot"] != self.slot:
+            raise ValueError(f"snapshot of {st['name']!r} in slot {st['slot']} does not match {self.name!r} "
+                             f"in slot {self.slot}")
+        for mine, theirs, what in ((self.regs, st["regs"], "registers"), (self.bytes, st["bytes"], "config"),
+                                   (self.msix, st["msix"], "MSI-X state")):
+            if mine.shape != theirs.shape:
+                raise ValueError(f"{self.name}: snapshot {what} have shape {theirs.shape}, not {mine.shape}")
+            mine[...] = theirs
+        for q, saved in zip(self.queues, st["queues"]):
+            q[:] = saved
+        self.bar0 = int(st["bar0"])
+        self.intx_disabled = bool(st["intx_disabled"])
+        if st["active"]:
+            self._activate()
+
     def close(self):
         for fd in self.notify_fds + [self.irq_fd]:
             try:
@@ -1306,6 +1332,25 @@ class Bus:
 
     def irq_pending(self, line: int) -> bool:
         return any(t.irq_line == line and t.isr[0] != 0 and not t.intx_disabled for t in self.devices)
+
+    def state(self) -> dict:
+        """Config space, the conf1 address latch and every device's
+        transport (``Transport.state``)."""
+        with self._lock:
+            return {"conf": self.conf.copy(), "space": self.space.copy(),
+                    "devices": [t.state() for t in self.devices]}
+
+    def set_state(self, st: dict) -> None:
+        """Put back what ``state()`` returned on a bus with the same devices
+        in the same slots; BAR decoding (and whoever listens to it) follows."""
+        if len(st["devices"]) != len(self.devices):
+            raise ValueError(f"snapshot has {len(st['devices'])} devices, this machine {len(self.devices)}")
+        with self._lock:
+            self.conf[:] = st["conf"]
+            self.space[...] = st["space"]
+            for t, ts in zip(self.devices, st["devices"]):
+                t.set_state(ts)
+            self._rebuild_decode()
 
     def close(self) -> None:
         for t in self.devices:

@@ -218,7 +218,8 @@ def restore(vm, state: dict) -> list[int]:
     classes = state["classes"]
     for name in RESTORE_ORDER:
         if name == "msrs":
-            refused = set_msrs(vm, state["msrs"])
+            # int(): a snapshot read back from JSON has the indices as strings.
+            refused = set_msrs(vm, {int(k): int(v) for k, v in state["msrs"].items()})
             continue
         data = classes.get(name)
         if data is None:
