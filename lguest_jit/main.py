@@ -2,7 +2,7 @@
 
 Usage:
   lguest-jit bench <what> [--json] [--quick] [--plot=FILE]
-  lguest-jit restore <dir> [--force] [-v] [--stats] [--stats-json=FILE] [--tunnet=SPEC]...
+  lguest-jit restore [options] [--tunnet=SPEC]... <dir>
   lguest-jit [options] [--tunnet=SPEC]... [--block=FILE]... <mem-in-mb> <vmlinux> [<args>...]
   lguest-jit (-h | --help)
   lguest-jit --version
@@ -274,14 +274,14 @@ class RunConfig:
 
 def _snapshot_options(args):
     """--snapshot=DIR, --snapshot-on=REGEX, --snapshot-exit, checked now."""
-    import re
-
-    from .snapshot import SnapshotError, check_target
     where, on, leave = args["--snapshot"], args["--snapshot-on"], bool(args["--snapshot-exit"])
     if where is None:
         if on is not None or leave:
             raise UsageError("--snapshot-on and --snapshot-exit need --snapshot=DIR")
         return None, None, False
+    import re
+
+    from .snapshot import SnapshotError, check_target
     try:
         where = check_target(where, overwrite=bool(args["--force"]))
     except SnapshotError as exc:
@@ -298,8 +298,17 @@ class RestoreConfig:
     """``lguest-jit restore DIR``: the machine comes from the snapshot; the
     checks that need no device are done here (exit 2 on any)."""
 
+    # What restore takes; the machine itself comes from the snapshot.
+    OPTIONS = ("--force", "--verbose", "--stats", "--stats-json", "--tunnet", "--strict")
+
     def __init__(self, args):
         from .snapshot import SnapshotError, disk_changed, read
+        given = [k for k, v in args.items() if k.startswith("-") and v not in (None, False, [])]
+        for opt in given:
+            if opt not in self.OPTIONS and opt != "--hypervisor" or opt == "--hypervisor" and args[opt] not in (
+                    "auto", "kvm"):
+                raise UsageError(f"restore takes only {', '.join(self.OPTIONS)}: the snapshot fixes the rest "
+                                 f"({opt} given)")
         try:
             self.restore = read(args["<dir>"])
         except SnapshotError as exc:
@@ -332,7 +341,7 @@ class RestoreConfig:
         self.rng = m["rng"]
         self.user = self.chroot = None
         self.verbose = bool(args["--verbose"])
-        self.strict = m["strict"]
+        self.strict = m["strict"] or bool(args["--strict"])
         self.stats = bool(args["--stats"])
         self.stats_json = args["--stats-json"]
         if self.stats_json is not None:

@@ -182,8 +182,22 @@ def read(path: str) -> dict:
 
 
 def cpuid_signature(entries) -> list:
-    """The CPUID a vCPU has, comparable across runs (kvm_cpuid_entry2 list)."""
-    return sorted([e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx] for e in entries)
+    """The CPUID a vCPU has, comparable across runs (kvm_cpuid_entry2
+    list).  Fields that describe the moment rather than the CPU are masked:
+    the APIC IDs (this host's KVM reports the host CPU the vCPU last ran on)
+    and the OSXSAVE/OSPKE bits (they mirror the guest's CR4)."""
+    out = []
+    for e in entries:
+        eax, ebx, ecx, edx = e.eax, e.ebx, e.ecx, e.edx
+        if e.function == 1:
+            ebx &= 0x00FFFFFF
+            ecx &= ~(1 << 27)
+        elif e.function == 7 and e.index == 0:
+            ecx &= ~(1 << 4)
+        elif e.function in (0xB, 0x1F):
+            edx = 0
+        out.append([e.function, e.index, e.flags, eax, ebx, ecx, edx])
+    return sorted(out)
 
 
 def cpuid_mismatch(saved: list, now: list) -> str | None:
