@@ -32,7 +32,7 @@ Options:
   -h --help             Show this help.
   --version             Show the version.
 
-Benchmarks: vring, pci, decode, blk, rng, exits, boot, or all.
+Benchmarks: vring, pci, decode, blk, rng, exits, boot, restore, or all.
 
 restore DIR resumes the guest of a snapshot where it was: same memory,
 devices and disks (refused if a disk changed, unless --force); a new tap
@@ -59,7 +59,7 @@ from . import __version__
 from .devices.tunspec import parse_tunnet
 from .hw.hosts import LGUEST_DEVICE, lguest_available
 
-BENCHMARKS = ("vring", "pci", "decode", "blk", "rng", "exits", "boot")
+BENCHMARKS = ("vring", "pci", "decode", "blk", "rng", "exits", "boot", "restore")
 
 
 class UsageError(Exception):
@@ -376,6 +376,7 @@ class Launcher:
         self.gm = self.bus = None
         self.started = time.monotonic()
         self.snapshot_wanted = False
+        self.first_run_at = None          # wall clock of the first KVM_RUN (--stats: start-up time)
         self.cmos = self.uart = None
         self.argv = []
 
@@ -576,6 +577,8 @@ class Launcher:
         self.interrupted = False
         try:
             while True:
+                if self.first_run_at is None:
+                    self.first_run_at = time.time()
                 result = self.backend.run()
                 if not (self.snapshot_wanted and result.reason == "stopped" and self.fatal_message is None):
                     break
@@ -615,6 +618,7 @@ class Launcher:
         ctx = proc.num_ctx_switches()
         mem = proc.memory_info()
         out = {"elapsed_s": time.monotonic() - self.started, "rss_bytes": mem.rss,
+               "seconds_to_first_run": None if self.first_run_at is None else self.first_run_at - proc.create_time(),
                "context_switches": {"voluntary": ctx.voluntary, "involuntary": ctx.involuntary},
                "threads": threads,
                "queues": {d.name: d.counters() for d in self.devices}}
