@@ -654,7 +654,17 @@ class Launcher:
             os.close(fd)       # the console is closed: the watcher sees EOF and ends
 
 
+def _keep_scipy_out() -> None:
+    """Numba imports SciPy, where installed, only to look for a BLAS for
+    np.dot; no kernel here does linear algebra, and the import costs 0.5 s
+    or more of every start (measured: README, "Snapshots").  The process
+    that runs a guest never needs SciPy, so it is kept out of it."""
+    if "scipy" not in sys.modules:
+        sys.modules["scipy"] = None        # import scipy -> ImportError: Numba skips its BLAS check
+
+
 def _run_guest(args, argv) -> int:
+    _keep_scipy_out()
     cfg = RestoreConfig(args) if args["restore"] else RunConfig(args)
     launcher = Launcher(cfg)
     launcher.argv = argv
