@@ -1092,27 +1092,44 @@ class Transport:
     def state(self) -> dict:
         """Everything the driver configured, as arrays (a snapshot; the
         caller has paused the device so the queue arrays are still)."""
-        return {"name": self.name, "slot": self.slot, "bar0": self.bar0, "active": self.active,
-                "intx_disabled": self.intx_disabled, "regs": self.regs.copy(), "bytes": self.bytes.copy(),
+        return {"name": self.name, "slot": self.slot, "active": self.active, "regs": self.regs.copy(), "bytes": self.bytes.copy(),
                 "msix": self.msix.copy(), "queues": [q.copy() for q in self.queues]}
+
+    # Registers only this launcher sets: a snapshot must agree with them.
+    _FIXED = (S_NUM_QUEUES, S_SINGLE_NOTIFY, S_CFG_LEN, S_OFFER_LO, S_OFFER_HI)
+    _FIXED_Q = (QC_MAX, QC_NOTIFY_OFF)
 
     def set_state(self, st: dict) -> None:
         """Put back what ``state()`` returned, on a transport built for the
-        same device; an active device's queue threads start again."""
+        same device (``Bus.set_state`` then restarts the active ones).  A
+        snapshot is input from a file: everything the kernels index with or
+        trust is checked first (ValueError names what does not fit)."""
         if st["name"] != self.name or st["slot"] != self.slot:
             raise ValueError(f"snapshot of {st['name']!r} in slot {st['slot']} does not match {self.name!r} "
                              f"in slot {self.slot}")
-        for mine, theirs, what in ((self.regs, st["regs"], "registers"), (self.bytes, st["bytes"], "config"),
-                                   (self.msix, st["msix"], "MSI-X state")):
-            if mine.shape != theirs.shape:
+        regs, bytes_, msix = (np.asarray(st[k]) for k in ("regs", "bytes", "msix"))
+        for mine, theirs, what in ((self.regs, regs, "registers"), (self.bytes, bytes_, "config"),
+                                   (self.msix, msix, "MSI-X state")):
+            if mine.shape != theirs.shape or mine.dtype != theirs.dtype:
                 raise ValueError(f"{self.name}: snapshot {what} have shape {theirs.shape}, not {mine.shape}")
-            mine[...] = theirs
-        for q, saved in zip(self.queues, st["queues"]):
-            q[:] = saved
-        self.bar0 = int(st["bar0"])
-        self.intx_disabled = bool(st["intx_disabled"])
-        if st["active"]:
-            self._activate()
+        if any(regs[0, f] != self.regs[0, f] for f in self._FIXED) or \
+                (regs[1:, list(self._FIXED_Q)] != self.regs[1:, list(self._FIXED_Q)]).any():
+            raise ValueError(f"{self.name}: the snapshot's device has other queues, features or config")
+        if (regs < 0).any() or (regs >= 1 << 32).any() or regs[0, S_QSELECT] > 0xFFFF:
+            raise ValueError(f"{self.name}: snapshot registers out of range")
+        saved_queues = st["queues"]
+        if len(saved_queues) != len(self.queues):
+            raise ValueError(f"{self.name}: snapshot has {len(saved_queues)} queues, the device {len(self.queues)}")
+        self.regs[...] = regs
+        self.bytes[...] = bytes_
+        self.msix[...] = msix
+        for i, (q, saved) in enumerate(zip(self.queues, saved_queues)):
+            if not self.qs[i, QC_ENABLE]:
+                q[:] = 0
+                continue
+            code = vring.restore_queue(q, saved, self.bus.mem.size, int(self.qs[i, QC_MAX]))
+            if code != vring.OK:
+                raise ValueError(f"{self.name}: snapshot queue {i}: {vring.error_message(code)}")
 
     def close(self):
         for fd in self.notify_fds + [self.irq_fd]:
@@ -1345,12 +1362,26 @@ class Bus:
         in the same slots; BAR decoding (and whoever listens to it) follows."""
         if len(st["devices"]) != len(self.devices):
             raise ValueError(f"snapshot has {len(st['devices'])} devices, this machine {len(self.devices)}")
+        space = np.asarray(st["space"])
+        if space.shape != self.space.shape or space.dtype != self.space.dtype:
+            raise ValueError(f"snapshot config space has shape {space.shape}, not {self.space.shape}")
+        # Only the values: the masks, hooks and regions are this launcher's
+        # own tables, and a snapshot may not change what the guest can write.
+        if (space[:, P_WMASK:] != self.space[:, P_WMASK:]).any():
+            raise ValueError("snapshot config space was built for other devices")
         with self._lock:
-            self.conf[:] = st["conf"]
-            self.space[...] = st["space"]
+            self.conf[:] = np.asarray(st["conf"], dtype=np.int64) & 0xFFFFFFFF
+            self.cfg[...] = space[:, P_CFG]
             for t, ts in zip(self.devices, st["devices"]):
                 t.set_state(ts)
+                t.bar0 = _le(self.cfg[t.slot], PCI_BASE_ADDRESS_0, 4) & ~(BAR0_SIZE - 1) & 0xFFFFFFFF
+                t.command_written()
             self._rebuild_decode()
+            # Last, with decoding and notify addresses in place: the queue
+            # threads of the devices the driver had started.
+            for t, ts in zip(self.devices, st["devices"]):
+                if ts["active"]:
+                    t._activate()
 
     def close(self) -> None:
         for t in self.devices:

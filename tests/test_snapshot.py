@@ -202,3 +202,103 @@ def test_restore_refuses_options_the_snapshot_fixes(taken):
     r = subprocess.run(_launcher("restore", "--rng", str(taken[0])), capture_output=True, text=True,
                        timeout=TIMEOUT)
     assert r.returncode == 2 and "(--rng given)" in r.stderr and r.stderr.count("\n") == 1, r.stderr
+
+
+# ---------------------------------------------------------------- device state, in process (no KVM needed)
+
+def _rng_machine(gm, add=True):
+    from lguest_jit import pci
+    from lguest_jit.devices import Rng
+    from lguest_jit.testing import VirtioPciDriver
+    bus = pci.Bus(gm)
+    dev = Rng()
+    if add:                     # VirtioPciDriver.attach adds it itself
+        bus.add_device(dev)
+    return bus, dev, VirtioPciDriver
+
+
+@pytest.fixture
+def rng_state():
+    """A bus whose rng served two requests, paused; its state."""
+    from lguest_jit.hw.memory import GuestMemory
+    gm = GuestMemory(8 << 20)
+    bus, dev, Driver = _rng_machine(gm, add=False)
+    drv = Driver.attach(bus, gm, dev)
+    for _ in range(2):
+        drv.queues[0].add(in_=[32])
+        drv.kick(0)
+        assert drv.wait_used(0)
+    dev.pause()
+    st = bus.state()
+    yield gm, bus, dev, drv, st
+    bus.close()
+    gm.close()
+
+
+def test_device_state_round_trips_and_the_restored_device_serves_on(rng_state):
+    from lguest_jit import vring
+    from lguest_jit.hw.memory import GuestMemory
+    gm, bus, dev, drv, st = rng_state
+    gm2 = GuestMemory(gm.size)
+    gm2.mem[:] = gm.mem
+    bus2, dev2, _ = _rng_machine(gm2)
+    try:
+        bus2.set_state(st)
+        q1, q2 = bus.devices[0].queues[0], bus2.devices[0].queues[0]
+        for f in (vring.Q_SIZE, vring.Q_DESC, vring.Q_AVAIL, vring.Q_USED, vring.Q_LAST_AVAIL, vring.Q_USED_IDX):
+            assert q2[f] == q1[f], f
+        assert dev2.running                                     # the driver had it at DRIVER_OK
+        # The same driver, now talking to the restored bus, gets a third answer.
+        drv.bus, drv.gm = bus2, gm2
+        for q in drv.queues:
+            q.gm, q.mem = gm2, gm2.mem
+        drv.queues[0].add(in_=[32])
+        drv.kick(0)
+        assert drv.wait_used(0)
+        assert q2[vring.Q_N_CHAINS] == q1[vring.Q_N_CHAINS] + 1
+    finally:
+        bus2.close()
+        gm2.close()
+
+
+def _tamper(st, how):
+    import copy
+
+    from lguest_jit import pci, vring
+    st = copy.deepcopy(st)
+    d = st["devices"][0]
+    if how == "ring outside RAM":
+        d["queues"][0][vring.Q_USED] = 1 << 40
+    elif how == "negative index":
+        d["queues"][0][vring.Q_N_CHAINS] = -5
+    elif how == "queue count":
+        d["regs"][0, pci.S_NUM_QUEUES] = 400
+    elif how == "queue select":
+        d["regs"][0, pci.S_QSELECT] = -1
+    elif how == "write mask":
+        st["space"][1, pci.P_WMASK, 0] = 0xFF
+    elif how == "shape":
+        d["bytes"] = d["bytes"][:-1]
+    return st
+
+
+@pytest.mark.parametrize("how,message", [
+    ("ring outside RAM", "used ring lies outside guest RAM"),
+    ("negative index", "negative counters"),
+    ("queue count", "other queues, features or config"),
+    ("queue select", "registers out of range"),
+    ("write mask", "built for other devices"),
+    ("shape", "snapshot config have shape"),
+])
+def test_a_crafted_device_state_is_refused(rng_state, how, message):
+    from lguest_jit.hw.memory import GuestMemory
+    gm, bus, dev, drv, st = rng_state
+    gm2 = GuestMemory(gm.size)
+    bus2, dev2, _ = _rng_machine(gm2)
+    try:
+        with pytest.raises(ValueError, match=message):
+            bus2.set_state(_tamper(st, how))
+        assert not dev2.running
+    finally:
+        bus2.close()
+        gm2.close()
