@@ -531,8 +531,8 @@ class Launcher:
             d.pause()
         try:
             state = {"machine": self._machine(), "kvm": vmstate.save(vm),
-                     "cpuid": snapshot.cpuid_signature(vm.vcpu_cpuid()), "bus": self.bus.state(),
-                     "uart": self.uart.state(), "cmos": self.cmos.state()}
+                     "cpuid": snapshot.cpuid_signature(vm.vcpu_cpuid()), "bus": self.bus.save_state(),
+                     "uart": self.uart.save_state(), "cmos": self.cmos.save_state()}
             try:
                 info = snapshot.write(self.cfg.snapshot, self.gm, state)
             except OSError as exc:
@@ -562,9 +562,9 @@ class Launcher:
         if refused:
             self.log(f"restore: KVM refused MSRs {', '.join(hex(i) for i in refused)}")
         try:
-            self.uart.set_state(st["uart"])
-            self.cmos.set_state(st["cmos"])
-            self.bus.set_state(st["bus"])
+            self.uart.load_state(st["uart"])
+            self.cmos.load_state(st["cmos"])
+            self.bus.load_state(st["bus"])
         except (ValueError, KeyError) as exc:
             raise UsageError(f"snapshot {st['dir']!r} does not fit this machine: {exc}") from None
 

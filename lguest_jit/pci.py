@@ -1089,7 +1089,7 @@ class Transport:
         self.intx_disabled = bool(cmd & PCI_COMMAND_INTX_DISABLE)
 
     # -- snapshots ---------------------------------------------------------
-    def state(self) -> dict:
+    def save_state(self) -> dict:
         """Everything the driver configured, as arrays (a snapshot; the
         caller has paused the device so the queue arrays are still)."""
         return {"name": self.name, "slot": self.slot, "active": self.active, "regs": self.regs.copy(), "bytes": self.bytes.copy(),
@@ -1099,9 +1099,9 @@ class Transport:
     _FIXED = (S_NUM_QUEUES, S_SINGLE_NOTIFY, S_CFG_LEN, S_OFFER_LO, S_OFFER_HI)
     _FIXED_Q = (QC_MAX, QC_NOTIFY_OFF)
 
-    def set_state(self, st: dict) -> None:
-        """Put back what ``state()`` returned, on a transport built for the
-        same device (``Bus.set_state`` then restarts the active ones).  A
+    def load_state(self, st: dict) -> None:
+        """Put back what ``save_state()`` returned, on a transport built for the
+        same device (``Bus.load_state`` then restarts the active ones).  A
         snapshot is input from a file: everything the kernels index with or
         trust is checked first (ValueError names what does not fit)."""
         if st["name"] != self.name or st["slot"] != self.slot:
@@ -1350,15 +1350,15 @@ class Bus:
     def irq_pending(self, line: int) -> bool:
         return any(t.irq_line == line and t.isr[0] != 0 and not t.intx_disabled for t in self.devices)
 
-    def state(self) -> dict:
+    def save_state(self) -> dict:
         """Config space, the conf1 address latch and every device's
-        transport (``Transport.state``)."""
+        transport (``Transport.save_state``)."""
         with self._lock:
             return {"conf": self.conf.copy(), "space": self.space.copy(),
-                    "devices": [t.state() for t in self.devices]}
+                    "devices": [t.save_state() for t in self.devices]}
 
-    def set_state(self, st: dict) -> None:
-        """Put back what ``state()`` returned on a bus with the same devices
+    def load_state(self, st: dict) -> None:
+        """Put back what ``save_state()`` returned on a bus with the same devices
         in the same slots; BAR decoding (and whoever listens to it) follows."""
         if len(st["devices"]) != len(self.devices):
             raise ValueError(f"snapshot has {len(st['devices'])} devices, this machine {len(self.devices)}")
@@ -1373,7 +1373,7 @@ class Bus:
             self.conf[:] = np.asarray(st["conf"], dtype=np.int64) & 0xFFFFFFFF
             self.cfg[...] = space[:, P_CFG]
             for t, ts in zip(self.devices, st["devices"]):
-                t.set_state(ts)
+                t.load_state(ts)
                 t.bar0 = _le(self.cfg[t.slot], PCI_BASE_ADDRESS_0, 4) & ~(BAR0_SIZE - 1) & 0xFFFFFFFF
                 t.command_written()
             self._rebuild_decode()

@@ -229,7 +229,7 @@ def rng_state():
         drv.kick(0)
         assert drv.wait_used(0)
     dev.pause()
-    st = bus.state()
+    st = bus.save_state()
     yield gm, bus, dev, drv, st
     bus.close()
     gm.close()
@@ -243,7 +243,7 @@ def test_device_state_round_trips_and_the_restored_device_serves_on(rng_state):
     gm2.mem[:] = gm.mem
     bus2, dev2, _ = _rng_machine(gm2)
     try:
-        bus2.set_state(st)
+        bus2.load_state(st)
         q1, q2 = bus.devices[0].queues[0], bus2.devices[0].queues[0]
         for f in (vring.Q_SIZE, vring.Q_DESC, vring.Q_AVAIL, vring.Q_USED, vring.Q_LAST_AVAIL, vring.Q_USED_IDX):
             assert q2[f] == q1[f], f
@@ -297,7 +297,7 @@ def test_a_crafted_device_state_is_refused(rng_state, how, message):
     bus2, dev2, _ = _rng_machine(gm2)
     try:
         with pytest.raises(ValueError, match=message):
-            bus2.set_state(_tamper(st, how))
+            bus2.load_state(_tamper(st, how))
         assert not dev2.running
     finally:
         bus2.close()

@@ -58,14 +58,14 @@ class CmosRtc:
         self.offset = 0                      # guest clock minus host clock, seconds
         self.pending = {}                    # time registers written while B.SET is on
 
-    def state(self) -> dict:
+    def save_state(self) -> dict:
         """Index, RAM and the guest's clock offset (a snapshot).  The offset
         is relative to host time, so a restored guest's wall clock reads
         the host's time as before, not the moment of the snapshot."""
         return {"index": self.index, "ram": bytes(self.ram), "offset": self.offset,
                 "pending": {str(k): v for k, v in self.pending.items()}}
 
-    def set_state(self, st: dict) -> None:
+    def load_state(self, st: dict) -> None:
         ram = bytes(st["ram"])
         if len(ram) != len(self.ram):
             raise ValueError(f"CMOS RAM of {len(ram)} bytes, expected {len(self.ram)}")

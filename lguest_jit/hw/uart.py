@@ -69,11 +69,11 @@ class Uart8250:
 
     _STATE = ("ier", "lcr", "mcr", "scr", "dll", "dlm", "fcr", "thri_pending")
 
-    def state(self) -> dict:
+    def save_state(self) -> dict:
         """The registers the guest programmed (a snapshot)."""
         return {k: int(getattr(self, k)) for k in self._STATE}
 
-    def set_state(self, st: dict) -> None:
+    def load_state(self, st: dict) -> None:
         for k in self._STATE:
             setattr(self, k, int(st[k]))
         self.thri_pending = bool(self.thri_pending)
