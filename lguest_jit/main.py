@@ -2,6 +2,7 @@
 
 Usage:
   lguest-jit bench <what> [--json] [--quick] [--plot=FILE]
+  lguest-jit restore [options] [--tunnet=SPEC]... <dir>
   lguest-jit [options] [--tunnet=SPEC]... [--block=FILE]... <mem-in-mb> <vmlinux> [<args>...]
   lguest-jit (-h | --help)
   lguest-jit --version
@@ -20,13 +21,24 @@ Options:
   --stats-json=FILE     Write the same as JSON to FILE.
   --profile=FILE        Sample the guest's RIP (KVM): folded stacks to FILE, top functions at exit.
   --profile-hz=N        Samples per second for --profile (default 1000, where the host's clock allows).
+  --snapshot=DIR        Write a snapshot of the running guest to DIR on SIGUSR2
+                        or at the first console line matching --snapshot-on.
+  --snapshot-on=REGEX   Take the snapshot when the guest's console prints a
+                        line matching REGEX (the first match only).
+  --snapshot-exit       Exit (status 0) once the snapshot is written.
+  --force               --snapshot: replace an existing DIR; restore: run even
+                        though a disk changed since the snapshot.
   --json                Benchmarks: print JSON instead of a table.
   --quick               Benchmarks: shorter measurements.
   --plot=FILE           Benchmarks: draw the comparison as a PNG.
   -h --help             Show this help.
   --version             Show the version.
 
-Benchmarks: vring, pci, decode, blk, rng, exits, boot, or all.
+Benchmarks: vring, pci, decode, blk, rng, exits, boot, restore, or all.
+
+restore DIR resumes the guest of a snapshot where it was: same memory,
+devices and disks (refused if a disk changed, unless --force); a new tap
+for each network device (--tunnet replaces the snapshot's specs).
 """
 from __future__ import annotations
 
@@ -49,7 +61,7 @@ from . import __version__
 from .devices.tunspec import parse_tunnet
 from .hw.hosts import LGUEST_DEVICE, default_sample_hz, lguest_available, max_sample_hz
 
-BENCHMARKS = ("vring", "pci", "decode", "blk", "rng", "exits", "boot")
+BENCHMARKS = ("vring", "pci", "decode", "blk", "rng", "exits", "boot", "restore")
 
 
 class UsageError(Exception):
@@ -253,11 +265,16 @@ class RunConfig:
         if self.stats_json is not None:
             _writable_output(self.stats_json, "--stats-json")
         self.profile, self.profile_hz = _profile_args(args["--profile"], args["--profile-hz"])
+        self.snapshot, self.snapshot_on, self.snapshot_exit = _snapshot_options(args)
+        self.restore = None
+        self.net_specs = list(args["--tunnet"])
         # Last, the check that imports Numba (the KVM backend): every
         # cheaper mistake has been reported by now.
         self.hypervisor = _choose_hypervisor(args["--hypervisor"])
         if self.profile is not None and self.hypervisor != "kvm":
             raise UsageError("--profile samples a KVM vCPU; the lguest backend has no registers to sample")
+        if self.snapshot and self.hypervisor != "kvm":
+            raise UsageError("--snapshot needs the KVM backend: the lguest backend has no snapshots")
 
 
 def _profile_args(path: str | None, hz: str | None):
@@ -277,6 +294,89 @@ def _profile_args(path: str | None, hz: str | None):
     if not 1 <= rate <= top:
         raise UsageError(f"--profile-hz={rate}: must be between 1 and {top} samples per second on this host")
     return path, rate
+
+
+def _snapshot_options(args):
+    """--snapshot=DIR, --snapshot-on=REGEX, --snapshot-exit, checked now."""
+    where, on, leave = args["--snapshot"], args["--snapshot-on"], bool(args["--snapshot-exit"])
+    if where is None:
+        if on is not None or leave:
+            raise UsageError("--snapshot-on and --snapshot-exit need --snapshot=DIR")
+        return None, None, False
+    import re
+
+    from .snapshot import SnapshotError, check_target
+    try:
+        where = check_target(where, overwrite=bool(args["--force"]))
+    except SnapshotError as exc:
+        raise UsageError(str(exc)) from None
+    if on is not None:
+        try:
+            on = re.compile(on.encode())
+        except re.error as exc:
+            raise UsageError(f"--snapshot-on: bad regular expression: {exc}") from None
+    return where, on, leave
+
+
+class RestoreConfig:
+    """``lguest-jit restore DIR``: the machine comes from the snapshot; the
+    checks that need no device are done here (exit 2 on any)."""
+
+    # What restore takes; the machine itself comes from the snapshot.
+    OPTIONS = ("--force", "--verbose", "--stats", "--stats-json", "--tunnet", "--strict", "--profile",
+               "--profile-hz")
+
+    def __init__(self, args):
+        from .snapshot import SnapshotError, disk_changed, read
+        given = [k for k, v in args.items() if k.startswith("-") and v not in (None, False, [])]
+        for opt in given:
+            if opt not in self.OPTIONS and opt != "--hypervisor" or opt == "--hypervisor" and args[opt] not in (
+                    "auto", "kvm"):
+                raise UsageError(f"restore takes only {', '.join(self.OPTIONS)}: the snapshot fixes the rest "
+                                 f"({opt} given)")
+        try:
+            self.restore = read(args["<dir>"])
+        except SnapshotError as exc:
+            raise UsageError(str(exc)) from None
+        m = self.restore["machine"]
+        self.mem_mb = m["mem_bytes"] >> 20
+        avail = _host_available_mb()
+        if self.mem_mb > avail:
+            raise UsageError(f"the snapshot's guest has {self.mem_mb} MB, more than the host has free ({avail} MB)")
+        self.kernel, self.cmdline, self.initrd = m.get("kernel"), m.get("cmdline", ""), None
+        self.blocks = []
+        for disk in m["blocks"]:
+            why = disk_changed(disk)
+            if why is not None and (not args["--force"] or not os.path.isfile(disk["path"])):
+                raise UsageError(why + (" (--force to restore anyway)" if os.path.isfile(disk["path"]) else ""))
+            self.blocks.append((disk["path"], disk["readonly"]))
+        specs = args["--tunnet"] or m["nets"]
+        if len(specs) != len(m["nets"]):
+            raise UsageError(f"the snapshot's guest has {len(m['nets'])} network device(s); "
+                             f"restore got {len(specs)} --tunnet")
+        self.nets = []
+        for spec in specs:
+            try:
+                self.nets.append(parse_tunnet(spec))
+            except ValueError as exc:
+                raise UsageError(f"--tunnet={spec}: {exc}") from None
+        if self.nets and not os.path.exists("/dev/net/tun"):
+            raise UsageError("--tunnet needs /dev/net/tun, which this host lacks")
+        self.net_specs = list(specs)
+        self.rng = m["rng"]
+        self.user = self.chroot = None
+        self.verbose = bool(args["--verbose"])
+        self.strict = m["strict"] or bool(args["--strict"])
+        self.stats = bool(args["--stats"])
+        self.stats_json = args["--stats-json"]
+        if self.stats_json is not None:
+            _writable_output(self.stats_json, "--stats-json")
+        self.snapshot, self.snapshot_on, self.snapshot_exit = None, None, False
+        self.profile, self.profile_hz = _profile_args(args["--profile"], args["--profile-hz"])
+        why = _kvm_problem()
+        if why is not None:
+            raise UsageError(f"restore needs KVM (the lguest backend has no snapshots): {why}")
+        self.hypervisor = "kvm"
 
 
 def _drop_privileges(cfg: RunConfig) -> None:
@@ -302,6 +402,10 @@ class Launcher:
         self.profiler = None
         self.gm = self.bus = None
         self.started = time.monotonic()
+        self.snapshot_wanted = False
+        self.first_run_at = None          # wall clock of the first KVM_RUN (--stats: start-up time)
+        self.cmos = self.uart = None
+        self.argv = []
 
     def log(self, line: str) -> None:
         print(f"lguest-jit: {line}", file=sys.stderr, flush=True)
@@ -319,19 +423,27 @@ class Launcher:
         from .hw import loader
         from .hw.memory import GuestMemory
         cfg = self.cfg
-        self.gm = GuestMemory(cfg.mem_mb << 20)
-        try:
-            self.info = loader.load_linux(self.gm, cfg.kernel, cfg.cmdline, cfg.initrd)
-        except loader.LoadError as exc:
-            raise UsageError(str(exc)) from None
-        except MemoryError:
-            # The files were sized at argument time; the host's free memory may have shrunk since.
-            raise UsageError(f"kernel {cfg.kernel!r}: not enough host memory to load it") from None
+        restoring = cfg.restore is not None
+        if restoring:
+            # The snapshot's RAM, copy-on-write; and the vCPU made first, so
+            # a snapshot from another host is refused before any device exists.
+            self.gm = GuestMemory(cfg.mem_mb << 20, image=cfg.restore["ram_file"])
+            self._restore_vm()
+        else:
+            self.gm = GuestMemory(cfg.mem_mb << 20)
+            try:
+                self.info = loader.load_linux(self.gm, cfg.kernel, cfg.cmdline, cfg.initrd)
+            except loader.LoadError as exc:
+                raise UsageError(str(exc)) from None
+            except MemoryError:
+                # The files were sized at argument time; the host's free memory may have shrunk since.
+                raise UsageError(f"kernel {cfg.kernel!r}: not enough host memory to load it") from None
         self.bus = pci.Bus(self.gm, strict=cfg.strict, notify_mode="single" if cfg.hypervisor == "lguest" else "per-queue",
                            fatal=self.fatal, log=self.log if cfg.verbose else None)
         from .devices import Console
         from .devices.net import Net
-        makers = [lambda: Console(on_fatal=self.fatal, on_interrupt_exit=self._interrupted)]
+        out_fd = self._console_watch() if cfg.snapshot_on is not None else 1
+        makers = [lambda: Console(output_fd=out_fd, on_fatal=self.fatal, on_interrupt_exit=self._interrupted)]
         makers += [lambda spec=spec: Net(spec, on_fatal=self.fatal) for spec in cfg.nets]
         makers += [lambda p=path, ro=ro: Block(p, readonly=ro, on_fatal=self.fatal) for path, ro in cfg.blocks]
         if cfg.rng:
@@ -347,18 +459,25 @@ class Launcher:
             self.devices.append(d)
             self.bus.add_device(d)       # the bus logs slot, BAR0 and irq with --verbose
         from .hw.cmos import CmosRtc
-        CmosRtc().register(self.bus)     # the guest's wall clock, without Linux's 2 s wait for UIP
+        self.cmos = CmosRtc()
+        self.cmos.register(self.bus)     # the guest's wall clock, without Linux's 2 s wait for UIP
         if cfg.hypervisor == "kvm":
             from .hw.kvm import KvmVm
             from .hw.uart import Uart8250
-            self.backend = KvmVm(self.gm, self.bus)
+            if restoring:
+                self.backend.attach_bus(self.bus)
+            else:
+                self.backend = KvmVm(self.gm, self.bus)
             # THRE interrupts on IRQ 4: Linux's 8250 driver waits for them
             # before it sends user-space output (polling covers only printk).
             vm = self.backend
             self.uart = Uart8250(set_irq=lambda level: vm.irq_line(4, int(level)))
             self.uart.register(self.bus)
             self.backend.claim_reset_port()
-            self.backend.setup_boot(self.info)
+            if restoring:
+                self._restore_machine()
+            else:
+                self.backend.setup_boot(self.info)
             if cfg.profile is not None:
                 from .hw.profile import Profiler
                 self.profiler = Profiler(cfg.profile_hz).attach(self.backend)
@@ -367,6 +486,117 @@ class Launcher:
             # Pages up to the end of the BAR window trap as MMIO (lguest's device_limit).
             self.backend = LguestBackend(self.gm, self.bus, self.info.entry,
                                          mmio_limit=self.bus.mmio_base + pci.BAR0_SIZE * len(self.bus.devices))
+
+    # -- snapshots ----------------------------------------------------------------------
+
+    def request_snapshot(self) -> None:
+        """From any thread or a signal handler: snapshot at the next chance
+        (the vCPU is stopped, then ``run`` takes it)."""
+        if self.cfg.snapshot and not self.snapshot_wanted:
+            self.snapshot_wanted = True
+            if self.backend is not None:
+                self.backend.stop()
+
+    def _console_watch(self) -> int:
+        """--snapshot-on: the console writes into a pipe; a thread copies it
+        to stdout and asks for the snapshot at the first matching line."""
+        r, w = os.pipe2(os.O_CLOEXEC)
+        pattern = self.cfg.snapshot_on
+
+        def pump():
+            line, fired = b"", False
+            while True:
+                try:
+                    data = os.read(r, 65536)
+                except OSError:
+                    return
+                if not data:
+                    return
+                view = memoryview(data)
+                while view:
+                    try:
+                        view = view[os.write(1, view):]
+                    except BlockingIOError:
+                        import select
+                        select.select([], [1], [])
+                if not fired:
+                    line = (line + data)[-4096:]
+                    *done, line = line.split(b"\n")
+                    if any(pattern.search(x) for x in done):
+                        fired = True
+                        self.request_snapshot()
+
+        threading.Thread(target=pump, name="console-watch", daemon=True).start()
+        self._watch_fds = (r, w)
+        return w
+
+    def _machine(self) -> dict:
+        from .snapshot import disk_identity
+        cfg = self.cfg
+        return {"mem_bytes": self.gm.size, "kernel": os.path.abspath(cfg.kernel) if cfg.kernel else None,
+                "cmdline": cfg.cmdline, "nets": list(cfg.net_specs), "rng": cfg.rng, "strict": cfg.strict,
+                "blocks": [dict(disk_identity(p), readonly=ro) for p, ro in cfg.blocks],
+                "argv": self._boot_argv()}
+
+    def _boot_argv(self) -> list:
+        """How to boot this guest afresh (a restored guest that reboots)."""
+        if self.cfg.restore is not None:
+            return self.cfg.restore["machine"]["argv"]
+        out, skip = [], False
+        for a in self.argv:
+            if skip:
+                skip = False
+            elif a in ("--snapshot", "--snapshot-on"):
+                skip = True
+            elif not a.startswith(("--snapshot", "--force")):
+                out.append(a)
+        return out
+
+    def take_snapshot(self) -> dict:
+        """Pause every device at a chain boundary, write the snapshot, resume."""
+        from . import snapshot
+        from .hw import vmstate
+        vm = self.backend
+        for d in self.devices:
+            d.pause()
+        try:
+            state = {"machine": self._machine(), "kvm": vmstate.save(vm),
+                     "cpuid": snapshot.cpuid_signature(vm.vcpu_cpuid()), "bus": self.bus.save_state(),
+                     "uart": self.uart.save_state(), "cmos": self.cmos.save_state()}
+            try:
+                info = snapshot.write(self.cfg.snapshot, self.gm, state)
+            except OSError as exc:
+                self.log(f"snapshot to {self.cfg.snapshot!r} failed: {exc.strerror or exc}; the guest carries on")
+                return {}
+        finally:
+            for d in self.devices:
+                d.resume()
+        self.log(f"snapshot written to {self.cfg.snapshot} ({info['ram_bytes_written'] >> 20} MiB of RAM, "
+                 f"{info['seconds']:.2f} s)")
+        return info
+
+    def _restore_vm(self) -> None:
+        from . import snapshot
+        from .hw.kvm import KvmVm
+        self.backend = KvmVm(self.gm)
+        why = snapshot.cpuid_mismatch(self.cfg.restore["cpuid"], snapshot.cpuid_signature(self.backend.vcpu_cpuid()))
+        if why is not None:
+            raise UsageError(f"snapshot {self.cfg.restore['dir']!r} was taken on another kind of host: {why}")
+
+    def _restore_machine(self) -> None:
+        from .hw import vmstate
+        st = self.cfg.restore
+        # The vCPU and irqchips first: the device threads that start with the
+        # bus state may raise interrupts at once.
+        refused = vmstate.restore(self.backend, st["kvm"])
+        if refused:
+            self.log(f"restore: KVM refused MSRs {', '.join(hex(i) for i in refused)}")
+        try:
+            self.uart.load_state(st["uart"])
+            self.cmos.load_state(st["cmos"])
+            self.bus.load_state(st["bus"])
+        except (ValueError, KeyError) as exc:
+            raise UsageError(f"snapshot {st['dir']!r} does not fit this machine: {exc}") from None
 
     def _interrupted(self) -> None:
         self.fatal("three ^C within one second: stopping the guest")
@@ -383,7 +613,16 @@ class Launcher:
                 self.log(f"--profile: cannot sample on this host ({exc}); running without a profile")
                 self.profiler = None
         try:
-            result = self.backend.run()
+            while True:
+                if self.first_run_at is None:
+                    self.first_run_at = time.time()
+                result = self.backend.run()
+                if not (self.snapshot_wanted and result.reason == "stopped" and self.fatal_message is None):
+                    break
+                self.snapshot_wanted = False
+                self.take_snapshot()
+                if self.cfg.snapshot_exit:
+                    return 0
         except BadDriver as exc:
             self.log(f"bad driver: {exc}" + (f" [{exc.detail}]" if exc.detail else ""))
             return 1
@@ -419,6 +658,7 @@ class Launcher:
         ctx = proc.num_ctx_switches()
         mem = proc.memory_info()
         out = {"elapsed_s": time.monotonic() - self.started, "rss_bytes": mem.rss,
+               "seconds_to_first_run": None if self.first_run_at is None else self.first_run_at - proc.create_time(),
                "context_switches": {"voluntary": ctx.voluntary, "involuntary": ctx.involuntary},
                "threads": threads,
                "queues": {d.name: d.counters() for d in self.devices}}
@@ -457,12 +697,26 @@ class Launcher:
             self.backend.close()
         if self.gm is not None:
             self.gm.close()
+        for fd in getattr(self, "_watch_fds", ()):
+            os.close(fd)       # the console is closed: the watcher sees EOF and ends
+
+
+def _keep_scipy_out() -> None:
+    """Numba imports SciPy, where installed, only to look for a BLAS for
+    np.dot; no kernel here does linear algebra, and the import costs 0.5 s
+    or more of every start (measured: README, "Snapshots").  The process
+    that runs a guest never needs SciPy, so it is kept out of it."""
+    if "scipy" not in sys.modules:
+        sys.modules["scipy"] = None        # import scipy -> ImportError: Numba skips its BLAS check
 
 
 def _run_guest(args, argv) -> int:
-    cfg = RunConfig(args)
+    _keep_scipy_out()
+    cfg = RestoreConfig(args) if args["restore"] else RunConfig(args)
     launcher = Launcher(cfg)
+    launcher.argv = argv
     usr1 = signal.signal(signal.SIGUSR1, lambda *_: launcher.print_stats())
+    usr2 = signal.signal(signal.SIGUSR2, lambda *_: launcher.request_snapshot())
     ran = False
     try:
         launcher.build()
@@ -473,6 +727,7 @@ def _run_guest(args, argv) -> int:
             status = launcher.run()
     finally:
         signal.signal(signal.SIGUSR1, usr1)
+        signal.signal(signal.SIGUSR2, usr2)
         try:
             if ran and cfg.stats:
                 launcher.print_stats()
@@ -484,8 +739,10 @@ def _run_guest(args, argv) -> int:
         finally:
             launcher.close()
     if status is None:
-        # The guest rebooted: start afresh, as lguest re-executes itself.
-        os.execv(sys.executable, [sys.executable, "-m", "lguest_jit.main", *argv])
+        # The guest rebooted: start afresh, as lguest re-executes itself (a
+        # restored guest boots the way its snapshot's launcher was started).
+        again = cfg.restore["machine"]["argv"] if cfg.restore is not None else argv
+        os.execv(sys.executable, [sys.executable, "-m", "lguest_jit.main", *again])
     return status
 
 

@@ -1088,6 +1088,49 @@ class Transport:
         cmd = _le(self.bus.cfg[self.slot], PCI_COMMAND, 2)
         self.intx_disabled = bool(cmd & PCI_COMMAND_INTX_DISABLE)
 
+    # -- snapshots ---------------------------------------------------------
+    def save_state(self) -> dict:
+        """Everything the driver configured, as arrays (a snapshot; the
+        caller has paused the device so the queue arrays are still)."""
+        return {"name": self.name, "slot": self.slot, "active": self.active, "regs": self.regs.copy(), "bytes": self.bytes.copy(),
+                "msix": self.msix.copy(), "queues": [q.copy() for q in self.queues]}
+
+    # Registers only this launcher sets: a snapshot must agree with them.
+    _FIXED = (S_NUM_QUEUES, S_SINGLE_NOTIFY, S_CFG_LEN, S_OFFER_LO, S_OFFER_HI)
+    _FIXED_Q = (QC_MAX, QC_NOTIFY_OFF)
+
+    def load_state(self, st: dict) -> None:
+        """Put back what ``save_state()`` returned, on a transport built for the
+        same device (``Bus.load_state`` then restarts the active ones).  A
+        snapshot is input from a file: everything the kernels index with or
+        trust is checked first (ValueError names what does not fit)."""
+        if st["name"] != self.name or st["slot"] != self.slot:
+            raise ValueError(f"snapshot of {st['name']!r} in slot {st['slot']} does not match {self.name!r} "
+                             f"in slot {self.slot}")
+        regs, bytes_, msix = (np.asarray(st[k]) for k in ("regs", "bytes", "msix"))
+        for mine, theirs, what in ((self.regs, regs, "registers"), (self.bytes, bytes_, "config"),
+                                   (self.msix, msix, "MSI-X state")):
+            if mine.shape != theirs.shape or mine.dtype != theirs.dtype:
+                raise ValueError(f"{self.name}: snapshot {what} have shape {theirs.shape}, not {mine.shape}")
+        if any(regs[0, f] != self.regs[0, f] for f in self._FIXED) or \
+                (regs[1:, list(self._FIXED_Q)] != self.regs[1:, list(self._FIXED_Q)]).any():
+            raise ValueError(f"{self.name}: the snapshot's device has other queues, features or config")
+        if (regs < 0).any() or (regs >= 1 << 32).any() or regs[0, S_QSELECT] > 0xFFFF:
+            raise ValueError(f"{self.name}: snapshot registers out of range")
+        saved_queues = st["queues"]
+        if len(saved_queues) != len(self.queues):
+            raise ValueError(f"{self.name}: snapshot has {len(saved_queues)} queues, the device {len(self.queues)}")
+        self.regs[...] = regs
+        self.bytes[...] = bytes_
+        self.msix[...] = msix
+        for i, (q, saved) in enumerate(zip(self.queues, saved_queues)):
+            if not self.qs[i, QC_ENABLE]:
+                q[:] = 0
+                continue
+            code = vring.restore_queue(q, saved, self.bus.mem.size, int(self.qs[i, QC_MAX]))
+            if code != vring.OK:
+                raise ValueError(f"{self.name}: snapshot queue {i}: {vring.error_message(code)}")
+
     def close(self):
         for fd in self.notify_fds + [self.irq_fd]:
             try:
@@ -1306,6 +1349,39 @@ class Bus:
 
     def irq_pending(self, line: int) -> bool:
         return any(t.irq_line == line and t.isr[0] != 0 and not t.intx_disabled for t in self.devices)
+
+    def save_state(self) -> dict:
+        """Config space, the conf1 address latch and every device's
+        transport (``Transport.save_state``)."""
+        with self._lock:
+            return {"conf": self.conf.copy(), "space": self.space.copy(),
+                    "devices": [t.save_state() for t in self.devices]}
+
+    def load_state(self, st: dict) -> None:
+        """Put back what ``save_state()`` returned on a bus with the same devices
+        in the same slots; BAR decoding (and whoever listens to it) follows."""
+        if len(st["devices"]) != len(self.devices):
+            raise ValueError(f"snapshot has {len(st['devices'])} devices, this machine {len(self.devices)}")
+        space = np.asarray(st["space"])
+        if space.shape != self.space.shape or space.dtype != self.space.dtype:
+            raise ValueError(f"snapshot config space has shape {space.shape}, not {self.space.shape}")
+        # Only the values: the masks, hooks and regions are this launcher's
+        # own tables, and a snapshot may not change what the guest can write.
+        if (space[:, P_WMASK:] != self.space[:, P_WMASK:]).any():
+            raise ValueError("snapshot config space was built for other devices")
+        with self._lock:
+            self.conf[:] = np.asarray(st["conf"], dtype=np.int64) & 0xFFFFFFFF
+            self.cfg[...] = space[:, P_CFG]
+            for t, ts in zip(self.devices, st["devices"]):
+                t.load_state(ts)
+                t.bar0 = _le(self.cfg[t.slot], PCI_BASE_ADDRESS_0, 4) & ~(BAR0_SIZE - 1) & 0xFFFFFFFF
+                t.command_written()
+            self._rebuild_decode()
+            # Last, with decoding and notify addresses in place: the queue
+            # threads of the devices the driver had started.
+            for t, ts in zip(self.devices, st["devices"]):
+                if ts["active"]:
+                    t._activate()
 
     def close(self) -> None:
         for t in self.devices:

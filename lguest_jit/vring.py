@@ -88,6 +88,8 @@ E_CHAIN_READABLE = 32
 E_CHAIN_WRITABLE = 33
 E_NO_STATUS = 34
 E_SHORT_HEADER = 35
+# Launcher input rather than a driver rule: a snapshot's queue state.
+E_SNAPSHOT_STATE = 36
 
 ERRORS = {
     E_AVAIL_IDX: "avail.idx moved further than the queue size since the device last looked (§2.4.6)",
@@ -117,6 +119,7 @@ ERRORS = {
     E_CHAIN_WRITABLE: "device-writable buffer in a transmit queue (§5.1.6, §5.3.6; §2.4.5)",
     E_NO_STATUS: "request whose last buffer is not a device-writable status byte (§5.2.6)",
     E_SHORT_HEADER: "request header shorter than the device's header structure (§5.2.6, §5.1.6)",
+    E_SNAPSHOT_STATE: "snapshot queue state of the wrong shape, or with negative counters or indices",
 }
 
 
@@ -209,6 +212,31 @@ def setup_queue(q: np.ndarray, mem_size: int, size: int, max_size: int,
     q[Q_AVAIL] = avail
     q[Q_USED] = used
     q[Q_FEATURES] = features & ((1 << VIRTIO_RING_F_INDIRECT_DESC) | (1 << VIRTIO_RING_F_EVENT_IDX))
+    return OK
+
+
+def restore_queue(q: np.ndarray, saved, mem_size: int, max_size: int) -> int:
+    """Load a queue's state from a snapshot (untrusted input): the layout is
+    validated as at enable time, indices are masked to their 16 bits, the
+    counters must be non-negative and the per-chain scratch fields are
+    cleared (a paused queue has no chain in hand).  Returns OK or a
+    positive error code (``q`` untouched then)."""
+    saved = np.asarray(saved)
+    if saved.shape != (Q_FIELDS,) or saved.dtype != np.int64:
+        return E_SNAPSHOT_STATE
+    size, desc, avail, used = (int(saved[i]) for i in (Q_SIZE, Q_DESC, Q_AVAIL, Q_USED))
+    if min(desc, avail, used) < 0:
+        return E_SNAPSHOT_STATE
+    err = setup_queue(q, mem_size, size, max_size, desc, avail, used, int(saved[Q_FEATURES]))
+    if err:
+        return err
+    if (saved[Q_N_CHAINS:] < 0).any() or not 0 <= saved[Q_PENDING] <= 0xFFFF:
+        return E_SNAPSHOT_STATE
+    for i in (Q_LAST_AVAIL, Q_USED_IDX, Q_SIGNALLED):
+        q[i] = int(saved[i]) & 0xFFFF
+    q[Q_PENDING] = saved[Q_PENDING]
+    q[Q_ERROR] = max(0, int(saved[Q_ERROR]))
+    q[Q_N_CHAINS:] = saved[Q_N_CHAINS:]
     return OK
 
 

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from numba import njit
 
 from lguest_jit.hw import memory
-from lguest_jit.hw.memory import GuestMemory, check_range, in_ram
+from lguest_jit.hw.memory import PAGE_SIZE, GuestMemory, check_range, in_ram
 
 
 @pytest.mark.parametrize("where", ["gm.base - 1", "gm.base + gm.size"])
@@ -70,3 +70,38 @@ def test_loads_and_stores_compiled_equal_python(off, v):
     assert ref[3] == u and ref[4] == u & 0xFFFF
     assert got[:3] == ref[:3] and got[4] == ref[4]
     assert got[3] & (2**64 - 1) == ref[3]
+
+
+# ---------------------------------------------------------------- RAM images (snapshots)
+
+def test_ram_image_is_sparse_and_maps_back_copy_on_write(tmp_path):
+    size = 64 * PAGE_SIZE
+    gm = GuestMemory(size)
+    gm.write(3 * PAGE_SIZE + 5, b"hello")
+    gm.write(4 * PAGE_SIZE, b"\x01" * PAGE_SIZE)        # a run of two pages with the one before
+    gm.write(40 * PAGE_SIZE - 1, b"\x7f")                # last byte of page 39
+    image = tmp_path / "ram"
+    assert gm.save_image(str(image)) == 3 * PAGE_SIZE
+    assert image.stat().st_size == size
+    assert image.stat().st_blocks * 512 < size          # holes where the zero pages were
+    want = gm.mem.copy()
+    gm.close()
+
+    a = GuestMemory(size, image=str(image))
+    b = GuestMemory(size, image=str(image))
+    assert np.array_equal(a.mem, want) and np.array_equal(b.mem, want)
+    a.write(3 * PAGE_SIZE, b"XY")                        # private: neither the file nor b sees it
+    assert b.read(3 * PAGE_SIZE, 7) == b"\0\0\0\0\0he"
+    assert image.read_bytes()[3 * PAGE_SIZE:3 * PAGE_SIZE + 2] == b"\0\0"
+    # the guard pages are still there around an image mapping
+    whole = np.frombuffer(a._map, dtype=np.uint8)
+    assert whole.ctypes.data + PAGE_SIZE == a.base
+    a.close()
+    b.close()
+
+
+def test_ram_image_of_the_wrong_size_is_refused(tmp_path):
+    image = tmp_path / "ram"
+    image.write_bytes(b"\0" * PAGE_SIZE)
+    with pytest.raises(ValueError, match="holds 4096 bytes"):
+        GuestMemory(2 * PAGE_SIZE, image=str(image))

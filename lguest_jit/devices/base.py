@@ -106,11 +106,12 @@ class Device(VirtioDevice):
         if code != vring.STOPPED and code < 0:
             ctx.driver_error(i, error_message(code))
 
-    def reset(self) -> None:
-        """Stop every queue thread and join it; keep the counters."""
+    def _stop_threads(self) -> None:
+        """Ask every queue thread to stop and join it.  A thread stops only
+        at a chain boundary (next_chain checks Q_STOP before popping; an
+        input thread waiting for host data hands its chain back), so the
+        queues' state is exactly what the driver sees: nothing in flight."""
         ctx = self._ctx
-        if ctx is None:
-            return
         self._stopping = True
         for i, q in enumerate(ctx.queues):
             if q is not None:
@@ -121,14 +122,34 @@ class Device(VirtioDevice):
         for t in self._threads:
             t.join()
         self._threads.clear()
-        for i, q in enumerate(ctx.queues):
-            if q is not None:
-                self.totals[i, vring.Q_N_CHAINS:] += q[vring.Q_N_CHAINS:]
-                q[:] = 0
         if self.stop_fd >= 0:
             os.close(self.stop_fd)
             self.stop_fd = -1
         self.on_reset()
+
+    def pause(self) -> None:
+        """Quiesce for a snapshot: threads stopped and joined, queue state
+        kept; ``resume()`` starts them again where they stopped."""
+        if self._ctx is None or not self._threads:
+            return
+        self._stop_threads()
+
+    def resume(self) -> None:
+        """Start the queue threads of a paused (or restored) device again."""
+        if self._ctx is not None and not self._threads:
+            self.activate(self._ctx)
+
+    def reset(self) -> None:
+        """Stop every queue thread and join it; keep the counters."""
+        ctx = self._ctx
+        if ctx is None:
+            return
+        if self._threads or self.stop_fd >= 0:
+            self._stop_threads()
+        for i, q in enumerate(ctx.queues):
+            if q is not None:
+                self.totals[i, vring.Q_N_CHAINS:] += q[vring.Q_N_CHAINS:]
+                q[:] = 0
         self._ctx = None
 
     def on_reset(self) -> None:

@@ -58,6 +58,22 @@ class CmosRtc:
         self.offset = 0                      # guest clock minus host clock, seconds
         self.pending = {}                    # time registers written while B.SET is on
 
+    def save_state(self) -> dict:
+        """Index, RAM and the guest's clock offset (a snapshot).  The offset
+        is relative to host time, so a restored guest's wall clock reads
+        the host's time as before, not the moment of the snapshot."""
+        return {"index": self.index, "ram": bytes(self.ram), "offset": self.offset,
+                "pending": {str(k): v for k, v in self.pending.items()}}
+
+    def load_state(self, st: dict) -> None:
+        ram = bytes(st["ram"])
+        if len(ram) != len(self.ram):
+            raise ValueError(f"CMOS RAM of {len(ram)} bytes, expected {len(self.ram)}")
+        self.index = int(st["index"])
+        self.ram[:] = ram
+        self.offset = st["offset"]
+        self.pending = {int(k): v for k, v in st["pending"].items()}
+
     def register(self, bus) -> None:
         bus.add_ports(INDEX_PORT, 2, self.pio)
 

@@ -69,7 +69,12 @@ class GuestMemory:
     (for KVM_SET_USER_MEMORY_REGION, LHREQ_INITIALIZE and preadv iovecs).
     """
 
-    def __init__(self, size: int):
+    def __init__(self, size: int, image: str | None = None):
+        """``image``: a RAM image file of exactly ``size`` bytes (a
+        snapshot's, see ``save_image``) mapped copy-on-write: the guest sees
+        its contents, its writes stay private to this process, and start-up
+        costs nothing per byte (pages are read when first touched, shared in
+        the page cache by every guest started from the same image)."""
         if size <= 0 or size % PAGE_SIZE:
             raise ValueError(f"guest memory size must be a positive multiple of {PAGE_SIZE}, got {size}")
         self.size = size
@@ -81,6 +86,8 @@ class GuestMemory:
         start = whole.ctypes.data
         _mprotect(start, PAGE_SIZE, 0)
         _mprotect(start + PAGE_SIZE + size, PAGE_SIZE, 0)
+        if image is not None:
+            _map_image(image, start + PAGE_SIZE, size)
         self.mem = whole[PAGE_SIZE:PAGE_SIZE + size]
         self.base = self.mem.ctypes.data
 
@@ -100,6 +107,30 @@ class GuestMemory:
     def read(self, addr: int, length: int) -> bytes:
         return self.view(addr, length).tobytes()
 
+    def save_image(self, path: str) -> int:
+        """Write guest RAM to ``path`` as a sparse file: pages that are all
+        zero become holes.  Returns the bytes written (the non-zero pages)."""
+        pages = self.mem.reshape(-1, PAGE_SIZE)
+        nonzero = np.flatnonzero(pages.any(axis=1))
+        written = 0
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            os.ftruncate(fd, self.size)
+            # Runs of consecutive non-zero pages, one pwrite each.
+            if len(nonzero):
+                breaks = np.flatnonzero(np.diff(nonzero) != 1) + 1
+                for run in np.split(nonzero, breaks):
+                    lo, hi = int(run[0]) * PAGE_SIZE, (int(run[-1]) + 1) * PAGE_SIZE
+                    view = memoryview(self.mem[lo:hi])
+                    done = 0
+                    while done < hi - lo:
+                        done += os.pwrite(fd, view[done:], lo + done)
+                    written += hi - lo
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return written
+
     def close(self) -> None:
         """Unmap guest RAM.  Only safe once no thread can touch ``mem``."""
         self.mem = None
@@ -112,6 +143,25 @@ class GuestMemory:
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.mprotect.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+_libc.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long)
+_libc.mmap.restype = ctypes.c_void_p
+_MAP_FIXED = 0x10
+
+
+def _map_image(path: str, addr: int, size: int) -> None:
+    """Replace [addr, addr + size) of our reservation with a private
+    mapping of ``path`` (MAP_FIXED keeps the address the numpy array uses)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        have = os.fstat(fd).st_size
+        if have != size:
+            raise ValueError(f"RAM image {path} holds {have} bytes, the guest has {size}")
+        got = _libc.mmap(addr, size, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_PRIVATE | _MAP_FIXED, fd, 0)
+        if got != addr:
+            err = ctypes.get_errno()
+            raise OSError(err, f"mapping the RAM image {path} failed: {os.strerror(err)}")
+    finally:
+        os.close(fd)
 
 
 def _mprotect(addr: int, length: int, prot: int) -> None:

@@ -67,6 +67,18 @@ class Uart8250:
         self.thri_pending = False
         self.transmitted = 0
 
+    _STATE = ("ier", "lcr", "mcr", "scr", "dll", "dlm", "fcr", "thri_pending")
+
+    def save_state(self) -> dict:
+        """The registers the guest programmed (a snapshot)."""
+        return {k: int(getattr(self, k)) for k in self._STATE}
+
+    def load_state(self, st: dict) -> None:
+        for k in self._STATE:
+            setattr(self, k, int(st[k]))
+        self.thri_pending = bool(self.thri_pending)
+        self._irq()
+
     def register(self, bus) -> None:
         """Claim ports base..base+7 on ``bus`` (bus.add_ports)."""
         bus.add_ports(self.base, NPORTS, self.pio)

@@ -1,0 +1,144 @@
+"""Restore versus boot: how soon a guest does useful work.
+
+One run, side by side, of the default guest (``boot`` workload, console,
+block and rng devices):
+
+- cold boot: the launcher from exec until the guest prints ``LGJ-INIT``
+  (its /init is running), taking a snapshot there (``--snapshot-on``);
+- restore: ``lguest-jit restore`` of that snapshot, from exec until the
+  restored guest's first console output, best and median of several;
+- QEMU (TCG) booting the same kernel to the same line, where installed.
+
+Also: what one snapshot costs on disk (RAM bytes written, the state file)
+and the launcher's own start-up (exec to the first KVM_RUN, from
+--stats-json) on both paths.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+from .bench_boot import _guest, measure_qemu
+from .common import live
+
+TIMEOUT = 1200
+_INIT = re.compile(rb"LGJ-INIT (\S+)\s")
+
+
+def _timed_run(argv, stop_at: bytes | None = None, timeout: float = TIMEOUT) -> dict:
+    """Run ``argv`` and time its console: ``first`` (seconds to the first
+    stdout byte), ``init`` (to LGJ-INIT), ``end`` (to ``stop_at``, then the
+    process is killed, or to its exit), ``status``, ``out``, ``err``."""
+    t0 = time.monotonic()
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    timer = threading.Timer(timeout, proc.kill)          # a hung guest ends the benchmark, not the run
+    timer.start()
+    r = {"first": None, "init": None, "end": None, "status": None, "out": b"", "err": b""}
+    err = []
+    drain = threading.Thread(target=lambda: err.append(proc.stderr.read()), daemon=True)
+    drain.start()
+    try:
+        while True:
+            chunk = proc.stdout.read1(65536)
+            if not chunk:
+                break
+            now = time.monotonic() - t0
+            if r["first"] is None:
+                r["first"] = now
+            r["out"] += chunk
+            if r["init"] is None and _INIT.search(r["out"]):
+                r["init"] = now
+            if stop_at is not None and stop_at in r["out"]:
+                r["end"] = now
+                proc.kill()
+                break
+    finally:
+        timer.cancel()
+        status = proc.wait()
+    if r["end"] is None:
+        r["end"], r["status"] = time.monotonic() - t0, status
+    drain.join(10)
+    r["err"] = b"".join(err)
+    return r
+
+
+def _stats_startup(path: str):
+    try:
+        with open(path) as f:
+            return json.load(f).get("seconds_to_first_run")
+    except (OSError, ValueError):
+        return None
+
+
+def measure(quick: bool = False) -> dict:
+    from lguest_jit.hw.kvm import kvm_available
+    why = kvm_available()
+    if why:
+        return {"skipped": f"no usable KVM: {why}"}
+    if quick:
+        # A cold boot is minutes here; bench boot --quick already times it.
+        return {"skipped": "--quick: a restore needs a snapshot from a cold boot of minutes; run without --quick"}
+    found, why = _guest()
+    if found is None:
+        return {"skipped": why}
+    (vmlinux, initrd), _, default_cmdline = found
+    cmdline = default_cmdline("boot", "hvc0").split()
+    launcher = [sys.executable, "-m", "lguest_jit.main"]
+    restores = 3
+    out: dict = {}
+    with tempfile.TemporaryDirectory() as d, live("bench restore: cold boot, then restores", 1 + restores) as step:
+        disk = os.path.join(d, "disk.img")
+        with open(disk, "wb") as f:
+            f.truncate(16 << 20)
+        snap = os.path.join(d, "snap")
+        stats = os.path.join(d, "boot-stats.json")
+        step("cold boot to /init, snapshot there")
+        argv = [*launcher, "--rng", f"--block={disk}", f"--initrd={initrd}", f"--snapshot={snap}",
+                "--snapshot-on=LGJ-INIT", "--snapshot-exit", f"--stats-json={stats}", "256", str(vmlinux), *cmdline]
+        cold = _timed_run(argv)
+        m = _INIT.search(cold["out"])
+        if cold["status"] != 0 or m is None:
+            return {"skipped": f"the cold boot did not reach a snapshot (status {cold['status']}): "
+                               + (cold["out"][-300:] + cold["err"][-300:]).decode(errors="replace")}
+        out["cold_boot"] = {"seconds_to_init": cold["init"], "seconds_to_snapshot_written": cold["end"],
+                            "guest_uptime_at_init": float(m.group(1)),
+                            "launcher_start_to_first_kvm_run_s": _stats_startup(stats)}
+        ram = os.stat(os.path.join(snap, "ram"))
+        out["snapshot"] = {"ram_bytes_written": ram.st_blocks * 512, "ram_bytes": ram.st_size,
+                           "state_bytes": os.stat(os.path.join(snap, "state.json")).st_size}
+        firsts = []
+        for i in range(restores):
+            step(f"restore {i + 1}/{restores}")
+            # --force: the disk is the cold boot's, untouched, but a restore
+            # that runs on writes it; every run must start from the snapshot.
+            rstats = os.path.join(d, f"restore-stats-{i}.json")
+            r = _timed_run([*launcher, "restore", "--force", f"--stats-json={rstats}", snap])
+            if r["first"] is None or r["status"] != 0:
+                return {"skipped": f"the restored guest failed (status {r['status']}): "
+                                   + (r["out"][-300:] + r["err"][-300:]).decode(errors="replace")}
+            firsts.append((r["first"], r["end"], _stats_startup(rstats)))
+        best = min(firsts)
+        out["restore"] = {"seconds_to_first_output_best": best[0],
+                          "seconds_to_first_output_median": statistics.median(f[0] for f in firsts),
+                          "runs": len(firsts), "seconds_to_exit": best[1],
+                          "launcher_start_to_first_kvm_run_s": best[2]}
+        out["restore_speedup_vs_cold_boot"] = cold["init"] / best[0]
+    return out
+
+
+def run(quick: bool = False) -> dict:
+    ours = measure(quick)
+    if "skipped" in ours:
+        return {"benchmark": "restore", "skipped": ours["skipped"]}
+    qemu = measure_qemu(quick=True)
+    return {"benchmark": "restore", "unit": "wall seconds (lower is better)", "lguest_jit": ours,
+            "qemu": {"seconds_to_init": qemu.get("seconds_to_init"), **{k: v for k, v in qemu.items()
+                                                                         if k != "seconds_to_init"}},
+            "python": {"not_measured": "a restore is set-up and guest time, not kernel work"}}

@@ -1,0 +1,269 @@
+"""Every piece of KVM state a snapshot needs, read and written as raw blobs.
+
+A snapshot must bring back a vCPU bit for bit, so the state is kept in the
+kernel's own binary layouts (``<linux/kvm.h>``, x86): each class is one
+get/set ioctl pair with a fixed-size buffer, saved as bytes and handed back
+unchanged.  Nothing here interprets the blobs except the few fields a
+restore has to reason about (MSR lists, the TSC).
+
+``CLASSES`` is the table: name, which fd (vCPU or VM), the two ioctl
+numbers, the buffer size and the KVM capability it needs (0: always there).
+``probe(vm)`` reports, per class, whether this host can get it and set the
+same value back: the facts behind HACKING.md's snapshot notes.
+"""
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import os
+from dataclasses import dataclass
+
+from .kvm import KVMIO, KvmError, kvm_msr_entry, u32
+
+VCPU, VM = "vcpu", "vm"
+_WRITE, _READ = 1, 2        # <linux/ioctl.h> directions
+
+
+def _ioc(direction: int, nr: int, size: int) -> int:
+    return (direction << 30) | (size << 16) | (KVMIO << 8) | nr
+
+
+def _rd(nr: int, size: int) -> int:
+    return _ioc(_READ, nr, size)
+
+
+def _wr(nr: int, size: int) -> int:
+    return _ioc(_WRITE, nr, size)
+
+
+@dataclass(frozen=True)
+class StateClass:
+    name: str
+    fd: str            # VCPU or VM
+    get: int           # ioctl request numbers
+    set: int
+    size: int          # bytes of the kernel structure
+    cap: int = 0       # KVM_CAP_* that must be present (0: part of the base API)
+    chip: int = -1     # KVM_GET_IRQCHIP: which chip (the first u32 of the buffer)
+
+
+# Sizes of the x86 structures (asserted against the kernel headers' layouts
+# in tests/test_vmstate.py by the fields a test reads back).
+KVM_CAP_XSAVE = 55
+KVM_CAP_XCRS = 56
+KVM_CAP_DEBUGREGS = 50
+KVM_CAP_ADJUST_CLOCK = 39
+KVM_CAP_VCPU_EVENTS = 41
+KVM_CAP_MP_STATE = 14
+KVM_CAP_IRQCHIP = 0        # checked by KvmVm itself
+
+_IRQCHIP = 8 + 512         # struct kvm_irqchip: chip_id, pad, union of 512 bytes
+
+CLASSES = (
+    StateClass("regs", VCPU, _rd(0x81, 144), _wr(0x82, 144), 144),
+    StateClass("sregs", VCPU, _rd(0x83, 312), _wr(0x84, 312), 312),
+    StateClass("fpu", VCPU, _rd(0x8C, 416), _wr(0x8D, 416), 416),
+    StateClass("xsave", VCPU, _rd(0xA4, 4096), _wr(0xA5, 4096), 4096, KVM_CAP_XSAVE),
+    StateClass("xcrs", VCPU, _rd(0xA6, 392), _wr(0xA7, 392), 392, KVM_CAP_XCRS),
+    StateClass("lapic", VCPU, _rd(0x8E, 1024), _wr(0x8F, 1024), 1024),
+    StateClass("events", VCPU, _rd(0x9F, 64), _wr(0xA0, 64), 64, KVM_CAP_VCPU_EVENTS),
+    StateClass("mp_state", VCPU, _rd(0x98, 4), _wr(0x99, 4), 4, KVM_CAP_MP_STATE),
+    StateClass("debugregs", VCPU, _rd(0xA1, 128), _wr(0xA2, 128), 128, KVM_CAP_DEBUGREGS),
+    StateClass("pic_master", VM, _ioc(_READ | _WRITE, 0x62, _IRQCHIP), _rd(0x63, _IRQCHIP), _IRQCHIP,
+               chip=0),
+    StateClass("pic_slave", VM, _ioc(_READ | _WRITE, 0x62, _IRQCHIP), _rd(0x63, _IRQCHIP), _IRQCHIP,
+               chip=1),
+    StateClass("ioapic", VM, _ioc(_READ | _WRITE, 0x62, _IRQCHIP), _rd(0x63, _IRQCHIP), _IRQCHIP,
+               chip=2),
+    StateClass("pit2", VM, _rd(0x9F, 112), _wr(0xA0, 112), 112),
+    StateClass("clock", VM, _rd(0x7C, 48), _wr(0x7B, 48), 48, KVM_CAP_ADJUST_CLOCK),
+)
+BY_NAME = {c.name: c for c in CLASSES}
+
+KVM_GET_MSR_INDEX_LIST = _ioc(_READ | _WRITE, 0x02, 4)
+KVM_GET_MSRS = _ioc(_READ | _WRITE, 0x88, 8)
+KVM_SET_MSRS = _wr(0x89, 8)
+MSR_IA32_TSC = 0x10
+# KVM_SET_CLOCK flags in kvm_clock_data: which extra fields are valid.
+KVM_CLOCK_REALTIME = 1 << 2
+KVM_CLOCK_HOST_TSC = 1 << 3
+
+
+def _fd(vm, cls: StateClass) -> int:
+    return vm.vcpu_fd if cls.fd == VCPU else vm.vm_fd
+
+
+def _buffer(cls: StateClass, data: bytes | None = None):
+    buf = (ctypes.c_uint8 * cls.size)()
+    if data is not None:
+        if len(data) != cls.size:
+            raise ValueError(f"{cls.name}: {len(data)} bytes, the kernel structure has {cls.size}")
+        ctypes.memmove(buf, data, cls.size)
+    elif cls.chip >= 0:
+        ctypes.cast(buf, ctypes.POINTER(u32))[0] = cls.chip
+    return buf
+
+
+def _call(fd: int, request: int, buf, what: str) -> None:
+    try:
+        fcntl.ioctl(fd, request, buf)
+    except OSError as e:
+        raise KvmError(e.errno, f"{what} failed: {os.strerror(e.errno)}") from None
+
+
+def get(vm, name: str) -> bytes:
+    """The raw state ``name`` (a ``CLASSES`` entry) of ``vm``."""
+    cls = BY_NAME[name]
+    buf = _buffer(cls)
+    _call(_fd(vm, cls), cls.get, buf, f"get {name}")
+    return bytes(buf)
+
+
+def put(vm, name: str, data: bytes) -> None:
+    """Write back raw state ``name`` as :func:`get` returned it."""
+    cls = BY_NAME[name]
+    _call(_fd(vm, cls), cls.set, _buffer(cls, data), f"set {name}")
+
+
+def available(vm, cls: StateClass) -> bool:
+    return cls.cap == 0 or bool(vm.check_extension(cls.cap))
+
+
+# -- MSRs -------------------------------------------------------------------------
+
+
+def msr_index_list(vm) -> list[int]:
+    """KVM_GET_MSR_INDEX_LIST: the MSRs KVM saves and restores for a vCPU."""
+    n = 64
+    while True:
+        class _list(ctypes.Structure):
+            _fields_ = [("nmsrs", u32), ("indices", u32 * n)]
+        buf = _list(nmsrs=n)
+        try:
+            fcntl.ioctl(vm.kvm_fd, KVM_GET_MSR_INDEX_LIST, buf)
+            return [buf.indices[i] for i in range(buf.nmsrs)]
+        except OSError as e:
+            if e.errno != errno.E2BIG or n >= 16384:
+                raise KvmError(e.errno, f"KVM_GET_MSR_INDEX_LIST failed: {os.strerror(e.errno)}") from None
+            n = max(n * 2, buf.nmsrs)
+
+
+def _msr_call(vm, request: int, items: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    class _msrs(ctypes.Structure):
+        _fields_ = [("nmsrs", u32), ("pad", u32), ("entries", kvm_msr_entry * max(len(items), 1))]
+    buf = _msrs(nmsrs=len(items))
+    for i, (idx, val) in enumerate(items):
+        buf.entries[i].index = idx
+        buf.entries[i].data = val & 0xFFFFFFFFFFFFFFFF
+    n = fcntl.ioctl(vm.vcpu_fd, request, buf)
+    return [(buf.entries[i].index, buf.entries[i].data) for i in range(n)]
+
+
+def get_msrs(vm, indices) -> dict[int, int]:
+    """Every MSR of ``indices`` KVM will read, one ioctl per refusal: KVM
+    stops at the first MSR it cannot read, so the rest are retried past it.
+    The ones it refuses are left out (listed in ``msr_index_list`` but
+    unreadable on this host: probe() reports them)."""
+    out = {}
+    todo = [int(i) for i in indices]
+    while todo:
+        done = _msr_call(vm, KVM_GET_MSRS, [(i, 0) for i in todo])
+        out.update(done)
+        todo = todo[len(done) + 1:]     # skip the refused one
+    return out
+
+
+def set_msrs(vm, values: dict[int, int]) -> list[int]:
+    """Write ``values``; returns the MSRs KVM refused (each retried past, as
+    in get_msrs), so a caller decides whether a refusal matters."""
+    refused = []
+    todo = list(values.items())
+    while todo:
+        done = _msr_call(vm, KVM_SET_MSRS, todo)
+        if len(done) < len(todo):
+            refused.append(todo[len(done)][0])
+        todo = todo[len(done) + 1:]
+    return refused
+
+
+# -- the whole machine --------------------------------------------------------------
+
+
+def save(vm) -> dict:
+    """Every available state class of ``vm`` plus its MSRs:
+    ``{"classes": {name: bytes}, "msrs": {index: value}}``.  Read the VM-wide
+    clock last, the vCPU first: the clock then covers the vCPU's TSC."""
+    classes = {}
+    for cls in CLASSES:
+        if available(vm, cls):
+            classes[cls.name] = get(vm, cls.name)
+    return {"classes": classes, "msrs": get_msrs(vm, msr_index_list(vm))}
+
+
+# Restore order matters to KVM: sregs before regs (mode), the LAPIC before
+# the events (a pending interrupt is checked against it), MSRs after sregs
+# (EFER), mp_state last (it may make the vCPU runnable), the irqchips and
+# PIT before the vCPU state that refers to them.
+RESTORE_ORDER = ("pic_master", "pic_slave", "ioapic", "pit2", "clock", "sregs", "regs", "fpu", "xsave",
+                 "xcrs", "lapic", "debugregs", "msrs", "events", "mp_state")
+
+
+def restore(vm, state: dict) -> list[int]:
+    """Write back what :func:`save` returned, in ``RESTORE_ORDER``; returns
+    the MSRs KVM refused.  The clock's host-time fields are cleared: they
+    describe the saving host's moment, and KVM_SET_CLOCK with them set
+    would try to advance the clock by the time the snapshot sat on disk."""
+    refused = []
+    classes = state["classes"]
+    for name in RESTORE_ORDER:
+        if name == "msrs":
+            # int(): a snapshot read back from JSON has the indices as strings.
+            refused = set_msrs(vm, {int(k): int(v) for k, v in state["msrs"].items()})
+            continue
+        data = classes.get(name)
+        if data is None:
+            continue
+        if name == "clock":
+            data = _clock_without_host_time(data)
+        put(vm, name, data)
+    return refused
+
+
+def _clock_without_host_time(data: bytes) -> bytes:
+    b = bytearray(data)
+    flags = int.from_bytes(b[8:12], "little") & ~(KVM_CLOCK_REALTIME | KVM_CLOCK_HOST_TSC)
+    b[8:12] = flags.to_bytes(4, "little")
+    return bytes(b)
+
+
+def probe(vm) -> dict[str, str]:
+    """Per state class: "ok" when this host gets it and takes the same value
+    back, else why not.  Plus "msrs": how many of the index list round-trip."""
+    out = {}
+    for cls in CLASSES:
+        if not available(vm, cls):
+            out[cls.name] = "capability missing"
+            continue
+        try:
+            data = get(vm, cls.name)
+        except KvmError as e:
+            out[cls.name] = f"get refused ({os.strerror(e.errno)})"
+            continue
+        try:
+            put(vm, cls.name, _clock_without_host_time(data) if cls.name == "clock" else data)
+        except KvmError as e:
+            out[cls.name] = f"set refused ({os.strerror(e.errno)})"
+            continue
+        out[cls.name] = "ok"
+    idx = msr_index_list(vm)
+    got = get_msrs(vm, idx)
+    refused = set_msrs(vm, got)
+    out["msrs"] = (f"{len(got) - len(refused)} of {len(idx)} round-trip"
+                   + (f"; unreadable {sorted(hex(i) for i in idx if i not in got)}" if len(got) < len(idx) else "")
+                   + (f"; set refused {[hex(i) for i in refused]}" if refused else ""))
+    return out
+
+
+__all__ = ["CLASSES", "StateClass", "get", "put", "save", "restore", "probe", "msr_index_list", "get_msrs",
+           "set_msrs", "RESTORE_ORDER", "MSR_IA32_TSC"]

@@ -1,0 +1,304 @@
+"""Snapshot and restore through the command line, with a tiny guest: a
+snapshot taken in the middle of a loop restores into a guest that finishes
+the same loop; every damaged or mismatched snapshot is refused with one
+line and exit status 2, before any device is created."""
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from lguest_jit.hw.kvm import kvm_available
+from lguest_jit.hw.tinyguest import RAX, RCX, RDX, Asm
+
+pytestmark = pytest.mark.skipif(kvm_available() is not None, reason=f"KVM unusable: {kvm_available()}")
+
+LOAD = 0x100000
+LOOPS = 1_500_000          # a few seconds of emulated CPL0 code here: long enough to be caught mid-way
+TIMEOUT = 300
+
+
+def _elf64(code: bytes, addr: int) -> bytes:
+    import struct
+    ehdr = struct.pack("<4sBBBBB7sHHIQQQIHHHHHH", b"\x7fELF", 2, 1, 1, 0, 0, b"\0" * 7,
+                       2, 62, 1, addr, 64, 0, 0, 64, 56, 1, 0, 0, 0)
+    phdr = struct.pack("<IIQQQQQQ", 1, 5, 0x1000, addr, addr, len(code), len(code), 0x1000)
+    return ehdr + phdr + b"\0" * (0x1000 - 64 - 56) + code
+
+
+def _guest() -> bytes:
+    """'R' on the UART, LOOPS turns of a counting loop, 'D', halt."""
+    a = Asm(LOAD).mov_imm32(RDX, 0x3F8).mov_imm32(RAX, ord("R")).out(1)
+    a.mov_imm32(RCX, LOOPS).label("spin").dec_ecx().jnz("spin")
+    a.mov_imm32(RAX, ord("D")).out(1).cli().hlt()
+    return bytes(a)
+
+
+def _launcher(*args, **kw):
+    return [sys.executable, "-m", "lguest_jit.main", *args]
+
+
+def _take(tmp_path, name="snap", extra=()):
+    """Boot the tiny guest with --snapshot, snapshot it on SIGUSR2 as soon
+    as it printed 'R', and return (snapshot dir, stdout, stderr)."""
+    kernel = tmp_path / "tiny.elf"
+    kernel.write_bytes(_elf64(_guest(), LOAD))
+    where = tmp_path / name
+    proc = subprocess.Popen(_launcher(f"--snapshot={where}", "--snapshot-exit", *extra, "64", str(kernel)),
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        first = proc.stdout.read(1)
+        assert first == b"R", proc.stderr.read()
+        proc.send_signal(signal.SIGUSR2)
+        out, err = proc.communicate(timeout=TIMEOUT)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    return where, first + out, err.decode()
+
+
+@pytest.fixture(scope="module")
+def taken(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("snapshot")
+    disk = tmp / "disk.img"
+    disk.write_bytes(b"\xab" * 65536)
+    where, out, err = _take(tmp, extra=(f"--block={disk}",))
+    return where, disk, out, err
+
+
+def test_a_snapshot_mid_loop_restores_into_a_guest_that_finishes_it(taken, tmp_path):
+    where, disk, out, err = taken
+    # The snapshot was taken inside the loop: the first guest never said 'D'.
+    assert out == b"R", (out, err)
+    assert "snapshot written to" in err
+    ram = os.stat(where / "ram")
+    assert ram.st_size == 64 << 20 and ram.st_blocks * 512 < ram.st_size // 4     # sparse
+    copy = tmp_path / "copy"
+    shutil.copytree(where, copy)
+    for _ in range(2):      # twice from one snapshot: a restore changes nothing in it
+        r = subprocess.run(_launcher("restore", str(copy)), stdin=subprocess.DEVNULL, capture_output=True,
+                           timeout=TIMEOUT)
+        assert r.returncode == 0, r.stderr
+        assert r.stdout == b"D", r.stdout          # carried on mid-loop: no second 'R'
+
+
+def _damage(src, dst, how):
+    shutil.copytree(src, dst)
+    state = dst / "state.json"
+    doc = json.loads(state.read_text())
+    body = json.loads(doc["body"])
+    if how == "truncated":
+        data = state.read_bytes()
+        state.write_bytes(data[:len(data) // 2])
+    elif how == "not ours":
+        state.write_text(json.dumps({"hello": "world"}))
+    elif how == "version":
+        doc["version"] = 99
+        state.write_text(json.dumps(doc))
+    elif how == "checksum":
+        doc["body"] = doc["body"].replace('"rng": false', '"rng": true')
+        state.write_text(json.dumps(doc))
+    elif how == "cpuid":
+        leaf = body["cpuid"][0]
+        leaf[3] ^= 1
+        doc["body"] = json.dumps(body, sort_keys=True)
+        doc["sha256"] = hashlib.sha256(doc["body"].encode()).hexdigest()
+        state.write_text(json.dumps(doc))
+    elif how == "ram size":
+        os.truncate(dst / "ram", 4096)
+    elif how == "no ram":
+        os.unlink(dst / "ram")
+    elif how == "no state":
+        os.unlink(state)
+    return dst
+
+
+BAD = [
+    ("truncated", "state.json is damaged"),
+    ("not ours", "not an lguest-jit snapshot"),
+    ("version", "format version 99"),
+    ("checksum", "checksum mismatch"),
+    ("cpuid", "another kind of host"),
+    ("ram size", "RAM file holds 4096 bytes"),
+    ("no ram", "ram is missing"),
+    ("no state", "state.json is missing"),
+]
+
+
+@pytest.mark.parametrize("how,message", BAD, ids=[b[0] for b in BAD])
+def test_a_damaged_snapshot_is_refused_with_one_line(taken, tmp_path, how, message):
+    where = _damage(taken[0], tmp_path / "bad", how)
+    r = subprocess.run(_launcher("restore", str(where)), stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                       timeout=TIMEOUT)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.startswith("lguest-jit: ") and r.stderr.count("\n") == 1, r.stderr
+    assert message in r.stderr
+    assert r.stdout == ""
+
+
+def test_a_missing_snapshot_is_refused(tmp_path):
+    r = subprocess.run(_launcher("restore", str(tmp_path / "nowhere")), capture_output=True, text=True)
+    assert r.returncode == 2 and "does not exist" in r.stderr and r.stderr.count("\n") == 1
+
+
+def test_a_disk_changed_since_the_snapshot_is_refused_unless_forced(taken, tmp_path):
+    where, disk, _, _ = taken
+    saved = disk.read_bytes()
+    st = os.stat(disk)
+    try:
+        with open(disk, "r+b") as f:
+            f.write(b"changed")
+        os.utime(disk, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+        r = subprocess.run(_launcher("restore", str(where)), stdin=subprocess.DEVNULL, capture_output=True,
+                           text=True, timeout=TIMEOUT)
+        assert r.returncode == 2 and "was modified since the snapshot" in r.stderr, r.stderr
+        assert "--force" in r.stderr
+        r = subprocess.run(_launcher("restore", "--force", str(where)), stdin=subprocess.DEVNULL,
+                           capture_output=True, text=True, timeout=TIMEOUT)
+        assert r.returncode == 0 and r.stdout == "D", r.stderr
+    finally:
+        disk.write_bytes(saved)
+        os.utime(disk, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--snapshot-on=x"], "need --snapshot=DIR"),
+    (["--snapshot-exit"], "need --snapshot=DIR"),
+    (["--snapshot={dir}", "--snapshot-on=("], "bad regular expression"),
+    (["--snapshot={full}"], "exists and is not empty"),
+    (["--snapshot={file}"], "exists and is not a directory"),
+])
+def test_bad_snapshot_options_are_refused_before_the_guest_starts(tmp_path, args, message):
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "something").write_text("keep me")
+    (tmp_path / "file").write_text("")
+    kernel = tmp_path / "tiny.elf"
+    kernel.write_bytes(_elf64(_guest(), LOAD))
+    args = [a.format(dir=tmp_path / "new", full=full, file=tmp_path / "file") for a in args]
+    r = subprocess.run(_launcher(*args, "64", str(kernel)), stdin=subprocess.DEVNULL, capture_output=True,
+                       text=True, timeout=TIMEOUT)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.startswith("lguest-jit: ") and r.stderr.count("\n") == 1 and message in r.stderr, r.stderr
+    assert (full / "something").read_text() == "keep me"      # never overwritten unless asked
+    assert not (tmp_path / "new").exists()
+
+
+def test_force_replaces_an_existing_snapshot(taken, tmp_path):
+    old = tmp_path / "snap"
+    old.mkdir()
+    (old / "stale").write_text("old")
+    where, out, err = _take(tmp_path, extra=("--force",))
+    assert where == old and out == b"R", err
+    assert sorted(os.listdir(where)) == ["ram", "state.json"]
+
+
+def test_restore_refuses_options_the_snapshot_fixes(taken):
+    r = subprocess.run(_launcher("restore", "--rng", str(taken[0])), capture_output=True, text=True,
+                       timeout=TIMEOUT)
+    assert r.returncode == 2 and "(--rng given)" in r.stderr and r.stderr.count("\n") == 1, r.stderr
+
+
+# ---------------------------------------------------------------- device state, in process (no KVM needed)
+
+def _rng_machine(gm, add=True):
+    from lguest_jit import pci
+    from lguest_jit.devices import Rng
+    from lguest_jit.testing import VirtioPciDriver
+    bus = pci.Bus(gm)
+    dev = Rng()
+    if add:                     # VirtioPciDriver.attach adds it itself
+        bus.add_device(dev)
+    return bus, dev, VirtioPciDriver
+
+
+@pytest.fixture
+def rng_state():
+    """A bus whose rng served two requests, paused; its state."""
+    from lguest_jit.hw.memory import GuestMemory
+    gm = GuestMemory(8 << 20)
+    bus, dev, Driver = _rng_machine(gm, add=False)
+    drv = Driver.attach(bus, gm, dev)
+    for _ in range(2):
+        drv.queues[0].add(in_=[32])
+        drv.kick(0)
+        assert drv.wait_used(0)
+    dev.pause()
+    st = bus.save_state()
+    yield gm, bus, dev, drv, st
+    bus.close()
+    gm.close()
+
+
+def test_device_state_round_trips_and_the_restored_device_serves_on(rng_state):
+    from lguest_jit import vring
+    from lguest_jit.hw.memory import GuestMemory
+    gm, bus, dev, drv, st = rng_state
+    gm2 = GuestMemory(gm.size)
+    gm2.mem[:] = gm.mem
+    bus2, dev2, _ = _rng_machine(gm2)
+    try:
+        bus2.load_state(st)
+        q1, q2 = bus.devices[0].queues[0], bus2.devices[0].queues[0]
+        for f in (vring.Q_SIZE, vring.Q_DESC, vring.Q_AVAIL, vring.Q_USED, vring.Q_LAST_AVAIL, vring.Q_USED_IDX):
+            assert q2[f] == q1[f], f
+        assert dev2.running                                     # the driver had it at DRIVER_OK
+        # The same driver, now talking to the restored bus, gets a third answer.
+        drv.bus, drv.gm = bus2, gm2
+        for q in drv.queues:
+            q.gm, q.mem = gm2, gm2.mem
+        drv.queues[0].add(in_=[32])
+        drv.kick(0)
+        assert drv.wait_used(0)
+        assert q2[vring.Q_N_CHAINS] == q1[vring.Q_N_CHAINS] + 1
+    finally:
+        bus2.close()
+        gm2.close()
+
+
+def _tamper(st, how):
+    import copy
+
+    from lguest_jit import pci, vring
+    st = copy.deepcopy(st)
+    d = st["devices"][0]
+    if how == "ring outside RAM":
+        d["queues"][0][vring.Q_USED] = 1 << 40
+    elif how == "negative index":
+        d["queues"][0][vring.Q_N_CHAINS] = -5
+    elif how == "queue count":
+        d["regs"][0, pci.S_NUM_QUEUES] = 400
+    elif how == "queue select":
+        d["regs"][0, pci.S_QSELECT] = -1
+    elif how == "write mask":
+        st["space"][1, pci.P_WMASK, 0] = 0xFF
+    elif how == "shape":
+        d["bytes"] = d["bytes"][:-1]
+    return st
+
+
+@pytest.mark.parametrize("how,message", [
+    ("ring outside RAM", "used ring lies outside guest RAM"),
+    ("negative index", "negative counters"),
+    ("queue count", "other queues, features or config"),
+    ("queue select", "registers out of range"),
+    ("write mask", "built for other devices"),
+    ("shape", "snapshot config have shape"),
+])
+def test_a_crafted_device_state_is_refused(rng_state, how, message):
+    from lguest_jit.hw.memory import GuestMemory
+    gm, bus, dev, drv, st = rng_state
+    gm2 = GuestMemory(gm.size)
+    bus2, dev2, _ = _rng_machine(gm2)
+    try:
+        with pytest.raises(ValueError, match=message):
+            bus2.load_state(_tamper(st, how))
+        assert not dev2.running
+    finally:
+        bus2.close()
+        gm2.close()
