@@ -398,7 +398,10 @@ class Launcher:
             print(f"  thread {name:28s} user {t['user_s']:8.3f} s  system {t['system_s']:8.3f} s", file=stream)
         for dev, queues in st["queues"].items():
             for q, c in queues.items():
-                print(f"  queue  {dev + '/' + q:28s} " + " ".join(f"{k} {v}" for k, v in c.items()), file=stream)
+                print(f"  queue  {dev + '/' + q:28s} " + " ".join(f"{k} {v}" for k, v in c.items()
+                                                                if not isinstance(v, dict)), file=stream)
+                if "latency" in c:
+                    print(f"  latency {dev + '/' + q:27s} {_latency_line(c['latency'])}", file=stream)
         if "exits" in st:
             print(f"  exits  {st['exits']}", file=stream)
 
@@ -412,6 +415,17 @@ class Launcher:
             self.backend.close()
         if self.gm is not None:
             self.gm.close()
+
+
+def _latency_line(lat: dict) -> str:
+    """count, p50, p99 of a queue's latency histogram (upper bounds of their
+    log2 buckets, so "<=")."""
+    if not lat["count"]:
+        return "count 0 (sampled 1 in {})".format(lat["sampled_every"])
+
+    def us(ns):
+        return f"<= {ns / 1000:.1f} us"
+    return f"count {lat['count']} (sampled 1 in {lat['sampled_every']}) p50 {us(lat['p50_ns'])} p99 {us(lat['p99_ns'])}"
 
 
 def _run_guest(args, argv) -> int:

@@ -43,6 +43,8 @@ class Device(VirtioDevice):
     # Worth it where requests come back to back and each wake-up would cost
     # more than the request (block); 0 elsewhere.
     poll_us: float = 0.0
+    # One chain in this many is timed for the latency histogram (vring.Q_LAT_EVERY).
+    latency_every: int = vring.LAT_EVERY
     # Ring features every device offers (§2.4.5.3, §2.4.7).
     RING_FEATURES = (1 << vring.VIRTIO_RING_F_INDIRECT_DESC) | (1 << vring.VIRTIO_RING_F_EVENT_IDX)
 
@@ -83,6 +85,7 @@ class Device(VirtioDevice):
                 continue
             q[vring.Q_STOP] = 0
             vring.set_poll(q, vring.spins_for(self.poll_us) if self.poll_us else 0)
+            vring.set_latency_sampling(q, self.latency_every)
             name = f"{self.name}:{self.queue_names[i] if i < len(self.queue_names) else i}"
             t = threading.Thread(target=self._thread, args=(i, ctx, name), name=name, daemon=True)
             self._threads.append(t)
@@ -150,5 +153,6 @@ class Device(VirtioDevice):
             name = self.queue_names[i] if i < len(self.queue_names) else str(i)
             c = vring.counters(row)
             out[name] = {"requests": c["chains"], "bytes": c["bytes"], "notifications": c["notifications"],
-                         "interrupts": c["interrupts"], "errors": c["errors"]}
+                         "interrupts": c["interrupts"], "errors": c["errors"],
+                         "latency": {**c["latency"], "sampled_every": self.latency_every}}
         return out
