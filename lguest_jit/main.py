@@ -1,6 +1,7 @@
 """lguest-jit: run a Linux guest with virtio-pci devices, or benchmark the engine.
 
 Usage:
+  lguest-jit bench sweep --param=SPEC <what> [--json] [--quick] [--plot=FILE]
   lguest-jit bench <what> [--json] [--quick] [--plot=FILE]
   lguest-jit [options] [--tunnet=SPEC]... [--block=FILE]... <mem-in-mb> <vmlinux> [<args>...]
   lguest-jit (-h | --help)
@@ -18,6 +19,16 @@ Options:
   --strict              Stop with "bad driver" on any driver conformance error.
   --stats               Print resource use and per-queue counters at exit.
   --stats-json=FILE     Write the same as JSON to FILE.
+  --queue-size=N        Queue size every device offers, a power of two from 4
+                        to 32768 (default: each device's own: console 128,
+                        block 128, net 256, rng 64).
+  --blk-poll-us=US      Block: busy-poll this long for the next request before
+                        sleeping, 0 never (default: 50).
+  --event-idx=ON|OFF    Offer VIRTIO_RING_F_EVENT_IDX, on or off (default: on).
+  --indirect=ON|OFF     Offer indirect descriptors, on or off (default: on).
+  --seg-max=N           Block: data segments per request offered as seg_max
+                        (default: the block queue size - 2).
+  --param=SPEC          bench sweep: KNOB=V1,V2,... (a knob above, without --).
   --json                Benchmarks: print JSON instead of a table.
   --quick               Benchmarks: shorter measurements.
   --plot=FILE           Benchmarks: draw the comparison as a PNG.
@@ -25,6 +36,7 @@ Options:
   --version             Show the version.
 
 Benchmarks: vring, pci, decode, blk, rng, exits, boot, or all.
+bench sweep runs one device benchmark (blk, rng) per value of a knob.
 """
 from __future__ import annotations
 
@@ -44,6 +56,7 @@ import time
 from docopt import DocoptExit, docopt
 
 from . import __version__
+from .devices.knobs import KNOBS, parse_knobs
 from .devices.tunspec import parse_tunnet
 from .hw.hosts import LGUEST_DEVICE, lguest_available
 
@@ -61,7 +74,33 @@ def _check_plot_path(path: str) -> None:
     _writable_output(path, "--plot")
 
 
+def _sweep(args) -> int:
+    """bench sweep: every argument checked before the first run."""
+    from benchmarks import sweep         # standard library only, like the knobs
+    from .devices.knobs import parse_sweep
+    what = args["<what>"]
+    try:
+        param, values = parse_sweep(args["--param"])
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    if what not in sweep.SWEEPABLE:
+        raise UsageError(f"bench sweep: {what!r} has no device knobs; choose from {', '.join(sweep.SWEEPABLE)}")
+    if args["--plot"]:
+        _check_plot_path(args["--plot"])
+    rep = sweep.run(param, values, what, quick=args["--quick"])
+    if args["--plot"] and "skipped" not in rep:
+        from benchmarks.plot import plot_sweep
+        plot_sweep(rep, args["--plot"])
+    if args["--json"]:
+        print(json.dumps(rep, indent=2))
+    else:
+        _print_table([rep])
+    return 0
+
+
 def _bench(args) -> int:
+    if args["sweep"]:
+        return _sweep(args)
     what = args["<what>"]
     names = BENCHMARKS if what == "all" else (what,)
     if what != "all" and what not in BENCHMARKS:
@@ -234,6 +273,10 @@ class RunConfig:
         if self.nets and not os.path.exists("/dev/net/tun"):
             raise UsageError("--tunnet needs /dev/net/tun, which this host lacks")
         self.rng = bool(args["--rng"])
+        try:
+            self.knobs = parse_knobs({name: args[f"--{name}"] for name in KNOBS})
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
         self.user = None
         if args["--username"]:
             import pwd
@@ -314,6 +357,7 @@ class Launcher:
         for make in makers:
             try:
                 d = make()
+                d.apply_knobs(cfg.knobs)
             except (OSError, ValueError) as exc:
                 # A tap that cannot be made, a bridge that is not there, a
                 # disk that cannot be opened: one line, and close() undoes

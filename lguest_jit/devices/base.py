@@ -71,6 +71,16 @@ class Device(VirtioDevice):
         return (ctx.mem.mem, ctx.queues[index], vring.new_iov(self.queue_max_sizes[index]), ctx.notify_fds[index],
                 ctx.isr, ctx.irq_fd, np.zeros(1, np.uint64))
 
+    def apply_knobs(self, knobs) -> None:
+        """Take the tuning knobs (a ``knobs.Knobs``) before the device goes on
+        the bus: every queue's maximum size, and the ring features offered."""
+        if knobs.queue_size:
+            self.queue_max_sizes = (knobs.queue_size,) * len(self.queue_max_sizes)
+        if not knobs.event_idx:
+            self.features &= ~(1 << vring.VIRTIO_RING_F_EVENT_IDX)
+        if not knobs.indirect:
+            self.features &= ~(1 << vring.VIRTIO_RING_F_INDIRECT_DESC)
+
     def on_activate(self, ctx: QueueContext) -> None:
         """Hook before the threads start (e.g. negotiated-feature set-up)."""
 

@@ -38,11 +38,12 @@ from ..hw.libc import (EAGAIN, EINTR, POLLERR, POLLHUP, POLLIN, POLLNVAL, POLLOU
 from ..vring import (CHAIN_READABLE, CHAIN_WRITABLE, Q_IN, Q_OUT, Q_STOP, STOPPED, complete, finish, next_chain,
                      notify_used)
 from .base import Device
+from .knobs import DEFAULT_QUEUE_SIZES
 from .tunspec import BRIDGE_PREFIX, TunSpec, format_mac, parse_mac, parse_tunnet  # noqa: F401
 
 VIRTIO_ID_NET = 1
 RX, TX = 0, 1
-QUEUE_SIZE = 256
+QUEUE_SIZE = DEFAULT_QUEUE_SIZES["net"]
 
 # Feature bits (§5.1.3)
 VIRTIO_NET_F_CSUM = 0
@@ -356,7 +357,7 @@ class Net(Device):
         fds[0] = (self.tap_fd, POLLIN if index == RX else POLLOUT)
         fds[1] = (stop_fd, POLLIN)
         kernel = _rx_serve if index == RX else _tx_serve
-        code = int(kernel(*self.queue_args(ctx, index), host_iov(QUEUE_SIZE), self.tap_fd, fds, self.stats))
+        code = int(kernel(*self.queue_args(ctx, index), host_iov(self.queue_max_sizes[index]), self.tap_fd, fds, self.stats))
         if code == -E_TAP:
             err = int(self.stats[NS_RX_ERRNO]) if index == RX else 0
             why = os.strerror(err) if err else "poll reported an error on it"
