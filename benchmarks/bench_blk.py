@@ -104,11 +104,11 @@ def _drive(mem, rings, size, heads, depth, total, notify_fd, irq_fd, event_idx, 
     return done
 
 
-def drive_rate(gm, bus, q, feats, heads, depth, min_time, poll=False) -> float:
-    """Requests per second that ``_drive`` keeps going on the device's first
-    queue ``q`` (set up, ``heads`` posted once and drained), as ``rate()``
-    times it.  bench_rng drives its device the same way."""
-    notify = bus.ioeventfds()[0][2]
+def driver(gm, bus, q, feats, heads, depth, poll=False, queue=0):
+    """``run(n)``: ``_drive`` ``n`` requests through queue ``queue`` (the
+    bus's ``queue``-th notification; ``q`` its MockDriver, set up, ``heads``
+    posted once and drained), keeping the Python-side driver in step."""
+    notify = bus.ioeventfds()[queue][2]
     irq = bus.interrupts()[0][1]
     rings = np.array([q.desc, q.avail, q.used], dtype=np.int64)
     event_idx = bool(feats >> vring.VIRTIO_RING_F_EVENT_IDX & 1)
@@ -120,7 +120,14 @@ def drive_rate(gm, bus, q, feats, heads, depth, min_time, poll=False) -> float:
         # Keep the Python-side driver's view in step (for teardown).
         q.avail_shadow = ld_u16(gm.mem, q.avail + 2)
         q.last_used = ld_u16(gm.mem, q.used + 2)
-    return rate(run, min_time=min_time)
+    return run
+
+
+def drive_rate(gm, bus, q, feats, heads, depth, min_time, poll=False, queue=0) -> float:
+    """Requests per second that ``_drive`` keeps going (see ``driver``), as
+    ``rate()`` times it.  bench_rng and bench_net drive their devices the
+    same way."""
+    return rate(driver(gm, bus, q, feats, heads, depth, poll, queue), min_time=min_time)
 
 
 def _sector(k: int, req_bytes: int) -> int:

@@ -16,7 +16,7 @@ import os
 from lguest_jit.devices.knobs import BENCH_ENV, parse_knobs
 
 # Benchmarks whose devices take the knobs.
-SWEEPABLE = ("blk", "rng")
+SWEEPABLE = ("blk", "rng", "net")
 
 
 def column(param: str, value: str) -> str:

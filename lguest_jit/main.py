@@ -35,8 +35,8 @@ Options:
   -h --help             Show this help.
   --version             Show the version.
 
-Benchmarks: vring, pci, decode, blk, rng, exits, boot, or all.
-bench sweep runs one device benchmark (blk, rng) per value of a knob.
+Benchmarks: vring, pci, decode, blk, rng, net, exits, boot, or all.
+bench sweep runs one device benchmark (blk, rng, net) per value of a knob.
 """
 from __future__ import annotations
 
@@ -60,7 +60,7 @@ from .devices.knobs import KNOBS, parse_knobs
 from .devices.tunspec import parse_tunnet
 from .hw.hosts import LGUEST_DEVICE, lguest_available
 
-BENCHMARKS = ("vring", "pci", "decode", "blk", "rng", "exits", "boot")
+BENCHMARKS = ("vring", "pci", "decode", "blk", "rng", "net", "exits", "boot")
 
 
 class UsageError(Exception):

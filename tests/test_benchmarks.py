@@ -20,6 +20,22 @@ def test_device_benchmark_measures_every_case(name):
     assert len(fast) == 2 * len(mod.CASES) * (len(mod.DRIVERS) if hasattr(mod, "DRIVERS") else 1)
 
 
+def test_net_benchmark_measures_every_case():
+    """Both directions, every size, on the device and on the plain tap
+    loop, each in its own private network namespace."""
+    from benchmarks import bench_net
+    problem = bench_net.netns_problem()
+    if problem:
+        pytest.skip(problem)
+    fast = bench_net.measure(quick=True)
+    ref = bench_net.measure_reference(quick=True)
+    assert fast.keys() == ref.keys() and len(fast) == 2 * len(bench_net.CASES)
+    assert {k for k in fast if k.endswith("_frames_per_s")} == {f"{d}_{n}_frames_per_s" for d in ("tx", "rx")
+                                                                 for n in ("64B", "1500B", "64KiB")}
+    for key, v in fast.items():
+        assert v > 0, key
+
+
 def test_every_listed_benchmark_has_measure_and_run():
     for name in BENCHMARKS:
         mod = importlib.import_module(f"benchmarks.bench_{name}")
