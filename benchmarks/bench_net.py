@@ -26,7 +26,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import shutil
 import socket
 import struct
 import subprocess
@@ -73,17 +72,8 @@ def _frame(size: int, gso: bool) -> tuple[bytes, bytes]:
 @functools.cache
 def netns_problem() -> str | None:
     """None when a private network namespace with a tap can be made here."""
-    if not os.path.exists("/dev/net/tun"):
-        return "/dev/net/tun is missing"
-    if shutil.which("unshare") is None:
-        return "unshare (util-linux) is not installed"
-    try:
-        r = subprocess.run(["unshare", "--net", "true"], capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired) as e:
-        return f"unshare --net failed: {e}"
-    if r.returncode != 0:
-        return f"cannot create a network namespace: {r.stderr.strip() or r.returncode}"
-    return None
+    from lguest_jit.testing import netns_problem as problem
+    return problem()
 
 
 def _in_netns(func: str, quick: bool) -> dict:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import os
-import shutil
 import socket
 import struct
 import subprocess
@@ -315,26 +314,8 @@ def test_tx_kernel_drops_a_refused_frame_and_goes_on():
 
 @functools.cache
 def _netns_unavailable() -> str | None:
-    if not os.path.exists("/dev/net/tun"):
-        return "/dev/net/tun is missing"
-    if shutil.which("unshare") is None:
-        return "unshare (util-linux) is not installed"
-    try:
-        r = subprocess.run(["unshare", "--net", "true"], capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired) as e:
-        return f"unshare --net failed: {e}"
-    if r.returncode != 0:
-        return f"cannot create a network namespace: {r.stderr.strip() or r.returncode}"
-    # Opening /dev/net/tun can still be refused (a container without
-    # CAP_NET_ADMIN or the device cgroup entry): try one tap in a namespace.
-    probe = ("import fcntl, os, struct\n"
-             "fd = os.open('/dev/net/tun', os.O_RDWR)\n"
-             f"fcntl.ioctl(fd, {net.TUNSETIFF:#x}, struct.pack('16sH22x', b'tap%d', {net.IFF_TAP | net.IFF_NO_PI:#x}))\n")
-    r = subprocess.run(["unshare", "--net", sys.executable, "-c", probe], capture_output=True, text=True, timeout=30)
-    if r.returncode != 0:
-        last = (r.stderr.strip().splitlines() or [str(r.returncode)])[-1]
-        return f"cannot create a tap in a network namespace: {last}"
-    return None
+    from lguest_jit.testing import netns_problem
+    return netns_problem()
 
 
 def run_in_netns(scenario: str, *, no_jit: bool = False) -> None:

@@ -5,7 +5,6 @@ import json
 import random
 import time
 
-import numpy as np
 import pytest
 from naive import histogram_percentile, log2_histogram
 
