@@ -76,13 +76,13 @@ def _check_plot_path(path: str) -> None:
 
 def _sweep(args) -> int:
     """bench sweep: every argument checked before the first run."""
-    from benchmarks import sweep         # standard library only, like the knobs
     from .devices.knobs import parse_sweep
     what = args["<what>"]
     try:
         param, values = parse_sweep(args["--param"])
     except ValueError as exc:
         raise UsageError(str(exc)) from None
+    from benchmarks import sweep         # standard library only, like the knobs
     if what not in sweep.SWEEPABLE:
         raise UsageError(f"bench sweep: {what!r} has no device knobs; choose from {', '.join(sweep.SWEEPABLE)}")
     if args["--plot"]:

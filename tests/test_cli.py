@@ -189,6 +189,7 @@ print(json.dumps({"status": status, "loaded": sorted(loaded)}))
     (["0", "/nonexistent"], 2), (["--frobnicate", "64", "vmlinux"], 2), (["64", "/nonexistent"], 2),
     (["--hypervisor=xen", "64", "{kernel}"], 2), (["--tunnet=10.0.2.300", "64", "{kernel}"], 2),
     (["bench", "nope"], 2), (["--queue-size=3", "64", "{kernel}"], 2),
+    (["bench", "sweep", "--param=indirect=maybe", "rng"], 2),
     (["bench", "vring", "--plot=/nonexistent/dir/plot.png"], 2),
 ])
 def test_help_version_and_bad_arguments_do_not_import_numba(kernel, argv, status):
