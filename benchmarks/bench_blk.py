@@ -27,11 +27,15 @@ from lguest_jit.hw.libc import sys_read, sys_write
 from lguest_jit.hw.memory import GuestMemory, cpu_relax, fence, ld_u16, ld_u16_acquire, st_u16, st_u16_release
 from lguest_jit.testing import VirtioPciDriver
 
-from .common import WARMUP_TIMEOUT, jit_disabled, rate, report, side, throughput, min_time_for
+from .common import WARMUP_TIMEOUT, device_knobs, jit_disabled, rate, report, side, throughput, min_time_for
 
+UNIT = "read requests per second and MB/s; depth = requests in flight"
 FILE_BYTES = 64 << 20
 CASES = [(4096, 1), (4096, 32), (1 << 20, 1), (1 << 20, 32)]
 DRIVERS = ("irq", "poll")      # interrupt-driven driver, polling driver
+# The benchmark drivers use at most this many entries of the queue the device
+# offers (their mock rings reserve a data slot and an indirect table per entry).
+DRIVER_MAX_QUEUE = 1024
 
 
 # Pure Python with --quick measures the interrupt-driven driver only: a
@@ -100,11 +104,11 @@ def _drive(mem, rings, size, heads, depth, total, notify_fd, irq_fd, event_idx, 
     return done
 
 
-def drive_rate(gm, bus, q, feats, heads, depth, min_time, poll=False) -> float:
-    """Requests per second that ``_drive`` keeps going on the device's first
-    queue ``q`` (set up, ``heads`` posted once and drained), as ``rate()``
-    times it.  bench_rng drives its device the same way."""
-    notify = bus.ioeventfds()[0][2]
+def driver(gm, bus, q, feats, heads, depth, poll=False, queue=0):
+    """``run(n)``: ``_drive`` ``n`` requests through queue ``queue`` (the
+    bus's ``queue``-th notification; ``q`` its MockDriver, set up, ``heads``
+    posted once and drained), keeping the Python-side driver in step."""
+    notify = bus.ioeventfds()[queue][2]
     irq = bus.interrupts()[0][1]
     rings = np.array([q.desc, q.avail, q.used], dtype=np.int64)
     event_idx = bool(feats >> vring.VIRTIO_RING_F_EVENT_IDX & 1)
@@ -116,7 +120,14 @@ def drive_rate(gm, bus, q, feats, heads, depth, min_time, poll=False) -> float:
         # Keep the Python-side driver's view in step (for teardown).
         q.avail_shadow = ld_u16(gm.mem, q.avail + 2)
         q.last_used = ld_u16(gm.mem, q.used + 2)
-    return rate(run, min_time=min_time)
+    return run
+
+
+def drive_rate(gm, bus, q, feats, heads, depth, min_time, poll=False, queue=0) -> float:
+    """Requests per second that ``_drive`` keeps going (see ``driver``), as
+    ``rate()`` times it.  bench_rng and bench_net drive their devices the
+    same way."""
+    return rate(driver(gm, bus, q, feats, heads, depth, poll, queue), min_time=min_time)
 
 
 def _sector(k: int, req_bytes: int) -> int:
@@ -126,25 +137,29 @@ def _sector(k: int, req_bytes: int) -> int:
 
 
 def _setup(path, req_bytes, depth):
-    qsize = blk.QUEUE_SIZE
+    dev = Block(path)
+    dev.apply_knobs(device_knobs())
+    qsize = min(dev.queue_max_sizes[0], DRIVER_MAX_QUEUE)
     slot = req_bytes + 8192       # header, the page-aligned data, the status byte
-    span = qsize * slot + (2 << 20)     # the mock driver's per-head data slots
+    span = qsize * slot + 16 * qsize * qsize + (2 << 20)     # data slots and indirect tables
     gm = GuestMemory((span + (2 << 20) + 0xFFF) & ~0xFFF)
     bus = pci.Bus(gm)
-    dev = Block(path)
     t = bus.add_device(dev)
     drv = VirtioPciDriver(bus, t.slot, gm, slot_bytes=slot, queue_span=span)
-    feats = drv.init()
+    feats = drv.init(queue_sizes=[qsize])
     q = drv.queues[0]
     heads = []
-    for k in range(depth):
+    indirect = bool(feats >> vring.VIRTIO_RING_F_INDIRECT_DESC & 1)
+    # A smaller queue (bench sweep) holds fewer requests: three descriptors each when direct.
+    for k in range(min(depth, qsize if indirect else qsize // 3)):
         hdr = struct.pack("<IIQ", blk.T_IN, 0, _sector(k, req_bytes))
         # As Linux does: indirect, and the data in whole pages (a destination
         # 16 bytes off a page boundary halves preadv's copy rate here).
-        heads.append(q.add(out=[hdr], in_=[req_bytes, 1], indirect=True, align=4096))
+        # (Without indirect descriptors offered, direct chains of three.)
+        heads.append(q.add(out=[hdr], in_=[req_bytes, 1], indirect=indirect, align=4096))
     # Let the device drain the initial posting so the driver kernel starts clean.
     drv.kick(0)
-    for _ in range(depth):
+    for _ in heads:
         drv.wait_used(0, timeout=WARMUP_TIMEOUT)
     q.num_added = 0
     return gm, bus, dev, drv, q, np.array(heads, dtype=np.int64), feats
@@ -155,7 +170,7 @@ def _device_rate(path, req_bytes, depth, min_time, poll=False):
     if poll:
         q.disable_cb()      # a polling driver wants no interrupts
     try:
-        return drive_rate(gm, bus, q, feats, heads, depth, min_time, poll)
+        return drive_rate(gm, bus, q, feats, heads, len(heads), min_time, poll)
     finally:
         bus.close()
         gm.close()
@@ -211,5 +226,5 @@ def measure_reference(quick: bool = False) -> dict:
 
 
 def run(quick: bool = False) -> dict:
-    return report("blk", "read requests per second and MB/s; depth = requests in flight", "benchmarks.bench_blk",
+    return report("blk", UNIT, "benchmarks.bench_blk",
                   quick, measure, measure_reference, "preadv_loop", python_note=PYTHON_QUICK_NOTE)

@@ -15,19 +15,25 @@ from lguest_jit.devices import Rng
 from lguest_jit.hw.memory import GuestMemory
 from lguest_jit.testing import VirtioPciDriver
 
-from .bench_blk import drive_rate
-from .common import WARMUP_TIMEOUT, rate, report, side, throughput, min_time_for
+from .bench_blk import DRIVER_MAX_QUEUE, drive_rate
+from .common import WARMUP_TIMEOUT, device_knobs, rate, report, side, throughput, min_time_for
 
+UNIT = "requests per second and MB/s; depth = requests in flight"
 CASES = [(64, 1), (4096, 1), (4096, 32)]
 
 
 def _device_rate(req_bytes, depth, min_time):
-    gm = GuestMemory(16 << 20)
+    dev = Rng(bytes_per_request=req_bytes)
+    dev.apply_knobs(device_knobs())
+    qsize = min(dev.queue_max_sizes[0], DRIVER_MAX_QUEUE)
+    depth = min(depth, qsize)
+    span = qsize * req_bytes + 16 * qsize * qsize + (2 << 20)
+    gm = GuestMemory((span + (2 << 20) + 0xFFF) & ~0xFFF)
     bus = pci.Bus(gm)
     try:
-        t = bus.add_device(Rng(bytes_per_request=req_bytes))
-        drv = VirtioPciDriver(bus, t.slot, gm, slot_bytes=req_bytes, queue_span=4 << 20)
-        feats = drv.init()
+        t = bus.add_device(dev)
+        drv = VirtioPciDriver(bus, t.slot, gm, slot_bytes=req_bytes, queue_span=span)
+        feats = drv.init(queue_sizes=[qsize])
         q = drv.queues[0]
         heads = np.array([q.add(in_=[req_bytes]) for _ in range(depth)], dtype=np.int64)
         drv.kick(0)
@@ -62,5 +68,5 @@ def measure_reference(quick: bool = False) -> dict:
 
 
 def run(quick: bool = False) -> dict:
-    return report("rng", "requests per second and MB/s; depth = requests in flight", "benchmarks.bench_rng",
+    return report("rng", UNIT, "benchmarks.bench_rng",
                   quick, measure, measure_reference, "getrandom_loop")

@@ -60,6 +60,14 @@ def side() -> str:
     return "pure Python (NUMBA_DISABLE_JIT=1)" if jit_disabled() else "numba"
 
 
+def device_knobs():
+    """The device knobs a benchmark's devices take: the defaults, or the
+    value `bench sweep` is measuring (handed down in the environment, so
+    the pure-Python subprocess gets it too)."""
+    from lguest_jit.devices.knobs import Knobs
+    return Knobs.from_env()
+
+
 def progress(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 

@@ -85,3 +85,57 @@ def plot(reports: list, path: str) -> int:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return len(panels)
+
+
+# What a knob's values count, for the x axis of a sweep.
+KNOB_UNITS = {"queue-size": "entries per queue", "blk-poll-us": "microseconds", "seg-max": "segments per request",
+              "event-idx": "offered", "indirect": "offered"}
+
+
+def sweep_series(rep: dict) -> list:
+    """[(unit, {metric: [value at each knob value]})] of a `bench sweep`
+    report, one entry per unit (as the bar panels split them)."""
+    values = rep["values"]
+    by_unit = {}
+    for i, v in enumerate(values):
+        col = rep[f"{rep['param']}={v}"]
+        for metric, x in col.items():
+            unit = _unit({"unit": rep.get("unit", "")}, "numba", metric)
+            if unit is None or not isinstance(x, (int, float)) or isinstance(x, bool):
+                continue
+            by_unit.setdefault(unit, {}).setdefault(metric, [None] * len(values))[i] = x
+    return list(by_unit.items())
+
+
+def sweep_figure(rep: dict):
+    """The figure of a sweep: one panel per unit, the knob's values along the
+    x axis (in the order given, evenly spaced), one line per case."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series = sweep_series(rep)
+    param, values = rep["param"], rep["values"]
+    fig, axes = plt.subplots(len(series), 1, figsize=(9, 3.6 * len(series)), squeeze=False)
+    for ax, (unit, metrics) in zip(axes[:, 0], series):
+        for metric, ys in metrics.items():
+            pts = [(i, y) for i, y in enumerate(ys) if y is not None and y > 0]
+            ax.plot([i for i, _ in pts], [y for _, y in pts], marker="o", label=metric)
+        ax.set_xticks(range(len(values)), values)
+        ax.set_xlabel(f"{param} ({KNOB_UNITS.get(param, 'value')})", fontsize=9)
+        ax.set_ylabel(unit, fontsize=9)
+        if "log scale" in unit:
+            ax.set_yscale("log")
+        ax.set_title(f"bench sweep {rep['bench']}: {param}", fontsize=10, loc="left")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.tight_layout()
+    return fig
+
+
+def plot_sweep(rep: dict, path: str) -> None:
+    """Draw a `bench sweep` report into the PNG ``path``."""
+    import matplotlib.pyplot as plt
+    fig = sweep_figure(rep)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

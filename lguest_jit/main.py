@@ -1,6 +1,7 @@
 """lguest-jit: run a Linux guest with virtio-pci devices, or benchmark the engine.
 
 Usage:
+  lguest-jit bench sweep --param=SPEC <what> [--json] [--quick] [--plot=FILE]
   lguest-jit bench <what> [--json] [--quick] [--plot=FILE]
   lguest-jit restore [options] [--tunnet=SPEC]... <dir>
   lguest-jit [options] [--tunnet=SPEC]... [--block=FILE]... <mem-in-mb> <vmlinux> [<args>...]
@@ -28,13 +29,24 @@ Options:
   --snapshot-exit       Exit (status 0) once the snapshot is written.
   --force               --snapshot: replace an existing DIR; restore: run even
                         though a disk changed since the snapshot.
+  --queue-size=N        Queue size every device offers, a power of two from 4
+                        to 32768 (default: each device's own: console 128,
+                        block 128, net 256, rng 64).
+  --blk-poll-us=US      Block: busy-poll this long for the next request before
+                        sleeping, 0 never (default: 50).
+  --event-idx=ON|OFF    Offer VIRTIO_RING_F_EVENT_IDX, on or off (default: on).
+  --indirect=ON|OFF     Offer indirect descriptors, on or off (default: on).
+  --seg-max=N           Block: data segments per request offered as seg_max
+                        (default: the block queue size - 2).
+  --param=SPEC          bench sweep: KNOB=V1,V2,... (a knob above, without --).
   --json                Benchmarks: print JSON instead of a table.
   --quick               Benchmarks: shorter measurements.
   --plot=FILE           Benchmarks: draw the comparison as a PNG.
   -h --help             Show this help.
   --version             Show the version.
 
-Benchmarks: vring, pci, decode, blk, rng, exits, boot, restore, or all.
+Benchmarks: vring, pci, decode, blk, rng, net, exits, boot, restore, or all.
+bench sweep runs one device benchmark (blk, rng, net) per value of a knob.
 
 restore DIR resumes the guest of a snapshot where it was: same memory,
 devices and disks (refused if a disk changed, unless --force); a new tap
@@ -58,10 +70,11 @@ import time
 from docopt import DocoptExit, docopt
 
 from . import __version__
+from .devices.knobs import KNOBS, parse_knobs
 from .devices.tunspec import parse_tunnet
 from .hw.hosts import LGUEST_DEVICE, default_sample_hz, lguest_available, max_sample_hz
 
-BENCHMARKS = ("vring", "pci", "decode", "blk", "rng", "exits", "boot", "restore")
+BENCHMARKS = ("vring", "pci", "decode", "blk", "rng", "net", "exits", "boot", "restore")
 
 
 class UsageError(Exception):
@@ -75,7 +88,33 @@ def _check_plot_path(path: str) -> None:
     _writable_output(path, "--plot")
 
 
+def _sweep(args) -> int:
+    """bench sweep: every argument checked before the first run."""
+    from .devices.knobs import parse_sweep
+    what = args["<what>"]
+    try:
+        param, values = parse_sweep(args["--param"])
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    from benchmarks import sweep         # standard library only, like the knobs
+    if what not in sweep.SWEEPABLE:
+        raise UsageError(f"bench sweep: {what!r} has no device knobs; choose from {', '.join(sweep.SWEEPABLE)}")
+    if args["--plot"]:
+        _check_plot_path(args["--plot"])
+    rep = sweep.run(param, values, what, quick=args["--quick"])
+    if args["--plot"] and "skipped" not in rep:
+        from benchmarks.plot import plot_sweep
+        plot_sweep(rep, args["--plot"])
+    if args["--json"]:
+        print(json.dumps(rep, indent=2))
+    else:
+        _print_table([rep])
+    return 0
+
+
 def _bench(args) -> int:
+    if args["sweep"]:
+        return _sweep(args)
     what = args["<what>"]
     names = BENCHMARKS if what == "all" else (what,)
     if what != "all" and what not in BENCHMARKS:
@@ -248,6 +287,10 @@ class RunConfig:
         if self.nets and not os.path.exists("/dev/net/tun"):
             raise UsageError("--tunnet needs /dev/net/tun, which this host lacks")
         self.rng = bool(args["--rng"])
+        try:
+            self.knobs = parse_knobs({name: args[f"--{name}"] for name in KNOBS})
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
         self.user = None
         if args["--username"]:
             import pwd
@@ -364,6 +407,11 @@ class RestoreConfig:
             raise UsageError("--tunnet needs /dev/net/tun, which this host lacks")
         self.net_specs = list(specs)
         self.rng = m["rng"]
+        from .devices.knobs import Knobs
+        try:
+            self.knobs = Knobs(**m.get("knobs", {}))     # the devices must offer what the guest negotiated
+        except TypeError as exc:
+            raise UsageError(f"snapshot {args['<dir>']!r}: unknown device knobs ({exc})") from None
         self.user = self.chroot = None
         self.verbose = bool(args["--verbose"])
         self.strict = m["strict"] or bool(args["--strict"])
@@ -451,6 +499,7 @@ class Launcher:
         for make in makers:
             try:
                 d = make()
+                d.apply_knobs(cfg.knobs)
             except (OSError, ValueError) as exc:
                 # A tap that cannot be made, a bridge that is not there, a
                 # disk that cannot be opened: one line, and close() undoes
@@ -531,11 +580,14 @@ class Launcher:
         return w
 
     def _machine(self) -> dict:
+        import dataclasses
+
         from .snapshot import disk_identity
         cfg = self.cfg
         return {"mem_bytes": self.gm.size, "kernel": os.path.abspath(cfg.kernel) if cfg.kernel else None,
                 "cmdline": cfg.cmdline, "nets": list(cfg.net_specs), "rng": cfg.rng, "strict": cfg.strict,
                 "blocks": [dict(disk_identity(p), readonly=ro) for p, ro in cfg.blocks],
+                "knobs": dataclasses.asdict(cfg.knobs),
                 "argv": self._boot_argv()}
 
     def _boot_argv(self) -> list:
@@ -676,7 +728,10 @@ class Launcher:
             print(f"  thread {name:28s} user {t['user_s']:8.3f} s  system {t['system_s']:8.3f} s", file=stream)
         for dev, queues in st["queues"].items():
             for q, c in queues.items():
-                print(f"  queue  {dev + '/' + q:28s} " + " ".join(f"{k} {v}" for k, v in c.items()), file=stream)
+                print(f"  queue  {dev + '/' + q:28s} " + " ".join(f"{k} {v}" for k, v in c.items()
+                                                                if not isinstance(v, dict)), file=stream)
+                if "latency" in c:
+                    print(f"  latency {dev + '/' + q:27s} {_latency_line(c['latency'])}", file=stream)
         if "exits" in st:
             print(f"  exits  {st['exits']}", file=stream)
 
@@ -708,6 +763,17 @@ def _keep_scipy_out() -> None:
     that runs a guest never needs SciPy, so it is kept out of it."""
     if "scipy" not in sys.modules:
         sys.modules["scipy"] = None        # import scipy -> ImportError: Numba skips its BLAS check
+
+
+def _latency_line(lat: dict) -> str:
+    """count, p50, p99 of a queue's latency histogram (upper bounds of their
+    log2 buckets, so "<=")."""
+    if not lat["count"]:
+        return "count 0 (sampled 1 in {})".format(lat["sampled_every"])
+
+    def us(ns):
+        return f"<= {ns / 1000:.1f} us"
+    return f"count {lat['count']} (sampled 1 in {lat['sampled_every']}) p50 {us(lat['p50_ns'])} p99 {us(lat['p99_ns'])}"
 
 
 def _run_guest(args, argv) -> int:

@@ -408,3 +408,33 @@ class VirtioPciDriver:
             os.eventfd_read(self.irq_fd)
             return True
         return False
+
+
+def netns_problem() -> str | None:
+    """None when this host lets us make a private network namespace
+    (``unshare --net``) and a tap inside it; else why not.  The net tests
+    and ``bench net`` run there, so nothing reaches the host's network."""
+    import shutil
+    import subprocess
+    import sys
+    if not os.path.exists("/dev/net/tun"):
+        return "/dev/net/tun is missing"
+    if shutil.which("unshare") is None:
+        return "unshare (util-linux) is not installed"
+    try:
+        r = subprocess.run(["unshare", "--net", "true"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"unshare --net failed: {e}"
+    if r.returncode != 0:
+        return f"cannot create a network namespace: {r.stderr.strip() or r.returncode}"
+    # Opening /dev/net/tun can still be refused (a container without
+    # CAP_NET_ADMIN or the device cgroup entry): try one tap in a namespace.
+    from .devices.net import IFF_NO_PI, IFF_TAP, TUNSETIFF
+    probe = ("import fcntl, os, struct\n"
+             "fd = os.open('/dev/net/tun', os.O_RDWR)\n"
+             f"fcntl.ioctl(fd, {TUNSETIFF:#x}, struct.pack('16sH22x', b'tap%d', {IFF_TAP | IFF_NO_PI:#x}))\n")
+    r = subprocess.run(["unshare", "--net", sys.executable, "-c", probe], capture_output=True, text=True, timeout=30)
+    if r.returncode != 0:
+        last = (r.stderr.strip().splitlines() or [str(r.returncode)])[-1]
+        return f"cannot create a tap in a network namespace: {last}"
+    return None

@@ -36,7 +36,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from .hw.libc import EAGAIN, EINTR, sys_read, sys_write
+from .hw.libc import CLOCK_MONOTONIC, EAGAIN, EINTR, sys_clock_gettime, sys_read, sys_write
 from .hw.memory import (cpu_relax, fence, in_ram, ld_u16, ld_u16_acquire, ld_u32, ld_u64,
                         st_u16, st_u16_release, st_u32)
 
@@ -156,7 +156,22 @@ Q_N_ERRORS = 20
 Q_N_BYTES = 21       # payload bytes moved by the device (its kernels add them)
 Q_POLL_SPINS = 22    # busy-poll this many times for new buffers before sleeping (0: never)
 Q_N_POLL_HITS = 23   # buffers found by busy-polling, i.e. notifications avoided
-Q_FIELDS = 24
+# Request latency: from the moment the device first sees a chain (woken by
+# the driver's notification, or finding it while polling) to its used
+# element, a log2 histogram in nanoseconds kept by _pop and _push.  A clock
+# read costs 30-90 ns on our hosts, as much as a whole pop+push, so one chain
+# in Q_LAT_EVERY is timed (a sample; Q_N_USED has the exact count), and a
+# chain popped with no wait since a timed push starts at that push.
+Q_LAT_SEEN = 24      # avail.idx when the device last read the clock in _pop
+Q_LAT_SEEN_NS = 25   # ... and that time: every entry before Q_LAT_SEEN was visible by then
+Q_LAT_CHAIN_NS = 26  # when the chain popped last was first seen (0: not timed)
+Q_LAT_NOW_NS = 27    # time of the last push, while the thread has not waited since (else 0)
+Q_TIMESPEC = 28      # two fields: clock_gettime's struct timespec, private to the queue's thread
+Q_LAT_EVERY = 30     # time one chain in this many (a power of two; 0: none)
+Q_LAT_HIST = 31      # LAT_BUCKETS counters: bucket k holds latencies of k bits (2**(k-1) .. 2**k - 1 ns)
+LAT_BUCKETS = 64
+LAT_EVERY = 16       # the default sampling period
+Q_FIELDS = Q_LAT_HIST + LAT_BUCKETS
 
 STOPPED = -2         # wait_chain: the launcher asked the queue to stop
 
@@ -212,6 +227,7 @@ def setup_queue(q: np.ndarray, mem_size: int, size: int, max_size: int,
     q[Q_AVAIL] = avail
     q[Q_USED] = used
     q[Q_FEATURES] = features & ((1 << VIRTIO_RING_F_INDIRECT_DESC) | (1 << VIRTIO_RING_F_EVENT_IDX))
+    q[Q_LAT_EVERY] = LAT_EVERY
     return OK
 
 
@@ -248,6 +264,14 @@ def set_poll(q: np.ndarray, spins: int) -> None:
     q[Q_POLL_SPINS] = spins
 
 
+def set_latency_sampling(q: np.ndarray, every: int) -> None:
+    """Time one chain in ``every`` (a power of two) for the latency
+    histogram; 0 times none, 1 every chain."""
+    if every < 0 or every & (every - 1) or every > 1 << 30:
+        raise ValueError("every must be 0 or a power of two up to 2**30")
+    q[Q_LAT_EVERY] = every
+
+
 # ---------------------------------------------------------------------------
 # Kernels.  ``mem`` is guest RAM, ``q`` a queue state array, ``iov`` an
 # (n, 3) uint64 array.  Ring addresses in ``q`` were validated by
@@ -263,6 +287,28 @@ def _fail(q, code):
         q[Q_ERROR] = code
     q[Q_N_ERRORS] += 1
     return -code
+
+
+@njit(nogil=True, cache=True, inline='always')
+def _now_ns(q):
+    """CLOCK_MONOTONIC in nanoseconds, through the queue's own timespec
+    fields (no allocation, no GIL; the vDSO, so no system call)."""
+    sys_clock_gettime(CLOCK_MONOTONIC, q.ctypes.data + np.uintp(8 * Q_TIMESPEC))
+    return q[Q_TIMESPEC] * 1_000_000_000 + q[Q_TIMESPEC + 1]
+
+
+@njit(nogil=True, cache=True, inline='always')
+def _log2_bucket(ns):
+    """The histogram bucket of a latency: its bit length (0 for <= 0),
+    found in six steps rather than a loop over the bits."""
+    if ns <= 0:
+        return 0
+    k = 0
+    for s in (32, 16, 8, 4, 2, 1):
+        if ns >> s:
+            ns >>= s
+            k += s
+    return min(k + 1, LAT_BUCKETS - 1)
 
 
 @njit(nogil=True, cache=True)
@@ -345,6 +391,15 @@ def _pop(mem, q, iov):
         if i >= entries:
             return _fail(q, E_NEXT_RANGE)
 
+    # Latency start: entries before Q_LAT_SEEN were visible at Q_LAT_SEEN_NS;
+    # a newer one is seen now (one clock read per batch the driver posted).
+    every = q[Q_LAT_EVERY]
+    if every and (q[Q_N_CHAINS] & (every - 1)) == 0:
+        ahead = (q[Q_LAT_SEEN] - last) & 0xFFFF
+        if ahead == 0 or ahead > size:
+            q[Q_LAT_SEEN_NS] = q[Q_LAT_NOW_NS] if q[Q_LAT_NOW_NS] else _now_ns(q)
+            q[Q_LAT_SEEN] = idx
+        q[Q_LAT_CHAIN_NS] = q[Q_LAT_SEEN_NS]
     q[Q_LAST_AVAIL] = (last + 1) & 0xFFFF
     q[Q_OUT] = n - n_in
     q[Q_IN] = n_in
@@ -365,6 +420,12 @@ def _push(mem, q, head, length):
     q[Q_USED_IDX] = (idx + 1) & 0xFFFF
     q[Q_PENDING] += 1
     q[Q_N_USED] += 1
+    # The element is published right after (complete): its latency ends here.
+    if q[Q_LAT_CHAIN_NS]:
+        now = _now_ns(q)
+        q[Q_LAT_HIST + _log2_bucket(now - q[Q_LAT_CHAIN_NS])] += 1
+        q[Q_LAT_CHAIN_NS] = 0
+        q[Q_LAT_NOW_NS] = now
 
 
 @njit(nogil=True, cache=True)
@@ -502,6 +563,7 @@ def _wait_chain(mem, q, iov, notify_fd, isr, irq_fd, scratch):
         head = _pop(mem, q, iov)
         if head != NO_BUFFER:
             return head
+        q[Q_LAT_NOW_NS] = 0      # about to wait: the last push's time goes stale
         _publish(mem, q)
         _signal(mem, q, isr, irq_fd, scratch)
         # Busy-poll a little before paying for a sleep and a wake-up (as
@@ -609,6 +671,7 @@ def notify_used(mem, q, isr, irq_fd, scratch):
     """Publish everything used and interrupt the driver if it wants it (a
     thread about to sleep somewhere other than next_chain calls this
     first).  Returns True if the interrupt was raised."""
+    q[Q_LAT_NOW_NS] = 0      # the thread waits next: the last push's time goes stale
     _publish(mem, q)
     return _signal(mem, q, isr, irq_fd, scratch)
 
@@ -775,7 +838,38 @@ def chain(iov, q) -> list[tuple[int, int, bool]]:
     return [(int(a), int(ln), bool(w)) for a, ln, w in iov[:n]]
 
 
+def latency_summary(hist) -> dict:
+    """count, p50 and p99 (nanoseconds) of a latency histogram
+    (``q[Q_LAT_HIST:Q_LAT_HIST + LAT_BUCKETS]``).  A percentile is the upper
+    bound of the bucket holding it: the latency is at most that."""
+    hist = [int(c) for c in hist]
+    total = sum(hist)
+    out = {"count": total}
+    for name, p in (("p50_ns", 0.50), ("p99_ns", 0.99)):
+        if total == 0:
+            out[name] = None
+            continue
+        rank = max(1, -(-int(p * 1000) * total // 1000))      # ceil(p * total), in integers
+        seen = 0
+        for k, c in enumerate(hist):
+            seen += c
+            if seen >= rank:
+                out[name] = (1 << k) - 1
+                break
+    return out
+
+
 def counters(q) -> dict:
     return {"chains": int(q[Q_N_CHAINS]), "used": int(q[Q_N_USED]), "notifications": int(q[Q_N_NOTIFY]),
             "interrupts": int(q[Q_N_IRQ]), "interrupts_suppressed": int(q[Q_N_IRQ_SUPPRESSED]),
-            "errors": int(q[Q_N_ERRORS]), "bytes": int(q[Q_N_BYTES])}
+            "errors": int(q[Q_N_ERRORS]), "bytes": int(q[Q_N_BYTES]), "latency": latency(q)}
+
+
+def latency(q) -> dict:
+    """The queue's latency histogram summed up (``latency_summary``), with
+    its buckets up to the last non-empty one (``log2_ns``: bucket k counts
+    latencies of 2**(k-1) .. 2**k - 1 ns)."""
+    hist = [int(c) for c in q[Q_LAT_HIST:Q_LAT_HIST + LAT_BUCKETS]]
+    while hist and hist[-1] == 0:
+        hist.pop()
+    return {**latency_summary(hist), "log2_ns": hist}

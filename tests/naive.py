@@ -97,3 +97,28 @@ def bar_decode(bars, size):
         if base not in (0, probe):
             out[base // size] = slot
     return out
+
+
+def log2_histogram(latencies_ns, buckets: int = 64) -> list:
+    """Latencies counted by bit length: bucket k holds 2**(k-1) .. 2**k - 1
+    (bucket 0: zero or negative), the last bucket everything longer."""
+    hist = [0] * buckets
+    for ns in latencies_ns:
+        k = 0 if ns <= 0 else len(bin(ns)) - 2
+        hist[min(k, buckets - 1)] += 1
+    return hist
+
+
+def histogram_percentile(hist, p: float):
+    """Upper bound of the bucket holding the p-th fraction of the counts
+    (the smallest value v such that at least ceil(p * total) counts are <= v)."""
+    import math
+    total = sum(hist)
+    if total == 0:
+        return None
+    rank = max(1, math.ceil(round(p * total, 9)))
+    seen = 0
+    for k, c in enumerate(hist):
+        seen += c
+        if seen >= rank:
+            return (1 << k) - 1

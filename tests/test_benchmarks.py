@@ -20,6 +20,22 @@ def test_device_benchmark_measures_every_case(name):
     assert len(fast) == 2 * len(mod.CASES) * (len(mod.DRIVERS) if hasattr(mod, "DRIVERS") else 1)
 
 
+def test_net_benchmark_measures_every_case():
+    """Both directions, every size, on the device and on the plain tap
+    loop, each in its own private network namespace."""
+    from benchmarks import bench_net
+    problem = bench_net.netns_problem()
+    if problem:
+        pytest.skip(problem)
+    fast = bench_net.measure(quick=True)
+    ref = bench_net.measure_reference(quick=True)
+    assert fast.keys() == ref.keys() and len(fast) == 2 * len(bench_net.CASES)
+    assert {k for k in fast if k.endswith("_frames_per_s")} == {f"{d}_{n}_frames_per_s" for d in ("tx", "rx")
+                                                                 for n in ("64B", "1500B", "64KiB")}
+    for key, v in fast.items():
+        assert v > 0, key
+
+
 def test_every_listed_benchmark_has_measure_and_run():
     for name in BENCHMARKS:
         mod = importlib.import_module(f"benchmarks.bench_{name}")
@@ -65,3 +81,37 @@ def test_plot_labels_every_axis_with_its_unit(tmp_path):
     out = tmp_path / "bench.png"
     assert plot(reps, str(out)) == 5
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_sweep_plot_has_the_knob_on_its_x_axis(tmp_path):
+    """`bench sweep --param=KNOB=... rng --json --plot`: one column per value
+    in the JSON, and the figure drawn from that JSON has the knob's values
+    along x (labelled with the knob) and the benchmark's units on y."""
+    pytest.importorskip("matplotlib")
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from benchmarks.plot import sweep_figure
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    png = tmp_path / "sweep.png"
+    r = subprocess.run([sys.executable, "-m", "lguest_jit.main", "bench", "sweep", "--param", "queue-size=4,64",
+                        "rng", "--quick", "--json", f"--plot={png}"], capture_output=True, text=True, timeout=600,
+                       env=dict(os.environ, PYTHONPATH=root))
+    assert r.returncode == 0, r.stderr[-2000:]
+    rep = json.loads(r.stdout)
+    assert rep["param"] == "queue-size" and rep["values"] == ["4", "64"]
+    assert rep["queue-size=4"].keys() == rep["queue-size=64"].keys() and rep["queue-size=4"]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    fig = sweep_figure(rep)
+    units = set()
+    for ax in fig.axes:
+        assert ax.get_xlabel().startswith("queue-size")
+        assert [t.get_text() for t in ax.get_xticklabels()] == ["4", "64"]
+        units.add(ax.get_ylabel())
+        for line in ax.get_lines():
+            metric = line.get_label()
+            assert list(line.get_xdata()) == [0, 1]
+            assert list(line.get_ydata()) == [rep["queue-size=4"][metric], rep["queue-size=64"][metric]]
+    assert units == {"requests per second (log scale)", "MB/s (log scale)"}

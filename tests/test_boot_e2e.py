@@ -149,5 +149,8 @@ def test_default_guest_drives_every_device(tmp_path):
             assert c["errors"] == 0, (dev, q, c)
     for kind in ("net", "block", "rng"):
         assert sum(c["requests"] for c in by_kind[kind].values()) > 0, (kind, by_kind[kind])
+    # Request latency was timed on the disk's queue (one request in 16; the first always).
+    lat = next(iter(by_kind["block"].values()))["latency"]
+    assert lat["count"] >= 1 and sum(lat["log2_ns"]) == lat["count"] and lat["p50_ns"] <= lat["p99_ns"], lat
     # Only the instruction assists guest/README.md names were needed.
     assert set(stats["exits"]["assists"]) <= {"int3", "fwait"}, stats["exits"]

@@ -64,6 +64,18 @@ BAD = [
     ("memory not a number", ["lots", "{k}"], "not a whole number"),
     ("memory zero", ["0", "{k}"], "must be positive"),
     ("memory absurd", ["99999999", "{k}"], "absurd"),
+    ("queue size not a power of two", ["--queue-size=100", "64", "{k}"], "power of two"),
+    ("queue size too large", ["--queue-size=65536", "64", "{k}"], "power of two"),
+    ("block poll window negative", ["--blk-poll-us=-3", "64", "{k}"], "between 0"),
+    ("event-idx neither on nor off", ["--event-idx=maybe", "64", "{k}"], "on or off"),
+    ("indirect neither on nor off", ["--indirect=yes", "64", "{k}"], "on or off"),
+    ("seg-max zero", ["--seg-max=0", "64", "{k}"], "at least 1"),
+    ("seg-max beyond the queue", ["--queue-size=8", "--seg-max=7", "64", "{k}"], "queue size (8) - 2"),
+    ("sweep of an unknown knob", ["bench", "sweep", "--param=speed=1,2", "blk"], "unknown knob"),
+    ("sweep with a bad value", ["bench", "sweep", "--param=queue-size=16,17", "rng"], "power of two"),
+    ("sweep of a benchmark without knobs", ["bench", "sweep", "--param=indirect=on,off", "vring"], "no device knobs"),
+    ("sweep plot into a missing directory", ["bench", "sweep", "--param=indirect=on,off", "rng",
+                                             "--plot={d}/nope/s.png"], "cannot write into"),
 ]
 
 

@@ -76,7 +76,7 @@ def test_short_run_stats_json(tmp_path):
     kernel.write_bytes(_elf64(_guest(), LOAD))
     stats = tmp_path / "stats.json"
     r = subprocess.run([sys.executable, "-m", "lguest_jit.main", "--rng", f"--stats-json={stats}", "--stats",
-                        "64", str(kernel)], stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300)
+                        "--queue-size=64", "--event-idx=off", "64", str(kernel)], stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     st = json.loads(stats.read_text())
     rng = st["queues"]["rng"]["requests"]
@@ -96,6 +96,11 @@ def test_short_run_stats_json(tmp_path):
     assert st["exits"]["pio"] >= 4 and st["exits"]["mmio"] >= 12
     assert st["rss_bytes"] > 0
     assert "thread vcpu0" in r.stderr and "rng/requests" in r.stderr     # --stats printed too
+    # The one request was timed (the first chain of a queue always is).
+    lat = rng["latency"]
+    assert lat["count"] == 1 and sum(lat["log2_ns"]) == 1 and lat["p50_ns"] == lat["p99_ns"]
+    assert 0 < lat["p50_ns"] < 2 * st["elapsed_s"] * 1e9
+    assert "latency rng/requests" in r.stderr and f"p50 <= {lat['p50_ns'] / 1000:.1f} us" in r.stderr
 
 
 def test_missing_bridge_is_one_line_and_leaves_no_tap(tmp_path):

@@ -43,6 +43,8 @@ class Device(VirtioDevice):
     # Worth it where requests come back to back and each wake-up would cost
     # more than the request (block); 0 elsewhere.
     poll_us: float = 0.0
+    # One chain in this many is timed for the latency histogram (vring.Q_LAT_EVERY).
+    latency_every: int = vring.LAT_EVERY
     # Ring features every device offers (§2.4.5.3, §2.4.7).
     RING_FEATURES = (1 << vring.VIRTIO_RING_F_INDIRECT_DESC) | (1 << vring.VIRTIO_RING_F_EVENT_IDX)
 
@@ -69,6 +71,16 @@ class Device(VirtioDevice):
         return (ctx.mem.mem, ctx.queues[index], vring.new_iov(self.queue_max_sizes[index]), ctx.notify_fds[index],
                 ctx.isr, ctx.irq_fd, np.zeros(1, np.uint64))
 
+    def apply_knobs(self, knobs) -> None:
+        """Take the tuning knobs (a ``knobs.Knobs``) before the device goes on
+        the bus: every queue's maximum size, and the ring features offered."""
+        if knobs.queue_size:
+            self.queue_max_sizes = (knobs.queue_size,) * len(self.queue_max_sizes)
+        if not knobs.event_idx:
+            self.features &= ~(1 << vring.VIRTIO_RING_F_EVENT_IDX)
+        if not knobs.indirect:
+            self.features &= ~(1 << vring.VIRTIO_RING_F_INDIRECT_DESC)
+
     def on_activate(self, ctx: QueueContext) -> None:
         """Hook before the threads start (e.g. negotiated-feature set-up)."""
 
@@ -83,6 +95,7 @@ class Device(VirtioDevice):
                 continue
             q[vring.Q_STOP] = 0
             vring.set_poll(q, vring.spins_for(self.poll_us) if self.poll_us else 0)
+            vring.set_latency_sampling(q, self.latency_every)
             name = f"{self.name}:{self.queue_names[i] if i < len(self.queue_names) else i}"
             t = threading.Thread(target=self._thread, args=(i, ctx, name), name=name, daemon=True)
             self._threads.append(t)
@@ -171,5 +184,6 @@ class Device(VirtioDevice):
             name = self.queue_names[i] if i < len(self.queue_names) else str(i)
             c = vring.counters(row)
             out[name] = {"requests": c["chains"], "bytes": c["bytes"], "notifications": c["notifications"],
-                         "interrupts": c["interrupts"], "errors": c["errors"]}
+                         "interrupts": c["interrupts"], "errors": c["errors"],
+                         "latency": {**c["latency"], "sampled_every": self.latency_every}}
         return out

@@ -23,6 +23,7 @@ from ..hw.memory import ld_u32, ld_u64, st_u8
 from ..vring import (CHAIN_REQUEST, Q_IN, Q_IN_BYTES, Q_N_BYTES, Q_OUT, Q_OUT_BYTES, buf_to_iov, complete, finish,
                      iov_advance, iov_consume, iov_to_buf, next_chain)
 from .base import Device
+from .knobs import DEFAULT_BLK_POLL_US, DEFAULT_QUEUE_SIZES
 
 VIRTIO_ID_BLOCK = 2
 SECTOR = 512
@@ -52,7 +53,7 @@ CFG_MAX_WZ_SEG = 52
 CFG_WZ_MAY_UNMAP = 56
 CFG_SIZE = 60
 
-QUEUE_SIZE = 128
+QUEUE_SIZE = DEFAULT_QUEUE_SIZES["block"]
 MAX_DISCARD_SECTORS = (1 << 32) - 1 - 7     # 512-byte sectors, 4 KiB aligned
 MAX_DISCARD_SEGS = 16
 
@@ -188,7 +189,7 @@ class Block(Device):
     device_type = VIRTIO_ID_BLOCK
     queue_names = ("requests",)
     queue_max_sizes = (QUEUE_SIZE,)
-    poll_us = 50.0      # a 4 KiB read takes ~1.5 us; a sleep and wake-up costs several
+    poll_us = DEFAULT_BLK_POLL_US
 
     def __init__(self, path: str, readonly: bool = False, on_fatal=None):
         super().__init__(on_fatal)
@@ -224,8 +225,16 @@ class Block(Device):
         self.ident = np.zeros(ID_BYTES, dtype=np.uint8)
         self.ident[:len(ident)] = np.frombuffer(ident, dtype=np.uint8)
 
+    def apply_knobs(self, knobs) -> None:
+        super().apply_knobs(knobs)
+        self.poll_us = knobs.blk_poll_us
+        seg_max = knobs.block_seg_max()
+        if not 1 <= seg_max <= self.queue_max_sizes[0] - 2:
+            raise ValueError(f"{self.name}: seg_max {seg_max} does not fit a queue of {self.queue_max_sizes[0]}")
+        _ConfigWriter(self.config)(CFG_SEG_MAX, 4, seg_max)
+
     def serve(self, index, ctx, stop_fd):
-        return int(_blk_serve(*self.queue_args(ctx, index), host_iov(QUEUE_SIZE), np.zeros(HDR_SIZE, np.uint8),
+        return int(_blk_serve(*self.queue_args(ctx, index), host_iov(self.queue_max_sizes[index]), np.zeros(HDR_SIZE, np.uint8),
                               np.zeros(16 * MAX_DISCARD_SEGS, np.uint8), self.fd, self.limits, self.ident))
 
     def close(self) -> None:

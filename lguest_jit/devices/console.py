@@ -44,12 +44,13 @@ from ..hw.memory import ld_u8
 from ..vring import (CHAIN_READABLE, CHAIN_WRITABLE, Q_IN, Q_IN_BYTES, Q_OUT, Q_OUT_BYTES, Q_STOP, STOPPED, complete,
                      finish, iov_advance, next_chain, notify_used, unpop)
 from .base import Device
+from .knobs import DEFAULT_QUEUE_SIZES
 
 VIRTIO_ID_CONSOLE = 3
 VIRTIO_CONSOLE_F_EMERG_WRITE = 2     # §5.3.3
 
 RECEIVEQ, TRANSMITQ = 0, 1
-QUEUE_SIZE = 128
+QUEUE_SIZE = DEFAULT_QUEUE_SIZES["console"]
 
 # Config layout (§5.3.4): cols u16, rows u16, max_nr_ports u32, emerg_wr u32.
 CFG_COLS = 0
@@ -359,7 +360,7 @@ class Console(Device):
         self._in_fd = self._out_fd = -1
 
     def serve(self, index, ctx, stop_fd):
-        args = (*self.queue_args(ctx, index), host_iov(QUEUE_SIZE), pollfds(2))
+        args = (*self.queue_args(ctx, index), host_iov(self.queue_max_sizes[index]), pollfds(2))
         if index == RECEIVEQ:
             return self._serve_input(args, stop_fd)
         return self._serve_output(args, stop_fd)

@@ -36,13 +36,14 @@ from numba import njit
 from ..hw.libc import (EAGAIN, EINTR, POLLERR, POLLHUP, POLLIN, POLLNVAL, POLLOUT, fill_host_iov, host_iov, pollfds,
                        sys_poll, sys_readv, sys_writev)
 from ..vring import (CHAIN_READABLE, CHAIN_WRITABLE, Q_IN, Q_OUT, Q_STOP, STOPPED, complete, finish, next_chain,
-                     notify_used)
+                     notify_used, unpop)
 from .base import Device
+from .knobs import DEFAULT_QUEUE_SIZES
 from .tunspec import BRIDGE_PREFIX, TunSpec, format_mac, parse_mac, parse_tunnet  # noqa: F401
 
 VIRTIO_ID_NET = 1
 RX, TX = 0, 1
-QUEUE_SIZE = 256
+QUEUE_SIZE = DEFAULT_QUEUE_SIZES["net"]
 
 # Feature bits (§5.1.3)
 VIRTIO_NET_F_CSUM = 0
@@ -146,20 +147,24 @@ def _rx_serve(mem, q, iov, notify_fd, isr, irq_fd, scratch, hiov, tap_fd, pfds, 
     """The receive queue's thread (lguest's net_input, looped)."""
     head = -1        # a chain taken for a frame that was not there after all
     n = 0            # its host iov rows
+    # The last readv brought a frame: more are likely queued behind it, so
+    # read again before asking poll (a system call per frame; bench net).
+    hot = False
     while True:
         if q[Q_STOP]:
             code = STOPPED
             break
-        ready = _poll(pfds, 0)
-        if ready == 0:
-            # About to block: the driver hears about filled buffers first.
-            notify_used(mem, q, isr, irq_fd, scratch)
-            ready = _poll(pfds, -1)
-        if ready < 0:
-            code = ready
-            break
-        if ready == 0:
-            continue
+        if not hot:
+            ready = _poll(pfds, 0)
+            if ready == 0:
+                # About to block: the driver hears about filled buffers first.
+                notify_used(mem, q, isr, irq_fd, scratch)
+                ready = _poll(pfds, -1)
+            if ready < 0:
+                code = ready
+                break
+            if ready == 0:
+                continue
         if head < 0:
             # A frame is waiting: now take a buffer for it (sleeping for one
             # if the driver has none posted; that path signals first too).
@@ -170,6 +175,13 @@ def _rx_serve(mem, q, iov, notify_fd, isr, irq_fd, scratch, hiov, tap_fd, pfds, 
             n = fill_host_iov(mem, iov, 0, q[Q_IN], hiov)
         r = sys_readv(tap_fd, hiov.ctypes.data, n)
         if r == -EAGAIN or r == -EINTR:
+            if hot:
+                # The tap ran dry: the chain goes back unused (a chain is
+                # held only for a frame known to be there), then poll.
+                unpop(q)
+                head = -1
+                hot = False
+                continue
             # Spurious readiness: keep the chain for the next frame.
             stats[NS_RX_SPURIOUS] += 1
             continue
@@ -180,6 +192,7 @@ def _rx_serve(mem, q, iov, notify_fd, isr, irq_fd, scratch, hiov, tap_fd, pfds, 
         # The tap truncates a frame longer than the buffer; r is what landed.
         complete(mem, q, head, r, r)
         head = -1
+        hot = True
     return finish(mem, q, isr, irq_fd, scratch, code)
 
 
@@ -356,7 +369,7 @@ class Net(Device):
         fds[0] = (self.tap_fd, POLLIN if index == RX else POLLOUT)
         fds[1] = (stop_fd, POLLIN)
         kernel = _rx_serve if index == RX else _tx_serve
-        code = int(kernel(*self.queue_args(ctx, index), host_iov(QUEUE_SIZE), self.tap_fd, fds, self.stats))
+        code = int(kernel(*self.queue_args(ctx, index), host_iov(self.queue_max_sizes[index]), self.tap_fd, fds, self.stats))
         if code == -E_TAP:
             err = int(self.stats[NS_RX_ERRNO]) if index == RX else 0
             why = os.strerror(err) if err else "poll reported an error on it"

@@ -13,9 +13,10 @@ from numba import njit
 from ..hw.libc import EINTR, sys_getrandom
 from ..vring import CHAIN_WRITABLE, Q_IN, complete, finish, next_chain
 from .base import Device
+from .knobs import DEFAULT_QUEUE_SIZES
 
 VIRTIO_ID_RNG = 4
-QUEUE_SIZE = 64
+QUEUE_SIZE = DEFAULT_QUEUE_SIZES["rng"]
 BYTES_PER_REQUEST = 4096
 
 

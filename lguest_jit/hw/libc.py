@@ -33,6 +33,7 @@ FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
 FALLOC_FL_ZERO_RANGE = 0x10
 GRND_NONBLOCK = 0x01
+CLOCK_MONOTONIC = 1
 
 _i32, _i64, _ip, _up = types.int32, types.int64, types.intp, types.uintp
 
@@ -49,6 +50,8 @@ _SIGNATURES = {
     "getrandom": (_ip(_up, _up, types.uint32), (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint)),
     # pollfds: ``count`` rows of struct pollfd {int fd; short events, revents}
     "poll": (_i32(_up, types.uint64, _i32), (ctypes.c_void_p, ctypes.c_ulong, ctypes.c_int)),
+    # ``tp`` -> struct timespec {i64 tv_sec; i64 tv_nsec}: the vDSO, no system call
+    "clock_gettime": (_i32(_i32, _up), (ctypes.c_int, ctypes.c_void_p)),
 }
 _errno_location = types.ExternalFunction("__errno_location", types.CPointer(_i32)())
 _libc.__errno_location  # noqa: B018 - load the symbol for LLVM
@@ -58,7 +61,7 @@ def _python_call(name, argtypes):
     # The NUMBA_DISABLE_JIT baseline: the same libc function through ctypes.
     cfunc = getattr(_libc, name)
     cfunc.argtypes = argtypes
-    cfunc.restype = ctypes.c_ssize_t if name not in ("fdatasync", "fallocate", "poll") else ctypes.c_int
+    cfunc.restype = ctypes.c_ssize_t if name not in ("fdatasync", "fallocate", "poll", "clock_gettime") else ctypes.c_int
 
     def call(*args):
         r = cfunc(*(int(a) for a in args))
@@ -76,6 +79,11 @@ def _bind_compiled(pyfunc, ext, nargs):
             r = ext(a)
             return -np.intp(_errno_location()[0]) if r < 0 else np.intp(r)
         overload(pyfunc)(lambda a: impl)
+    elif nargs == 2:
+        def impl(a, b):
+            r = ext(a, b)
+            return -np.intp(_errno_location()[0]) if r < 0 else np.intp(r)
+        overload(pyfunc)(lambda a, b: impl)
     elif nargs == 3:
         def impl(a, b, c):
             r = ext(a, b, c)
@@ -104,6 +112,7 @@ sys_fdatasync = globals()["sys_fdatasync"]
 sys_fallocate = globals()["sys_fallocate"]
 sys_getrandom = globals()["sys_getrandom"]
 sys_poll = globals()["sys_poll"]
+sys_clock_gettime = globals()["sys_clock_gettime"]
 
 
 def host_iov(n: int) -> np.ndarray:

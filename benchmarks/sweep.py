@@ -1,0 +1,43 @@
+"""``lguest-jit bench sweep --param=KNOB=V1,V2,... <bench>``: one device
+benchmark measured once per value of a device knob, side by side.
+
+Each value runs the benchmark's Numba side (``measure()``) with the knob
+handed down through the environment (``benchmarks.common.device_knobs``);
+the pure-Python side and the physical reference do not depend on the
+device's knobs, so `bench <bench>` alone measures those.  The report is
+shaped like every other one (one column per value), plus ``param`` and
+``values`` for the plot, which draws the knob on the x axis.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+
+from lguest_jit.devices.knobs import BENCH_ENV, parse_knobs
+
+# Benchmarks whose devices take the knobs.
+SWEEPABLE = ("blk", "rng", "net")
+
+
+def column(param: str, value: str) -> str:
+    return f"{param}={value}"
+
+
+def run(param: str, values: list, what: str, quick: bool) -> dict:
+    mod = importlib.import_module(f"benchmarks.bench_{what}")
+    rep = {"benchmark": f"sweep {what}", "bench": what, "param": param, "values": list(values),
+           "unit": getattr(mod, "UNIT", ""), "side": "numba"}
+    saved = os.environ.get(BENCH_ENV)
+    try:
+        for v in values:
+            os.environ[BENCH_ENV] = parse_knobs({param: v}).to_env()
+            got = mod.measure(quick)
+            if "skipped" in got:
+                return {"benchmark": rep["benchmark"], "skipped": got["skipped"]}
+            rep[column(param, v)] = got
+    finally:
+        if saved is None:
+            os.environ.pop(BENCH_ENV, None)
+        else:
+            os.environ[BENCH_ENV] = saved
+    return rep
