@@ -302,8 +302,10 @@ class Launcher:
         except MemoryError:
             # The files were sized at argument time; the host's free memory may have shrunk since.
             raise UsageError(f"kernel {cfg.kernel!r}: not enough host memory to load it") from None
+        # MSI-X only where the backend can deliver it (KVM: irqfd + GSI
+        # routing); lguest's guests take INTx.
         self.bus = pci.Bus(self.gm, strict=cfg.strict, notify_mode="single" if cfg.hypervisor == "lguest" else "per-queue",
-                           fatal=self.fatal, log=self.log if cfg.verbose else None)
+                           fatal=self.fatal, log=self.log if cfg.verbose else None, msix=cfg.hypervisor == "kvm")
         from .devices import Console
         from .devices.net import Net
         makers = [lambda: Console(on_fatal=self.fatal, on_interrupt_exit=self._interrupted)]
@@ -384,6 +386,8 @@ class Launcher:
                "context_switches": {"voluntary": ctx.voluntary, "involuntary": ctx.involuntary},
                "threads": threads,
                "queues": {d.name: d.counters() for d in self.devices}}
+        if self.bus is not None:
+            out["interrupts"] = {t.name: t.interrupt_stats() for t in self.bus.devices}
         if self.backend is not None and hasattr(self.backend, "stats"):
             st = self.backend.stats
             out["exits"] = {"pio": st.pio, "mmio": st.mmio, "total": st.total, "assists": dict(st.assists)}
@@ -399,6 +403,8 @@ class Launcher:
         for dev, queues in st["queues"].items():
             for q, c in queues.items():
                 print(f"  queue  {dev + '/' + q:28s} " + " ".join(f"{k} {v}" for k, v in c.items()), file=stream)
+        for dev, c in st.get("interrupts", {}).items():
+            print(f"  irq    {dev:28s} " + " ".join(f"{k} {v}" for k, v in c.items()), file=stream)
         if "exits" in st:
             print(f"  exits  {st['exits']}", file=stream)
 

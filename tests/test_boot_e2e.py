@@ -149,5 +149,17 @@ def test_default_guest_drives_every_device(tmp_path):
             assert c["errors"] == 0, (dev, q, c)
     for kind in ("net", "block", "rng"):
         assert sum(c["requests"] for c in by_kind[kind].values()) > 0, (kind, by_kind[kind])
+    # Every device took its interrupts as MSI-X messages: per-queue PCI-MSI
+    # lines in the guest's /proc/interrupts (console: config, input,
+    # output; net: config, input.0, output.0; block: config, req.0; rng:
+    # config, input), none on INTx, and Linux never read an ISR.
+    irqs = rep.step("irqs").fields()
+    assert irqs["intx"] == "0" and irqs["msi"] == "10", rep.step("irqs")
+    names = {k for k in irqs if k.startswith("virtio")}
+    assert sum(k.endswith("-config") for k in names) == 4, names
+    assert len(names) == 10, names
+    assert set(stats["interrupts"]) == {"console", "net", "block", "rng"}, stats["interrupts"]
+    for dev, c in stats["interrupts"].items():
+        assert c["mode"] == "msix" and c["isr_reads"] == 0, (dev, c)
     # Only the instruction assists guest/README.md names were needed.
     assert set(stats["exits"]["assists"]) <= {"int3", "fwait"}, stats["exits"]
