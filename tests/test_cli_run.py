@@ -96,6 +96,9 @@ def test_short_run_stats_json(tmp_path):
     assert st["exits"]["pio"] >= 4 and st["exits"]["mmio"] >= 12
     assert st["rss_bytes"] > 0
     assert "thread vcpu0" in r.stderr and "rng/requests" in r.stderr     # --stats printed too
+    # Under KVM every device offers MSI-X; this guest never enables it.
+    assert st["interrupts"]["rng"] == {"mode": "intx", "vectors": 2, "isr_reads": 0}
+    assert "irq    rng" in r.stderr and "isr_reads 0" in r.stderr
 
 
 def test_missing_bridge_is_one_line_and_leaves_no_tap(tmp_path):
