@@ -47,6 +47,15 @@ def _msi_guest(gm, vec: int, count: int) -> bytes:
     return bytes(done(a))
 
 
+def _run(vm, code, vec, timeout):
+    """Run a CPL0 tiny guest whose handler for ``vec`` is at 0x11000."""
+    try:
+        setup_long_mode(vm, code, cpl=0, handlers={vec: 0x11000})
+        return vm.run(timeout=timeout)
+    finally:
+        vm.close()
+
+
 def test_default_routes_are_kvms():
     routes = K.default_irq_routes()
     assert len(routes) == 16 * 2 + 8
@@ -72,9 +81,7 @@ def test_vector_eventfd_delivers_a_message_to_the_local_apic(gm, routed):
         updates = vm.n_route_updates
         vm.sync_msi_routes()                      # unchanged tables: no ioctl
         assert vm.n_route_updates == updates
-        setup_long_mode(vm, _msi_guest(gm, vec, 1), cpl=0, handlers={vec: 0x11000})
-        res = vm.run(timeout=3.0 if not routed else RUN_TIMEOUT)
-        vm.close()
+        res = _run(vm, _msi_guest(gm, vec, 1), vec, 3.0 if not routed else RUN_TIMEOUT)
     finally:
         for fd in fds:
             os.close(fd)
@@ -101,9 +108,7 @@ def test_routing_keeps_the_pic_lines(gm):
         vm = make_vm(gm, bus, irq_mode="irqfd")
         assert vm.n_route_updates == 1
         code, vec = _irq_guest(gm, line, 1)
-        setup_long_mode(vm, code, cpl=0, handlers={vec: 0x11000})
-        res = vm.run(timeout=RUN_TIMEOUT)
-        vm.close()
+        res = _run(vm, code, vec, RUN_TIMEOUT)
     finally:
         os.close(efd)
         os.close(vfd)

@@ -205,6 +205,15 @@ def _request(drv):
     drv.kick(0)
 
 
+def _wait_pending(drv, v, timeout=5.0):
+    """Until the device thread set vector ``v``'s pending bit (it runs
+    after the request was kicked)."""
+    for _ in range(int(timeout / 0.01)):
+        if drv.msix_pba(v) >> (v % 32) & 1:
+            return
+        select.select([], [], [], 0.01)
+
+
 def test_linux_setup_then_used_buffers_arrive_as_messages(rig):
     bus, t, drv = _rng(rig)
     assert t.msix_enabled and drv.cfg_read(pci.PCI_COMMAND, 2) & pci.PCI_COMMAND_INTX_DISABLE
@@ -228,10 +237,7 @@ def test_masked_vector_sets_the_pending_bit_and_unmask_sends_it(rig):
     drv.mask_vector(1)
     _request(drv)
     # the device used the buffer but could only set the pending bit
-    for _ in range(500):
-        if drv.msix_pba(0) & 2:
-            break
-        select.select([], [], [], 0.01)
+    _wait_pending(drv, 1)
     assert drv.msix_pba(0) == 1 << 1
     assert not _pending(fd) and t.isr[0] == 0 and not _pending(t.irq_fd)
     assert drv.queues[0].get_used() is not None
@@ -250,10 +256,7 @@ def test_function_mask_holds_every_vector(rig):
     fd = drv.vector_fd(1)
     drv.msix_control(MASKALL)
     _request(drv)
-    for _ in range(500):
-        if drv.msix_pba(0) & 2:
-            break
-        select.select([], [], [], 0.01)
+    _wait_pending(drv, 1)
     assert drv.msix_pba(0) == 1 << 1 and not _pending(fd)
     # the entry's own mask bit is unchanged: only the function mask holds it
     assert bus.mmio(drv.msix_entry(1, 3), 4, False, 0) == 0
@@ -326,10 +329,7 @@ def test_routes_are_updated_before_a_vector_can_send(rig):
     bus.add_msi_listener(listener)
     drv.mask_vector(1)
     _request(drv)
-    for _ in range(500):
-        if drv.msix_pba(0) & 2:
-            break
-        select.select([], [], [], 0.01)
+    _wait_pending(drv, 1)
     bus.mmio(drv.msix_entry(1, 2), 4, True, 0x61)      # masked: no route change yet
     assert seen == []
     drv.mask_vector(1, False)
