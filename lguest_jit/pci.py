@@ -1106,11 +1106,12 @@ class Transport:
         if self.bus.log is not None and enable != m[0, MX_ENABLED]:
             self.bus.log(f"{self.name}: MSI-X {'enabled' if enable else 'disabled'}")
         if enable and not masked:
-            m[0, MX_ENABLED] = 1
             if not was_live:
+                # Hold messages as pending bits until the routes are current.
+                m[0, MX_MASKED] = 1
+                m[0, MX_ENABLED] = 1
                 self.bus.msi_changed()
-            m[0, MX_MASKED] = 0
-            if not was_live:
+                m[0, MX_MASKED] = 0
                 for v in range(self.msix_vectors):
                     if not m[1 + v, MV_CTRL] & MSIX_CTRL_MASKBIT:
                         vring.msix_send_pending(m, v, self._scratch)

@@ -158,7 +158,8 @@ def test_default_guest_drives_every_device(tmp_path):
     names = {k for k in irqs if k.startswith("virtio")}
     assert sum(k.endswith("-config") for k in names) == 4, names
     assert len(names) == 10, names
-    assert set(stats["interrupts"]) == {"console", "net", "block", "rng"}, stats["interrupts"]
+    assert {name.split(":")[0] for name in stats["interrupts"]} == {"console", "net", "block", "rng"}, \
+        stats["interrupts"]
     for dev, c in stats["interrupts"].items():
         assert c["mode"] == "msix" and c["isr_reads"] == 0, (dev, c)
     # Only the instruction assists guest/README.md names were needed.

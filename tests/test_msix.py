@@ -205,7 +205,7 @@ def _request(drv):
     drv.kick(0)
 
 
-def _wait_pending(drv, v, timeout=5.0):
+def _wait_pending(drv, v, timeout=30.0):
     """Until the device thread set vector ``v``'s pending bit (it runs
     after the request was kicked)."""
     for _ in range(int(timeout / 0.01)):
@@ -222,7 +222,7 @@ def test_linux_setup_then_used_buffers_arrive_as_messages(rig):
     assert [fd for fd, _, _ in routes] == t.vector_fds
     for _ in range(3):
         _request(drv)
-        head, length, data = drv.wait_used(0)
+        head, length, data = drv.wait_used(0, timeout=30)
         assert length == 64 and len(data[0]) == 64
     assert t.st[pci.S_ISR_READS] == 0 and t.isr[0] == 0
     assert not _pending(t.irq_fd) and not bus.irq_pending(t.irq_line)
@@ -244,7 +244,7 @@ def test_masked_vector_sets_the_pending_bit_and_unmask_sends_it(rig):
     q = t.queues[0]
     assert q[vring.Q_N_IRQ_MASKED] >= 1
     drv.mask_vector(1, False)                      # PCI 3.0 §6.8.3.4: unmasking sends it
-    assert _take(fd, 1.0) == 1
+    assert _take(fd, 30) == 1
     assert drv.msix_pba(0) == 0
     drv.mask_vector(1)
     drv.mask_vector(1, False)                      # nothing pending: nothing sent
@@ -261,20 +261,20 @@ def test_function_mask_holds_every_vector(rig):
     # the entry's own mask bit is unchanged: only the function mask holds it
     assert bus.mmio(drv.msix_entry(1, 3), 4, False, 0) == 0
     drv.msix_control(clear_bits=MASKALL)
-    assert _take(fd, 1.0) == 1 and drv.msix_pba(0) == 0
+    assert _take(fd, 30) == 1 and drv.msix_pba(0) == 0
 
 
 def test_config_interrupt_goes_to_msix_config_vector(rig):
     bus, t, drv = _rng(rig)
     fd0 = drv.vector_fd(0)
     t.config_changed()
-    assert _take(fd0, 1.0) == 1
+    assert _take(fd0, 30) == 1
     assert t.isr[0] == 0 and not _pending(t.irq_fd)
     drv.mask_vector(0)
     t.config_changed()
     assert drv.msix_pba(0) == 1 and not _pending(fd0)
     drv.mask_vector(0, False)
-    assert _take(fd0, 1.0) == 1
+    assert _take(fd0, 30) == 1
 
 
 def test_event_without_vector_raises_nothing(rig):
@@ -290,7 +290,7 @@ def test_queue_vector_change_reaches_a_running_queue(rig):
     drv.common_write(QMSIX, 2, pci.VIRTIO_MSI_NO_VECTOR)
     assert t.queues[0][vring.Q_VECTOR] == pci.VIRTIO_MSI_NO_VECTOR
     _request(drv)
-    for _ in range(500):
+    for _ in range(3000):
         if t.queues[0][vring.Q_N_IRQ_NO_VECTOR]:
             break
         select.select([], [], [], 0.01)
@@ -300,14 +300,14 @@ def test_queue_vector_change_reaches_a_running_queue(rig):
     drv.common_write(QMSIX, 2, 0)                   # share the config vector
     assert t.queues[0][vring.Q_VECTOR] == 0
     _request(drv)
-    assert _take(drv.vector_fd(0), 5.0) >= 1
+    assert _take(drv.vector_fd(0), 30) >= 1
 
 
 def test_without_msix_enabled_the_device_uses_isr_and_intx(rig):
     bus, t, drv = _rng(rig, msix=False)          # capability there, driver never enables it
     assert drv.msix_cap and not t.msix_enabled
     _request(drv)
-    drv.wait_used(0)
+    drv.wait_used(0, timeout=30)
     assert t.st[pci.S_ISR_READS] >= 1                 # the INTx driver read the ISR
     assert not any(_pending(fd) for fd in t.vector_fds)
     assert t.interrupt_stats()["mode"] == "intx"
@@ -334,11 +334,22 @@ def test_routes_are_updated_before_a_vector_can_send(rig):
     assert seen == []
     drv.mask_vector(1, False)
     assert seen == [((fd, MSI_ADDRESS, 0x61), False)]
-    assert _take(fd, 1.0) == 1
+    assert _take(fd, 30) == 1
     bus.mmio(drv.msix_entry(1, 2), 4, True, 0x62)      # unmasked entry rewritten: routes follow
     assert seen[-1][0] == (fd, MSI_ADDRESS, 0x62)
     drv.msix_control(clear_bits=ENABLE)
     assert seen[-1][0] == (fd, None, 0)
+    # A message held pending across a disable goes out on re-enabling, and
+    # only after the routes were refreshed.
+    fd0 = drv.vector_fd(0) or t.vector_fds[0]
+    drv.msix_control(ENABLE | MASKALL)
+    t.config_changed()
+    assert drv.msix_pba(0) & 1
+    drv.msix_control(clear_bits=ENABLE | MASKALL)
+    seen.clear()
+    bus.add_msi_listener(lambda: seen.append(("vector 0", _pending(fd0))))
+    drv.msix_control(ENABLE)
+    assert ("vector 0", False) in seen and _take(fd0, 30) == 1 and drv.msix_pba(0) == 0
 
 
 def test_raise_and_unmask_race_loses_nothing(rig):
