@@ -3,7 +3,10 @@ port accesses (BAR moves, sizing, COMMAND, the PCI_CFG window), MMIO
 anywhere near the BARs, any width.  Nothing may raise (default policy);
 after every step decoding and the ioeventfd list equal the plain decode
 reference (tests/naive.bar_decode) and device status stays a valid prefix
-of the §3.1.1 sequence."""
+of the §3.1.1 sequence.  Half the inputs give the devices MSI-X (table and
+PBA at the top of each BAR): its state must stay what the capability and
+the table say (mask bits, pending bits, enable bits), and every config
+interrupt raised on the way must go where they say."""
 from __future__ import annotations
 
 import numpy as np
@@ -37,7 +40,8 @@ def one_input(data: bytes) -> str:
     if _gm is None:
         _gm = GuestMemory(1 << 20)
     r = Reader(data)
-    bus = pci.Bus(_gm, notify_mode="single" if r.u8() & 1 else "per-queue")
+    flags = r.u8()
+    bus = pci.Bus(_gm, notify_mode="single" if flags & 1 else "per-queue", msix=bool(flags & 2))
     ts = [bus.add_device(Dev(k, nq)) for k, nq in ((2, 1), (3, 2), (4, 1))]
     reads = []
     try:
@@ -62,6 +66,8 @@ def one_input(data: bytes) -> str:
                 addr = r.pick(PAGES) << pci.BAR0_SHIFT | r.u16() & (pci.BAR0_SIZE - 1)
                 if op & 4:
                     bus.mmio(addr, size, True, r.u64() if op & 8 else r.u8())
+                elif op & 8 and op & 0x30 == 0x30:
+                    ts[op >> 1 & 1].config_changed()     # a config interrupt, wherever it is mapped
                 else:
                     reads.append(bus.mmio(addr, size, False, 0))
             _check(bus, ts)
@@ -82,6 +88,26 @@ def _check(bus, ts):
     for t in ts:
         assert t.status & 0x3F & ~pci.DEVICE_NEEDS_RESET in VALID, hex(t.status)
         assert not (t.active and not t.status & pci.DRIVER_OK), "active without DRIVER_OK"
+        _check_msix(bus, t)
+
+
+def _check_msix(bus, t):
+    m, n = t.msix, t.msix_vectors
+    assert m[0, pci.MX_VECTORS] == n
+    assert not m[1 + n:].any(), "state beyond the table"
+    if not n:
+        assert not m[0, pci.MX_ENABLED] and t.msix_cap == 0
+        return
+    ctl = pci._le(bus.cfg[t.slot], t.msix_cap + pci.PCI_MSIX_FLAGS, 2)
+    assert ctl & pci.PCI_MSIX_FLAGS_QSIZE == n - 1
+    assert m[0, pci.MX_ENABLED] == bool(ctl & pci.PCI_MSIX_FLAGS_ENABLE)
+    assert m[0, pci.MX_MASKED] == bool(ctl & pci.PCI_MSIX_FLAGS_MASKALL)
+    rows = m[1:1 + n]
+    assert set(rows[:, pci.MV_CTRL]) <= {0, 1} and set(rows[:, pci.MV_PENDING]) <= {0, 1}
+    assert (rows[:, pci.MV_ADDR_LO] & 3 == 0).all() and (rows[:, :pci.MV_CTRL] >> 32 == 0).all()
+    # While vectors can send, only a masked one holds a pending bit.
+    if m[0, pci.MX_ENABLED] and not m[0, pci.MX_MASKED]:
+        assert not (rows[:, pci.MV_PENDING] & (1 - rows[:, pci.MV_CTRL])).any(), "pending while unmasked"
 
 
 if __name__ == "__main__":

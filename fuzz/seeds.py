@@ -40,6 +40,21 @@ def blk_req(rtype, sector, data_len, payload=b"", readonly=0):
     return bytes([readonly, 5]) + ring(bufs) + hdr
 
 
+def msix_program() -> bytes:
+    """fuzz_pci ops playing Linux's MSI-X set-up on the first device: enable
+    with the function masked (conf1 dword at the capability, 0x98), program
+    entry 0 and unmask it, a config interrupt while masked, unmask the
+    function, read the PBA."""
+    def ctl(value):      # conf1 cycle, 4-byte write of u32 at register 0x98
+        return bytes([0x87, 0, 0, 0x98, 0, 0, 0]) + struct.pack("<I", value << 16)
+
+    def mmio_write(off, value, size=4):
+        return bytes([{2: 0x4C, 4: 0x8C}[size], 0]) + struct.pack("<HQ", off, value)
+    return b"".join([ctl(0xC000), mmio_write(0x1000, 0xFEE00000), mmio_write(0x1008, 0x41),
+                     mmio_write(0x100C, 0), mmio_write(0x10, 0, 2), bytes([0x38, 0, 0, 0]), ctl(0x8000),
+                     bytes([0x80, 0]) + struct.pack("<H", 0x1800), bytes(16)])
+
+
 def seeds():
     s = {}
     s["vring"] = {
@@ -79,6 +94,7 @@ def seeds():
         "bar_overlap": bytes([0]) + bytes([0xC7, 1, 0x10, 0xE0, 0, 0] + [0xC7, 1, 0x10, 0x01, 0xE0, 0] * 2) * 3,
         "mmio": bytes([0]) + bytes([0x84, 0, 0x14, 0, 1, 0x80, 1, 0x14, 0]) * 6,
         "single": bytes([1]) + bytes([0xC3, 2, 0x10, 0xC4, 0, 0x00, 0x08, 2, 0]) * 4,
+        "msix": bytes([2]) + msix_program(),
     }
     import gzip
     from test_loader import bzimage_with_payload, kernel_payload, make_bzimage, make_elf

@@ -486,8 +486,10 @@ class Launcher:
             except MemoryError:
                 # The files were sized at argument time; the host's free memory may have shrunk since.
                 raise UsageError(f"kernel {cfg.kernel!r}: not enough host memory to load it") from None
+        # MSI-X only where the backend can deliver it (KVM: irqfd + GSI
+        # routing); lguest's guests take INTx.
         self.bus = pci.Bus(self.gm, strict=cfg.strict, notify_mode="single" if cfg.hypervisor == "lguest" else "per-queue",
-                           fatal=self.fatal, log=self.log if cfg.verbose else None)
+                           fatal=self.fatal, log=self.log if cfg.verbose else None, msix=cfg.hypervisor == "kvm")
         from .devices import Console
         from .devices.net import Net
         out_fd = self._console_watch() if cfg.snapshot_on is not None else 1
@@ -714,6 +716,8 @@ class Launcher:
                "context_switches": {"voluntary": ctx.voluntary, "involuntary": ctx.involuntary},
                "threads": threads,
                "queues": {d.name: d.counters() for d in self.devices}}
+        if self.bus is not None:
+            out["interrupts"] = {t.name: t.interrupt_stats() for t in self.bus.devices}
         if self.backend is not None and hasattr(self.backend, "stats"):
             st = self.backend.stats
             out["exits"] = {"pio": st.pio, "mmio": st.mmio, "total": st.total, "assists": dict(st.assists)}
@@ -732,6 +736,8 @@ class Launcher:
                                                                 if not isinstance(v, dict)), file=stream)
                 if "latency" in c:
                     print(f"  latency {dev + '/' + q:27s} {_latency_line(c['latency'])}", file=stream)
+        for dev, c in st.get("interrupts", {}).items():
+            print(f"  irq    {dev:28s} " + " ".join(f"{k} {v}" for k, v in c.items()), file=stream)
         if "exits" in st:
             print(f"  exits  {st['exits']}", file=stream)
 

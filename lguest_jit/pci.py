@@ -6,7 +6,7 @@ Everything the hypervisor backends and the devices need from PCI lives here.
 Bus interface (what backends and tests call)
 ============================================
 ``Bus(mem, strict=False, notify_mode="per-queue", mmio_base=0xE0000000,
-fatal=None, log=None, irqs=None)``
+fatal=None, log=None, irqs=None, msix=False)``
     ``mem`` is the :class:`~lguest_jit.hw.memory.GuestMemory`.  ``strict``
     selects the policy for driver errors (below).  ``notify_mode`` is
     ``"per-queue"`` (one 16-bit notify register per queue, 4 bytes apart,
@@ -17,7 +17,9 @@ fatal=None, log=None, irqs=None)``
     thread reports a driver error under ``strict`` (default: raise
     :class:`BadDriver` in that thread).  ``log(line)`` receives verbose
     lines; when it is None nothing is formatted.  ``irqs`` is the per-machine
-    :class:`IrqAllocator` (one is made when omitted).
+    :class:`IrqAllocator` (one is made when omitted).  ``msix``: give every
+    device an MSI-X capability (only for a backend that can deliver MSI:
+    KVM; without it Linux takes INTx).
 
 ``bus.add_device(dev: VirtioDevice) -> Transport``
     Next free slot (00:01.0 upwards; 00:00.0 is the host bridge), BAR0 in
@@ -61,6 +63,14 @@ fatal=None, log=None, irqs=None)``
     is True while a device on that line has a non-zero ISR and INTx is not
     disabled in its COMMAND register (level-triggered resample).
 
+``bus.msi_routes() -> list[tuple[int, int | None, int]]``
+    ``(eventfd, address, data)`` per MSI-X vector of every device, in a
+    fixed order: writing 1 to the eventfd is the vector's message (KVM: an
+    irqfd on an MSI route from address/data).  ``address`` is None while
+    the device has MSI-X disabled.  ``bus.add_msi_listener(fn)``: ``fn()``
+    runs (under the bus lock) whenever the list may have changed, before
+    the vector concerned can send.
+
 ``bus.close()``
     Resets every device (joins its threads) and closes the eventfds.
 
@@ -80,6 +90,35 @@ about it.  ``strict``: raise :class:`BadDriver` (``str()`` is
 stops).  Default: behave like a device — drop the bad access (or, for the
 rules marked ``NEEDS_RESET``, set DEVICE_NEEDS_RESET and raise a config
 interrupt), log the rule once per device, keep running.
+
+MSI-X (PCI 3.0 §6.8, virtio 1.0 §4.1.5)
+=======================================
+With ``msix=True`` each device has an MSI-X capability (id 0x11, last in
+the list) with one vector per queue plus one for configuration changes
+(at most ``MSIX_MAX_VECTORS``): Message Control holds the table size - 1
+(read-only) and the writable Enable (bit 15) and Function Mask (bit 14),
+whose writes reach ``Transport.msix_control_written`` (hook H_MSIX); Table
+and PBA are at ``MSIX_TABLE_OFF``/``MSIX_PBA_OFF`` in BAR0 (BIR 0), so
+they move with it.  The state is ``bus.msix[slot]`` (= ``transport.msix``):
+row 0 the function, row 1 + v entry v (vring's MX_*/MV_* fields).
+
+* Table entries (address lo/hi, data, vector control) take aligned DWORD
+  or QWORD accesses; anything else, entries past the table, PBA writes and
+  reads past it break E_MSIX_ACCESS (dropped, reads 0).  Reset: every
+  entry masked.  Address bits 1:0 and control bits 31:1 read 0.
+* msix_config / queue_msix_vector store the vector; one the table lacks
+  stores NO_VECTOR (E_MSIX; the driver reads it back and falls back).
+  Device reset maps every event to NO_VECTOR; the table is PCI state and
+  stays.
+* Delivery (vring.raise_msix, from the queue threads and for config
+  changes): MSI-X disabled -> ISR bit + INTx, as without the capability.
+  Enabled -> no ISR bit, no INTx: the event's vector, or nothing for
+  NO_VECTOR.  A masked vector or function sets the pending bit instead;
+  clearing the mask sends it (§6.8.3.4).  Set and cleared by atomic
+  exchange, so a raise racing an unmask sends exactly once.
+* Routes first: clearing a mask bit (action A_MSIX_UNMASK), enabling or
+  unmasking the function, or rewriting an unmasked entry (A_MSIX_ROUTE)
+  calls the MSI listeners before the vector can send on the new message.
 
 Implementation
 ==============
@@ -104,7 +143,7 @@ BAR0 (``BAR0_SIZE`` bytes)::
     0x800  notify: per-queue 2-byte registers 4 apart, or one register
                                                     §4.1.4.4
     0x1000 MSI-X table (16 bytes per vector)        PCI 3.0 §6.8.2
-    0x1800 MSI-X pending bit array
+    0x1800 MSI-X pending bit array (read-only)
 
 ``_bar_access`` does all of BAR0 from tables (field at each common-config
 offset, its width) and two arrays per device: ``regs`` (row 0 device state,
@@ -116,8 +155,8 @@ queue_enable -> ``vring.setup_queue``, notify -> eventfd write, device
 config writes) and an error code for the policy.
 
 Threads: ``pio``/``mmio`` take a bus lock, so several vCPU threads may call
-them.  Device threads only touch the ISR byte, ``config_changed()`` and
-``ctx.driver_error`` (which never take the bus lock, so a reset that joins
+them.  Device threads only touch the ISR byte, the MSI-X pending bits,
+``config_changed()`` and ``ctx.driver_error`` (which never take the bus lock, so a reset that joins
 device threads under the lock cannot deadlock).  The ISR byte is updated
 without an atomic read-and-clear: a device's OR racing a driver's ISR read
 can lose one ISR bit (the eventfd still raises the interrupt).
@@ -138,6 +177,8 @@ from numba import njit
 
 from . import vring
 from .hw.memory import GuestMemory
+from .vring import (ISR_CONFIG, MSIX_CTRL_MASKBIT, MV_ADDR_HI, MV_ADDR_LO, MV_CTRL, MV_DATA, MV_FD, MV_PENDING,
+                    MX_ENABLED, MX_INTX_FD, MX_MASKED, MX_VECTORS, VIRTIO_MSI_NO_VECTOR)
 
 # ---------------------------------------------------------------------------
 # PCI constants
@@ -177,6 +218,17 @@ COMMAND_WRITABLE = (PCI_COMMAND_IO | PCI_COMMAND_MEMORY | PCI_COMMAND_MASTER | P
                     | PCI_COMMAND_SERR | PCI_COMMAND_INTX_DISABLE)
 PCI_STATUS_CAP_LIST = 0x10
 PCI_CAP_ID_VNDR = 0x09
+PCI_CAP_ID_MSIX = 0x11
+# MSI-X capability (PCI 3.0 §6.8.2): id, next, Message Control, Table
+# Offset/BIR, PBA Offset/BIR.
+PCI_MSIX_FLAGS = 2
+PCI_MSIX_TABLE = 4
+PCI_MSIX_PBA = 8
+PCI_MSIX_CAP_LEN = 12
+PCI_MSIX_FLAGS_QSIZE = 0x07FF    # table size - 1, read-only
+PCI_MSIX_FLAGS_MASKALL = 0x4000  # Function Mask
+PCI_MSIX_FLAGS_ENABLE = 0x8000
+MSIX_ENTRY_SIZE = 16             # address lo, address hi, data, vector control
 
 # Host bridge identity: Red Hat's generic host bridge id, which no Linux
 # quirk matches (an Intel id would pull in chipset quirks).
@@ -192,7 +244,6 @@ VIRTIO_PCI_CAP_NOTIFY_CFG = 2
 VIRTIO_PCI_CAP_ISR_CFG = 3
 VIRTIO_PCI_CAP_DEVICE_CFG = 4
 VIRTIO_PCI_CAP_PCI_CFG = 5
-VIRTIO_MSI_NO_VECTOR = 0xFFFF
 
 # Device status bits (§2.1)
 ACKNOWLEDGE = 1
@@ -223,8 +274,12 @@ MSIX_PBA_OFF = 0x1800       # MSI-X pending bit array
 MAX_QUEUES = (MSIX_TABLE_OFF - NOTIFY_OFF) // NOTIFY_STRIDE
 MSIX_MAX_VECTORS = (MSIX_PBA_OFF - MSIX_TABLE_OFF) // 16
 # MSI-X state, one int64 array per device (``Bus.msix[slot]``): row 0 the
-# function (MX_* fields), row 1 + v vector v (MV_* fields).
+# function (MX_* fields), row 1 + v vector v (MV_* fields); the fields are
+# vring's, whose queue threads deliver through it.
 MSIX_FIELDS = 8
+assert max(MX_VECTORS, MX_ENABLED, MX_MASKED, MX_INTX_FD, MV_FD, MV_PENDING) < MSIX_FIELDS
+# A table DWORD's index in its entry is its MV_* field.
+assert (MV_ADDR_LO, MV_ADDR_HI, MV_DATA, MV_CTRL) == (0, 1, 2, 3)
 
 # Common configuration fields (§4.1.4.3).  64-bit fields are two 32-bit
 # fields for the width rule (§4.1.3.1 lets the driver access halves).
@@ -262,7 +317,9 @@ S_FOK_UNREAD = 10    # FEATURES_OK written, status not read back since
 S_SINGLE_NOTIFY = 11
 S_CFG_LEN = 12
 S_N_ACCESSES = 13
-S_FIELDS = 14
+S_ISR_READS = 14     # ISR reads (an INTx driver's one extra exit per interrupt)
+S_MSIX_CONFIG = 15   # msix_config: the configuration-change vector
+S_FIELDS = 16
 # Bytes the BAR0 kernel reads: the ISR (a view of it is what devices OR
 # into), then a copy of the device config.
 B_ISR = 0
@@ -279,7 +336,8 @@ QC_DRIVER_LO = 6
 QC_DRIVER_HI = 7
 QC_DEVICE_LO = 8
 QC_DEVICE_HI = 9
-QC_FIELDS = 10
+QC_MSIX = 10         # queue_msix_vector
+QC_FIELDS = 11
 
 # Slow-path actions returned by _bar_access
 A_NONE = 0
@@ -289,6 +347,9 @@ A_QUEUE_ENABLE = 3     # arg: queue index
 A_NOTIFY = 4           # arg: queue index
 A_CONFIG_WRITE = 5     # arg: offset in device config
 A_STATUS = 6           # device_status accepted a new value (verbose log)
+A_MSIX_UNMASK = 7      # arg: vector whose mask bit the driver clears (still set: see Transport._unmask)
+A_MSIX_ROUTE = 8       # arg: vector; an unmasked vector's message changed
+A_QUEUE_VECTOR = 9     # arg: queue; queue_msix_vector of an enabled queue changed
 
 # ---------------------------------------------------------------------------
 # Driver-conformance rules.  Kernels return the code; Python applies the
@@ -321,6 +382,7 @@ E_QUEUE_LAYOUT = 21
 E_DEVICE = 22
 E_FEATURE_READ_BEFORE_DRIVER = 23
 E_DRIVER_OK_WITHOUT_FEATURES_OK = 24
+E_MSIX_ACCESS = 25
 
 RULES = {
     E_WIDTH: ("access width is not the field's natural width", "4.1.3.1", IGNORE),
@@ -341,7 +403,10 @@ RULES = {
     E_QUEUE_LIVE: ("queue configuration written while the queue is enabled", "4.1.4.3.2", IGNORE),
     E_NOTIFY_EARLY: ("notification before DRIVER_OK", "3.1.1", IGNORE),
     E_NOTIFY_QUEUE: ("notification for a queue the device does not have", "4.1.4.4", IGNORE),
-    E_MSIX: ("MSI-X vector written but the device has no MSI-X capability", "4.1.5.1.2.2", IGNORE),
+    E_MSIX: ("MSI-X vector beyond the device's MSI-X table (none without the capability): "
+             "the event gets no vector and reads back NO_VECTOR", "4.1.5.1.2", PROCEED),
+    E_MSIX_ACCESS: ("MSI-X table or PBA access that is not an aligned DWORD or QWORD, outside the table "
+                    "or PBA, or a write to the read-only PBA (PCI 3.0 §6.8.2)", "4.1.4.5", IGNORE),
     E_BAR_RANGE: ("access outside the virtio structures in BAR0", "4.1.4", IGNORE),
     E_CFG_WINDOW: ("VIRTIO_PCI_CAP_PCI_CFG window with an invalid bar, offset or length", "4.1.4.7.2", IGNORE),
     E_CONFIG_WRITE: ("write to a read-only device configuration field", "4.1.4.6", IGNORE),
@@ -376,6 +441,10 @@ class QueueContext:
     isr: np.ndarray                    # uint8[1]; OR 1 (used buffer) or 2 (config) into it first
     driver_error: Callable[[int, str], None]   # (queue_index, message): applies the policy
     name: str = ""
+    # The device's MSI-X state (Bus.msix[slot]); queue threads pass it to
+    # vring as ``irq`` instead of irq_fd, so each interrupt goes to the
+    # queue's vector while MSI-X is enabled (INTx otherwise).
+    msix: Optional[np.ndarray] = None
 
 
 class VirtioDevice:
@@ -437,6 +506,7 @@ H_NONE = 0
 H_BAR0 = 1
 H_COMMAND = 2
 H_CFG_DATA = 3    # pci_cfg_data: reads and writes go through to BAR0
+H_MSIX = 4        # MSI-X Message Control: Enable, Function Mask
 
 REGION_UNUSED = 0xFF
 
@@ -543,7 +613,7 @@ def _queue_setup_check(regs, q):
 
 
 @njit(nogil=True, cache=True)
-def _common(regs, off, size, is_write, value):
+def _common(regs, msix, off, size, is_write, value):
     fid = FIELD_AT[off]
     if FIELD_START[fid] != off or FIELD_WIDTH[fid] != size:
         return 0, A_NONE, 0, E_WIDTH
@@ -563,8 +633,10 @@ def _common(regs, off, size, is_write, value):
             sel = regs[0, S_GFSELECT]
             v = regs[0, S_DRIVER_LO] if sel == 0 else (regs[0, S_DRIVER_HI] if sel == 1 else 0)
             return v, A_NONE, 0, (E_FEATURE_READ_BEFORE_DRIVER if (status & DRIVER) == 0 else 0)
-        if fid == F_MSIX or fid == F_QMSIX:
-            return VIRTIO_MSI_NO_VECTOR, A_NONE, 0, 0
+        if fid == F_MSIX:
+            return regs[0, S_MSIX_CONFIG], A_NONE, 0, 0
+        if fid == F_QMSIX:
+            return (regs[1 + q, QC_MSIX] if have_q else VIRTIO_MSI_NO_VECTOR), A_NONE, 0, 0
         if fid == F_NUMQ:
             return regs[0, S_NUM_QUEUES], A_NONE, 0, 0
         if fid == F_STATUS:
@@ -609,9 +681,22 @@ def _common(regs, off, size, is_write, value):
     if fid == F_DFEATURE or fid == F_NUMQ or fid == F_GEN or fid == F_QNOTIFY_OFF:
         return 0, A_NONE, 0, E_READ_ONLY
     if fid == F_MSIX or fid == F_QMSIX:
-        # Mapping an event to "no vector" is the one value a device without
-        # MSI-X can accept.
-        return 0, A_NONE, 0, (0 if value == VIRTIO_MSI_NO_VECTOR else E_MSIX)
+        # §4.1.5.1.2.1: a vector the table does not have maps the event to
+        # nothing, and the driver reads NO_VECTOR back (its cue to fall
+        # back); "no vector" is always acceptable.
+        vec = value
+        err = 0
+        if value != VIRTIO_MSI_NO_VECTOR and value >= msix[0, MX_VECTORS]:
+            vec = VIRTIO_MSI_NO_VECTOR
+            err = E_MSIX
+        if fid == F_MSIX:
+            regs[0, S_MSIX_CONFIG] = vec
+            return 0, A_NONE, 0, err
+        if not have_q:
+            return 0, A_NONE, 0, err
+        regs[1 + q, QC_MSIX] = vec
+        # A running queue thread reads its vector from its vring state.
+        return 0, (A_QUEUE_VECTOR if regs[1 + q, QC_ENABLE] != 0 else A_NONE), q, err
     if fid == F_STATUS:
         return _status_write(regs, value)
     if fid == F_QSELECT:
@@ -691,9 +776,9 @@ def _bar_access(regs, bytes_, msix, off, size, is_write, value):
     if off < COMMON_OFF + COMMON_LEN:
         if off + size > COMMON_OFF + COMMON_LEN:
             return 0, A_NONE, 0, E_BAR_RANGE
-        return _common(regs, off - COMMON_OFF, size, is_write, value)
+        return _common(regs, msix, off - COMMON_OFF, size, is_write, value)
     if off >= MSIX_TABLE_OFF:
-        return 0, A_NONE, 0, E_BAR_RANGE
+        return _msix_access(msix, off, size, is_write, value)
     if off >= NOTIFY_OFF:
         nq = regs[0, S_NUM_QUEUES]
         if regs[0, S_SINGLE_NOTIFY] != 0:
@@ -726,11 +811,54 @@ def _bar_access(regs, bytes_, msix, off, size, is_write, value):
             return 0, A_NONE, 0, E_ISR_WRITE
         if size != 1:
             return 0, A_NONE, 0, E_WIDTH
+        regs[0, S_ISR_READS] += 1
         # §4.1.4.5.1: reading ISR clears it.
         v = int(bytes_[B_ISR])
         bytes_[B_ISR] = 0
         return v, A_NONE, 0, 0
     return 0, A_NONE, 0, E_BAR_RANGE
+
+
+@njit(nogil=True, cache=True)
+def _msix_access(msix, off, size, is_write, value):
+    """The MSI-X table and PBA (PCI 3.0 §6.8.2), a DWORD at a time (QWORDs
+    arrive as two).  Reset state: every vector masked, nothing pending."""
+    nvec = msix[0, MX_VECTORS]
+    if nvec == 0:
+        return 0, A_NONE, 0, E_BAR_RANGE          # no capability: nothing lives here
+    if size != 4 or (off & 3) != 0:
+        return 0, A_NONE, 0, E_MSIX_ACCESS        # "aligned full DWORD or QWORD" only
+    if off >= MSIX_PBA_OFF:
+        rel = off - MSIX_PBA_OFF
+        if is_write or rel >= 8 * ((nvec + 63) // 64):
+            return 0, A_NONE, 0, E_MSIX_ACCESS    # the PBA is read-only
+        first = 8 * rel
+        v = 0
+        for i in range(32):
+            if first + i < nvec and msix[1 + first + i, MV_PENDING] != 0:
+                v |= 1 << i
+        return v, A_NONE, 0, 0
+    rel = off - MSIX_TABLE_OFF
+    vec = rel // MSIX_ENTRY_SIZE
+    if vec >= nvec:
+        return 0, A_NONE, 0, E_MSIX_ACCESS
+    field = (rel // 4) % 4                       # MV_ADDR_LO .. MV_CTRL
+    row = msix[1 + vec]
+    if not is_write:
+        return row[field], A_NONE, 0, 0
+    value &= 0xFFFFFFFF
+    if field == MV_CTRL:
+        new = value & MSIX_CTRL_MASKBIT            # bits 31:1 are reserved: read 0
+        if new == 0 and (row[MV_CTRL] & MSIX_CTRL_MASKBIT) != 0:
+            return 0, A_MSIX_UNMASK, vec, 0
+        row[MV_CTRL] = new
+        return 0, A_NONE, 0, 0
+    if field == MV_ADDR_LO:
+        value &= 0xFFFFFFFC                        # DWORD-aligned: bits 1:0 read 0
+    row[field] = value
+    if msix[0, MX_ENABLED] != 0 and msix[0, MX_MASKED] == 0 and (row[MV_CTRL] & MSIX_CTRL_MASKBIT) == 0:
+        return 0, A_MSIX_ROUTE, vec, 0            # an unmasked vector changed (undefined; follow it)
+    return 0, A_NONE, 0, 0
 
 
 # ---------------------------------------------------------------------------
@@ -805,13 +933,27 @@ class _ConfigBuilder:
             _put(self.wmask, off + 12, 4, 0xFFFFFFFF)
             _put(self.wmask, off + 16, 4, 0xFFFFFFFF)
             self.hook[off + 16:off + 20] = H_CFG_DATA
+        self._link(off)
+        return off + size
+
+    def _link(self, off):
         if self._caps:
             self.cfg[self._caps[-1] + 1] = off      # link from the previous cap
         else:
             self.cfg[PCI_CAPABILITY_LIST] = off
             _put(self.cfg, PCI_STATUS, 2, PCI_STATUS_CAP_LIST)
         self._caps.append(off)
-        return off + size
+
+    def msix_cap(self, off, vectors):
+        """The MSI-X capability at ``off``: ``vectors`` entries, table and PBA
+        in BAR0.  Enable and Function Mask are the writable bits (hooked)."""
+        self.region[off:off + PCI_MSIX_CAP_LEN] = len(self._caps) + 1
+        self.set(off + 0, 1, PCI_CAP_ID_MSIX)
+        self.set(off + PCI_MSIX_FLAGS, 2, vectors - 1, PCI_MSIX_FLAGS_ENABLE | PCI_MSIX_FLAGS_MASKALL, H_MSIX)
+        self.set(off + PCI_MSIX_TABLE, 4, MSIX_TABLE_OFF | 0)      # BIR 0
+        self.set(off + PCI_MSIX_PBA, 4, MSIX_PBA_OFF | 0)
+        self._link(off)
+        return off + PCI_MSIX_CAP_LEN
 
 
 # ---------------------------------------------------------------------------
@@ -851,6 +993,17 @@ class Transport:
         self.queues = [vring.new_queue() for _ in range(nq)]
         self.notify_fds = [os.eventfd(0, os.EFD_CLOEXEC) for _ in range(nq)]
         self.irq_fd = os.eventfd(0, os.EFD_CLOEXEC)
+        # MSI-X: one vector per queue plus the configuration vector, each
+        # with its eventfd; all masked, nothing pending (PCI 3.0 §6.8.2.9).
+        self.msix_vectors = min(nq + 1, MSIX_MAX_VECTORS) if bus.offer_msix else 0
+        self.vector_fds = [os.eventfd(0, os.EFD_CLOEXEC) for _ in range(self.msix_vectors)]
+        self.msix[:] = 0
+        self.msix[0, MX_VECTORS] = self.msix_vectors
+        self.msix[0, MX_INTX_FD] = self.irq_fd
+        for v, fd in enumerate(self.vector_fds):
+            self.msix[1 + v, MV_CTRL] = MSIX_CTRL_MASKBIT
+            self.msix[1 + v, MV_FD] = fd
+        self._scratch = np.zeros(1, np.uint64)
         self.intx_disabled = False
         self.active = False
         self._logged = set()
@@ -885,7 +1038,11 @@ class Transport:
         if len(self.config):
             off = cb.vendor_cap(off, VIRTIO_PCI_CAP_DEVICE_CFG, DEVCFG_OFF, len(self.config))
         self.cfg_window = off
-        cb.vendor_cap(off, VIRTIO_PCI_CAP_PCI_CFG, 0, 0, extra=bytes(4), window=True)
+        off = cb.vendor_cap(off, VIRTIO_PCI_CAP_PCI_CFG, 0, 0, extra=bytes(4), window=True)
+        self.msix_cap = 0
+        if self.msix_vectors:
+            self.msix_cap = off
+            cb.msix_cap(off, self.msix_vectors)
 
     def config_space(self) -> np.ndarray:
         """This slot's 256 config bytes (a view; for tests and dumps)."""
@@ -896,11 +1053,15 @@ class Transport:
         st, qs = self.st, self.qs
         for i in (S_STATUS, S_DFSELECT, S_GFSELECT, S_DRIVER_LO, S_DRIVER_HI, S_QSELECT, S_FOK_UNREAD):
             st[i] = 0
+        # The vector mapping is virtio state (reset); the MSI-X table and
+        # its enable bits are PCI function state (kept).
+        st[S_MSIX_CONFIG] = VIRTIO_MSI_NO_VECTOR
         qs[:] = 0
         for q, m in enumerate(self.device.queue_max_sizes):
             qs[q, QC_MAX] = m
             qs[q, QC_SIZE] = m
             qs[q, QC_NOTIFY_OFF] = 0 if self.single_notify else q
+            qs[q, QC_MSIX] = VIRTIO_MSI_NO_VECTOR
         self.isr[0] = 0
 
     @property
@@ -917,9 +1078,60 @@ class Transport:
 
     # -- interrupts --------------------------------------------------------
     def raise_irq(self, bit: int) -> None:
-        """§4.1.4.5.1: set the ISR bit, then raise the line."""
-        self.isr[0] |= bit
-        os.eventfd_write(self.irq_fd, 1)
+        """§4.1.5.3-4: MSI-X disabled: set the ISR bit, then raise the line.
+        Enabled: a configuration change (bit 2) goes to msix_config's vector."""
+        vector = int(self.st[S_MSIX_CONFIG]) if bit == ISR_CONFIG else VIRTIO_MSI_NO_VECTOR
+        vring.raise_msix(self.isr, self.msix, np.zeros(1, np.uint64), vector, bit)
+
+    @property
+    def msix_enabled(self) -> bool:
+        return bool(self.msix[0, MX_ENABLED])
+
+    def interrupt_stats(self) -> dict:
+        """For --stats: how the driver takes interrupts, and its ISR reads
+        (each one an exit MSI-X saves)."""
+        mode = "msix" if self.msix_enabled else "intx"
+        return {"mode": mode, "vectors": self.msix_vectors, "isr_reads": int(self.st[S_ISR_READS])}
+
+    def msix_control_written(self):
+        """Message Control written: Enable and Function Mask (PCI 3.0
+        §6.8.2.3).  When vectors become deliverable the backend's routes are
+        refreshed first, then the function unmasked, then what is pending
+        sent (§6.8.3.4), so no message goes out on a stale route."""
+        ctl = _le(self.bus.cfg[self.slot], self.msix_cap + PCI_MSIX_FLAGS, 2)
+        enable = int(bool(ctl & PCI_MSIX_FLAGS_ENABLE))
+        masked = int(bool(ctl & PCI_MSIX_FLAGS_MASKALL))
+        m = self.msix
+        was_live = m[0, MX_ENABLED] and not m[0, MX_MASKED]
+        if self.bus.log is not None and enable != m[0, MX_ENABLED]:
+            self.bus.log(f"{self.name}: MSI-X {'enabled' if enable else 'disabled'}")
+        if enable and not masked:
+            if not was_live:
+                # Hold messages as pending bits until the routes are current.
+                m[0, MX_MASKED] = 1
+                m[0, MX_ENABLED] = 1
+                self.bus.msi_changed()
+                m[0, MX_MASKED] = 0
+                for v in range(self.msix_vectors):
+                    if not m[1 + v, MV_CTRL] & MSIX_CTRL_MASKBIT:
+                        vring.msix_send_pending(m, v, self._scratch)
+            return
+        changed = enable != m[0, MX_ENABLED]
+        m[0, MX_MASKED] = masked
+        m[0, MX_ENABLED] = enable
+        if changed:
+            self.bus.msi_changed()
+
+    def _unmask(self, v):
+        """The driver cleared vector ``v``'s mask bit: route, unmask, then
+        send the pending message (the kernel left the bit set for this)."""
+        m = self.msix
+        live = m[0, MX_ENABLED] and not m[0, MX_MASKED]
+        if live:
+            self.bus.msi_changed()
+        m[1 + v, MV_CTRL] = 0
+        if live:
+            vring.msix_send_pending(m, v, self._scratch)
 
     def _refresh_config(self):
         cfg = np.asarray(self.device.config, dtype=np.uint8)
@@ -978,12 +1190,14 @@ class Transport:
         return self._slow(off, size, is_write, value, r, action, arg, err)
 
     def _bar_access64(self, off, is_write, value):
-        # Only the 64-bit queue addresses have a natural 8-byte access.
-        if off in (0x20, 0x28, 0x30):
+        # Only the 64-bit queue addresses and the MSI-X table and PBA
+        # (aligned QWORDs, PCI 3.0 §6.8.2) have a natural 8-byte access.
+        msix = off >= MSIX_TABLE_OFF and self.msix_vectors
+        if off in (0x20, 0x28, 0x30) or (msix and off % 8 == 0):
             lo = self.bar_access(off, 4, is_write, value & 0xFFFFFFFF)
             hi = self.bar_access(off + 4, 4, is_write, (value >> 32) & 0xFFFFFFFF)
             return 0 if is_write else lo | hi << 32
-        self.driver_error(E_WIDTH, f"8-byte access at BAR0+{off:#x}")
+        self.driver_error(E_MSIX_ACCESS if msix else E_WIDTH, f"8-byte access at BAR0+{off:#x}")
         return 0
 
     def _slow(self, off, size, is_write, value, r, action, arg, err):
@@ -1006,6 +1220,12 @@ class Transport:
             self._refresh_config()
         elif action == A_STATUS and log is not None:
             log(f"{self.name}: device status -> {self.status:#x}")
+        elif action == A_MSIX_UNMASK:
+            self._unmask(arg)
+        elif action == A_MSIX_ROUTE:
+            self.bus.msi_changed()
+        elif action == A_QUEUE_VECTOR:
+            self.queues[arg][vring.Q_VECTOR] = self.qs[arg, QC_MSIX]
         return 0 if is_write else r
 
     def _describe(self, off, size, is_write, value):
@@ -1028,6 +1248,7 @@ class Transport:
                               rule=f"queue enabled with an invalid layout: {vring.error_message(code)}")
             return
         row[QC_ENABLE] = 1
+        self.queues[q][vring.Q_VECTOR] = row[QC_MSIX]
         if self.bus.log is not None:
             self.bus.log(f"{self.name}: queue {q} enabled: size {int(row[QC_SIZE])} desc {desc:#x} "
                          f"avail {avail:#x} used {used:#x}")
@@ -1039,7 +1260,7 @@ class Transport:
         queues = [self.queues[q] if self.qs[q, QC_ENABLE] else None for q in range(len(self.queues))]
         ctx = QueueContext(mem=self.bus.mem, features=self.features, queues=queues,
                            notify_fds=list(self.notify_fds), irq_fd=self.irq_fd, isr=self.isr,
-                           driver_error=self._thread_driver_error, name=self.name)
+                           driver_error=self._thread_driver_error, name=self.name, msix=self.msix)
         self.device.activate(ctx)
 
     def reset(self):
@@ -1122,7 +1343,14 @@ class Transport:
             raise ValueError(f"{self.name}: snapshot has {len(saved_queues)} queues, the device {len(self.queues)}")
         self.regs[...] = regs
         self.bytes[...] = bytes_
-        self.msix[...] = msix
+        # MSI-X: the table and the pending bits only.  The table size and the
+        # eventfds (MX_VECTORS, MX_INTX_FD, MV_FD) are this process's, and the
+        # function's Enable/Mask follow config space (Bus.load_state).
+        n = self.msix_vectors
+        rows = msix[1:1 + n]
+        self.msix[1:1 + n, MV_ADDR_LO:MV_CTRL] = rows[:, MV_ADDR_LO:MV_CTRL] & 0xFFFFFFFF
+        self.msix[1:1 + n, MV_CTRL] = rows[:, MV_CTRL] & MSIX_CTRL_MASKBIT
+        self.msix[1:1 + n, MV_PENDING] = rows[:, MV_PENDING] != 0
         for i, (q, saved) in enumerate(zip(self.queues, saved_queues)):
             if not self.qs[i, QC_ENABLE]:
                 q[:] = 0
@@ -1130,14 +1358,16 @@ class Transport:
             code = vring.restore_queue(q, saved, self.bus.mem.size, int(self.qs[i, QC_MAX]))
             if code != vring.OK:
                 raise ValueError(f"{self.name}: snapshot queue {i}: {vring.error_message(code)}")
+            q[vring.Q_VECTOR] = self.qs[i, QC_MSIX]       # raise_msix checks it against the table size
 
     def close(self):
-        for fd in self.notify_fds + [self.irq_fd]:
+        for fd in self.notify_fds + [self.irq_fd] + self.vector_fds:
             try:
                 os.close(fd)
             except OSError:
                 pass
         self.notify_fds = []
+        self.vector_fds = []
         self.irq_fd = -1
 
 
@@ -1169,13 +1399,17 @@ class _HostBridge:
     def command_written(self):
         pass
 
+    def msix_control_written(self):
+        pass
+
 
 class Bus:
     """PCI bus 0 behind conf1, and the MMIO window of the BARs on it."""
 
     def __init__(self, mem: GuestMemory, strict: bool = False, notify_mode: str = "per-queue",
                  mmio_base: int = 0xE0000000, fatal: Optional[Callable[[str], None]] = None,
-                 log: Optional[Callable[[str], None]] = None, irqs: Optional[IrqAllocator] = None):
+                 log: Optional[Callable[[str], None]] = None, irqs: Optional[IrqAllocator] = None,
+                 msix: bool = False):
         if notify_mode not in ("per-queue", "single"):
             raise ValueError(f"notify_mode must be 'per-queue' or 'single', not {notify_mode!r}")
         if mmio_base % BAR0_SIZE or not 0 < mmio_base < 1 << 32:
@@ -1186,6 +1420,8 @@ class Bus:
         self.fatal = fatal      # None: device threads raise BadDriver themselves
         self.log = log
         self.irqs = irqs if irqs is not None else IrqAllocator()
+        self.offer_msix = bool(msix)
+        self._msi_listeners: list = []
         self.conf = np.zeros(C_FIELDS, dtype=np.int64)
         self.msix = np.zeros((MAX_SLOTS, 1 + MSIX_MAX_VECTORS, MSIX_FIELDS), dtype=np.int64)
         self.space = np.zeros((MAX_SLOTS, P_PLANES, PCI_CFG_SPACE_SIZE), dtype=np.uint8)
@@ -1271,6 +1507,8 @@ class Bus:
                 target.command_written()
             if hooks & (1 << H_CFG_DATA):
                 target.window_write()
+            if hooks & (1 << H_MSIX):
+                target.msix_control_written()
             return 0
 
     def _bar0_written(self, t):
@@ -1348,7 +1586,37 @@ class Bus:
         return [(t.irq_line, t.irq_fd) for t in self.devices]
 
     def irq_pending(self, line: int) -> bool:
-        return any(t.irq_line == line and t.isr[0] != 0 and not t.intx_disabled for t in self.devices)
+        return any(t.irq_line == line and t.isr[0] != 0 and not t.intx_disabled and not t.msix_enabled
+                   for t in self.devices)
+
+    def msi_routes(self) -> list:
+        """``(eventfd, address, data)`` for every MSI-X vector of every
+        device, always in the same order (a backend binds entry i to one
+        interrupt route for good): the table entry's message, or address
+        None while the function has MSI-X disabled.  A backend that cannot
+        deliver MSI builds its bus with ``msix=False``: no device then has
+        the capability and this list is empty."""
+        out = []
+        for t in self.devices:
+            m = t.msix
+            for v, fd in enumerate(t.vector_fds):
+                if m[0, MX_ENABLED]:
+                    addr = int(m[1 + v, MV_ADDR_HI]) << 32 | int(m[1 + v, MV_ADDR_LO])
+                    out.append((fd, addr, int(m[1 + v, MV_DATA])))
+                else:
+                    out.append((fd, None, 0))
+        return out
+
+    def add_msi_listener(self, listener: Callable[[], None]) -> None:
+        """Call ``listener()`` (under the bus lock) whenever ``msi_routes()``
+        may have changed: a table entry of an unmasked vector written, a
+        vector unmasked, MSI-X enabled or disabled.  It runs before the
+        vector can send, so a backend's routes are current when it does."""
+        self._msi_listeners.append(listener)
+
+    def msi_changed(self) -> None:
+        for listener in self._msi_listeners:
+            listener()
 
     def save_state(self) -> dict:
         """Config space, the conf1 address latch and every device's
@@ -1376,7 +1644,12 @@ class Bus:
                 t.load_state(ts)
                 t.bar0 = _le(self.cfg[t.slot], PCI_BASE_ADDRESS_0, 4) & ~(BAR0_SIZE - 1) & 0xFFFFFFFF
                 t.command_written()
+                if t.msix_vectors:
+                    ctl = _le(self.cfg[t.slot], t.msix_cap + PCI_MSIX_FLAGS, 2)
+                    t.msix[0, MX_ENABLED] = int(bool(ctl & PCI_MSIX_FLAGS_ENABLE))
+                    t.msix[0, MX_MASKED] = int(bool(ctl & PCI_MSIX_FLAGS_MASKALL))
             self._rebuild_decode()
+            self.msi_changed()          # the backend's routes from the restored tables
             # Last, with decoding and notify addresses in place: the queue
             # threads of the devices the driver had started.
             for t, ts in zip(self.devices, st["devices"]):

@@ -239,11 +239,26 @@ class RecordingDevice(pci.VirtioDevice):
         self.resets += 1
 
 
+# What the harness programs into MSI-X table entries: the local APIC
+# window and one data value (x86: the IDT vector) per entry.
+MSI_ADDRESS = 0xFEE00000
+MSI_DATA_BASE = 0x40
+
+
 class VirtioPciDriver:
     """Linux's virtio_pci_modern, played through ``bus.pio``/``bus.mmio``:
     find the device in config space, walk its capabilities, negotiate, set
     up every queue with a :class:`MockDriver`, then kick and take
     interrupts as the guest would.
+
+    ``init(msix=True)`` does what Linux does when the device has an MSI-X
+    capability (drivers/pci/msi: msix_capability_init; virtio_pci:
+    vp_find_vqs_msix with one vector per queue): enable with the function
+    masked, mask every entry, program the messages, INTx off, unmask the
+    function, unmask each vector; msix_config = 0, queue i -> vector 1 + i,
+    each read back.  Interrupts then arrive as messages (the vector's
+    eventfd, found from the programmed address/data the way a backend
+    routes them) and the ISR is never read.
 
     ``layout_base`` is where the first queue's rings go in guest memory;
     each queue gets ``queue_span`` bytes from there.
@@ -261,12 +276,17 @@ class VirtioPciDriver:
         self.bar0 = self.cfg_read(0x10, 4) & ~0xF
         self.irq_line = self.cfg_read(pci.PCI_INTERRUPT_LINE, 1)
         self.caps = {}
+        self.msix_cap = 0
         pos = self.cfg_read(pci.PCI_CAPABILITY_LIST, 1)
         while pos:
-            if self.cfg_read(pos, 1) == pci.PCI_CAP_ID_VNDR:
+            cap_id = self.cfg_read(pos, 1)
+            if cap_id == pci.PCI_CAP_ID_VNDR:
                 kind = self.cfg_read(pos + 3, 1)
                 self.caps.setdefault(kind, (pos, self.cfg_read(pos + 8, 4), self.cfg_read(pos + 12, 4)))
+            elif cap_id == pci.PCI_CAP_ID_MSIX:
+                self.msix_cap = pos
             pos = self.cfg_read(pos + 1, 1)
+        self.msix = False           # MSI-X enabled and vectors assigned by init(msix=True)
         notify_pos = self.caps[pci.VIRTIO_PCI_CAP_NOTIFY_CFG][0]
         self.notify_mult = self.cfg_read(notify_pos + 16, 4)
         self.irq_fd = dict(bus.interrupts()).get(self.irq_line)
@@ -333,10 +353,63 @@ class VirtioPciDriver:
             pass
         self.queues = []
 
-    def init(self, accept=lambda offered: offered, queue_sizes=None) -> int:
+    # -- MSI-X (PCI 3.0 §6.8), as drivers/pci/msi.c programs it
+    def msix_table_size(self) -> int:
+        return (self.cfg_read(self.msix_cap + pci.PCI_MSIX_FLAGS, 2) & pci.PCI_MSIX_FLAGS_QSIZE) + 1
+
+    def msix_control(self, set_bits: int = 0, clear_bits: int = 0) -> None:
+        """pci_msix_clear_and_set_ctrl: read-modify-write Message Control."""
+        at = self.msix_cap + pci.PCI_MSIX_FLAGS
+        self.cfg_write(at, 2, (self.cfg_read(at, 2) & ~clear_bits) | set_bits)
+
+    def msix_entry(self, v: int, field: int = 0) -> int:
+        """Guest address of table entry ``v``'s DWORD ``field`` (0 address
+        lo, 1 address hi, 2 data, 3 vector control)."""
+        table = self.cfg_read(self.msix_cap + pci.PCI_MSIX_TABLE, 4)
+        assert table & 7 == 0, "table BIR is BAR0"
+        return self.bar0 + (table & ~7) + pci.MSIX_ENTRY_SIZE * v + 4 * field
+
+    def msix_pba(self, v: int = 0) -> int:
+        """The PBA DWORD holding vector ``v``'s pending bit."""
+        pba = self.cfg_read(self.msix_cap + pci.PCI_MSIX_PBA, 4)
+        return int(self.bus.mmio(self.bar0 + (pba & ~7) + 4 * (v // 32), 4, False, 0))
+
+    def mask_vector(self, v: int, masked: bool = True) -> None:
+        """pci_msix_write_vector_ctrl, then the flushing read Linux does."""
+        self.bus.mmio(self.msix_entry(v, 3), 4, True, 1 if masked else 0)
+        self.bus.mmio(self.msix_entry(v, 2), 4, False, 0)
+
+    def enable_msix(self, nvec: int) -> None:
+        """msix_capability_init + request_irq of ``nvec`` vectors."""
+        if not self.msix_cap:
+            raise LookupError("the device has no MSI-X capability")
+        if nvec > self.msix_table_size():
+            raise ValueError(f"{nvec} vectors wanted, the table has {self.msix_table_size()}")
+        self.msix_control(pci.PCI_MSIX_FLAGS_ENABLE | pci.PCI_MSIX_FLAGS_MASKALL)
+        for v in range(self.msix_table_size()):            # msix_mask_all
+            self.bus.mmio(self.msix_entry(v, 3), 4, True, 1)
+        for v in range(nvec):                              # __pci_write_msi_msg, entry masked
+            for field, val in ((0, MSI_ADDRESS), (1, 0), (2, MSI_DATA_BASE + v)):
+                self.bus.mmio(self.msix_entry(v, field), 4, True, val)
+            self.bus.mmio(self.msix_entry(v, 2), 4, False, 0)
+        self.cfg_write(pci.PCI_COMMAND, 2, self.cfg_read(pci.PCI_COMMAND, 2) | pci.PCI_COMMAND_INTX_DISABLE)
+        self.msix_control(clear_bits=pci.PCI_MSIX_FLAGS_MASKALL)
+        for v in range(nvec):                              # request_irq -> unmask
+            self.mask_vector(v, False)
+
+    def vector_fd(self, v: int):
+        """Where a message for table entry ``v`` lands: the eventfd the bus
+        routes this entry's programmed address/data to (None if none)."""
+        want = (MSI_ADDRESS, MSI_DATA_BASE + v)
+        for fd, address, data in self.bus.msi_routes():
+            if (address, data) == want:
+                return fd
+        return None
+
+    def init(self, accept=lambda offered: offered, queue_sizes=None, msix: bool = False) -> int:
         """Reset, ACKNOWLEDGE, DRIVER, features, FEATURES_OK (and re-read),
-        queues, DRIVER_OK.  ``accept(offered) -> wanted`` picks features.
-        Returns the negotiated features."""
+        (MSI-X), queues, DRIVER_OK.  ``accept(offered) -> wanted`` picks
+        features.  Returns the negotiated features."""
         pci = self.pci
         self.reset()
         self.set_status(pci.ACKNOWLEDGE)
@@ -353,6 +426,12 @@ class VirtioPciDriver:
         if not self.status & pci.FEATURES_OK:
             raise RuntimeError("device refused FEATURES_OK")
         nq = self.common_read(0x12, 2)
+        self.msix = bool(msix and self.msix_cap)
+        if self.msix:
+            self.enable_msix(nq + 1)
+            self.common_write(0x10, 2, 0)                  # vp_modern_config_vector
+            if self.common_read(0x10, 2) != 0:
+                raise RuntimeError("the device refused the configuration vector")
         for i in range(nq):
             self.common_write(0x16, 2, i)
             size = self.common_read(0x18, 2)
@@ -365,6 +444,10 @@ class VirtioPciDriver:
             for off, val in ((0x20, drv.desc), (0x28, drv.avail), (0x30, drv.used)):
                 self.common_write(off, 4, val & 0xFFFFFFFF)
                 self.common_write(off + 4, 4, val >> 32)
+            if self.msix:                                  # vp_modern_queue_vector
+                self.common_write(0x1A, 2, 1 + i)
+                if self.common_read(0x1A, 2) != 1 + i:
+                    raise RuntimeError(f"the device refused vector {1 + i} for queue {i}")
             self.common_write(0x1C, 2, 1)
             self.queues.append(drv)
         self.set_status(pci.DRIVER_OK)
@@ -393,19 +476,22 @@ class VirtioPciDriver:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise TimeoutError(f"queue {i}: no used buffer within {timeout}s")
-            if self.wait_interrupt(min(left, 0.05)):
+            if self.msix:
+                self.wait_interrupt(min(left, 0.05), vector=1 + i)   # vp_vring_interrupt: no ISR
+            elif self.wait_interrupt(min(left, 0.05)):
                 self.isr()
 
-    def wait_interrupt(self, timeout: float) -> bool:
-        """Wait up to ``timeout`` s for the device's interrupt; True if it
-        came (consumed)."""
+    def wait_interrupt(self, timeout: float, vector: int | None = None) -> bool:
+        """Wait up to ``timeout`` s for the device's interrupt (INTx, or the
+        message of MSI-X ``vector``); True if it came (consumed)."""
         import select
         import time
-        if self.irq_fd is None:
+        fd = self.irq_fd if vector is None else self.vector_fd(vector)
+        if fd is None:
             time.sleep(min(timeout, 0.001))
             return False
-        if select.select([self.irq_fd], [], [], timeout)[0]:
-            os.eventfd_read(self.irq_fd)
+        if select.select([fd], [], [], timeout)[0]:
+            os.eventfd_read(fd)
             return True
         return False
 

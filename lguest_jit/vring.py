@@ -34,11 +34,12 @@ Ring layout for a queue of size N (§2.4.5, §2.4.6, §2.4.8):
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
+from numba import njit, types
+from numba.extending import overload
 
 from .hw.libc import CLOCK_MONOTONIC, EAGAIN, EINTR, sys_clock_gettime, sys_read, sys_write
-from .hw.memory import (cpu_relax, fence, in_ram, ld_u16, ld_u16_acquire, ld_u32, ld_u64,
-                        st_u16, st_u16_release, st_u32)
+from .hw.memory import (cpu_relax, fence, in_ram, ld_i64_acquire, ld_u16, ld_u16_acquire, ld_u32, ld_u64,
+                        st_u16, st_u16_release, st_u32, xchg_i64)
 
 # Descriptor, ring and feature bits (§2.4.5, §2.4.7, §2.4.9, §6).
 VRING_DESC_F_NEXT = 1
@@ -156,19 +157,22 @@ Q_N_ERRORS = 20
 Q_N_BYTES = 21       # payload bytes moved by the device (its kernels add them)
 Q_POLL_SPINS = 22    # busy-poll this many times for new buffers before sleeping (0: never)
 Q_N_POLL_HITS = 23   # buffers found by busy-polling, i.e. notifications avoided
+Q_N_IRQ_MASKED = 24  # interrupts left pending: their MSI-X vector (or the function) was masked
+Q_N_IRQ_NO_VECTOR = 25   # interrupts dropped: MSI-X on and the queue mapped to no vector (§4.1.5.3)
+Q_VECTOR = 26        # the queue's MSI-X vector (queue_msix_vector), VIRTIO_MSI_NO_VECTOR for none
 # Request latency: from the moment the device first sees a chain (woken by
 # the driver's notification, or finding it while polling) to its used
 # element, a log2 histogram in nanoseconds kept by _pop and _push.  A clock
 # read costs 30-90 ns on our hosts, as much as a whole pop+push, so one chain
 # in Q_LAT_EVERY is timed (a sample; Q_N_USED has the exact count), and a
 # chain popped with no wait since a timed push starts at that push.
-Q_LAT_SEEN = 24      # avail.idx when the device last read the clock in _pop
-Q_LAT_SEEN_NS = 25   # ... and that time: every entry before Q_LAT_SEEN was visible by then
-Q_LAT_CHAIN_NS = 26  # when the chain popped last was first seen (0: not timed)
-Q_LAT_NOW_NS = 27    # time of the last push, while the thread has not waited since (else 0)
-Q_TIMESPEC = 28      # two fields: clock_gettime's struct timespec, private to the queue's thread
-Q_LAT_EVERY = 30     # time one chain in this many (a power of two; 0: none)
-Q_LAT_HIST = 31      # LAT_BUCKETS counters: bucket k holds latencies of k bits (2**(k-1) .. 2**k - 1 ns)
+Q_LAT_SEEN = 27      # avail.idx when the device last read the clock in _pop
+Q_LAT_SEEN_NS = 28   # ... and that time: every entry before Q_LAT_SEEN was visible by then
+Q_LAT_CHAIN_NS = 29  # when the chain popped last was first seen (0: not timed)
+Q_LAT_NOW_NS = 30    # time of the last push, while the thread has not waited since (else 0)
+Q_TIMESPEC = 31      # two fields: clock_gettime's struct timespec, private to the queue's thread
+Q_LAT_EVERY = 33     # time one chain in this many (a power of two; 0: none)
+Q_LAT_HIST = 34      # LAT_BUCKETS counters: bucket k holds latencies of k bits (2**(k-1) .. 2**k - 1 ns)
 LAT_BUCKETS = 64
 LAT_EVERY = 16       # the default sampling period
 Q_FIELDS = Q_LAT_HIST + LAT_BUCKETS
@@ -227,32 +231,41 @@ def setup_queue(q: np.ndarray, mem_size: int, size: int, max_size: int,
     q[Q_AVAIL] = avail
     q[Q_USED] = used
     q[Q_FEATURES] = features & ((1 << VIRTIO_RING_F_INDIRECT_DESC) | (1 << VIRTIO_RING_F_EVENT_IDX))
+    q[Q_VECTOR] = VIRTIO_MSI_NO_VECTOR
     q[Q_LAT_EVERY] = LAT_EVERY
     return OK
 
 
+# What a snapshot may set in a queue's state: its free-running indices and
+# its counters.  Everything else is this process's (the layout is
+# re-validated, the poll budget, vector and clock fields are set afresh).
+_RESTORED_INDICES = (Q_LAST_AVAIL, Q_USED_IDX, Q_SIGNALLED)
+_RESTORED_COUNTERS = (Q_N_CHAINS, Q_N_USED, Q_N_NOTIFY, Q_N_IRQ, Q_N_IRQ_SUPPRESSED, Q_N_ERRORS, Q_N_BYTES,
+                      Q_N_POLL_HITS, Q_N_IRQ_MASKED, Q_N_IRQ_NO_VECTOR, *range(Q_LAT_HIST, Q_LAT_HIST + LAT_BUCKETS))
+
+
 def restore_queue(q: np.ndarray, saved, mem_size: int, max_size: int) -> int:
     """Load a queue's state from a snapshot (untrusted input): the layout is
-    validated as at enable time, indices are masked to their 16 bits, the
-    counters must be non-negative and the per-chain scratch fields are
-    cleared (a paused queue has no chain in hand).  Returns OK or a
-    positive error code (``q`` untouched then)."""
+    validated as at enable time, the indices masked to their 16 bits, the
+    counters must be non-negative; per-chain scratch fields stay cleared (a
+    paused queue has no chain in hand).  Returns OK or a positive error
+    code (``q`` untouched then)."""
     saved = np.asarray(saved)
     if saved.shape != (Q_FIELDS,) or saved.dtype != np.int64:
         return E_SNAPSHOT_STATE
     size, desc, avail, used = (int(saved[i]) for i in (Q_SIZE, Q_DESC, Q_AVAIL, Q_USED))
-    if min(desc, avail, used) < 0:
+    counters = saved[list(_RESTORED_COUNTERS)]
+    if min(desc, avail, used) < 0 or (counters < 0).any() or not 0 <= saved[Q_PENDING] <= 0xFFFF \
+            or saved[Q_ERROR] < 0:
         return E_SNAPSHOT_STATE
     err = setup_queue(q, mem_size, size, max_size, desc, avail, used, int(saved[Q_FEATURES]))
     if err:
         return err
-    if (saved[Q_N_CHAINS:] < 0).any() or not 0 <= saved[Q_PENDING] <= 0xFFFF:
-        return E_SNAPSHOT_STATE
-    for i in (Q_LAST_AVAIL, Q_USED_IDX, Q_SIGNALLED):
+    for i in _RESTORED_INDICES:
         q[i] = int(saved[i]) & 0xFFFF
     q[Q_PENDING] = saved[Q_PENDING]
-    q[Q_ERROR] = max(0, int(saved[Q_ERROR]))
-    q[Q_N_CHAINS:] = saved[Q_N_CHAINS:]
+    q[Q_ERROR] = saved[Q_ERROR]
+    q[list(_RESTORED_COUNTERS)] = counters
     return OK
 
 
@@ -492,17 +505,117 @@ def _enable_notify(mem, q):
 
 
 @njit(nogil=True, cache=True)
-def _signal(mem, q, isr, irq_fd, scratch):
+def _signal(mem, q, isr, irq, scratch):
     """lguest's trigger_irq: if the driver wants an interrupt for what we
-    used, set the ISR queue bit first (§4.1.4.5.1), then raise the line by
-    writing the device's interrupt eventfd.  Returns True if raised."""
+    used, raise it (``raise_irq``: the queue's MSI-X vector, or the ISR bit
+    and INTx).  Returns True if raised."""
     if not _need_interrupt(mem, q):
         return False
-    isr[0] |= 1
-    fence()
+    r = raise_irq(isr, irq, scratch, q[Q_VECTOR], ISR_QUEUE)
+    if r == IRQ_MASKED:
+        q[Q_N_IRQ_MASKED] += 1
+    elif r == IRQ_NO_VECTOR:
+        q[Q_N_IRQ_NO_VECTOR] += 1
+    return r == IRQ_SENT
+
+
+# ---------------------------------------------------------------------------
+# Raising an interrupt: INTx (ISR bit + the device's line) or MSI-X.
+#
+# A device's MSI-X state is one int64 array (pci.py's ``Bus.msix[slot]``):
+# row 0 the function (MX_*), row 1 + v vector v (MV_*).  The transport keeps
+# the table there; queue threads read it here.  Delivery follows PCI 3.0
+# §6.8.3.4 and virtio 1.0 §4.1.5.3-4: with MSI-X enabled an event goes to
+# its vector (no ISR bit, no INTx); a masked vector (or function) keeps the
+# message as its pending bit, sent when it is unmasked.  The pending bit is
+# exchanged atomically on both sides: the raiser sets it, then sends only
+# if it can exchange it back to 0 while unmasked; the unmasking vCPU clears
+# the mask, then sends if it exchanges a 1 out.  Whatever the interleaving,
+# exactly one of them sends.
+
+ISR_QUEUE = 1        # ISR bits (§4.1.4.5): a used buffer, a configuration change
+ISR_CONFIG = 2
+VIRTIO_MSI_NO_VECTOR = 0xFFFF
+
+MX_VECTORS = 0       # table size; 0: the device offers no MSI-X capability
+MX_ENABLED = 1       # Message Control Enable
+MX_MASKED = 2        # Message Control Function Mask
+MX_INTX_FD = 3       # the device's INTx eventfd
+MV_ADDR_LO = 0       # table entry: message address and data
+MV_ADDR_HI = 1
+MV_DATA = 2
+MV_CTRL = 3          # vector control; bit 0 masks the vector
+MV_PENDING = 4       # the PBA bit
+MV_FD = 5            # the vector's eventfd (KVM: an irqfd on the vector's MSI route)
+MSIX_CTRL_MASKBIT = 1
+
+IRQ_SENT = 0         # raise_irq results
+IRQ_MASKED = 1
+IRQ_NO_VECTOR = 2
+
+
+@njit(nogil=True, cache=True)
+def _kick_fd(fd, scratch):
     scratch[0] = 1
-    sys_write(irq_fd, scratch.ctypes.data, 8)
-    return True
+    sys_write(fd, scratch.ctypes.data, 8)
+
+
+@njit(nogil=True, cache=True)
+def raise_intx(isr, irq_fd, scratch, bit):
+    """Set ISR ``bit`` first (§4.1.4.5.1), then raise the line by writing
+    the device's INTx eventfd."""
+    isr[0] |= bit
+    fence()
+    _kick_fd(irq_fd, scratch)
+    return IRQ_SENT
+
+
+@njit(nogil=True, cache=True)
+def msix_send_pending(msix, vector, scratch):
+    """The vCPU side of delivery: after ``vector``'s mask (or the function
+    mask) was cleared, send its message if its pending bit was set.
+    Returns True when sent."""
+    row = msix[1 + vector]
+    if xchg_i64(row, MV_PENDING, 0) != 0:
+        _kick_fd(row[MV_FD], scratch)
+        return True
+    return False
+
+
+@njit(nogil=True, cache=True)
+def raise_msix(isr, msix, scratch, vector, bit):
+    """An event of a device with MSI-X state ``msix``: INTx while MSI-X is
+    disabled, else a message on ``vector`` (pending while masked; dropped
+    when the event has no vector).  Returns IRQ_SENT, IRQ_MASKED or
+    IRQ_NO_VECTOR."""
+    if msix[0, MX_ENABLED] == 0:
+        return raise_intx(isr, msix[0, MX_INTX_FD], scratch, bit)
+    if vector < 0 or vector >= msix[0, MX_VECTORS]:
+        return IRQ_NO_VECTOR
+    row = msix[1 + vector]
+    xchg_i64(row, MV_PENDING, 1)
+    if msix[0, MX_MASKED] != 0 or (ld_i64_acquire(row, MV_CTRL) & MSIX_CTRL_MASKBIT) != 0:
+        return IRQ_MASKED
+    if xchg_i64(row, MV_PENDING, 0) != 0:
+        _kick_fd(row[MV_FD], scratch)
+    return IRQ_SENT
+
+
+def raise_irq(isr, irq, scratch, vector, bit):
+    """Raise a device interrupt for ``vector`` (the event's MSI-X vector) /
+    ISR ``bit``.  ``irq`` is either the device's INTx eventfd (a device
+    without MSI-X, or a test rig) or its MSI-X state array (the transport's
+    queue threads): each gets its own compiled body."""
+    if isinstance(irq, np.ndarray):
+        return raise_msix(isr, irq, scratch, vector, bit)
+    return raise_intx(isr, irq, scratch, bit)
+
+
+@overload(raise_irq, inline="always")
+def _raise_irq_ol(isr, irq, scratch, vector, bit):
+    if isinstance(irq, types.Array):
+        return lambda isr, irq, scratch, vector, bit: raise_msix(isr, irq, scratch, vector, bit)
+    return lambda isr, irq, scratch, vector, bit: raise_intx(isr, irq, scratch, bit)
 
 
 @njit(nogil=True, cache=True)
@@ -594,13 +707,14 @@ def _wait_chain(mem, q, iov, notify_fd, isr, irq_fd, scratch):
 # start: see HACKING.md).  A queue thread is
 #
 #     while True:
-#         head = next_chain(mem, q, iov, notify_fd, isr, irq_fd, scratch, shape, header)
+#         head = next_chain(mem, q, iov, notify_fd, isr, irq, scratch, shape, header)
 #         if head < 0:
 #             break
 #         ... the device's own I/O on iov ...
 #         complete(mem, q, head, used_length, payload_bytes)
-#     return finish(mem, q, isr, irq_fd, scratch, head)
+#     return finish(mem, q, isr, irq, scratch, head)
 #
+# (``irq``: the INTx eventfd or the device's MSI-X state, see raise_irq)
 # and everything queue-shaped (waiting, the chain's shape, used elements,
 # interrupts, handing a chain back) happens here.  These kernels are inlined
 # into their callers (inline='always'): a call between separately compiled

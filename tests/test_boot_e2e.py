@@ -152,5 +152,18 @@ def test_default_guest_drives_every_device(tmp_path):
     # Request latency was timed on the disk's queue (one request in 16; the first always).
     lat = next(iter(by_kind["block"].values()))["latency"]
     assert lat["count"] >= 1 and sum(lat["log2_ns"]) == lat["count"] and lat["p50_ns"] <= lat["p99_ns"], lat
+    # Every device took its interrupts as MSI-X messages: per-queue PCI-MSI
+    # lines in the guest's /proc/interrupts (console: config, input,
+    # output; net: config, input.0, output.0; block: config, req.0; rng:
+    # config, input), none on INTx, and Linux never read an ISR.
+    irqs = rep.step("irqs").fields()
+    assert irqs["intx"] == "0" and irqs["msi"] == "10", rep.step("irqs")
+    names = {k for k in irqs if k.startswith("virtio")}
+    assert sum(k.endswith("-config") for k in names) == 4, names
+    assert len(names) == 10, names
+    assert {name.split(":")[0] for name in stats["interrupts"]} == {"console", "net", "block", "rng"}, \
+        stats["interrupts"]
+    for dev, c in stats["interrupts"].items():
+        assert c["mode"] == "msix" and c["isr_reads"] == 0, (dev, c)
     # Only the instruction assists guest/README.md names were needed.
     assert set(stats["exits"]["assists"]) <= {"int3", "fwait"}, stats["exits"]

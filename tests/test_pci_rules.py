@@ -35,12 +35,12 @@ class Dev(RecordingDevice):
 
 
 class Driver:
-    def __init__(self, policy, notify_mode="per-queue"):
+    def __init__(self, policy, notify_mode="per-queue", msix=False):
         self.gm = GuestMemory(4 << 20)
         self.log = []
         self.fatal_calls = []
         self.bus = pci.Bus(self.gm, strict=policy == "strict", notify_mode=notify_mode,
-                           log=self.log.append, fatal=self.fatal_calls.append)
+                           log=self.log.append, fatal=self.fatal_calls.append, msix=msix)
         self.dev = Dev()
         self.t = self.bus.add_device(self.dev)
         self.base = self.t.bar0
@@ -401,6 +401,30 @@ def test_msix_vector_without_msix(policy, make, off):
         assert drv.r(off, 2) == pci.VIRTIO_MSI_NO_VECTOR
 
 
+@pytest.mark.parametrize("off", [MSIX, QMSIX])
+def test_msix_vector_beyond_the_table(policy, make, off):
+    drv = make(msix=True)
+    drv.to_features_ok()
+    drv.w(QSEL, 2, 0)
+    vectors = len(Dev.queue_max_sizes) + 1
+    drv.w(off, 2, vectors - 1)                      # the last entry is fine
+    assert drv.r(off, 2) == vectors - 1
+    if violate(policy, drv, pci.E_MSIX, lambda: drv.w(off, 2, vectors)):
+        assert drv.r(off, 2) == pci.VIRTIO_MSI_NO_VECTOR
+
+
+@pytest.mark.parametrize("off,size,is_write", [
+    (pci.MSIX_TABLE_OFF + 1, 4, True), (pci.MSIX_TABLE_OFF + 8, 2, True), (pci.MSIX_TABLE_OFF + 12, 1, False),
+    (pci.MSIX_TABLE_OFF + 16 * 3, 4, True), (pci.MSIX_PBA_OFF, 4, True), (pci.MSIX_PBA_OFF + 8, 4, False),
+    (pci.MSIX_TABLE_OFF + 4, 8, True)])
+def test_msix_table_access(policy, make, off, size, is_write):
+    drv = make(msix=True)
+    before = drv.t.msix.copy()
+    if violate(policy, drv, pci.E_MSIX_ACCESS,
+               lambda: drv.w(off, size, 0xFFFFFFFF) if is_write else drv.r(off, size)):
+        assert (drv.t.msix == before).all()          # dropped: no entry, mask or pending bit changed
+
+
 # --- BAR0 range ----------------------------------------------------------------
 
 @pytest.mark.parametrize("off,size", [(0x3C, 4), (0x36, 4), (pci.DEVCFG_OFF + 6, 4), (pci.DEVCFG_OFF + 8, 1),
@@ -494,6 +518,7 @@ RULE_TESTS = {
     pci.E_NOTIFY_EARLY: (test_notify_before_driver_ok, {}),
     pci.E_NOTIFY_QUEUE: (test_notify_unknown_queue, {}),
     pci.E_MSIX: (test_msix_vector_without_msix, dict(off=MSIX)),
+    pci.E_MSIX_ACCESS: (test_msix_table_access, dict(off=pci.MSIX_TABLE_OFF + 2, size=2, is_write=True)),
     pci.E_BAR_RANGE: (test_read_past_structures, dict(off=0x3C, size=4)),
     pci.E_CFG_WINDOW: (test_cfg_window_invalid, dict(bar=1, offset=0, length=4)),
     pci.E_CONFIG_WRITE: (test_device_config_read_only, {}),

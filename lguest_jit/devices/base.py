@@ -66,10 +66,14 @@ class Device(VirtioDevice):
 
     def queue_args(self, ctx: QueueContext, index: int) -> tuple:
         """What every service kernel starts with, for queue ``index``:
-        ``(mem, q, iov, notify_fd, isr, irq_fd, scratch)`` (the first seven
-        arguments of ``vring.next_chain``)."""
+        ``(mem, q, iov, notify_fd, isr, irq, scratch)`` (the first seven
+        arguments of ``vring.next_chain``).  ``irq`` is the device's MSI-X
+        state when the transport gave one (each interrupt then goes to the
+        queue's vector while the driver has MSI-X on), else the INTx
+        eventfd."""
+        irq = ctx.msix if ctx.msix is not None else ctx.irq_fd
         return (ctx.mem.mem, ctx.queues[index], vring.new_iov(self.queue_max_sizes[index]), ctx.notify_fds[index],
-                ctx.isr, ctx.irq_fd, np.zeros(1, np.uint64))
+                ctx.isr, irq, np.zeros(1, np.uint64))
 
     def apply_knobs(self, knobs) -> None:
         """Take the tuning knobs (a ``knobs.Knobs``) before the device goes on

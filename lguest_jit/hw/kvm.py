@@ -123,6 +123,32 @@ class kvm_irq_level(ctypes.Structure):
     _fields_ = [("irq", u32), ("level", u32)]
 
 
+class kvm_irq_routing_irqchip(ctypes.Structure):
+    _fields_ = [("irqchip", u32), ("pin", u32)]
+
+
+class kvm_irq_routing_msi(ctypes.Structure):
+    _fields_ = [("address_lo", u32), ("address_hi", u32), ("data", u32), ("devid", u32)]
+
+
+class _routing_u(ctypes.Union):
+    _fields_ = [("irqchip", kvm_irq_routing_irqchip), ("msi", kvm_irq_routing_msi), ("pad", u32 * 8)]
+
+
+class kvm_irq_routing_entry(ctypes.Structure):
+    _fields_ = [("gsi", u32), ("type", u32), ("flags", u32), ("pad", u32), ("u", _routing_u)]
+
+
+class kvm_irq_routing(ctypes.Structure):
+    # Header only; the entries follow it (see KvmVm.set_gsi_routing).
+    _fields_ = [("nr", u32), ("flags", u32)]
+
+
+class kvm_msi(ctypes.Structure):
+    _fields_ = [("address_lo", u32), ("address_hi", u32), ("data", u32), ("flags", u32), ("devid", u32),
+                ("pad", u8 * 12)]
+
+
 class kvm_pit_config(ctypes.Structure):
     _fields_ = [("flags", u32), ("pad", u32 * 15)]
 
@@ -171,7 +197,7 @@ class kvm_mp_state(ctypes.Structure):
 for _s, _n in ((kvm_regs, 144), (kvm_segment, 24), (kvm_sregs, 312), (kvm_userspace_memory_region, 32),
                (kvm_cpuid_entry2, 40), (kvm_ioeventfd, 64), (kvm_irqfd, 32), (kvm_pit_config, 64),
                (kvm_vcpu_events, 64), (kvm_translation, 24), (kvm_msr_entry, 16),
-               (kvm_msrs, 8)):
+               (kvm_msrs, 8), (kvm_irq_routing_entry, 48), (kvm_irq_routing, 8), (kvm_msi, 32)):
     assert ctypes.sizeof(_s) == _n, (_s.__name__, ctypes.sizeof(_s))
 
 KVM_GET_API_VERSION = _io(0x00)
@@ -186,6 +212,8 @@ KVM_SET_TSS_ADDR = _io(0x47)
 KVM_SET_IDENTITY_MAP_ADDR = _iow(0x48, u64)
 KVM_CREATE_IRQCHIP = _io(0x60)
 KVM_IRQ_LINE = _iow(0x61, kvm_irq_level)
+KVM_SET_GSI_ROUTING = _iow(0x6A, kvm_irq_routing)
+KVM_SIGNAL_MSI = _iow(0xA5, kvm_msi)
 KVM_IRQFD = _iow(0x76, kvm_irqfd)
 KVM_CREATE_PIT2 = _iow(0x77, kvm_pit_config)
 KVM_IOEVENTFD = _iow(0x79, kvm_ioeventfd)
@@ -217,6 +245,36 @@ KVM_CAP_IRQFD = 32
 KVM_CAP_IRQFD_RESAMPLE = 82
 KVM_CAP_IMMEDIATE_EXIT = 136
 KVM_CAP_IOEVENTFD_ANY_LENGTH = 122
+KVM_CAP_IRQ_ROUTING = 25
+KVM_CAP_SIGNAL_MSI = 77
+
+# GSI routing (KVM_SET_GSI_ROUTING).  Setting routes replaces KVM's
+# defaults, so the table always starts with them: GSI 0-15 on the master
+# and slave PIC and the I/O APIC, 16-23 on the I/O APIC only (the PIT and
+# the UART depend on these).  MSI routes follow from MSI_GSI_BASE.
+KVM_IRQ_ROUTING_IRQCHIP = 1
+KVM_IRQ_ROUTING_MSI = 2
+KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_IRQCHIP_IOAPIC = 0, 1, 2
+IOAPIC_PINS = 24
+MSI_GSI_BASE = IOAPIC_PINS
+# x86 MSI: a write to the local APICs' window, address_hi 0 (no x2APIC
+# extended ids here).  Anything else would be a DMA write on real hardware;
+# it gets no route, so the message goes nowhere.
+MSI_ADDR_BASE, MSI_ADDR_MASK = 0xFEE00000, 0xFFF00000
+
+
+def default_irq_routes() -> list[tuple[int, int, int]]:
+    """KVM's own default routing as (gsi, irqchip, pin)."""
+    out = []
+    for gsi in range(IOAPIC_PINS):
+        if gsi < 16:
+            out.append((gsi, KVM_IRQCHIP_PIC_MASTER if gsi < 8 else KVM_IRQCHIP_PIC_SLAVE, gsi % 8))
+        out.append((gsi, KVM_IRQCHIP_IOAPIC, gsi))
+    return out
+
+
+def msi_deliverable(address: int | None) -> bool:
+    return address is not None and address >> 32 == 0 and address & MSI_ADDR_MASK == MSI_ADDR_BASE
 
 KVM_PIT_SPEAKER_DUMMY = 1
 KVM_IOEVENTFD_FLAG_DATAMATCH = 1 << 0
@@ -449,6 +507,8 @@ class KvmVm:
         self._ioeventfds: list[tuple[int, int, int, int]] = []
         self._bus_ioeventfds: set[tuple[int, int, int]] = set()   # the subset bus.ioeventfds() asked for
         self._irqfds: list[tuple[int, int, int]] = []      # (gsi, fd, resamplefd or -1)
+        self._msi_routes = None       # the MSI part of the last KVM_SET_GSI_ROUTING
+        self.n_route_updates = 0
         self._pipe_r = self._pipe_w = -1
         self.run_map = None
         try:
@@ -682,6 +742,7 @@ class KvmVm:
             else:
                 mode = "irqfd"
         self.irq_mode = mode
+        self._attach_msi(bus)
         line_fds = []
         for line, efd in irqs:
             if mode == "line":
@@ -706,6 +767,60 @@ class KvmVm:
                                  name="kvm-irq", daemon=True)
             t.start()
             self._threads.append(t)
+
+    def _attach_msi(self, bus) -> None:
+        """MSI-X: bind vector i of ``bus.msi_routes()`` to GSI MSI_GSI_BASE + i
+        with an irqfd for good, and keep the routes equal to the tables
+        (``bus.add_msi_listener``).  Needs KVM_CAP_IRQ_ROUTING and irqfds: a
+        bus that offers MSI-X here must be able to deliver it."""
+        routes = list(bus.msi_routes()) if hasattr(bus, "msi_routes") else []
+        if not routes:
+            return
+        for cap, name in ((KVM_CAP_IRQ_ROUTING, "IRQ_ROUTING"), (KVM_CAP_IRQFD, "IRQFD")):
+            if not self.check_extension(cap):
+                raise KvmError(errno.ENOSYS, f"KVM lacks KVM_CAP_{name}, which MSI-X delivery needs")
+        self.sync_msi_routes()
+        for i, (efd, _, _) in enumerate(routes):
+            self.add_irqfd(MSI_GSI_BASE + i, efd)
+        bus.add_msi_listener(self.sync_msi_routes)
+
+    def set_gsi_routing(self, msi: list[tuple[int, int, int]]) -> None:
+        """KVM_SET_GSI_ROUTING: the default irqchip routes plus one MSI route
+        per (gsi, address, data) in ``msi``."""
+        chips = default_irq_routes()
+        n = len(chips) + len(msi)
+
+        class _routing(ctypes.Structure):
+            _fields_ = [("nr", u32), ("flags", u32), ("entries", kvm_irq_routing_entry * n)]
+        buf = _routing()
+        buf.nr = n
+        for i, (gsi, chip, pin) in enumerate(chips):
+            e = buf.entries[i]
+            e.gsi, e.type = gsi, KVM_IRQ_ROUTING_IRQCHIP
+            e.u.irqchip.irqchip, e.u.irqchip.pin = chip, pin
+        for i, (gsi, address, data) in enumerate(msi, len(chips)):
+            e = buf.entries[i]
+            e.gsi, e.type = gsi, KVM_IRQ_ROUTING_MSI
+            e.u.msi.address_lo, e.u.msi.address_hi = address & 0xFFFFFFFF, address >> 32
+            e.u.msi.data = data & 0xFFFFFFFF
+        _ioctl(self.vm_fd, KVM_SET_GSI_ROUTING, buf, "KVM_SET_GSI_ROUTING")
+        self.n_route_updates += 1
+
+    def sync_msi_routes(self) -> None:
+        """Make KVM's MSI routes the bus's current messages (called by the
+        bus before a vector can send on a changed route).  Vectors of
+        disabled functions, and messages that address no local APIC, get no
+        route: their irqfd then delivers nothing."""
+        msi = [(MSI_GSI_BASE + i, address, data) for i, (_, address, data) in enumerate(self.bus.msi_routes())
+               if msi_deliverable(address)]
+        if msi != self._msi_routes:
+            self.set_gsi_routing(msi)
+            self._msi_routes = msi
+
+    def signal_msi(self, address: int, data: int) -> None:
+        """KVM_SIGNAL_MSI: inject one message directly (tests, probes)."""
+        arg = kvm_msi(address_lo=address & 0xFFFFFFFF, address_hi=address >> 32, data=data & 0xFFFFFFFF)
+        _ioctl(self.vm_fd, KVM_SIGNAL_MSI, arg, "KVM_SIGNAL_MSI")
 
     def claim_reset_port(self) -> None:
         """Claim port 0x64 on the bus so the guest can reboot the PC way:

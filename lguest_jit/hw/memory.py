@@ -22,6 +22,7 @@ from __future__ import annotations
 import ctypes
 import mmap
 import os
+import threading
 
 import numpy as np
 from llvmlite import ir
@@ -224,6 +225,29 @@ def fence():
     pass
 
 
+# Shared launcher state (not guest memory): one int64 element of a 1-D
+# C-contiguous array, e.g. a row of a device's MSI-X state, which a queue
+# thread and the vCPU thread both update.  The fallbacks take a lock: in
+# pure Python a thread switch may fall between the read and the write.
+_xchg_lock = threading.Lock()
+
+
+def xchg_i64(arr, i, val):
+    """Atomically store ``val`` in ``arr[i]`` and return the old value (a
+    full barrier, x86 ``xchg``): of two threads exchanging 0 into a flag,
+    exactly one sees it set."""
+    with _xchg_lock:
+        old = int(arr[i])
+        arr[i] = val
+        return old
+
+
+def ld_i64_acquire(arr, i):
+    """``arr[i]`` as an acquire load (never hoisted out of a loop or above
+    an earlier exchange)."""
+    return int(arr[i])
+
+
 def cpu_relax():
     """The spin-loop hint (x86 ``pause``): a busy-polling thread yields the
     core's pipeline and avoids the memory-order flush on loop exit."""
@@ -302,6 +326,45 @@ def _fence_ol():
     return lambda: _fence()
 
 
+def _element(context, builder, arrty, arr, i):
+    ary = context.make_array(arrty)(context, builder, arr)
+    return builder.gep(ary.data, [context.cast(builder, i[1], i[0], types.intp)])
+
+
+@intrinsic
+def _xchg_i64(typingctx, arr, i, val):
+    def codegen(context, builder, sig, args):
+        ptr = _element(context, builder, sig.args[0], args[0], (sig.args[1], args[1]))
+        v = context.cast(builder, args[2], sig.args[2], types.int64)
+        return builder.atomic_rmw("xchg", ptr, v, "seq_cst")
+    return types.int64(arr, i, val), codegen
+
+
+@intrinsic
+def _ld_i64_acquire(typingctx, arr, i):
+    def codegen(context, builder, sig, args):
+        ptr = _element(context, builder, sig.args[0], args[0], (sig.args[1], args[1]))
+        return builder.load_atomic(ptr, "acquire", 8)
+    return types.int64(arr, i), codegen
+
+
+def _check_i64_row(arr):
+    if not (isinstance(arr, types.Array) and arr.ndim == 1 and arr.layout == "C" and arr.dtype == types.int64):
+        raise TypeError(f"atomic int64 helpers take a 1-D C-contiguous int64 array, not {arr}")
+
+
+@overload(xchg_i64, inline="always")
+def _xchg_i64_ol(arr, i, val):
+    _check_i64_row(arr)
+    return lambda arr, i, val: _xchg_i64(arr, i, val)
+
+
+@overload(ld_i64_acquire, inline="always")
+def _ld_i64_acquire_ol(arr, i):
+    _check_i64_row(arr)
+    return lambda arr, i: _ld_i64_acquire(arr, i)
+
+
 @intrinsic
 def _pause(typingctx):
     def codegen(context, builder, sig, args):
@@ -320,5 +383,5 @@ def _cpu_relax_ol():
 __all__ = [
     "PAGE_SIZE", "GuestMemory", "in_ram", "check_range",
     "ld_u8", "ld_u16", "ld_u32", "ld_u64", "st_u8", "st_u16", "st_u32", "st_u64",
-    "ld_u16_acquire", "st_u16_release", "fence", "cpu_relax",
+    "ld_u16_acquire", "st_u16_release", "fence", "cpu_relax", "xchg_i64", "ld_i64_acquire",
 ]
