@@ -247,6 +247,19 @@ def _choose_hypervisor(kind: str) -> str:
     raise UsageError("no usable /dev/kvm and no /dev/lguest: this host cannot run guests")
 
 
+def _tunnets(specs) -> list:
+    """Every --tunnet spec parsed, and the host able to make taps."""
+    nets = []
+    for spec in specs:
+        try:
+            nets.append(parse_tunnet(spec))
+        except ValueError as exc:
+            raise UsageError(f"--tunnet={spec}: {exc}") from None
+    if nets and not os.path.exists("/dev/net/tun"):
+        raise UsageError("--tunnet needs /dev/net/tun, which this host lacks")
+    return nets
+
+
 class RunConfig:
     """Every argument, validated before anything is created."""
 
@@ -278,14 +291,7 @@ class RunConfig:
             if flags not in ("", "ro"):
                 raise UsageError(f"--block={spec}: unknown flag {flags!r} (only ',ro')")
             self.blocks.append((_readable_file(path, "block device file"), flags == "ro"))
-        self.nets = []
-        for spec in args["--tunnet"]:
-            try:
-                self.nets.append(parse_tunnet(spec))
-            except ValueError as exc:
-                raise UsageError(f"--tunnet={spec}: {exc}") from None
-        if self.nets and not os.path.exists("/dev/net/tun"):
-            raise UsageError("--tunnet needs /dev/net/tun, which this host lacks")
+        self.nets = _tunnets(args["--tunnet"])
         self.rng = bool(args["--rng"])
         try:
             self.knobs = parse_knobs({name: args[f"--{name}"] for name in KNOBS})
@@ -397,14 +403,7 @@ class RestoreConfig:
         if len(specs) != len(m["nets"]):
             raise UsageError(f"the snapshot's guest has {len(m['nets'])} network device(s); "
                              f"restore got {len(specs)} --tunnet")
-        self.nets = []
-        for spec in specs:
-            try:
-                self.nets.append(parse_tunnet(spec))
-            except ValueError as exc:
-                raise UsageError(f"--tunnet={spec}: {exc}") from None
-        if self.nets and not os.path.exists("/dev/net/tun"):
-            raise UsageError("--tunnet needs /dev/net/tun, which this host lacks")
+        self.nets = _tunnets(specs)
         self.net_specs = list(specs)
         self.rng = m["rng"]
         from .devices.knobs import Knobs

@@ -54,6 +54,46 @@ def run_console(argv, stderr_path, timeout=BOOT_TIMEOUT_S, env=None):
     return status, lines
 
 
+def check_selftest(rep, console: bytes, disk, tail: str) -> None:
+    """What the guest's selftest must have shown: every step OK, its drivers
+    bound, the block write in the host's disk file, the tap answering."""
+    assert rep.done and rep.workload == "selftest", tail
+    assert rep.failed == [], tail
+    # No guest process crashed on the way (guest/README.md, "Pipelines").
+    assert b"segfault at" not in console, tail
+
+    for name in ("mount-proc", "mount-sysfs", "mount-devtmpfs", "console", "pci", "virtio", "hwrng", "block", "net",
+                 "ping"):
+        assert rep.step(name) is not None and rep.step(name).status == "OK", (name, tail)
+
+    # The guest's console is the virtio console.
+    assert rep.step("console").fields()["active"] == "hvc0"
+
+    # Four virtio-pci functions (modern IDs 0x1040 + type) and the host bridge,
+    # and Linux's own driver bound to every virtio device.
+    pci = rep.step("pci").fields()
+    virtio_ids = sorted(v.split("/")[0] for v in pci.values() if v.startswith("1af4:"))
+    assert virtio_ids == [f"1af4:{0x1040 + t:04x}" for t in (1, 2, 3, 4)], pci
+    assert any(v.endswith("/060000") for v in pci.values()), f"no host bridge: {pci}"
+    bound = dict(v.split(":", 1) for v in rep.step("virtio").fields().values())
+    assert bound == DRIVERS, rep.step("virtio")
+
+    # /dev/hwrng gave 64 bytes, and not a constant.
+    rng_hex = rep.step("hwrng").fields()["hex"]
+    assert len(rng_hex) == 128 and len(set(rng_hex)) > 4, rng_hex
+
+    # The file the guest wrote to /dev/vda and synced is in the host's image,
+    # byte for byte, and nothing else changed.
+    blk_bytes = int(rep.step("block").fields()["bytes"])
+    data = disk.read_bytes()
+    assert data[:blk_bytes] == markers.block_pattern(blk_bytes)
+    assert data[blk_bytes:] == DISK_FILL * (DISK_BYTES - blk_bytes)
+
+    # eth0 has the MAC we offered, and the host side of the tap answered.
+    assert rep.step("net").fields()["mac"] == GUEST_MAC
+    assert rep.step("ping").fields()["peer"] == HOST_IP
+
+
 @pytest.mark.slow
 def test_default_guest_drives_every_device(tmp_path):
     from lguest_jit.hw.kvm import kvm_available
@@ -101,41 +141,7 @@ def test_default_guest_drives_every_device(tmp_path):
             print(f"  wall {at:7.1f} s {delta}  guest uptime {up or '-':>8}  {text[:110]}")
             prev_wall = at
     assert status == 0, tail
-    assert rep.done and rep.workload == "selftest", tail
-    assert rep.failed == [], tail
-    # No guest process crashed on the way (guest/README.md, "Pipelines").
-    assert b"segfault at" not in console, tail
-
-    for name in ("mount-proc", "mount-sysfs", "mount-devtmpfs", "console", "pci", "virtio", "hwrng", "block", "net",
-                 "ping"):
-        assert rep.step(name) is not None and rep.step(name).status == "OK", (name, tail)
-
-    # The guest's console is the virtio console.
-    assert rep.step("console").fields()["active"] == "hvc0"
-
-    # Four virtio-pci functions (modern IDs 0x1040 + type) and the host bridge,
-    # and Linux's own driver bound to every virtio device.
-    pci = rep.step("pci").fields()
-    virtio_ids = sorted(v.split("/")[0] for v in pci.values() if v.startswith("1af4:"))
-    assert virtio_ids == [f"1af4:{0x1040 + t:04x}" for t in (1, 2, 3, 4)], pci
-    assert any(v.endswith("/060000") for v in pci.values()), f"no host bridge: {pci}"
-    bound = dict(v.split(":", 1) for v in rep.step("virtio").fields().values())
-    assert bound == DRIVERS, rep.step("virtio")
-
-    # /dev/hwrng gave 64 bytes, and not a constant.
-    rng_hex = rep.step("hwrng").fields()["hex"]
-    assert len(rng_hex) == 128 and len(set(rng_hex)) > 4, rng_hex
-
-    # The file the guest wrote to /dev/vda and synced is in the host's image,
-    # byte for byte, and nothing else changed.
-    blk_bytes = int(rep.step("block").fields()["bytes"])
-    data = disk.read_bytes()
-    assert data[:blk_bytes] == markers.block_pattern(blk_bytes)
-    assert data[blk_bytes:] == DISK_FILL * (DISK_BYTES - blk_bytes)
-
-    # eth0 has the MAC we offered, and the host side of the tap answered.
-    assert rep.step("net").fields()["mac"] == GUEST_MAC
-    assert rep.step("ping").fields()["peer"] == HOST_IP
+    check_selftest(rep, console, disk, tail)
 
     # The launcher's own counters agree: every queue that had work saw it,
     # and no queue reported an error.

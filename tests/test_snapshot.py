@@ -9,26 +9,18 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
 from lguest_jit.hw.kvm import kvm_available
 from lguest_jit.hw.tinyguest import RAX, RCX, RDX, Asm
+from test_cli_run import _elf64
 
 pytestmark = pytest.mark.skipif(kvm_available() is not None, reason=f"KVM unusable: {kvm_available()}")
 
 LOAD = 0x100000
 LOOPS = 1_500_000          # a few seconds of emulated CPL0 code here: long enough to be caught mid-way
 TIMEOUT = 300
-
-
-def _elf64(code: bytes, addr: int) -> bytes:
-    import struct
-    ehdr = struct.pack("<4sBBBBB7sHHIQQQIHHHHHH", b"\x7fELF", 2, 1, 1, 0, 0, b"\0" * 7,
-                       2, 62, 1, addr, 64, 0, 0, 64, 56, 1, 0, 0, 0)
-    phdr = struct.pack("<IIQQQQQQ", 1, 5, 0x1000, addr, addr, len(code), len(code), 0x1000)
-    return ehdr + phdr + b"\0" * (0x1000 - 64 - 56) + code
 
 
 def _guest() -> bytes:
@@ -227,7 +219,7 @@ def rng_state():
     for _ in range(2):
         drv.queues[0].add(in_=[32])
         drv.kick(0)
-        assert drv.wait_used(0)
+        assert drv.wait_used(0, timeout=120)     # the first may wait for its kernel to compile
     dev.pause()
     st = bus.save_state()
     yield gm, bus, dev, drv, st
@@ -254,7 +246,7 @@ def test_device_state_round_trips_and_the_restored_device_serves_on(rng_state):
             q.gm, q.mem = gm2, gm2.mem
         drv.queues[0].add(in_=[32])
         drv.kick(0)
-        assert drv.wait_used(0)
+        assert drv.wait_used(0, timeout=120)     # the first may wait for its kernel to compile
         assert q2[vring.Q_N_CHAINS] == q1[vring.Q_N_CHAINS] + 1
     finally:
         bus2.close()

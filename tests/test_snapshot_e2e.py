@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from test_boot_e2e import DISK_BYTES, DISK_FILL, DRIVERS, GUEST_MAC, HOST_IP, run_console
+from test_boot_e2e import DISK_BYTES, DISK_FILL, GUEST_MAC, HOST_IP, check_selftest, run_console
 
 from guest import build, markers  # noqa: E402 - test_boot_e2e put the repo on sys.path
 
@@ -28,25 +28,6 @@ def _usable():
     if probe.returncode != 0:
         return f"cannot create a network namespace here: {probe.stderr.strip()[:200]}"
     return None
-
-
-def _check_selftest(console: bytes, disk, tail: str) -> markers.Report:
-    rep = markers.parse_console(console)
-    assert rep.done and rep.workload == "selftest", tail
-    assert rep.failed == [], tail
-    for name in ("console", "pci", "virtio", "hwrng", "block", "net", "ping"):
-        assert rep.step(name) is not None and rep.step(name).status == "OK", (name, tail)
-    bound = dict(v.split(":", 1) for v in rep.step("virtio").fields().values())
-    assert bound == DRIVERS, rep.step("virtio")
-    rng_hex = rep.step("hwrng").fields()["hex"]
-    assert len(rng_hex) == 128 and len(set(rng_hex)) > 4, rng_hex
-    blk_bytes = int(rep.step("block").fields()["bytes"])
-    data = disk.read_bytes()
-    assert data[:blk_bytes] == markers.block_pattern(blk_bytes)
-    assert data[blk_bytes:] == DISK_FILL * (DISK_BYTES - blk_bytes)
-    assert rep.step("net").fields()["mac"] == GUEST_MAC
-    assert rep.step("ping").fields()["peer"] == HOST_IP
-    return rep
 
 
 @pytest.mark.slow
@@ -86,7 +67,8 @@ def test_default_guest_restored_twice_from_one_snapshot_finishes_its_selftest(tm
         console = b"".join(raw for _, raw in lines)
         tail = console[-3000:].decode(errors="replace") + "\n--- stderr ---\n" + err.read_text(errors="replace")
         assert status == 0, tail
-        rep = _check_selftest(console, disk, tail)
+        rep = markers.parse_console(console)
+        check_selftest(rep, console, disk, tail)
         # The restored guest did not boot again: no second LGJ-INIT.
         assert rep.init_uptime is None, tail
         reports.append(rep)
