@@ -31,6 +31,8 @@ import signal
 import threading
 import time
 
+import numpy as np
+
 from .run import ExitStats, RunResult  # noqa: F401 - backend-neutral, re-exported for callers of kvm
 from .x86 import (CR0_ET, CR0_NE, CR0_PE, CR0_PG, CR4_PAE, CR4_PSE, EFER_LMA, EFER_LME,  # noqa: F401
                   EFER_SCE, MSR_EFER, MSR_FS_BASE, MSR_IA32_SYSENTER_CS, MSR_IA32_SYSENTER_EIP,
@@ -265,6 +267,25 @@ RUN_SYSEV_TYPE = 32
 # fail_entry: hardware_entry_failure_reason u64
 RUN_FAIL_REASON = 32
 
+# The compiled vCPU loop (a bus's ``run_vcpu``, see KvmVm._loop) shares an
+# int64 control array with KvmVm, indexed by V_*, and returns a VCPU_* code.
+V_STOP = 0          # stop() sets it; the loop returns VCPU_STOPPED before its next KVM_RUN
+V_LIMIT = 1         # V_EXITS value at which the loop returns VCPU_LIMIT (-1: no limit)
+V_EXITS = 2         # exits, all kinds (cumulative over the VM's life)
+V_PIO = 3           # port-I/O exits
+V_MMIO = 4          # MMIO exits
+V_INTR = 5          # KVM_EXIT_INTR exits
+V_ASSIST = 6        # emulation assists decided in compiled code
+V_ERRNO = 7         # errno of a failed KVM_RUN (VCPU_ERRNO)
+V_ASSIST_STATE = 8  # repeat detection of assists: exit number of the last, repeat count
+V_ASSIST_REPEAT = 9
+V_FIELDS = 16
+VCPU_LIMIT = 1      # ctl[V_LIMIT] exits handled
+VCPU_STOPPED = 2    # ctl[V_STOP] was set
+VCPU_EINTR = 3      # KVM_RUN returned EINTR: a signal (stop, timeout, halt poll, profiler)
+VCPU_ERRNO = 4      # KVM_RUN failed otherwise
+VCPU_EXIT = 5       # an exit only Python handles (halt, shutdown, system event, fatal, unknown)
+
 # Where KVM's real-mode helpers live: just below 4 GiB, above any PCI window
 # we hand out and out of RAM (as QEMU and the notes place them).
 TSS_ADDR = 0xFFFBD000
@@ -438,6 +459,8 @@ class KvmVm:
         self._fds: list[int] = []
         self._threads: list[threading.Thread] = []
         self._stop = False
+        self.ctl = np.zeros(V_FIELDS, dtype=np.int64)    # shared with the compiled loop (V_* fields)
+        self.ctl[V_LIMIT] = -1
         self._halt_check = False
         self._timed_out = False
         self._reset_requested = False
@@ -480,6 +503,7 @@ class KvmVm:
             self._r16 = self._r8.cast("H")
             self._r32 = self._r8.cast("I")
             self._r64 = self._r8.cast("Q")
+            self._run = np.frombuffer(self.run_map, dtype=np.uint8)   # for the compiled loop
             self._immediate_exit_ok = bool(self.check_extension(KVM_CAP_IMMEDIATE_EXIT))
             _install_kick_handler()
             if irq_mode not in (None, "resample", "irqfd", "line"):
@@ -713,7 +737,11 @@ class KvmVm:
         default first try) and ``run`` returns "reboot".  Reads answer
         0xFF, exactly as the unclaimed port did ("no keyboard controller"),
         so i8042 probing is unchanged."""
-        self.bus.add_ports(0x64, 1, self._reset_port)
+        add = getattr(self.bus, "add_kernel_ports", None)
+        if add is not None:
+            add(0x64, 1, self._reset_port, "reset")     # reads and other writes answered in compiled code
+        else:
+            self.bus.add_ports(0x64, 1, self._reset_port)
 
     def _reset_port(self, port: int, size: int, is_write: bool, value: int) -> int:
         if not is_write:
@@ -721,6 +749,7 @@ class KvmVm:
         if value & 0xFF == 0xFE:
             self._reset_requested = True
             self._stop = True
+            self.ctl[V_STOP] = 1
         return 0
 
     def add_ioeventfd(self, gpa: int, length: int, efd: int, pio: bool = False) -> None:
@@ -815,6 +844,7 @@ class KvmVm:
         (the handler is installed when the first KvmVm is built on the main
         thread)."""
         self._stop = True
+        self.ctl[V_STOP] = 1
         if self.run_map is not None and self._immediate_exit_ok:
             self._r8[RUN_IMMEDIATE_EXIT] = 1
         self._kick()
@@ -832,6 +862,7 @@ class KvmVm:
         if self.bus is None:
             raise RuntimeError("attach a bus before running the guest")
         self._stop = False
+        self.ctl[V_STOP] = 0
         self._halt_check = False
         self._timed_out = False
         self._r8[RUN_IMMEDIATE_EXIT] = 0
@@ -862,7 +893,69 @@ class KvmVm:
         self._timed_out = True
         self.stop()
 
+    def _on_signal(self) -> None:
+        """A signal interrupted KVM_RUN (stop(), the timeout, the halt poll,
+        a profiler's kick): called on the vCPU thread, outside KVM_RUN and
+        outside compiled code, before the loop looks at why."""
+
     def _loop(self, max_exits) -> RunResult:
+        fast = getattr(self.bus, "run_vcpu", None)
+        if fast is None:
+            return self._loop_python(max_exits)
+        ctl = self.ctl
+        stats = self.stats
+        start = ctl[V_EXITS]
+        ctl[V_LIMIT] = start + max_exits if max_exits is not None else -1
+        seen = ctl[[V_PIO, V_MMIO, V_INTR, V_EXITS]].copy()
+        try:
+            while True:
+                if self._stop:
+                    return self._stopped()
+                code = fast(self.vcpu_fd, self._run, ctl)
+                if code == VCPU_EINTR:
+                    stats.intr += 1
+                    self._on_signal()
+                    if self._halt_check:
+                        self._halt_check = False
+                        if self.halted_for_good():
+                            return RunResult("halt", "the guest halted with interrupts disabled", self._safe_regs())
+                    continue
+                if code == VCPU_STOPPED:
+                    if not self._stop:       # a compiled handler asked (none does today): stop as asked
+                        return RunResult("stopped", "the vCPU loop stopped")
+                    continue
+                n = int(ctl[V_EXITS] - start)
+                if code == VCPU_LIMIT:
+                    return RunResult("stopped", f"{n} exits handled (max_exits)")
+                if code == VCPU_ERRNO:
+                    return RunResult("internal-error", f"KVM_RUN failed: {os.strerror(int(ctl[V_ERRNO]))}",
+                                     self._safe_regs())
+                reason = self._r32[2]
+                if reason == KVM_EXIT_MMIO:
+                    ln, addr = self._r32[RUN_MMIO_LEN >> 2], self._r64[RUN_MMIO_PHYS >> 3]
+                    return RunResult("internal-error", f"MMIO access of {ln} bytes at {addr:#x}", self._safe_regs())
+                if reason == KVM_EXIT_IO:
+                    return RunResult("internal-error", f"port I/O exit of size {self._r8[RUN_IO_SIZE]} "
+                                     "that KVM should not send", self._safe_regs())
+                if reason == KVM_EXIT_INTERNAL_ERROR:
+                    res = self._internal_error(int(ctl[V_EXITS]))
+                else:
+                    res = self._other_exit(reason)
+                if res is not None:
+                    return res
+                if ctl[V_EXITS] == ctl[V_LIMIT]:
+                    return RunResult("stopped", f"{n} exits handled (max_exits)")
+        finally:
+            now = ctl[[V_PIO, V_MMIO, V_INTR, V_EXITS]]
+            d = now - seen
+            stats.pio += int(d[0])
+            stats.mmio += int(d[1])
+            stats.intr += int(d[2])
+            stats.total += int(d[3])
+            ctl[V_LIMIT] = -1
+
+    def _loop_python(self, max_exits) -> RunResult:
+        # The loop for a bus without compiled dispatch (a test's fake bus).
         # Locals for the hot path: attribute lookups cost more than the work.
         # Exit data is read through the memoryview of its width: the
         # string-I/O buffer (data_offset) is page-aligned and the MMIO data
@@ -884,6 +977,7 @@ class KvmVm:
                     ioctl(fd, KVM_RUN, 0)
                 except InterruptedError:
                     stats.intr += 1
+                    self._on_signal()
                     if self._halt_check:
                         self._halt_check = False
                         if self.halted_for_good():
@@ -1090,6 +1184,7 @@ class KvmVm:
                 pass
         for t in self._threads:
             t.join(timeout=2)
+        self._run = None
         for name in ("_r64", "_r32", "_r16", "_r8"):
             mv = getattr(self, name, None)
             if mv is not None:
