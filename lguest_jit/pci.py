@@ -138,10 +138,10 @@ from numba import njit
 
 from . import vring
 from .hw.cmos import REG_NAMES as CMOS_REG_NAMES, cmos_access
-from .hw.kvm import (KVM_EXIT_INTR, KVM_EXIT_IO, KVM_EXIT_IO_OUT, KVM_EXIT_IRQ_WINDOW_OPEN, KVM_EXIT_MMIO, KVM_RUN,
+from .hw.kvm import (KVM_EXIT_INTERNAL_ERROR, KVM_EXIT_INTR, KVM_EXIT_IO, KVM_EXIT_IO_OUT, KVM_EXIT_IRQ_WINDOW_OPEN, KVM_EXIT_MMIO, KVM_RUN,
                      RUN_EXIT_REASON, RUN_IO_COUNT, RUN_IO_DATA_OFFSET, RUN_IO_DIRECTION, RUN_IO_PORT, RUN_IO_SIZE,
                      RUN_MMIO_DATA, RUN_MMIO_IS_WRITE, RUN_MMIO_LEN, RUN_MMIO_PHYS, V_EXITS, V_ERRNO, V_INTR, V_LIMIT,
-                     V_MMIO, V_PIO, V_STOP, VCPU_EINTR, VCPU_ERRNO, VCPU_EXIT, VCPU_LIMIT, VCPU_STOPPED)
+                     V_MMIO, V_PIO, V_STOP, VCPU_EINTR, VCPU_ERRNO, VCPU_EXIT, VCPU_LIMIT, VCPU_STOPPED, assist)
 from .hw.libc import EAGAIN, EINTR, sys_ioctl, sys_time, sys_write
 from .hw.memory import GuestMemory, ld_u8, ld_u16, ld_u32, ld_u64, st_u8, st_u16, st_u32, st_u64
 from .hw.uart import REG_NAMES as UART_REG_NAMES, uart_access
@@ -968,6 +968,8 @@ def handle_exit(run, tb, ctl):
         return 0
     if reason == KVM_EXIT_IRQ_WINDOW_OPEN:
         return 0
+    if reason == KVM_EXIT_INTERNAL_ERROR:
+        return assist(run, ctl)            # int3/fwait here; anything else VCPU_EXIT
     return VCPU_EXIT
 
 

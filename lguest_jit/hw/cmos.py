@@ -240,7 +240,7 @@ class CmosRtc:
     def register(self, bus) -> None:
         add = getattr(bus, "add_kernel_ports", None)
         if add is not None and self.now is time.time:
-            add(INDEX_PORT, 2, self.pio, "cmos", self.state)
+            self.state = add(INDEX_PORT, 2, self.pio, "cmos", self.state)    # the bus holds the state now
         else:
             bus.add_ports(INDEX_PORT, 2, self.pio)
 

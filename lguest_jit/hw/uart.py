@@ -241,7 +241,7 @@ class Uart8250:
         ``bus.add_ports``."""
         add = getattr(bus, "add_kernel_ports", None)
         if add is not None and self.compiled:
-            add(self.base, NPORTS, self.pio, "uart", self.state)
+            self.state = add(self.base, NPORTS, self.pio, "uart", self.state)    # the bus holds the state now
         else:
             bus.add_ports(self.base, NPORTS, self.pio)
 
