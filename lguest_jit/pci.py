@@ -61,6 +61,18 @@ fatal=None, log=None, irqs=None)``
     is True while a device on that line has a non-zero ISR and INTx is not
     disabled in its COMMAND register (level-triggered resample).
 
+``bus.add_kernel_ports(first, count, handler, kind, state=None)``
+    Like ``add_ports`` for a handler the compiled dispatch runs itself
+    ("conf1", "uart", "cmos", "reset"); ``state`` is copied into the bus's
+    tables and the view returned is where it lives from then on.
+
+``bus.run_vcpu(vcpu_fd, run_page, ctl) -> int``
+    The compiled vCPU loop (hw.kvm calls it; see "Exit dispatch").
+
+``bus.access_counts() -> list[tuple[str, int]]``
+    Accesses by register ("conf1 data", "uart THR", "<device>
+    common.queue_select", ...), non-zero only, most first (``--stats``).
+
 ``bus.close()``
     Resets every device (joins its threads) and closes the eventfds.
 
@@ -133,6 +145,7 @@ import threading
 from dataclasses import dataclass
 from typing import Callable, Optional
 
+import numba
 import numpy as np
 from numba import njit
 
@@ -455,14 +468,14 @@ P_REGION = 3      # 0 header, n capability n, REGION_UNUSED; an empty slot is al
 P_PLANES = 4
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=True, inline='always')
 def _size_mask(size):
     if size >= 4:
         return 0xFFFFFFFF
     return (1 << (8 * size)) - 1
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=True, inline='always')
 def _conf1(conf, space, port, size, is_write, value, hooks_done):
     """One access to the conf1 ports; the caller guarantees the access lies
     inside 0xCF8-0xCFB or 0xCFC-0xCFF.  ``space[slot, P_*, offset]`` holds
@@ -528,7 +541,7 @@ def _conf1(conf, space, port, size, is_write, value, hooks_done):
 # BAR0 kernel
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=True, inline='always')
 def _get_le(arr, off, size):
     v = 0
     for i in range(size):
@@ -536,7 +549,7 @@ def _get_le(arr, off, size):
     return v
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=True, inline='always')
 def _queue_setup_check(regs, q):
     """Rules shared by every queue-configuration write; 0 when allowed."""
     status = regs[0, S_STATUS]
@@ -549,7 +562,7 @@ def _queue_setup_check(regs, q):
     return 0
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=True, inline='always')
 def _common(regs, off, size, is_write, value):
     fid = FIELD_AT[off]
     if FIELD_START[fid] != off or FIELD_WIDTH[fid] != size:
@@ -647,7 +660,7 @@ def _common(regs, off, size, is_write, value):
     return 0, A_NONE, 0, err
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=True, inline='always')
 def _status_write(regs, value):
     """device_status write (§2.1, §3.1.1).  DEVICE_NEEDS_RESET belongs to the
     device (a driver writes back what it read), FAILED may be set any time."""
@@ -687,7 +700,7 @@ def _status_write(regs, value):
     return 0, A_STATUS, 0, err
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=True, inline='always')
 def _bar_access(regs, bytes_, msix, off, size, is_write, value):
     """One access to BAR0 at ``off`` (0 <= off < BAR0_SIZE), size 1/2/4.
     ``regs``: row 0 the device state (S_*), row 1+q queue q (QC_*);
@@ -790,10 +803,9 @@ T_CONF, T_SPACE, T_PORTS, T_KSTATE, T_PAGE_SLOT, T_REGS, T_BYTES, T_MSIX, T_NOTI
     T_MMIO_COUNTS, T_PEND = range(12)
 
 
-@njit(nogil=True, cache=True)
-def _port_one(tb, kind, port, size, is_write, value):
+@njit(nogil=True, cache=True, inline='always')
+def _port_one(conf, space, ports, kstate, kind, port, size, is_write, value):
     """One access to one handler's ports; (result, ST_*)."""
-    conf, space, ports, kstate = tb[T_CONF], tb[T_SPACE], tb[T_PORTS], tb[T_KSTATE]
     ones = 0 if is_write else _size_mask(size)
     if kind == PK_NONE:
         return ones, ST_DONE
@@ -815,17 +827,16 @@ def _port_one(tb, kind, port, size, is_write, value):
 
 
 @njit(nogil=True, cache=True)
-def _port_access(tb, port, size, is_write, value):
+def _port_access(conf, space, ports, kstate, counts, port, size, is_write, value):
     """A port access (0 <= port <= 0xFFFF, size 1/2/4): (result, ST_*).
     Unclaimed ports read all-ones; an access running past the end of a
     claimed range is split into bytes, as the chipset would."""
-    ports = tb[T_PORTS]
-    tb[T_PORT_COUNTS][port] += 1
+    counts[port] += 1
     kind = ports[PT_KIND, port]
     if kind == PK_NONE:
         return (0 if is_write else _size_mask(size)), ST_DONE
     if port + size - 1 <= ports[PT_LAST, port]:
-        return _port_one(tb, kind, port, size, is_write, value)
+        return _port_one(conf, space, ports, kstate, kind, port, size, is_write, value)
     for i in range(size):
         k = ports[PT_KIND, (port + i) & 0xFFFF]
         if k == PK_PYTHON or k == PK_CONF1 or k == PK_RESET:
@@ -833,12 +844,12 @@ def _port_access(tb, port, size, is_write, value):
     r = 0
     for i in range(size):
         p = (port + i) & 0xFFFF
-        v, _ = _port_one(tb, ports[PT_KIND, p], p, 1, is_write, (value >> (8 * i)) & 0xFF)
+        v, _ = _port_one(conf, space, ports, kstate, ports[PT_KIND, p], p, 1, is_write, (value >> (8 * i)) & 0xFF)
         r |= (v & 0xFF) << (8 * i)
     return (0 if is_write else r), ST_DONE
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=True, inline='always')
 def _mmio_reg(off):
     if off < COMMON_LEN:
         return FIELD_AT[off]
@@ -856,11 +867,10 @@ def _mmio_reg(off):
 
 
 @njit(nogil=True, cache=True)
-def _mmio_access(tb, addr, size, is_write, value):
+def _mmio_access(page_slot, regs, bytes_, msix, notify_fd, counts, pend, addr, size, is_write, value):
     """An MMIO access (size 1/2/4/8): (result, ST_*).  Addresses in no BAR0
     read all-ones (-1 for 8 bytes) and ignore writes; BAR0 goes to
     ``_bar_access``, whose notify action becomes an eventfd write here."""
-    page_slot, pend, counts = tb[T_PAGE_SLOT], tb[T_PEND], tb[T_MMIO_COUNTS]
     slot = 0
     if 0 <= addr < (1 << 32):
         slot = page_slot[addr >> BAR0_SHIFT]
@@ -874,12 +884,11 @@ def _mmio_access(tb, addr, size, is_write, value):
     if size > 4 or off + size > BAR0_SIZE:
         pend[PD_STATUS] = ST_PYTHON
         return 0, ST_PYTHON                # 64-bit halves and range errors: Python
-    r, action, arg, err = _bar_access(tb[T_REGS][slot], tb[T_BYTES][slot], tb[T_MSIX][slot], off, size, is_write,
-                                      value & 0xFFFFFFFF)
+    r, action, arg, err = _bar_access(regs[slot], bytes_[slot], msix[slot], off, size, is_write, value & 0xFFFFFFFF)
     if err == 0 and action == A_NONE:
         return r, ST_DONE
     if err == 0 and action == A_NOTIFY:
-        fd = tb[T_NOTIFY_FD][slot, arg]
+        fd = notify_fd[slot, arg]
         if fd >= 0:
             pend[PD_ONE] = 1
             while sys_write(fd, pend.ctypes.data + 8 * PD_ONE, 8) == -EINTR:
@@ -898,7 +907,7 @@ def _mmio_access(tb, addr, size, is_write, value):
     return r, ST_BAR_SLOW
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=True, inline='always')
 def _load(buf, off, size):
     if size == 1:
         return ld_u8(buf, off)
@@ -909,7 +918,7 @@ def _load(buf, off, size):
     return ld_u64(buf, off)
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=True, inline='always')
 def _store(buf, off, size, value):
     if size == 1:
         st_u8(buf, off, value & 0xFF)
@@ -921,13 +930,16 @@ def _store(buf, off, size, value):
         st_u64(buf, off, value)
 
 
-@njit(nogil=True, cache=True)
-def handle_exit(run, tb, ctl):
+@njit(nogil=True, cache=True, inline='always')
+def handle_exit(run, ctl, conf, space, ports, kstate, port_counts, page_slot, regs, bytes_, msix, notify_fd,
+                mmio_counts, pend):
     """Handle the exit described in the kvm_run page ``run`` (uint8) with the
-    bus tables ``tb``, counting it in ``ctl`` (hw.kvm V_* fields).  Returns 0
+    bus's tables (``Bus.tables``, unpacked once by the caller: each array
+    passed across a call costs tens of ns), counting it in ``ctl`` (hw.kvm
+    V_* fields).  Returns 0
     when the vCPU may run on, a VCPU_* code for an exit only Python
     handles, or R_SLOW_PIO/R_SLOW_MMIO for an access Python must finish
-    (``tb[T_PEND]`` says where).  Public so a benchmark can drive it with a
+    (``pend`` says where).  Public so a benchmark can drive it with a
     kvm_run-shaped page exactly as the vCPU loop does."""
     reason = ld_u32(run, RUN_EXIT_REASON)
     if reason == KVM_EXIT_IO:
@@ -942,9 +954,9 @@ def handle_exit(run, tb, ctl):
         for i in range(count):
             at = data + i * size
             v = _load(run, at, size) if is_write else 0
-            r, st = _port_access(tb, port, size, is_write, v)
+            r, st = _port_access(conf, space, ports, kstate, port_counts, port, size, is_write, v)
             if st != ST_DONE:
-                tb[T_PEND][PD_INDEX] = i
+                pend[PD_INDEX] = i
                 return R_SLOW_PIO
             if not is_write:
                 _store(run, at, size, r)
@@ -957,7 +969,7 @@ def handle_exit(run, tb, ctl):
         addr = ld_u64(run, RUN_MMIO_PHYS)
         is_write = ld_u8(run, RUN_MMIO_IS_WRITE) != 0
         v = _load(run, RUN_MMIO_DATA, ln) if is_write else 0
-        r, st = _mmio_access(tb, addr, ln, is_write, v)
+        r, st = _mmio_access(page_slot, regs, bytes_, msix, notify_fd, mmio_counts, pend, addr, ln, is_write, v)
         if st != ST_DONE:
             return R_SLOW_MMIO
         if not is_write:
@@ -978,6 +990,7 @@ def _vcpu_loop(fd, run, ctl, tb):
     """KVM_RUN on vCPU ``fd`` until an exit needs Python (see handle_exit),
     ctl[V_STOP] is set, a signal interrupts KVM_RUN or ctl[V_LIMIT] exits
     were handled.  nogil: device threads run meanwhile."""
+    conf, space, ports, kstate, page_slot, regs, bytes_, msix, notify_fd, port_counts, mmio_counts, pend = tb
     while True:
         if ctl[V_STOP] != 0:
             return VCPU_STOPPED
@@ -990,7 +1003,8 @@ def _vcpu_loop(fd, run, ctl, tb):
             ctl[V_ERRNO] = -rc
             return VCPU_ERRNO
         ctl[V_EXITS] += 1
-        code = handle_exit(run, tb, ctl)
+        code = handle_exit(run, ctl, conf, space, ports, kstate, port_counts, page_slot, regs, bytes_, msix,
+                           notify_fd, mmio_counts, pend)
         if code != 0:
             return code
         if ctl[V_EXITS] == ctl[V_LIMIT]:
@@ -1425,6 +1439,7 @@ class Bus:
         self.port_counts = np.zeros(0x10000, dtype=np.int64)
         self.mmio_counts = np.zeros((MAX_SLOTS + 1, M_REGS), dtype=np.int64)
         self.pend = np.zeros(PD_FIELDS, dtype=np.int64)
+        self._compiled = False
         self.space = np.zeros((MAX_SLOTS, P_PLANES, PCI_CFG_SPACE_SIZE), dtype=np.uint8)
         self.space[:, P_REGION, :] = REGION_UNUSED
         # Views of the planes, for Python-side code and tests.
@@ -1504,7 +1519,8 @@ class Bus:
         if not 0 <= port <= 0xFFFF:
             return 0 if is_write else (1 << 8 * size) - 1
         with self._lock:
-            r, st = _port_access(self.tables, port, size, is_write, value & 0xFFFFFFFF)
+            r, st = _port_access(self.conf, self.space, self.ports, self.kstate, self.port_counts, port, size,
+                                 is_write, value & 0xFFFFFFFF)
         if st == ST_DONE:
             return int(r)
         return self._pio_python(port, size, is_write, value)
@@ -1589,7 +1605,8 @@ class Bus:
         if not 0 <= addr < 1 << 32:
             return 0 if is_write else (1 << 8 * size) - 1
         with self._lock:
-            r, st = _mmio_access(self.tables, addr, size, is_write, value & 0xFFFFFFFF)
+            r, st = _mmio_access(self.page_slot, self.regs, self.bytes_, self.msix, self.notify_fd, self.mmio_counts,
+                                 self.pend, addr, size, is_write, value & 0xFFFFFFFF)
             if st == ST_BAR_SLOW:
                 return self._bar_slow(value)
         if st == ST_DONE:
@@ -1622,6 +1639,8 @@ class Bus:
         ``ctl``: hw.kvm's V_* control array) in the compiled loop until it
         returns a hw.kvm VCPU_* code; accesses only Python can finish are
         finished here, and the loop re-entered."""
+        if not self._compiled:
+            self._compile_python_paths()
         tb = self.tables
         while True:
             code = _vcpu_loop(vcpu_fd, run, ctl, tb)
@@ -1635,6 +1654,21 @@ class Bus:
                 return VCPU_STOPPED
             if ctl[V_EXITS] == ctl[V_LIMIT]:
                 return VCPU_LIMIT
+
+    def _compile_python_paths(self):
+        """Compile (or load from the cache) the kernels the bus calls from
+        Python, before a guest runs: a first compile in the middle of a run
+        takes seconds (timeouts, watchdogs).  Nothing is accessed."""
+        self._compiled = True
+        regs, by, mx = self.regs[0, :1], self.bytes_[0, :B_CFG], self.msix[0]
+        for fn, args in ((_conf1, (self.conf, self.space, CONFIG_DATA, 4, True, 0, False)),
+                         (_port_access, (self.conf, self.space, self.ports, self.kstate, self.port_counts, 0, 4,
+                                         True, 0)),
+                         (_mmio_access, (self.page_slot, self.regs, self.bytes_, self.msix, self.notify_fd,
+                                         self.mmio_counts, self.pend, 0, 4, True, 0)),
+                         (_bar_access, (regs, by, mx, 0, 4, True, 0))):
+            if hasattr(fn, "compile"):           # not under NUMBA_DISABLE_JIT
+                fn.compile(tuple(numba.typeof(a) for a in args))
 
     def _finish_pio(self, run):
         size = int(run[RUN_IO_SIZE])

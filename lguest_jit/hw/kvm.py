@@ -7,8 +7,11 @@ KVM doing the CPU part:
 * guest RAM (a :class:`~lguest_jit.hw.memory.GuestMemory`) is one user
   memory slot at guest physical address 0;
 * every port access and every access to an address with no memory slot
-  (the PCI BARs above RAM) exits KVM_RUN and goes to the PCI bus object
-  (``bus.pio`` / ``bus.mmio``);
+  (the PCI BARs above RAM) exits KVM_RUN and goes to the PCI bus object:
+  with a bus that has ``run_vcpu`` (``pci.Bus``) the whole loop runs there
+  as a nogil kernel (KVM_RUN through libc's ioctl, exits answered from
+  flat tables, back to Python only for the rare cases, see HACKING.md);
+  otherwise a Python loop calls ``bus.pio`` / ``bus.mmio``;
 * queue notifications never reach this loop: each notify address is an
   ioeventfd, so KVM signals the queue thread's eventfd directly;
 * devices raise interrupts through irqfds, again without the vCPU thread;
