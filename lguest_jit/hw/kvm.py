@@ -972,6 +972,17 @@ class KvmVm:
         a profiler's kick): called on the vCPU thread, outside KVM_RUN and
         outside compiled code, before the loop looks at why."""
 
+    def _signalled(self) -> RunResult | None:
+        # KVM_RUN returned EINTR: count it, let _on_signal look, then answer
+        # the halt poll's question if it asked.
+        self.stats.intr += 1
+        self._on_signal()
+        if self._halt_check:
+            self._halt_check = False
+            if self.halted_for_good():
+                return RunResult("halt", "the guest halted with interrupts disabled", self._safe_regs())
+        return None
+
     def _loop(self, max_exits) -> RunResult:
         fast = getattr(self.bus, "run_vcpu", None)
         if fast is None:
@@ -988,12 +999,9 @@ class KvmVm:
                     return self._stopped()
                 code = fast(self.vcpu_fd, self._run, ctl)
                 if code == VCPU_EINTR:
-                    stats.intr += 1
-                    self._on_signal()
-                    if self._halt_check:
-                        self._halt_check = False
-                        if self.halted_for_good():
-                            return RunResult("halt", "the guest halted with interrupts disabled", self._safe_regs())
+                    res = self._signalled()
+                    if res is not None:
+                        return res
                     continue
                 if code == VCPU_STOPPED:
                     if not self._stop:       # a compiled handler asked (none does today): stop as asked
@@ -1053,12 +1061,9 @@ class KvmVm:
                 try:
                     ioctl(fd, KVM_RUN, 0)
                 except InterruptedError:
-                    stats.intr += 1
-                    self._on_signal()
-                    if self._halt_check:
-                        self._halt_check = False
-                        if self.halted_for_good():
-                            return RunResult("halt", "the guest halted with interrupts disabled", self._safe_regs())
+                    res = self._signalled()
+                    if res is not None:
+                        return res
                     continue
                 except OSError as e:
                     if e.errno == errno.EAGAIN:
