@@ -437,6 +437,9 @@ def _drop_privileges(cfg: RunConfig) -> None:
         os.setuid(cfg.user.pw_uid)
 
 
+STATS_TOP_REGISTERS = 12     # --stats prints the most accessed port/BAR0 registers
+
+
 class Launcher:
     """One guest: memory, kernel, bus, devices, backend.  ``run()`` returns
     the exit status, or None when the guest asked to reboot."""
@@ -512,7 +515,7 @@ class Launcher:
         self.cmos = CmosRtc()
         self.cmos.register(self.bus)     # the guest's wall clock, without Linux's 2 s wait for UIP
         if cfg.hypervisor == "kvm":
-            from .hw.kvm import KvmVm
+            from .hw.kvm import KVM_IRQ_LINE, KvmVm
             from .hw.uart import Uart8250
             if restoring:
                 self.backend.attach_bus(self.bus)
@@ -520,8 +523,9 @@ class Launcher:
                 self.backend = KvmVm(self.gm, self.bus)
             # THRE interrupts on IRQ 4: Linux's 8250 driver waits for them
             # before it sends user-space output (polling covers only printk).
-            vm = self.backend
-            self.uart = Uart8250(set_irq=lambda level: vm.irq_line(4, int(level)))
+            # Output to stdout and the line through KVM_IRQ_LINE, both from
+            # the compiled vCPU loop.
+            self.uart = Uart8250(out_fd=1, kvm_irq=(self.backend.vm_fd, KVM_IRQ_LINE, 4))
             self.uart.register(self.bus)
             self.backend.claim_reset_port()
             if restoring:
@@ -719,7 +723,10 @@ class Launcher:
             out["interrupts"] = {t.name: t.interrupt_stats() for t in self.bus.devices}
         if self.backend is not None and hasattr(self.backend, "stats"):
             st = self.backend.stats
-            out["exits"] = {"pio": st.pio, "mmio": st.mmio, "total": st.total, "assists": dict(st.assists)}
+            out["exits"] = {"pio": st.pio, "mmio": st.mmio, "total": st.total, "assists": dict(st.assists),
+                            "other": st.total - st.pio - st.mmio - sum(st.assists.values())}
+        if self.bus is not None and hasattr(self.bus, "access_counts"):
+            out["exit_registers"] = dict(self.bus.access_counts())   # every non-zero port / BAR0 register
         return out
 
     def print_stats(self, stream=sys.stderr) -> None:
@@ -739,6 +746,8 @@ class Launcher:
             print(f"  irq    {dev:28s} " + " ".join(f"{k} {v}" for k, v in c.items()), file=stream)
         if "exits" in st:
             print(f"  exits  {st['exits']}", file=stream)
+        for name, n in list(st.get("exit_registers", {}).items())[:STATS_TOP_REGISTERS]:
+            print(f"  access {name:28s} {n}", file=stream)
 
     def print_profile(self, stream=sys.stderr) -> None:
         """Write --profile's folded stacks and print its report (stderr:

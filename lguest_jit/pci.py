@@ -71,6 +71,18 @@ fatal=None, log=None, irqs=None, msix=False)``
     runs (under the bus lock) whenever the list may have changed, before
     the vector concerned can send.
 
+``bus.add_kernel_ports(first, count, handler, kind, state=None)``
+    Like ``add_ports`` for a handler the compiled dispatch runs itself
+    ("conf1", "uart", "cmos", "reset"); ``state`` is copied into the bus's
+    tables and the view returned is where it lives from then on.
+
+``bus.run_vcpu(vcpu_fd, run_page, ctl) -> int``
+    The compiled vCPU loop (hw.kvm calls it; see "Exit dispatch").
+
+``bus.access_counts() -> list[tuple[str, int]]``
+    Accesses by register ("conf1 data", "uart THR", "<device>
+    common.queue_select", ...), non-zero only, most first (``--stats``).
+
 ``bus.close()``
     Resets every device (joins its threads) and closes the eventfds.
 
@@ -172,11 +184,20 @@ import threading
 from dataclasses import dataclass
 from typing import Callable, Optional
 
+import numba
 import numpy as np
 from numba import njit
 
 from . import vring
-from .hw.memory import GuestMemory
+from .hw.cmos import REG_NAMES as CMOS_REG_NAMES, cmos_access
+from .hw.kvm import (KVM_EXIT_INTERNAL_ERROR, KVM_EXIT_INTR, KVM_EXIT_IO, KVM_EXIT_IO_OUT, KVM_EXIT_IRQ_WINDOW_OPEN,
+                     KVM_EXIT_MMIO, KVM_RUN,
+                     RUN_EXIT_REASON, RUN_IO_COUNT, RUN_IO_DATA_OFFSET, RUN_IO_DIRECTION, RUN_IO_PORT, RUN_IO_SIZE,
+                     RUN_MMIO_DATA, RUN_MMIO_IS_WRITE, RUN_MMIO_LEN, RUN_MMIO_PHYS, V_EXITS, V_ERRNO, V_INTR, V_LIMIT,
+                     V_MMIO, V_PIO, V_STOP, VCPU_EINTR, VCPU_ERRNO, VCPU_EXIT, VCPU_LIMIT, VCPU_STOPPED, assist)
+from .hw.libc import EAGAIN, EINTR, sys_ioctl, sys_time, sys_write
+from .hw.memory import GuestMemory, ld_u8, ld_u16, ld_u32, ld_u64, st_u8, st_u16, st_u32, st_u64
+from .hw.uart import REG_NAMES as UART_REG_NAMES, uart_access
 from .vring import (ISR_CONFIG, MSIX_CTRL_MASKBIT, MV_ADDR_HI, MV_ADDR_LO, MV_CTRL, MV_DATA, MV_FD, MV_PENDING,
                     MX_ENABLED, MX_INTX_FD, MX_MASKED, MX_VECTORS, VIRTIO_MSI_NO_VECTOR)
 
@@ -518,14 +539,14 @@ P_REGION = 3      # 0 header, n capability n, REGION_UNUSED; an empty slot is al
 P_PLANES = 4
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=True, inline='always')
 def _size_mask(size):
     if size >= 4:
         return 0xFFFFFFFF
     return (1 << (8 * size)) - 1
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=True, inline='always')
 def _conf1(conf, space, port, size, is_write, value, hooks_done):
     """One access to the conf1 ports; the caller guarantees the access lies
     inside 0xCF8-0xCFB or 0xCFC-0xCFF.  ``space[slot, P_*, offset]`` holds
@@ -591,7 +612,7 @@ def _conf1(conf, space, port, size, is_write, value, hooks_done):
 # BAR0 kernel
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=True, inline='always')
 def _get_le(arr, off, size):
     v = 0
     for i in range(size):
@@ -599,7 +620,7 @@ def _get_le(arr, off, size):
     return v
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=True, inline='always')
 def _queue_setup_check(regs, q):
     """Rules shared by every queue-configuration write; 0 when allowed."""
     status = regs[0, S_STATUS]
@@ -612,7 +633,7 @@ def _queue_setup_check(regs, q):
     return 0
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=True, inline='always')
 def _common(regs, msix, off, size, is_write, value):
     fid = FIELD_AT[off]
     if FIELD_START[fid] != off or FIELD_WIDTH[fid] != size:
@@ -725,7 +746,7 @@ def _common(regs, msix, off, size, is_write, value):
     return 0, A_NONE, 0, err
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=True, inline='always')
 def _status_write(regs, value):
     """device_status write (§2.1, §3.1.1).  DEVICE_NEEDS_RESET belongs to the
     device (a driver writes back what it read), FAILED may be set any time."""
@@ -765,7 +786,7 @@ def _status_write(regs, value):
     return 0, A_STATUS, 0, err
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=True, inline='always')
 def _bar_access(regs, bytes_, msix, off, size, is_write, value):
     """One access to BAR0 at ``off`` (0 <= off < BAR0_SIZE), size 1/2/4.
     ``regs``: row 0 the device state (S_*), row 1+q queue q (QC_*);
@@ -859,6 +880,264 @@ def _msix_access(msix, off, size, is_write, value):
     if msix[0, MX_ENABLED] != 0 and msix[0, MX_MASKED] == 0 and (row[MV_CTRL] & MSIX_CTRL_MASKBIT) == 0:
         return 0, A_MSIX_ROUTE, vec, 0            # an unmasked vector changed (undefined; follow it)
     return 0, A_NONE, 0, 0
+
+
+# ---------------------------------------------------------------------------
+# Exit dispatch: flat tables and the compiled vCPU loop
+#
+# Every port and MMIO access -- a KVM exit in the compiled vCPU loop, or a
+# ``bus.pio``/``bus.mmio`` call from Python (lguest backend, tests, the
+# harness) -- goes through ``_port_access``/``_mmio_access`` over the bus's
+# tables (``Bus.tables``, a tuple of arrays, T_* order).  They finish
+# everything a compiled handler can answer; the rest they hand to Python
+# with nothing done that cannot be repeated (ST_PYTHON: redo the access in
+# Python) or with ``_bar_access``'s result left in the pending record
+# (ST_BAR_SLOW: ``Transport._slow`` finishes it).  The loop lives here, not
+# in hw, because it dispatches into PCI kernels; hw/kvm.py owns KVM_RUN's
+# protocol (V_* control fields, VCPU_* codes) and calls ``bus.run_vcpu``.
+
+# Port table rows (``ports[row, port]``, int32)
+PT_KIND, PT_FIRST, PT_LAST, PT_ROW = range(4)
+PK_NONE, PK_PYTHON, PK_CONF1, PK_UART, PK_CMOS, PK_RESET = range(6)
+PORT_KINDS = {"python": PK_PYTHON, "conf1": PK_CONF1, "uart": PK_UART, "cmos": PK_CMOS, "reset": PK_RESET}
+KSTATE_ROWS = 4           # compiled port devices with state (UART, CMOS)
+KSTATE_WIDTH = 258        # >= hw.uart.U_FIELDS, hw.cmos.C_FIELDS
+RESET_VALUE = 0xFE        # pulse the reset line (8042 command)
+
+# Access status
+ST_DONE, ST_PYTHON, ST_BAR_SLOW = 0, 1, 2
+# Loop codes past VCPU_*: an access Python must finish before re-entering
+R_SLOW_PIO = 16
+R_SLOW_MMIO = 17
+
+# Pending record (``pend``, int64): what Python needs to finish an access
+PD_INDEX, PD_SLOT, PD_OFF, PD_SIZE, PD_WRITE, PD_VALUE, PD_R, PD_ACTION, PD_ARG, PD_ERR, PD_STATUS, PD_ONE = \
+    range(12)
+PD_FIELDS = 12
+
+# MMIO counter columns per slot: the common-config field ids, then these
+M_ISR = len(_FIELDS)
+M_DEVCFG = M_ISR + 1
+M_NOTIFY = M_ISR + 2
+M_MSIX_TABLE = M_ISR + 3
+M_MSIX_PBA = M_ISR + 4
+M_OTHER = M_ISR + 5
+M_REGS = M_ISR + 6
+M_NAMES = tuple(f"common.{n}" for n in COMMON_FIELD_NAMES) + ("isr", "device_cfg", "notify", "msix.table",
+                                                             "msix.pba", "other")
+PAGE_SLOTS = 1 << (32 - BAR0_SHIFT)      # every BAR0-sized page below 4 GiB
+
+# Tables tuple order
+T_CONF, T_SPACE, T_PORTS, T_KSTATE, T_PAGE_SLOT, T_REGS, T_BYTES, T_MSIX, T_NOTIFY_FD, T_PORT_COUNTS, \
+    T_MMIO_COUNTS, T_PEND = range(12)
+
+
+@njit(nogil=True, cache=True, inline='always')
+def _port_one(conf, space, ports, kstate, kind, port, size, is_write, value):
+    """One access to one handler's ports; (result, ST_*)."""
+    ones = 0 if is_write else _size_mask(size)
+    if kind == PK_NONE:
+        return ones, ST_DONE
+    if kind == PK_CONF1:
+        r, hooks = _conf1(conf, space, port, size, is_write, value & 0xFFFFFFFF, False)
+        # A hook (BAR0, COMMAND, the PCI_CFG window) runs in Python; a
+        # config write is idempotent, so Python repeats the whole access.
+        return r, (ST_PYTHON if hooks != 0 else ST_DONE)
+    if kind == PK_UART:
+        return uart_access(kstate[ports[PT_ROW, port]], port - ports[PT_FIRST, port], size, is_write,
+                           value), ST_DONE
+    if kind == PK_CMOS:
+        return cmos_access(kstate[ports[PT_ROW, port]], port, size, is_write, value, sys_time(0)), ST_DONE
+    if kind == PK_RESET:
+        if is_write and (value & 0xFF) == RESET_VALUE:
+            return 0, ST_PYTHON            # Python ends the run as a reboot
+        return ones, ST_DONE               # reads: no keyboard controller
+    return 0, ST_PYTHON                    # PK_PYTHON
+
+
+@njit(nogil=True, cache=True)
+def _port_access(conf, space, ports, kstate, counts, port, size, is_write, value):
+    """A port access (0 <= port <= 0xFFFF, size 1/2/4): (result, ST_*).
+    Unclaimed ports read all-ones; an access running past the end of a
+    claimed range is split into bytes, as the chipset would."""
+    counts[port] += 1
+    kind = ports[PT_KIND, port]
+    if kind == PK_NONE:
+        return (0 if is_write else _size_mask(size)), ST_DONE
+    if port + size - 1 <= ports[PT_LAST, port]:
+        return _port_one(conf, space, ports, kstate, kind, port, size, is_write, value)
+    for i in range(size):
+        k = ports[PT_KIND, (port + i) & 0xFFFF]
+        if k == PK_PYTHON or k == PK_CONF1 or k == PK_RESET:
+            return 0, ST_PYTHON            # Python splits it before anything is done
+    r = 0
+    for i in range(size):
+        p = (port + i) & 0xFFFF
+        v, _ = _port_one(conf, space, ports, kstate, ports[PT_KIND, p], p, 1, is_write, (value >> (8 * i)) & 0xFF)
+        r |= (v & 0xFF) << (8 * i)
+    return (0 if is_write else r), ST_DONE
+
+
+@njit(nogil=True, cache=True, inline='always')
+def _mmio_reg(off):
+    if off < COMMON_LEN:
+        return FIELD_AT[off]
+    if off == ISR_OFF:
+        return M_ISR
+    if off >= MSIX_PBA_OFF:
+        return M_MSIX_PBA
+    if off >= MSIX_TABLE_OFF:
+        return M_MSIX_TABLE
+    if off >= NOTIFY_OFF:
+        return M_NOTIFY
+    if off >= DEVCFG_OFF:
+        return M_DEVCFG
+    return M_OTHER
+
+
+@njit(nogil=True, cache=True)
+def _mmio_access(page_slot, regs, bytes_, msix, notify_fd, counts, pend, addr, size, is_write, value):
+    """An MMIO access (size 1/2/4/8): (result, ST_*).  Addresses in no BAR0
+    read all-ones (-1 for 8 bytes) and ignore writes; BAR0 goes to
+    ``_bar_access``, whose notify action becomes an eventfd write here."""
+    slot = 0
+    if 0 <= addr < (1 << 32):
+        slot = page_slot[addr >> BAR0_SHIFT]
+    if slot == 0:
+        counts[MAX_SLOTS, M_OTHER] += 1
+        if is_write:
+            return 0, ST_DONE
+        return (-1 if size == 8 else _size_mask(size)), ST_DONE
+    off = addr & (BAR0_SIZE - 1)
+    counts[slot, _mmio_reg(off)] += 1
+    if size > 4 or off + size > BAR0_SIZE:
+        pend[PD_STATUS] = ST_PYTHON
+        return 0, ST_PYTHON                # 64-bit halves and range errors: Python
+    r, action, arg, err = _bar_access(regs[slot], bytes_[slot], msix[slot], off, size, is_write, value & 0xFFFFFFFF)
+    if err == 0 and action == A_NONE:
+        return r, ST_DONE
+    if err == 0 and action == A_NOTIFY:
+        fd = notify_fd[slot, arg]
+        if fd >= 0:
+            pend[PD_ONE] = 1
+            while sys_write(fd, pend.ctypes.data + 8 * PD_ONE, 8) == -EINTR:
+                pass
+        return 0, ST_DONE
+    pend[PD_STATUS] = ST_BAR_SLOW
+    pend[PD_SLOT] = slot
+    pend[PD_OFF] = off
+    pend[PD_SIZE] = size
+    pend[PD_WRITE] = 1 if is_write else 0
+    pend[PD_VALUE] = value
+    pend[PD_R] = r
+    pend[PD_ACTION] = action
+    pend[PD_ARG] = arg
+    pend[PD_ERR] = err
+    return r, ST_BAR_SLOW
+
+
+@njit(nogil=True, cache=True, inline='always')
+def _load(buf, off, size):
+    if size == 1:
+        return ld_u8(buf, off)
+    if size == 2:
+        return ld_u16(buf, off)
+    if size == 4:
+        return ld_u32(buf, off)
+    return ld_u64(buf, off)
+
+
+@njit(nogil=True, cache=True, inline='always')
+def _store(buf, off, size, value):
+    if size == 1:
+        st_u8(buf, off, value & 0xFF)
+    elif size == 2:
+        st_u16(buf, off, value & 0xFFFF)
+    elif size == 4:
+        st_u32(buf, off, value & 0xFFFFFFFF)
+    else:
+        st_u64(buf, off, value)
+
+
+@njit(nogil=True, cache=True, inline='always')
+def handle_exit(run, ctl, conf, space, ports, kstate, port_counts, page_slot, regs, bytes_, msix, notify_fd,
+                mmio_counts, pend):
+    """Handle the exit described in the kvm_run page ``run`` (uint8) with the
+    bus's tables (``Bus.tables``, unpacked once by the caller: each array
+    passed across a call costs tens of ns), counting it in ``ctl`` (hw.kvm
+    V_* fields).  Returns 0
+    when the vCPU may run on, a VCPU_* code for an exit only Python
+    handles, or R_SLOW_PIO/R_SLOW_MMIO for an access Python must finish
+    (``pend`` says where).  Public so a benchmark can drive it with a
+    kvm_run-shaped page exactly as the vCPU loop does."""
+    reason = ld_u32(run, RUN_EXIT_REASON)
+    if reason == KVM_EXIT_IO:
+        ctl[V_PIO] += 1
+        size = ld_u8(run, RUN_IO_SIZE)
+        port = ld_u16(run, RUN_IO_PORT)
+        count = ld_u32(run, RUN_IO_COUNT)
+        data = ld_u64(run, RUN_IO_DATA_OFFSET)
+        if (size != 1 and size != 2 and size != 4) or data < 0 or data + count * size > run.size:
+            return VCPU_EXIT               # not what KVM sends: Python reports it
+        is_write = ld_u8(run, RUN_IO_DIRECTION) == KVM_EXIT_IO_OUT
+        for i in range(count):
+            at = data + i * size
+            v = _load(run, at, size) if is_write else 0
+            r, st = _port_access(conf, space, ports, kstate, port_counts, port, size, is_write, v)
+            if st != ST_DONE:
+                pend[PD_INDEX] = i
+                return R_SLOW_PIO
+            if not is_write:
+                _store(run, at, size, r)
+        return 0
+    if reason == KVM_EXIT_MMIO:
+        ctl[V_MMIO] += 1
+        ln = ld_u32(run, RUN_MMIO_LEN)
+        if ln != 1 and ln != 2 and ln != 4 and ln != 8:
+            return VCPU_EXIT
+        addr = ld_u64(run, RUN_MMIO_PHYS)
+        is_write = ld_u8(run, RUN_MMIO_IS_WRITE) != 0
+        v = _load(run, RUN_MMIO_DATA, ln) if is_write else 0
+        r, st = _mmio_access(page_slot, regs, bytes_, msix, notify_fd, mmio_counts, pend, addr, ln, is_write, v)
+        if st != ST_DONE:
+            return R_SLOW_MMIO
+        if not is_write:
+            _store(run, RUN_MMIO_DATA, ln, r)
+        return 0
+    if reason == KVM_EXIT_INTR:
+        ctl[V_INTR] += 1
+        return 0
+    if reason == KVM_EXIT_IRQ_WINDOW_OPEN:
+        return 0
+    if reason == KVM_EXIT_INTERNAL_ERROR:
+        return assist(run, ctl)            # int3/fwait here; anything else VCPU_EXIT
+    return VCPU_EXIT
+
+
+@njit(nogil=True, cache=True)
+def _vcpu_loop(fd, run, ctl, tb):
+    """KVM_RUN on vCPU ``fd`` until an exit needs Python (see handle_exit),
+    ctl[V_STOP] is set, a signal interrupts KVM_RUN or ctl[V_LIMIT] exits
+    were handled.  nogil: device threads run meanwhile."""
+    conf, space, ports, kstate, page_slot, regs, bytes_, msix, notify_fd, port_counts, mmio_counts, pend = tb
+    while True:
+        if ctl[V_STOP] != 0:
+            return VCPU_STOPPED
+        rc = sys_ioctl(fd, KVM_RUN, 0)
+        if rc < 0:
+            if rc == -EINTR:
+                return VCPU_EINTR
+            if rc == -EAGAIN:
+                continue
+            ctl[V_ERRNO] = -rc
+            return VCPU_ERRNO
+        ctl[V_EXITS] += 1
+        code = handle_exit(run, ctl, conf, space, ports, kstate, port_counts, page_slot, regs, bytes_, msix,
+                           notify_fd, mmio_counts, pend)
+        if code != 0:
+            return code
+        if ctl[V_EXITS] == ctl[V_LIMIT]:
+            return VCPU_LIMIT
 
 
 # ---------------------------------------------------------------------------
@@ -983,15 +1262,19 @@ class Transport:
         self.offered = int(dev.features) | (1 << vring.VIRTIO_F_VERSION_1)
         # Two arrays per device keep the kernel call cheap (each array
         # argument costs more than the work of a register access).
-        self.regs = np.zeros((1 + nq, max(S_FIELDS, QC_FIELDS)), dtype=np.int64)
+        # Views of the bus's per-slot arrays, which the compiled dispatch indexes by slot.
+        self.regs = bus.regs[slot, :1 + nq]
+        self.regs[:] = 0
         self.st = self.regs[0]
         self.qs = self.regs[1:]
-        self.bytes = np.zeros(B_CFG + len(config), dtype=np.uint8)
+        self.bytes = bus.bytes_[slot, :B_CFG + len(config)]
+        self.bytes[:] = 0
         self.isr = self.bytes[B_ISR:B_ISR + 1]
         self.msix = bus.msix[slot]
         self.bytes[B_CFG:] = config
         self.queues = [vring.new_queue() for _ in range(nq)]
         self.notify_fds = [os.eventfd(0, os.EFD_CLOEXEC) for _ in range(nq)]
+        bus.notify_fd[slot, :nq] = self.notify_fds
         self.irq_fd = os.eventfd(0, os.EFD_CLOEXEC)
         # MSI-X: one vector per queue plus the configuration vector, each
         # with its eventfd; all masked, nothing pending (PCI 3.0 §6.8.2.9).
@@ -1361,6 +1644,7 @@ class Transport:
             q[vring.Q_VECTOR] = self.qs[i, QC_MSIX]       # raise_msix checks it against the table size
 
     def close(self):
+        self.bus.notify_fd[self.slot, :] = -1
         for fd in self.notify_fds + [self.irq_fd] + self.vector_fds:
             try:
                 os.close(fd)
@@ -1424,6 +1708,18 @@ class Bus:
         self._msi_listeners: list = []
         self.conf = np.zeros(C_FIELDS, dtype=np.int64)
         self.msix = np.zeros((MAX_SLOTS, 1 + MSIX_MAX_VECTORS, MSIX_FIELDS), dtype=np.int64)
+        # Flat dispatch tables (see "Exit dispatch"): zero pages until touched.
+        self.regs = np.zeros((MAX_SLOTS, 1 + MAX_QUEUES, max(S_FIELDS, QC_FIELDS)), dtype=np.int64)
+        self.bytes_ = np.zeros((MAX_SLOTS, B_CFG + DEVCFG_MAX), dtype=np.uint8)
+        self.notify_fd = np.full((MAX_SLOTS, MAX_QUEUES), -1, dtype=np.int64)
+        self.ports = np.zeros((4, 0x10000), dtype=np.int32)
+        self.kstate = np.zeros((KSTATE_ROWS, KSTATE_WIDTH), dtype=np.int64)
+        self._kstate_used = 0
+        self.page_slot = np.zeros(PAGE_SLOTS, dtype=np.int8)
+        self.port_counts = np.zeros(0x10000, dtype=np.int64)
+        self.mmio_counts = np.zeros((MAX_SLOTS + 1, M_REGS), dtype=np.int64)
+        self.pend = np.zeros(PD_FIELDS, dtype=np.int64)
+        self._compiled = False
         self.space = np.zeros((MAX_SLOTS, P_PLANES, PCI_CFG_SPACE_SIZE), dtype=np.uint8)
         self.space[:, P_REGION, :] = REGION_UNUSED
         # Views of the planes, for Python-side code and tests.
@@ -1440,9 +1736,11 @@ class Bus:
         bridge = _ConfigBuilder(self.cfg[0], self.wmask[0], self.hook[0], self.region[0])
         bridge.header(HOST_BRIDGE_VENDOR, HOST_BRIDGE_DEVICE, 0, 0x06, 0x00, 0, 0, 0, pin=0, line=0)
         self.slots[0] = _HostBridge()
+        self.tables = (self.conf, self.space, self.ports, self.kstate, self.page_slot, self.regs, self.bytes_,
+                       self.msix, self.notify_fd, self.port_counts, self.mmio_counts, self.pend)
         # Two ranges, so an access straddling them is split per byte.
-        self.add_ports(CONFIG_ADDRESS, 4, self._conf1_port)
-        self.add_ports(CONFIG_DATA, 4, self._conf1_port)
+        self.add_kernel_ports(CONFIG_ADDRESS, 4, self._conf1_port, "conf1")
+        self.add_kernel_ports(CONFIG_DATA, 4, self._conf1_port, "conf1")
 
     # -- devices -----------------------------------------------------------
     def add_device(self, dev: VirtioDevice) -> Transport:
@@ -1462,33 +1760,67 @@ class Bus:
 
     # -- port I/O ----------------------------------------------------------
     def add_ports(self, first: int, count: int, handler) -> None:
+        self.add_kernel_ports(first, count, handler, "python")
+
+    def add_kernel_ports(self, first: int, count: int, handler, kind: str, state=None):
+        """Claim ports like ``add_ports``, served by the compiled handler
+        ``kind`` ("conf1", "uart", "cmos", "reset"; "python": only
+        ``handler``).  ``handler`` still serves the rare accesses Python
+        finishes.  ``state`` (uart, cmos) is copied into the bus's tables;
+        the view returned is where the device's state lives from now on."""
         if not (0 <= first and count > 0 and first + count <= 0x10000):
             raise ValueError(f"port range {first:#x}+{count} is outside 0..0xffff")
+        if kind not in PORT_KINDS:
+            raise ValueError(f"unknown port handler kind {kind!r}")
         last = first + count - 1
         for p in range(first, first + count):
             if p in self._ports:
                 raise ValueError(f"port {p:#x} is already claimed")
+        view = None
+        row = 0
+        if state is not None:
+            if self._kstate_used == KSTATE_ROWS or len(state) > KSTATE_WIDTH:
+                raise ValueError("no room for another compiled port device's state")
+            row = self._kstate_used
+            self._kstate_used += 1
+            view = self.kstate[row, :len(state)]
+            view[:] = state
         for p in range(first, first + count):
             self._ports[p] = (handler, last)
+        self.ports[PT_KIND, first:last + 1] = PORT_KINDS[kind]
+        self.ports[PT_FIRST, first:last + 1] = first
+        self.ports[PT_LAST, first:last + 1] = last
+        self.ports[PT_ROW, first:last + 1] = row
+        return view
 
     def pio(self, port: int, size: int, is_write: bool, value: int) -> int:
+        if size not in (1, 2, 4):
+            raise ValueError(f"port access size must be 1, 2 or 4, not {size}")
+        if not 0 <= port <= 0xFFFF:
+            return 0 if is_write else (1 << 8 * size) - 1
+        with self._lock:
+            r, st = _port_access(self.conf, self.space, self.ports, self.kstate, self.port_counts, port, size,
+                                 is_write, value & 0xFFFFFFFF)
+        if st == ST_DONE:
+            return int(r)
+        return self._pio_python(port, size, is_write, value)
+
+    def _pio_python(self, port, size, is_write, value):
+        # What the compiled dispatch hands back: Python-only handlers, conf1
+        # hooks, the reset port, splits touching those.
         ent = self._ports.get(port)
         if ent is None:
-            if size not in (1, 2, 4):
-                raise ValueError(f"port access size must be 1, 2 or 4, not {size}")
             return 0 if is_write else (1 << 8 * size) - 1
-        if port + size - 1 > ent[1] or size not in (1, 2, 4):
+        if port + size - 1 > ent[1]:
             return self._split_pio(port, size, is_write, value)
         return ent[0](port, size, is_write, value)
 
     def _split_pio(self, port, size, is_write, value):
         # An access running off the end of a device's ports: byte by byte,
         # as the chipset would split it.
-        if size not in (1, 2, 4):
-            raise ValueError(f"port access size must be 1, 2 or 4, not {size}")
         r = 0
         for i in range(size):
-            r |= self.pio((port + i) & 0xFFFF, 1, is_write, (value >> 8 * i) & 0xFF) << 8 * i
+            r |= self._pio_python((port + i) & 0xFFFF, 1, is_write, (value >> 8 * i) & 0xFF) << 8 * i
         return 0 if is_write else r
 
     def _conf1_port(self, port, size, is_write, value):
@@ -1534,6 +1866,10 @@ class Bus:
                 pages.setdefault(t.bar0 >> BAR0_SHIFT, t)
         if pages == self._pages:
             return
+        for page in self._pages:
+            self.page_slot[page] = 0
+        for page, t in pages.items():
+            self.page_slot[page] = t.slot
         self._pages = pages
         for listener in self._decode_listeners:
             listener()
@@ -1546,24 +1882,129 @@ class Bus:
 
     # -- MMIO --------------------------------------------------------------
     def mmio(self, addr: int, size: int, is_write: bool, value: int) -> int:
+        if size not in (1, 2, 4, 8):
+            raise ValueError(f"MMIO access size must be 1, 2, 4 or 8, not {size}")
+        if not 0 <= addr < 1 << 32:
+            return 0 if is_write else (1 << 8 * size) - 1
+        with self._lock:
+            r, st = _mmio_access(self.page_slot, self.regs, self.bytes_, self.msix, self.notify_fd, self.mmio_counts,
+                                 self.pend, addr, size, is_write, value & 0xFFFFFFFF)
+            if st == ST_BAR_SLOW:
+                return self._bar_slow(value)
+        if st == ST_DONE:
+            return int(r) & ((1 << 8 * size) - 1)
+        return self._mmio_python(addr, size, is_write, value)
+
+    def _bar_slow(self, value):
+        # _bar_access's result is in the pending record; the transport
+        # applies the policy and runs the action (under the bus lock).
+        p = self.pend
+        t = self.slots[int(p[PD_SLOT])]
+        return t._slow(int(p[PD_OFF]), int(p[PD_SIZE]), bool(p[PD_WRITE]), value, int(p[PD_R]),
+                       int(p[PD_ACTION]), int(p[PD_ARG]), int(p[PD_ERR]))
+
+    def _mmio_python(self, addr, size, is_write, value):
+        # 8-byte accesses and accesses running off the end of BAR0.
         t = self._pages.get(addr >> BAR0_SHIFT)
-        if t is None or size not in (1, 2, 4):
-            if size not in (1, 2, 4, 8):
-                raise ValueError(f"MMIO access size must be 1, 2, 4 or 8, not {size}")
-            if t is None:
-                return 0 if is_write else (1 << 8 * size) - 1
+        if t is None:
+            return 0 if is_write else (1 << 8 * size) - 1
         off = addr - t.bar0
         with self._lock:
             if off + size > BAR0_SIZE:
                 t.driver_error(E_BAR_RANGE, f"{size}-byte access at BAR0+{off:#x}")
                 return 0
-            if size == 8:
-                return t.bar_access(off, size, is_write, value)
-            # The common path, inline: one kernel call.
-            r, action, arg, err = _bar_access(t.regs, t.bytes, t.msix, off, size, is_write, value & 0xFFFFFFFF)
-            if action == A_NONE and err == 0:
-                return r
-            return t._slow(off, size, is_write, value, r, action, arg, err)
+            return t.bar_access(off, size, is_write, value)
+
+    # -- the compiled vCPU loop --------------------------------------------------
+    def run_vcpu(self, vcpu_fd: int, run: np.ndarray, ctl: np.ndarray) -> int:
+        """Run KVM vCPU ``vcpu_fd`` (``run``: its kvm_run page as uint8,
+        ``ctl``: hw.kvm's V_* control array) in the compiled loop until it
+        returns a hw.kvm VCPU_* code; accesses only Python can finish are
+        finished here, and the loop re-entered."""
+        if not self._compiled:
+            self._compile_python_paths()
+        tb = self.tables
+        while True:
+            code = _vcpu_loop(vcpu_fd, run, ctl, tb)
+            if code == R_SLOW_PIO:
+                self._finish_pio(run)
+            elif code == R_SLOW_MMIO:
+                self._finish_mmio(run)
+            else:
+                return code
+            if ctl[V_STOP]:
+                return VCPU_STOPPED
+            if ctl[V_EXITS] == ctl[V_LIMIT]:
+                return VCPU_LIMIT
+
+    def _compile_python_paths(self):
+        """Compile (or load from the cache) the kernels the bus calls from
+        Python, before a guest runs: a first compile in the middle of a run
+        takes seconds (timeouts, watchdogs).  Nothing is accessed."""
+        self._compiled = True
+        regs, by, mx = self.regs[0, :1], self.bytes_[0, :B_CFG], self.msix[0]
+        for fn, args in ((_conf1, (self.conf, self.space, CONFIG_DATA, 4, True, 0, False)),
+                         (_port_access, (self.conf, self.space, self.ports, self.kstate, self.port_counts, 0, 4,
+                                         True, 0)),
+                         (_mmio_access, (self.page_slot, self.regs, self.bytes_, self.msix, self.notify_fd,
+                                         self.mmio_counts, self.pend, 0, 4, True, 0)),
+                         (_bar_access, (regs, by, mx, 0, 4, True, 0))):
+            if hasattr(fn, "compile"):           # not under NUMBA_DISABLE_JIT
+                fn.compile(tuple(numba.typeof(a) for a in args))
+
+    def _finish_pio(self, run):
+        size = int(run[RUN_IO_SIZE])
+        port = int(run[RUN_IO_PORT:RUN_IO_PORT + 2].view(np.uint16)[0])
+        count = int(run[RUN_IO_COUNT:RUN_IO_COUNT + 4].view(np.uint32)[0])
+        data = int(run[RUN_IO_DATA_OFFSET:RUN_IO_DATA_OFFSET + 8].view(np.uint64)[0])
+        is_write = int(run[RUN_IO_DIRECTION]) == KVM_EXIT_IO_OUT
+        first = int(self.pend[PD_INDEX])
+        for i in range(first, count):
+            at = data + i * size
+            v = _le(run, at, size) if is_write else 0
+            # The element the loop stopped at goes straight to Python (it
+            # was counted); the rest through the whole dispatch.
+            r = self._pio_python(port, size, is_write, v) if i == first else self.pio(port, size, is_write, v)
+            if not is_write:
+                _put(run, at, size, r)
+
+    def _finish_mmio(self, run):
+        ln = int(run[RUN_MMIO_LEN:RUN_MMIO_LEN + 4].view(np.uint32)[0])
+        addr = int(run[RUN_MMIO_PHYS:RUN_MMIO_PHYS + 8].view(np.uint64)[0])
+        is_write = bool(run[RUN_MMIO_IS_WRITE])
+        v = _le(run, RUN_MMIO_DATA, ln) if is_write else 0
+        if self.pend[PD_STATUS] == ST_BAR_SLOW:
+            with self._lock:
+                r = self._bar_slow(v)
+        else:
+            r = self._mmio_python(addr, ln, is_write, v)
+        if not is_write:
+            _put(run, RUN_MMIO_DATA, ln, r)
+
+    # -- counters ---------------------------------------------------------------
+    def _port_name(self, p):
+        kind = int(self.ports[PT_KIND, p])
+        rel = p - int(self.ports[PT_FIRST, p])
+        if kind == PK_CONF1:
+            return "conf1 address" if p < CONFIG_DATA else "conf1 data"
+        if kind == PK_UART and rel < len(UART_REG_NAMES):
+            return f"uart {UART_REG_NAMES[rel]}"
+        if kind == PK_CMOS and rel < len(CMOS_REG_NAMES):
+            return f"cmos {CMOS_REG_NAMES[rel]}"
+        if kind == PK_RESET:
+            return f"port {p:#x} (reset)"
+        return f"port {p:#x}" + ("" if kind else " (unclaimed)")
+
+    def access_counts(self) -> list:
+        """[(register name, accesses)], non-zero only, most first: every port
+        (by handler register) and BAR0 register (device, then region or
+        common-config field) the guest or a backend accessed."""
+        rows = [(self._port_name(int(p)), int(self.port_counts[p])) for p in np.flatnonzero(self.port_counts)]
+        for slot, reg in zip(*np.nonzero(self.mmio_counts)):
+            t = self.slots[slot] if slot < MAX_SLOTS else None
+            name = f"{t.name} {M_NAMES[reg]}" if t is not None else "mmio (unclaimed)"
+            rows.append((name, int(self.mmio_counts[slot, reg])))
+        return sorted(rows, key=lambda r: -r[1])
 
     def bar_at(self, addr: int, size: int = 1):
         """``(transport, bar, offset)`` of the BAR holding ``addr`` .. ``addr

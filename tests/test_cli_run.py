@@ -104,6 +104,13 @@ def test_short_run_stats_json(tmp_path):
     # Under KVM every device offers MSI-X; this guest never enables it.
     assert st["interrupts"]["rng"] == {"mode": "intx", "vectors": 2, "isr_reads": 0}
     assert "irq    rng" in r.stderr and "isr_reads 0" in r.stderr
+    # Accesses by register, counted by the compiled dispatch: the guest
+    # wrote device_status 5 times and read it once, used conf1 twice.
+    regs = st["exit_registers"]
+    assert regs["rng common.device_status"] == 6
+    assert regs["conf1 address"] == 2 and regs["conf1 data"] == 2
+    assert "rng common.queue_notify_off" not in regs                     # only non-zero rows
+    assert "access rng common.device_status" in r.stderr
 
 
 def test_missing_bridge_is_one_line_and_leaves_no_tap(tmp_path):

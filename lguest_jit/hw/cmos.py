@@ -14,12 +14,20 @@ rest of the 128 bytes as plain RAM.  A guest that sets the clock (B.SET,
 write the registers, clear B.SET) moves its own clock by an offset from the
 host's; the host clock is never touched.  No alarm or periodic interrupts.
 
+State lives in an int64 array (the 128 bytes, the index, the offset and
+the registers held while B.SET is on) and one kernel, ``cmos_access``,
+does every access: the compiled vCPU loop (pci's dispatch) and the Python
+``CmosRtc.pio`` share it.  Dates are computed with the proleptic Gregorian
+day count (as ``calendar.timegm``/``time.gmtime`` do), in the kernel.
+
 Register numbers follow the MC146818 datasheet (Linux: include/linux/mc146818rtc.h).
 """
 from __future__ import annotations
 
-import calendar
 import time
+
+import numpy as np
+from numba import njit
 
 INDEX_PORT, DATA_PORT = 0x70, 0x71
 
@@ -36,133 +44,226 @@ NMI_DISABLE = 0x80               # bit 7 of an index write, not part of the inde
 TIME_REGS = (SECONDS, MINUTES, HOURS, WEEKDAY, DAY, MONTH, YEAR, CENTURY)
 
 
-def _bcd(v: int) -> int:
+
+# State array layout
+C_RAM = 0              # 128 bytes of clock RAM, one per field
+C_INDEX = 128
+C_OFFSET = 129         # guest clock minus host clock, seconds
+C_PENDING = 130        # 128 fields: a time register written while B.SET is on, -1 if not
+C_FIELDS = 258
+
+REG_NAMES = ("index", "data")
+
+
+@njit(nogil=True, cache=True)
+def _is_time_reg(reg):
+    return (reg == SECONDS or reg == MINUTES or reg == HOURS or reg == WEEKDAY or reg == DAY or reg == MONTH
+            or reg == YEAR or reg == CENTURY)
+
+
+@njit(nogil=True, cache=True)
+def _bcd(v):
     return (v // 10) << 4 | v % 10
 
 
-def _from_bcd(v: int) -> int:
+@njit(nogil=True, cache=True)
+def _from_bcd(v):
     return (v >> 4) * 10 + (v & 0xF)
+
+
+@njit(nogil=True, cache=True)
+def _days_from_civil(y, m, d):
+    # Days since 1970-01-01 of a proleptic Gregorian date (H. Hinnant's algorithm).
+    if m <= 2:
+        y -= 1
+    era = y // 400
+    yoe = y - era * 400
+    mp = m - 3 if m > 2 else m + 9
+    doy = (153 * mp + 2) // 5 + d - 1
+    doe = yoe * 365 + yoe // 4 - yoe // 100 + doy
+    return era * 146097 + doe - 719468
+
+
+@njit(nogil=True, cache=True)
+def _field(secs, reg):
+    """Register ``reg``'s value (plain number) at UTC ``secs``."""
+    days = secs // 86400
+    rem = secs - days * 86400
+    if reg == SECONDS:
+        return rem % 60
+    if reg == MINUTES:
+        return (rem // 60) % 60
+    if reg == HOURS:
+        return rem // 3600
+    if reg == WEEKDAY:
+        return ((days + 3) % 7 + 1) % 7 + 1      # 1970-01-01 was a Thursday; Sunday is 1
+    z = days + 719468
+    era = z // 146097
+    doe = z - era * 146097
+    yoe = (doe - doe // 1460 + doe // 36524 - doe // 146096) // 365
+    doy = doe - (365 * yoe + yoe // 4 - yoe // 100)
+    mp = (5 * doy + 2) // 153
+    if reg == DAY:
+        return doy - (153 * mp + 2) // 5 + 1
+    month = mp + 3 if mp < 10 else mp - 9
+    if reg == MONTH:
+        return month
+    year = yoe + era * 400 + (1 if month <= 2 else 0)
+    if reg == YEAR:
+        return year % 100
+    return year // 100                           # CENTURY
+
+
+@njit(nogil=True, cache=True)
+def _encode(st, reg, value):
+    b = st[C_RAM + STATUS_B]
+    if reg == HOURS and (b & B_24H) == 0:
+        pm = value >= 12
+        value = value % 12
+        if value == 0:
+            value = 12
+        return (value if (b & B_DM_BINARY) else _bcd(value)) | (HOUR_PM if pm else 0)
+    return value if (b & B_DM_BINARY) else _bcd(value)
+
+
+@njit(nogil=True, cache=True)
+def _decode(st, reg, raw):
+    b = st[C_RAM + STATUS_B]
+    pm = False
+    h12 = reg == HOURS and (b & B_24H) == 0
+    if h12:
+        pm = (raw & HOUR_PM) != 0
+        raw = raw & ~HOUR_PM & 0xFF
+    value = raw if (b & B_DM_BINARY) else _from_bcd(raw)
+    if h12:
+        value = value % 12 + (12 if pm else 0)
+    return value
+
+
+@njit(nogil=True, cache=True)
+def _set_clock(st, now):
+    """B.SET was cleared: the written registers become the guest's time."""
+    any_pending = False
+    for r in range(128):
+        if st[C_PENDING + r] >= 0:
+            any_pending = True
+    if not any_pending:
+        return
+    secs = now + st[C_OFFSET]
+    f = np.zeros(CENTURY + 1, dtype=np.int64)
+    for r in (SECONDS, MINUTES, HOURS, DAY, MONTH, YEAR, CENTURY):
+        raw = st[C_PENDING + r]
+        f[r] = _decode(st, r, raw) if raw >= 0 else _field(secs, r)
+    for r in range(128):
+        st[C_PENDING + r] = -1
+    year = f[CENTURY] * 100 + f[YEAR]
+    if f[MONTH] < 1 or f[MONTH] > 12 or year < 1 or year > 9999:
+        return                   # an impossible date: keep the clock as it was
+    wanted = (_days_from_civil(year, f[MONTH], 1) + f[DAY] - 1) * 86400 + f[HOURS] * 3600 + f[MINUTES] * 60 \
+        + f[SECONDS]
+    st[C_OFFSET] = wanted - now
+
+
+@njit(nogil=True, cache=True)
+def _read_reg(st, reg, now):
+    if _is_time_reg(reg):
+        if st[C_PENDING + reg] >= 0:
+            return st[C_PENDING + reg]
+        return _encode(st, reg, _field(now + st[C_OFFSET], reg))
+    value = st[C_RAM + reg]
+    if reg == STATUS_C:
+        st[C_RAM + STATUS_C] = 0           # read-to-clear (nothing ever sets it)
+    return value
+
+
+@njit(nogil=True, cache=True)
+def _write_reg(st, reg, value, now):
+    if _is_time_reg(reg):
+        st[C_PENDING + reg] = value
+        if (st[C_RAM + STATUS_B] & B_SET) == 0:
+            _set_clock(st, now)
+    elif reg == STATUS_A:
+        st[C_RAM + STATUS_A] = value & 0x7F  # UIP is read-only
+    elif reg == STATUS_B:
+        was_set = st[C_RAM + STATUS_B] & B_SET
+        st[C_RAM + STATUS_B] = value
+        if was_set and (value & B_SET) == 0:
+            _set_clock(st, now)
+    elif reg == STATUS_C or reg == STATUS_D:
+        pass                                 # read-only
+    else:
+        st[C_RAM + reg] = value
+
+
+@njit(nogil=True, cache=True)
+def cmos_access(st, port, size, is_write, value, now):
+    """One access at ``port`` (0x70 index, 0x71 data; a wide access acts on
+    consecutive ports, past 0x71 nothing answers) at host UTC second
+    ``now``.  Returns the value read (0 for writes)."""
+    out = 0
+    for k in range(size):
+        p = port + k
+        byte = (value >> (8 * k)) & 0xFF
+        if p == INDEX_PORT:
+            if is_write:
+                st[C_INDEX] = byte & ~NMI_DISABLE & 0x7F
+            else:
+                out |= st[C_INDEX] << (8 * k)
+        elif p == DATA_PORT:
+            if is_write:
+                _write_reg(st, st[C_INDEX], byte, now)
+            else:
+                out |= _read_reg(st, st[C_INDEX], now) << (8 * k)
+        elif not is_write:
+            out |= 0xFF << (8 * k)       # past 0x71: nothing there
+    return out
 
 
 class CmosRtc:
     """``pio(port, size, is_write, value)`` is the bus handler; ``now()``
-    returns host UTC seconds (a parameter for tests)."""
+    returns host UTC seconds (a parameter for tests; with the default the
+    bus's compiled dispatch serves the ports, reading the clock itself)."""
 
     def __init__(self, now=time.time):
         self.now = now
-        self.index = 0
-        self.ram = bytearray(128)
-        self.ram[STATUS_A] = A_DIVIDER_32KHZ_1024HZ
-        self.ram[STATUS_B] = B_24H           # BCD and 24-hour, as PC firmware leaves it
-        self.ram[STATUS_D] = D_VRT
-        self.offset = 0                      # guest clock minus host clock, seconds
-        self.pending = {}                    # time registers written while B.SET is on
+        self.state = np.zeros(C_FIELDS, dtype=np.int64)
+        self.state[C_PENDING:] = -1
+        self.state[C_RAM + STATUS_A] = A_DIVIDER_32KHZ_1024HZ
+        self.state[C_RAM + STATUS_B] = B_24H           # BCD and 24-hour, as PC firmware leaves it
+        self.state[C_RAM + STATUS_D] = D_VRT
+
+    @property
+    def offset(self) -> int:
+        """Guest clock minus host clock, seconds."""
+        return int(self.state[C_OFFSET])
 
     def save_state(self) -> dict:
-        """Index, RAM and the guest's clock offset (a snapshot).  The offset
-        is relative to host time, so a restored guest's wall clock reads
-        the host's time as before, not the moment of the snapshot."""
-        return {"index": self.index, "ram": bytes(self.ram), "offset": self.offset,
-                "pending": {str(k): v for k, v in self.pending.items()}}
+        """Index, RAM, pending time writes and the guest's clock offset (a
+        snapshot).  The offset is relative to host time, so a restored
+        guest's wall clock reads the host's time as before."""
+        return {"state": [int(v) for v in self.state]}
 
     def load_state(self, st: dict) -> None:
-        ram = bytes(st["ram"])
-        if len(ram) != len(self.ram):
-            raise ValueError(f"CMOS RAM of {len(ram)} bytes, expected {len(self.ram)}")
-        self.index = int(st["index"])
-        self.ram[:] = ram
-        self.offset = st["offset"]
-        self.pending = {int(k): v for k, v in st["pending"].items()}
+        """Put back ``save_state()``, checked (a snapshot is untrusted): the
+        index must address the RAM, each byte be a byte."""
+        v = st["state"]
+        if len(v) != C_FIELDS or not all(isinstance(x, int) for x in v):
+            raise ValueError(f"CMOS state of {len(v)} fields, expected {C_FIELDS}")
+        ram, pending = v[C_RAM:C_RAM + 128], v[C_PENDING:C_PENDING + 128]
+        if not (0 <= v[C_INDEX] < 128 and all(0 <= x <= 0xFF for x in ram)
+                and all(-1 <= x <= 0xFF for x in pending) and abs(v[C_OFFSET]) < 2**40):
+            raise ValueError("CMOS state out of range")
+        self.state[:] = v
 
     def register(self, bus) -> None:
-        bus.add_ports(INDEX_PORT, 2, self.pio)
-
-    # -- the clock as the guest sees it ---------------------------------------------------
-
-    def _encode(self, reg: int, value: int) -> int:
-        b = self.ram[STATUS_B]
-        if reg == HOURS and not b & B_24H:
-            pm = value >= 12
-            value = value % 12 or 12
-            return (value if b & B_DM_BINARY else _bcd(value)) | (HOUR_PM if pm else 0)
-        return value if b & B_DM_BINARY else _bcd(value)
-
-    def _decode(self, reg: int, raw: int) -> int:
-        b = self.ram[STATUS_B]
-        pm = False
-        if reg == HOURS and not b & B_24H:
-            pm, raw = bool(raw & HOUR_PM), raw & ~HOUR_PM
-        value = raw if b & B_DM_BINARY else _from_bcd(raw)
-        if reg == HOURS and not b & B_24H:
-            value = value % 12 + (12 if pm else 0)
-        return value
-
-    def _fields(self) -> dict:
-        t = time.gmtime(int(self.now()) + self.offset)
-        return {SECONDS: t.tm_sec, MINUTES: t.tm_min, HOURS: t.tm_hour, WEEKDAY: (t.tm_wday + 1) % 7 + 1,
-                DAY: t.tm_mday, MONTH: t.tm_mon, YEAR: t.tm_year % 100, CENTURY: t.tm_year // 100}
-
-    def _set_clock(self) -> None:
-        """B.SET was cleared: the written registers become the guest's time."""
-        if not self.pending:
-            return
-        f = self._fields()
-        f.update({r: self._decode(r, v) for r, v in self.pending.items()})
-        self.pending = {}
-        try:
-            wanted = calendar.timegm((f[CENTURY] * 100 + f[YEAR], f[MONTH], f[DAY], f[HOURS], f[MINUTES],
-                                      f[SECONDS], 0, 0, 0))
-        except (ValueError, OverflowError):
-            return                   # an impossible date: keep the clock as it was
-        self.offset = wanted - int(self.now())
-
-    # -- registers ---------------------------------------------------------------------------
-
-    def read_reg(self, reg: int) -> int:
-        if reg in TIME_REGS:
-            if reg in self.pending:
-                return self.pending[reg]
-            return self._encode(reg, self._fields()[reg])
-        value = self.ram[reg]
-        if reg == STATUS_C:
-            self.ram[STATUS_C] = 0           # read-to-clear (nothing ever sets it)
-        return value
-
-    def write_reg(self, reg: int, value: int) -> None:
-        if reg in TIME_REGS:
-            self.pending[reg] = value
-            if not self.ram[STATUS_B] & B_SET:
-                self._set_clock()
-        elif reg == STATUS_A:
-            self.ram[STATUS_A] = value & 0x7F  # UIP is read-only
-        elif reg == STATUS_B:
-            was_set = self.ram[STATUS_B] & B_SET
-            self.ram[STATUS_B] = value
-            if was_set and not value & B_SET:
-                self._set_clock()
-        elif reg in (STATUS_C, STATUS_D):
-            pass                             # read-only
+        add = getattr(bus, "add_kernel_ports", None)
+        if add is not None and self.now is time.time:
+            self.state = add(INDEX_PORT, 2, self.pio, "cmos", self.state)    # the bus holds the state now
         else:
-            self.ram[reg] = value
+            bus.add_ports(INDEX_PORT, 2, self.pio)
 
     def pio(self, port: int, size: int, is_write: bool, value: int) -> int:
-        out = 0
-        for k in range(size):            # a wide access acts on consecutive ports
-            p = port + k
-            byte = (value >> (8 * k)) & 0xFF
-            if p == INDEX_PORT:
-                if is_write:
-                    self.index = byte & ~NMI_DISABLE & 0x7F
-                else:
-                    out |= self.index << (8 * k)
-            elif p == DATA_PORT:
-                if is_write:
-                    self.write_reg(self.index, byte)
-                else:
-                    out |= self.read_reg(self.index) << (8 * k)
-            elif not is_write:
-                out |= 0xFF << (8 * k)       # past 0x71: nothing there
-        return out
+        return int(cmos_access(self.state, port, size, is_write, value, int(self.now())))
 
 
-__all__ = ["CmosRtc", "INDEX_PORT", "DATA_PORT"]
+__all__ = ["CmosRtc", "INDEX_PORT", "DATA_PORT", "cmos_access", "REG_NAMES"]

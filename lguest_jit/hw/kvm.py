@@ -7,8 +7,11 @@ KVM doing the CPU part:
 * guest RAM (a :class:`~lguest_jit.hw.memory.GuestMemory`) is one user
   memory slot at guest physical address 0;
 * every port access and every access to an address with no memory slot
-  (the PCI BARs above RAM) exits KVM_RUN and goes to the PCI bus object
-  (``bus.pio`` / ``bus.mmio``);
+  (the PCI BARs above RAM) exits KVM_RUN and goes to the PCI bus object:
+  with a bus that has ``run_vcpu`` (``pci.Bus``) the whole loop runs there
+  as a nogil kernel (KVM_RUN through libc's ioctl, exits answered from
+  flat tables, back to Python only for the rare cases, see HACKING.md);
+  otherwise a Python loop calls ``bus.pio`` / ``bus.mmio``;
 * queue notifications never reach this loop: each notify address is an
   ioeventfd, so KVM signals the queue thread's eventfd directly;
 * devices raise interrupts through irqfds, again without the vCPU thread;
@@ -31,12 +34,18 @@ import signal
 import threading
 import time
 
+import numpy as np
+
 from .run import ExitStats, RunResult  # noqa: F401 - backend-neutral, re-exported for callers of kvm
 from .x86 import (CR0_ET, CR0_NE, CR0_PE, CR0_PG, CR4_PAE, CR4_PSE, EFER_LMA, EFER_LME,  # noqa: F401
                   EFER_SCE, MSR_EFER, MSR_FS_BASE, MSR_IA32_SYSENTER_CS, MSR_IA32_SYSENTER_EIP,
                   MSR_IA32_SYSENTER_ESP, MSR_KERNEL_GS_BASE, MSR_LSTAR, MSR_STAR, MSR_SYSCALL_MASK, RFLAGS_IF)
 
+from numba import njit
+
 from .firmware import with_tsc_frequency
+from .libc import sys_ioctl
+from .memory import ld_u8, ld_u32
 
 # ---------------------------------------------------------------------------
 # ioctl numbers: <linux/ioctl.h> encodes direction, argument size, type and
@@ -323,6 +332,30 @@ RUN_SYSEV_TYPE = 32
 # fail_entry: hardware_entry_failure_reason u64
 RUN_FAIL_REASON = 32
 
+# The compiled vCPU loop (a bus's ``run_vcpu``, see KvmVm._loop) shares an
+# int64 control array with KvmVm, indexed by V_*, and returns a VCPU_* code.
+V_STOP = 0          # stop() sets it; the loop returns VCPU_STOPPED before its next KVM_RUN
+V_LIMIT = 1         # V_EXITS value at which the loop returns VCPU_LIMIT (-1: no limit)
+V_EXITS = 2         # exits, all kinds (cumulative over the VM's life)
+V_PIO = 3           # port-I/O exits
+V_MMIO = 4          # MMIO exits
+V_INTR = 5          # KVM_EXIT_INTR exits
+V_ERRNO = 6         # errno of a failed KVM_RUN (VCPU_ERRNO)
+V_FD = 7            # the vCPU fd (for the assists' register ioctls)
+V_ASSIST_FWAIT = 8  # assists done in compiled code, per instruction
+V_ASSIST_INT3 = 9
+V_ASSIST_EXIT = 10  # repeat detection (both loops): exit number of the last assist,
+V_ASSIST_REPEAT = 11    # how often in a row with the same registers,
+V_PREV_REGS = 16        # and those registers (struct kvm_regs, 18 words)
+V_REGS = 34         # scratch: struct kvm_regs for KVM_GET/SET_REGS
+V_EVENTS = 52       # scratch: struct kvm_vcpu_events (64 bytes)
+V_FIELDS = 64
+VCPU_LIMIT = 1      # ctl[V_LIMIT] exits handled
+VCPU_STOPPED = 2    # ctl[V_STOP] was set
+VCPU_EINTR = 3      # KVM_RUN returned EINTR: a signal (stop, timeout, halt poll, profiler)
+VCPU_ERRNO = 4      # KVM_RUN failed otherwise
+VCPU_EXIT = 5       # an exit only Python handles (halt, shutdown, system event, fatal, unknown)
+
 # Where KVM's real-mode helpers live: just below 4 GiB, above any PCI window
 # we hand out and out of RAM (as QEMU and the notes place them).
 TSS_ADDR = 0xFFFBD000
@@ -393,6 +426,62 @@ ASSISTS = {
     b"\xcc": ("int3", 1, "bp"),
 }
 ASSIST_REPEAT_LIMIT = 16   # the same RIP assisted this often with no other exit between: a loop
+
+
+
+
+@njit(nogil=True, cache=True)
+def assist(run, ctl):
+    """The emulation assist for the KVM_EXIT_INTERNAL_ERROR in ``run``, in
+    compiled code when KVM passed the instruction bytes and they are one
+    of ASSISTS: RIP += 1, and for int3 #BP injected.  Returns 0 when done,
+    VCPU_EXIT when Python must decide (anything else, an exception already
+    pending, the repeat limit reached, a failed ioctl) -- having changed
+    nothing, so ``KvmVm._internal_error`` sees the same state."""
+    if (ld_u32(run, RUN_INT_SUBERROR) != KVM_INTERNAL_ERROR_EMULATION or ld_u32(run, RUN_INT_NDATA) < 3
+            or (ld_u8(run, RUN_INT_FLAGS) & KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES) == 0
+            or ld_u8(run, RUN_INT_INSN_SIZE) < 1):
+        return VCPU_EXIT
+    op = ld_u8(run, RUN_INT_INSN)
+    if op != 0x9B and op != 0xCC:
+        return VCPU_EXIT
+    fd = ctl[V_FD]
+    base = ctl.ctypes.data
+    if sys_ioctl(fd, KVM_GET_REGS, base + 8 * V_REGS) < 0:
+        return VCPU_EXIT
+    n = ctl[V_EXITS]
+    same = n == ctl[V_ASSIST_EXIT] + 1
+    for i in range(18):
+        if ctl[V_REGS + i] != ctl[V_PREV_REGS + i]:
+            same = False
+    if same and ctl[V_ASSIST_REPEAT] + 1 >= ASSIST_REPEAT_LIMIT:
+        return VCPU_EXIT
+    if op == 0xCC:
+        if sys_ioctl(fd, KVM_GET_VCPU_EVENTS, base + 8 * V_EVENTS) < 0:
+            return VCPU_EXIT
+        ex = ctl[V_EVENTS]
+        if (ex & 0xFF) != 0 or ((ex >> 24) & 0xFF) != 0:      # exception injected or pending
+            return VCPU_EXIT
+    if same:
+        ctl[V_ASSIST_REPEAT] += 1
+    else:
+        for i in range(18):
+            ctl[V_PREV_REGS + i] = ctl[V_REGS + i]
+        ctl[V_ASSIST_REPEAT] = 1
+    ctl[V_ASSIST_EXIT] = n
+    ctl[V_REGS + 16] += 1                                      # rip: both are one byte long
+    if sys_ioctl(fd, KVM_SET_REGS, base + 8 * V_REGS) < 0:
+        return VCPU_EXIT
+    if op == 0xCC:
+        # exception {injected 1, nr 3, no error code}; flags (bytes 20-23) 0
+        ctl[V_EVENTS] = 1 | (3 << 8)
+        ctl[V_EVENTS + 2] &= 0xFFFFFFFF
+        if sys_ioctl(fd, KVM_SET_VCPU_EVENTS, base + 8 * V_EVENTS) < 0:
+            return VCPU_EXIT
+        ctl[V_ASSIST_INT3] += 1
+    else:
+        ctl[V_ASSIST_FWAIT] += 1
+    return 0
 
 
 # ---------------------------------------------------------------------------
@@ -496,14 +585,14 @@ class KvmVm:
         self._fds: list[int] = []
         self._threads: list[threading.Thread] = []
         self._stop = False
+        self.ctl = np.zeros(V_FIELDS, dtype=np.int64)    # shared with the compiled loop (V_* fields)
+        self.ctl[V_LIMIT] = -1
+        self.ctl[V_ASSIST_EXIT] = -2
         self._halt_check = False
         self._timed_out = False
         self._reset_requested = False
         self._closed = False
         self._vcpu_thread = None
-        self._assist_state = None
-        self._assist_repeat = 0
-        self._assist_exit = -2
         self._ioeventfds: list[tuple[int, int, int, int]] = []
         self._bus_ioeventfds: set[tuple[int, int, int]] = set()   # the subset bus.ioeventfds() asked for
         self._irqfds: list[tuple[int, int, int]] = []      # (gsi, fd, resamplefd or -1)
@@ -532,6 +621,7 @@ class KvmVm:
                                                  memory_size=gm.size, userspace_addr=gm.base)
             _ioctl(self.vm_fd, KVM_SET_USER_MEMORY_REGION, region, "KVM_SET_USER_MEMORY_REGION")
             self.vcpu_fd = self._own(_ioctl(self.vm_fd, KVM_CREATE_VCPU, 0, "KVM_CREATE_VCPU"))
+            self.ctl[V_FD] = self.vcpu_fd
             self._set_cpuid(cpuid_hook)
             size = _ioctl(self.kvm_fd, KVM_GET_VCPU_MMAP_SIZE, 0, "KVM_GET_VCPU_MMAP_SIZE")
             self.run_map = mmap.mmap(self.vcpu_fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
@@ -540,6 +630,7 @@ class KvmVm:
             self._r16 = self._r8.cast("H")
             self._r32 = self._r8.cast("I")
             self._r64 = self._r8.cast("Q")
+            self._run = np.frombuffer(self.run_map, dtype=np.uint8)   # for the compiled loop
             self._immediate_exit_ok = bool(self.check_extension(KVM_CAP_IMMEDIATE_EXIT))
             _install_kick_handler()
             if irq_mode not in (None, "resample", "irqfd", "line"):
@@ -828,7 +919,11 @@ class KvmVm:
         default first try) and ``run`` returns "reboot".  Reads answer
         0xFF, exactly as the unclaimed port did ("no keyboard controller"),
         so i8042 probing is unchanged."""
-        self.bus.add_ports(0x64, 1, self._reset_port)
+        add = getattr(self.bus, "add_kernel_ports", None)
+        if add is not None:
+            add(0x64, 1, self._reset_port, "reset")     # reads and other writes answered in compiled code
+        else:
+            self.bus.add_ports(0x64, 1, self._reset_port)
 
     def _reset_port(self, port: int, size: int, is_write: bool, value: int) -> int:
         if not is_write:
@@ -836,6 +931,7 @@ class KvmVm:
         if value & 0xFF == 0xFE:
             self._reset_requested = True
             self._stop = True
+            self.ctl[V_STOP] = 1
         return 0
 
     def add_ioeventfd(self, gpa: int, length: int, efd: int, pio: bool = False) -> None:
@@ -930,6 +1026,7 @@ class KvmVm:
         (the handler is installed when the first KvmVm is built on the main
         thread)."""
         self._stop = True
+        self.ctl[V_STOP] = 1
         if self.run_map is not None and self._immediate_exit_ok:
             self._r8[RUN_IMMEDIATE_EXIT] = 1
         self._kick()
@@ -947,10 +1044,18 @@ class KvmVm:
         if self.bus is None:
             raise RuntimeError("attach a bus before running the guest")
         self._stop = False
+        self.ctl[V_STOP] = 0
         self._halt_check = False
         self._timed_out = False
         self._r8[RUN_IMMEDIATE_EXIT] = 0
         self._vcpu_thread = threading.get_ident()
+        fast = getattr(self.bus, "run_vcpu", None)
+        if fast is not None:
+            # Returns at once (stop set): compiles or loads the loop before
+            # any timeout starts counting.
+            warm = self.ctl.copy()
+            warm[V_STOP] = 1
+            fast(self.vcpu_fd, self._run, warm)
         timer = None
         if timeout is not None:
             timer = threading.Timer(timeout, self._timeout_kick)
@@ -977,7 +1082,75 @@ class KvmVm:
         self._timed_out = True
         self.stop()
 
+    def _signalled(self) -> RunResult | None:
+        # KVM_RUN returned EINTR: count it, let _on_signal look, then answer
+        # the halt poll's question if it asked.
+        self.stats.intr += 1
+        self._on_signal()
+        if self._halt_check:
+            self._halt_check = False
+            if self.halted_for_good():
+                return RunResult("halt", "the guest halted with interrupts disabled", self._safe_regs())
+        return None
+
     def _loop(self, max_exits) -> RunResult:
+        fast = getattr(self.bus, "run_vcpu", None)
+        if fast is None:
+            return self._loop_python(max_exits)
+        ctl = self.ctl
+        stats = self.stats
+        start = ctl[V_EXITS]
+        ctl[V_LIMIT] = start + max_exits if max_exits is not None else -1
+        counted = [V_PIO, V_MMIO, V_INTR, V_EXITS, V_ASSIST_FWAIT, V_ASSIST_INT3]
+        seen = ctl[counted].copy()
+        try:
+            while True:
+                if self._stop:
+                    return self._stopped()
+                code = fast(self.vcpu_fd, self._run, ctl)
+                if code == VCPU_EINTR:
+                    res = self._signalled()
+                    if res is not None:
+                        return res
+                    continue
+                if code == VCPU_STOPPED:
+                    if not self._stop:       # a compiled handler asked (none does today): stop as asked
+                        return RunResult("stopped", "the vCPU loop stopped")
+                    continue
+                n = int(ctl[V_EXITS] - start)
+                if code == VCPU_LIMIT:
+                    return RunResult("stopped", f"{n} exits handled (max_exits)")
+                if code == VCPU_ERRNO:
+                    return RunResult("internal-error", f"KVM_RUN failed: {os.strerror(int(ctl[V_ERRNO]))}",
+                                     self._safe_regs())
+                reason = self._r32[2]
+                if reason == KVM_EXIT_MMIO:
+                    ln, addr = self._r32[RUN_MMIO_LEN >> 2], self._r64[RUN_MMIO_PHYS >> 3]
+                    return RunResult("internal-error", f"MMIO access of {ln} bytes at {addr:#x}", self._safe_regs())
+                if reason == KVM_EXIT_IO:
+                    return RunResult("internal-error", f"port I/O exit of size {self._r8[RUN_IO_SIZE]} "
+                                     "that KVM should not send", self._safe_regs())
+                if reason == KVM_EXIT_INTERNAL_ERROR:
+                    res = self._internal_error(int(ctl[V_EXITS]))
+                else:
+                    res = self._other_exit(reason)
+                if res is not None:
+                    return res
+                if ctl[V_EXITS] == ctl[V_LIMIT]:
+                    return RunResult("stopped", f"{n} exits handled (max_exits)")
+        finally:
+            d = ctl[counted] - seen
+            stats.pio += int(d[0])
+            stats.mmio += int(d[1])
+            stats.intr += int(d[2])
+            stats.total += int(d[3])
+            for name, k in (("fwait", d[4]), ("int3", d[5])):
+                if k:
+                    stats.assists[name] = stats.assists.get(name, 0) + int(k)
+            ctl[V_LIMIT] = -1
+
+    def _loop_python(self, max_exits) -> RunResult:
+        # The loop for a bus without compiled dispatch (a test's fake bus).
         # Locals for the hot path: attribute lookups cost more than the work.
         # Exit data is read through the memoryview of its width: the
         # string-I/O buffer (data_offset) is page-aligned and the MMIO data
@@ -998,12 +1171,9 @@ class KvmVm:
                 try:
                     ioctl(fd, KVM_RUN, 0)
                 except InterruptedError:
-                    stats.intr += 1
-                    self._on_signal()
-                    if self._halt_check:
-                        self._halt_check = False
-                        if self.halted_for_good():
-                            return RunResult("halt", "the guest halted with interrupts disabled", self._safe_regs())
+                    res = self._signalled()
+                    if res is not None:
+                        return res
                     continue
                 except OSError as e:
                     if e.errno == errno.EAGAIN:
@@ -1175,16 +1345,20 @@ class KvmVm:
         # register unchanged.  The same RIP alone is no sign: the kernel's
         # fpu__drop runs its fwait once per exiting task, and with a virtio
         # console nothing else may exit between two of them.
-        state = bytes(regs)
-        if state == self._assist_state and n == self._assist_exit + 1:
-            self._assist_repeat += 1
-            if self._assist_repeat >= ASSIST_REPEAT_LIMIT:
-                return RunResult("internal-error", f"{name} assisted {self._assist_repeat} times at the same RIP "
-                                 "with the same registers and no other exit between: the guest is not making "
+        # The state lives in ctl, shared with the compiled assist.
+        ctl = self.ctl
+        state = np.frombuffer(bytes(regs), dtype=np.int64)
+        prev = ctl[V_PREV_REGS:V_PREV_REGS + len(state)]
+        if np.array_equal(state, prev) and n == ctl[V_ASSIST_EXIT] + 1:
+            ctl[V_ASSIST_REPEAT] += 1
+            if ctl[V_ASSIST_REPEAT] >= ASSIST_REPEAT_LIMIT:
+                return RunResult("internal-error", f"{name} assisted {int(ctl[V_ASSIST_REPEAT])} times at the same "
+                                 "RIP with the same registers and no other exit between: the guest is not making "
                                  "progress", self.regs_dict(), insn)
         else:
-            self._assist_state, self._assist_repeat = state, 1
-        self._assist_exit = n
+            prev[:] = state
+            ctl[V_ASSIST_REPEAT] = 1
+        ctl[V_ASSIST_EXIT] = n
         regs.rip = regs.rip + length
         self.set_regs(regs)
         if action == "bp":
@@ -1216,6 +1390,7 @@ class KvmVm:
                 pass
         for t in self._threads:
             t.join(timeout=2)
+        self._run = None
         for name in ("_r64", "_r32", "_r16", "_r8"):
             mv = getattr(self, name, None)
             if mv is not None:

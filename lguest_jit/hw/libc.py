@@ -52,6 +52,11 @@ _SIGNATURES = {
     "poll": (_i32(_up, types.uint64, _i32), (ctypes.c_void_p, ctypes.c_ulong, ctypes.c_int)),
     # ``tp`` -> struct timespec {i64 tv_sec; i64 tv_nsec}: the vDSO, no system call
     "clock_gettime": (_i32(_i32, _up), (ctypes.c_int, ctypes.c_void_p)),
+    # ioctl(fd, request, arg): arg is an integer or a host address (KVM_RUN
+    # from the compiled vCPU loop, KVM_IRQ_LINE from the UART)
+    "ioctl": (_i32(_i32, types.uint64, _up), (ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p)),
+    # time(NULL): the host's UTC seconds (the CMOS clock)
+    "time": (_i64(_up), (ctypes.c_void_p,)),
 }
 _errno_location = types.ExternalFunction("__errno_location", types.CPointer(_i32)())
 _libc.__errno_location  # noqa: B018 - load the symbol for LLVM
@@ -61,7 +66,8 @@ def _python_call(name, argtypes):
     # The NUMBA_DISABLE_JIT baseline: the same libc function through ctypes.
     cfunc = getattr(_libc, name)
     cfunc.argtypes = argtypes
-    cfunc.restype = ctypes.c_ssize_t if name not in ("fdatasync", "fallocate", "poll", "clock_gettime") else ctypes.c_int
+    cfunc.restype = (ctypes.c_int if name in ("fdatasync", "fallocate", "poll", "ioctl", "clock_gettime")
+                     else ctypes.c_int64 if name == "time" else ctypes.c_ssize_t)
 
     def call(*args):
         r = cfunc(*(int(a) for a in args))
@@ -113,6 +119,8 @@ sys_fallocate = globals()["sys_fallocate"]
 sys_getrandom = globals()["sys_getrandom"]
 sys_poll = globals()["sys_poll"]
 sys_clock_gettime = globals()["sys_clock_gettime"]
+sys_ioctl = globals()["sys_ioctl"]
+sys_time = globals()["sys_time"]
 
 
 def host_iov(n: int) -> np.ndarray:
