@@ -896,7 +896,7 @@ def _msix_access(msix, off, size, is_write, value):
 # in hw, because it dispatches into PCI kernels; hw/kvm.py owns KVM_RUN's
 # protocol (V_* control fields, VCPU_* codes) and calls ``bus.run_vcpu``.
 
-# Port table rows (``ports[row, port]``, int32)
+# Port table columns (``ports[port, field]``, int32: one port's fields in one cache line)
 PT_KIND, PT_FIRST, PT_LAST, PT_ROW = range(4)
 PK_NONE, PK_PYTHON, PK_CONF1, PK_UART, PK_CMOS, PK_RESET = range(6)
 PORT_KINDS = {"python": PK_PYTHON, "conf1": PK_CONF1, "uart": PK_UART, "cmos": PK_CMOS, "reset": PK_RESET}
@@ -944,10 +944,10 @@ def _port_one(conf, space, ports, kstate, kind, port, size, is_write, value):
         # config write is idempotent, so Python repeats the whole access.
         return r, (ST_PYTHON if hooks != 0 else ST_DONE)
     if kind == PK_UART:
-        return uart_access(kstate[ports[PT_ROW, port]], port - ports[PT_FIRST, port], size, is_write,
+        return uart_access(kstate[ports[port, PT_ROW]], port - ports[port, PT_FIRST], size, is_write,
                            value), ST_DONE
     if kind == PK_CMOS:
-        return cmos_access(kstate[ports[PT_ROW, port]], port, size, is_write, value, sys_time(0)), ST_DONE
+        return cmos_access(kstate[ports[port, PT_ROW]], port, size, is_write, value, sys_time(0)), ST_DONE
     if kind == PK_RESET:
         if is_write and (value & 0xFF) == RESET_VALUE:
             return 0, ST_PYTHON            # Python ends the run as a reboot
@@ -955,25 +955,25 @@ def _port_one(conf, space, ports, kstate, kind, port, size, is_write, value):
     return 0, ST_PYTHON                    # PK_PYTHON
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=True, inline="always")
 def _port_access(conf, space, ports, kstate, counts, port, size, is_write, value):
     """A port access (0 <= port <= 0xFFFF, size 1/2/4): (result, ST_*).
     Unclaimed ports read all-ones; an access running past the end of a
     claimed range is split into bytes, as the chipset would."""
     counts[port] += 1
-    kind = ports[PT_KIND, port]
+    kind = ports[port, PT_KIND]
     if kind == PK_NONE:
         return (0 if is_write else _size_mask(size)), ST_DONE
-    if port + size - 1 <= ports[PT_LAST, port]:
+    if port + size - 1 <= ports[port, PT_LAST]:
         return _port_one(conf, space, ports, kstate, kind, port, size, is_write, value)
     for i in range(size):
-        k = ports[PT_KIND, (port + i) & 0xFFFF]
+        k = ports[(port + i) & 0xFFFF, PT_KIND]
         if k == PK_PYTHON or k == PK_CONF1 or k == PK_RESET:
             return 0, ST_PYTHON            # Python splits it before anything is done
     r = 0
     for i in range(size):
         p = (port + i) & 0xFFFF
-        v, _ = _port_one(conf, space, ports, kstate, ports[PT_KIND, p], p, 1, is_write, (value >> (8 * i)) & 0xFF)
+        v, _ = _port_one(conf, space, ports, kstate, ports[p, PT_KIND], p, 1, is_write, (value >> (8 * i)) & 0xFF)
         r |= (v & 0xFF) << (8 * i)
     return (0 if is_write else r), ST_DONE
 
@@ -995,7 +995,7 @@ def _mmio_reg(off):
     return M_OTHER
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=True, inline="always")
 def _mmio_access(page_slot, regs, bytes_, msix, notify_fd, counts, pend, addr, size, is_write, value):
     """An MMIO access (size 1/2/4/8): (result, ST_*).  Addresses in no BAR0
     read all-ones (-1 for 8 bytes) and ignore writes; BAR0 goes to
@@ -1712,7 +1712,7 @@ class Bus:
         self.regs = np.zeros((MAX_SLOTS, 1 + MAX_QUEUES, max(S_FIELDS, QC_FIELDS)), dtype=np.int64)
         self.bytes_ = np.zeros((MAX_SLOTS, B_CFG + DEVCFG_MAX), dtype=np.uint8)
         self.notify_fd = np.full((MAX_SLOTS, MAX_QUEUES), -1, dtype=np.int64)
-        self.ports = np.zeros((4, 0x10000), dtype=np.int32)
+        self.ports = np.zeros((0x10000, 4), dtype=np.int32)   # a port's fields share a cache line
         self.kstate = np.zeros((KSTATE_ROWS, KSTATE_WIDTH), dtype=np.int64)
         self._kstate_used = 0
         self.page_slot = np.zeros(PAGE_SLOTS, dtype=np.int8)
@@ -1787,10 +1787,10 @@ class Bus:
             view[:] = state
         for p in range(first, first + count):
             self._ports[p] = (handler, last)
-        self.ports[PT_KIND, first:last + 1] = PORT_KINDS[kind]
-        self.ports[PT_FIRST, first:last + 1] = first
-        self.ports[PT_LAST, first:last + 1] = last
-        self.ports[PT_ROW, first:last + 1] = row
+        self.ports[first:last + 1, PT_KIND] = PORT_KINDS[kind]
+        self.ports[first:last + 1, PT_FIRST] = first
+        self.ports[first:last + 1, PT_LAST] = last
+        self.ports[first:last + 1, PT_ROW] = row
         return view
 
     def pio(self, port: int, size: int, is_write: bool, value: int) -> int:
@@ -1983,8 +1983,8 @@ class Bus:
 
     # -- counters ---------------------------------------------------------------
     def _port_name(self, p):
-        kind = int(self.ports[PT_KIND, p])
-        rel = p - int(self.ports[PT_FIRST, p])
+        kind = int(self.ports[p, PT_KIND])
+        rel = p - int(self.ports[p, PT_FIRST])
         if kind == PK_CONF1:
             return "conf1 address" if p < CONFIG_DATA else "conf1 data"
         if kind == PK_UART and rel < len(UART_REG_NAMES):
