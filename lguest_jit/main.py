@@ -453,6 +453,7 @@ class Launcher:
         self.gm = self.bus = None
         self.started = time.monotonic()
         self.snapshot_wanted = False
+        self.snapshots_taken = 0
         self.first_run_at = None          # wall clock of the first KVM_RUN (--stats: start-up time)
         self.cmos = self.uart = None
         self.argv = []
@@ -546,7 +547,10 @@ class Launcher:
     def request_snapshot(self) -> None:
         """From any thread or a signal handler: snapshot at the next chance
         (the vCPU is stopped, then ``run`` takes it)."""
-        if self.cfg.snapshot and not self.snapshot_wanted:
+        if not self.cfg.snapshot:
+            self.log("SIGUSR2 ignored: start the launcher with --snapshot=DIR to take snapshots")
+            return
+        if not self.snapshot_wanted:
             self.snapshot_wanted = True
             if self.backend is not None:
                 self.backend.stop()
@@ -628,6 +632,7 @@ class Launcher:
         finally:
             for d in self.devices:
                 d.resume()
+        self.snapshots_taken += 1
         self.log(f"snapshot written to {self.cfg.snapshot} ({info['ram_bytes_written'] >> 20} MiB of RAM, "
                  f"{info['seconds']:.2f} s)")
         return info
@@ -816,6 +821,9 @@ def _run_guest(args, argv) -> int:
                     json.dump(launcher.stats(), f, indent=2)
             if ran and launcher.profiler is not None:
                 launcher.print_profile()
+            if ran and cfg.snapshot and not launcher.snapshots_taken:
+                launcher.log(f"no snapshot was taken (--snapshot={cfg.snapshot}"
+                             + (": --snapshot-on never matched)" if cfg.snapshot_on is not None else ")"))
         finally:
             launcher.close()
     if status is None:

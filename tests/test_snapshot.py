@@ -294,3 +294,25 @@ def test_a_crafted_device_state_is_refused(rng_state, how, message):
     finally:
         bus2.close()
         gm2.close()
+
+
+def test_a_run_that_never_snapshots_says_so_and_sigusr2_without_snapshot_is_harmless(tmp_path):
+    kernel = tmp_path / "tiny.elf"
+    kernel.write_bytes(_elf64(_guest(), LOAD))
+    # --snapshot-on that never matches (the tiny guest has no virtio console output)
+    r = subprocess.run(_launcher(f"--snapshot={tmp_path / 'never'}", "--snapshot-on=NEVER", "64", str(kernel)),
+                       stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=TIMEOUT)
+    assert r.returncode == 0, r.stderr
+    assert "no snapshot was taken" in r.stderr and "never matched" in r.stderr
+    assert not (tmp_path / "never").exists()
+    # SIGUSR2 to a launcher started without --snapshot: one line, the guest carries on
+    proc = subprocess.Popen(_launcher("64", str(kernel)), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    try:
+        assert proc.stdout.read(1) == b"R"
+        proc.send_signal(signal.SIGUSR2)
+        out, err = proc.communicate(timeout=TIMEOUT)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0 and out == b"D", err
+    assert b"SIGUSR2 ignored" in err
