@@ -195,7 +195,7 @@ class kvm_msr_entry(ctypes.Structure):
 
 
 class kvm_msrs(ctypes.Structure):
-    # Header only; the entries follow it (see KvmVm._msr_buffer).
+    # Header only; the entries follow it (see KvmVm.transfer_msrs).
     _fields_ = [("nmsrs", u32), ("pad", u32)]
 
 
@@ -726,35 +726,37 @@ class KvmVm:
     def set_events(self, ev: kvm_vcpu_events) -> None:
         _ioctl(self.vcpu_fd, KVM_SET_VCPU_EVENTS, ev, "KVM_SET_VCPU_EVENTS")
 
-    @staticmethod
-    def _msr_buffer(n: int):
+    def transfer_msrs(self, request: int, items) -> list:
+        """One KVM_GET_MSRS or KVM_SET_MSRS (``request``) over ``items``, a
+        list of (index, value): the (index, value) entries KVM got through,
+        in order.  KVM stops at the first MSR it refuses, so a shorter list
+        names that one as ``items[len(result)]``."""
+        items = list(items)
+
         class _msrs(ctypes.Structure):
-            _fields_ = [("nmsrs", u32), ("pad", u32), ("entries", kvm_msr_entry * n)]
-        buf = _msrs()
-        buf.nmsrs = n
-        return buf
+            _fields_ = [("nmsrs", u32), ("pad", u32), ("entries", kvm_msr_entry * max(len(items), 1))]
+        buf = _msrs(nmsrs=len(items))
+        for i, (idx, val) in enumerate(items):
+            buf.entries[i].index = idx
+            buf.entries[i].data = val & 0xFFFFFFFFFFFFFFFF
+        name = "KVM_GET_MSRS" if request == KVM_GET_MSRS else "KVM_SET_MSRS"
+        n = _ioctl(self.vcpu_fd, request, buf, name)
+        return [(buf.entries[i].index, buf.entries[i].data) for i in range(n)]
 
     def get_msrs(self, indices) -> dict:
         """KVM_GET_MSRS: {index: value}.  KVM stops at the first MSR it does
         not know; that is an error here, naming the MSR."""
         indices = list(indices)
-        buf = self._msr_buffer(len(indices))
-        for i, idx in enumerate(indices):
-            buf.entries[i].index = idx
-        n = _ioctl(self.vcpu_fd, KVM_GET_MSRS, buf, "KVM_GET_MSRS")
-        if n != len(indices):
-            raise KvmError(errno.EINVAL, f"KVM_GET_MSRS: MSR {indices[n]:#x} is not supported")
-        return {buf.entries[i].index: buf.entries[i].data for i in range(n)}
+        done = self.transfer_msrs(KVM_GET_MSRS, [(i, 0) for i in indices])
+        if len(done) != len(indices):
+            raise KvmError(errno.EINVAL, f"KVM_GET_MSRS: MSR {indices[len(done)]:#x} is not supported")
+        return dict(done)
 
     def set_msrs(self, values: dict) -> None:
         """KVM_SET_MSRS from {index: value}; an MSR KVM refuses is an error
         naming it (KVM returns how many it set before stopping)."""
         items = list(values.items())
-        buf = self._msr_buffer(len(items))
-        for i, (idx, val) in enumerate(items):
-            buf.entries[i].index = idx
-            buf.entries[i].data = val & 0xFFFFFFFFFFFFFFFF
-        n = _ioctl(self.vcpu_fd, KVM_SET_MSRS, buf, "KVM_SET_MSRS")
+        n = len(self.transfer_msrs(KVM_SET_MSRS, items))
         if n != len(items):
             raise KvmError(errno.EINVAL, f"KVM_SET_MSRS: MSR {items[n][0]:#x} = {items[n][1]:#x} was refused")
 

@@ -19,7 +19,7 @@ import fcntl
 import os
 from dataclasses import dataclass
 
-from .kvm import KVMIO, KvmError, kvm_msr_entry, u32
+from .kvm import KVM_GET_MSRS, KVM_SET_MSRS, KVMIO, KvmError, u32
 
 VCPU, VM = "vcpu", "vm"
 _WRITE, _READ = 1, 2        # <linux/ioctl.h> directions
@@ -82,8 +82,6 @@ CLASSES = (
 BY_NAME = {c.name: c for c in CLASSES}
 
 KVM_GET_MSR_INDEX_LIST = _ioc(_READ | _WRITE, 0x02, 4)
-KVM_GET_MSRS = _ioc(_READ | _WRITE, 0x88, 8)
-KVM_SET_MSRS = _wr(0x89, 8)
 MSR_IA32_TSC = 0x10
 # KVM_SET_CLOCK flags in kvm_clock_data: which extra fields are valid.
 KVM_CLOCK_REALTIME = 1 << 2
@@ -149,17 +147,6 @@ def msr_index_list(vm) -> list[int]:
             n = max(n * 2, buf.nmsrs)
 
 
-def _msr_call(vm, request: int, items: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    class _msrs(ctypes.Structure):
-        _fields_ = [("nmsrs", u32), ("pad", u32), ("entries", kvm_msr_entry * max(len(items), 1))]
-    buf = _msrs(nmsrs=len(items))
-    for i, (idx, val) in enumerate(items):
-        buf.entries[i].index = idx
-        buf.entries[i].data = val & 0xFFFFFFFFFFFFFFFF
-    n = fcntl.ioctl(vm.vcpu_fd, request, buf)
-    return [(buf.entries[i].index, buf.entries[i].data) for i in range(n)]
-
-
 def get_msrs(vm, indices) -> dict[int, int]:
     """Every MSR of ``indices`` KVM will read, one ioctl per refusal: KVM
     stops at the first MSR it cannot read, so the rest are retried past it.
@@ -168,7 +155,7 @@ def get_msrs(vm, indices) -> dict[int, int]:
     out = {}
     todo = [int(i) for i in indices]
     while todo:
-        done = _msr_call(vm, KVM_GET_MSRS, [(i, 0) for i in todo])
+        done = vm.transfer_msrs(KVM_GET_MSRS, [(i, 0) for i in todo])
         out.update(done)
         todo = todo[len(done) + 1:]     # skip the refused one
     return out
@@ -180,7 +167,7 @@ def set_msrs(vm, values: dict[int, int]) -> list[int]:
     refused = []
     todo = list(values.items())
     while todo:
-        done = _msr_call(vm, KVM_SET_MSRS, todo)
+        done = vm.transfer_msrs(KVM_SET_MSRS, todo)
         if len(done) < len(todo):
             refused.append(todo[len(done)][0])
         todo = todo[len(done) + 1:]
