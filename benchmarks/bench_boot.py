@@ -79,7 +79,7 @@ def _timed(title: str, argv, env=None, end: bytes | None = None, quick: bool = F
     return out
 
 
-def _guest():
+def cached_default_guest():
     try:
         from guest.build import cached_guest, cache_dir, default_cmdline
     except ImportError as exc:
@@ -95,7 +95,7 @@ def measure(quick: bool = False, profile: bool = False) -> dict:
     why = kvm_available()
     if why:
         return {"skipped": f"no usable KVM: {why}"}
-    found, why = _guest()
+    found, why = cached_default_guest()
     if found is None:
         return {"skipped": why}
     (vmlinux, initrd), _, default_cmdline = found
@@ -192,7 +192,7 @@ def measure_qemu(quick: bool = False) -> dict:
     qemu = shutil.which("qemu-system-x86_64")
     if not qemu:
         return {"not_comparable": "no other launcher on this machine (qemu-system-x86_64 is not installed)"}
-    found, why = _guest()
+    found, why = cached_default_guest()
     if found is None:
         return {"not_comparable": why}
     (vmlinux, initrd), _, default_cmdline = found

@@ -25,7 +25,7 @@ import tempfile
 import threading
 import time
 
-from .bench_boot import _guest, measure_qemu
+from .bench_boot import cached_default_guest, measure_qemu
 from .common import live
 
 TIMEOUT = 1200
@@ -85,7 +85,7 @@ def measure(quick: bool = False) -> dict:
     if quick:
         # A cold boot is minutes here; bench boot --quick already times it.
         return {"skipped": "--quick: a restore needs a snapshot from a cold boot of minutes; run without --quick"}
-    found, why = _guest()
+    found, why = cached_default_guest()
     if found is None:
         return {"skipped": why}
     (vmlinux, initrd), _, default_cmdline = found
