@@ -379,8 +379,9 @@ class RestoreConfig:
         from .snapshot import SnapshotError, disk_changed, read
         given = [k for k, v in args.items() if k.startswith("-") and v not in (None, False, [])]
         for opt in given:
-            if opt not in self.OPTIONS and opt != "--hypervisor" or opt == "--hypervisor" and args[opt] not in (
-                    "auto", "kvm"):
+            if opt == "--hypervisor" and args[opt] in ("auto", "kvm"):
+                continue                       # its default, or what a restore uses anyway
+            if opt not in self.OPTIONS:
                 raise UsageError(f"restore takes only {', '.join(self.OPTIONS)}: the snapshot fixes the rest "
                                  f"({opt} given)")
         try:
@@ -558,6 +559,7 @@ class Launcher:
     def _console_watch(self) -> int:
         """--snapshot-on: the console writes into a pipe; a thread copies it
         to stdout and asks for the snapshot at the first matching line."""
+        from .hw.uart import write_all
         r, w = os.pipe2(os.O_CLOEXEC)
         pattern = self.cfg.snapshot_on
 
@@ -570,13 +572,7 @@ class Launcher:
                     return
                 if not data:
                     return
-                view = memoryview(data)
-                while view:
-                    try:
-                        view = view[os.write(1, view):]
-                    except BlockingIOError:
-                        import select
-                        select.select([], [1], [])
+                write_all(1, data)
                 if not fired:
                     line = (line + data)[-4096:]
                     *done, line = line.split(b"\n")
