@@ -1376,14 +1376,17 @@ class Transport:
         mode = "msix" if self.msix_enabled else "intx"
         return {"mode": mode, "vectors": self.msix_vectors, "isr_reads": int(self.st[S_ISR_READS])}
 
+    def msix_control(self) -> tuple[int, int]:
+        """(Enable, Function Mask) as config space's Message Control has them."""
+        ctl = _le(self.bus.cfg[self.slot], self.msix_cap + PCI_MSIX_FLAGS, 2)
+        return int(bool(ctl & PCI_MSIX_FLAGS_ENABLE)), int(bool(ctl & PCI_MSIX_FLAGS_MASKALL))
+
     def msix_control_written(self):
         """Message Control written: Enable and Function Mask (PCI 3.0
         §6.8.2.3).  When vectors become deliverable the backend's routes are
         refreshed first, then the function unmasked, then what is pending
         sent (§6.8.3.4), so no message goes out on a stale route."""
-        ctl = _le(self.bus.cfg[self.slot], self.msix_cap + PCI_MSIX_FLAGS, 2)
-        enable = int(bool(ctl & PCI_MSIX_FLAGS_ENABLE))
-        masked = int(bool(ctl & PCI_MSIX_FLAGS_MASKALL))
+        enable, masked = self.msix_control()
         m = self.msix
         was_live = m[0, MX_ENABLED] and not m[0, MX_MASKED]
         if self.bus.log is not None and enable != m[0, MX_ENABLED]:
@@ -2086,9 +2089,7 @@ class Bus:
                 t.bar0 = _le(self.cfg[t.slot], PCI_BASE_ADDRESS_0, 4) & ~(BAR0_SIZE - 1) & 0xFFFFFFFF
                 t.command_written()
                 if t.msix_vectors:
-                    ctl = _le(self.cfg[t.slot], t.msix_cap + PCI_MSIX_FLAGS, 2)
-                    t.msix[0, MX_ENABLED] = int(bool(ctl & PCI_MSIX_FLAGS_ENABLE))
-                    t.msix[0, MX_MASKED] = int(bool(ctl & PCI_MSIX_FLAGS_MASKALL))
+                    t.msix[0, MX_ENABLED], t.msix[0, MX_MASKED] = t.msix_control()
             self._rebuild_decode()
             self.msi_changed()          # the backend's routes from the restored tables
             # Last, with decoding and notify addresses in place: the queue
