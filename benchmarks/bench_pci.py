@@ -39,7 +39,7 @@ IO_DATA = 0x800           # where the fake page keeps string-I/O data, as KVM do
 IO, MMIO = 0, 1
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=True, _nrt=False)     # as pci._vcpu_loop: the same compiled code per exit
 def _drive(run, tb, ctl, script, n):
     """n exits from the rows of ``script`` (kind, port/address, size,
     is_write, value), in turn; each goes through pci.handle_exit.  Returns
