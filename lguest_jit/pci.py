@@ -1730,6 +1730,7 @@ class Bus:
         self.mmio_counts = np.zeros((MAX_SLOTS + 1, M_REGS), dtype=np.int64)
         self.pend = np.zeros(PD_FIELDS, dtype=np.int64)
         self._compiled = False
+        self._warming = None               # the thread loading the Python-side kernels (run_vcpu)
         self.space = np.zeros((MAX_SLOTS, P_PLANES, PCI_CFG_SPACE_SIZE), dtype=np.uint8)
         self.space[:, P_REGION, :] = REGION_UNUSED
         # Views of the planes, for Python-side code and tests.
@@ -1931,9 +1932,16 @@ class Bus:
         ``ctl``: hw.kvm's V_* control array) in the compiled loop until it
         returns a hw.kvm VCPU_* code; accesses only Python can finish are
         finished here, and the loop re-entered."""
-        if not self._compiled:
-            self._compile_python_paths()
         tb = self.tables
+        if not self._compiled:
+            self._compiled = True
+            if hasattr(_vcpu_loop, "compile"):          # not under NUMBA_DISABLE_JIT
+                _vcpu_loop.compile(tuple(numba.typeof(a) for a in (vcpu_fd, run, ctl, tb)))
+            # The kernels Python calls on a slow exit load meanwhile: off the
+            # path to the first KVM_RUN (~0.1 s of a start), and the loop
+            # runs without the GIL while they do.
+            self._warming = threading.Thread(target=self._compile_python_paths, name="bus-jit-load", daemon=True)
+            self._warming.start()
         while True:
             code = _vcpu_loop(vcpu_fd, run, ctl, tb)
             if code == R_SLOW_PIO:
@@ -1949,9 +1957,8 @@ class Bus:
 
     def _compile_python_paths(self):
         """Compile (or load from the cache) the kernels the bus calls from
-        Python, before a guest runs: a first compile in the middle of a run
-        takes seconds (timeouts, watchdogs).  Nothing is accessed."""
-        self._compiled = True
+        Python, before they are needed: a first compile at a slow exit
+        would take seconds (timeouts, watchdogs).  Nothing is accessed."""
         regs, by, mx = self.regs[0, :1], self.bytes_[0, :B_CFG], self.msix[0]
         for fn, args in ((_conf1, (self.conf, self.space, CONFIG_DATA, 4, True, 0, False)),
                          (_port_access, (self.conf, self.space, self.ports, self.kstate, self.port_counts, 0, 4,
@@ -2106,6 +2113,8 @@ class Bus:
                     t._activate()
 
     def close(self) -> None:
+        if self._warming is not None:
+            self._warming.join()           # a compile cut short by interpreter exit can crash it
         for t in self.devices:
             try:
                 t.device.reset()

@@ -149,19 +149,29 @@ def _set_clock(st, now):
             any_pending = True
     if not any_pending:
         return
+    # Scalars, not an array: this runs inside the vCPU loop, which is
+    # compiled without the runtime that allocations need.
     secs = now + st[C_OFFSET]
-    f = np.zeros(CENTURY + 1, dtype=np.int64)
-    for r in (SECONDS, MINUTES, HOURS, DAY, MONTH, YEAR, CENTURY):
-        raw = st[C_PENDING + r]
-        f[r] = _decode(st, r, raw) if raw >= 0 else _field(secs, r)
+    second = _written_or_now(st, SECONDS, secs)
+    minute = _written_or_now(st, MINUTES, secs)
+    hour = _written_or_now(st, HOURS, secs)
+    day = _written_or_now(st, DAY, secs)
+    month = _written_or_now(st, MONTH, secs)
+    year = _written_or_now(st, CENTURY, secs) * 100 + _written_or_now(st, YEAR, secs)
     for r in range(128):
         st[C_PENDING + r] = -1
-    year = f[CENTURY] * 100 + f[YEAR]
-    if f[MONTH] < 1 or f[MONTH] > 12 or year < 1 or year > 9999:
+    if month < 1 or month > 12 or year < 1 or year > 9999:
         return                   # an impossible date: keep the clock as it was
-    wanted = (_days_from_civil(year, f[MONTH], 1) + f[DAY] - 1) * 86400 + f[HOURS] * 3600 + f[MINUTES] * 60 \
-        + f[SECONDS]
+    wanted = (_days_from_civil(year, month, 1) + day - 1) * 86400 + hour * 3600 + minute * 60 + second
     st[C_OFFSET] = wanted - now
+
+
+@njit(nogil=True, cache=True)
+def _written_or_now(st, reg, secs):
+    """Time register ``reg``: what the guest wrote while B.SET was set, else
+    its value at guest time ``secs``."""
+    raw = st[C_PENDING + reg]
+    return _decode(st, reg, raw) if raw >= 0 else _field(secs, reg)
 
 
 @njit(nogil=True, cache=True)

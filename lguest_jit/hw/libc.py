@@ -17,6 +17,10 @@ import numpy as np
 from numba import njit, types
 from numba.extending import overload
 
+from . import jitstart
+
+jitstart.install()           # cached kernels load without Numba's 0.3 s target refresh
+
 _libc = ctypes.CDLL(None, use_errno=True)
 
 EIO = 5

@@ -30,6 +30,10 @@ from numba import njit
 from numba.core import cgutils, types
 from numba.extending import intrinsic, overload
 
+from . import jitstart
+
+jitstart.install()           # cached kernels load without Numba's 0.3 s target refresh
+
 PAGE_SIZE = mmap.PAGESIZE
 
 # ---------------------------------------------------------------------------
