@@ -7,6 +7,21 @@ from pathlib import Path
 __version__ = "0.1.0"
 
 
+def _source_digest() -> str:
+    """sha256 over every source file of the package (names and contents)."""
+    here = Path(__file__).parent
+    digest = hashlib.sha256()
+    for path in sorted(here.rglob("*.py")):
+        digest.update(str(path.relative_to(here)).encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+# The Numba cache directory's key, and what a warm launcher (warm.py) must
+# share with its clients.
+SOURCE_DIGEST = _source_digest()
+
+
 def _use_source_keyed_cache() -> None:
     """Numba's on-disk cache checks only each function's own file, so a
     kernel that inlined a helper from another module stays stale after that
@@ -17,13 +32,8 @@ def _use_source_keyed_cache() -> None:
     it reads the variable when it is first imported."""
     if os.environ.get("NUMBA_CACHE_DIR"):
         return
-    here = Path(__file__).parent
-    digest = hashlib.sha256()
-    for path in sorted(here.rglob("*.py")):
-        digest.update(str(path.relative_to(here)).encode())
-        digest.update(path.read_bytes())
     base = Path(os.environ.get("LGUEST_JIT_CACHE", Path.home() / ".cache" / "lguest-jit"))
-    cache = base / "numba" / digest.hexdigest()[:16]
+    cache = base / "numba" / SOURCE_DIGEST[:16]
     try:
         cache.mkdir(parents=True, exist_ok=True)
     except OSError:

@@ -4,6 +4,7 @@ Usage:
   lguest-jit bench sweep --param=SPEC <what> [--json] [--quick] [--plot=FILE]
   lguest-jit bench <what> [--json] [--quick] [--plot=FILE]
   lguest-jit restore [options] [--tunnet=SPEC]... <dir>
+  lguest-jit server [--socket=PATH]
   lguest-jit [options] [--tunnet=SPEC]... [--block=FILE]... <mem-in-mb> <vmlinux> [<args>...]
   lguest-jit (-h | --help)
   lguest-jit --version
@@ -39,6 +40,9 @@ Options:
   --seg-max=N           Block: data segments per request offered as seg_max
                         (default: the block queue size - 2).
   --param=SPEC          bench sweep: KNOB=V1,V2,... (a knob above, without --).
+  --socket=PATH         server: where to listen (default: $LGUEST_JIT_SERVER,
+                        else $XDG_RUNTIME_DIR/lguest-jit.sock, else
+                        ~/.cache/lguest-jit/server.sock).
   --json                Benchmarks: print JSON instead of a table.
   --quick               Benchmarks: shorter measurements.
   --plot=FILE           Benchmarks: draw the comparison as a PNG.
@@ -47,6 +51,11 @@ Options:
 
 Benchmarks: vring, pci, decode, blk, rng, net, exits, boot, restore, or all.
 bench sweep runs one device benchmark (blk, rng, net) per value of a knob.
+
+server keeps a warm launcher (Numba and every cached kernel loaded): while
+it runs, each guest run or restore of the same user is forked from it and
+reaches its first KVM_RUN in a fraction of the time.  LGUEST_JIT_SERVER=off
+runs without it.
 
 restore DIR resumes the guest of a snapshot where it was: same memory,
 devices and disks (refused if a disk changed, unless --force); a new tap
@@ -75,6 +84,11 @@ from .devices.tunspec import parse_tunnet
 from .hw.hosts import LGUEST_DEVICE, default_sample_hz, lguest_available, max_sample_hz
 
 BENCHMARKS = ("vring", "pci", "decode", "blk", "rng", "net", "exits", "boot", "restore")
+
+
+# Set in a child of the warm launcher (warm.py): when its client started,
+# seconds since the epoch.  The start-up figure in --stats counts from there.
+PROCESS_START: float | None = None
 
 
 class UsageError(Exception):
@@ -697,8 +711,15 @@ class Launcher:
             self.log(f"guest ended: {result.reason}: {result.message}")
         return status
 
+    def _first_run_at(self) -> float | None:
+        # The backend knows the moment of its first KVM_RUN (after the
+        # compiled loop is loaded); the launcher only when it called it.
+        return getattr(self.backend, "first_run_at", None) or self.first_run_at
+
     def stats(self) -> dict:
         import psutil
+
+        from .warm import process_start
         proc = psutil.Process()
         names = {t.native_id: t.name for t in threading.enumerate()}
         names[threading.main_thread().native_id] = "vcpu0"
@@ -716,7 +737,9 @@ class Launcher:
         ctx = proc.num_ctx_switches()
         mem = proc.memory_info()
         out = {"elapsed_s": time.monotonic() - self.started, "rss_bytes": mem.rss,
-               "seconds_to_first_run": None if self.first_run_at is None else self.first_run_at - proc.create_time(),
+               "seconds_to_first_run": None if self._first_run_at() is None
+               else self._first_run_at() - (PROCESS_START if PROCESS_START is not None else process_start()),
+               "warm_launcher": PROCESS_START is not None,        # forked from `lguest-jit server`
                "context_switches": {"voluntary": ctx.voluntary, "involuntary": ctx.involuntary},
                "threads": threads,
                "queues": {d.name: d.counters() for d in self.devices}}
@@ -771,7 +794,7 @@ class Launcher:
             os.close(fd)       # the console is closed: the watcher sees EOF and ends
 
 
-def _keep_scipy_out() -> None:
+def keep_scipy_out() -> None:
     """Numba imports SciPy, where installed, only to look for a BLAS for
     np.dot; no kernel here does linear algebra, and the import costs 0.5 s
     or more of every start (measured: README, "Snapshots").  The process
@@ -792,7 +815,7 @@ def _latency_line(lat: dict) -> str:
 
 
 def _run_guest(args, argv) -> int:
-    _keep_scipy_out()
+    keep_scipy_out()
     cfg = RestoreConfig(args) if args["restore"] else RunConfig(args)
     launcher = Launcher(cfg)
     launcher.argv = argv
@@ -830,6 +853,16 @@ def _run_guest(args, argv) -> int:
     return status
 
 
+def _server(args) -> int:
+    from pathlib import Path
+
+    from .warm import ServerError, serve
+    try:
+        return serve(Path(args["--socket"]) if args["--socket"] else None)
+    except ServerError as exc:
+        raise UsageError(f"server: {exc}") from None
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
@@ -841,6 +874,13 @@ def main(argv=None) -> int:
     try:
         if args["bench"]:
             return _bench(args)
+        if args["server"]:
+            return _server(args)
+        if PROCESS_START is None and args["--hypervisor"] != "lguest":
+            from .warm import run_via_server
+            status = run_via_server(argv, verbose=args["--verbose"])
+            if status is not None:
+                return status
         return _run_guest(args, argv)
     except UsageError as exc:
         print(f"lguest-jit: {exc}", file=sys.stderr)

@@ -1933,17 +1933,17 @@ class Bus:
         returns a hw.kvm VCPU_* code; accesses only Python can finish are
         finished here, and the loop re-entered."""
         tb = self.tables
-        if not self._compiled:
-            self._compiled = True
-            if hasattr(_vcpu_loop, "compile"):          # not under NUMBA_DISABLE_JIT
-                _vcpu_loop.compile(tuple(numba.typeof(a) for a in (vcpu_fd, run, ctl, tb)))
-            # The kernels Python calls on a slow exit load meanwhile: off the
-            # path to the first KVM_RUN (~0.1 s of a start), and the loop
-            # runs without the GIL while they do.
-            self._warming = threading.Thread(target=self._compile_python_paths, name="bus-jit-load", daemon=True)
-            self._warming.start()
         while True:
             code = _vcpu_loop(vcpu_fd, run, ctl, tb)
+            if not self._compiled:
+                # The kernels Python calls on a slow exit load now, beside the
+                # guest: off the path to the first KVM_RUN (~0.1 s of a
+                # start), and the loop runs without the GIL while they do.
+                # (hw.kvm's first call returns at once, to load the loop.)
+                self._compiled = True
+                self._warming = threading.Thread(target=self._compile_python_paths, name="bus-jit-load",
+                                                 daemon=True)
+                self._warming.start()
             if code == R_SLOW_PIO:
                 self._finish_pio(run)
             elif code == R_SLOW_MMIO:

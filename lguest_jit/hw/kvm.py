@@ -586,6 +586,7 @@ class KvmVm:
         self._threads: list[threading.Thread] = []
         self._stop = False
         self.ctl = np.zeros(V_FIELDS, dtype=np.int64)    # shared with the compiled loop (V_* fields)
+        self.first_run_at = None       # time.time() of the first KVM_RUN: start-up time in --stats
         self.ctl[V_LIMIT] = -1
         self.ctl[V_ASSIST_EXIT] = -2
         self._halt_check = False
@@ -1058,6 +1059,8 @@ class KvmVm:
             warm = self.ctl.copy()
             warm[V_STOP] = 1
             fast(self.vcpu_fd, self._run, warm)
+        if self.first_run_at is None:
+            self.first_run_at = time.time()
         timer = None
         if timeout is not None:
             timer = threading.Timer(timeout, self._timeout_kick)
