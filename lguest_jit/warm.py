@@ -371,7 +371,7 @@ class Server:
                 conn.close()
                 return
             conn.settimeout(ACCEPT_TIMEOUT_S)
-            request, fds = self._read_request(conn)
+            request = self._read_request(conn, fds)
             why = self._refusal(request, fds)
             if why is not None:
                 self.log(f"declined a run: {why}")
@@ -391,9 +391,10 @@ class Server:
         sel.register(conn, selectors.EVENT_READ, pid)
         _send(conn, {"pid": pid})
 
-    def _read_request(self, conn) -> tuple[dict, list[int]]:
+    def _read_request(self, conn, fds: list[int]) -> dict:
+        """The client's request; the descriptors it passed go into ``fds``
+        as they arrive (the caller closes them, whatever happens here)."""
         data = b""
-        fds: list[int] = []
         while b"\n" not in data:
             msg, anc, _flags, _ = conn.recvmsg(65536, socket.CMSG_SPACE(3 * 4))
             for level, kind, payload in anc:
@@ -406,7 +407,10 @@ class Server:
             data += msg
             if len(data) > HEADER_MAX:
                 raise ValueError("request too long")
-        return json.loads(data.split(b"\n", 1)[0]), fds
+        request = json.loads(data.split(b"\n", 1)[0])
+        if not isinstance(request, dict):
+            raise ValueError("the request is not a JSON object")
+        return request
 
     def _refusal(self, request: dict, fds: list[int]) -> str | None:
         if request.get("protocol") != PROTOCOL:
@@ -423,6 +427,11 @@ class Server:
                 return f"this server runs {what}"
         if not isinstance(request.get("argv"), list) or not all(isinstance(a, str) for a in request["argv"]):
             return "a malformed command line"
+        env = request.get("env")
+        if not (isinstance(env, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in env.items())
+                and isinstance(request.get("cwd"), str) and isinstance(request.get("umask"), int)
+                and isinstance(request.get("started", 0.0), (int, float))):
+            return "a malformed request"
         return None
 
     def _fork(self, conn, request, fds) -> int:

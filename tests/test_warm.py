@@ -149,7 +149,7 @@ def test_no_server_means_an_ordinary_start(tmp_path, monkeypatch):
 
 def test_a_stranger_speaking_garbage_does_not_hurt_the_server(server):
     proc, sock = server
-    for payload in (b"", b"{not json\n", json.dumps({"protocol": 99}).encode() + b"\n", b"x" * 100):
+    for payload in (b"", b"{not json\n", b"[1, 2]\n", json.dumps({"protocol": 99}).encode() + b"\n", b"x" * 100):
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         s.connect(str(sock))
         s.sendall(payload)
@@ -166,3 +166,20 @@ def test_process_start_is_this_process(tmp_path):
                        capture_output=True, text=True, timeout=60)
     age = float(r.stdout)
     assert 0 <= age < 5
+
+
+def test_a_well_formed_header_with_bad_fields_is_declined(server):
+    """Right identity and descriptors, but fields of the wrong types: the
+    server declines before forking (no child ever sees such a request)."""
+    proc, sock = server
+    base = {"protocol": warm.PROTOCOL, "argv": ["64", "x"], "cwd": "/", "env": {}, "umask": 0o22, "started": 0.0,
+            **warm._identity()}
+    for bad in ({"env": ["not", "a", "dict"]}, {"cwd": 5}, {"umask": "022"}, {"argv": "64 x"}):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.connect(str(sock))
+        warm._send(s, {**base, **bad}, fds=(0, 1, 2))
+        s.settimeout(30)
+        reply = json.loads(s.recv(4096))
+        s.close()
+        assert "malformed" in reply.get("refused", ""), (bad, reply)
+    assert proc.poll() is None and _children(proc.pid) == []
