@@ -51,28 +51,29 @@ from .memory import ld_u8, ld_u32
 # ioctl numbers: <linux/ioctl.h> encodes direction, argument size, type and
 # number; KVM's type is 0xAE (<linux/kvm.h>).
 
-_IOC_NONE, _IOC_WRITE, _IOC_READ = 0, 1, 2
+IOC_NONE, IOC_WRITE, IOC_READ = 0, 1, 2
 KVMIO = 0xAE
 
 
-def _ioc(direction: int, nr: int, size: int) -> int:
+def ioc(direction: int, nr: int, size: int) -> int:
+    """A KVM ioctl number: direction (IOC_*), number, argument size."""
     return (direction << 30) | (size << 16) | (KVMIO << 8) | nr
 
 
 def _io(nr):
-    return _ioc(_IOC_NONE, nr, 0)
+    return ioc(IOC_NONE, nr, 0)
 
 
 def _iow(nr, ctype):
-    return _ioc(_IOC_WRITE, nr, ctypes.sizeof(ctype))
+    return ioc(IOC_WRITE, nr, ctypes.sizeof(ctype))
 
 
 def _ior(nr, ctype):
-    return _ioc(_IOC_READ, nr, ctypes.sizeof(ctype))
+    return ioc(IOC_READ, nr, ctypes.sizeof(ctype))
 
 
 def _iowr(nr, ctype):
-    return _ioc(_IOC_READ | _IOC_WRITE, nr, ctypes.sizeof(ctype))
+    return ioc(IOC_READ | IOC_WRITE, nr, ctypes.sizeof(ctype))
 
 
 # ---------------------------------------------------------------------------
@@ -372,7 +373,7 @@ _libc.ioctl.argtypes = (ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong)
 _libc.ioctl.restype = ctypes.c_int
 
 
-def _ioctl(fd: int, request: int, arg=0, name: str = ""):
+def ioctl(fd: int, request: int, arg=0, name: str = ""):
     """fcntl.ioctl for structures; integer arguments go through libc because
     fcntl.ioctl squeezes them into a C int (KVM_SET_TSS_ADDR's 0xfffbd000
     does not fit)."""
@@ -390,6 +391,22 @@ def _ioctl(fd: int, request: int, arg=0, name: str = ""):
         raise
     except OSError as e:
         raise KvmError(e.errno, f"{name or hex(request)} failed: {os.strerror(e.errno)}") from None
+
+
+def ioctl_growing(fd: int, request: int, make_buffer, name: str, limit: int, start: int = 64):
+    """A KVM_GET_* ioctl whose argument is a list with its length: the
+    buffer ``make_buffer(n)`` for n entries, doubled while KVM says E2BIG
+    (up to ``limit`` entries).  Returns the filled buffer."""
+    n = start
+    while True:
+        buf = make_buffer(n)
+        try:
+            fcntl.ioctl(fd, request, buf)
+            return buf
+        except OSError as e:
+            if e.errno != errno.E2BIG or n >= limit:
+                raise KvmError(e.errno, f"{name} failed: {os.strerror(e.errno)}") from None
+            n *= 2
 
 
 def kvm_available(path: str = "/dev/kvm") -> str | None:
@@ -603,7 +620,7 @@ class KvmVm:
         self.run_map = None
         try:
             self.kvm_fd = self._own(os.open(device, os.O_RDWR | os.O_CLOEXEC))
-            v = _ioctl(self.kvm_fd, KVM_GET_API_VERSION, 0, "KVM_GET_API_VERSION")
+            v = ioctl(self.kvm_fd, KVM_GET_API_VERSION, 0, "KVM_GET_API_VERSION")
             if v != KVM_API_VERSION:
                 raise KvmError(errno.EINVAL, f"KVM API version {v}, need {KVM_API_VERSION}")
             for cap, name in ((KVM_CAP_IRQCHIP, "IRQCHIP"), (KVM_CAP_USER_MEMORY, "USER_MEMORY"),
@@ -611,20 +628,20 @@ class KvmVm:
                               (KVM_CAP_EXT_CPUID, "EXT_CPUID")):
                 if not self.check_extension(cap):
                     raise KvmError(errno.ENOSYS, f"KVM lacks KVM_CAP_{name}")
-            self.vm_fd = self._own(_ioctl(self.kvm_fd, KVM_CREATE_VM, 0, "KVM_CREATE_VM"))
-            _ioctl(self.vm_fd, KVM_SET_TSS_ADDR, TSS_ADDR, "KVM_SET_TSS_ADDR")
+            self.vm_fd = self._own(ioctl(self.kvm_fd, KVM_CREATE_VM, 0, "KVM_CREATE_VM"))
+            ioctl(self.vm_fd, KVM_SET_TSS_ADDR, TSS_ADDR, "KVM_SET_TSS_ADDR")
             if self.check_extension(KVM_CAP_SET_IDENTITY_MAP_ADDR):
-                _ioctl(self.vm_fd, KVM_SET_IDENTITY_MAP_ADDR, u64(IDENTITY_MAP_ADDR), "KVM_SET_IDENTITY_MAP_ADDR")
-            _ioctl(self.vm_fd, KVM_CREATE_IRQCHIP, 0, "KVM_CREATE_IRQCHIP")
+                ioctl(self.vm_fd, KVM_SET_IDENTITY_MAP_ADDR, u64(IDENTITY_MAP_ADDR), "KVM_SET_IDENTITY_MAP_ADDR")
+            ioctl(self.vm_fd, KVM_CREATE_IRQCHIP, 0, "KVM_CREATE_IRQCHIP")
             pit = kvm_pit_config(flags=KVM_PIT_SPEAKER_DUMMY)
-            _ioctl(self.vm_fd, KVM_CREATE_PIT2, pit, "KVM_CREATE_PIT2")
+            ioctl(self.vm_fd, KVM_CREATE_PIT2, pit, "KVM_CREATE_PIT2")
             region = kvm_userspace_memory_region(slot=0, flags=0, guest_phys_addr=0,
                                                  memory_size=gm.size, userspace_addr=gm.base)
-            _ioctl(self.vm_fd, KVM_SET_USER_MEMORY_REGION, region, "KVM_SET_USER_MEMORY_REGION")
-            self.vcpu_fd = self._own(_ioctl(self.vm_fd, KVM_CREATE_VCPU, 0, "KVM_CREATE_VCPU"))
+            ioctl(self.vm_fd, KVM_SET_USER_MEMORY_REGION, region, "KVM_SET_USER_MEMORY_REGION")
+            self.vcpu_fd = self._own(ioctl(self.vm_fd, KVM_CREATE_VCPU, 0, "KVM_CREATE_VCPU"))
             self.ctl[V_FD] = self.vcpu_fd
             self._set_cpuid(cpuid_hook)
-            size = _ioctl(self.kvm_fd, KVM_GET_VCPU_MMAP_SIZE, 0, "KVM_GET_VCPU_MMAP_SIZE")
+            size = ioctl(self.kvm_fd, KVM_GET_VCPU_MMAP_SIZE, 0, "KVM_GET_VCPU_MMAP_SIZE")
             self.run_map = mmap.mmap(self.vcpu_fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
             # Views built once: the hot loop only indexes them.
             self._r8 = memoryview(self.run_map)
@@ -664,23 +681,15 @@ class KvmVm:
         return buf
 
     def supported_cpuid(self) -> list:
-        """KVM_GET_SUPPORTED_CPUID as a list of kvm_cpuid_entry2 (grows the
-        buffer while KVM says E2BIG)."""
-        nent = 64
-        while True:
-            buf = self._cpuid_buffer(nent)
-            try:
-                fcntl.ioctl(self.kvm_fd, KVM_GET_SUPPORTED_CPUID, buf)
-                return [buf.entries[i] for i in range(buf.nent)]
-            except OSError as e:
-                if e.errno != errno.E2BIG or nent >= 4096:
-                    raise KvmError(e.errno, f"KVM_GET_SUPPORTED_CPUID failed: {os.strerror(e.errno)}") from None
-                nent *= 2
+        """KVM_GET_SUPPORTED_CPUID as a list of kvm_cpuid_entry2."""
+        buf = ioctl_growing(self.kvm_fd, KVM_GET_SUPPORTED_CPUID, self._cpuid_buffer, "KVM_GET_SUPPORTED_CPUID",
+                            limit=4096)
+        return [buf.entries[i] for i in range(buf.nent)]
 
     def vcpu_cpuid(self) -> list:
         """KVM_GET_CPUID2: what the vCPU really has (kvm_pvm adds bits back)."""
         buf = self._cpuid_buffer(256)
-        _ioctl(self.vcpu_fd, KVM_GET_CPUID2, buf, "KVM_GET_CPUID2")
+        ioctl(self.vcpu_fd, KVM_GET_CPUID2, buf, "KVM_GET_CPUID2")
         return [buf.entries[i] for i in range(buf.nent)]
 
     def tsc_khz(self) -> int:
@@ -699,33 +708,33 @@ class KvmVm:
         buf = self._cpuid_buffer(len(entries))
         for i, e in enumerate(entries):
             buf.entries[i] = e
-        _ioctl(self.vcpu_fd, KVM_SET_CPUID2, buf, "KVM_SET_CPUID2")
+        ioctl(self.vcpu_fd, KVM_SET_CPUID2, buf, "KVM_SET_CPUID2")
 
     # -- registers ------------------------------------------------------------
 
     def get_regs(self) -> kvm_regs:
         r = kvm_regs()
-        _ioctl(self.vcpu_fd, KVM_GET_REGS, r, "KVM_GET_REGS")
+        ioctl(self.vcpu_fd, KVM_GET_REGS, r, "KVM_GET_REGS")
         return r
 
     def set_regs(self, r: kvm_regs) -> None:
-        _ioctl(self.vcpu_fd, KVM_SET_REGS, r, "KVM_SET_REGS")
+        ioctl(self.vcpu_fd, KVM_SET_REGS, r, "KVM_SET_REGS")
 
     def get_sregs(self) -> kvm_sregs:
         s = kvm_sregs()
-        _ioctl(self.vcpu_fd, KVM_GET_SREGS, s, "KVM_GET_SREGS")
+        ioctl(self.vcpu_fd, KVM_GET_SREGS, s, "KVM_GET_SREGS")
         return s
 
     def set_sregs(self, s: kvm_sregs) -> None:
-        _ioctl(self.vcpu_fd, KVM_SET_SREGS, s, "KVM_SET_SREGS")
+        ioctl(self.vcpu_fd, KVM_SET_SREGS, s, "KVM_SET_SREGS")
 
     def get_events(self) -> kvm_vcpu_events:
         ev = kvm_vcpu_events()
-        _ioctl(self.vcpu_fd, KVM_GET_VCPU_EVENTS, ev, "KVM_GET_VCPU_EVENTS")
+        ioctl(self.vcpu_fd, KVM_GET_VCPU_EVENTS, ev, "KVM_GET_VCPU_EVENTS")
         return ev
 
     def set_events(self, ev: kvm_vcpu_events) -> None:
-        _ioctl(self.vcpu_fd, KVM_SET_VCPU_EVENTS, ev, "KVM_SET_VCPU_EVENTS")
+        ioctl(self.vcpu_fd, KVM_SET_VCPU_EVENTS, ev, "KVM_SET_VCPU_EVENTS")
 
     def transfer_msrs(self, request: int, items) -> list:
         """One KVM_GET_MSRS or KVM_SET_MSRS (``request``) over ``items``, a
@@ -741,7 +750,7 @@ class KvmVm:
             buf.entries[i].index = idx
             buf.entries[i].data = val & 0xFFFFFFFFFFFFFFFF
         name = "KVM_GET_MSRS" if request == KVM_GET_MSRS else "KVM_SET_MSRS"
-        n = _ioctl(self.vcpu_fd, request, buf, name)
+        n = ioctl(self.vcpu_fd, request, buf, name)
         return [(buf.entries[i].index, buf.entries[i].data) for i in range(n)]
 
     def get_msrs(self, indices) -> dict:
@@ -764,7 +773,7 @@ class KvmVm:
     def make_runnable(self) -> None:
         """Leave a HLT state (KVM_SET_MP_STATE RUNNABLE): needed before
         running new code on a vCPU that halted."""
-        _ioctl(self.vcpu_fd, KVM_SET_MP_STATE, kvm_mp_state(KVM_MP_STATE_RUNNABLE), "KVM_SET_MP_STATE")
+        ioctl(self.vcpu_fd, KVM_SET_MP_STATE, kvm_mp_state(KVM_MP_STATE_RUNNABLE), "KVM_SET_MP_STATE")
 
     def regs_dict(self) -> dict:
         r = self.get_regs()
@@ -897,7 +906,7 @@ class KvmVm:
             e.gsi, e.type = gsi, KVM_IRQ_ROUTING_MSI
             e.u.msi.address_lo, e.u.msi.address_hi = address & 0xFFFFFFFF, address >> 32
             e.u.msi.data = data & 0xFFFFFFFF
-        _ioctl(self.vm_fd, KVM_SET_GSI_ROUTING, buf, "KVM_SET_GSI_ROUTING")
+        ioctl(self.vm_fd, KVM_SET_GSI_ROUTING, buf, "KVM_SET_GSI_ROUTING")
         self.n_route_updates += 1
 
     def sync_msi_routes(self) -> None:
@@ -914,7 +923,7 @@ class KvmVm:
     def signal_msi(self, address: int, data: int) -> None:
         """KVM_SIGNAL_MSI: inject one message directly (tests, probes)."""
         arg = kvm_msi(address_lo=address & 0xFFFFFFFF, address_hi=address >> 32, data=data & 0xFFFFFFFF)
-        _ioctl(self.vm_fd, KVM_SIGNAL_MSI, arg, "KVM_SIGNAL_MSI")
+        ioctl(self.vm_fd, KVM_SIGNAL_MSI, arg, "KVM_SIGNAL_MSI")
 
     def claim_reset_port(self) -> None:
         """Claim port 0x64 on the bus so the guest can reboot the PC way:
@@ -946,14 +955,14 @@ class KvmVm:
             raise KvmError(errno.ENOSYS, "KVM lacks KVM_CAP_IOEVENTFD_ANY_LENGTH for a length-0 ioeventfd")
         flags = KVM_IOEVENTFD_FLAG_PIO if pio else 0
         arg = kvm_ioeventfd(datamatch=0, addr=gpa, len=length, fd=efd, flags=flags)
-        _ioctl(self.vm_fd, KVM_IOEVENTFD, arg, "KVM_IOEVENTFD")
+        ioctl(self.vm_fd, KVM_IOEVENTFD, arg, "KVM_IOEVENTFD")
         self._ioeventfds.append((gpa, length, efd, flags))
 
     def remove_ioeventfd(self, gpa: int, length: int, efd: int, pio: bool = False) -> None:
         """Undo ``add_ioeventfd`` with the same arguments."""
         flags = KVM_IOEVENTFD_FLAG_PIO if pio else 0
         arg = kvm_ioeventfd(datamatch=0, addr=gpa, len=length, fd=efd, flags=flags | KVM_IOEVENTFD_FLAG_DEASSIGN)
-        _ioctl(self.vm_fd, KVM_IOEVENTFD, arg, "KVM_IOEVENTFD (deassign)")
+        ioctl(self.vm_fd, KVM_IOEVENTFD, arg, "KVM_IOEVENTFD (deassign)")
         self._ioeventfds.remove((gpa, length, efd, flags))
 
     def sync_ioeventfds(self) -> None:
@@ -982,11 +991,11 @@ class KvmVm:
         level held until the guest EOIs (then ``resamplefd`` is signalled)."""
         arg = kvm_irqfd(fd=efd, gsi=gsi, flags=KVM_IRQFD_FLAG_RESAMPLE if resamplefd >= 0 else 0,
                         resamplefd=max(resamplefd, 0))
-        _ioctl(self.vm_fd, KVM_IRQFD, arg, "KVM_IRQFD")
+        ioctl(self.vm_fd, KVM_IRQFD, arg, "KVM_IRQFD")
         self._irqfds.append((gsi, efd, resamplefd))
 
     def irq_line(self, irq: int, level: int) -> None:
-        _ioctl(self.vm_fd, KVM_IRQ_LINE, kvm_irq_level(irq=irq, level=level), "KVM_IRQ_LINE")
+        ioctl(self.vm_fd, KVM_IRQ_LINE, kvm_irq_level(irq=irq, level=level), "KVM_IRQ_LINE")
 
     def _irq_thread(self, resamplers, line_fds) -> None:
         """Resample: re-raise a line still pending after the guest's EOI.
@@ -1244,7 +1253,7 @@ class KvmVm:
         kernel waiting for an interrupt that cannot be taken), so the loop
         asks after a kick instead.  Only call it from the vCPU thread."""
         st = kvm_mp_state()
-        _ioctl(self.vcpu_fd, KVM_GET_MP_STATE, st, "KVM_GET_MP_STATE")
+        ioctl(self.vcpu_fd, KVM_GET_MP_STATE, st, "KVM_GET_MP_STATE")
         return st.mp_state == KVM_MP_STATE_HALTED and not self.get_regs().rflags & RFLAGS_IF
 
     def _halt_poll(self, interval: float, done: threading.Event) -> None:

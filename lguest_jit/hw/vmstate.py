@@ -14,27 +14,20 @@ same value back: the facts behind HACKING.md's snapshot notes.
 from __future__ import annotations
 
 import ctypes
-import errno
-import fcntl
 import os
 from dataclasses import dataclass
 
-from .kvm import KVM_GET_MSRS, KVM_SET_MSRS, KVMIO, KvmError, u32
+from .kvm import IOC_READ, IOC_WRITE, KVM_GET_MSRS, KVM_SET_MSRS, KvmError, ioc, ioctl, ioctl_growing, u32
 
 VCPU, VM = "vcpu", "vm"
-_WRITE, _READ = 1, 2        # <linux/ioctl.h> directions
-
-
-def _ioc(direction: int, nr: int, size: int) -> int:
-    return (direction << 30) | (size << 16) | (KVMIO << 8) | nr
 
 
 def _rd(nr: int, size: int) -> int:
-    return _ioc(_READ, nr, size)
+    return ioc(IOC_READ, nr, size)
 
 
 def _wr(nr: int, size: int) -> int:
-    return _ioc(_WRITE, nr, size)
+    return ioc(IOC_WRITE, nr, size)
 
 
 @dataclass(frozen=True)
@@ -70,18 +63,18 @@ CLASSES = (
     StateClass("events", VCPU, _rd(0x9F, 64), _wr(0xA0, 64), 64, KVM_CAP_VCPU_EVENTS),
     StateClass("mp_state", VCPU, _rd(0x98, 4), _wr(0x99, 4), 4, KVM_CAP_MP_STATE),
     StateClass("debugregs", VCPU, _rd(0xA1, 128), _wr(0xA2, 128), 128, KVM_CAP_DEBUGREGS),
-    StateClass("pic_master", VM, _ioc(_READ | _WRITE, 0x62, _IRQCHIP), _rd(0x63, _IRQCHIP), _IRQCHIP,
+    StateClass("pic_master", VM, ioc(IOC_READ | IOC_WRITE, 0x62, _IRQCHIP), _rd(0x63, _IRQCHIP), _IRQCHIP,
                chip=0),
-    StateClass("pic_slave", VM, _ioc(_READ | _WRITE, 0x62, _IRQCHIP), _rd(0x63, _IRQCHIP), _IRQCHIP,
+    StateClass("pic_slave", VM, ioc(IOC_READ | IOC_WRITE, 0x62, _IRQCHIP), _rd(0x63, _IRQCHIP), _IRQCHIP,
                chip=1),
-    StateClass("ioapic", VM, _ioc(_READ | _WRITE, 0x62, _IRQCHIP), _rd(0x63, _IRQCHIP), _IRQCHIP,
+    StateClass("ioapic", VM, ioc(IOC_READ | IOC_WRITE, 0x62, _IRQCHIP), _rd(0x63, _IRQCHIP), _IRQCHIP,
                chip=2),
     StateClass("pit2", VM, _rd(0x9F, 112), _wr(0xA0, 112), 112),
     StateClass("clock", VM, _rd(0x7C, 48), _wr(0x7B, 48), 48, KVM_CAP_ADJUST_CLOCK),
 )
 BY_NAME = {c.name: c for c in CLASSES}
 
-KVM_GET_MSR_INDEX_LIST = _ioc(_READ | _WRITE, 0x02, 4)
+KVM_GET_MSR_INDEX_LIST = ioc(IOC_READ | IOC_WRITE, 0x02, 4)
 MSR_IA32_TSC = 0x10
 # KVM_SET_CLOCK flags in kvm_clock_data: which extra fields are valid.
 KVM_CLOCK_REALTIME = 1 << 2
@@ -103,25 +96,18 @@ def _buffer(cls: StateClass, data: bytes | None = None):
     return buf
 
 
-def _call(fd: int, request: int, buf, what: str) -> None:
-    try:
-        fcntl.ioctl(fd, request, buf)
-    except OSError as e:
-        raise KvmError(e.errno, f"{what} failed: {os.strerror(e.errno)}") from None
-
-
 def get(vm, name: str) -> bytes:
     """The raw state ``name`` (a ``CLASSES`` entry) of ``vm``."""
     cls = BY_NAME[name]
     buf = _buffer(cls)
-    _call(_fd(vm, cls), cls.get, buf, f"get {name}")
+    ioctl(_fd(vm, cls), cls.get, buf, f"get {name}")
     return bytes(buf)
 
 
 def put(vm, name: str, data: bytes) -> None:
     """Write back raw state ``name`` as :func:`get` returned it."""
     cls = BY_NAME[name]
-    _call(_fd(vm, cls), cls.set, _buffer(cls, data), f"set {name}")
+    ioctl(_fd(vm, cls), cls.set, _buffer(cls, data), f"set {name}")
 
 
 def available(vm, cls: StateClass) -> bool:
@@ -133,18 +119,13 @@ def available(vm, cls: StateClass) -> bool:
 
 def msr_index_list(vm) -> list[int]:
     """KVM_GET_MSR_INDEX_LIST: the MSRs KVM saves and restores for a vCPU."""
-    n = 64
-    while True:
+    def index_list(n):
         class _list(ctypes.Structure):
             _fields_ = [("nmsrs", u32), ("indices", u32 * n)]
-        buf = _list(nmsrs=n)
-        try:
-            fcntl.ioctl(vm.kvm_fd, KVM_GET_MSR_INDEX_LIST, buf)
-            return [buf.indices[i] for i in range(buf.nmsrs)]
-        except OSError as e:
-            if e.errno != errno.E2BIG or n >= 16384:
-                raise KvmError(e.errno, f"KVM_GET_MSR_INDEX_LIST failed: {os.strerror(e.errno)}") from None
-            n = max(n * 2, buf.nmsrs)
+        return _list(nmsrs=n)
+
+    buf = ioctl_growing(vm.kvm_fd, KVM_GET_MSR_INDEX_LIST, index_list, "KVM_GET_MSR_INDEX_LIST", limit=16384)
+    return [buf.indices[i] for i in range(buf.nmsrs)]
 
 
 def get_msrs(vm, indices) -> dict[int, int]:
