@@ -1147,6 +1147,13 @@ def _vcpu_loop(fd, run, ctl, tb):
             return VCPU_LIMIT
 
 
+def _from_disk_cache(kernel) -> bool:
+    """True when ``kernel`` was loaded from Numba's disk cache in this
+    process (False when compiled, or under NUMBA_DISABLE_JIT)."""
+    stats = getattr(kernel, "stats", None)
+    return stats is not None and sum(stats.cache_hits.values()) > 0
+
+
 # ---------------------------------------------------------------------------
 # Config space construction (the per-region permission tables)
 
@@ -1729,7 +1736,6 @@ class Bus:
         self.port_counts = np.zeros(0x10000, dtype=np.int64)
         self.mmio_counts = np.zeros((MAX_SLOTS + 1, M_REGS), dtype=np.int64)
         self.pend = np.zeros(PD_FIELDS, dtype=np.int64)
-        self._compiled = False
         self._warming = None               # the thread loading the Python-side kernels (run_vcpu)
         self.space = np.zeros((MAX_SLOTS, P_PLANES, PCI_CFG_SPACE_SIZE), dtype=np.uint8)
         self.space[:, P_REGION, :] = REGION_UNUSED
@@ -1935,15 +1941,19 @@ class Bus:
         tb = self.tables
         while True:
             code = _vcpu_loop(vcpu_fd, run, ctl, tb)
-            if not self._compiled:
+            if self._warming is None:
                 # The kernels Python calls on a slow exit load now, beside the
                 # guest: off the path to the first KVM_RUN (~0.1 s of a
                 # start), and the loop runs without the GIL while they do.
                 # (hw.kvm's first call returns at once, to load the loop.)
-                self._compiled = True
                 self._warming = threading.Thread(target=self._compile_python_paths, name="bus-jit-load",
                                                  daemon=True)
                 self._warming.start()
+                if not _from_disk_cache(_vcpu_loop):
+                    # A cold cache: they compile (seconds), and would hold
+                    # Numba's compiler lock against the device threads'
+                    # compiles mid-run.  Done now, as the loop just was.
+                    self._warming.join()
             if code == R_SLOW_PIO:
                 self._finish_pio(run)
             elif code == R_SLOW_MMIO:
