@@ -711,11 +711,6 @@ class Launcher:
             self.log(f"guest ended: {result.reason}: {result.message}")
         return status
 
-    def _first_run_at(self) -> float | None:
-        # The backend knows the moment of its first KVM_RUN (after the
-        # compiled loop is loaded); the launcher only when it called it.
-        return getattr(self.backend, "first_run_at", None) or self.first_run_at
-
     def stats(self) -> dict:
         import psutil
 
@@ -736,9 +731,12 @@ class Launcher:
             threads[name] = {"user_s": prev["user_s"] + t.user_time, "system_s": prev["system_s"] + t.system_time}
         ctx = proc.num_ctx_switches()
         mem = proc.memory_info()
+        # The backend knows the moment of its first KVM_RUN (after the
+        # compiled loop is loaded); the launcher only when it called it.
+        first_run = getattr(self.backend, "first_run_at", None) or self.first_run_at
+        started = PROCESS_START if PROCESS_START is not None else process_start()
         out = {"elapsed_s": time.monotonic() - self.started, "rss_bytes": mem.rss,
-               "seconds_to_first_run": None if self._first_run_at() is None
-               else self._first_run_at() - (PROCESS_START if PROCESS_START is not None else process_start()),
+               "seconds_to_first_run": None if first_run is None else first_run - started,
                "warm_launcher": PROCESS_START is not None,        # forked from `lguest-jit server`
                "context_switches": {"voluntary": ctx.voluntary, "involuntary": ctx.involuntary},
                "threads": threads,

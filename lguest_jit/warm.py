@@ -65,7 +65,7 @@ def _identity() -> dict:
     Numba's own settings (read once, at its import)."""
     from . import SOURCE_DIGEST
     return {"source": SOURCE_DIGEST, "python": [os.path.realpath(sys.executable), sys.version],
-            "numba_env": sorted((k, v) for k, v in os.environ.items() if k.startswith("NUMBA_"))}
+            "numba_env": {k: v for k, v in os.environ.items() if k.startswith("NUMBA_")}}
 
 
 def process_start() -> float:
@@ -153,20 +153,21 @@ def run_via_server(argv: list[str], verbose: bool = False) -> int | None:
 
         for sig in FORWARDED:
             previous[sig] = signal.signal(sig, relay)
+        ended = None
         try:
-            for msg in replies:
-                if "exit" in msg:
-                    return int(msg["exit"])
-                if "signal" in msg:
-                    return _die_like(int(msg["signal"]), previous)
+            ended = next((msg for msg in replies if "exit" in msg or "signal" in msg), None)
         except (OSError, ValueError):
             pass
         finally:
             for sig, old in previous.items():
                 signal.signal(sig, old)
+    if ended is None:
         print(f"lguest-jit: the warm launcher at {path} went away; the guest's status is unknown",
               file=sys.stderr)
         return 1
+    if "exit" in ended:
+        return int(ended["exit"])
+    return _die_like(int(ended["signal"]))
 
 
 # The child died of one of these: the client dies of it too, so a caller
@@ -176,11 +177,8 @@ _MIRRORED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGKILL, signa
              signal.SIGUSR1, signal.SIGUSR2)
 
 
-def _die_like(signum: int, previous: dict) -> int:
+def _die_like(signum: int) -> int:
     if signum in _MIRRORED:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
-        previous.clear()
         sys.stdout.flush()
         sys.stderr.flush()
         if signum != signal.SIGKILL:
@@ -213,12 +211,12 @@ def warm_up() -> int:
 
     import lguest_jit
     for mod in pkgutil.walk_packages(lguest_jit.__path__, "lguest_jit."):
-        if mod.name not in ("lguest_jit.testing",):
+        if mod.name != "lguest_jit.testing":
             importlib.import_module(mod.name)
     cpu_target.target_context.refresh()
     import numpy as np
     numba.typeof(np.zeros(1))             # Python-side typeof imports numpy.ma (0.1 s) the first time
-    codegen = cpu_target.target_context.codegen()
+    magic = cpu_target.target_context.codegen().magic_tuple()     # this machine, in the cache's index keys
     loaded = 0
     seen = set()
     for name, mod in list(sys.modules.items()):
@@ -228,17 +226,17 @@ def warm_up() -> int:
             if not isinstance(obj, numba.core.dispatcher.Dispatcher) or id(obj) in seen:
                 continue
             seen.add(id(obj))
-            loaded += _load_cached(obj, codegen)
+            loaded += _load_cached(obj, magic)
     return loaded
 
 
-def _load_cached(dispatcher, codegen) -> int:
+def _load_cached(dispatcher, magic) -> int:
     """Load every overload of ``dispatcher`` that its disk cache holds for
-    this machine.  Best effort: Numba's cache index is not public API, and a
-    kernel not loaded here is loaded by the child when first called."""
+    this machine (``magic``).  Best effort: Numba's cache index is not
+    public API, and a kernel not loaded here is loaded by the child when
+    first called."""
     try:
         index = dispatcher._cache._cache_file._load_index()
-        magic = codegen.magic_tuple()
         n = 0
         for key in index:
             sig, key_magic = key[0], key[1]
@@ -323,8 +321,7 @@ class Server:
             for sig, old in handlers.items():
                 signal.signal(sig, old)
             signal.set_wakeup_fd(-1)
-            sel.close()
-            self.close()
+            sel.close()                   # the caller closes the server (serve() below)
 
     def _on_signal(self, signum, _frame):
         if signum != signal.SIGCHLD:
@@ -419,11 +416,7 @@ class Server:
             return "no terminal descriptors"
         for key, what in (("source", "other lguest-jit sources"), ("python", "another Python"),
                           ("numba_env", "other NUMBA_* settings")):
-            mine = self.identity[key]
-            theirs = request.get(key)
-            if key == "numba_env":
-                theirs = sorted(tuple(kv) for kv in theirs or ())
-            if theirs != mine:
+            if request.get(key) != self.identity[key]:
                 return f"this server runs {what}"
         if not isinstance(request.get("argv"), list) or not all(isinstance(a, str) for a in request["argv"]):
             return "a malformed command line"
@@ -475,7 +468,7 @@ class Server:
         os.chdir(request["cwd"])
         os.umask(int(request["umask"]))
         os.environ.clear()
-        os.environ.update({str(k): str(v) for k, v in request["env"].items()})
+        os.environ.update(request["env"])            # strings: _refusal checked
         sys.stdin = open(0, "r", closefd=False)
         sys.stdout = open(1, "w", closefd=False, buffering=1 if os.isatty(1) else -1)
         sys.stderr = open(2, "w", closefd=False, buffering=1)
