@@ -6,6 +6,7 @@ import struct
 import pytest
 
 from lguest_jit.hw import firmware
+import naive
 from lguest_jit.hw.memory import GuestMemory
 
 
@@ -22,34 +23,61 @@ def scan_like_linux(mem: bytes, base: int = 0, length: int = 0x400):
     return None, length // 16
 
 
-def test_mp_table_is_found_at_the_second_step_and_parses():
+def parse_mp_table(mpc: bytes):
+    """mpparse.c smp_read_mpc(): the header and every entry, checked as Linux
+    checks them; (header fields, [entry bytes])."""
+    sig, tlen, spec, _, oem, product, _, _, count, lapic, _ = struct.unpack_from("<4sHBB8s12sIHHII", mpc)
+    assert (sig, spec, lapic) == (b"PCMP", 4, 0xFEE00000)
+    assert _sum8(mpc[:tlen]) == 0
+    entries, pos = [], 44
+    while pos < tlen:
+        size = {0: 20, 1: 8, 2: 8, 3: 8, 4: 8}[mpc[pos]]
+        entries.append(mpc[pos:pos + size])
+        pos += size
+    assert pos == tlen and len(entries) == count
+    return tlen, entries
+
+
+@pytest.mark.parametrize("cpus", [1, 2, 3, 64, firmware.MAX_CPUS])
+def test_mp_table_is_found_at_the_second_step_and_lists_every_cpu(cpus):
     gm = GuestMemory(4 << 20)
     try:
-        addr, length = firmware.write_mp_table(gm)
+        addr, length = firmware.write_mp_table(gm, cpus)
         low = gm.read(0, 0x400)
+        mpc = gm.read(addr, length)
+        below_table = gm.read(0x20, addr - 0x20)
     finally:
         gm.close()
     assert low[:16] == bytes(16)                   # a null pointer still reads zeros
+    assert below_table == bytes(len(below_table))  # nothing in the BIOS data area, GDT or low RAM
     at, steps = scan_like_linux(low)
     assert (at, steps) == (firmware.MPF_ADDR, 2)
     physptr, feature1 = struct.unpack_from("<I", low, at + 4)[0], low[at + 11]
     assert feature1 == 0 and physptr == addr       # a table, not a default configuration
-    mpc = low[physptr:physptr + length]
-    sig, tlen, spec, _, oem, product, _, _, count, lapic, _ = struct.unpack_from("<4sHBB8s12sIHHII", mpc)
-    assert (sig, tlen, spec, lapic) == (b"PCMP", length, 4, 0xFEE00000)
-    assert _sum8(mpc) == 0
-    entries, pos = [], 44
-    while pos < tlen:
-        kind = mpc[pos]
-        size = {0: 20, 1: 8, 2: 8, 3: 8, 4: 8}[kind]
-        entries.append(mpc[pos:pos + size])
-        pos += size
-    assert pos == tlen and len(entries) == count
-    cpus = [e for e in entries if e[0] == 0]
+    assert 0xF0000 <= addr and addr + length <= 0x100000     # in the e820-reserved BIOS area
+    tlen, entries = parse_mp_table(mpc)
+    assert tlen == length == 44 + 20 * cpus + 2 * 8
+    cpu_entries = [e for e in entries if e[0] == 0]
+    assert [e[1] for e in cpu_entries] == list(range(cpus))                 # APIC ids 0..N-1
+    assert [e[3] for e in cpu_entries] == [0x03] + [0x01] * (cpus - 1)      # all enabled, the first the BSP
+    assert {e[2] for e in cpu_entries} == {0x14}                            # integrated local APICs
     buses = sorted((e[1], e[2:8]) for e in entries if e[0] == 1)
-    assert len(cpus) == 1 and cpus[0][1] == 0 and cpus[0][3] == 0x03      # APIC id 0, enabled BSP
     assert buses == [(0, b"PCI   "), (1, b"ISA   ")]
     assert not any(e[0] in (2, 3) for e in entries)                       # no I/O APIC, no routing
+
+
+@pytest.mark.parametrize("cpus", [1, 2, 7, 255])
+def test_mp_tables_match_the_plain_reference_byte_for_byte(cpus):
+    pointer, table = naive.mp_tables(cpus, firmware.MPC_ADDR)
+    assert firmware.mp_floating_pointer(firmware.MPC_ADDR) == pointer
+    assert firmware.mp_config_table(cpus) == table
+    assert _sum8(pointer) == 0 and _sum8(table) == 0
+
+
+@pytest.mark.parametrize("cpus", [0, -1, firmware.MAX_CPUS + 1, 1024])
+def test_mp_table_refuses_cpu_counts_it_cannot_describe(cpus):
+    with pytest.raises(ValueError, match="processors"):
+        firmware.mp_config_table(cpus)
 
 
 def linux_tsc_khz(leaf15, leaf16, crystal_known=True):
