@@ -1,6 +1,7 @@
 """The boot information the launcher leaves for the kernel
 (lguest_jit/hw/firmware.py): the MP table Linux finds at its first look
 and the TSC frequency in CPUID, read back the way Linux 6.1 reads them."""
+import os
 import struct
 
 import pytest
@@ -126,3 +127,68 @@ def test_kvm_vcpu_reports_the_tsc_frequency():
         pytest.skip(f"TSC {khz} kHz or max leaf {leaves[0][0]:#x}: no CPUID frequency to give")
     assert leaves[0x15] == want[0x15] and leaves[0x16] == want[0x16]
     assert linux_tsc_khz(leaves[0x15], leaves[0x16])[0] == khz
+
+
+def test_with_apic_id_sets_only_the_id_fields():
+    from lguest_jit.hw.kvm import kvm_cpuid_entry2
+
+    def entry(fn, idx, regs):
+        e = kvm_cpuid_entry2(function=fn, index=idx)
+        e.eax, e.ebx, e.ecx, e.edx = regs
+        return e
+    entries = [entry(1, 0, (0xA10F11, 0x01020800, 0xF7F83203, 0x178BFBFF)),
+               entry(0xB, 0, (1, 2, 0x100, 1)), entry(0xB, 1, (4, 2, 0x201, 1)),
+               entry(0x1F, 0, (1, 2, 0x100, 1)), entry(4, 0, (5, 6, 7, 8))]
+    firmware.with_apic_id(entries, 7)
+    got = [(e.function, e.index, e.eax, e.ebx, e.ecx, e.edx) for e in entries]
+    assert got == [(1, 0, 0xA10F11, 0x07020800, 0xF7F83203, 0x178BFBFF),
+                   (0xB, 0, 1, 2, 0x100, 7), (0xB, 1, 4, 2, 0x201, 7),
+                   (0x1F, 0, 1, 2, 0x100, 7), (4, 0, 5, 6, 7, 8)]
+    with pytest.raises(ValueError):
+        firmware.with_apic_id(entries, 256)
+
+
+def test_vcpu0_cpuid_names_its_own_apic_id_not_the_host_cpus():
+    """KVM_GET_SUPPORTED_CPUID carries the id of the host CPU the ioctl ran
+    on; the guest's `cpuid` on vCPU 0 must say 0, its local APIC's id."""
+    from lguest_jit.hw.kvm import KvmVm, kvm_available
+    from lguest_jit.hw.tinyguest import DATA, RAX, RBX, RCX, RDI, RDX, Asm, setup_long_mode
+    why = kvm_available()
+    if why:
+        pytest.skip(f"no usable KVM: {why}")
+
+    class Bus:                      # the guest ends with a port write
+        def pio(self, port, size, is_write, value):
+            vm.stop()
+            return 0
+
+        def mmio(self, addr, size, is_write, value):
+            return 0
+    # Made on the highest-numbered host CPU we may use (not 0 on a
+    # multi-core host), so a host id leaking through would show.
+    allowed = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {max(allowed)})
+    gm = GuestMemory(4 << 20)
+    try:
+        vm = KvmVm(gm, Bus())
+    finally:
+        os.sched_setaffinity(0, allowed)
+    try:
+        a = Asm().mov_imm32(RDI, DATA)
+        for leaf, out in ((1, RBX), (0xB, RDX)):
+            a.mov_imm32(RAX, leaf).mov_imm32(RCX, 0).raw(b"\x0f\xa2")          # cpuid
+            if out == RBX:
+                a.raw(b"\x89\xd8")                                              # mov eax, ebx
+            else:
+                a.raw(b"\x89\xd0")                                              # mov eax, edx
+            a.store_rdi(4).raw(b"\x48\x83\xc7\x08")                             # [rdi] = eax; rdi += 8
+        a.mov_imm32(RDX, 0x80).out(1).label("spin").jmp("spin")
+        setup_long_mode(vm, bytes(a), cpl=0)
+        res = vm.run(timeout=10.0)
+        ebx1, edx_b = struct.unpack("<I4xI", gm.read(DATA, 12))
+    finally:
+        vm.close()
+        gm.close()
+    assert res.reason == "stopped", res.report()
+    assert ebx1 >> 24 == 0
+    assert edx_b == 0

@@ -27,6 +27,14 @@
   explicit IRQ entries" and builds ISA defaults it never uses (there is no
   I/O APIC to program).
 
+* Each vCPU's own APIC id in CPUID (leaf 1 EBX[31:24], the initial APIC
+  id; leaves 0xB/0x1F EDX, the x2APIC id), equal to its local APIC's id.
+  KVM passes what KVM_SET_CPUID2 gives verbatim, and what
+  KVM_GET_SUPPORTED_CPUID returns there is the id of the *host* CPU the
+  ioctl ran on (measured on our hosts: 1 on the second core), so without
+  this a vCPU 0 could tell Linux it is APIC 1 ("APIC id mismatch") and two
+  vCPUs could claim the same id.
+
 * The TSC frequency in CPUID leaves 0x15 (TSC/crystal ratio and crystal
   clock) and 0x16 (base MHz), so Linux neither calibrates the TSC against
   the PIT nor calibrates its delay loop, and marks the frequency known.
@@ -141,4 +149,18 @@ def with_tsc_frequency(entries: list, tsc_khz: int) -> list:
             e.function, e.index = leaf, 0
             entries.append(e)
         e.eax, e.ebx, e.ecx, e.edx = regs
+    return entries
+
+
+def with_apic_id(entries: list, apic_id: int) -> list:
+    """kvm_cpuid_entry2 list with the initial APIC id (leaf 1 EBX[31:24])
+    and the x2APIC id (EDX of every leaf 0xB/0x1F sub-leaf) set to
+    ``apic_id``; other fields untouched."""
+    if not 0 <= apic_id <= 0xFF:
+        raise ValueError(f"an initial APIC id is one byte, not {apic_id}")
+    for e in entries:
+        if e.function == 1 and e.index == 0:
+            e.ebx = (e.ebx & 0x00FFFFFF) | (apic_id << 24)
+        elif e.function in (0xB, 0x1F):
+            e.edx = apic_id
     return entries

@@ -43,7 +43,7 @@ from .x86 import (CR0_ET, CR0_NE, CR0_PE, CR0_PG, CR4_PAE, CR4_PSE, EFER_LMA, EF
 
 from numba import njit
 
-from .firmware import with_tsc_frequency
+from .firmware import with_apic_id, with_tsc_frequency
 from .libc import sys_ioctl
 from .memory import ld_u8, ld_u32
 
@@ -701,8 +701,9 @@ class KvmVm:
 
     def _set_cpuid(self, hook) -> None:
         # With the TSC frequency in CPUID the guest skips calibrating it
-        # against the PIT (hw/firmware.py).
-        entries = with_tsc_frequency(self.supported_cpuid(), self.tsc_khz())
+        # against the PIT; the APIC id is vCPU 0's, not the host CPU's
+        # KVM_GET_SUPPORTED_CPUID reports (hw/firmware.py).
+        entries = with_apic_id(with_tsc_frequency(self.supported_cpuid(), self.tsc_khz()), 0)
         if hook is not None:
             entries = list(hook(entries))
         buf = self._cpuid_buffer(len(entries))
