@@ -55,10 +55,8 @@ LAPIC_ADDR = 0xFEE00000
 LAPIC_VERSION = 0x14        # integrated local APIC
 MP_SPEC_REV = 4             # MP 1.4
 
-# Entry types (MP 1.4 table 4-3) and their sizes (table 4-3: 20 bytes for
-# a processor, 8 for the others).
+# Entry types (MP 1.4 table 4-3); the header is 44 bytes (§4.2).
 MP_PROCESSOR, MP_BUS = 0, 1
-MP_PROCESSOR_SIZE, MP_BUS_SIZE = 20, 8
 MP_HEADER_SIZE = 44
 CPU_ENABLED, CPU_BOOTPROCESSOR = 0x01, 0x02
 # A processor entry's local APIC id is one byte (MP 1.4 §4.3.1) and xAPIC
