@@ -67,7 +67,7 @@ APPLETS = (
     "readlink", "od", "hexdump", "head", "tail", "tr", "awk", "sed", "grep",
     "wc", "dd", "sync", "blockdev", "sha256sum", "timeout", "sleep", "ip",
     "ifconfig", "ping", "poweroff", "reboot", "setsid", "cttyhack", "uname",
-    "dmesg", "ps", "kill", "free", "stat", "cp", "mv", "rm", "ln", "test",
+    "dmesg", "ps", "kill", "free", "stat", "cp", "mv", "rm", "ln", "test", "taskset", "nproc",
     "[", "true", "false", "env", "seq", "cut", "xxd", "uptime", "vi", "less",
 )
 

@@ -15,6 +15,8 @@ Options:
   -b --block=FILE       Block device backed by FILE (FILE,ro for read-only).
   -r --rng              Random number device.
   -i --initrd=FILE      Initial ram disk.
+  --cpus=N              Virtual CPUs (default 1); more than one needs KVM and
+                        a guest kernel with SMP support.
   -u --username=USER    Drop privileges to USER after setup.
   -c --chroot=DIR       Chroot to DIR after setup.
   --hypervisor=KIND     kvm or lguest [default: auto].
@@ -81,7 +83,7 @@ from docopt import DocoptExit, docopt
 from . import __version__
 from .devices.knobs import KNOBS, parse_knobs
 from .devices.tunspec import parse_tunnet
-from .hw.hosts import LGUEST_DEVICE, default_sample_hz, lguest_available, max_sample_hz
+from .hw.hosts import LGUEST_DEVICE, default_sample_hz, kvm_max_vcpus, lguest_available, max_sample_hz, usable_cpus
 
 BENCHMARKS = ("vring", "pci", "decode", "blk", "rng", "net", "exits", "boot", "restore")
 
@@ -311,6 +313,7 @@ class RunConfig:
             self.knobs = parse_knobs({name: args[f"--{name}"] for name in KNOBS})
         except ValueError as exc:
             raise UsageError(str(exc)) from None
+        self.cpus = _cpus_arg(args["--cpus"])
         self.user = None
         if args["--username"]:
             import pwd
@@ -334,10 +337,38 @@ class RunConfig:
         # Last, the check that imports Numba (the KVM backend): every
         # cheaper mistake has been reported by now.
         self.hypervisor = _choose_hypervisor(args["--hypervisor"])
+        if self.cpus > 1 and self.hypervisor != "kvm":
+            raise UsageError(f"--cpus={self.cpus}: the lguest backend runs one vCPU; more need KVM")
         if self.profile is not None and self.hypervisor != "kvm":
             raise UsageError("--profile samples a KVM vCPU; the lguest backend has no registers to sample")
         if self.snapshot and self.hypervisor != "kvm":
             raise UsageError("--snapshot needs the KVM backend: the lguest backend has no snapshots")
+
+
+def _cpus_arg(value: str | None) -> int:
+    """--cpus=N: 1 to what both KVM (KVM_CAP_MAX_VCPUS) and the MP table
+    (8-bit APIC ids) allow.  More vCPUs than host CPUs is allowed (they
+    take turns), and said once."""
+    if value is None:
+        return 1
+    from .hw.firmware import MAX_CPUS       # standard library only
+    try:
+        n = int(value, 10)
+    except ValueError:
+        raise UsageError(f"--cpus={value}: not a whole number of vCPUs") from None
+    if n < 1:
+        raise UsageError(f"--cpus={n}: a guest needs at least one vCPU")
+    top = kvm_max_vcpus()
+    if top is not None and n > top:
+        raise UsageError(f"--cpus={n}: this host's KVM allows at most {top} vCPUs per guest (KVM_CAP_MAX_VCPUS)")
+    if n > MAX_CPUS:
+        raise UsageError(f"--cpus={n}: the MP table the guest reads describes at most {MAX_CPUS} CPUs "
+                         f"(8-bit local APIC ids)")
+    host = usable_cpus()
+    if n > host:
+        print(f"lguest-jit: --cpus={n}: more vCPUs than the {host} host CPUs this launcher may use; "
+              f"they will take turns", file=sys.stderr, flush=True)
+    return n
 
 
 def _profile_args(path: str | None, hz: str | None):
@@ -421,6 +452,10 @@ class RestoreConfig:
         self.nets = _tunnets(specs)
         self.net_specs = list(specs)
         self.rng = m["rng"]
+        self.cpus = m.get("cpus", 1)            # snapshots from before --cpus had one
+        from .hw.firmware import MAX_CPUS
+        if type(self.cpus) is not int or not 1 <= self.cpus <= MAX_CPUS:
+            raise UsageError(f"snapshot {args['<dir>']!r}: bad vCPU count {self.cpus!r}")
         from .devices.knobs import Knobs
         try:
             self.knobs = Knobs(**m.get("knobs", {}))     # the devices must offer what the guest negotiated
@@ -489,6 +524,10 @@ class Launcher:
         from .hw import loader
         from .hw.memory import GuestMemory
         cfg = self.cfg
+        if cfg.cpus > 1:
+            # Phase 1 of SMP: the MP table and the checks are in place; the
+            # backend still runs a single vCPU loop.
+            raise UsageError(f"--cpus={cfg.cpus}: more than one vCPU is not supported yet")
         restoring = cfg.restore is not None
         if restoring:
             # The snapshot's RAM, copy-on-write; and the vCPU made first, so
@@ -498,7 +537,7 @@ class Launcher:
         else:
             self.gm = GuestMemory(cfg.mem_mb << 20)
             try:
-                self.info = loader.load_linux(self.gm, cfg.kernel, cfg.cmdline, cfg.initrd)
+                self.info = loader.load_linux(self.gm, cfg.kernel, cfg.cmdline, cfg.initrd, cpus=cfg.cpus)
             except loader.LoadError as exc:
                 raise UsageError(str(exc)) from None
             except MemoryError:
@@ -606,6 +645,7 @@ class Launcher:
         cfg = self.cfg
         return {"mem_bytes": self.gm.size, "kernel": os.path.abspath(cfg.kernel) if cfg.kernel else None,
                 "cmdline": cfg.cmdline, "nets": list(cfg.net_specs), "rng": cfg.rng, "strict": cfg.strict,
+                "cpus": cfg.cpus,
                 "blocks": [dict(disk_identity(p), readonly=ro) for p, ro in cfg.blocks],
                 "knobs": dataclasses.asdict(cfg.knobs),
                 "argv": self._boot_argv()}

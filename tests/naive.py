@@ -122,3 +122,31 @@ def histogram_percentile(hist, p: float):
         seen += c
         if seen >= rank:
             return (1 << k) - 1
+
+
+def mp_tables(cpus: int, table_addr: int) -> tuple[bytes, bytes]:
+    """(floating pointer, configuration table) of an MP 1.4 machine with
+    `cpus` processors (APIC ids 0..cpus-1, id 0 the boot processor, local
+    APIC version 0x14 at 0xfee00000), bus 0 PCI and bus 1 ISA, no I/O APIC:
+    MP 1.4 §4.1 (pointer), §4.2 (header), §4.3.1 (processor), §4.3.2 (bus).
+    Field by field, little-endian, every checksum byte making its
+    structure sum to 0 mod 256."""
+    def le(value, n):
+        return bytes((value >> (8 * i)) & 0xFF for i in range(n))
+
+    def fix_checksum(raw, at):
+        raw[at] = (256 - sum(raw) % 256) % 256
+        return bytes(raw)
+
+    body = b""
+    for apic_id in range(cpus):
+        flags = 0x01 | (0x02 if apic_id == 0 else 0)         # EN, and BP for the boot CPU
+        body += bytes([0, apic_id, 0x14, flags]) + le(0, 4) + le(0, 4) + bytes(8)
+    body += bytes([1, 0]) + b"PCI   "
+    body += bytes([1, 1]) + b"ISA   "
+    length = 44 + len(body)
+    header = bytearray(b"PCMP" + le(length, 2) + bytes([4, 0]) + b"LGUESTJT" + b"lguest-jit  "
+                       + le(0, 4) + le(0, 2) + le(cpus + 2, 2) + le(0xFEE00000, 4) + le(0, 2) + bytes([0, 0]))
+    table = fix_checksum(bytearray(header + body), 7)
+    pointer = fix_checksum(bytearray(b"_MP_" + le(table_addr, 4) + bytes([1, 4, 0, 0, 0, 0, 0, 0])), 10)
+    return pointer, table

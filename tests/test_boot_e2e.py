@@ -54,17 +54,24 @@ def run_console(argv, stderr_path, timeout=BOOT_TIMEOUT_S, env=None):
     return status, lines
 
 
-def check_selftest(rep, console: bytes, disk, tail: str) -> None:
+def check_selftest(rep, console: bytes, disk, tail: str, cpus: int = 1) -> None:
     """What the guest's selftest must have shown: every step OK, its drivers
-    bound, the block write in the host's disk file, the tap answering."""
+    bound, the block write in the host's disk file, the tap answering, and
+    `cpus` CPUs online, each of which ran its share of work."""
     assert rep.done and rep.workload == "selftest", tail
     assert rep.failed == [], tail
     # No guest process crashed on the way (guest/README.md, "Pipelines").
     assert b"segfault at" not in console, tail
 
-    for name in ("mount-proc", "mount-sysfs", "mount-devtmpfs", "console", "pci", "virtio", "hwrng", "block", "net",
-                 "ping"):
+    for name in ("mount-proc", "mount-sysfs", "mount-devtmpfs", "cpus", "console", "pci", "virtio", "hwrng", "block",
+                 "net", "ping"):
         assert rep.step(name) is not None and rep.step(name).status == "OK", (name, tail)
+
+    # /proc/cpuinfo lists every vCPU, all online, and a job pinned to each
+    # added to that CPU's time in /proc/stat.
+    cpu = rep.step("cpus").fields()
+    assert cpu["count"] == str(cpus) and cpu["online"] == ("0" if cpus == 1 else f"0-{cpus - 1}"), cpu
+    assert all(int(cpu[f"cpu{i}"].lstrip("+")) > 0 for i in range(cpus)), cpu
 
     # The guest's console is the virtio console.
     assert rep.step("console").fields()["active"] == "hvc0"
@@ -163,7 +170,7 @@ def test_default_guest_drives_every_device(tmp_path):
     # output; net: config, input.0, output.0; block: config, req.0; rng:
     # config, input), none on INTx, and Linux never read an ISR.
     irqs = rep.step("irqs").fields()
-    assert irqs["intx"] == "0" and irqs["msi"] == "10", rep.step("irqs")
+    assert irqs["intx"] == "0" and irqs["msi"] == "10" and irqs["msi_cpus"] == "0", rep.step("irqs")
     names = {k for k in irqs if k.startswith("virtio")}
     assert sum(k.endswith("-config") for k in names) == 4, names
     assert len(names) == 10, names

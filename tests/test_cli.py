@@ -176,8 +176,8 @@ except SystemExit as exc:
     status = exc.code
 # Of the project, only these light modules may answer; of the rest, no
 # Numba or numpy.
-light = {"lguest_jit", "lguest_jit.main", "lguest_jit.hw", "lguest_jit.hw.hosts", "lguest_jit.devices",
-         "lguest_jit.devices.tunspec", "lguest_jit.devices.knobs", "lguest_jit.warm"}   # warm: the client side
+light = {"lguest_jit", "lguest_jit.main", "lguest_jit.hw", "lguest_jit.hw.hosts", "lguest_jit.hw.firmware",
+         "lguest_jit.devices", "lguest_jit.devices.tunspec", "lguest_jit.devices.knobs", "lguest_jit.warm"}   # warm: the client side
 loaded = [m for m in sys.modules if m.split(".")[0] in ("numba", "numpy", "benchmarks")
           or (m.startswith("lguest_jit") and m not in light)]
 print(json.dumps({"status": status, "loaded": sorted(loaded)}))
@@ -188,7 +188,8 @@ print(json.dumps({"status": status, "loaded": sorted(loaded)}))
     (["--help"], None), (["--version"], None),
     (["0", "/nonexistent"], 2), (["--frobnicate", "64", "vmlinux"], 2), (["64", "/nonexistent"], 2),
     (["--hypervisor=xen", "64", "{kernel}"], 2), (["--tunnet=10.0.2.300", "64", "{kernel}"], 2),
-    (["bench", "nope"], 2), (["--queue-size=3", "64", "{kernel}"], 2),
+    (["bench", "nope"], 2), (["--queue-size=3", "64", "{kernel}"], 2), (["--cpus=0", "64", "{kernel}"], 2),
+    (["--cpus=9999", "64", "{kernel}"], 2),
     (["bench", "sweep", "--param=indirect=maybe", "rng"], 2),
     (["bench", "vring", "--plot=/nonexistent/dir/plot.png"], 2),
 ])

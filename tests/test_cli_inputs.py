@@ -70,6 +70,10 @@ BAD = [
     ("event-idx neither on nor off", ["--event-idx=maybe", "64", "{k}"], "on or off"),
     ("indirect neither on nor off", ["--indirect=yes", "64", "{k}"], "on or off"),
     ("seg-max zero", ["--seg-max=0", "64", "{k}"], "at least 1"),
+    ("cpus zero", ["--cpus=0", "64", "{k}"], "at least one vCPU"),
+    ("cpus negative", ["--cpus=-1", "64", "{k}"], "at least one vCPU"),
+    ("cpus not a number", ["--cpus=two", "64", "{k}"], "not a whole number of vCPUs"),
+    ("cpus empty", ["--cpus=", "64", "{k}"], "not a whole number of vCPUs"),
     ("seg-max beyond the queue", ["--queue-size=8", "--seg-max=7", "64", "{k}"], "queue size (8) - 2"),
     ("sweep of an unknown knob", ["bench", "sweep", "--param=speed=1,2", "blk"], "unknown knob"),
     ("sweep with a bad value", ["bench", "sweep", "--param=queue-size=16,17", "rng"], "power of two"),
@@ -91,3 +95,44 @@ def test_bad_input_is_one_line_exit_2_nothing_created(files, name, args, words):
     assert words in lines[0], lines[0]
     assert sorted(os.listdir(d)) == before      # nothing created, not even the stats file
     assert r.stdout == ""
+
+
+def test_cpus_beyond_what_kvm_or_the_mp_table_allows(files):
+    """--cpus above KVM_CAP_MAX_VCPUS, or above the 255 APIC ids an MP table
+    can name, is one line and exit 2."""
+    from lguest_jit.hw.firmware import MAX_CPUS
+    from lguest_jit.hw.hosts import kvm_max_vcpus
+    top = kvm_max_vcpus()
+    if top is None:
+        pytest.skip("no /dev/kvm to ask for its vCPU limit")
+    d, k = files
+    cases = [(top + 1, f"at most {top} vCPUs per guest (KVM_CAP_MAX_VCPUS)")]
+    if top > MAX_CPUS:
+        cases.append((MAX_CPUS + 1, f"at most {MAX_CPUS} CPUs"))
+    for n, words in cases:
+        r = run([f"--cpus={n}", "64", k], cwd=d)
+        lines = r.stderr.splitlines()
+        assert r.returncode == 2 and len(lines) == 1, r.stderr[-2000:]
+        assert lines[0].startswith(f"lguest-jit: --cpus={n}: ") and words in lines[0], lines[0]
+
+
+def test_more_vcpus_than_host_cpus_is_said_once(files):
+    """Allowed (vCPUs take turns on the host's CPUs) and said once on
+    stderr; for now more than one vCPU then stops with one "not supported
+    yet" line before anything is built."""
+    from lguest_jit.hw.firmware import MAX_CPUS
+    from lguest_jit.hw.hosts import kvm_max_vcpus, usable_cpus
+    top = kvm_max_vcpus()
+    if top is None:
+        pytest.skip("no /dev/kvm")
+    n = usable_cpus() + 1
+    if n > min(top, MAX_CPUS):
+        pytest.skip(f"this host's limits leave no room above its {n - 1} CPUs")
+    d, k = files
+    r = run([f"--cpus={n}", "--hypervisor=kvm", "64", k], cwd=d)
+    lines = r.stderr.splitlines()
+    assert sum("more vCPUs than the" in line for line in lines) == 1, r.stderr
+    assert f"the {n - 1} host CPUs" in r.stderr
+    assert r.returncode == 2 and lines[-1] == f"lguest-jit: --cpus={n}: more than one vCPU is not supported yet", \
+        r.stderr
+    assert "Traceback" not in r.stderr

@@ -139,6 +139,33 @@ def test_init_block_pattern_matches_host():
     assert r.stdout == markers.block_pattern(300 * 16)
 
 
+@pytest.mark.skipif(BUSYBOX is None, reason="busybox-static not installed")
+def test_init_irqs_step_sums_every_cpu_column(tmp_path):
+    """guest/init's check_irqs, run by busybox sh over a two-CPU
+    /proc/interrupts: counts summed over the CPU columns, the CPUs that
+    took a virtio MSI named, INTx lines kept apart."""
+    fake = tmp_path / "interrupts"
+    fake.write_text(
+        "           CPU0       CPU1       \n"
+        "  0:         45          0   IO-APIC   2-edge      timer\n"
+        " 24:          0          0   PCI-MSI 16384-edge      virtio0-config\n"
+        " 25:         12          3   PCI-MSI 16385-edge      virtio0-input.0\n"
+        " 26:          0          7   PCI-MSI 16386-edge      virtio1-req.0\n"
+        " 11:          9          5   XT-PIC   virtio2\n"
+        "NMI:          0          0   Non-maskable interrupts\n")
+    func = re.search(r"^check_irqs\(\) \{\n.*?^\}\n", build.INIT_SCRIPT.read_text(), re.S | re.M)
+    assert func, "check_irqs not found in guest/init"
+    script = ('step() { echo "$*"; }\n' + func.group(0).replace("/proc/interrupts", str(fake))
+              + "check_irqs\n")
+    r = subprocess.run([str(BUSYBOX), "sh", "-c", script], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    words = r.stdout.split()
+    assert words[:2] == ["irqs", "OK"]
+    assert dict(w.split("=", 1) for w in words[2:]) == {
+        "msi": "3", "intx": "1", "msi_cpus": "0,1", "virtio0-config": "0", "virtio0-input.0": "15",
+        "virtio1-req.0": "7", "virtio2": "14"}
+
+
 def test_block_pattern():
     p = markers.block_pattern(4096)
     assert len(p) == 4096

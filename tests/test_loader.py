@@ -290,6 +290,24 @@ def test_elf64_ignores_non_load_segments(gm, tmp_path):
     assert gm.read(0, 4) == b"\0\0\0\0"
 
 
+def test_mp_table_lists_the_cpus_asked_for(gm, tmp_path):
+    """--cpus reaches the MP table through the loader (hw/firmware.py
+    checks the table itself); a count it cannot describe is refused before
+    guest memory is touched."""
+    from lguest_jit.hw import firmware
+    path = write(tmp_path, "vmlinux", make_elf(64))
+    load_linux(gm, path, cpus=3)
+    table = firmware.mp_config_table(3)
+    assert u32(gm, firmware.MPF_ADDR + 4) == firmware.MPC_ADDR
+    assert gm.read(firmware.MPC_ADDR, len(table)) == table
+    gm.mem[:] = 0xAA
+    for bad in (0, firmware.MAX_CPUS + 1):
+        with pytest.raises(LoadError) as err:
+            load_linux(gm, path, cpus=bad)
+        assert "processors" in one_line(err, path)
+    assert (gm.mem == 0xAA).all()
+
+
 def test_page_tables_cover_ram_and_the_mmio_window(tmp_path):
     path = write(tmp_path, "vmlinux", make_elf(64))
     for size, mapped in ((64 << 20, 4 * GiB), (3 * GiB // 2, 4 * GiB), (5 * GiB, 4 * GiB)):

@@ -68,6 +68,8 @@ def test_a_snapshot_mid_loop_restores_into_a_guest_that_finishes_it(taken, tmp_p
     # The snapshot was taken inside the loop: the first guest never said 'D'.
     assert out == b"R", (out, err)
     assert "snapshot written to" in err
+    body = json.loads(json.loads((where / "state.json").read_text())["body"])
+    assert body["machine"]["cpus"] == 1          # --cpus, recorded for restore
     ram = os.stat(where / "ram")
     assert ram.st_size == 64 << 20 and ram.st_blocks * 512 < ram.st_size // 4     # sparse
     copy = tmp_path / "copy"
@@ -95,9 +97,12 @@ def _damage(src, dst, how):
     elif how == "checksum":
         doc["body"] = doc["body"].replace('"rng": false', '"rng": true')
         state.write_text(json.dumps(doc))
-    elif how == "cpuid":
-        leaf = body["cpuid"][0]
-        leaf[3] ^= 1
+    elif how in ("cpuid", "cpus zero", "cpus text"):
+        if how == "cpuid":
+            leaf = body["cpuid"][0]
+            leaf[3] ^= 1
+        else:
+            body["machine"]["cpus"] = 0 if how == "cpus zero" else "2"
         doc["body"] = json.dumps(body, sort_keys=True)
         doc["sha256"] = hashlib.sha256(doc["body"].encode()).hexdigest()
         state.write_text(json.dumps(doc))
@@ -116,6 +121,8 @@ BAD = [
     ("version", "format version 99"),
     ("checksum", "checksum mismatch"),
     ("cpuid", "another kind of host"),
+    ("cpus zero", "bad vCPU count 0"),
+    ("cpus text", "bad vCPU count '2'"),
     ("ram size", "RAM file holds 4096 bytes"),
     ("no ram", "ram is missing"),
     ("no state", "state.json is missing"),

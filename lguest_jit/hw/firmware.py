@@ -1,21 +1,39 @@
 """What a PC's firmware would leave for the kernel, where Linux looks first.
 
 * An Intel MultiProcessor (MP 1.4) floating pointer at physical address
-  0x10 and its configuration table after it.  Without one, Linux scans the first
-  KiB, the last KiB of base memory and the 64 KiB BIOS area for the "_MP_"
-  signature, remapping every 16-byte step through the fixmap: seconds of
-  emulated kernel code on a software-KVM host (guest/README.md, "Boot
-  timeline").  Found at its second step, the scan ends there.  (Address 0
-  itself stays zero: a null pointer read there finds nothing.)
+  0x10, pointing at its configuration table in the BIOS area (0xF0000).
+  Without one, Linux scans the first KiB, the last KiB of base memory and
+  the 64 KiB BIOS area for the "_MP_" signature, remapping every 16-byte
+  step through the fixmap: seconds of emulated kernel code on a
+  software-KVM host (guest/README.md, "Boot timeline").  Found at its
+  second step, the scan ends there.  (Address 0 itself stays zero: a null
+  pointer read there finds nothing.)  The table itself sits where PC
+  firmware keeps its tables, in the e820-reserved BIOS area, so that
+  it grows with the CPU count without running into the BIOS data area
+  (0x400: Linux reads the EBDA pointer at 0x40E and writes the warm-reset
+  vector at 0x467 when it starts an AP) or the GDT at 0x500.
 
-  The table describes this machine as it is used today: one CPU (local APIC
-  id 0 at 0xfee00000), a PCI bus and an ISA bus, and no I/O APIC, so every
-  interrupt stays on the 8259 PIC (KVM's in-kernel one) through the local
-  APIC's LINT0 in ExtINT mode.  Linux enables LINT0 as ExtINT only when I/O
-  APIC set-up is off, hence `noapic` on the guest command line (with no
-  table it turns I/O APIC support off by itself).  With no interrupt
-  source entries Linux prints "BIOS bug, no explicit IRQ entries" and
-  builds ISA defaults it never uses (there is no I/O APIC to program).
+  The table describes this machine: ``cpus`` processors with local APIC
+  ids 0..cpus-1 (KVM gives vCPU i APIC id i; the first is the boot
+  processor, the one Linux checks against its own APIC id), the local APIC
+  at 0xfee00000, a PCI bus and an ISA bus, and no I/O APIC, so every
+  interrupt from the 8259 PIC (KVM's in-kernel one) reaches the boot CPU
+  through its local APIC's LINT0 in ExtINT mode; MSI messages go to any
+  CPU's local APIC directly.  Linux starts the other processors itself
+  (INIT/SIPI through its local APIC), so the launcher starts none.  Linux
+  enables LINT0 as ExtINT only when I/O APIC set-up is off, hence `noapic`
+  on the guest command line (with no table it turns I/O APIC support off
+  by itself).  With no interrupt source entries Linux prints "BIOS bug, no
+  explicit IRQ entries" and builds ISA defaults it never uses (there is no
+  I/O APIC to program).
+
+* Each vCPU's own APIC id in CPUID (leaf 1 EBX[31:24], the initial APIC
+  id; leaves 0xB/0x1F EDX, the x2APIC id), equal to its local APIC's id.
+  KVM passes what KVM_SET_CPUID2 gives verbatim, and what
+  KVM_GET_SUPPORTED_CPUID returns there is the id of the *host* CPU the
+  ioctl ran on (measured on our hosts: 1 on the second core), so without
+  this a vCPU 0 could tell Linux it is APIC 1 ("APIC id mismatch") and two
+  vCPUs could claim the same id.
 
 * The TSC frequency in CPUID leaves 0x15 (TSC/crystal ratio and crystal
   clock) and 0x16 (base MHz), so Linux neither calibrates the TSC against
@@ -31,14 +49,19 @@ import struct
 from fractions import Fraction
 
 MPF_ADDR = 0x10             # second 16-byte step of Linux's smp_scan_config()
-MPC_ADDR = 0x20             # configuration table right after the pointer
+MPC_ADDR = 0xF0000          # configuration table: BIOS area, e820-reserved (loader.py)
+MPC_AREA_END = 0x100000     # the table must end below the kernel's first MiB
 LAPIC_ADDR = 0xFEE00000
 LAPIC_VERSION = 0x14        # integrated local APIC
 MP_SPEC_REV = 4             # MP 1.4
 
-# Entry types (MP 1.4 table 4-3).
+# Entry types (MP 1.4 table 4-3); the header is 44 bytes (§4.2).
 MP_PROCESSOR, MP_BUS = 0, 1
+MP_HEADER_SIZE = 44
 CPU_ENABLED, CPU_BOOTPROCESSOR = 0x01, 0x02
+# A processor entry's local APIC id is one byte (MP 1.4 §4.3.1) and xAPIC
+# id 0xFF is the broadcast address: ids 0..254 at most.
+MAX_CPUS = 255
 
 CRYSTAL_HZ = 1_000_000_000
 _U32 = 1 << 32
@@ -50,15 +73,19 @@ def _checksummed(raw: bytearray, at: int) -> bytes:
     return bytes(raw)
 
 
-def mp_config_table(cpuid_signature: int = 0, cpuid_features: int = 0) -> bytes:
-    """The MP configuration table ("PCMP"): header, BSP, buses PCI 0 and ISA 1."""
-    cpu = struct.pack("<BBBBII8x", MP_PROCESSOR, 0, LAPIC_VERSION, CPU_ENABLED | CPU_BOOTPROCESSOR,
-                      cpuid_signature, cpuid_features)
-    buses = struct.pack("<BB6s", MP_BUS, 0, b"PCI   ") + struct.pack("<BB6s", MP_BUS, 1, b"ISA   ")
-    entries = cpu + buses
-    header_len = 44
-    header = bytearray(struct.pack("<4sHBB8s12sIHHII", b"PCMP", header_len + len(entries), MP_SPEC_REV, 0,
-                                   b"LGUESTJT", b"lguest-jit  ", 0, 0, 3, LAPIC_ADDR, 0))
+def mp_config_table(cpus: int = 1, cpuid_signature: int = 0, cpuid_features: int = 0) -> bytes:
+    """The MP configuration table ("PCMP"): header, one processor entry per
+    CPU (APIC ids 0..cpus-1, the first the boot processor), buses PCI 0
+    and ISA 1."""
+    if not 1 <= cpus <= MAX_CPUS:
+        raise ValueError(f"an MP table lists 1 to {MAX_CPUS} processors, not {cpus}")
+    entries = b"".join(
+        struct.pack("<BBBBII8x", MP_PROCESSOR, apic_id, LAPIC_VERSION,
+                    CPU_ENABLED | (CPU_BOOTPROCESSOR if apic_id == 0 else 0), cpuid_signature, cpuid_features)
+        for apic_id in range(cpus))
+    entries += struct.pack("<BB6s", MP_BUS, 0, b"PCI   ") + struct.pack("<BB6s", MP_BUS, 1, b"ISA   ")
+    header = bytearray(struct.pack("<4sHBB8s12sIHHII", b"PCMP", MP_HEADER_SIZE + len(entries), MP_SPEC_REV, 0,
+                                   b"LGUESTJT", b"lguest-jit  ", 0, 0, cpus + 2, LAPIC_ADDR, 0))
     return _checksummed(header + entries, 7)
 
 
@@ -70,10 +97,13 @@ def mp_floating_pointer(table_addr: int = MPC_ADDR) -> bytes:
     return _checksummed(raw, 10)
 
 
-def write_mp_table(gm, cpuid_signature: int = 0, cpuid_features: int = 0) -> tuple[int, int]:
-    """Write the floating pointer at MPF_ADDR and the table at MPC_ADDR
-    into guest memory; returns (table address, table length)."""
-    table = mp_config_table(cpuid_signature, cpuid_features)
+def write_mp_table(gm, cpus: int = 1, cpuid_signature: int = 0, cpuid_features: int = 0) -> tuple[int, int]:
+    """Write the floating pointer at MPF_ADDR and the table for ``cpus``
+    processors at MPC_ADDR into guest memory; returns (table address,
+    table length)."""
+    table = mp_config_table(cpus, cpuid_signature, cpuid_features)
+    if MPC_ADDR + len(table) > min(MPC_AREA_END, gm.size):
+        raise ValueError(f"an MP table of {len(table)} bytes does not fit at {MPC_ADDR:#x}")
     gm.write(MPF_ADDR, mp_floating_pointer(MPC_ADDR))
     gm.write(MPC_ADDR, table)
     return MPC_ADDR, len(table)
@@ -117,4 +147,18 @@ def with_tsc_frequency(entries: list, tsc_khz: int) -> list:
             e.function, e.index = leaf, 0
             entries.append(e)
         e.eax, e.ebx, e.ecx, e.edx = regs
+    return entries
+
+
+def with_apic_id(entries: list, apic_id: int) -> list:
+    """kvm_cpuid_entry2 list with the initial APIC id (leaf 1 EBX[31:24])
+    and the x2APIC id (EDX of every leaf 0xB/0x1F sub-leaf) set to
+    ``apic_id``; other fields untouched."""
+    if not 0 <= apic_id <= 0xFF:
+        raise ValueError(f"an initial APIC id is one byte, not {apic_id}")
+    for e in entries:
+        if e.function == 1 and e.index == 0:
+            e.ebx = (e.ebx & 0x00FFFFFF) | (apic_id << 24)
+        elif e.function in (0xB, 0x1F):
+            e.edx = apic_id
     return entries

@@ -28,3 +28,42 @@ def max_sample_hz() -> int:
 def default_sample_hz() -> int:
     """DEFAULT_SAMPLE_HZ where the host's clock allows it, else the most it allows."""
     return min(DEFAULT_SAMPLE_HZ, max_sample_hz())
+
+
+KVM_DEVICE = "/dev/kvm"
+# KVM_CHECK_EXTENSION (hw/kvm.py) and the two vCPU-count capabilities,
+# here so the CLI can check --cpus before it loads the engine.
+_KVM_CHECK_EXTENSION = 0xAE03          # _IO(KVMIO 0xAE, 0x03)
+KVM_CAP_NR_VCPUS = 9
+KVM_CAP_MAX_VCPUS = 66
+KVM_DEFAULT_MAX_VCPUS = 4              # what KVM's API doc says to assume when neither capability answers
+
+
+def kvm_max_vcpus(dev: str = KVM_DEVICE) -> int | None:
+    """The most vCPUs one VM may have on this host's KVM: KVM_CAP_MAX_VCPUS,
+    else KVM_CAP_NR_VCPUS, else 4 (KVM's api.rst, KVM_CREATE_VCPU); None
+    when ``dev`` cannot be opened."""
+    import fcntl
+    try:
+        fd = os.open(dev, os.O_RDWR | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        for cap in (KVM_CAP_MAX_VCPUS, KVM_CAP_NR_VCPUS):
+            try:
+                n = fcntl.ioctl(fd, _KVM_CHECK_EXTENSION, cap)
+            except OSError:
+                n = 0
+            if n > 0:
+                return n
+        return KVM_DEFAULT_MAX_VCPUS
+    finally:
+        os.close(fd)
+
+
+def usable_cpus() -> int:
+    """Host CPUs this process may run on (its affinity mask)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1

@@ -42,7 +42,7 @@ from .x86 import (CR0_ET, CR0_NE, CR0_PE, CR0_PG, CR4_PAE, CR4_PSE, EFER_LMA, EF
 
 from numba import njit
 
-from .firmware import with_tsc_frequency
+from .firmware import with_apic_id, with_tsc_frequency
 from .kvm_abi import *  # noqa: F401,F403 - the ABI, re-exported for callers of kvm
 from .libc import sys_ioctl
 from .memory import ld_u8, ld_u32
@@ -388,8 +388,9 @@ class KvmVmBase:
 
     def _set_cpuid(self, hook) -> None:
         # With the TSC frequency in CPUID the guest skips calibrating it
-        # against the PIT (hw/firmware.py).
-        entries = with_tsc_frequency(self.supported_cpuid(), self.tsc_khz())
+        # against the PIT; the APIC id is vCPU 0's, not the host CPU's
+        # KVM_GET_SUPPORTED_CPUID reports (hw/firmware.py).
+        entries = with_apic_id(with_tsc_frequency(self.supported_cpuid(), self.tsc_khz()), 0)
         if hook is not None:
             entries = list(hook(entries))
         buf = self._cpuid_buffer(len(entries))

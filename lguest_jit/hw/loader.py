@@ -18,7 +18,7 @@ load never leaves a half-built guest behind and no guest code ever runs.
 Public API::
 
     load_linux(gm: GuestMemory, kernel_path, cmdline: str = "",
-               initrd_path=None, prefer_elf_payload: bool = True) -> BootInfo
+               initrd_path=None, prefer_elf_payload: bool = True, cpus: int = 1) -> BootInfo
     load_initrd(gm: GuestMemory, path, *, max_addr: int | None = None,
                 low_limit: int = HIGH_MEM_START) -> tuple[int, int]   # (addr, size)
     decompress_payload(data: bytes, limit: int) -> tuple[str, bytes]  # (codec, output)
@@ -32,12 +32,13 @@ Public API::
 
 Guest physical layout (all below 1 MiB, which kernels never occupy)::
 
-    0x000010  MP floating pointer, then the MP table (hw/firmware.py)
+    0x000010  MP floating pointer (hw/firmware.py)
     0x000500  GDT: null, null, code (sel 0x10), data (sel 0x18)   GDT_ADDR
     0x007000  boot_params, the "zero page" (4 KiB)                 BOOT_PARAMS_ADDR
     0x009000  PML4, PDPT, then 1-4 page directories (long mode)    PAGE_TABLE_ADDR
     0x020000  command line, NUL-terminated                         CMDLINE_ADDR
     0x09fc00  end of low RAM in the e820 map (EBDA/VGA/BIOS hole)  LOW_RAM_END
+    0x0f0000  MP configuration table, one entry per CPU (firmware.MPC_ADDR)
     0x100000  kernel (bzImage code32_start; vmlinux at its p_paddr) HIGH_MEM_START
     top       initrd, page aligned, at the top of RAM below initrd_addr_max
 
@@ -87,7 +88,7 @@ import numpy as np
 import psutil
 from numba import njit
 
-from .firmware import write_mp_table
+from .firmware import MAX_CPUS, write_mp_table
 from .memory import PAGE_SIZE, GuestMemory
 from .x86 import CR0_ET, CR0_PE, CR0_PG, CR4_PAE, EFER_LMA, EFER_LME
 
@@ -867,13 +868,16 @@ def _encode_cmdline(cmdline: str, limit: int, name: str) -> bytes:
 
 
 def load_linux(gm: GuestMemory, kernel_path, cmdline: str = "", initrd_path=None,
-               prefer_elf_payload: bool = True) -> BootInfo:
-    """Load a vmlinux ELF or a bzImage (and an initrd) into ``gm``.
+               prefer_elf_payload: bool = True, cpus: int = 1) -> BootInfo:
+    """Load a vmlinux ELF or a bzImage (and an initrd) into ``gm``; the MP
+    table lists ``cpus`` processors.
 
     Everything is validated before guest memory is touched; any problem is a
     :class:`LoadError` whose message is one line naming the file.
     """
     name = str(kernel_path)
+    if not 1 <= cpus <= MAX_CPUS:
+        raise LoadError(f"{name}: the MP table lists 1 to {MAX_CPUS} processors, not {cpus}")
     if gm.size < MIN_RAM:
         raise LoadError(f"{name}: too little memory: guest has {gm.size:#x} bytes, need at least "
                         f"{MIN_RAM >> 20} MiB")
@@ -943,7 +947,7 @@ def load_linux(gm: GuestMemory, kernel_path, cmdline: str = "", initrd_path=None
     if initrd is not None:
         gm.mem[initrd_addr:initrd_addr + initrd_size] = np.frombuffer(initrd, dtype=np.uint8)
     _write_boot_params(gm, header, raw_cmdline, initrd_addr, initrd_size)
-    write_mp_table(gm)      # ends Linux's MP-table scan at its first look
+    write_mp_table(gm, cpus)      # ends Linux's MP-table scan at its first look
 
     if elf is not None and elf.bits == 64:
         code, seg_data = CODE64, DATA
