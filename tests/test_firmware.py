@@ -152,26 +152,26 @@ def test_with_apic_id_sets_only_the_id_fields():
 def test_vcpu0_cpuid_names_its_own_apic_id_not_the_host_cpus():
     """KVM_GET_SUPPORTED_CPUID carries the id of the host CPU the ioctl ran
     on; the guest's `cpuid` on vCPU 0 must say 0, its local APIC's id."""
-    from lguest_jit.hw.kvm import KvmVm, kvm_available
+    from lguest_jit import pci
+    from lguest_jit.hw.kvm import kvm_available
     from lguest_jit.hw.tinyguest import DATA, RAX, RBX, RCX, RDI, RDX, Asm, setup_long_mode
+    from lguest_jit.vcpu import KvmVm
     why = kvm_available()
     if why:
         pytest.skip(f"no usable KVM: {why}")
 
-    class Bus:                      # the guest ends with a port write
-        def pio(self, port, size, is_write, value):
-            vm.stop()
-            return 0
-
-        def mmio(self, addr, size, is_write, value):
-            return 0
+    def stop_on_port(port, size, is_write, value):     # the guest ends with a port write
+        vm.stop()
+        return 0
     # Made on the highest-numbered host CPU we may use (not 0 on a
     # multi-core host), so a host id leaking through would show.
     allowed = os.sched_getaffinity(0)
     os.sched_setaffinity(0, {max(allowed)})
     gm = GuestMemory(4 << 20)
+    bus = pci.Bus(gm)
+    bus.set_fallback(pio=stop_on_port, mmio=lambda addr, size, is_write, value: 0)
     try:
-        vm = KvmVm(gm, Bus())
+        vm = KvmVm(gm, bus)
     finally:
         os.sched_setaffinity(0, allowed)
     try:
