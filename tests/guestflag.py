@@ -61,7 +61,7 @@ def release(proc, flag_addr: int, ram_size: int, timeout: float = 300) -> bool:
     while proc.poll() is None:
         try:
             host = _find_flag(proc.pid, flag_addr, ram_size)
-        except (FileNotFoundError, ProcessLookupError):
+        except OSError:              # gone, or a mapping changing under us: look again
             host = None
         if host is not None:
             with open(f"/proc/{proc.pid}/mem", "r+b", buffering=0) as mem:
