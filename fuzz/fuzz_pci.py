@@ -9,10 +9,13 @@ the table say (mask bits, pending bits, enable bits), and every config
 interrupt raised on the way must go where they say."""
 from __future__ import annotations
 
+import os
+import select
+
 import numpy as np
 
 import naive
-from lguest_jit import pci, testing
+from lguest_jit import irq, pci, testing
 from lguest_jit.hw.memory import GuestMemory
 
 from .common import Reader, digest, main
@@ -67,13 +70,45 @@ def one_input(data: bytes) -> str:
                 if op & 4:
                     bus.mmio(addr, size, True, r.u64() if op & 8 else r.u8())
                 elif op & 8 and op & 0x30 == 0x30:
-                    ts[op >> 1 & 1].config_changed()     # a config interrupt, wherever it is mapped
+                    _config_interrupt(ts[op >> 1 & 1])     # a config interrupt, wherever it is mapped
                 else:
                     reads.append(bus.mmio(addr, size, False, 0))
             _check(bus, ts)
     finally:
         bus.close()
     return digest(reads)
+
+
+def _messages(fd) -> int:
+    """Interrupts signalled on an eventfd since it was last read."""
+    return os.eventfd_read(fd) if select.select([fd], [], [], 0)[0] else 0
+
+
+def _config_interrupt(t):
+    """config_changed(), then where its interrupt went.  MSI-X disabled:
+    ISR bit 1 and the INTx line (virtio 1.0 §4.1.5.3); enabled: a message
+    on msix_config's vector only, its pending bit instead while the vector
+    or the function is masked (PCI 3.0 §6.8.3.4), nothing for NO_VECTOR or
+    a vector beyond the table (§4.1.5.1.2)."""
+    fds = [t.irq_fd] + list(t.vector_fds)
+    for fd in fds:
+        _messages(fd)                      # what earlier steps sent (unmasking sends pending bits)
+    m, n = t.msix, t.msix_vectors
+    vec, isr = int(t.st[pci.S_MSIX_CONFIG]), int(t.isr[0])
+    want_pending = m[1:1 + n, irq.MV_PENDING].copy()
+    want = [0] * len(fds)
+    if not m[0, irq.MX_ENABLED]:
+        want[0], isr = 1, isr | irq.ISR_CONFIG
+    elif vec < n:
+        if m[0, irq.MX_MASKED] or m[1 + vec, irq.MV_CTRL] & irq.MSIX_CTRL_MASKBIT:
+            want_pending[vec] = 1
+        else:
+            want[1 + vec] = 1
+    t.config_changed()
+    got = [_messages(fd) for fd in fds]
+    assert got == want, ("config interrupt went elsewhere: [intx, vectors...]", got, want, vec)
+    assert int(t.isr[0]) == isr, (int(t.isr[0]), isr)
+    assert (m[1:1 + n, irq.MV_PENDING] == want_pending).all(), (m[1:1 + n, irq.MV_PENDING], want_pending)
 
 
 def _check(bus, ts):

@@ -55,6 +55,23 @@ def msix_program() -> bytes:
                      bytes([0x80, 0]) + struct.pack("<H", 0x1800), bytes(16)])
 
 
+def msix_config_program() -> bytes:
+    """fuzz_pci ops: MSI-X on with entry 0 unmasked and msix_config = 0,
+    then config interrupts that must go to vector 0 (function unmasked),
+    nowhere (msix_config = NO_VECTOR), and to its pending bit (entry 0
+    masked) until the entry is unmasked."""
+    def ctl(value):
+        return bytes([0x87, 0, 0, 0x98, 0, 0, 0]) + struct.pack("<I", value << 16)
+
+    def mmio_write(off, value, size=4):
+        return bytes([{2: 0x4C, 4: 0x8C}[size], 0]) + struct.pack("<HQ", off, value)
+    config = bytes([0x38, 0, 0, 0])
+    return b"".join([ctl(0xC000), mmio_write(0x1000, 0xFEE00000), mmio_write(0x1008, 0x41),
+                     mmio_write(0x100C, 0), mmio_write(0x10, 0, 2), ctl(0x8000), config,
+                     mmio_write(0x10, 0xFFFF, 2), config, mmio_write(0x10, 0, 2), mmio_write(0x100C, 1), config,
+                     mmio_write(0x100C, 0), config, bytes(16)])
+
+
 def seeds():
     s = {}
     s["vring"] = {
@@ -95,6 +112,8 @@ def seeds():
         "mmio": bytes([0]) + bytes([0x84, 0, 0x14, 0, 1, 0x80, 1, 0x14, 0]) * 6,
         "single": bytes([1]) + bytes([0xC3, 2, 0x10, 0xC4, 0, 0x00, 0x08, 2, 0]) * 4,
         "msix": bytes([2]) + msix_program(),
+        "msix_config": bytes([2]) + msix_config_program(),
+        "config_intx": bytes([0]) + bytes([0x38, 0, 0, 0, 0x3A, 0, 0, 0]) * 2,
     }
     import gzip
     from test_loader import bzimage_with_payload, kernel_payload, make_bzimage, make_elf

@@ -40,16 +40,17 @@ def files(tmp_path):
     return tmp_path, k
 
 
-# (name, args with {d} = the temp dir and {k} = a present kernel file, words the message must contain)
+# (name, args with {d} = the temp dir and {k} = a present kernel file, words the message must contain,
+# formatted the same way: a row names the file it refuses and why)
 BAD = [
     ("kernel missing", ["64", "{d}/nope"], "does not exist"),
     ("kernel is a directory", ["64", "{d}/adir"], "not a regular file"),
     ("kernel is a fifo", ["64", "{d}/fifo"], "not a regular file"),
     ("kernel empty", ["64", "{d}/empty"], "is empty"),
     ("kernel larger than host memory", ["64", "{d}/huge"], "too large"),
-    ("initrd missing", ["--initrd={d}/nope", "64", "{k}"], "initrd"),
+    ("initrd missing", ["--initrd={d}/nope", "64", "{k}"], "initrd '{d}/nope' does not exist"),
     ("initrd is a directory", ["--initrd={d}/adir", "64", "{k}"], "not a regular file"),
-    ("initrd empty", ["--initrd={d}/empty", "64", "{k}"], "initrd"),
+    ("initrd empty", ["--initrd={d}/empty", "64", "{k}"], "initrd '{d}/empty' is empty"),
     ("initrd larger than guest RAM", ["--initrd={d}/initrd-big", "64", "{k}"], "guest RAM"),
     ("initrd larger than host memory", ["--initrd={d}/huge", "64", "{k}"], "too large"),
     ("disk missing", ["--block={d}/nope", "64", "{k}"], "does not exist"),
@@ -92,7 +93,7 @@ def test_bad_input_is_one_line_exit_2_nothing_created(files, name, args, words):
     assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
     assert len(lines) == 1 and lines[0].startswith("lguest-jit: "), r.stderr[-2000:]
     assert "Traceback" not in r.stderr
-    assert words in lines[0], lines[0]
+    assert words.format(d=d, k=k) in lines[0], lines[0]
     assert sorted(os.listdir(d)) == before      # nothing created, not even the stats file
     assert r.stdout == ""
 

@@ -1,8 +1,12 @@
 """virtio-blk and virtio-rng brought up by Linux's driver sequence over the
 PCI bus, moving real data (no hypervisor)."""
+import contextlib
 import os
+import shutil
 import struct
+import tempfile
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -118,13 +122,49 @@ def test_discard_and_write_zeroes(machine, disk):
     assert disk.read_bytes() == ref
 
 
+NOBODY = 65534
+
+
+@contextlib.contextmanager
+def unprivileged(uid: int = NOBODY):
+    """The body runs with effective uid and gid ``uid`` (the suite runs as
+    root, and root may write a 0444 file): what a launcher started by an
+    ordinary user would meet.  Only the effective ids change, and back."""
+    if os.geteuid() != 0:
+        yield
+        return
+    os.setegid(uid)
+    os.seteuid(uid)
+    try:
+        yield
+    finally:
+        os.seteuid(0)
+        os.setegid(0)
+
+
+@pytest.fixture
+def shared_dir():
+    """A directory any uid may enter (tmp_path's parents are root's 0700)."""
+    d = Path(tempfile.mkdtemp(prefix="lgj-ro-"))
+    d.chmod(0o755)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
 @pytest.mark.parametrize("how", ["flag", "file-mode"])
-def test_read_only(machine, disk, how):
+def test_read_only(machine, disk, shared_dir, how):
     if how == "file-mode":
-        os.chmod(disk, 0o444)
-        if os.access(disk, os.W_OK):
-            pytest.skip("running as root: a 0444 file is still writable, so only the flag can make it read-only")
-    drv = bring_up(machine, Block(str(disk), readonly=(how == "flag")))
+        # A disk its user may read but not write: opened read-only, offered with VIRTIO_BLK_F_RO.
+        disk = Path(shutil.copy(disk, shared_dir / "disk.img"))
+        disk.chmod(0o444)
+        with unprivileged():
+            assert not os.access(disk, os.W_OK, effective_ids=True) and os.access(disk, os.R_OK, effective_ids=True)
+            dev = Block(str(disk))
+        assert os.geteuid() == os.getuid()                    # privileges back
+    else:
+        dev = Block(str(disk), readonly=True)
+    assert dev.readonly
+    drv = bring_up(machine, dev)
     before = disk.read_bytes()
     assert drv.features >> blk.VIRTIO_BLK_F_RO & 1
     assert request(drv, blk.T_OUT, 0, out=[b"x" * 512])[0] == blk.BLK_S_IOERR

@@ -117,9 +117,14 @@ def test_routing_keeps_the_pic_lines(gm):
 
 
 @needs_kvm
-def test_signal_msi_is_accepted(gm):
-    vm = make_vm(gm, FakeBus(gm))
-    try:
-        vm.signal_msi(LAPIC, 0x30)
-    finally:
-        vm.close()
+def test_signal_msi_delivers_the_message_to_the_local_apic(gm):
+    """KVM_SIGNAL_MSI, injected once the guest's APIC is on: the handler of
+    exactly the message's vector runs once (its data byte names the vector)."""
+    vec = 0x52
+    bus = FakeBus(gm)
+    vm = make_vm(gm, bus)
+    bus.on_port[READY_PORT] = lambda: vm.signal_msi(LAPIC, vec)
+    res = _run(vm, _msi_guest(gm, vec, 1), vec, RUN_TIMEOUT)
+    assert res.reason == "stopped", res.report()
+    assert ("pio", COUNT_PORT, 1, True, 1) in bus.accesses
+    assert gm.read(DATA, 2) == bytes([1, vec])

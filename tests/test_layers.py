@@ -62,12 +62,49 @@ def uses(name: str, source: str, is_package: bool = False):
         elif isinstance(node, ast.Import):
             for a in node.names:
                 if a.name.startswith("lguest_jit"):
-                    aliases[a.asname or a.name] = a.name
+                    # `import lguest_jit.vring` binds `lguest_jit` (module_of follows the dots)
+                    aliases[a.asname or "lguest_jit"] = a.name if a.asname else "lguest_jit"
                     out.append((a.name, None, node.lineno))
+    out += private_uses(tree, aliases)
+    return out
+
+
+def _private(attr) -> bool:
+    return isinstance(attr, str) and attr.startswith("_") and not attr.startswith("__")
+
+
+def module_of(node, aliases: dict):
+    """The package module an expression names (``vring``, ``lguest_jit.vring``,
+    ``lguest_jit.hw.memory`` through any alias), or None."""
+    parts = []
+    while isinstance(node, ast.Attribute):
+        parts.append(node.attr)
+        node = node.value
+    if not isinstance(node, ast.Name) or node.id not in aliases:
+        return None
+    name = aliases[node.id]
+    for part in reversed(parts):
+        if not is_module(f"{name}.{part}"):
+            return None
+        name = f"{name}.{part}"
+    return name
+
+
+def private_uses(tree, aliases: dict) -> list:
+    """(module, private name, line) for ``m._x``, ``a.b.m._x`` and
+    ``getattr(m, "_x")`` (hasattr/setattr/delattr alike) on package modules."""
+    out = []
     for node in ast.walk(tree):
-        if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in aliases
-                and node.attr.startswith("_") and not node.attr.startswith("__")):
-            out.append((aliases[node.value.id], node.attr, node.lineno))
+        if isinstance(node, ast.Attribute) and _private(node.attr):
+            target, attr = module_of(node.value, aliases), node.attr
+        elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+              and node.func.id in ("getattr", "hasattr", "setattr", "delattr") and len(node.args) >= 2
+              and isinstance(node.args[1], ast.Constant) and _private(node.args[1].value)):
+            target, attr = module_of(node.args[0], aliases), node.args[1].value
+        else:
+            continue
+        if target is not None:
+            out.append((target, attr, node.lineno))
     return out
 
 
@@ -96,6 +133,11 @@ def test_imports_point_down_and_stay_public(path):
     ("lguest_jit.devices.fake", "from ..vring import _pop\n", "private"),
     ("lguest_jit.devices.fake", "from .. import vring\nvring._push(1, 2, 3, 4)\n", "private"),
     ("lguest_jit.devices.fake", "import lguest_jit.vring as v\nv._fail(0, 1)\n", "private"),
+    ("lguest_jit.devices.fake", "import lguest_jit.vring\nlguest_jit.vring._pop(1)\n", "private"),
+    ("lguest_jit.devices.fake", "import lguest_jit\nlguest_jit.hw.memory._map_image\n", "private"),
+    ("lguest_jit.devices.fake", "from .. import vring\ngetattr(vring, '_pop')\n", "private"),
+    ("lguest_jit.devices.fake", "import lguest_jit.vring\ngetattr(lguest_jit.vring, '_pop', None)\n", "private"),
+    ("lguest_jit.devices.fake", "from ..hw import memory as m\nsetattr(m, '_libc', None)\n", "private"),
     ("lguest_jit.hw.fake", "from ..pci import BAR0_SIZE\n", "higher layer"),
     ("lguest_jit.hw.fake", "from ..devices import base\n", "higher layer"),
     ("lguest_jit.vring", "from .devices.base import Device\n", "higher layer"),
@@ -110,6 +152,9 @@ def test_the_checker_sees_each_kind_of_violation(name, source, what):
 def test_public_use_is_no_violation():
     assert violations("lguest_jit.devices.fake", "from .. import vring\nvring.next_chain\nvring.__name__\n"
                                                  "from ..vring import CHAIN_REQUEST\n") == []
+    assert violations("lguest_jit.devices.fake", "import lguest_jit.vring\nlguest_jit.vring.next_chain\n"
+                                                 "getattr(lguest_jit.vring, 'ERRORS')\ngetattr(self, '_x')\n"
+                                                 "lguest_jit.vring.Thing._x\n") == []
 
 
 def import_graph(sources) -> dict:

@@ -2,30 +2,36 @@
 symbol table, written as folded stacks, summed up in a top table.
 
 The tiny guest here is an ELF "kernel" with a symbol table, entered by the
-loader in long mode at CPL0 (emulated on software-KVM hosts, which is what
-makes its spin slow enough to sample): it spins in a function of known
-name, then halts for good, which ends the run with status 0."""
+loader in long mode at CPL0: it says 'S', spins in a function of known name
+until the test sets a flag in its memory (tests/guestflag.py: as long on
+hardware KVM as on our emulating hosts), then halts for good, which ends
+the run with status 0."""
 import collections
 import json
 import struct
 import subprocess
 import sys
+import time
 
 import pytest
 
 from lguest_jit.hw.kvm import kvm_available
 from lguest_jit.hw.profile import (KERNEL_FRAME, USER_FRAME, ProfileError, Symbols, fold, folded_text,
                                    leaf_totals, parse_folded, top_table)
-from lguest_jit.hw.tinyguest import RCX, Asm
+from guestflag import read_within, release, spin_until_released, with_flag
+from lguest_jit.hw.tinyguest import RAX, RDX, Asm
 
 needs_kvm = pytest.mark.skipif(kvm_available() is not None, reason=f"KVM unusable: {kvm_available()}")
 
 LOAD = 0x100000
+FLAG = LOAD + 0x400
 HOT = "spin_in_known_function"
-# Iterations of the two-instruction spin: seconds of emulated CPL0 code
-# (~2 M instructions/s here), several times the ~1 s the launcher's halt
-# poll takes to see the final `cli; hlt`.
-SPIN_ITERATIONS = 3_000_000
+# Turns of the two-instruction spin between looks at the flag (the guest
+# spins until released, not for a number of turns).
+SPIN_TURNS = 4000
+# How long the test lets it spin: several times the ~1 s the launcher's halt
+# poll takes to see the final `cli; hlt` (samples there go to the_end).
+SPIN_SECONDS = 3.0
 
 
 def elf_with_symbols(code: bytes, addr: int, symbols) -> bytes:
@@ -67,16 +73,17 @@ def elf_with_symbols(code: bytes, addr: int, symbols) -> bytes:
     return head + bytes(text_off - len(head)) + bytes(body) + b"".join(shdrs)
 
 
-def spinning_guest(iterations: int = SPIN_ITERATIONS):
-    """(code, symbols): _start loads the count, HOT spins it down, the_end halts."""
+def spinning_guest(turns: int = SPIN_TURNS):
+    """(code, symbols): _start says 'S', HOT spins until FLAG is set, the_end
+    halts; the flag (and its marker) follow the_end, outside every symbol."""
     a = Asm(LOAD)
-    a.label("_start").mov_imm32(RCX, iterations)
-    a.label(HOT).dec_ecx().jnz(HOT)
+    a.label("_start").mov_imm32(RDX, 0x3F8).mov_imm32(RAX, ord("S")).out(1)
+    spin_until_released(a, FLAG, turns, label=HOT)
     a.label("the_end").cli().hlt().jmp("the_end")
-    code = bytes(a)
-    ends = {"_start": a.labels[HOT], HOT: a.labels["the_end"], "the_end": len(code)}
+    end = len(bytes(a))
+    ends = {"_start": a.labels[HOT], HOT: a.labels["the_end"], "the_end": end}
     starts = {"_start": 0, HOT: a.labels[HOT], "the_end": a.labels["the_end"]}
-    return code, [(n, starts[n], ends[n] - starts[n]) for n in starts]
+    return with_flag(bytes(a)), [(n, starts[n], ends[n] - starts[n]) for n in starts]
 
 
 # ---------------------------------------------------------------- symbols and the folded format
@@ -91,7 +98,7 @@ def test_symbols_bisect_to_the_containing_function(tmp_path):
         assert table.lookup(LOAD + off) == name
         assert table.lookup(LOAD + off + size - 1) == name
     assert table.lookup(LOAD - 1) is None                 # before the first symbol
-    assert table.lookup(LOAD + len(code)) is None         # past the last one's size
+    assert table.lookup(LOAD + syms[-1][1] + syms[-1][2]) is None         # past the last one's size
 
 
 def test_images_without_symbols_say_why(tmp_path):
@@ -228,6 +235,24 @@ def _run(*args, timeout=300):
                           capture_output=True, text=True, timeout=timeout)
 
 
+def _run_spinning(*args, seconds=SPIN_SECONDS, timeout=300):
+    """Run the launcher on the spinning guest: once it said 'S' (it spins),
+    let it spin ``seconds`` s, then release it to halt."""
+    proc = subprocess.Popen([sys.executable, "-m", "lguest_jit.main", *args], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        said = read_within(proc.stdout, 1, timeout)
+        if said != b"S":
+            proc.kill()
+            pytest.fail(f"the guest said {said!r}, not 'S': {proc.stderr.read().decode()[-2000:]}")
+        time.sleep(seconds)
+        assert release(proc, FLAG, 64 << 20, timeout)
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        proc.kill()
+    return subprocess.CompletedProcess(proc.args, proc.returncode, (said + out).decode(), err.decode())
+
+
 @pytest.mark.parametrize("args,message", [
     (["--profile-hz=100"], "--profile-hz needs --profile"),
     (["--profile={out}", "--profile-hz=0"], "must be between 1 and"),
@@ -257,7 +282,7 @@ def test_profile_finds_the_spinning_function_at_the_top(tmp_path):
     kernel = tmp_path / "spin.elf"
     kernel.write_bytes(elf_with_symbols(code, LOAD, syms))
     out = tmp_path / "spin.folded"
-    r = _run(f"--profile={out}", "64", str(kernel))
+    r = _run_spinning(f"--profile={out}", "64", str(kernel))
     assert r.returncode == 0, r.stderr
     stacks = parse_folded(out.read_text())
     leaves = collections.Counter()
@@ -278,11 +303,11 @@ def test_profile_finds_the_spinning_function_at_the_top(tmp_path):
 
 @needs_kvm
 def test_profile_without_symbols_prints_raw_addresses(tmp_path):
-    code, syms = spinning_guest(SPIN_ITERATIONS // 4)
+    code, syms = spinning_guest()
     kernel = tmp_path / "spin.elf"
     kernel.write_bytes(elf_with_symbols(code, LOAD, None))
     out = tmp_path / "spin.folded"
-    r = _run(f"--profile={out}", "--profile-hz=200", "64", str(kernel))
+    r = _run_spinning(f"--profile={out}", "--profile-hz=200", "64", str(kernel), seconds=SPIN_SECONDS / 4)
     assert r.returncode == 0, r.stderr
     assert r.stderr.count("no kernel symbols:") == 1
     stacks = parse_folded(out.read_text())

@@ -12,40 +12,76 @@ import sys
 
 import pytest
 
+from guestflag import read_until, read_within, release, spin_until_released, with_flag
 from lguest_jit.hw.kvm import kvm_available
-from lguest_jit.hw.tinyguest import RAX, RCX, RDX, Asm
+from lguest_jit.hw.tinyguest import RAX, RDX, Asm
 from test_cli_run import _elf64
 
 pytestmark = pytest.mark.skipif(kvm_available() is not None, reason=f"KVM unusable: {kvm_available()}")
 
 LOAD = 0x100000
-LOOPS = 1_500_000          # a few seconds of emulated CPL0 code here: long enough to be caught mid-way
+FLAG = LOAD + 0x400
+MEM_MB = 64
+# Turns of the counting loop between two looks at the flag: the guest waits
+# for the test's flag, not for time, so this only needs to be long enough
+# for a snapshot to catch the registers mid-count.
+LOOPS = 4000
 TIMEOUT = 300
 
 
 def _guest() -> bytes:
-    """'R' on the UART, LOOPS turns of a counting loop, 'D', halt."""
+    """'R' on the UART, a counting loop until the test sets FLAG, 'D', halt."""
     a = Asm(LOAD).mov_imm32(RDX, 0x3F8).mov_imm32(RAX, ord("R")).out(1)
-    a.mov_imm32(RCX, LOOPS).label("spin").dec_ecx().jnz("spin")
+    spin_until_released(a, FLAG, LOOPS)
     a.mov_imm32(RAX, ord("D")).out(1).cli().hlt()
-    return bytes(a)
+    return with_flag(bytes(a))
 
 
 def _launcher(*args, **kw):
     return [sys.executable, "-m", "lguest_jit.main", *args]
 
 
+def _start(*args):
+    return subprocess.Popen(_launcher(*args), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+
+
+def _released(*args, text=False):
+    """Run the launcher with ``args``, setting the guest's flag as soon as
+    its RAM is there (a launcher that refuses never gets that far):
+    (status, stdout, stderr)."""
+    proc = _start(*args)
+    try:
+        release(proc, FLAG, MEM_MB << 20, TIMEOUT)
+        out, err = proc.communicate(timeout=TIMEOUT)
+    finally:
+        proc.kill()
+    return proc.returncode, (out.decode() if text else out), (err.decode() if text else err)
+
+
+def _restore(*args, text=False):
+    return _released("restore", *args, text=text)
+
+
+def _first_byte(proc) -> bytes:
+    """The guest's 'R', or fail (with the launcher's stderr) if it never comes."""
+    first = read_within(proc.stdout, 1, TIMEOUT)
+    if first != b"R":
+        proc.kill()
+        pytest.fail(f"the guest said {first!r} instead of 'R': {proc.stderr.read().decode()[-2000:]}")
+    return first
+
+
 def _take(tmp_path, name="snap", extra=()):
     """Boot the tiny guest with --snapshot, snapshot it on SIGUSR2 as soon
-    as it printed 'R', and return (snapshot dir, stdout, stderr)."""
+    as it printed 'R' (it then waits for a flag it never gets), and return
+    (snapshot dir, stdout, stderr)."""
     kernel = tmp_path / "tiny.elf"
     kernel.write_bytes(_elf64(_guest(), LOAD))
     where = tmp_path / name
-    proc = subprocess.Popen(_launcher(f"--snapshot={where}", "--snapshot-exit", *extra, "64", str(kernel)),
-                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = _start(f"--snapshot={where}", "--snapshot-exit", *extra, str(MEM_MB), str(kernel))
     try:
-        first = proc.stdout.read(1)
-        assert first == b"R", proc.stderr.read()
+        first = _first_byte(proc)
         proc.send_signal(signal.SIGUSR2)
         out, err = proc.communicate(timeout=TIMEOUT)
     finally:
@@ -75,10 +111,18 @@ def test_a_snapshot_mid_loop_restores_into_a_guest_that_finishes_it(taken, tmp_p
     copy = tmp_path / "copy"
     shutil.copytree(where, copy)
     for _ in range(2):      # twice from one snapshot: a restore changes nothing in it
-        r = subprocess.run(_launcher("restore", str(copy)), stdin=subprocess.DEVNULL, capture_output=True,
-                           timeout=TIMEOUT)
-        assert r.returncode == 0, r.stderr
-        assert r.stdout == b"D", r.stdout          # carried on mid-loop: no second 'R'
+        status, out, err = _restore(str(copy))
+        assert status == 0, err
+        assert out == b"D", out                    # carried on mid-loop: no second 'R'
+
+
+# damage case -> (CPUID function, index, signature field: 3..6 = eax..edx, bit flipped)
+CPUID_FLIPS = {
+    "cpuid": (0, 0, 3, 1),
+    "cpuid leaf 1 ecx": (1, 0, 5, 1 << 0),        # SSE3
+    "cpuid leaf 1 edx": (1, 0, 6, 1 << 25),       # SSE
+    "cpuid leaf 7 ebx": (7, 0, 4, 1 << 3),        # BMI1
+}
 
 
 def _damage(src, dst, how):
@@ -97,10 +141,11 @@ def _damage(src, dst, how):
     elif how == "checksum":
         doc["body"] = doc["body"].replace('"rng": false', '"rng": true')
         state.write_text(json.dumps(doc))
-    elif how in ("cpuid", "cpus zero", "cpus text"):
-        if how == "cpuid":
-            leaf = body["cpuid"][0]
-            leaf[3] ^= 1
+    elif how in CPUID_FLIPS or how in ("cpus zero", "cpus text"):
+        if how in CPUID_FLIPS:
+            function, index, field, bit = CPUID_FLIPS[how]
+            leaf = next(e for e in body["cpuid"] if e[:2] == [function, index])
+            leaf[field] ^= bit
         else:
             body["machine"]["cpus"] = 0 if how == "cpus zero" else "2"
         doc["body"] = json.dumps(body, sort_keys=True)
@@ -123,6 +168,9 @@ BAD = [
     ("cpuid", "another kind of host"),
     ("cpus zero", "bad vCPU count 0"),
     ("cpus text", "bad vCPU count '2'"),
+    ("cpuid leaf 1 ecx", "another kind of host: CPUID leaf 0x1.0 differs from the snapshot's host (ecx"),
+    ("cpuid leaf 1 edx", "another kind of host: CPUID leaf 0x1.0 differs from the snapshot's host (edx"),
+    ("cpuid leaf 7 ebx", "another kind of host: CPUID leaf 0x7.0 differs from the snapshot's host (ebx"),
     ("ram size", "RAM file holds 4096 bytes"),
     ("no ram", "ram is missing"),
     ("no state", "state.json is missing"),
@@ -132,12 +180,36 @@ BAD = [
 @pytest.mark.parametrize("how,message", BAD, ids=[b[0] for b in BAD])
 def test_a_damaged_snapshot_is_refused_with_one_line(taken, tmp_path, how, message):
     where = _damage(taken[0], tmp_path / "bad", how)
-    r = subprocess.run(_launcher("restore", str(where)), stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                       timeout=TIMEOUT)
-    assert r.returncode == 2, r.stderr
-    assert r.stderr.startswith("lguest-jit: ") and r.stderr.count("\n") == 1, r.stderr
-    assert message in r.stderr
-    assert r.stdout == ""
+    status, out, err = _restore(str(where), text=True)
+    assert status == 2, err
+    assert err.startswith("lguest-jit: ") and err.count("\n") == 1, err
+    assert message in err
+    assert out == ""
+
+
+def test_the_cpuid_signature_keeps_every_feature_bit_but_the_momentary_ones():
+    """Restore compares signatures: a signature that dropped leaf 1's or
+    leaf 7's feature bits would let a snapshot move to a host without them.
+    A vCPU with one feature bit flipped must differ, naming the leaf; only
+    the APIC ID, OSXSAVE and OSPKE (they describe the moment) are masked."""
+    from collections import namedtuple
+
+    from lguest_jit import snapshot
+    Entry = namedtuple("Entry", "function index flags eax ebx ecx edx")
+    ones = 0xFFFFFFFF
+    host = [Entry(0, 0, 0, 0xD, 0x756E6547, 0x6C65746E, 0x49656E69), Entry(1, 0, 0, ones, ones, ones, ones),
+            Entry(7, 0, 1, ones, ones, ones, ones)]
+    sig = {(e[0], e[1]): e[3:] for e in snapshot.cpuid_signature(host)}
+    assert sig[1, 0] == [ones, 0x00FFFFFF, ones & ~(1 << 27), ones]
+    assert sig[7, 0] == [ones, ones, ones & ~(1 << 4), ones]
+    for function, reg, bit in [(1, "ecx", 0), (1, "ecx", 28), (1, "edx", 0), (1, "edx", 26),
+                               (7, "ebx", 3), (7, "ecx", 1), (7, "edx", 4)]:
+        other = [e._replace(**{reg: getattr(e, reg) ^ (1 << bit)}) if e.function == function else e for e in host]
+        why = snapshot.cpuid_mismatch(snapshot.cpuid_signature(host), snapshot.cpuid_signature(other))
+        assert why is not None and why.startswith(f"CPUID leaf {function:#x}.0 differs") and f"({reg} " in why, \
+            (function, reg, bit, why)
+    moment = [e._replace(ebx=e.ebx & 0x00FFFFFF, ecx=e.ecx & ~(1 << 27)) if e.function == 1 else e for e in host]
+    assert snapshot.cpuid_mismatch(snapshot.cpuid_signature(host), snapshot.cpuid_signature(moment)) is None
 
 
 def test_a_missing_snapshot_is_refused(tmp_path):
@@ -153,13 +225,11 @@ def test_a_disk_changed_since_the_snapshot_is_refused_unless_forced(taken, tmp_p
         with open(disk, "r+b") as f:
             f.write(b"changed")
         os.utime(disk, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
-        r = subprocess.run(_launcher("restore", str(where)), stdin=subprocess.DEVNULL, capture_output=True,
-                           text=True, timeout=TIMEOUT)
-        assert r.returncode == 2 and "was modified since the snapshot" in r.stderr, r.stderr
-        assert "--force" in r.stderr
-        r = subprocess.run(_launcher("restore", "--force", str(where)), stdin=subprocess.DEVNULL,
-                           capture_output=True, text=True, timeout=TIMEOUT)
-        assert r.returncode == 0 and r.stdout == "D", r.stderr
+        status, out, err = _restore(str(where), text=True)
+        assert status == 2 and "was modified since the snapshot" in err, err
+        assert "--force" in err
+        status, out, err = _restore("--force", str(where), text=True)
+        assert status == 0 and out == "D", err
     finally:
         disk.write_bytes(saved)
         os.utime(disk, ns=(st.st_atime_ns, st.st_mtime_ns))
@@ -180,7 +250,7 @@ def test_bad_snapshot_options_are_refused_before_the_guest_starts(tmp_path, args
     kernel = tmp_path / "tiny.elf"
     kernel.write_bytes(_elf64(_guest(), LOAD))
     args = [a.format(dir=tmp_path / "new", full=full, file=tmp_path / "file") for a in args]
-    r = subprocess.run(_launcher(*args, "64", str(kernel)), stdin=subprocess.DEVNULL, capture_output=True,
+    r = subprocess.run(_launcher(*args, str(MEM_MB), str(kernel)), stdin=subprocess.DEVNULL, capture_output=True,
                        text=True, timeout=TIMEOUT)
     assert r.returncode == 2, r.stderr
     assert r.stderr.startswith("lguest-jit: ") and r.stderr.count("\n") == 1 and message in r.stderr, r.stderr
@@ -307,19 +377,21 @@ def test_a_run_that_never_snapshots_says_so_and_sigusr2_without_snapshot_is_harm
     kernel = tmp_path / "tiny.elf"
     kernel.write_bytes(_elf64(_guest(), LOAD))
     # --snapshot-on that never matches (the tiny guest has no virtio console output)
-    r = subprocess.run(_launcher(f"--snapshot={tmp_path / 'never'}", "--snapshot-on=NEVER", "64", str(kernel)),
-                       stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=TIMEOUT)
-    assert r.returncode == 0, r.stderr
-    assert "no snapshot was taken" in r.stderr and "never matched" in r.stderr
+    status, out, err = _released(f"--snapshot={tmp_path / 'never'}", "--snapshot-on=NEVER", str(MEM_MB),
+                                 str(kernel), text=True)
+    assert status == 0 and out == "RD", err
+    assert "no snapshot was taken" in err and "never matched" in err
     assert not (tmp_path / "never").exists()
-    # SIGUSR2 to a launcher started without --snapshot: one line, the guest carries on
-    proc = subprocess.Popen(_launcher("64", str(kernel)), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE)
+    # SIGUSR2 to a launcher started without --snapshot: one line, the guest
+    # (still waiting for its flag) carries on once released
+    proc = _start(str(MEM_MB), str(kernel))
     try:
-        assert proc.stdout.read(1) == b"R"
+        _first_byte(proc)
         proc.send_signal(signal.SIGUSR2)
+        said = read_until(proc.stderr, b"SIGUSR2 ignored", TIMEOUT)
+        assert b"SIGUSR2 ignored" in said, said
+        assert release(proc, FLAG, MEM_MB << 20, TIMEOUT)
         out, err = proc.communicate(timeout=TIMEOUT)
     finally:
         proc.kill()
-    assert proc.returncode == 0 and out == b"D", err
-    assert b"SIGUSR2 ignored" in err
+    assert proc.returncode == 0 and out == b"D", said + err
