@@ -50,6 +50,12 @@ def _children(pid):
         return []
 
 
+def _catches(pid, sig):
+    with open(f"/proc/{pid}/status") as f:
+        caught = int(next(line for line in f if line.startswith("SigCgt:")).split()[1], 16)
+    return bool(caught >> (sig - 1) & 1)
+
+
 def test_socket_is_private_and_a_second_server_is_refused(server):
     proc, sock = server
     assert stat.S_ISSOCK(os.stat(sock).st_mode) and stat.S_IMODE(os.stat(sock).st_mode) == 0o600
@@ -117,7 +123,9 @@ def test_signals_reach_the_guest_and_a_vanished_client_ends_it(server, tmp_path)
         c = subprocess.Popen([*LAUNCHER, "64", str(kernel)], env=_env(sock), stdin=subprocess.DEVNULL,
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         deadline = time.monotonic() + 60
-        while not _children(proc.pid):
+        # Started once the server has its child and the client relays
+        # SIGTERM (it catches it: before that, SIGTERM would just kill it).
+        while not (_children(proc.pid) and _catches(c.pid, signal.SIGTERM)):
             assert c.poll() is None and time.monotonic() < deadline, c.stderr.read() if c.poll() else "no child"
             time.sleep(0.05)
         return c, _children(proc.pid)[0]
