@@ -748,6 +748,7 @@ class Launcher:
         started = PROCESS_START if PROCESS_START is not None else process_start()
         out = {"elapsed_s": time.monotonic() - self.started, "rss_bytes": mem.rss,
                "seconds_to_first_run": None if first_run is None else first_run - started,
+               "started_at": started,     # what the start-up counts from: the exec of the process the user ran
                "warm_launcher": PROCESS_START is not None,        # forked from `lguest-jit server`
                "context_switches": {"voluntary": ctx.voluntary, "involuntary": ctx.involuntary},
                "threads": threads,

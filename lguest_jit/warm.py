@@ -49,7 +49,7 @@ import sys
 import time
 from pathlib import Path
 
-PROTOCOL = 2                      # 2: the working directory is passed as a descriptor
+PROTOCOL = 2                      # 2: descriptors (with the working directory's) only once the server is ready
 HEADER_MAX = 1 << 20              # argv + environment: far more than any real one
 REQUEST_DEADLINE_S = 5.0          # a whole request, however it trickles in; then the client is dropped
 CLIENT_DEADLINE_S = 10.0          # connect -> the server's first answer; then the client runs by itself
@@ -220,13 +220,13 @@ def _send(sock: socket.socket, msg: dict, fds=()) -> None:
         sock.sendall(data[sent:])
 
 
-def _lines(sock: socket.socket, deadline: float | None):
+def _lines(sock: socket.socket, deadline: list):
     """JSON messages from ``sock`` until it closes (socket.timeout past
-    ``deadline``, a time.monotonic() value)."""
+    ``deadline[0]``, a time.monotonic() value, or never if None: the
+    caller may change it between messages)."""
     buf = b""
     while True:
-        if deadline is not None:
-            sock.settimeout(max(0.001, deadline - time.monotonic()))
+        sock.settimeout(None if deadline[0] is None else max(0.001, deadline[0] - time.monotonic()))
         try:
             chunk = sock.recv(4096)
         except InterruptedError:
@@ -319,7 +319,7 @@ def run_via_server(argv: list[str], verbose: bool = False) -> int | None:
 
 
 def _converse(sock, path, argv, cwd, declined) -> int | None:
-    deadline = time.monotonic() + CLIENT_DEADLINE_S
+    deadline = [time.monotonic() + CLIENT_DEADLINE_S]
     try:
         sock.settimeout(CLIENT_DEADLINE_S)
         sock.connect(str(path))
@@ -327,9 +327,12 @@ def _converse(sock, path, argv, cwd, declined) -> int | None:
         if uid != os.getuid():
             declined(f"it runs as uid {uid}")
             return None
-        _send(sock, _request(argv), fds=(0, 1, 2, cwd))
+        _send(sock, _request(argv))
         replies = _lines(sock, deadline)
         first = next(replies, None)
+        if isinstance(first, dict) and first.get("ready") is True:
+            _send(sock, {}, fds=(0, 1, 2, cwd))       # the descriptors once the server is known to be awake
+            first = next(replies, None)
     except (OSError, ValueError) as exc:          # socket.timeout is an OSError
         declined(f"no answer ({exc.strerror or exc})" if isinstance(exc, OSError) else "a garbled answer")
         return None
@@ -341,8 +344,7 @@ def _converse(sock, path, argv, cwd, declined) -> int | None:
     if type(pid) is not int or pid <= 1 or not _child_of(pid, server_pid):
         declined(f"it named pid {pid!r}, which is not its child")
         return None
-    sock.settimeout(None)
-    replies = _lines(sock, None)
+    deadline[0] = None                    # the run takes as long as it takes
     previous = {}
 
     def relay(signum, _frame):
@@ -572,8 +574,17 @@ class Server:
                 self.log(f"refused a client of uid {uid}")
                 conn.close()
                 return
-            request = self._read_request(conn, fds)
-            why = self._refusal(request, fds)
+            deadline = time.monotonic() + REQUEST_DEADLINE_S
+            request = parse_request(self._receive(conn, fds, deadline))
+            why = refusal(request, self.identity)
+            if why is None:
+                # Only now the descriptors: a client whose server stops
+                # before this point has handed over none (they would sit in
+                # the socket's queue, keeping its pipes open, until then).
+                _send(conn, {"ready": True})
+                self._receive(conn, fds, deadline)
+                if len(fds) != N_FDS:
+                    why = "no terminal and directory descriptors"
             if why is not None:
                 self.log(f"declined a run: {why}")
                 _send(conn, {"refused": why})
@@ -610,11 +621,11 @@ class Server:
         self.children[pid] = conn
         sel.register(conn, selectors.EVENT_READ, pid)
 
-    def _read_request(self, conn, fds: list[int]) -> dict:
-        """The client's request, read within one deadline however it
-        trickles in; the descriptors it passed go into ``fds`` as they
-        arrive (the caller closes them, whatever happens here)."""
-        deadline = time.monotonic() + REQUEST_DEADLINE_S
+    def _receive(self, conn, fds: list[int], deadline: float) -> bytes:
+        """One line from the client (up to its newline), read by
+        ``deadline`` however it trickles in; descriptors that come with it
+        go into ``fds`` as they arrive (the caller closes them, whatever
+        happens here)."""
         data = b""
         while b"\n" not in data:
             left = deadline - time.monotonic()
@@ -632,10 +643,7 @@ class Server:
             data += msg
             if len(data) > HEADER_MAX + 1:
                 raise ValueError("request too long")
-        return parse_request(data)
-
-    def _refusal(self, request: dict, fds: list[int]) -> str | None:
-        return refusal(request, len(fds), self.identity)
+        return data
 
     def _fork(self, conn, request, fds) -> int:
         sys.stdout.flush()
@@ -743,13 +751,10 @@ class Server:
                 pass
 
 
-def refusal(request: dict, n_fds: int, identity: dict) -> str | None:
-    """Why a server of ``identity`` declines a well-formed request that
-    came with ``n_fds`` descriptors (the client then runs by itself), or
-    None: anything that would make the forked run differ from the client's
-    own."""
-    if n_fds != N_FDS:
-        return "no terminal and directory descriptors"
+def refusal(request: dict, identity: dict) -> str | None:
+    """Why a server of ``identity`` declines a well-formed request (the
+    client then runs by itself), or None: anything that would make the
+    forked run differ from the client's own."""
     for key, what in (("source", "other lguest-jit sources"), ("python", "another Python"),
                       ("search_path", "another module search path or Python settings"),
                       ("numba_env", "other NUMBA_* settings")):
