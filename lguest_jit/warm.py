@@ -184,8 +184,16 @@ def parse_message(line: bytes):
     return json.loads(text)
 
 
-def _strings(value, nul_ok: bool = False) -> bool:
-    return isinstance(value, str) and (nul_ok or "\0" not in value)
+def _strings(value) -> bool:
+    """A string the child can hand the OS: no NUL, and bytes again
+    (surrogates only as os.fsdecode makes them; "\\ud800" is not)."""
+    if not isinstance(value, str) or "\0" in value:
+        return False
+    try:
+        os.fsencode(value)
+    except UnicodeError:
+        return False
+    return True
 
 
 def parse_request(data: bytes) -> dict:
