@@ -453,7 +453,11 @@ def test_ctrl_c_while_waiting_for_the_server_is_not_a_traceback(tmp_path):
 
 def test_deep_long_and_trickling_requests_do_not_hold_or_hurt_the_server(server):
     proc, sock = server
-    for payload in (b"[" * 200_000 + b"\n", b'{"a":' * 100_000 + b"\n", b"[" * (2 << 20)):
+    # Nested 200,000 deep: refused before json (which would recurse once per bracket) sees it.
+    with pytest.raises(ValueError, match="nested more than 4 deep"):
+        warm.parse_request(b"[" * 200_000 + b"\n")
+    for payload, answer in ((b"[" * 200_000 + b"\n", b"nested more than"), (b'{"a":' * 100_000 + b"\n", b"nested more than"),
+                            (b"[" * (2 << 20), b"")):
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         s.connect(str(sock))
         try:
@@ -466,7 +470,7 @@ def test_deep_long_and_trickling_requests_do_not_hold_or_hurt_the_server(server)
         except ConnectionResetError:
             reply = b""
         s.close()
-        assert b"pid" not in reply
+        assert answer in reply and b"pid" not in reply, reply
         assert proc.poll() is None
     # A byte every 0.2 s: each recv gets something, the request never ends;
     # the whole-request deadline drops the client all the same.
