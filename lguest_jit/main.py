@@ -387,7 +387,8 @@ def _snapshot_options(args):
         try:
             on = re.compile(os.fsencode(on))
         except (re.error, OverflowError, RecursionError, MemoryError, ValueError) as exc:
-            raise UsageError(f"--snapshot-on: bad regular expression: {str(exc).splitlines()[0] or type(exc).__name__}") from None
+            why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise UsageError(f"--snapshot-on: bad regular expression: {why}") from None
     return where, on, leave
 
 

@@ -770,7 +770,8 @@ def refusal(request: dict, identity: dict) -> str | None:
             return f"this server runs {what}"
     theirs = request.get("context")
     if theirs != identity["context"]:
-        differ = [k for k in identity["context"] if not isinstance(theirs, dict) or theirs.get(k) != identity["context"][k]]
+        ours = identity["context"]
+        differ = [k for k in ours if not isinstance(theirs, dict) or theirs.get(k) != ours[k]]
         return f"this server runs in another process context ({', '.join(differ) or 'shape'})"
     return None
 
