@@ -139,6 +139,23 @@ def seeds():
         "cli": bytes([0, 1]) + bytes.fromhex("fa") + bytes(14),
         "prefixes": bytes([1, 0]) + bytes.fromhex("2e6766f3488905") + bytes(8),
     }
+    import json
+
+    from fuzz.fuzz_warm import BASE, IDENTITY
+    valid = json.dumps(BASE).encode() + b"\n"
+    s["warm"] = {
+        # 0/1: raw bytes / a request built from fuzz_warm.BASE and mutated
+        "valid": bytes([0]) + valid,
+        "structured": bytes([1, 2, 3, 1, 9]),
+        "deep": bytes([0]) + b"[" * 5000 + b"\n",
+        "deep_in_string": bytes([0]) + json.dumps({**BASE, "argv": ["[" * 100]}).encode() + b"\n",
+        "bad_env": bytes([0]) + json.dumps({**BASE, "env": {"A=B": "c"}}).encode() + b"\n",
+        "nan_start": bytes([0]) + json.dumps({**BASE, "started": float("nan")}).encode() + b"\n",
+        "surrogate": bytes([0]) + json.dumps({**BASE, "argv": ["\ud800"]}).encode() + b"\n",
+        "other_ns": bytes([0]) + json.dumps({**BASE, "context": {**IDENTITY["context"], "namespaces": {}}}).encode()
+        + b"\n",
+        "not_utf8": bytes([0]) + b'{"argv": ["\xff"]}\n',
+    }
     return s
 
 

@@ -30,7 +30,7 @@ def test_the_limit_is_vrings_and_the_defaults_are_the_devices():
     ({"queue-size": "65536"}, "power of two"),
     ({"queue-size": "lots"}, "not a whole number"),
     ({"blk-poll-us": "-1"}, "between 0"),
-    ({"blk-poll-us": "nan"}, "between 0"),
+    ({"blk-poll-us": "nan"}, "not a number"),
     ({"event-idx": "yes"}, "on or off"),
     ({"indirect": "1"}, "on or off"),
     ({"seg-max": "0"}, "at least 1"),

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 
 # The queue size each device offers unless --queue-size says otherwise (the
 # device modules take theirs from here).
@@ -48,11 +49,34 @@ class Knobs:
         return cls(**json.loads(text)) if text else cls()
 
 
+# What every numeric option accepts: ASCII digits, as written in --help,
+# with at most a leading "-" (so a negative value gets its range's message);
+# no "+", spaces, "_" separators, exponents, inf/nan or other scripts'
+# digits, all of which int()/float() would take.  One rule for all options.
+_WHOLE = re.compile(r"-?[0-9]+")
+_DECIMAL = re.compile(r"-?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)")
+
+
+def parse_whole(text: str, what: str, unit: str = "") -> int:
+    """A whole number written in ASCII digits; ValueError (one line,
+    naming ``what``) for anything else."""
+    if not isinstance(text, str) or not _WHOLE.fullmatch(text):
+        raise ValueError(f"{what}: {text!r} is not a whole number{' of ' + unit if unit else ''} "
+                         "(ASCII digits only)")
+    return int(text, 10)
+
+
+def parse_decimal(text: str, what: str, unit: str = "") -> float:
+    """A decimal (digits, one optional point); ValueError
+    otherwise (no exponent, inf or nan)."""
+    if not isinstance(text, str) or not _DECIMAL.fullmatch(text):
+        raise ValueError(f"{what}: {text!r} is not a number{' of ' + unit if unit else ''} "
+                         "(ASCII digits and one optional point)")
+    return float(text)
+
+
 def _int(text: str, name: str) -> int:
-    try:
-        return int(text, 10)
-    except (TypeError, ValueError):
-        raise ValueError(f"--{name}={text}: not a whole number") from None
+    return parse_whole(text, f"--{name}")
 
 
 def _queue_size(text: str) -> int:
@@ -63,11 +87,8 @@ def _queue_size(text: str) -> int:
 
 
 def _poll_us(text: str) -> float:
-    try:
-        us = float(text)
-    except (TypeError, ValueError):
-        raise ValueError(f"--blk-poll-us={text}: not a number of microseconds") from None
-    if not 0 <= us <= MAX_POLL_US:      # also refuses nan
+    us = parse_decimal(text, "--blk-poll-us", "microseconds")
+    if not 0 <= us <= MAX_POLL_US:
         raise ValueError(f"--blk-poll-us={text}: must be between 0 and {MAX_POLL_US:.0f} microseconds")
     return us
 
