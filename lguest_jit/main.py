@@ -86,11 +86,6 @@ from .hw.hosts import LGUEST_DEVICE, default_sample_hz, lguest_available, max_sa
 BENCHMARKS = ("vring", "pci", "decode", "blk", "rng", "net", "exits", "boot", "restore")
 
 
-# Set in a child of the warm launcher (warm.py): when its client started,
-# seconds since the epoch.  The start-up figure in --stats counts from there.
-PROCESS_START: float | None = None
-
-
 class UsageError(Exception):
     """Bad input from the command line: one line, non-zero exit, no traceback."""
 
@@ -472,6 +467,9 @@ class Launcher:
         self.first_run_at = None          # wall clock of the first KVM_RUN (--stats: start-up time)
         self.cmos = self.uart = None
         self.argv = []
+        # In a child of the warm launcher: when its client started (seconds
+        # since the epoch); --stats counts start-up from there.
+        self.client_started = None
 
     def log(self, line: str) -> None:
         print(f"lguest-jit: {line}", file=sys.stderr, flush=True)
@@ -734,10 +732,10 @@ class Launcher:
         # The backend knows the moment of its first KVM_RUN (after the
         # compiled loop is loaded); the launcher only when it called it.
         first_run = getattr(self.backend, "first_run_at", None) or self.first_run_at
-        started = PROCESS_START if PROCESS_START is not None else process_start()
+        started = self.client_started if self.client_started is not None else process_start()
         out = {"elapsed_s": time.monotonic() - self.started, "rss_bytes": mem.rss,
                "seconds_to_first_run": None if first_run is None else first_run - started,
-               "warm_launcher": PROCESS_START is not None,        # forked from `lguest-jit server`
+               "warm_launcher": self.client_started is not None,        # forked from `lguest-jit server`
                "context_switches": {"voluntary": ctx.voluntary, "involuntary": ctx.involuntary},
                "threads": threads,
                "queues": {d.name: d.counters() for d in self.devices}}
@@ -792,15 +790,6 @@ class Launcher:
             os.close(fd)       # the console is closed: the watcher sees EOF and ends
 
 
-def keep_scipy_out() -> None:
-    """Numba imports SciPy, where installed, only to look for a BLAS for
-    np.dot; no kernel here does linear algebra, and the import costs 0.5 s
-    or more of every start (measured: README, "Snapshots").  The process
-    that runs a guest never needs SciPy, so it is kept out of it."""
-    if "scipy" not in sys.modules:
-        sys.modules["scipy"] = None        # import scipy -> ImportError: Numba skips its BLAS check
-
-
 def _latency_line(lat: dict) -> str:
     """count, p50, p99 of a queue's latency histogram (upper bounds of their
     log2 buckets, so "<=")."""
@@ -812,11 +801,13 @@ def _latency_line(lat: dict) -> str:
     return f"count {lat['count']} (sampled 1 in {lat['sampled_every']}) p50 {us(lat['p50_ns'])} p99 {us(lat['p99_ns'])}"
 
 
-def _run_guest(args, argv) -> int:
+def _run_guest(args, argv, started) -> int:
+    from . import keep_scipy_out
     keep_scipy_out()
     cfg = RestoreConfig(args) if args["restore"] else RunConfig(args)
     launcher = Launcher(cfg)
     launcher.argv = argv
+    launcher.client_started = started
     usr1 = signal.signal(signal.SIGUSR1, lambda *_: launcher.print_stats())
     usr2 = signal.signal(signal.SIGUSR2, lambda *_: launcher.request_snapshot())
     ran = False
@@ -856,12 +847,14 @@ def _server(args) -> int:
 
     from .warm import ServerError, serve
     try:
-        return serve(Path(args["--socket"]) if args["--socket"] else None)
+        return serve(main, Path(args["--socket"]) if args["--socket"] else None)
     except ServerError as exc:
         raise UsageError(f"server: {exc}") from None
 
 
-def main(argv=None) -> int:
+def main(argv=None, started: float | None = None) -> int:
+    """The launcher.  ``started``: set by the warm launcher's child (when
+    its client started); such a run never asks a server again."""
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         args = docopt(__doc__, argv=argv, version=f"lguest-jit {__version__}")
@@ -874,12 +867,12 @@ def main(argv=None) -> int:
             return _bench(args)
         if args["server"]:
             return _server(args)
-        if PROCESS_START is None and args["--hypervisor"] != "lguest":
+        if started is None and args["--hypervisor"] != "lguest":
             from .warm import run_via_server
             status = run_via_server(argv, verbose=args["--verbose"])
             if status is not None:
                 return status
-        return _run_guest(args, argv)
+        return _run_guest(args, argv, started)
     except UsageError as exc:
         print(f"lguest-jit: {exc}", file=sys.stderr)
         return 2
