@@ -196,7 +196,8 @@ from .hw.kvm import (KVM_EXIT_INTERNAL_ERROR, KVM_EXIT_INTR, KVM_EXIT_IO, KVM_EX
                      RUN_MMIO_DATA, RUN_MMIO_IS_WRITE, RUN_MMIO_LEN, RUN_MMIO_PHYS, V_EXITS, V_ERRNO, V_INTR, V_LIMIT,
                      V_MMIO, V_PIO, V_STOP, VCPU_EINTR, VCPU_ERRNO, VCPU_EXIT, VCPU_LIMIT, VCPU_STOPPED, assist)
 from .hw.libc import EAGAIN, EINTR, sys_ioctl, sys_time, sys_write
-from .hw.memory import GuestMemory, ld_u8, ld_u16, ld_u32, ld_u64, st_u8, st_u16, st_u32, st_u64
+from .hw.fields import Blob, Bool, Int, List, OneOf, Record, Str, U, blob, check
+from .hw.memory import GuestMemory, get_le, ld_u8, ld_u16, ld_u32, ld_u64, put_le, st_u8, st_u16, st_u32, st_u64
 from .hw.uart import REG_NAMES as UART_REG_NAMES, uart_access
 from .vring import (ISR_CONFIG, MSIX_CTRL_MASKBIT, MV_ADDR_HI, MV_ADDR_LO, MV_CTRL, MV_DATA, MV_FD, MV_PENDING,
                     MX_ENABLED, MX_INTX_FD, MX_MASKED, MX_VECTORS, VIRTIO_MSI_NO_VECTOR)
@@ -275,7 +276,6 @@ DEVICE_NEEDS_RESET = 0x40
 FAILED = 0x80
 
 # PCI class codes for each virtio device type (class, subclass, prog-if).
-CLASS_FOR_TYPE = {1: (0x02, 0x00), 2: (0x01, 0x80), 3: (0x07, 0x80), 4: (0xFF, 0x00)}
 
 # ---------------------------------------------------------------------------
 # BAR0 layout
@@ -481,11 +481,23 @@ class VirtioDevice:
     ``self.transport.config_changed()``.
     """
     device_type: int = 0
+    kind: str = "virtio"             # the device registry's name (lguest_jit.devices.DEVICES)
     name: str = "virtio"
+    pci_class: tuple = (0xFF, 0x00)  # PCI class and subclass in config space
     queue_max_sizes: tuple = ()
     features: int = 0
     config: np.ndarray = np.zeros(0, dtype=np.uint8)
     transport: "Transport" = None
+    STATE = Record({})               # the fields save_state() returns (hw.fields)
+
+    def save_state(self) -> dict:
+        """The device's own state beyond the transport's, as ``STATE``'s
+        named fields (a snapshot; the device is paused)."""
+        return {}
+
+    def load_state(self, state: dict) -> None:
+        """Put back ``save_state()``, every field read through ``STATE``."""
+        check(self.STATE, state, self.name)
 
     def config_write(self, offset: int, size: int, value: int) -> bool:
         """The driver wrote ``size`` bytes of device config at ``offset``.
@@ -1158,11 +1170,6 @@ def _from_disk_cache(kernel) -> bool:
 # Config space construction (the per-region permission tables)
 
 
-def _put(arr, off, width, val):
-    for i in range(width):
-        arr[off + i] = (val >> (8 * i)) & 0xFF
-
-
 class _ConfigBuilder:
     """Fills one slot's cfg/wmask/hook/region rows region by region."""
 
@@ -1176,8 +1183,8 @@ class _ConfigBuilder:
         self._caps = []
 
     def set(self, off, width, val, writable=0, hook=H_NONE):
-        _put(self.cfg, off, width, val)
-        _put(self.wmask, off, width, writable)
+        put_le(self.cfg, off, width, val)
+        put_le(self.wmask, off, width, writable)
         if hook != H_NONE:
             self.hook[off:off + width] = hook
 
@@ -1222,9 +1229,9 @@ class _ConfigBuilder:
             # VIRTIO_PCI_CAP_PCI_CFG: the driver programs bar/offset/length
             # and moves data through pci_cfg_data (§4.1.4.7).
             self.wmask[off + 4] = 0xFF
-            _put(self.wmask, off + 8, 4, 0xFFFFFFFF)
-            _put(self.wmask, off + 12, 4, 0xFFFFFFFF)
-            _put(self.wmask, off + 16, 4, 0xFFFFFFFF)
+            put_le(self.wmask, off + 8, 4, 0xFFFFFFFF)
+            put_le(self.wmask, off + 12, 4, 0xFFFFFFFF)
+            put_le(self.wmask, off + 16, 4, 0xFFFFFFFF)
             self.hook[off + 16:off + 20] = H_CFG_DATA
         self._link(off)
         return off + size
@@ -1234,7 +1241,7 @@ class _ConfigBuilder:
             self.cfg[self._caps[-1] + 1] = off      # link from the previous cap
         else:
             self.cfg[PCI_CAPABILITY_LIST] = off
-            _put(self.cfg, PCI_STATUS, 2, PCI_STATUS_CAP_LIST)
+            put_le(self.cfg, PCI_STATUS, 2, PCI_STATUS_CAP_LIST)
         self._caps.append(off)
 
     def msix_cap(self, off, vectors):
@@ -1319,7 +1326,7 @@ class Transport:
         b = self.bus
         s = self.slot
         cb = _ConfigBuilder(b.cfg[s], b.wmask[s], b.hook[s], b.region[s])
-        cls, sub = CLASS_FOR_TYPE.get(self.device.device_type, (0xFF, 0x00))
+        cls, sub = self.device.pci_class
         cb.header(VIRTIO_PCI_VENDOR, VIRTIO_PCI_DEVICE_BASE + self.device.device_type, 1, cls, sub, 0,
                   VIRTIO_PCI_VENDOR, VIRTIO_PCI_SUBSYS_DEVICE, pin=1, line=self.irq_line,
                   bar0_size=BAR0_SIZE, bar0=self.bar0)
@@ -1392,7 +1399,7 @@ class Transport:
 
     def msix_control(self) -> tuple[int, int]:
         """(Enable, Function Mask) as config space's Message Control has them."""
-        ctl = _le(self.bus.cfg[self.slot], self.msix_cap + PCI_MSIX_FLAGS, 2)
+        ctl = get_le(self.bus.cfg[self.slot], self.msix_cap + PCI_MSIX_FLAGS, 2)
         return int(bool(ctl & PCI_MSIX_FLAGS_ENABLE)), int(bool(ctl & PCI_MSIX_FLAGS_MASKALL))
 
     def msix_control_written(self):
@@ -1580,8 +1587,8 @@ class Transport:
         cfg = self.bus.cfg[self.slot]
         w = self.cfg_window
         bar = int(cfg[w + 4])
-        offset = _le(cfg, w + 8, 4)
-        length = _le(cfg, w + 12, 4)
+        offset = get_le(cfg, w + 8, 4)
+        length = get_le(cfg, w + 12, 4)
         ok = (bar == 0 and length in (1, 2, 4) and offset % length == 0 and offset + length <= BAR0_SIZE)
         return ok, bar, offset, length
 
@@ -1591,7 +1598,7 @@ class Transport:
             self.driver_error(E_CFG_WINDOW, f"bar {bar} offset {offset:#x} length {length}")
             return
         v = self.bar_access(offset, length, False, 0)
-        _put(self.bus.cfg[self.slot], self.cfg_window + 16, 4, v)
+        put_le(self.bus.cfg[self.slot], self.cfg_window + 16, 4, v)
         if self.bus.log is not None:
             self.bus.log(f"{self.name}: window read {v:#x} from bar {bar} offset {offset:#x} len {length}")
 
@@ -1600,62 +1607,102 @@ class Transport:
         if not ok:
             self.driver_error(E_CFG_WINDOW, f"bar {bar} offset {offset:#x} length {length}")
             return
-        v = _le(self.bus.cfg[self.slot], self.cfg_window + 16, length)
+        v = get_le(self.bus.cfg[self.slot], self.cfg_window + 16, length)
         if self.bus.log is not None:
             self.bus.log(f"{self.name}: window write {v:#x} to bar {bar} offset {offset:#x} len {length}")
         self.bar_access(offset, length, True, v)
 
     def command_written(self):
-        cmd = _le(self.bus.cfg[self.slot], PCI_COMMAND, 2)
+        cmd = get_le(self.bus.cfg[self.slot], PCI_COMMAND, 2)
         self.intx_disabled = bool(cmd & PCI_COMMAND_INTX_DISABLE)
 
     # -- snapshots ---------------------------------------------------------
-    def save_state(self) -> dict:
-        """Everything the driver configured, as arrays (a snapshot; the
-        caller has paused the device so the queue arrays are still)."""
-        return {"name": self.name, "slot": self.slot, "active": self.active, "regs": self.regs.copy(), "bytes": self.bytes.copy(),
-                "msix": self.msix.copy(), "queues": [q.copy() for q in self.queues]}
-
+    # What a snapshot holds of a transport, by name (``state_schema``).
+    REGISTERS = {"status": S_STATUS, "device_feature_select": S_DFSELECT, "driver_feature_select": S_GFSELECT,
+                 "offered_lo": S_OFFER_LO, "offered_hi": S_OFFER_HI, "driver_features_lo": S_DRIVER_LO,
+                 "driver_features_hi": S_DRIVER_HI, "config_generation": S_GENERATION, "queue_select": S_QSELECT,
+                 "num_queues": S_NUM_QUEUES, "features_ok_unread": S_FOK_UNREAD, "single_notify": S_SINGLE_NOTIFY,
+                 "config_len": S_CFG_LEN, "accesses": S_N_ACCESSES, "isr_reads": S_ISR_READS,
+                 "msix_config": S_MSIX_CONFIG}
+    QUEUE_REGISTERS = {"size": QC_SIZE, "max": QC_MAX, "enable": QC_ENABLE, "notify_off": QC_NOTIFY_OFF,
+                       "desc_lo": QC_DESC_LO, "desc_hi": QC_DESC_HI, "driver_lo": QC_DRIVER_LO,
+                       "driver_hi": QC_DRIVER_HI, "device_lo": QC_DEVICE_LO, "device_hi": QC_DEVICE_HI,
+                       "msix_vector": QC_MSIX}
     # Registers only this launcher sets: a snapshot must agree with them.
-    _FIXED = (S_NUM_QUEUES, S_SINGLE_NOTIFY, S_CFG_LEN, S_OFFER_LO, S_OFFER_HI)
-    _FIXED_Q = (QC_MAX, QC_NOTIFY_OFF)
+    _FIXED = ("num_queues", "single_notify", "config_len", "offered_lo", "offered_hi")
+    _FIXED_Q = ("max", "notify_off")
+
+    @classmethod
+    def state_schema(cls, device_state):
+        """The fields of ``save_state()`` for a device whose own state is
+        ``device_state`` (its ``STATE``)."""
+        regs = {name: U(32) for name in cls.REGISTERS}
+        regs.update(status=U(8), queue_select=U(16), accesses=U(62), isr_reads=U(62))
+        queue = Record({"registers": Record({name: U(32) for name in cls.QUEUE_REGISTERS}),
+                        "ring": vring.queue_state_schema()}, optional=("ring",))
+        vector = Record({"addr_lo": U(32), "addr_hi": U(32), "data": U(32), "masked": Bool(), "pending": Bool()})
+        return Record({"kind": Str(16), "name": Str(64), "slot": Int(1, MAX_SLOTS - 1), "active": Bool(),
+                       "registers": Record(regs), "queues": List(queue, MAX_QUEUES, min_len=1),
+                       "isr": U(8), "config": Blob(max_len=DEVCFG_MAX), "msix": List(vector, MSIX_MAX_VECTORS),
+                       "device": device_state})
+
+    def save_state(self) -> dict:
+        """Everything the driver configured, by name (a snapshot; the caller
+        has paused the device so the queues are still)."""
+        n = self.msix_vectors
+        return {"kind": self.device.kind, "name": self.name, "slot": self.slot, "active": self.active,
+                "registers": {name: int(self.st[i]) for name, i in self.REGISTERS.items()},
+                "queues": [{"registers": {name: int(self.qs[k, i]) for name, i in self.QUEUE_REGISTERS.items()},
+                            "ring": vring.queue_state(q) if self.qs[k, QC_ENABLE] else None}
+                           for k, q in enumerate(self.queues)],
+                "isr": int(self.isr[0]), "config": blob(self.bytes[B_CFG:].tobytes()),
+                "msix": [{"addr_lo": int(r[MV_ADDR_LO]), "addr_hi": int(r[MV_ADDR_HI]), "data": int(r[MV_DATA]),
+                          "masked": bool(r[MV_CTRL] & MSIX_CTRL_MASKBIT), "pending": bool(r[MV_PENDING])}
+                         for r in self.msix[1:1 + n]],
+                "device": self.device.save_state()}
 
     def load_state(self, st: dict) -> None:
         """Put back what ``save_state()`` returned, on a transport built for the
         same device (``Bus.load_state`` then restarts the active ones).  A
-        snapshot is input from a file: everything the kernels index with or
-        trust is checked first (ValueError names what does not fit)."""
-        if st["name"] != self.name or st["slot"] != self.slot:
+        snapshot is input from a file: every field is read through
+        ``state_schema`` and what the kernels index with or trust is
+        checked against this transport (ValueError names what does not fit)."""
+        st = check(self.state_schema(self.device.STATE), st, self.name)
+        if st["kind"] != self.device.kind or st["name"] != self.name or st["slot"] != self.slot:
             raise ValueError(f"snapshot of {st['name']!r} in slot {st['slot']} does not match {self.name!r} "
                              f"in slot {self.slot}")
-        regs, bytes_, msix = (np.asarray(st[k]) for k in ("regs", "bytes", "msix"))
-        for mine, theirs, what in ((self.regs, regs, "registers"), (self.bytes, bytes_, "config"),
-                                   (self.msix, msix, "MSI-X state")):
-            if mine.shape != theirs.shape or mine.dtype != theirs.dtype:
-                raise ValueError(f"{self.name}: snapshot {what} have shape {theirs.shape}, not {mine.shape}")
-        if any(regs[0, f] != self.regs[0, f] for f in self._FIXED) or \
-                (regs[1:, list(self._FIXED_Q)] != self.regs[1:, list(self._FIXED_Q)]).any():
+        regs, queues = st["registers"], st["queues"]
+        if len(queues) != len(self.queues):
+            raise ValueError(f"{self.name}: snapshot has {len(queues)} queues, the device {len(self.queues)}")
+        if any(regs[f] != self.st[self.REGISTERS[f]] for f in self._FIXED) or \
+                any(qs["registers"][f] != self.qs[k, self.QUEUE_REGISTERS[f]]
+                    for k, qs in enumerate(queues) for f in self._FIXED_Q) or \
+                len(st["config"]) != len(self.config) or len(st["msix"]) != self.msix_vectors:
             raise ValueError(f"{self.name}: the snapshot's device has other queues, features or config")
-        if (regs < 0).any() or (regs >= 1 << 32).any() or regs[0, S_QSELECT] > 0xFFFF:
-            raise ValueError(f"{self.name}: snapshot registers out of range")
-        saved_queues = st["queues"]
-        if len(saved_queues) != len(self.queues):
-            raise ValueError(f"{self.name}: snapshot has {len(saved_queues)} queues, the device {len(self.queues)}")
-        self.regs[...] = regs
-        self.bytes[...] = bytes_
+        for k, qs in enumerate(queues):
+            if qs["registers"]["enable"] and qs["ring"] is None:
+                raise ValueError(f"{self.name}: snapshot queue {k} is enabled and has no ring state")
+        self.device.load_state(st["device"])
+        for name, i in self.REGISTERS.items():
+            self.st[i] = regs[name]
+        for k, qs in enumerate(queues):
+            for name, i in self.QUEUE_REGISTERS.items():
+                self.qs[k, i] = qs["registers"][name]
+        self.isr[0] = st["isr"]
+        self.bytes[B_CFG:] = np.frombuffer(st["config"], dtype=np.uint8)
         # MSI-X: the table and the pending bits only.  The table size and the
         # eventfds (MX_VECTORS, MX_INTX_FD, MV_FD) are this process's, and the
         # function's Enable/Mask follow config space (Bus.load_state).
-        n = self.msix_vectors
-        rows = msix[1:1 + n]
-        self.msix[1:1 + n, MV_ADDR_LO:MV_CTRL] = rows[:, MV_ADDR_LO:MV_CTRL] & 0xFFFFFFFF
-        self.msix[1:1 + n, MV_CTRL] = rows[:, MV_CTRL] & MSIX_CTRL_MASKBIT
-        self.msix[1:1 + n, MV_PENDING] = rows[:, MV_PENDING] != 0
-        for i, (q, saved) in enumerate(zip(self.queues, saved_queues)):
+        for v, row in enumerate(st["msix"], start=1):
+            self.msix[v, MV_ADDR_LO], self.msix[v, MV_ADDR_HI] = row["addr_lo"], row["addr_hi"]
+            self.msix[v, MV_DATA] = row["data"]
+            self.msix[v, MV_CTRL] = MSIX_CTRL_MASKBIT if row["masked"] else 0
+            self.msix[v, MV_PENDING] = int(row["pending"])
+        for i, (q, qs) in enumerate(zip(self.queues, queues)):
             if not self.qs[i, QC_ENABLE]:
                 q[:] = 0
                 continue
-            code = vring.restore_queue(q, saved, self.bus.mem.size, int(self.qs[i, QC_MAX]))
+            code = vring.restore_queue(q, qs["ring"], self.bus.mem.size, int(self.qs[i, QC_MAX]))
             if code != vring.OK:
                 raise ValueError(f"{self.name}: snapshot queue {i}: {vring.error_message(code)}")
             q[vring.Q_VECTOR] = self.qs[i, QC_MSIX]       # raise_msix checks it against the table size
@@ -1670,10 +1717,6 @@ class Transport:
         self.notify_fds = []
         self.vector_fds = []
         self.irq_fd = -1
-
-
-def _le(arr, off, n):
-    return int.from_bytes(arr[off:off + n].tobytes(), "little")
 
 
 def _drain(fd):
@@ -1864,7 +1907,7 @@ class Bus:
         """Any write to a BAR0 register, changed or not: decode is rebuilt
         from every device's current BAR0 (a pure function of the BAR values),
         so an overlap that ends restores the device it hid."""
-        new = _le(self.cfg[t.slot], PCI_BASE_ADDRESS_0, 4) & ~(BAR0_SIZE - 1) & 0xFFFFFFFF
+        new = get_le(self.cfg[t.slot], PCI_BASE_ADDRESS_0, 4) & ~(BAR0_SIZE - 1) & 0xFFFFFFFF
         moved = new != t.bar0
         t.bar0 = new
         if moved and self.log is not None:
@@ -1988,25 +2031,25 @@ class Bus:
         first = int(self.pend[PD_INDEX])
         for i in range(first, count):
             at = data + i * size
-            v = _le(run, at, size) if is_write else 0
+            v = get_le(run, at, size) if is_write else 0
             # The element the loop stopped at goes straight to Python (it
             # was counted); the rest through the whole dispatch.
             r = self._pio_python(port, size, is_write, v) if i == first else self.pio(port, size, is_write, v)
             if not is_write:
-                _put(run, at, size, r)
+                put_le(run, at, size, r)
 
     def _finish_mmio(self, run):
         ln = int(run[RUN_MMIO_LEN:RUN_MMIO_LEN + 4].view(np.uint32)[0])
         addr = int(run[RUN_MMIO_PHYS:RUN_MMIO_PHYS + 8].view(np.uint64)[0])
         is_write = bool(run[RUN_MMIO_IS_WRITE])
-        v = _le(run, RUN_MMIO_DATA, ln) if is_write else 0
+        v = get_le(run, RUN_MMIO_DATA, ln) if is_write else 0
         if self.pend[PD_STATUS] == ST_BAR_SLOW:
             with self._lock:
                 r = self._bar_slow(v)
         else:
             r = self._mmio_python(addr, ln, is_write, v)
         if not is_write:
-            _put(run, RUN_MMIO_DATA, ln, r)
+            put_le(run, RUN_MMIO_DATA, ln, r)
 
     # -- counters ---------------------------------------------------------------
     def _port_name(self, p):
@@ -2086,31 +2129,44 @@ class Bus:
         for listener in self._msi_listeners:
             listener()
 
+    @staticmethod
+    def state_schema(device_states: dict):
+        """The fields of ``save_state()``; ``device_states``: each device
+        kind's own ``STATE`` (the devices declare them; pci knows none)."""
+        transports = OneOf("kind", {k: Transport.state_schema(v) for k, v in device_states.items()})
+        return Record({"conf1_address": U(32), "config_space": List(Blob(PCI_CFG_SPACE_SIZE), MAX_SLOTS,
+                                                                     min_len=MAX_SLOTS),
+                       "devices": List(transports, MAX_SLOTS - 1)})
+
     def save_state(self) -> dict:
         """Config space, the conf1 address latch and every device's
-        transport (``Transport.save_state``)."""
+        transport (``Transport.save_state``), by name."""
         with self._lock:
-            return {"conf": self.conf.copy(), "space": self.space.copy(),
+            return {"conf1_address": int(self.conf[C_ADDR]), "config_space": [blob(c.tobytes()) for c in self.cfg],
                     "devices": [t.save_state() for t in self.devices]}
 
     def load_state(self, st: dict) -> None:
         """Put back what ``save_state()`` returned on a bus with the same devices
         in the same slots; BAR decoding (and whoever listens to it) follows."""
-        if len(st["devices"]) != len(self.devices):
-            raise ValueError(f"snapshot has {len(st['devices'])} devices, this machine {len(self.devices)}")
-        space = np.asarray(st["space"])
-        if space.shape != self.space.shape or space.dtype != self.space.dtype:
-            raise ValueError(f"snapshot config space has shape {space.shape}, not {self.space.shape}")
-        # Only the values: the masks, hooks and regions are this launcher's
-        # own tables, and a snapshot may not change what the guest can write.
-        if (space[:, P_WMASK:] != self.space[:, P_WMASK:]).any():
+        if not isinstance(st, dict) or not isinstance(st.get("devices"), list) or \
+                len(st["devices"]) != len(self.devices):
+            raise ValueError(f"snapshot has {len(st.get('devices') or []) if isinstance(st, dict) else 0} "
+                             f"devices, this machine {len(self.devices)}")
+        kinds = {t.device.kind: t.device.STATE for t in self.devices}
+        saved_devices = st["devices"]          # each transport reads its own fields again
+        st = check(self.state_schema(kinds), st, "bus")
+        space = np.array([np.frombuffer(c, dtype=np.uint8) for c in st["config_space"]])
+        # Only the writable bits may differ: the read-only ones (identity,
+        # capabilities) are this launcher's, and a snapshot may not change
+        # what the guest can write.
+        if ((space ^ self.cfg) & ~self.wmask).any():
             raise ValueError("snapshot config space was built for other devices")
         with self._lock:
-            self.conf[:] = np.asarray(st["conf"], dtype=np.int64) & 0xFFFFFFFF
-            self.cfg[...] = space[:, P_CFG]
-            for t, ts in zip(self.devices, st["devices"]):
+            self.conf[C_ADDR] = st["conf1_address"]
+            self.cfg[...] = space
+            for t, ts in zip(self.devices, saved_devices):
                 t.load_state(ts)
-                t.bar0 = _le(self.cfg[t.slot], PCI_BASE_ADDRESS_0, 4) & ~(BAR0_SIZE - 1) & 0xFFFFFFFF
+                t.bar0 = get_le(self.cfg[t.slot], PCI_BASE_ADDRESS_0, 4) & ~(BAR0_SIZE - 1) & 0xFFFFFFFF
                 t.command_written()
                 if t.msix_vectors:
                     t.msix[0, MX_ENABLED], t.msix[0, MX_MASKED] = t.msix_control()

@@ -10,7 +10,7 @@ import pytest
 import lguest_jit
 
 PKG = Path(lguest_jit.__file__).parent
-LAYERS = {"hw": 0, "vring": 1, "pci": 2, "devices": 3, "testing": 4, "main": 4, "snapshot": 4, "warm": 4}
+LAYERS = {"hw": 0, "vring": 1, "pci": 2, "devices": 3, "testing": 4, "main": 4, "snapshot": 4, "warm": 4, "machine": 4}
 
 
 def module_name(path: Path) -> str:

@@ -39,12 +39,11 @@ from ..vring import (CHAIN_READABLE, CHAIN_WRITABLE, Q_IN, Q_OUT, Q_STOP, STOPPE
                      notify_used, unpop)
 from ..hw.memory import put_le
 from .base import Device
-from .knobs import DEFAULT_QUEUE_SIZES
 from .tunspec import BRIDGE_PREFIX, TunSpec, format_mac, parse_mac, parse_tunnet  # noqa: F401
 
 VIRTIO_ID_NET = 1
 RX, TX = 0, 1
-QUEUE_SIZE = DEFAULT_QUEUE_SIZES["net"]
+QUEUE_SIZE = 256
 
 # Feature bits (§5.1.3)
 VIRTIO_NET_F_CSUM = 0
@@ -325,7 +324,9 @@ class Net(Device):
     MAC.  ``close()`` stops the threads and closes the tap (the kernel then
     deletes the interface)."""
 
+    kind = "net"
     device_type = VIRTIO_ID_NET
+    pci_class = (0x02, 0x00)        # network controller, Ethernet
     queue_names = ("rx", "tx")
     queue_max_sizes = (QUEUE_SIZE, QUEUE_SIZE)
 
