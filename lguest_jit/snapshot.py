@@ -378,7 +378,7 @@ def read(path: str, secret: bytes | None = None) -> dict:
         raise SnapshotError(f"snapshot {path!r} was not written by your lguest-jit, or was changed since "
                             f"(authentication failed)")
     try:
-        state = check(schema(), _json(body, "its state", path), "")
+        state = check(schema(), _json(body, "its state", path), "state")
         state["machine"] = from_fields(state["machine"])
     except (FieldError, MachineError) as e:
         raise SnapshotError(f"snapshot {path!r}: {e}") from None

@@ -191,7 +191,7 @@ class OneOf:
         return "oneof[" + ",".join(f"{k}={r.describe()}" for k, r in sorted(self.records.items())) + "]"
 
 
-def check(schema, value, where: str = ""):
+def check(schema, value, where: str = "state"):
     """``value`` read through ``schema``: the checked (and decoded) value,
     or FieldError naming the first field that does not fit."""
     return schema.check(value, where)
