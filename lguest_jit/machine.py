@@ -100,7 +100,7 @@ def _net_check(opts: dict) -> dict:
 
 DEVICE_OPTIONS = (
     DeviceOption("net", "-t --tunnet=SPEC", "Network device on a tap: IP[:MAC] or bridge:NAME[:MAC].", True,
-                 lambda spec: {"spec": spec}, _net_check, F.Record({"spec": F.Str(64)})),
+                 lambda spec: _net_check({"spec": spec}), _net_check, F.Record({"spec": F.Str(64)})),
     DeviceOption("block", "-b --block=FILE", "Block device backed by FILE (FILE,ro for read-only).", True,
                  _block_options, _block_check, F.Record({"path": F.Str(4096), "readonly": F.Bool()})),
     DeviceOption("rng", "-r --rng", "Random number device.", False, lambda _: {}, lambda o: o, F.Record({})),
