@@ -286,9 +286,9 @@ class KvmVmBase:
     register methods act on it), exits handed to ``bus`` by the vCPU loop
     (``lguest_jit.vcpu.KvmVm``, which adds ``run``/``stop``).
 
-    ``bus`` provides ``pio(port, size, is_write, value)``, ``mmio(addr,
-    size, is_write, value)`` and optionally ``ioeventfds()``,
-    ``interrupts()``, ``irq_pending(line)`` (see ``attach_bus``).
+    What this class asks of ``bus`` (``attach_bus``): ``ioeventfds()``,
+    ``interrupts()``, ``irq_pending(line)`` and, when offered,
+    ``msi_routes()``; the loop dispatches exits over its tables.
     ``cpuid_hook(entries)`` may edit the list of ``kvm_cpuid_entry2``
     before KVM_SET_CPUID2.  ``irq_mode`` forces how device interrupts reach
     the irqchip: "resample" (level: KVM_IRQFD + resamplefd), "irqfd"
