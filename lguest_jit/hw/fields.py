@@ -183,7 +183,7 @@ class OneOf:
         self.tag, self.records = tag, records
 
     def check(self, v, where):
-        if type(v) is not dict or v.get(self.tag) not in self.records:
+        if type(v) is not dict or type(v.get(self.tag)) is not str or v[self.tag] not in self.records:
             raise FieldError(f"{where}: {self.tag} must be one of {', '.join(self.records)}")
         return self.records[v[self.tag]].check(v, where)
 
