@@ -574,3 +574,20 @@ def test_a_deleted_working_directory_runs_as_without_the_server(server, tmp_path
                                    env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120)
     for r in runs.values():
         assert r.returncode == 2 and r.stderr == "lguest-jit: kernel 'vmlinux' does not exist\n", r.stderr
+
+
+def test_the_launcher_and_the_warm_launcher_do_not_import_each_other():
+    # warm.py reaches main only through the callable serve() is given.
+    import ast
+    from pathlib import Path
+
+    import lguest_jit
+    src = (Path(lguest_jit.__file__).parent / "warm.py").read_text()
+    names = set()
+    for node in ast.walk(ast.parse(src)):
+        if isinstance(node, ast.ImportFrom):
+            names.add(node.module or "")
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+    assert not {"main", "lguest_jit.main", ".main"} & names, names
