@@ -301,8 +301,8 @@ class PackedDriver(MockDriver):
             raise ValueError("a chain needs at least one buffer")
         use_indirect = indirect and self.indirect_ok and len(segs) > 1
         need = 1 if use_indirect else len(segs)
-        if need > self.num_free or self.free_head >= self.size:
-            raise NoSpace
+        if need > self.num_free or self.free_head >= self.size or len(segs) > self.size:
+            raise NoSpace                          # (a list is never longer than the ring, §2.7.17)
         bid = self.free_head
         slot = self.data_base + bid * self.slot_bytes
         placed = []
