@@ -544,7 +544,7 @@ def _packed_avail(flags, wrap):
     return ((flags >> 7) & 1) == wrap and ((flags >> 15) & 1) != wrap
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=True, inline='always')
 def _pop_packed(mem, q, iov):
     """_pop for a packed ring: the list at the device's ring position, when
     its first descriptor is available (the driver exposes it last, §2.7.6).
@@ -664,7 +664,7 @@ def _pop_packed(mem, q, iov):
     return bid | (slots << 16)
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=True, inline='always')
 def _push_packed(mem, q, head, length):
     """One used descriptor for the whole list ``head`` (= id | slots << 16)
     at the device's used position: ID and length first, then the flags
