@@ -37,6 +37,8 @@ Options:
                         sleeping, 0 never (default: 50).
   --event-idx=ON|OFF    Offer VIRTIO_RING_F_EVENT_IDX, on or off (default: on).
   --indirect=ON|OFF     Offer indirect descriptors, on or off (default: on).
+  --packed=ON|OFF       Offer packed virtqueues (VIRTIO_F_RING_PACKED), on or off
+                        (default: off).
   --seg-max=N           Block: data segments per request offered as seg_max
                         (default: the block queue size - 2).
   --param=SPEC          bench sweep: KNOB=V1,V2,... (a knob above, without --).

@@ -77,13 +77,17 @@ class Device(VirtioDevice):
 
     def apply_knobs(self, knobs) -> None:
         """Take the tuning knobs (a ``knobs.Knobs``) before the device goes on
-        the bus: every queue's maximum size, and the ring features offered."""
+        the bus: every queue's maximum size, and the ring features offered
+        (packed rings too: the driver that accepts them gets them on every
+        queue, vring.setup_queue reads the layout from the features)."""
         if knobs.queue_size:
             self.queue_max_sizes = (knobs.queue_size,) * len(self.queue_max_sizes)
         if not knobs.event_idx:
             self.features &= ~(1 << vring.VIRTIO_RING_F_EVENT_IDX)
         if not knobs.indirect:
             self.features &= ~(1 << vring.VIRTIO_RING_F_INDIRECT_DESC)
+        if knobs.packed:
+            self.features |= 1 << vring.VIRTIO_F_RING_PACKED
 
     def on_activate(self, ctx: QueueContext) -> None:
         """Hook before the threads start (e.g. negotiated-feature set-up)."""

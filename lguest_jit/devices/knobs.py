@@ -1,6 +1,6 @@
 """Device tuning knobs: the command-line options that change what devices
 offer (``--queue-size``, ``--blk-poll-us``, ``--event-idx``, ``--indirect``,
-``--seg-max``) and the values ``bench sweep --param`` walks through.
+``--seg-max``, ``--packed``) and the values ``bench sweep --param`` walks through.
 
 Standard library only: the CLI checks every knob before it loads Numba.
 Devices take a :class:`Knobs` through ``Device.apply_knobs`` before they are
@@ -32,6 +32,7 @@ class Knobs:
     event_idx: bool = True                 # offer VIRTIO_RING_F_EVENT_IDX
     indirect: bool = True                  # offer VIRTIO_RING_F_INDIRECT_DESC
     seg_max: int | None = None             # block: data segments per request (default queue size - 2)
+    packed: bool = False                   # offer VIRTIO_F_RING_PACKED (virtio 1.1 §2.7)
 
     def block_seg_max(self) -> int:
         return self.seg_max if self.seg_max is not None else self.block_queue_size() - 2
@@ -95,6 +96,7 @@ KNOBS = {
     "event-idx": ("event_idx", _on_off("event-idx"), "on"),
     "indirect": ("indirect", _on_off("indirect"), "on"),
     "seg-max": ("seg_max", _seg_max, "the block queue size - 2"),
+    "packed": ("packed", _on_off("packed"), "off"),
 }
 
 
