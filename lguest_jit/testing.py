@@ -281,6 +281,9 @@ class PackedDriver(MockDriver):
         self.num_added = 0
         self.event_shadow = vring.RING_EVENT_FLAGS_ENABLE
         self.inflight: dict[int, tuple[int, list[tuple[int, int, bool]], bool]] = {}
+        # The ring descriptors each ID's last list took, (addr, len, flags
+        # without the lap bits): what a compiled driver re-posts (benchmarks).
+        self.rows: dict[int, list[tuple[int, int, int]]] = {}
 
     def _ld64(self, a): return int.from_bytes(self.mem[a:a + 8].tobytes(), "little")
 
@@ -324,16 +327,19 @@ class PackedDriver(MockDriver):
             raise ValueError(f"chain needs {cursor - slot} bytes, slots hold {self.slot_bytes}")
         head = self.next_avail
         head_flags = None
+        rows = self.rows[bid] = []
         if use_indirect:
             table = self.indirect_base + bid * 16 * self.size
             for k, (addr, length, w) in enumerate(placed):
                 self._wdesc(table, k, addr, length, _WRITE if w else 0, 0)
             head_flags = _INDIRECT | self._lap_bits(self.avail_wrap)
             self._wdesc(self.desc, head, table, 16 * len(placed), None, bid)
+            rows.append((table, 16 * len(placed), _INDIRECT))
             self._step_avail()
         else:
             for k, (addr, length, w) in enumerate(placed):
                 flags = (_WRITE if w else 0) | (0 if k == len(placed) - 1 else _NEXT) | self._lap_bits(self.avail_wrap)
+                rows.append((addr, length, flags & ~(self.F_AVAIL | self.F_USED)))
                 if k == 0:
                     head_flags = flags            # its flags wait for the rest of the list
                     self._wdesc(self.desc, self.next_avail, addr, length, None, bid)
