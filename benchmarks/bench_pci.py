@@ -27,7 +27,7 @@ import os
 import numpy as np
 from numba import njit
 
-from lguest_jit import pci
+from lguest_jit import pci, testing
 from lguest_jit.hw.kvm import (KVM_EXIT_IO, KVM_EXIT_MMIO, RUN_EXIT_REASON, RUN_IO_COUNT, RUN_IO_DATA_OFFSET,
                                RUN_IO_DIRECTION, RUN_IO_PORT, RUN_IO_SIZE, RUN_MMIO_DATA, RUN_MMIO_IS_WRITE,
                                RUN_MMIO_LEN, RUN_MMIO_PHYS, V_FIELDS)
@@ -108,10 +108,10 @@ def measure(quick: bool = False) -> dict:
     slot = t.slot
     reads = []
     for off, size in ((0x00, 4), (0x04, 2), (0x0E, 1), (0x10, 4), (0x34, 1), (0x40, 2), (0x48, 4), (0x3D, 1)):
-        reads += [(IO, pci.CONFIG_ADDRESS, 4, 1, pci.conf1_address(slot, off)), (IO, 0xCFC + (off & 3), size, 0, 0)]
+        reads += [(IO, pci.CONFIG_ADDRESS, 4, 1, testing.conf1_address(slot, off)), (IO, 0xCFC + (off & 3), size, 0, 0)]
     writes = []
     for off, size, v in ((0x3C, 1, t.irq_line), (0x0D, 1, 0x40), (t.cfg_window + 8, 4, 0)):
-        writes += [(IO, pci.CONFIG_ADDRESS, 4, 1, pci.conf1_address(slot, off)), (IO, 0xCFC + (off & 3), size, 1, v)]
+        writes += [(IO, pci.CONFIG_ADDRESS, 4, 1, testing.conf1_address(slot, off)), (IO, 0xCFC + (off & 3), size, 1, v)]
     base = t.bar0
     common = [(MMIO, base + 0x16, 2, 1, 1), (MMIO, base + 0x18, 2, 0, 0), (MMIO, base + 0x1C, 2, 0, 0),
               (MMIO, base + 0x14, 1, 0, 0), (MMIO, base + 0x15, 1, 0, 0), (MMIO, base + 0x12, 2, 0, 0)]

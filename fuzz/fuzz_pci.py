@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 import naive
-from lguest_jit import pci
+from lguest_jit import pci, testing
 from lguest_jit.hw.memory import GuestMemory
 
 from .common import Reader, digest, main
@@ -55,7 +55,7 @@ def one_input(data: bytes) -> str:
                     # a whole conf1 cycle: address, then data
                     t = ts[r.u8() % 3]
                     reg = r.u8()
-                    bus.pio(0xCF8, 4, True, pci.conf1_address(t.slot, reg) if reg & 3 == 0 else r.u32())
+                    bus.pio(0xCF8, 4, True, testing.conf1_address(t.slot, reg) if reg & 3 == 0 else r.u32())
                     port = 0xCFC + (reg & 3)
                 if op & 4:
                     bar = r.pick(PAGES) << pci.BAR0_SHIFT | r.u16() & (pci.BAR0_SIZE - 1)
@@ -77,7 +77,7 @@ def one_input(data: bytes) -> str:
 
 
 def _check(bus, ts):
-    bars = {t.slot: pci._le(bus.cfg[t.slot], pci.PCI_BASE_ADDRESS_0, 4) for t in ts}
+    bars = {t.slot: pci.read_le(bus.cfg[t.slot], pci.PCI_BASE_ADDRESS_0, 4) for t in ts}
     want = naive.bar_decode(bars, pci.BAR0_SIZE)
     got = {page: t.slot for page, t in bus._pages.items()}
     assert got == want, (got, want, bars)
@@ -98,7 +98,7 @@ def _check_msix(bus, t):
     if not n:
         assert not m[0, pci.MX_ENABLED] and t.msix_cap == 0
         return
-    ctl = pci._le(bus.cfg[t.slot], t.msix_cap + pci.PCI_MSIX_FLAGS, 2)
+    ctl = pci.read_le(bus.cfg[t.slot], t.msix_cap + pci.PCI_MSIX_FLAGS, 2)
     assert ctl & pci.PCI_MSIX_FLAGS_QSIZE == n - 1
     assert m[0, pci.MX_ENABLED] == bool(ctl & pci.PCI_MSIX_FLAGS_ENABLE)
     assert m[0, pci.MX_MASKED] == bool(ctl & pci.PCI_MSIX_FLAGS_MASKALL)

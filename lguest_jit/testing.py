@@ -468,6 +468,23 @@ MSI_ADDRESS = 0xFEE00000
 MSI_DATA_BASE = 0x40
 
 
+# Guest-side conf1 helpers: what Linux's pci_conf1_read/write do.
+
+def conf1_address(slot: int, offset: int, bus: int = 0, function: int = 0) -> int:
+    return 0x80000000 | bus << 16 | slot << 11 | function << 8 | (offset & 0xFC)
+
+
+def conf1_read(bus: pci.Bus, slot: int, offset: int, size: int) -> int:
+    """outl(address, 0xCF8); in{b,w,l}(0xCFC + (offset & 3))."""
+    bus.pio(pci.CONFIG_ADDRESS, 4, True, conf1_address(slot, offset))
+    return bus.pio(pci.CONFIG_DATA + (offset & 3), size, False, 0)
+
+
+def conf1_write(bus: pci.Bus, slot: int, offset: int, size: int, value: int) -> None:
+    bus.pio(pci.CONFIG_ADDRESS, 4, True, conf1_address(slot, offset))
+    bus.pio(pci.CONFIG_DATA + (offset & 3), size, True, value)
+
+
 class VirtioPciDriver:
     """Linux's virtio_pci_modern, played through ``bus.pio``/``bus.mmio``:
     find the device in config space, walk its capabilities, negotiate, set

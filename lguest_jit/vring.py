@@ -20,7 +20,7 @@ Queue state is one int64 array per queue (``new_queue()``), indexed by the
 the wrong shape for its device, comes back as a negated error code
 (``-E_*``, one per rule, in the one ``ERRORS`` table); ``error_message(code)``
 names the rule and the spec section it enforces.  What a device does about
-it is the transport's policy (pci.py), not the engine's.
+it is the transport's policy (``pci.transport``), not the engine's.
 
 iovec arrays are ``(n, 3)`` uint64: guest address, length, writable flag,
 device-readable entries first.  ``n`` must be at least the queue size: a
@@ -50,12 +50,12 @@ write the one used descriptor and skip the rest, §2.7.6).
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, types
-from numba.extending import overload
+from numba import njit
 
-from .hw.libc import CLOCK_MONOTONIC, EAGAIN, EINTR, sys_clock_gettime, sys_read, sys_write
-from .hw.memory import (cpu_relax, fence, in_ram, ld_i64_acquire, ld_u16, ld_u16_acquire, ld_u32, ld_u64,
-                        st_u16, st_u16_release, st_u32, xchg_i64)
+from .hw.libc import CLOCK_MONOTONIC, EAGAIN, EINTR, sys_clock_gettime, sys_read
+from .hw.memory import (cpu_relax, fence, in_ram, ld_u16, ld_u16_acquire, ld_u32, ld_u64, st_u16,
+                        st_u16_release, st_u32)
+from .irq import IRQ_MASKED, IRQ_NO_VECTOR, IRQ_SENT, ISR_QUEUE, VIRTIO_MSI_NO_VECTOR, raise_irq
 
 # Descriptor, ring and feature bits (§2.4.5, §2.4.7, §2.4.9, §6).
 VRING_DESC_F_NEXT = 1
@@ -866,105 +866,6 @@ def _signal(mem, q, isr, irq, scratch):
     elif r == IRQ_NO_VECTOR:
         q[Q_N_IRQ_NO_VECTOR] += 1
     return r == IRQ_SENT
-
-
-# ---------------------------------------------------------------------------
-# Raising an interrupt: INTx (ISR bit + the device's line) or MSI-X.
-#
-# A device's MSI-X state is one int64 array (pci.py's ``Bus.msix[slot]``):
-# row 0 the function (MX_*), row 1 + v vector v (MV_*).  The transport keeps
-# the table there; queue threads read it here.  Delivery follows PCI 3.0
-# §6.8.3.4 and virtio 1.0 §4.1.5.3-4: with MSI-X enabled an event goes to
-# its vector (no ISR bit, no INTx); a masked vector (or function) keeps the
-# message as its pending bit, sent when it is unmasked.  The pending bit is
-# exchanged atomically on both sides: the raiser sets it, then sends only
-# if it can exchange it back to 0 while unmasked; the unmasking vCPU clears
-# the mask, then sends if it exchanges a 1 out.  Whatever the interleaving,
-# exactly one of them sends.
-
-ISR_QUEUE = 1        # ISR bits (§4.1.4.5): a used buffer, a configuration change
-ISR_CONFIG = 2
-VIRTIO_MSI_NO_VECTOR = 0xFFFF
-
-MX_VECTORS = 0       # table size; 0: the device offers no MSI-X capability
-MX_ENABLED = 1       # Message Control Enable
-MX_MASKED = 2        # Message Control Function Mask
-MX_INTX_FD = 3       # the device's INTx eventfd
-MV_ADDR_LO = 0       # table entry: message address and data
-MV_ADDR_HI = 1
-MV_DATA = 2
-MV_CTRL = 3          # vector control; bit 0 masks the vector
-MV_PENDING = 4       # the PBA bit
-MV_FD = 5            # the vector's eventfd (KVM: an irqfd on the vector's MSI route)
-MSIX_CTRL_MASKBIT = 1
-
-IRQ_SENT = 0         # raise_irq results
-IRQ_MASKED = 1
-IRQ_NO_VECTOR = 2
-
-
-@njit(nogil=True, cache=True)
-def _kick_fd(fd, scratch):
-    scratch[0] = 1
-    sys_write(fd, scratch.ctypes.data, 8)
-
-
-@njit(nogil=True, cache=True)
-def raise_intx(isr, irq_fd, scratch, bit):
-    """Set ISR ``bit`` first (§4.1.4.5.1), then raise the line by writing
-    the device's INTx eventfd."""
-    isr[0] |= bit
-    fence()
-    _kick_fd(irq_fd, scratch)
-    return IRQ_SENT
-
-
-@njit(nogil=True, cache=True)
-def msix_send_pending(msix, vector, scratch):
-    """The vCPU side of delivery: after ``vector``'s mask (or the function
-    mask) was cleared, send its message if its pending bit was set.
-    Returns True when sent."""
-    row = msix[1 + vector]
-    if xchg_i64(row, MV_PENDING, 0) != 0:
-        _kick_fd(row[MV_FD], scratch)
-        return True
-    return False
-
-
-@njit(nogil=True, cache=True)
-def raise_msix(isr, msix, scratch, vector, bit):
-    """An event of a device with MSI-X state ``msix``: INTx while MSI-X is
-    disabled, else a message on ``vector`` (pending while masked; dropped
-    when the event has no vector).  Returns IRQ_SENT, IRQ_MASKED or
-    IRQ_NO_VECTOR."""
-    if msix[0, MX_ENABLED] == 0:
-        return raise_intx(isr, msix[0, MX_INTX_FD], scratch, bit)
-    if vector < 0 or vector >= msix[0, MX_VECTORS]:
-        return IRQ_NO_VECTOR
-    row = msix[1 + vector]
-    xchg_i64(row, MV_PENDING, 1)
-    if msix[0, MX_MASKED] != 0 or (ld_i64_acquire(row, MV_CTRL) & MSIX_CTRL_MASKBIT) != 0:
-        return IRQ_MASKED
-    if xchg_i64(row, MV_PENDING, 0) != 0:
-        _kick_fd(row[MV_FD], scratch)
-    return IRQ_SENT
-
-
-def raise_irq(isr, irq, scratch, vector, bit):
-    """Raise a device interrupt for ``vector`` (the event's MSI-X vector) /
-    ISR ``bit``.  ``irq`` is either the device's INTx eventfd (a device
-    without MSI-X, or a test rig) or its MSI-X state array (the transport's
-    queue threads): each gets its own compiled body."""
-    if isinstance(irq, np.ndarray):
-        return raise_msix(isr, irq, scratch, vector, bit)
-    return raise_intx(isr, irq, scratch, bit)
-
-
-@overload(raise_irq, inline="always")
-def _raise_irq_ol(isr, irq, scratch, vector, bit):
-    if isinstance(irq, types.Array):
-        return lambda isr, irq, scratch, vector, bit: raise_msix(isr, irq, scratch, vector, bit)
-    return lambda isr, irq, scratch, vector, bit: raise_intx(isr, irq, scratch, bit)
 
 
 @njit(nogil=True, cache=True)

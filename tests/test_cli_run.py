@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from lguest_jit import pci
+from lguest_jit import pci, testing
 from lguest_jit.hw.kvm import kvm_available
 from lguest_jit.hw.tinyguest import RAX, RDI, RDX, Asm
 
@@ -36,10 +36,10 @@ def _guest() -> bytes:
         return a.mov_imm64(RAX, val).mov_imm64(RDI, addr).store_at(size, 0)
 
     # BAR0 of the rng, through conf1: rdi = BAR0 & ~0xf, kept in rsi too.
-    a.mov_imm32(RDX, 0xCF8).mov_imm32(RAX, pci.conf1_address(RNG_SLOT, 0x10)).out(4)
+    a.mov_imm32(RDX, 0xCF8).mov_imm32(RAX, testing.conf1_address(RNG_SLOT, 0x10)).out(4)
     a.mov_imm32(RDX, 0xCFC).inp(4).raw(b"\x83\xe0\xf0")          # and eax, ~0xf
     a.raw(b"\x48\x89\xc6")                                        # mov rsi, rax
-    a.mov_imm32(RDX, 0xCF8).mov_imm32(RAX, pci.conf1_address(RNG_SLOT, 0x04)).out(4)
+    a.mov_imm32(RDX, 0xCF8).mov_imm32(RAX, testing.conf1_address(RNG_SLOT, 0x04)).out(4)
     a.mov_imm32(RDX, 0xCFC).mov_imm32(RAX, 0x6).out(2)            # COMMAND: memory + bus master
 
     def common(size, off, val):                                   # mov [rsi+off], val

@@ -4,7 +4,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lguest_jit import pci
+from lguest_jit import pci, testing
 from lguest_jit.hw.memory import GuestMemory
 
 from naive import bar_decode
@@ -40,7 +40,7 @@ def decoder_at(bus, page):
 
 
 def set_bar(bus, t, value, size=4):
-    pci.conf1_write(bus, t.slot, pci.PCI_BASE_ADDRESS_0, size, value)
+    testing.conf1_write(bus, t.slot, pci.PCI_BASE_ADDRESS_0, size, value)
 
 
 @pytest.fixture
@@ -125,9 +125,9 @@ def test_any_bar_write_sequence_decodes_like_the_reference(gm, writes):
                 set_bar(bus, t, value)
             else:
                 off = byte & (4 - size) if size == 2 else byte
-                pci.conf1_write(bus, t.slot, pci.PCI_BASE_ADDRESS_0 + off, size,
+                testing.conf1_write(bus, t.slot, pci.PCI_BASE_ADDRESS_0 + off, size,
                                 (value >> 8 * off) & ((1 << 8 * size) - 1))
-            bars = {u.slot: pci.conf1_read(bus, u.slot, pci.PCI_BASE_ADDRESS_0, 4) for u in ts}
+            bars = {u.slot: testing.conf1_read(bus, u.slot, pci.PCI_BASE_ADDRESS_0, 4) for u in ts}
             want = bar_decode(bars, pci.BAR0_SIZE)
             for p in {*_PAGES, *want}:
                 assert decoder_at(bus, p) == want.get(p), (hex(p), bars)

@@ -545,6 +545,7 @@ def test_tiny_assembler_matches_capstone():
 @needs_kvm
 def test_pci_probe_virtio_handshake_and_request_through_kvm(gm):
     pci = pytest.importorskip("lguest_jit.pci")
+    testing = pytest.importorskip("lguest_jit.testing")
     rng_mod = pytest.importorskip("lguest_jit.devices.rng")
     bus = pci.Bus(gm)
     t = bus.add_device(rng_mod.Rng())
@@ -559,7 +560,7 @@ def test_pci_probe_virtio_handshake_and_request_through_kvm(gm):
     bar = t.bar0
 
     def cfg_addr(a, off):
-        a.mov_imm32(RDX, 0xCF8).mov_imm32(RAX, pci.conf1_address(t.slot, off)).out(4)
+        a.mov_imm32(RDX, 0xCF8).mov_imm32(RAX, testing.conf1_address(t.slot, off)).out(4)
         return a.mov_imm32(RDX, 0xCFC)
 
     def common_write(a, size, off, val):
@@ -637,6 +638,7 @@ def test_pci_probe_virtio_handshake_and_request_through_kvm(gm):
 @needs_kvm
 def test_keyboard_controller_reset_is_a_reboot(gm):
     pci = pytest.importorskip("lguest_jit.pci")
+    testing = pytest.importorskip("lguest_jit.testing")
     bus = pci.Bus(gm)
     vm = KvmVm(gm, bus)
     vm.claim_reset_port()

@@ -7,7 +7,7 @@ import select
 
 import pytest
 
-from lguest_jit import pci
+from lguest_jit import pci, testing
 from lguest_jit.hw import kvm as K
 from lguest_jit.hw.memory import GuestMemory
 from lguest_jit.hw.tinyguest import RAX, RDI, RDX, Asm, setup_long_mode
@@ -53,7 +53,7 @@ def test_notify_ioeventfds_follow_bar_moves_in_a_guest(machine):
     g = Asm()
 
     def move(t, bar):
-        g.mov_imm32(RDX, 0xCF8).mov_imm32(RAX, pci.conf1_address(t.slot, pci.PCI_BASE_ADDRESS_0)).out(4)
+        g.mov_imm32(RDX, 0xCF8).mov_imm32(RAX, testing.conf1_address(t.slot, pci.PCI_BASE_ADDRESS_0)).out(4)
         g.mov_imm32(RDX, 0xCFC).mov_imm32(RAX, bar).out(4)
 
     def notify(bar):
@@ -81,10 +81,10 @@ def test_notify_ioeventfds_follow_bar_moves_in_a_guest(machine):
 @needs_kvm
 def test_sync_registers_exactly_what_decodes(machine):
     gm, bus, vm, a, b = machine
-    pci.conf1_write(bus, b.slot, pci.PCI_BASE_ADDRESS_0, 4, a.bar0)     # B hidden under A
+    testing.conf1_write(bus, b.slot, pci.PCI_BASE_ADDRESS_0, 4, a.bar0)     # B hidden under A
     assert vm._bus_ioeventfds == set(bus.ioeventfds()) == {(a.bar0 + pci.NOTIFY_OFF, 2, a.notify_fds[0])}
-    pci.conf1_write(bus, b.slot, pci.PCI_BASE_ADDRESS_0, 4, 0xFFFFFFFF)  # sizing probe: decodes nothing
-    pci.conf1_write(bus, b.slot, pci.PCI_BASE_ADDRESS_0, 4, NEW_BAR)
+    testing.conf1_write(bus, b.slot, pci.PCI_BASE_ADDRESS_0, 4, 0xFFFFFFFF)  # sizing probe: decodes nothing
+    testing.conf1_write(bus, b.slot, pci.PCI_BASE_ADDRESS_0, 4, NEW_BAR)
     assert vm._bus_ioeventfds == {(a.bar0 + pci.NOTIFY_OFF, 2, a.notify_fds[0]),
                                   (NEW_BAR + pci.NOTIFY_OFF, 2, b.notify_fds[0])}
     # KVM holds exactly these: registering either again is refused as a duplicate.
@@ -99,7 +99,7 @@ def test_an_address_kvm_refuses_falls_back_to_the_exit_path(machine):
     other = os.eventfd(0, os.EFD_CLOEXEC)
     try:
         vm.add_ioeventfd(NEW_BAR + pci.NOTIFY_OFF, 2, other)        # someone else holds the address
-        pci.conf1_write(bus, b.slot, pci.PCI_BASE_ADDRESS_0, 4, NEW_BAR)   # must not raise
+        testing.conf1_write(bus, b.slot, pci.PCI_BASE_ADDRESS_0, 4, NEW_BAR)   # must not raise
         assert (NEW_BAR + pci.NOTIFY_OFF, 2, b.notify_fds[0]) not in vm._bus_ioeventfds
         assert b.bar0 == NEW_BAR
     finally:

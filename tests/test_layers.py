@@ -1,8 +1,10 @@
 """The package's layering, read from the source with ``ast``: imports point
-down the layers (hw -> vring -> pci -> devices -> testing/main), and no
+down the layers (hw -> irq -> vring -> pci -> devices -> testing/main), no
 module uses another module's private (underscore) names: what a lower layer
-offers is its public API (HACKING.md, "Layout")."""
+offers is its public API (HACKING.md, "Layout"), and no modules import each
+other, directly or round a longer circle."""
 import ast
+import importlib
 from pathlib import Path
 
 import pytest
@@ -10,7 +12,8 @@ import pytest
 import lguest_jit
 
 PKG = Path(lguest_jit.__file__).parent
-LAYERS = {"hw": 0, "vring": 1, "pci": 2, "devices": 3, "testing": 4, "main": 4, "snapshot": 4, "warm": 4}
+LAYERS = {"hw": 0, "irq": 1, "vring": 2, "pci": 3, "devices": 4, "testing": 5, "main": 5, "snapshot": 5,
+          "warm": 5}
 
 
 def module_name(path: Path) -> str:
@@ -96,6 +99,8 @@ def test_imports_point_down_and_stay_public(path):
     ("lguest_jit.hw.fake", "from ..pci import BAR0_SIZE\n", "higher layer"),
     ("lguest_jit.hw.fake", "from ..devices import base\n", "higher layer"),
     ("lguest_jit.vring", "from .devices.base import Device\n", "higher layer"),
+    ("lguest_jit.irq", "from .vring import Q_SIZE\n", "higher layer"),
+    ("lguest_jit.pci.config", "from .transport import _get_le\n", "private"),
 ])
 def test_the_checker_sees_each_kind_of_violation(name, source, what):
     found = violations(name, source)
@@ -105,3 +110,72 @@ def test_the_checker_sees_each_kind_of_violation(name, source, what):
 def test_public_use_is_no_violation():
     assert violations("lguest_jit.devices.fake", "from .. import vring\nvring.next_chain\nvring.__name__\n"
                                                  "from ..vring import CHAIN_REQUEST\n") == []
+
+
+def import_graph(sources) -> dict:
+    """module -> the package modules it imports (any import, at any depth
+    of the source: a function-local import is an edge too)."""
+    graph = {}
+    for path in sources:
+        name = module_name(path)
+        graph[name] = {target for target, _, _ in uses(name, path.read_text(), path.name == "__init__.py")
+                       if target != name and target != "lguest_jit"}
+    return graph
+
+
+def circles(graph: dict) -> list:
+    """Every import circle, each as the modules round it (depth-first)."""
+    found, state = [], {}
+
+    def visit(node, stack):
+        state[node] = "open"
+        stack.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == "open":
+                found.append(stack[stack.index(nxt):] + [nxt])
+            elif nxt not in state:
+                visit(nxt, stack)
+        stack.pop()
+        state[node] = "done"
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [])
+    return found
+
+
+# strict: once the circle is gone this fails, and the mark must go with it.
+@pytest.mark.xfail(strict=True, reason="main and warm import each other (issue 22, being removed separately)")
+def test_no_import_circle():
+    assert circles(import_graph(SOURCES)) == []
+
+
+def test_no_import_circle_below_main():
+    """The rest of the package is circle-free already."""
+    graph = import_graph(SOURCES)
+    assert [c for c in circles(graph) if set(c) != {"lguest_jit.main", "lguest_jit.warm"}] == []
+
+
+def test_the_circle_finder_sees_a_circle():
+    assert circles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c", "a"]]
+    assert circles({"a": {"b"}, "b": set(), "c": {"a", "b"}}) == []
+
+
+def test_pci_package_reexports_every_public_name():
+    """``from lguest_jit.pci import X`` works for every public name its
+    modules define (the package was one module once)."""
+    pci = importlib.import_module("lguest_jit.pci")
+    missing = []
+    for path in sorted((PKG / "pci").glob("*.py")):
+        if path.name == "__init__.py":
+            continue
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+                names = [node.name]
+            elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+                targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+                names = [n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name)]
+            else:
+                continue
+            missing += [f"{path.stem}.{n}" for n in names if not n.startswith("_") and not hasattr(pci, n)]
+    assert missing == []

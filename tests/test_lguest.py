@@ -14,7 +14,7 @@ import threading
 import numpy as np
 import pytest
 
-from lguest_jit import pci
+from lguest_jit import pci, testing
 from lguest_jit.devices import Block, Console, Rng
 from lguest_jit.devices import block as blk
 from lguest_jit.devices import console as con
@@ -174,7 +174,7 @@ def test_port_io_forms_through_conf1(machines):
     tb = TrappedBus(m.sim)
     for width in (4, 2, 1):
         # Host bridge vendor/device at 00:00.0, read through 0xCFC..0xCFF.
-        tb.pio(0xCF8, 4, True, pci.conf1_address(0, 0))
+        tb.pio(0xCF8, 4, True, testing.conf1_address(0, 0))
         got = sum(tb.pio(0xCFC + i, width, False, 0) << 8 * i for i in range(0, 4, width))
         assert got == pci.HOST_BRIDGE_DEVICE << 16 | pci.HOST_BRIDGE_VENDOR
     # The address register reads back what was written (Linux's conf1 probe).
@@ -380,12 +380,12 @@ def enumerate_like_linux(sim, want_slot):
     tb = TrappedBus(sim)
     found = {}
     for slot in range(8):
-        tb.pio(0xCF8, 4, True, pci.conf1_address(slot, 0))
+        tb.pio(0xCF8, 4, True, testing.conf1_address(slot, 0))
         vid = tb.pio(0xCFC, 4, False, 0)
         if vid != 0xFFFFFFFF:
             found[slot] = vid
     # BAR0 sizing, as pci_read_bases does it.
-    addr = pci.conf1_address(want_slot, pci.PCI_BASE_ADDRESS_0)
+    addr = testing.conf1_address(want_slot, pci.PCI_BASE_ADDRESS_0)
     tb.pio(0xCF8, 4, True, addr)
     bar = tb.pio(0xCFC, 4, False, 0)
     tb.pio(0xCFC, 4, True, 0xFFFFFFFF)

@@ -9,7 +9,7 @@ import threading
 import numpy as np
 import pytest
 
-from lguest_jit import pci, vring
+from lguest_jit import irq, pci, vring
 from lguest_jit.devices import Rng
 from lguest_jit.hw.memory import GuestMemory
 from lguest_jit.testing import MSI_ADDRESS, MSI_DATA_BASE, RecordingDevice, VirtioPciDriver
@@ -71,7 +71,7 @@ def test_capability_is_in_the_list_with_its_table_and_pba(rig):
     # Table size is read-only; Enable and Function Mask are the writable bits.
     drv.cfg_write(cap + 2, 2, 0xFFFF)
     assert drv.cfg_read(cap + 2, 2) == ENABLE | MASKALL | (drv.msix_table_size() - 1)
-    assert t.msix_enabled and t.msix[0, vring.MX_MASKED] == 1
+    assert t.msix_enabled and t.msix[0, irq.MX_MASKED] == 1
     drv.cfg_write(cap + 2, 2, 0)
     assert drv.cfg_read(cap + 2, 2) == drv.msix_table_size() - 1 and not t.msix_enabled
     # Table and PBA lie inside BAR0, past the virtio structures.
@@ -145,7 +145,7 @@ def test_bad_table_and_pba_accesses_are_dropped(rig, where, size, policy):
 
 def test_pba_is_read_only(rig):
     bus, t, drv = rig()
-    t.msix[1 + 2, vring.MV_PENDING] = 1
+    t.msix[1 + 2, irq.MV_PENDING] = 1
     assert drv.msix_pba(0) == 1 << 2
     bus.mmio(t.bar0 + pci.MSIX_PBA_OFF, 4, True, 0)
     assert drv.msix_pba(0) == 1 << 2
@@ -367,7 +367,7 @@ def test_raise_and_unmask_race_loses_nothing(rig):
     def raiser():
         scratch = np.zeros(1, np.uint64)
         while not stop.is_set():
-            if vring.raise_msix(isr, m, scratch, 1, 1) == vring.IRQ_SENT:
+            if irq.raise_msix(isr, m, scratch, 1, 1) == irq.IRQ_SENT:
                 sent[0] += 1
     th = threading.Thread(target=raiser)
     th.start()
@@ -384,7 +384,7 @@ def test_raise_and_unmask_race_loses_nothing(rig):
         got = os.eventfd_read(fd)
     except BlockingIOError:
         pass
-    assert m[2, vring.MV_PENDING] == 0 and drv.msix_pba(0) == 0
+    assert m[2, irq.MV_PENDING] == 0 and drv.msix_pba(0) == 0
     assert got >= 1 and t.isr[0] == 0
 
 
@@ -393,6 +393,6 @@ def test_enable_without_unmasking_keeps_everything_pending(rig):
     drv.msix_control(ENABLE | MASKALL)
     for v in range(drv.msix_table_size()):
         bus.mmio(drv.msix_entry(v, 0), 4, True, 0xDEAD0000)       # garbage: no CPU there
-    r = vring.raise_msix(t.isr, t.msix, np.zeros(1, np.uint64), 2, 1)
-    assert r == vring.IRQ_MASKED and drv.msix_pba(0) == 1 << 2
+    r = irq.raise_msix(t.isr, t.msix, np.zeros(1, np.uint64), 2, 1)
+    assert r == irq.IRQ_MASKED and drv.msix_pba(0) == 1 << 2
     assert not any(_pending(fd) for fd in t.vector_fds) and t.isr[0] == 0

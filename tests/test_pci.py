@@ -8,7 +8,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lguest_jit import pci, vring
+from lguest_jit import pci, testing, vring
 from lguest_jit.testing import RecordingDevice
 
 STATUS, QSEL, QSIZE, QENABLE, NUMQ, GEN = 0x14, 0x16, 0x18, 0x1C, 0x12, 0x15
@@ -62,16 +62,16 @@ def bring_up(b, t, queues=(0,)):
 # --- conf1 -------------------------------------------------------------------
 
 def test_absent_functions_read_all_ones(bus):
-    for addr in (pci.conf1_address(5, 0),                       # empty slot
-                 pci.conf1_address(1, 0, bus=1),                # other bus
-                 pci.conf1_address(1, 0, function=3),           # other function
-                 pci.conf1_address(1, 0) & 0x7FFFFFFF):         # enable bit clear
+    for addr in (testing.conf1_address(5, 0),                       # empty slot
+                 testing.conf1_address(1, 0, bus=1),                # other bus
+                 testing.conf1_address(1, 0, function=3),           # other function
+                 testing.conf1_address(1, 0) & 0x7FFFFFFF):         # enable bit clear
         bus.pio(0xCF8, 4, True, addr)
         assert bus.pio(0xCFC, 4, False, 0) == 0xFFFFFFFF
         assert bus.pio(0xCFE, 2, False, 0) == 0xFFFF
         assert bus.pio(0xCFF, 1, False, 0) == 0xFF
         assert bus.pio(0xCFC, 4, True, 0) == 0
-    assert pci.conf1_read(bus, 1, 0, 4) == 0x10421AF4
+    assert testing.conf1_read(bus, 1, 0, 4) == 0x10421AF4
 
 
 def test_address_register_bytes(bus):
@@ -84,7 +84,7 @@ def test_address_register_bytes(bus):
 
 
 def test_data_port_byte_lanes(bus):
-    bus.pio(0xCF8, 4, True, pci.conf1_address(1, 0))
+    bus.pio(0xCF8, 4, True, testing.conf1_address(1, 0))
     assert bus.pio(0xCFD, 1, False, 0) == 0x1A
     assert bus.pio(0xCFE, 2, False, 0) == 0x1042
     assert bus.pio(0xCFF, 1, False, 0) == 0x10
@@ -97,33 +97,33 @@ def test_data_port_byte_lanes(bus):
 def test_conf1_offset_beyond_64_dwords_reaches_whole_space(bus):
     # The register field is 6 bits: offset 0xFC is the last dword; the
     # unused end of config space reads 0 and ignores writes.
-    pci.conf1_write(bus, 1, 0xFC, 4, 0xFFFFFFFF)
-    assert pci.conf1_read(bus, 1, 0xFC, 4) == 0
+    testing.conf1_write(bus, 1, 0xFC, 4, 0xFFFFFFFF)
+    assert testing.conf1_read(bus, 1, 0xFC, 4) == 0
 
 
 def test_host_bridge(bus):
-    assert pci.conf1_read(bus, 0, 0x08, 4) >> 8 == 0x060000
-    assert pci.conf1_read(bus, 0, pci.PCI_STATUS, 2) & pci.PCI_STATUS_CAP_LIST == 0
+    assert testing.conf1_read(bus, 0, 0x08, 4) >> 8 == 0x060000
+    assert testing.conf1_read(bus, 0, pci.PCI_STATUS, 2) & pci.PCI_STATUS_CAP_LIST == 0
     for off in range(0x10, 0x28, 4):
-        pci.conf1_write(bus, 0, off, 4, 0xFFFFFFFF)
-        assert pci.conf1_read(bus, 0, off, 4) == 0
+        testing.conf1_write(bus, 0, off, 4, 0xFFFFFFFF)
+        assert testing.conf1_read(bus, 0, off, 4) == 0
 
 
 # --- config-space permissions ---------------------------------------------------
 
 def test_bar_sizing_and_relocation(bus):
     t = bus.t
-    orig = pci.conf1_read(bus, t.slot, 0x10, 4)
+    orig = testing.conf1_read(bus, t.slot, 0x10, 4)
     assert orig == t.bar0 == 0xE0000000
-    pci.conf1_write(bus, t.slot, 0x10, 4, 0xFFFFFFFF)
-    assert pci.conf1_read(bus, t.slot, 0x10, 4) == (~(pci.BAR0_SIZE - 1)) & 0xFFFFFFFF
+    testing.conf1_write(bus, t.slot, 0x10, 4, 0xFFFFFFFF)
+    assert testing.conf1_read(bus, t.slot, 0x10, 4) == (~(pci.BAR0_SIZE - 1)) & 0xFFFFFFFF
     for off in (0x14, 0x18, 0x1C, 0x20, 0x24, 0x30):
-        pci.conf1_write(bus, t.slot, off, 4, 0xFFFFFFFF)
-        assert pci.conf1_read(bus, t.slot, off, 4) == 0
-    pci.conf1_write(bus, t.slot, 0x10, 4, orig)
+        testing.conf1_write(bus, t.slot, off, 4, 0xFFFFFFFF)
+        assert testing.conf1_read(bus, t.slot, off, 4) == 0
+    testing.conf1_write(bus, t.slot, 0x10, 4, orig)
     assert bus.mmio(orig + NUMQ, 2, False, 0) == 3
     # the guest moves BAR0: dispatch and notify addresses follow
-    pci.conf1_write(bus, t.slot, 0x10, 4, 0xF0002234)
+    testing.conf1_write(bus, t.slot, 0x10, 4, 0xF0002234)
     assert t.bar0 == 0xF0002000
     assert bus.mmio(orig + NUMQ, 2, False, 0) == 0xFFFF
     assert bus.mmio(0xF0002000 + NUMQ, 2, False, 0) == 3
@@ -132,27 +132,27 @@ def test_bar_sizing_and_relocation(bus):
 
 def test_command_intx_disable_and_line(bus):
     t = bus.t
-    pci.conf1_write(bus, t.slot, pci.PCI_COMMAND, 2, 0xFFFF)
-    assert pci.conf1_read(bus, t.slot, pci.PCI_COMMAND, 2) == pci.COMMAND_WRITABLE
+    testing.conf1_write(bus, t.slot, pci.PCI_COMMAND, 2, 0xFFFF)
+    assert testing.conf1_read(bus, t.slot, pci.PCI_COMMAND, 2) == pci.COMMAND_WRITABLE
     t.raise_irq(1)
     assert not bus.irq_pending(t.irq_line)        # INTx disabled
-    pci.conf1_write(bus, t.slot, pci.PCI_COMMAND, 2, 0)
+    testing.conf1_write(bus, t.slot, pci.PCI_COMMAND, 2, 0)
     assert bus.irq_pending(t.irq_line)
-    pci.conf1_write(bus, t.slot, pci.PCI_INTERRUPT_LINE, 1, 11)
-    assert pci.conf1_read(bus, t.slot, pci.PCI_INTERRUPT_LINE, 1) == 11
-    pci.conf1_write(bus, t.slot, pci.PCI_INTERRUPT_PIN, 1, 4)
-    assert pci.conf1_read(bus, t.slot, pci.PCI_INTERRUPT_PIN, 1) == 1
+    testing.conf1_write(bus, t.slot, pci.PCI_INTERRUPT_LINE, 1, 11)
+    assert testing.conf1_read(bus, t.slot, pci.PCI_INTERRUPT_LINE, 1) == 11
+    testing.conf1_write(bus, t.slot, pci.PCI_INTERRUPT_PIN, 1, 4)
+    assert testing.conf1_read(bus, t.slot, pci.PCI_INTERRUPT_PIN, 1) == 1
     # a dword write over line/pin/min_gnt/max_lat changes only the line
-    pci.conf1_write(bus, t.slot, 0x3C, 4, 0xFFFFFF07)
-    assert pci.conf1_read(bus, t.slot, 0x3C, 4) == 0x00000107
+    testing.conf1_write(bus, t.slot, 0x3C, 4, 0xFFFFFF07)
+    assert testing.conf1_read(bus, t.slot, 0x3C, 4) == 0x00000107
 
 
 def walk(bus, slot):
     caps = []
-    pos = pci.conf1_read(bus, slot, pci.PCI_CAPABILITY_LIST, 1)
+    pos = testing.conf1_read(bus, slot, pci.PCI_CAPABILITY_LIST, 1)
     while pos and len(caps) < 48:
-        caps.append((pos, pci.conf1_read(bus, slot, pos, 1), pci.conf1_read(bus, slot, pos + 3, 1)))
-        pos = pci.conf1_read(bus, slot, pos + 1, 1)
+        caps.append((pos, testing.conf1_read(bus, slot, pos, 1), testing.conf1_read(bus, slot, pos + 3, 1)))
+        pos = testing.conf1_read(bus, slot, pos + 1, 1)
     return caps
 
 
@@ -162,14 +162,14 @@ def test_capability_chain_read_only_and_window_fields_writable(bus):
     assert [c[2] for c in caps] == [1, 2, 3, 4, 5]
     assert all(c[1] == pci.PCI_CAP_ID_VNDR and c[0] % 4 == 0 and c[0] >= 0x40 for c in caps)
     for pos, _, _ in caps:
-        pci.conf1_write(bus, t.slot, pos, 4, 0)
-        pci.conf1_write(bus, t.slot, pos + 8, 4, 0x12345678)
+        testing.conf1_write(bus, t.slot, pos, 4, 0)
+        testing.conf1_write(bus, t.slot, pos + 8, 4, 0x12345678)
     assert walk(bus, t.slot) == caps
     w = t.cfg_window
     assert caps[-1][0] == w
-    pci.conf1_write(bus, t.slot, w + 8, 4, 0x12345678)
-    assert pci.conf1_read(bus, t.slot, w + 8, 4) == 0x12345678
-    assert pci.conf1_read(bus, t.slot, caps[0][0] + 8, 4) == pci.COMMON_OFF
+    testing.conf1_write(bus, t.slot, w + 8, 4, 0x12345678)
+    assert testing.conf1_read(bus, t.slot, w + 8, 4) == 0x12345678
+    assert testing.conf1_read(bus, t.slot, caps[0][0] + 8, 4) == pci.COMMON_OFF
 
 
 def test_pci_cfg_window_reads_and_writes_bar0(bus):
@@ -178,20 +178,20 @@ def test_pci_cfg_window_reads_and_writes_bar0(bus):
     s = t.slot
 
     def window(offset, length):
-        pci.conf1_write(bus, s, w + 4, 1, 0)
-        pci.conf1_write(bus, s, w + 8, 4, offset)
-        pci.conf1_write(bus, s, w + 12, 4, length)
+        testing.conf1_write(bus, s, w + 4, 1, 0)
+        testing.conf1_write(bus, s, w + 8, 4, offset)
+        testing.conf1_write(bus, s, w + 12, 4, length)
 
     window(NUMQ, 2)
-    assert pci.conf1_read(bus, s, w + 16, 4) == 3
-    assert pci.conf1_read(bus, s, w + 16, 2) == 3
+    assert testing.conf1_read(bus, s, w + 16, 4) == 3
+    assert testing.conf1_read(bus, s, w + 16, 2) == 3
     window(STATUS, 1)
-    pci.conf1_write(bus, s, w + 16, 4, 0)          # reset through the window
-    pci.conf1_write(bus, s, w + 16, 4, 1)          # ACKNOWLEDGE
+    testing.conf1_write(bus, s, w + 16, 4, 0)          # reset through the window
+    testing.conf1_write(bus, s, w + 16, 4, 1)          # ACKNOWLEDGE
     assert t.status == 1 and bus.dev.resets == 1
-    assert pci.conf1_read(bus, s, w + 16, 1) == 1
+    assert testing.conf1_read(bus, s, w + 16, 1) == 1
     window(pci.DEVCFG_OFF + 4, 4)
-    assert pci.conf1_read(bus, s, w + 16, 4) == 0x07060504
+    assert testing.conf1_read(bus, s, w + 16, 4) == 0x07060504
     assert any("window read" in line for line in bus.lines)
 
 
@@ -251,7 +251,7 @@ def test_notify_single(gm):
         caps = walk(b, t.slot)
         assert [c[2] for c in caps] == [1, 2, 3, 5]          # no DEVICE_CFG without config
         notify = caps[1][0]
-        assert pci.conf1_read(b, t.slot, notify + 16, 4) == 0
+        assert testing.conf1_read(b, t.slot, notify + 16, 4) == 0
         bring_up(b, t, queues=(0, 1))
         b.mmio(t.bar0 + pci.NOTIFY_OFF, 2, True, 1)
         assert pending(t.notify_fds[1]) and not pending(t.notify_fds[0])
@@ -361,7 +361,7 @@ def test_random_config_accesses_keep_read_only_bits(gm, ops):
         initial = b.cfg.copy()
         chain = {s: walk(b, s) for s in (0, 1)}
         for portoff, size, is_write, value, dword, slot in ops:
-            b.pio(0xCF8, 4, True, pci.conf1_address(slot, dword * 4))
+            b.pio(0xCF8, 4, True, testing.conf1_address(slot, dword * 4))
             port = 0xCFC + (portoff & 3)
             r = b.pio(port, size, is_write, value)
             assert 0 <= r < 1 << (8 * size)
@@ -386,6 +386,6 @@ def test_bar_at_names_the_bar_that_holds_an_address(bus):
     assert bus.bar_at(second.bar0 + pci.BAR0_SIZE) is None            # past the last one
     assert bus.bar_at(0x1000) is None                                  # RAM
     # The guest moves BAR0: the query follows it.
-    pci.conf1_write(bus, t.slot, 0x10, 4, 0xF0002000)
+    testing.conf1_write(bus, t.slot, 0x10, 4, 0xF0002000)
     assert bus.bar_at(0xF0002000 + 8) == (t, 0, 8)
     assert bus.bar_at(0xE0000000) is None

@@ -15,7 +15,7 @@ import select
 
 import pytest
 
-from lguest_jit import pci, vring
+from lguest_jit import pci, testing, vring
 from lguest_jit.hw.memory import GuestMemory
 from lguest_jit.testing import RecordingDevice
 
@@ -55,10 +55,10 @@ class Linux:
         return self.bus.pio(port, 4, False, 0)
 
     def read(self, dev, off, size):
-        return pci.conf1_read(self.bus, dev, off, size)
+        return testing.conf1_read(self.bus, dev, off, size)
 
     def write(self, dev, off, size, v):
-        pci.conf1_write(self.bus, dev, off, size, v)
+        testing.conf1_write(self.bus, dev, off, size, v)
 
     def find_capability(self, dev, cap_id, start=None):
         """__pci_find_next_cap_ttl: byte at the pointer, then a word per cap."""
@@ -162,8 +162,8 @@ def test_linux_61_probe_replay(machine):
                        1: 0x1043 << 16 | 0x1AF4, 2: 0x1044 << 16 | 0x1AF4}
     # Functions 1-7 of a single-function device are not probed; they must
     # read as absent anyway.
-    assert pci.conf1_read(bus, 1, 0, 4) == 0x10431AF4
-    bus.pio(0xCF8, 4, True, pci.conf1_address(1, 0, function=1))
+    assert testing.conf1_read(bus, 1, 0, 4) == 0x10431AF4
+    bus.pio(0xCF8, 4, True, testing.conf1_address(1, 0, function=1))
     assert bus.pio(0xCFC, 4, False, 0) == 0xFFFFFFFF
 
     expected_class = {0: 0x060000, 1: 0x078000, 2: 0xFF0000}

@@ -9,7 +9,7 @@ import select
 
 import pytest
 
-from lguest_jit import pci, vring
+from lguest_jit import pci, testing, vring
 from lguest_jit.hw.memory import GuestMemory
 from lguest_jit.testing import RecordingDevice
 
@@ -445,12 +445,12 @@ def test_cfg_window_invalid(policy, make, bar, offset, length):
     drv.to_driver()
     w = drv.t.cfg_window
     slot = drv.t.slot
-    pci.conf1_write(drv.bus, slot, w + 4, 1, bar)
-    pci.conf1_write(drv.bus, slot, w + 8, 4, offset)
-    pci.conf1_write(drv.bus, slot, w + 12, 4, length)
-    if violate(policy, drv, pci.E_CFG_WINDOW, lambda: pci.conf1_read(drv.bus, slot, w + 16, 4)):
+    testing.conf1_write(drv.bus, slot, w + 4, 1, bar)
+    testing.conf1_write(drv.bus, slot, w + 8, 4, offset)
+    testing.conf1_write(drv.bus, slot, w + 12, 4, length)
+    if violate(policy, drv, pci.E_CFG_WINDOW, lambda: testing.conf1_read(drv.bus, slot, w + 16, 4)):
         assert drv.r(STATUS, 1) == 3
-    if violate(policy, drv, pci.E_CFG_WINDOW, lambda: pci.conf1_write(drv.bus, slot, w + 16, 1, 0),
+    if violate(policy, drv, pci.E_CFG_WINDOW, lambda: testing.conf1_write(drv.bus, slot, w + 16, 1, 0),
                logged_before=True):
         assert drv.r(STATUS, 1) == 3
 

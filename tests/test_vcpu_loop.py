@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 
-from lguest_jit import pci
+from lguest_jit import pci, testing
 from lguest_jit.hw import kvm as K
 from lguest_jit.hw.cmos import CENTURY, STATUS_D, YEAR, CmosRtc
 from lguest_jit.hw.kvm import KvmVm
@@ -130,9 +130,9 @@ def test_mmio_reads_and_writes_through_bar0(m):
 def test_conf1_reads_in_compiled_code_and_hooks_in_python(m):
     a = Asm().mov_imm32(RSI, DATA)
     for i, slot in enumerate((m.t.slot, 9)):                             # the device, an empty slot
-        a.mov_imm32(RDX, 0xCF8).mov_imm32(RAX, pci.conf1_address(slot, 0)).out(4)
+        a.mov_imm32(RDX, 0xCF8).mov_imm32(RAX, testing.conf1_address(slot, 0)).out(4)
         a.mov_imm32(RDX, 0xCFC).inp(4).raw(b"\x89\x46" + bytes([8 * i]))
-    a.mov_imm32(RDX, 0xCF8).mov_imm32(RAX, pci.conf1_address(m.t.slot, pci.PCI_COMMAND)).out(4)
+    a.mov_imm32(RDX, 0xCF8).mov_imm32(RAX, testing.conf1_address(m.t.slot, pci.PCI_COMMAND)).out(4)
     a.mov_imm32(RDX, 0xCFC).mov_imm32(RAX, pci.PCI_COMMAND_INTX_DISABLE | 6).out(2)   # COMMAND: a hook
     res = m.run(done(a))
     assert res.reason == "stopped", res.report()

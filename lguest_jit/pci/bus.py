@@ -1,0 +1,825 @@
+"""PCI bus 0: legacy port bus (conf1, compiled UART/CMOS/reset ports,
+Python handlers), BAR0 decode, interrupts and the exit dispatch.
+
+Bus interface (what backends and tests call)
+============================================
+``Bus(mem, strict=False, notify_mode="per-queue", mmio_base=0xE0000000,
+fatal=None, log=None, irqs=None, msix=False)``
+    ``mem`` is the :class:`~lguest_jit.hw.memory.GuestMemory`.  ``strict``
+    selects the policy for driver errors (below).  ``notify_mode`` is
+    ``"per-queue"`` (one 16-bit notify register per queue, 4 bytes apart,
+    notify_off_multiplier 4: the KVM ioeventfd layout) or ``"single"`` (one
+    notify register per device, multiplier 0, the value written is the queue
+    index: lguest's layout).  BAR0s are placed from ``mmio_base`` upwards,
+    ``BAR0_SIZE`` bytes each.  ``fatal(message)`` is called when a device
+    thread reports a driver error under ``strict`` (default: raise
+    :class:`BadDriver` in that thread).  ``log(line)`` receives verbose
+    lines; when it is None nothing is formatted.  ``irqs`` is the per-machine
+    :class:`IrqAllocator` (one is made when omitted).  ``msix``: give every
+    device an MSI-X capability (only for a backend that can deliver MSI:
+    KVM; without it Linux takes INTx).
+
+``bus.add_device(dev: VirtioDevice) -> Transport``
+    Next free slot (00:01.0 upwards; 00:00.0 is the host bridge), BAR0 in
+    the MMIO window, an interrupt line from the allocator, pin INTA.
+
+``bus.pio(port: int, size: int, is_write: bool, value: int) -> int``
+    Port I/O, sizes 1, 2, 4.  Reads return the value (zero-extended), writes
+    return 0.  PCI configuration mechanism #1 lives at 0xCF8-0xCFF; ports
+    nobody claimed read all-ones of the access size and ignore writes.
+
+``bus.add_ports(first: int, count: int, handler)``
+    Claim ``count`` ports from ``first`` for ``handler(port, size, is_write,
+    value) -> int`` (same contract as ``pio``).  An access that runs past the
+    end of a claimed range is split into byte accesses.
+
+``bus.mmio(addr: int, size: int, is_write: bool, value: int) -> int``
+    Memory-mapped I/O, sizes 1, 2, 4 and 8 (8 only for the 64-bit queue
+    address fields; elsewhere it is a width error).  Addresses in no BAR
+    read all-ones and ignore writes.
+
+``bus.bar_at(addr: int, size: int = 1) -> tuple[Transport, int, int] | None``
+    Which device's BAR holds guest-physical ``addr`` .. ``addr + size - 1``:
+    ``(transport, bar number, offset in the BAR)``, or None when no single
+    BAR holds all of it (what a backend asks before emulating an access).
+
+``bus.ioeventfds() -> list[tuple[int, int, int]]``
+    ``(gpa, length, eventfd)`` for each queue's notify register of every
+    device whose BAR0 decodes (per-queue mode; ``[]`` in single mode, where one address carries every queue and
+    the value decides).  A ``bus.mmio`` write there writes 1 to the same
+    eventfd, so the KVM ioeventfd path and the exit path agree.
+
+``bus.add_decode_listener(fn)``
+    ``fn()`` is called (under the bus lock) whenever a BAR write changes
+    which device decodes which page; ``ioeventfds()`` then lists the new
+    set.  Decoding is rebuilt from every BAR0 on each write; overlapping
+    BAR0s: the lowest slot decodes (see ``_rebuild_decode``).
+
+``bus.interrupts() -> list[tuple[int, int]]``
+    ``(irq_line, eventfd)``, one per device: writing 1 to the eventfd is the
+    device raising its line (KVM: irqfd).  ``bus.irq_pending(line) -> bool``
+    is True while a device on that line has a non-zero ISR and INTx is not
+    disabled in its COMMAND register (level-triggered resample).
+
+``bus.msi_routes() -> list[tuple[int, int | None, int]]``
+    ``(eventfd, address, data)`` per MSI-X vector of every device, in a
+    fixed order: writing 1 to the eventfd is the vector's message (KVM: an
+    irqfd on an MSI route from address/data).  ``address`` is None while
+    the device has MSI-X disabled.  ``bus.add_msi_listener(fn)``: ``fn()``
+    runs (under the bus lock) whenever the list may have changed, before
+    the vector concerned can send.
+
+``bus.add_kernel_ports(first, count, handler, kind, state=None)``
+    Like ``add_ports`` for a handler the compiled dispatch runs itself
+    ("conf1", "uart", "cmos", "reset"); ``state`` is copied into the bus's
+    tables and the view returned is where it lives from then on.
+
+``bus.run_vcpu(vcpu_fd, run_page, ctl) -> int``
+    The compiled vCPU loop (hw.kvm calls it; see "Exit dispatch").
+
+``bus.access_counts() -> list[tuple[str, int]]``
+    Accesses by register ("conf1 data", "uart THR", "<device>
+    common.queue_select", ...), non-zero only, most first (``--stats``).
+
+``bus.close()``
+    Resets every device (joins its threads) and closes the eventfds.
+
+Threads: ``pio``/``mmio`` take a bus lock, so several vCPU threads may call
+them.  Device threads only touch the ISR byte, the MSI-X pending bits,
+``config_changed()`` and ``ctx.driver_error`` (which never take the bus lock, so a reset that joins
+device threads under the lock cannot deadlock).  The ISR byte is updated
+without an atomic read-and-clear: a device's OR racing a driver's ISR read
+can lose one ISR bit (the eventfd still raises the interrupt).
+"""
+from __future__ import annotations
+
+import threading
+from typing import Callable, Optional
+
+import numba
+import numpy as np
+from numba import njit
+
+from ..hw.cmos import REG_NAMES as CMOS_REG_NAMES, cmos_access
+from ..hw.kvm import (KVM_EXIT_INTERNAL_ERROR, KVM_EXIT_INTR, KVM_EXIT_IO, KVM_EXIT_IO_OUT, KVM_EXIT_IRQ_WINDOW_OPEN,
+                      KVM_EXIT_MMIO, KVM_RUN,
+                      RUN_EXIT_REASON, RUN_IO_COUNT, RUN_IO_DATA_OFFSET, RUN_IO_DIRECTION, RUN_IO_PORT, RUN_IO_SIZE,
+                      RUN_MMIO_DATA, RUN_MMIO_IS_WRITE, RUN_MMIO_LEN, RUN_MMIO_PHYS, V_EXITS, V_ERRNO, V_INTR, V_LIMIT,
+                      V_MMIO, V_PIO, V_STOP, VCPU_EINTR, VCPU_ERRNO, VCPU_EXIT, VCPU_LIMIT, VCPU_STOPPED, assist)
+from ..hw.libc import EAGAIN, EINTR, sys_ioctl, sys_time, sys_write
+from ..hw.memory import GuestMemory, ld_u8, ld_u16, ld_u32, ld_u64, st_u8, st_u16, st_u32, st_u64
+from ..hw.uart import REG_NAMES as UART_REG_NAMES, uart_access
+from ..irq import MV_ADDR_HI, MV_ADDR_LO, MV_DATA, MX_ENABLED, MX_MASKED
+from .config import (C_ADDR, C_FIELDS, CONFIG_ADDRESS, CONFIG_DATA, H_BAR0, H_CFG_DATA, H_COMMAND, H_MSIX,
+                     HOST_BRIDGE_DEVICE, HOST_BRIDGE_VENDOR, MAX_SLOTS, P_CFG, P_HOOK, P_PLANES, P_REGION, P_WMASK,
+                     PCI_BASE_ADDRESS_0, PCI_CFG_SPACE_SIZE, REGION_UNUSED, ConfigBuilder, HostBridge, conf1_access,
+                     read_le, size_mask, write_le)
+from .device import IrqAllocator, VirtioDevice
+from .transport import (A_NONE, A_NOTIFY, B_CFG, BAR0_SHIFT, BAR0_SIZE, COMMON_FIELD_NAMES, COMMON_LEN, DEVCFG_MAX,
+                        DEVCFG_OFF, E_BAR_RANGE, FIELD_AT, FIELD_START, ISR_OFF, MAX_QUEUES, MSIX_FIELDS,
+                        MSIX_MAX_VECTORS, MSIX_PBA_OFF, MSIX_TABLE_OFF, NOTIFY_OFF, QC_FIELDS, S_FIELDS, Transport,
+                        bar0_access)
+
+
+# ---------------------------------------------------------------------------
+# Exit dispatch: flat tables and the compiled vCPU loop
+#
+# Every port and MMIO access -- a KVM exit in the compiled vCPU loop, or a
+# ``bus.pio``/``bus.mmio`` call from Python (lguest backend, tests, the
+# harness) -- goes through ``port_access``/``mmio_access`` over the bus's
+# tables (``Bus.tables``, a tuple of arrays, T_* order).  They finish
+# everything a compiled handler can answer; the rest they hand to Python
+# with nothing done that cannot be repeated (ST_PYTHON: redo the access in
+# Python) or with ``bar0_access``'s result left in the pending record
+# (ST_BAR_SLOW: ``Transport._slow`` finishes it).  The loop lives here, not
+# in hw, because it dispatches into PCI kernels; hw/kvm.py owns KVM_RUN's
+# protocol (V_* control fields, VCPU_* codes) and calls ``bus.run_vcpu``.
+
+# Port table columns (``ports[port, field]``, int32: one port's fields in one cache line)
+PT_KIND, PT_FIRST, PT_LAST, PT_ROW = range(4)
+PK_NONE, PK_PYTHON, PK_CONF1, PK_UART, PK_CMOS, PK_RESET = range(6)
+PORT_KINDS = {"python": PK_PYTHON, "conf1": PK_CONF1, "uart": PK_UART, "cmos": PK_CMOS, "reset": PK_RESET}
+KSTATE_ROWS = 4           # compiled port devices with state (UART, CMOS)
+KSTATE_WIDTH = 258        # >= hw.uart.U_FIELDS, hw.cmos.C_FIELDS
+RESET_VALUE = 0xFE        # pulse the reset line (8042 command)
+
+# Access status
+ST_DONE, ST_PYTHON, ST_BAR_SLOW = 0, 1, 2
+# Loop codes past VCPU_*: an access Python must finish before re-entering
+R_SLOW_PIO = 16
+R_SLOW_MMIO = 17
+
+# Pending record (``pend``, int64): what Python needs to finish an access
+PD_INDEX, PD_SLOT, PD_OFF, PD_SIZE, PD_WRITE, PD_VALUE, PD_R, PD_ACTION, PD_ARG, PD_ERR, PD_STATUS, PD_ONE = \
+    range(12)
+PD_FIELDS = 12
+
+# MMIO counter columns per slot: the common-config field ids, then these
+M_ISR = len(FIELD_START)
+M_DEVCFG = M_ISR + 1
+M_NOTIFY = M_ISR + 2
+M_MSIX_TABLE = M_ISR + 3
+M_MSIX_PBA = M_ISR + 4
+M_OTHER = M_ISR + 5
+M_REGS = M_ISR + 6
+M_NAMES = tuple(f"common.{n}" for n in COMMON_FIELD_NAMES) + ("isr", "device_cfg", "notify", "msix.table",
+                                                             "msix.pba", "other")
+PAGE_SLOTS = 1 << (32 - BAR0_SHIFT)      # every BAR0-sized page below 4 GiB
+
+# Tables tuple order
+T_CONF, T_SPACE, T_PORTS, T_KSTATE, T_PAGE_SLOT, T_REGS, T_BYTES, T_MSIX, T_NOTIFY_FD, T_PORT_COUNTS, \
+    T_MMIO_COUNTS, T_PEND = range(12)
+
+
+@njit(nogil=True, cache=True, inline='always')
+def _port_one(conf, space, ports, kstate, kind, port, size, is_write, value):
+    """One access to one handler's ports; (result, ST_*)."""
+    ones = 0 if is_write else size_mask(size)
+    if kind == PK_NONE:
+        return ones, ST_DONE
+    if kind == PK_CONF1:
+        r, hooks = conf1_access(conf, space, port, size, is_write, value & 0xFFFFFFFF, False)
+        # A hook (BAR0, COMMAND, the PCI_CFG window) runs in Python; a
+        # config write is idempotent, so Python repeats the whole access.
+        return r, (ST_PYTHON if hooks != 0 else ST_DONE)
+    if kind == PK_UART:
+        return uart_access(kstate[ports[port, PT_ROW]], port - ports[port, PT_FIRST], size, is_write,
+                           value), ST_DONE
+    if kind == PK_CMOS:
+        return cmos_access(kstate[ports[port, PT_ROW]], port, size, is_write, value, sys_time(0)), ST_DONE
+    if kind == PK_RESET:
+        if is_write and (value & 0xFF) == RESET_VALUE:
+            return 0, ST_PYTHON            # Python ends the run as a reboot
+        return ones, ST_DONE               # reads: no keyboard controller
+    return 0, ST_PYTHON                    # PK_PYTHON
+
+
+@njit(nogil=True, cache=True, inline="always")
+def port_access(conf, space, ports, kstate, counts, port, size, is_write, value):
+    """A port access (0 <= port <= 0xFFFF, size 1/2/4): (result, ST_*).
+    Unclaimed ports read all-ones; an access running past the end of a
+    claimed range is split into bytes, as the chipset would."""
+    counts[port] += 1
+    kind = ports[port, PT_KIND]
+    if kind == PK_NONE:
+        return (0 if is_write else size_mask(size)), ST_DONE
+    if port + size - 1 <= ports[port, PT_LAST]:
+        return _port_one(conf, space, ports, kstate, kind, port, size, is_write, value)
+    for i in range(size):
+        k = ports[(port + i) & 0xFFFF, PT_KIND]
+        if k == PK_PYTHON or k == PK_CONF1 or k == PK_RESET:
+            return 0, ST_PYTHON            # Python splits it before anything is done
+    r = 0
+    for i in range(size):
+        p = (port + i) & 0xFFFF
+        v, _ = _port_one(conf, space, ports, kstate, ports[p, PT_KIND], p, 1, is_write, (value >> (8 * i)) & 0xFF)
+        r |= (v & 0xFF) << (8 * i)
+    return (0 if is_write else r), ST_DONE
+
+
+@njit(nogil=True, cache=True, inline='always')
+def _mmio_reg(off):
+    if off < COMMON_LEN:
+        return FIELD_AT[off]
+    if off == ISR_OFF:
+        return M_ISR
+    if off >= MSIX_PBA_OFF:
+        return M_MSIX_PBA
+    if off >= MSIX_TABLE_OFF:
+        return M_MSIX_TABLE
+    if off >= NOTIFY_OFF:
+        return M_NOTIFY
+    if off >= DEVCFG_OFF:
+        return M_DEVCFG
+    return M_OTHER
+
+
+@njit(nogil=True, cache=True, inline="always")
+def mmio_access(page_slot, regs, bytes_, msix, notify_fd, counts, pend, addr, size, is_write, value):
+    """An MMIO access (size 1/2/4/8): (result, ST_*).  Addresses in no BAR0
+    read all-ones (-1 for 8 bytes) and ignore writes; BAR0 goes to
+    ``bar0_access``, whose notify action becomes an eventfd write here."""
+    slot = 0
+    if 0 <= addr < (1 << 32):
+        slot = page_slot[addr >> BAR0_SHIFT]
+    if slot == 0:
+        counts[MAX_SLOTS, M_OTHER] += 1
+        if is_write:
+            return 0, ST_DONE
+        return (-1 if size == 8 else size_mask(size)), ST_DONE
+    off = addr & (BAR0_SIZE - 1)
+    counts[slot, _mmio_reg(off)] += 1
+    if size > 4 or off + size > BAR0_SIZE:
+        pend[PD_STATUS] = ST_PYTHON
+        return 0, ST_PYTHON                # 64-bit halves and range errors: Python
+    r, action, arg, err = bar0_access(regs[slot], bytes_[slot], msix[slot], off, size, is_write, value & 0xFFFFFFFF)
+    if err == 0 and action == A_NONE:
+        return r, ST_DONE
+    if err == 0 and action == A_NOTIFY:
+        fd = notify_fd[slot, arg]
+        if fd >= 0:
+            pend[PD_ONE] = 1
+            while sys_write(fd, pend.ctypes.data + 8 * PD_ONE, 8) == -EINTR:
+                pass
+        return 0, ST_DONE
+    pend[PD_STATUS] = ST_BAR_SLOW
+    pend[PD_SLOT] = slot
+    pend[PD_OFF] = off
+    pend[PD_SIZE] = size
+    pend[PD_WRITE] = 1 if is_write else 0
+    pend[PD_VALUE] = value
+    pend[PD_R] = r
+    pend[PD_ACTION] = action
+    pend[PD_ARG] = arg
+    pend[PD_ERR] = err
+    return r, ST_BAR_SLOW
+
+
+@njit(nogil=True, cache=True, inline='always')
+def _load(buf, off, size):
+    if size == 1:
+        return ld_u8(buf, off)
+    if size == 2:
+        return ld_u16(buf, off)
+    if size == 4:
+        return ld_u32(buf, off)
+    return ld_u64(buf, off)
+
+
+@njit(nogil=True, cache=True, inline='always')
+def _store(buf, off, size, value):
+    if size == 1:
+        st_u8(buf, off, value & 0xFF)
+    elif size == 2:
+        st_u16(buf, off, value & 0xFFFF)
+    elif size == 4:
+        st_u32(buf, off, value & 0xFFFFFFFF)
+    else:
+        st_u64(buf, off, value)
+
+
+@njit(nogil=True, cache=True, inline='always')
+def handle_exit(run, ctl, conf, space, ports, kstate, port_counts, page_slot, regs, bytes_, msix, notify_fd,
+                mmio_counts, pend):
+    """Handle the exit described in the kvm_run page ``run`` (uint8) with the
+    bus's tables (``Bus.tables``, unpacked once by the caller: each array
+    passed across a call costs tens of ns), counting it in ``ctl`` (hw.kvm
+    V_* fields).  Returns 0
+    when the vCPU may run on, a VCPU_* code for an exit only Python
+    handles, or R_SLOW_PIO/R_SLOW_MMIO for an access Python must finish
+    (``pend`` says where).  Public so a benchmark can drive it with a
+    kvm_run-shaped page exactly as the vCPU loop does."""
+    reason = ld_u32(run, RUN_EXIT_REASON)
+    if reason == KVM_EXIT_IO:
+        ctl[V_PIO] += 1
+        size = ld_u8(run, RUN_IO_SIZE)
+        port = ld_u16(run, RUN_IO_PORT)
+        count = ld_u32(run, RUN_IO_COUNT)
+        data = ld_u64(run, RUN_IO_DATA_OFFSET)
+        if (size != 1 and size != 2 and size != 4) or data < 0 or data + count * size > run.size:
+            return VCPU_EXIT               # not what KVM sends: Python reports it
+        is_write = ld_u8(run, RUN_IO_DIRECTION) == KVM_EXIT_IO_OUT
+        for i in range(count):
+            at = data + i * size
+            v = _load(run, at, size) if is_write else 0
+            r, st = port_access(conf, space, ports, kstate, port_counts, port, size, is_write, v)
+            if st != ST_DONE:
+                pend[PD_INDEX] = i
+                return R_SLOW_PIO
+            if not is_write:
+                _store(run, at, size, r)
+        return 0
+    if reason == KVM_EXIT_MMIO:
+        ctl[V_MMIO] += 1
+        ln = ld_u32(run, RUN_MMIO_LEN)
+        if ln != 1 and ln != 2 and ln != 4 and ln != 8:
+            return VCPU_EXIT
+        addr = ld_u64(run, RUN_MMIO_PHYS)
+        is_write = ld_u8(run, RUN_MMIO_IS_WRITE) != 0
+        v = _load(run, RUN_MMIO_DATA, ln) if is_write else 0
+        r, st = mmio_access(page_slot, regs, bytes_, msix, notify_fd, mmio_counts, pend, addr, ln, is_write, v)
+        if st != ST_DONE:
+            return R_SLOW_MMIO
+        if not is_write:
+            _store(run, RUN_MMIO_DATA, ln, r)
+        return 0
+    if reason == KVM_EXIT_INTR:
+        ctl[V_INTR] += 1
+        return 0
+    if reason == KVM_EXIT_IRQ_WINDOW_OPEN:
+        return 0
+    if reason == KVM_EXIT_INTERNAL_ERROR:
+        return assist(run, ctl)            # int3/fwait here; anything else VCPU_EXIT
+    return VCPU_EXIT
+
+
+# _nrt=False: no reference counting inside the loop.  Every array it
+# touches is owned by the caller for the whole call and the loop allocates
+# nothing, so the counts would only cost: with them, the inlined dispatch
+# layers did ~30 atomic increments/decrements per exit, over 200 ns of a
+# ~260 ns unclaimed-port exit (perf, bench pci's driver); without, ~20 ns.
+# Callees that are not inlined (uart/cmos, the assists) keep their own
+# counting, balanced within each call.
+@njit(nogil=True, cache=True, _nrt=False)
+def _vcpu_loop(fd, run, ctl, tb):
+    """KVM_RUN on vCPU ``fd`` until an exit needs Python (see handle_exit),
+    ctl[V_STOP] is set, a signal interrupts KVM_RUN or ctl[V_LIMIT] exits
+    were handled.  nogil: device threads run meanwhile."""
+    conf, space, ports, kstate, page_slot, regs, bytes_, msix, notify_fd, port_counts, mmio_counts, pend = tb
+    while True:
+        if ctl[V_STOP] != 0:
+            return VCPU_STOPPED
+        rc = sys_ioctl(fd, KVM_RUN, 0)
+        if rc < 0:
+            if rc == -EINTR:
+                return VCPU_EINTR
+            if rc == -EAGAIN:
+                continue
+            ctl[V_ERRNO] = -rc
+            return VCPU_ERRNO
+        ctl[V_EXITS] += 1
+        code = handle_exit(run, ctl, conf, space, ports, kstate, port_counts, page_slot, regs, bytes_, msix,
+                           notify_fd, mmio_counts, pend)
+        if code != 0:
+            return code
+        if ctl[V_EXITS] == ctl[V_LIMIT]:
+            return VCPU_LIMIT
+
+
+def _from_disk_cache(kernel) -> bool:
+    """True when ``kernel`` was loaded from Numba's disk cache in this
+    process (False when compiled, or under NUMBA_DISABLE_JIT)."""
+    stats = getattr(kernel, "stats", None)
+    return stats is not None and sum(stats.cache_hits.values()) > 0
+
+
+# ---------------------------------------------------------------------------
+# Bus
+
+
+class Bus:
+    """PCI bus 0 behind conf1, and the MMIO window of the BARs on it."""
+
+    def __init__(self, mem: GuestMemory, strict: bool = False, notify_mode: str = "per-queue",
+                 mmio_base: int = 0xE0000000, fatal: Optional[Callable[[str], None]] = None,
+                 log: Optional[Callable[[str], None]] = None, irqs: Optional[IrqAllocator] = None,
+                 msix: bool = False):
+        if notify_mode not in ("per-queue", "single"):
+            raise ValueError(f"notify_mode must be 'per-queue' or 'single', not {notify_mode!r}")
+        if mmio_base % BAR0_SIZE or not 0 < mmio_base < 1 << 32:
+            raise ValueError(f"mmio_base {mmio_base:#x} must be a {BAR0_SIZE:#x}-aligned 32-bit address")
+        if mmio_base < mem.size:
+            raise ValueError(f"mmio_base {mmio_base:#x} overlaps guest RAM ({mem.size:#x} bytes)")
+        self.mem, self.strict, self.notify_mode, self.mmio_base = mem, strict, notify_mode, mmio_base
+        self.fatal = fatal      # None: device threads raise BadDriver themselves
+        self.log = log
+        self.irqs = irqs if irqs is not None else IrqAllocator()
+        self.offer_msix = bool(msix)
+        self._msi_listeners: list = []
+        self.conf = np.zeros(C_FIELDS, dtype=np.int64)
+        self.msix = np.zeros((MAX_SLOTS, 1 + MSIX_MAX_VECTORS, MSIX_FIELDS), dtype=np.int64)
+        # Flat dispatch tables (see "Exit dispatch"): zero pages until touched.
+        self.regs = np.zeros((MAX_SLOTS, 1 + MAX_QUEUES, max(S_FIELDS, QC_FIELDS)), dtype=np.int64)
+        self.bytes_ = np.zeros((MAX_SLOTS, B_CFG + DEVCFG_MAX), dtype=np.uint8)
+        self.notify_fd = np.full((MAX_SLOTS, MAX_QUEUES), -1, dtype=np.int64)
+        self.ports = np.zeros((0x10000, 4), dtype=np.int32)   # a port's fields share a cache line
+        self.kstate = np.zeros((KSTATE_ROWS, KSTATE_WIDTH), dtype=np.int64)
+        self._kstate_used = 0
+        self.page_slot = np.zeros(PAGE_SLOTS, dtype=np.int8)
+        self.port_counts = np.zeros(0x10000, dtype=np.int64)
+        self.mmio_counts = np.zeros((MAX_SLOTS + 1, M_REGS), dtype=np.int64)
+        self.pend = np.zeros(PD_FIELDS, dtype=np.int64)
+        self._warming = None               # the thread loading the Python-side kernels (run_vcpu)
+        self.space = np.zeros((MAX_SLOTS, P_PLANES, PCI_CFG_SPACE_SIZE), dtype=np.uint8)
+        self.space[:, P_REGION, :] = REGION_UNUSED
+        # Views of the planes, for Python-side code and tests.
+        self.cfg = self.space[:, P_CFG, :]
+        self.wmask = self.space[:, P_WMASK, :]
+        self.hook = self.space[:, P_HOOK, :]
+        self.region = self.space[:, P_REGION, :]
+        self.slots: list = [None] * MAX_SLOTS
+        self.devices: list[Transport] = []
+        self._ports: dict = {}          # port -> (handler, last port of its range)
+        self._pages: dict = {}          # BAR0 page number -> Transport (see _rebuild_decode)
+        self._decode_listeners: list = []
+        self._lock = threading.Lock()   # vCPU threads take turns on the bus
+        bridge = ConfigBuilder(self.cfg[0], self.wmask[0], self.hook[0], self.region[0])
+        bridge.header(HOST_BRIDGE_VENDOR, HOST_BRIDGE_DEVICE, 0, 0x06, 0x00, 0, 0, 0, pin=0, line=0)
+        self.slots[0] = HostBridge()
+        self.tables = (self.conf, self.space, self.ports, self.kstate, self.page_slot, self.regs, self.bytes_,
+                       self.msix, self.notify_fd, self.port_counts, self.mmio_counts, self.pend)
+        # Two ranges, so an access straddling them is split per byte.
+        self.add_kernel_ports(CONFIG_ADDRESS, 4, self._conf1_port, "conf1")
+        self.add_kernel_ports(CONFIG_DATA, 4, self._conf1_port, "conf1")
+
+    # -- devices -----------------------------------------------------------
+    def add_device(self, dev: VirtioDevice) -> Transport:
+        slot = next((s for s in range(1, MAX_SLOTS) if self.slots[s] is None), None)
+        if slot is None:
+            raise ValueError("PCI bus 0 is full (31 devices)")
+        bar0 = self.mmio_base + BAR0_SIZE * len(self.devices)
+        if bar0 + BAR0_SIZE > 1 << 32:
+            raise ValueError("the MMIO window runs past 4 GiB")
+        t = Transport(self, dev, slot, bar0, self.irqs.allocate())
+        self.slots[slot] = t
+        self.devices.append(t)
+        self._rebuild_decode()
+        if self.log is not None:
+            self.log(f"device {len(self.devices)}: {dev.name} at 00:{slot:02x}.0, BAR0 {bar0:#x}, irq {t.irq_line}")
+        return t
+
+    # -- port I/O ----------------------------------------------------------
+    def add_ports(self, first: int, count: int, handler) -> None:
+        self.add_kernel_ports(first, count, handler, "python")
+
+    def add_kernel_ports(self, first: int, count: int, handler, kind: str, state=None):
+        """Claim ports like ``add_ports``, served by the compiled handler
+        ``kind`` ("conf1", "uart", "cmos", "reset"; "python": only
+        ``handler``).  ``handler`` still serves the rare accesses Python
+        finishes.  ``state`` (uart, cmos) is copied into the bus's tables;
+        the view returned is where the device's state lives from now on."""
+        if not (0 <= first and count > 0 and first + count <= 0x10000):
+            raise ValueError(f"port range {first:#x}+{count} is outside 0..0xffff")
+        if kind not in PORT_KINDS:
+            raise ValueError(f"unknown port handler kind {kind!r}")
+        last = first + count - 1
+        for p in range(first, first + count):
+            if p in self._ports:
+                raise ValueError(f"port {p:#x} is already claimed")
+        view = None
+        row = 0
+        if state is not None:
+            if self._kstate_used == KSTATE_ROWS or len(state) > KSTATE_WIDTH:
+                raise ValueError("no room for another compiled port device's state")
+            row = self._kstate_used
+            self._kstate_used += 1
+            view = self.kstate[row, :len(state)]
+            view[:] = state
+        for p in range(first, first + count):
+            self._ports[p] = (handler, last)
+        self.ports[first:last + 1, PT_KIND] = PORT_KINDS[kind]
+        self.ports[first:last + 1, PT_FIRST] = first
+        self.ports[first:last + 1, PT_LAST] = last
+        self.ports[first:last + 1, PT_ROW] = row
+        return view
+
+    def pio(self, port: int, size: int, is_write: bool, value: int) -> int:
+        if size not in (1, 2, 4):
+            raise ValueError(f"port access size must be 1, 2 or 4, not {size}")
+        if not 0 <= port <= 0xFFFF:
+            return 0 if is_write else (1 << 8 * size) - 1
+        with self._lock:
+            r, st = port_access(self.conf, self.space, self.ports, self.kstate, self.port_counts, port, size,
+                                 is_write, value & 0xFFFFFFFF)
+        if st == ST_DONE:
+            return int(r)
+        return self._pio_python(port, size, is_write, value)
+
+    def _pio_python(self, port, size, is_write, value):
+        # What the compiled dispatch hands back: Python-only handlers, conf1
+        # hooks, the reset port, splits touching those.
+        ent = self._ports.get(port)
+        if ent is None:
+            return 0 if is_write else (1 << 8 * size) - 1
+        if port + size - 1 > ent[1]:
+            return self._split_pio(port, size, is_write, value)
+        return ent[0](port, size, is_write, value)
+
+    def _split_pio(self, port, size, is_write, value):
+        # An access running off the end of a device's ports: byte by byte,
+        # as the chipset would split it.
+        r = 0
+        for i in range(size):
+            r |= self._pio_python((port + i) & 0xFFFF, 1, is_write, (value >> 8 * i) & 0xFF) << 8 * i
+        return 0 if is_write else r
+
+    def _conf1_port(self, port, size, is_write, value):
+        with self._lock:
+            r, hooks = conf1_access(self.conf, self.space, port, size, is_write, value & 0xFFFFFFFF, False)
+            if hooks == 0:
+                return r
+            target = self.slots[(int(self.conf[C_ADDR]) >> 11) & 31]
+            if not is_write:
+                target.window_read()
+                r, _ = conf1_access(self.conf, self.space, port, size, False, 0, True)
+                return r
+            if hooks & (1 << H_BAR0):
+                self._bar0_written(target)
+            if hooks & (1 << H_COMMAND):
+                target.command_written()
+            if hooks & (1 << H_CFG_DATA):
+                target.window_write()
+            if hooks & (1 << H_MSIX):
+                target.msix_control_written()
+            return 0
+
+    def _bar0_written(self, t):
+        """Any write to a BAR0 register, changed or not: decode is rebuilt
+        from every device's current BAR0 (a pure function of the BAR values),
+        so an overlap that ends restores the device it hid."""
+        new = read_le(self.cfg[t.slot], PCI_BASE_ADDRESS_0, 4) & ~(BAR0_SIZE - 1) & 0xFFFFFFFF
+        moved = new != t.bar0
+        t.bar0 = new
+        if moved and self.log is not None:
+            self.log(f"{t.name}: BAR0 moved to {new:#x}")
+        self._rebuild_decode()
+
+    def _rebuild_decode(self):
+        """The page -> device map from the BARs.  Overlap rule: when two
+        BAR0s claim one page the device in the lowest slot decodes it, the
+        others are hidden there (undefined on real PCI; here deterministic
+        and independent of the order of the writes).  BAR0 = 0 (unassigned)
+        and the all-ones sizing probe decode nothing."""
+        pages = {}
+        for t in sorted(self.devices, key=lambda d: d.slot):
+            if t.bar0 and t.bar0 != (~(BAR0_SIZE - 1) & 0xFFFFFFFF):
+                pages.setdefault(t.bar0 >> BAR0_SHIFT, t)
+        if pages == self._pages:
+            return
+        for page in self._pages:
+            self.page_slot[page] = 0
+        for page, t in pages.items():
+            self.page_slot[page] = t.slot
+        self._pages = pages
+        for listener in self._decode_listeners:
+            listener()
+
+    def add_decode_listener(self, listener: Callable[[], None]) -> None:
+        """Call ``listener()`` after every change of BAR decoding (under the
+        bus lock), so a backend can move what it registered per address,
+        e.g. KVM ioeventfds (``ioeventfds()`` then lists the new set)."""
+        self._decode_listeners.append(listener)
+
+    # -- MMIO --------------------------------------------------------------
+    def mmio(self, addr: int, size: int, is_write: bool, value: int) -> int:
+        if size not in (1, 2, 4, 8):
+            raise ValueError(f"MMIO access size must be 1, 2, 4 or 8, not {size}")
+        if not 0 <= addr < 1 << 32:
+            return 0 if is_write else (1 << 8 * size) - 1
+        with self._lock:
+            r, st = mmio_access(self.page_slot, self.regs, self.bytes_, self.msix, self.notify_fd, self.mmio_counts,
+                                 self.pend, addr, size, is_write, value & 0xFFFFFFFF)
+            if st == ST_BAR_SLOW:
+                return self._bar_slow(value)
+        if st == ST_DONE:
+            return int(r) & ((1 << 8 * size) - 1)
+        return self._mmio_python(addr, size, is_write, value)
+
+    def _bar_slow(self, value):
+        # bar0_access's result is in the pending record; the transport
+        # applies the policy and runs the action (under the bus lock).
+        p = self.pend
+        t = self.slots[int(p[PD_SLOT])]
+        return t._slow(int(p[PD_OFF]), int(p[PD_SIZE]), bool(p[PD_WRITE]), value, int(p[PD_R]),
+                       int(p[PD_ACTION]), int(p[PD_ARG]), int(p[PD_ERR]))
+
+    def _mmio_python(self, addr, size, is_write, value):
+        # 8-byte accesses and accesses running off the end of BAR0.
+        t = self._pages.get(addr >> BAR0_SHIFT)
+        if t is None:
+            return 0 if is_write else (1 << 8 * size) - 1
+        off = addr - t.bar0
+        with self._lock:
+            if off + size > BAR0_SIZE:
+                t.driver_error(E_BAR_RANGE, f"{size}-byte access at BAR0+{off:#x}")
+                return 0
+            return t.bar_access(off, size, is_write, value)
+
+    # -- the compiled vCPU loop --------------------------------------------------
+    def run_vcpu(self, vcpu_fd: int, run: np.ndarray, ctl: np.ndarray) -> int:
+        """Run KVM vCPU ``vcpu_fd`` (``run``: its kvm_run page as uint8,
+        ``ctl``: hw.kvm's V_* control array) in the compiled loop until it
+        returns a hw.kvm VCPU_* code; accesses only Python can finish are
+        finished here, and the loop re-entered."""
+        tb = self.tables
+        while True:
+            code = _vcpu_loop(vcpu_fd, run, ctl, tb)
+            if self._warming is None:
+                # The kernels Python calls on a slow exit load now, beside the
+                # guest: off the path to the first KVM_RUN (~0.1 s of a
+                # start), and the loop runs without the GIL while they do.
+                # (hw.kvm's first call returns at once, to load the loop.)
+                self._warming = threading.Thread(target=self._compile_python_paths, name="bus-jit-load",
+                                                 daemon=True)
+                self._warming.start()
+                if not _from_disk_cache(_vcpu_loop):
+                    # A cold cache: they compile (seconds), and would hold
+                    # Numba's compiler lock against the device threads'
+                    # compiles mid-run.  Done now, as the loop just was.
+                    self._warming.join()
+            if code == R_SLOW_PIO:
+                self._finish_pio(run)
+            elif code == R_SLOW_MMIO:
+                self._finish_mmio(run)
+            else:
+                return code
+            if ctl[V_STOP]:
+                return VCPU_STOPPED
+            if ctl[V_EXITS] == ctl[V_LIMIT]:
+                return VCPU_LIMIT
+
+    def _compile_python_paths(self):
+        """Compile (or load from the cache) the kernels the bus calls from
+        Python, before they are needed: a first compile at a slow exit
+        would take seconds (timeouts, watchdogs).  Nothing is accessed."""
+        regs, by, mx = self.regs[0, :1], self.bytes_[0, :B_CFG], self.msix[0]
+        for fn, args in ((conf1_access, (self.conf, self.space, CONFIG_DATA, 4, True, 0, False)),
+                         (port_access, (self.conf, self.space, self.ports, self.kstate, self.port_counts, 0, 4,
+                                         True, 0)),
+                         (mmio_access, (self.page_slot, self.regs, self.bytes_, self.msix, self.notify_fd,
+                                         self.mmio_counts, self.pend, 0, 4, True, 0)),
+                         (bar0_access, (regs, by, mx, 0, 4, True, 0))):
+            if hasattr(fn, "compile"):           # not under NUMBA_DISABLE_JIT
+                fn.compile(tuple(numba.typeof(a) for a in args))
+
+    def _finish_pio(self, run):
+        size = int(run[RUN_IO_SIZE])
+        port = int(run[RUN_IO_PORT:RUN_IO_PORT + 2].view(np.uint16)[0])
+        count = int(run[RUN_IO_COUNT:RUN_IO_COUNT + 4].view(np.uint32)[0])
+        data = int(run[RUN_IO_DATA_OFFSET:RUN_IO_DATA_OFFSET + 8].view(np.uint64)[0])
+        is_write = int(run[RUN_IO_DIRECTION]) == KVM_EXIT_IO_OUT
+        first = int(self.pend[PD_INDEX])
+        for i in range(first, count):
+            at = data + i * size
+            v = read_le(run, at, size) if is_write else 0
+            # The element the loop stopped at goes straight to Python (it
+            # was counted); the rest through the whole dispatch.
+            r = self._pio_python(port, size, is_write, v) if i == first else self.pio(port, size, is_write, v)
+            if not is_write:
+                write_le(run, at, size, r)
+
+    def _finish_mmio(self, run):
+        ln = int(run[RUN_MMIO_LEN:RUN_MMIO_LEN + 4].view(np.uint32)[0])
+        addr = int(run[RUN_MMIO_PHYS:RUN_MMIO_PHYS + 8].view(np.uint64)[0])
+        is_write = bool(run[RUN_MMIO_IS_WRITE])
+        v = read_le(run, RUN_MMIO_DATA, ln) if is_write else 0
+        if self.pend[PD_STATUS] == ST_BAR_SLOW:
+            with self._lock:
+                r = self._bar_slow(v)
+        else:
+            r = self._mmio_python(addr, ln, is_write, v)
+        if not is_write:
+            write_le(run, RUN_MMIO_DATA, ln, r)
+
+    # -- counters ---------------------------------------------------------------
+    def _port_name(self, p):
+        kind = int(self.ports[p, PT_KIND])
+        rel = p - int(self.ports[p, PT_FIRST])
+        if kind == PK_CONF1:
+            return "conf1 address" if p < CONFIG_DATA else "conf1 data"
+        if kind == PK_UART and rel < len(UART_REG_NAMES):
+            return f"uart {UART_REG_NAMES[rel]}"
+        if kind == PK_CMOS and rel < len(CMOS_REG_NAMES):
+            return f"cmos {CMOS_REG_NAMES[rel]}"
+        if kind == PK_RESET:
+            return f"port {p:#x} (reset)"
+        return f"port {p:#x}" + ("" if kind else " (unclaimed)")
+
+    def access_counts(self) -> list:
+        """[(register name, accesses)], non-zero only, most first: every port
+        (by handler register) and BAR0 register (device, then region or
+        common-config field) the guest or a backend accessed."""
+        rows = [(self._port_name(int(p)), int(self.port_counts[p])) for p in np.flatnonzero(self.port_counts)]
+        for slot, reg in zip(*np.nonzero(self.mmio_counts)):
+            t = self.slots[slot] if slot < MAX_SLOTS else None
+            name = f"{t.name} {M_NAMES[reg]}" if t is not None else "mmio (unclaimed)"
+            rows.append((name, int(self.mmio_counts[slot, reg])))
+        return sorted(rows, key=lambda r: -r[1])
+
+    def bar_at(self, addr: int, size: int = 1):
+        """``(transport, bar, offset)`` of the BAR holding ``addr`` .. ``addr
+        + size - 1`` (only BAR0 exists), or None.  A lookup, no access."""
+        t = self._pages.get(addr >> BAR0_SHIFT)
+        if t is None or size < 1 or addr - t.bar0 + size > BAR0_SIZE:
+            return None
+        return t, 0, addr - t.bar0
+
+    # -- eventfds ----------------------------------------------------------
+    def ioeventfds(self) -> list:
+        if self.notify_mode == "single":
+            return []
+        # Only what decodes: a device hidden under another's BAR0 (overlap
+        # rule in _rebuild_decode) gets no notification there.
+        return [(t.notify_gpa(q), 2, fd) for t in self.devices if self._pages.get(t.bar0 >> BAR0_SHIFT) is t
+                for q, fd in enumerate(t.notify_fds)]
+
+    def interrupts(self) -> list:
+        return [(t.irq_line, t.irq_fd) for t in self.devices]
+
+    def irq_pending(self, line: int) -> bool:
+        return any(t.irq_line == line and t.isr[0] != 0 and not t.intx_disabled and not t.msix_enabled
+                   for t in self.devices)
+
+    def msi_routes(self) -> list:
+        """``(eventfd, address, data)`` for every MSI-X vector of every
+        device, always in the same order (a backend binds entry i to one
+        interrupt route for good): the table entry's message, or address
+        None while the function has MSI-X disabled.  A backend that cannot
+        deliver MSI builds its bus with ``msix=False``: no device then has
+        the capability and this list is empty."""
+        out = []
+        for t in self.devices:
+            m = t.msix
+            for v, fd in enumerate(t.vector_fds):
+                if m[0, MX_ENABLED]:
+                    addr = int(m[1 + v, MV_ADDR_HI]) << 32 | int(m[1 + v, MV_ADDR_LO])
+                    out.append((fd, addr, int(m[1 + v, MV_DATA])))
+                else:
+                    out.append((fd, None, 0))
+        return out
+
+    def add_msi_listener(self, listener: Callable[[], None]) -> None:
+        """Call ``listener()`` (under the bus lock) whenever ``msi_routes()``
+        may have changed: a table entry of an unmasked vector written, a
+        vector unmasked, MSI-X enabled or disabled.  It runs before the
+        vector can send, so a backend's routes are current when it does."""
+        self._msi_listeners.append(listener)
+
+    def msi_changed(self) -> None:
+        for listener in self._msi_listeners:
+            listener()
+
+    def save_state(self) -> dict:
+        """Config space, the conf1 address latch and every device's
+        transport (``Transport.save_state``)."""
+        with self._lock:
+            return {"conf": self.conf.copy(), "space": self.space.copy(),
+                    "devices": [t.save_state() for t in self.devices]}
+
+    def load_state(self, st: dict) -> None:
+        """Put back what ``save_state()`` returned on a bus with the same devices
+        in the same slots; BAR decoding (and whoever listens to it) follows."""
+        if len(st["devices"]) != len(self.devices):
+            raise ValueError(f"snapshot has {len(st['devices'])} devices, this machine {len(self.devices)}")
+        space = np.asarray(st["space"])
+        if space.shape != self.space.shape or space.dtype != self.space.dtype:
+            raise ValueError(f"snapshot config space has shape {space.shape}, not {self.space.shape}")
+        # Only the values: the masks, hooks and regions are this launcher's
+        # own tables, and a snapshot may not change what the guest can write.
+        if (space[:, P_WMASK:] != self.space[:, P_WMASK:]).any():
+            raise ValueError("snapshot config space was built for other devices")
+        with self._lock:
+            self.conf[:] = np.asarray(st["conf"], dtype=np.int64) & 0xFFFFFFFF
+            self.cfg[...] = space[:, P_CFG]
+            for t, ts in zip(self.devices, st["devices"]):
+                t.load_state(ts)
+                t.bar0 = read_le(self.cfg[t.slot], PCI_BASE_ADDRESS_0, 4) & ~(BAR0_SIZE - 1) & 0xFFFFFFFF
+                t.command_written()
+                if t.msix_vectors:
+                    t.msix[0, MX_ENABLED], t.msix[0, MX_MASKED] = t.msix_control()
+            self._rebuild_decode()
+            self.msi_changed()          # the backend's routes from the restored tables
+            # Last, with decoding and notify addresses in place: the queue
+            # threads of the devices the driver had started.
+            for t, ts in zip(self.devices, st["devices"]):
+                if ts["active"]:
+                    t._activate()
+
+    def close(self) -> None:
+        if self._warming is not None:
+            self._warming.join()           # a compile cut short by interpreter exit can crash it
+        for t in self.devices:
+            try:
+                t.device.reset()
+            finally:
+                t.close()
