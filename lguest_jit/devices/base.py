@@ -59,6 +59,7 @@ class Device(VirtioDevice):
         # Counters of queues that were stopped (a reset zeroes the live arrays).
         self.totals = np.zeros((len(self.queue_max_sizes), vring.Q_FIELDS), dtype=np.int64)
         self.failed: list[str] = []
+        self.layouts: dict[int, str] = {}      # queue index -> "split"/"packed", as last activated (--stats)
 
     # -- what subclasses implement
     def serve(self, index: int, ctx: QueueContext, stop_fd: int) -> int:
@@ -102,6 +103,7 @@ class Device(VirtioDevice):
             if q is None:
                 continue
             q[vring.Q_STOP] = 0
+            self.layouts[i] = vring.layout_name(q)
             vring.set_poll(q, vring.spins_for(self.poll_us) if self.poll_us else 0)
             vring.set_latency_sampling(q, self.latency_every)
             name = f"{self.name}:{self.queue_names[i] if i < len(self.queue_names) else i}"
@@ -191,7 +193,8 @@ class Device(VirtioDevice):
         for i, row in enumerate(live):
             name = self.queue_names[i] if i < len(self.queue_names) else str(i)
             c = vring.counters(row)
-            out[name] = {"requests": c["chains"], "bytes": c["bytes"], "notifications": c["notifications"],
+            out[name] = {"layout": self.layouts.get(i, "split"),
+                         "requests": c["chains"], "bytes": c["bytes"], "notifications": c["notifications"],
                          "interrupts": c["interrupts"], "errors": c["errors"],
                          "latency": {**c["latency"], "sampled_every": self.latency_every}}
         return out
