@@ -155,7 +155,8 @@ def one_input(data: bytes) -> str:
             decided_at = used_abs
             if flags == 3 or (flags == 2 and not feats & 2):
                 assert got and q[vring.Q_ERROR] != 0
-                event_error = vring.E_PACKED_EVENT_FLAGS if flags == 3 else vring.E_PACKED_EVENT_DESC
+                # The first rule broken is the one the next pop reports.
+                event_error = event_error or (vring.E_PACKED_EVENT_FLAGS if flags == 3 else vring.E_PACKED_EVENT_DESC)
             elif flags == 2 and pending >= size:
                 assert got
             elif (off_wrap & 0x7FFF) < size:
