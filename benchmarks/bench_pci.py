@@ -3,8 +3,8 @@ same compiled exit handler the vCPU loop uses.
 
 A compiled driver (``_drive``) fills a kvm_run-shaped page with one exit
 at a time -- a port-I/O exit for conf1, an MMIO exit for BAR0 -- and calls
-``pci.handle_exit`` on the bus's tables, exactly what ``Bus.run_vcpu``
-does after each KVM_RUN.  Under ``NUMBA_DISABLE_JIT=1`` the same driver and
+``vcpu.handle_exit`` on the bus's tables, exactly what the vCPU loop
+(``lguest_jit.vcpu``) does after each KVM_RUN.  Under ``NUMBA_DISABLE_JIT=1`` the same driver and
 handler run as plain Python: the ratio is what compiling the dispatch buys.
 
 * ``config_accesses_per_s``: one Linux ``pci_read_config_dword``/``word``
@@ -27,10 +27,10 @@ import os
 import numpy as np
 from numba import njit
 
-from lguest_jit import pci, testing
-from lguest_jit.hw.kvm import (KVM_EXIT_IO, KVM_EXIT_MMIO, RUN_EXIT_REASON, RUN_IO_COUNT, RUN_IO_DATA_OFFSET,
-                               RUN_IO_DIRECTION, RUN_IO_PORT, RUN_IO_SIZE, RUN_MMIO_DATA, RUN_MMIO_IS_WRITE,
-                               RUN_MMIO_LEN, RUN_MMIO_PHYS, V_FIELDS)
+from lguest_jit import pci, testing, vcpu
+from lguest_jit.hw.kvm import (AS_FIELDS, KVM_EXIT_IO, KVM_EXIT_MMIO, RUN_EXIT_REASON, RUN_IO_COUNT,
+                               RUN_IO_DATA_OFFSET, RUN_IO_DIRECTION, RUN_IO_PORT, RUN_IO_SIZE, RUN_MMIO_DATA,
+                               RUN_MMIO_IS_WRITE, RUN_MMIO_LEN, RUN_MMIO_PHYS)
 from lguest_jit.hw.memory import GuestMemory, st_u8, st_u16, st_u32, st_u64
 
 from .common import rates, report, side, min_time_for
@@ -39,12 +39,12 @@ IO_DATA = 0x800           # where the fake page keeps string-I/O data, as KVM do
 IO, MMIO = 0, 1
 
 
-@njit(nogil=True, cache=True, _nrt=False)     # as pci._vcpu_loop: the same compiled code per exit
-def _drive(run, tb, ctl, script, n):
+@njit(nogil=True, cache=True, _nrt=False)     # as vcpu._vcpu_loop: the same compiled code per exit
+def _drive(run, tb, ctl, ast, pend, script, n):
     """n exits from the rows of ``script`` (kind, port/address, size,
-    is_write, value), in turn; each goes through pci.handle_exit.  Returns
+    is_write, value), in turn; each goes through vcpu.handle_exit.  Returns
     how many were handled before one needed Python (n when none did)."""
-    conf, space, ports, kstate, page_slot, regs, bytes_, msix, notify_fd, port_counts, mmio_counts, pend = tb
+    conf, space, ports, kstate, page_slot, regs, bytes_, msix, notify_fd, port_counts, mmio_counts = tb
     k = script.shape[0]
     for i in range(n):
         kind, where, size, is_write, value = script[i % k]
@@ -62,8 +62,8 @@ def _drive(run, tb, ctl, script, n):
             st_u32(run, RUN_MMIO_LEN, size)
             st_u8(run, RUN_MMIO_IS_WRITE, is_write)
             st_u64(run, RUN_MMIO_DATA, value)
-        if pci.handle_exit(run, ctl, conf, space, ports, kstate, port_counts, page_slot, regs, bytes_, msix,
-                           notify_fd, mmio_counts, pend) != 0:
+        if vcpu.handle_exit(run, ctl, ast, pend, conf, space, ports, kstate, page_slot, regs, bytes_, msix,
+                            notify_fd, port_counts, mmio_counts) != 0:
             return i
     return n
 
@@ -103,7 +103,9 @@ def measure(quick: bool = False) -> dict:
     t_min = min_time_for(quick, 0.25)
     gm, bus, t = _machine()
     run = np.zeros(4096, dtype=np.uint8)
-    ctl = np.zeros(V_FIELDS, dtype=np.int64)
+    ctl = np.zeros(vcpu.V_FIELDS, dtype=np.int64)
+    ast = np.zeros(AS_FIELDS, dtype=np.int64)          # the assist's state (no assist exits here)
+    pend = np.zeros(pci.PD_FIELDS, dtype=np.int64)
     tb = bus.tables
     slot = t.slot
     reads = []
@@ -123,7 +125,7 @@ def measure(quick: bool = False) -> dict:
 
         def go(n):
             todo = n * per
-            done = _drive(run, tb, ctl, script, todo)
+            done = _drive(run, tb, ctl, ast, pend, script, todo)
             if done != todo:
                 raise RuntimeError(f"bench pci: exit {done} needed Python ({script[done % len(script)]})")
         return go

@@ -65,10 +65,10 @@ def boot(*, workload: str = "selftest", timeout: float = 900.0, mem_mib: int = 1
     from lguest_jit import pci
     from lguest_jit.devices import Block, Rng
     from lguest_jit.hw import loader
-    from lguest_jit.hw.kvm import KvmVm
     from lguest_jit.hw.memory import GuestMemory
     from lguest_jit.hw.profile import Profiler, report
     from lguest_jit.hw.uart import Uart8250
+    from lguest_jit.vcpu import KvmVm
 
     if vmlinux is None or initrd is None:
         got = cached_guest()

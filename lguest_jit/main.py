@@ -533,7 +533,8 @@ class Launcher:
         self.cmos = CmosRtc()
         self.cmos.register(self.bus)     # the guest's wall clock, without Linux's 2 s wait for UIP
         if cfg.hypervisor == "kvm":
-            from .hw.kvm import KVM_IRQ_LINE, KvmVm
+            from .hw.kvm import KVM_IRQ_LINE
+            from .vcpu import KvmVm
             from .hw.uart import Uart8250
             if restoring:
                 self.backend.attach_bus(self.bus)
@@ -651,7 +652,7 @@ class Launcher:
 
     def _restore_vm(self) -> None:
         from . import snapshot
-        from .hw.kvm import KvmVm
+        from .vcpu import KvmVm
         self.backend = KvmVm(self.gm)
         why = snapshot.cpuid_mismatch(self.cfg.restore["cpuid"], snapshot.cpuid_signature(self.backend.vcpu_cpuid()))
         if why is not None:

@@ -80,7 +80,8 @@ def test_tsc_leaves_refuse_what_linux_cannot_compute():
 
 
 def test_kvm_vcpu_reports_the_tsc_frequency():
-    from lguest_jit.hw.kvm import KvmVm, kvm_available
+    from lguest_jit.hw.kvm import kvm_available
+    from lguest_jit.vcpu import KvmVm
     why = kvm_available()
     if why:
         pytest.skip(f"no usable KVM: {why}")

@@ -11,11 +11,13 @@ import threading
 
 import pytest
 
+from lguest_jit import pci
 from lguest_jit.hw import kvm as K
-from lguest_jit.hw.kvm import KvmVm, RunResult, kvm_sregs, translate
+from lguest_jit.hw.kvm import RunResult, kvm_sregs, translate
 from lguest_jit.hw.memory import GuestMemory
 from lguest_jit.hw.tinyguest import CODE, DATA, RAX, RCX, RDI, RDX, RSI, USTACK_TOP, Asm, setup_long_mode
 from lguest_jit.hw.uart import COM1, Uart8250
+from lguest_jit.vcpu import KvmVm
 
 KVM_MISSING = K.kvm_available()
 needs_kvm = pytest.mark.skipif(KVM_MISSING is not None, reason=f"no usable KVM: {KVM_MISSING}")
@@ -26,29 +28,24 @@ READY_PORT, COUNT_PORT = 0x510, 0x511   # free ports (0x40-0x43 belong to the in
 RUN_TIMEOUT = 10.0        # a broken guest fails the test instead of hanging it
 
 
-class FakeBus:
-    """Records every access and answers with predictable values; the
-    interface is the PCI bus's (pio/mmio/add_ports/ioeventfds/interrupts/
-    irq_pending)."""
+class FakeBus(pci.Bus):
+    """A PCI bus with no devices whose Python fallback records every
+    access nobody claimed and answers with predictable values; ioeventfds,
+    interrupts and irq_pending come from the test."""
 
-    def __init__(self):
-        self.log = []
+    def __init__(self, gm):
+        super().__init__(gm)
+        self.set_fallback(pio=self.on_pio, mmio=self.on_mmio)
+        self.accesses = []
         self.vm = None
-        self.ports = []                 # (first, count, handler)
         self.notify = []                # (gpa, length, eventfd)
         self.irqs = []                  # (line, eventfd)
         self.pending_answers = {}       # line -> list of bools irq_pending returns, then False
         self.pending_calls = 0
         self.on_port = {}               # port -> callable run on a write there
 
-    def add_ports(self, first, count, handler):
-        self.ports.append((first, count, handler))
-
-    def pio(self, port, size, is_write, value):
-        for first, count, handler in self.ports:
-            if first <= port < first + count:
-                return handler(port, size, is_write, value)
-        self.log.append(("pio", port, size, is_write, value))
+    def on_pio(self, port, size, is_write, value):
+        self.accesses.append(("pio", port, size, is_write, value))
         if is_write:
             if port == DONE_PORT:
                 self.vm.stop()
@@ -58,8 +55,8 @@ class FakeBus:
         # Reads: a value that shows port and width were decoded right.
         return (0xA5C3E100 | port) & ((1 << (8 * size)) - 1)
 
-    def mmio(self, addr, size, is_write, value):
-        self.log.append(("mmio", addr, size, is_write, value))
+    def on_mmio(self, addr, size, is_write, value):
+        self.accesses.append(("mmio", addr, size, is_write, value))
         if is_write:
             return 0
         return 0x0102030405060708 + (addr & 0xFF)
@@ -101,11 +98,11 @@ def mmio_done(a: Asm) -> Asm:
 
 
 class StopOnMmioBus(FakeBus):
-    def mmio(self, addr, size, is_write, value):
+    def on_mmio(self, addr, size, is_write, value):
         if is_write and addr == MMIO_BASE + 0xFFF:
             self.vm.stop()
             return 0
-        return super().mmio(addr, size, is_write, value)
+        return super().on_mmio(addr, size, is_write, value)
 
 
 # ---------------------------------------------------------------------------
@@ -245,7 +242,7 @@ def test_uart_thre_interrupt():
 
 @needs_kvm
 def test_port_io_each_width(gm):
-    bus = FakeBus()
+    bus = FakeBus(gm)
     vm = make_vm(gm, bus)
     a = Asm()
     a.mov_imm32(RDI, DATA)
@@ -257,7 +254,7 @@ def test_port_io_each_width(gm):
     res = vm.run(timeout=RUN_TIMEOUT)
     vm.close()
     assert res.reason == "stopped", res.report()
-    assert [e for e in bus.log if e[1] != DONE_PORT] == [
+    assert [e for e in bus.accesses if e[1] != DONE_PORT] == [
         ("pio", 0x80, 1, False, 0), ("pio", 0x80, 1, True, 0x44),
         ("pio", 0x82, 2, False, 0), ("pio", 0x82, 2, True, 0x3344),
         ("pio", 0x84, 4, False, 0), ("pio", 0x84, 4, True, 0x11223344)]
@@ -269,7 +266,7 @@ def test_port_io_each_width(gm):
 
 @needs_kvm
 def test_string_port_io(gm):
-    bus = FakeBus()
+    bus = FakeBus(gm)
     vm = make_vm(gm, bus)
     gm.write(DATA, b"string I/O")
     a = Asm()
@@ -279,14 +276,14 @@ def test_string_port_io(gm):
     res = vm.run(timeout=RUN_TIMEOUT)
     vm.close()
     assert res.reason == "stopped", res.report()
-    outs = bytes(e[4] for e in bus.log if e[1] == 0x90)
+    outs = bytes(e[4] for e in bus.accesses if e[1] == 0x90)
     assert outs == b"string I/O"
     assert gm.read(DATA + 0x100, 4) == bytes([0x91] * 4)
 
 
 @needs_kvm
 def test_mmio_each_width_at_cpl3(gm):
-    bus = StopOnMmioBus()
+    bus = StopOnMmioBus(gm)
     vm = make_vm(gm, bus)
     a = Asm()
     a.mov_imm32(RSI, DATA)
@@ -299,8 +296,8 @@ def test_mmio_each_width_at_cpl3(gm):
     vm.close()
     assert res.reason == "stopped", res.report()
     assert regs.cs.dpl == 3
-    reads = [e for e in bus.log if not e[3]]
-    writes = [e for e in bus.log if e[3]]
+    reads = [e for e in bus.accesses if not e[3]]
+    writes = [e for e in bus.accesses if e[3]]
     assert [(e[1], e[2]) for e in reads] == [(MMIO_BASE + 0x10 * i, s) for i, s in enumerate((1, 2, 4, 8))]
     assert writes == [("mmio", MMIO_BASE + 0x100 + 0x10 * i, s, True, 0xF1E2D3C4B5A69788 & ((1 << 8 * s) - 1))
                       for i, s in enumerate((1, 2, 4, 8))]
@@ -311,7 +308,7 @@ def test_mmio_each_width_at_cpl3(gm):
 
 @needs_kvm
 def test_uart_prints_guest_string(gm):
-    bus = FakeBus()
+    bus = FakeBus(gm)
     out = []
     Uart8250(output=out.append).register(bus)
     vm = make_vm(gm, bus)
@@ -329,7 +326,7 @@ def test_uart_prints_guest_string(gm):
 
 @needs_kvm
 def test_hlt_with_interrupts_off_ends_the_run(gm):
-    bus = FakeBus()
+    bus = FakeBus(gm)
     vm = make_vm(gm, bus)
     setup_long_mode(vm, bytes(Asm().cli().hlt()), cpl=0)
     res = vm.run(timeout=RUN_TIMEOUT, halt_poll=0.05)
@@ -341,7 +338,7 @@ def test_hlt_with_interrupts_off_ends_the_run(gm):
 
 @needs_kvm
 def test_stop_from_another_thread_ends_a_spinning_guest(gm):
-    vm = make_vm(gm, FakeBus())
+    vm = make_vm(gm, FakeBus(gm))
     setup_long_mode(vm, bytes(Asm().label("x").jmp("x")), cpl=3)
     threading.Timer(0.2, vm.stop).start()
     res = vm.run(timeout=RUN_TIMEOUT, halt_poll=None)
@@ -358,7 +355,7 @@ def _bp_handler() -> bytes:
 
 @needs_kvm
 def test_int3_and_fwait_are_assisted_at_cpl0(gm):
-    bus = FakeBus()
+    bus = FakeBus(gm)
     vm = make_vm(gm, bus)
     gm.write(0x11000, _bp_handler())
     a = Asm()
@@ -368,13 +365,13 @@ def test_int3_and_fwait_are_assisted_at_cpl0(gm):
     res = vm.run(timeout=RUN_TIMEOUT)
     vm.close()
     assert res.reason == "stopped", res.report()
-    assert [(e[1], e[4]) for e in bus.log] == [(0x31, 1), (0x30, 3), (0x31, 2), (DONE_PORT, 2)]
+    assert [(e[1], e[4]) for e in bus.accesses] == [(0x31, 1), (0x30, 3), (0x31, 2), (DONE_PORT, 2)]
     assert vm.stats.assists == {"fwait": 1, "int3": 1}
 
 
 @needs_kvm
 def test_int3_at_cpl3_needs_no_assist(gm):
-    bus = StopOnMmioBus()
+    bus = StopOnMmioBus(gm)
     vm = make_vm(gm, bus)
     gm.write(0x11000, _bp_handler())
     a = Asm().int3()
@@ -382,13 +379,13 @@ def test_int3_at_cpl3_needs_no_assist(gm):
     res = vm.run(timeout=RUN_TIMEOUT)
     vm.close()
     assert res.reason == "stopped", res.report()
-    assert ("pio", 0x30, 1, True, 3) in bus.log
+    assert ("pio", 0x30, 1, True, 3) in bus.accesses
     assert vm.stats.assists == {}
 
 
 @needs_kvm
 def test_unassisted_emulation_failure_is_fatal_with_bytes(gm):
-    vm = make_vm(gm, FakeBus())
+    vm = make_vm(gm, FakeBus(gm))
     a = Asm().mov_imm32(RDI, DATA).raw(b"\x0f\xae\x17")     # ldmxcsr [rdi]: the emulator refuses it
     setup_long_mode(vm, bytes(done(a)), cpl=0)
     res = vm.run(timeout=RUN_TIMEOUT)
@@ -404,7 +401,7 @@ def test_unassisted_emulation_failure_is_fatal_with_bytes(gm):
 @needs_kvm
 def test_assist_loop_is_refused(gm):
     # The #BP handler returns to the int3 itself: same RIP assisted forever.
-    vm = make_vm(gm, FakeBus())
+    vm = make_vm(gm, FakeBus(gm))
     gm.write(0x11000, bytes(Asm(0x11000).raw(b"\x48\xff\x0c\x24").iretq()))   # dec qword [rsp]; iretq
     setup_long_mode(vm, bytes(Asm().int3()), cpl=0, handlers={3: 0x11000})
     res = vm.run(timeout=RUN_TIMEOUT)
@@ -420,7 +417,7 @@ def test_assist_loop_is_refused(gm):
 def test_assisted_instruction_in_a_loop_is_not_a_stuck_guest(gm):
     # Linux's fpu__drop runs one fwait per exiting task: the same RIP is
     # assisted many times in a row while the guest makes progress.
-    vm = make_vm(gm, FakeBus())
+    vm = make_vm(gm, FakeBus(gm))
     a = Asm().mov_imm32(RCX, 100).label("again").fwait().dec_ecx().jnz("again")
     setup_long_mode(vm, bytes(done(a)), cpl=0)
     res = vm.run(timeout=RUN_TIMEOUT)
@@ -431,7 +428,7 @@ def test_assisted_instruction_in_a_loop_is_not_a_stuck_guest(gm):
 
 @needs_kvm
 def test_ioeventfd_signals_without_an_exit(gm):
-    bus = StopOnMmioBus()
+    bus = StopOnMmioBus(gm)
     efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
     bus.notify.append((MMIO_BASE + 0x3000, 2, efd))
     vm = make_vm(gm, bus)
@@ -444,7 +441,7 @@ def test_ioeventfd_signals_without_an_exit(gm):
     try:
         assert res.reason == "stopped", res.report()
         assert os.eventfd_read(efd) == 2
-        assert bus.log == [("mmio", MMIO_BASE + 0x3008, 2, True, 5)]
+        assert bus.accesses == [("mmio", MMIO_BASE + 0x3008, 2, True, 5)]
     finally:
         os.close(efd)
 
@@ -474,7 +471,7 @@ def _irq_guest(gm, line: int, count: int) -> bytes:
 @pytest.mark.parametrize("mode", ["irqfd", "resample", "line"])
 def test_irqfd_delivers_an_interrupt(gm, mode):
     line = 5
-    bus = FakeBus()
+    bus = FakeBus(gm)
     efd = os.eventfd(0, os.EFD_CLOEXEC)
     bus.irqs.append((line, efd))
     bus.on_port[READY_PORT] = lambda: os.eventfd_write(efd, 1)      # raise once the guest is ready
@@ -488,7 +485,7 @@ def test_irqfd_delivers_an_interrupt(gm, mode):
     finally:
         os.close(efd)
     assert res.reason == "stopped", res.report()
-    assert ("pio", COUNT_PORT, 1, True, 1) in bus.log
+    assert ("pio", COUNT_PORT, 1, True, 1) in bus.accesses
     assert gm.read(DATA, 2) == bytes([1, vec])
 
 
@@ -497,7 +494,7 @@ def test_resample_reraises_a_still_pending_level_interrupt(gm):
     # One raise; the device stays pending through two EOIs: the guest must
     # see three interrupts (level semantics), then the line drops.
     line = 5
-    bus = FakeBus()
+    bus = FakeBus(gm)
     bus.pending_answers[line] = [True, True]
     efd = os.eventfd(0, os.EFD_CLOEXEC)
     bus.irqs.append((line, efd))
@@ -518,7 +515,7 @@ def test_resample_reraises_a_still_pending_level_interrupt(gm):
 @needs_kvm
 def test_close_releases_every_fd(gm):
     before = set(os.listdir("/proc/self/fd"))
-    vm = make_vm(gm, FakeBus(), irq_mode="resample")
+    vm = make_vm(gm, FakeBus(gm), irq_mode="resample")
     vm.close()
     vm.close()          # idempotent
     assert set(os.listdir("/proc/self/fd")) <= before
@@ -549,8 +546,8 @@ def test_pci_probe_virtio_handshake_and_request_through_kvm(gm):
     rng_mod = pytest.importorskip("lguest_jit.devices.rng")
     bus = pci.Bus(gm)
     t = bus.add_device(rng_mod.Rng())
-    stopper = FakeBus()                      # DONE_PORT: stop the run
-    bus.add_ports(DONE_PORT, 1, lambda port, size, w, v: stopper.pio(port, size, w, v))
+    stopper = FakeBus(gm)                    # DONE_PORT: stop the run
+    bus.add_ports(DONE_PORT, 1, lambda port, size, w, v: stopper.on_pio(port, size, w, v))
     vm = KvmVm(gm, bus)
     stopper.vm = vm
     assert vm.irq_mode == "resample"
@@ -701,7 +698,7 @@ INSN_AT = CODE + 17          # after the two register-poisoning moves
 
 
 def _run_user_entry(gm, insn: bytes, msrs: dict | None = None):
-    bus = StopOnMmioBus()
+    bus = StopOnMmioBus(gm)
     vm = make_vm(gm, bus)
     code, handlers = _user_entry_guest(gm, insn)
     setup_long_mode(vm, code, cpl=3, handlers=handlers)
@@ -724,7 +721,7 @@ def test_user_entry_guest_layout():
 
 @needs_kvm
 def test_msrs_round_trip_and_refusal(gm):
-    vm = make_vm(gm, FakeBus())
+    vm = make_vm(gm, FakeBus(gm))
     try:
         want = {K.MSR_STAR: (0x10 << 48) | (0x08 << 32), K.MSR_LSTAR: 0x11000, K.MSR_SYSCALL_MASK: 0x4700,
                 K.MSR_KERNEL_GS_BASE: 0x123000}
@@ -799,7 +796,7 @@ def test_cpl_can_be_changed_between_runs(gm):
     """KVM_SET_SREGS may move a vCPU that has run between CPL3 and CPL0 (what
     a launcher-side SYSCALL/SYSRET assist would need): CPL0 port I/O exits,
     CPL3 MMIO exits."""
-    bus = StopOnMmioBus()
+    bus = StopOnMmioBus(gm)
     vm = make_vm(gm, bus)
     try:
         gm.write(0x11000, bytes(done(Asm(0x11000))))
@@ -814,7 +811,7 @@ def test_cpl_can_be_changed_between_runs(gm):
         r.rip, r.rsp = 0x11000, K_STACK_TOP
         vm.set_regs(r)
         assert vm.run(timeout=RUN_TIMEOUT).reason == "stopped"
-        assert bus.log[-1][:4] == ("pio", DONE_PORT, 1, True)
+        assert bus.accesses[-1][:4] == ("pio", DONE_PORT, 1, True)
         s = vm.get_sregs()
         s.cs = K.flat_segment(0x20 | 3, code=True, long_mode=True, dpl=3)
         s.ss = K.flat_segment(0x18 | 3, code=False, dpl=3)
@@ -842,7 +839,7 @@ def _user_fs_read(gm, null_selector: bool) -> int:
     ucode = 0x12000
     gm.write(0x10, struct.pack("<Q", 0x1111111111111111))          # what base 0 reads
     gm.write(0x30010, struct.pack("<Q", 0x3333333333333333))       # what the stale base reads
-    vm = make_vm(gm, StopOnMmioBus())
+    vm = make_vm(gm, StopOnMmioBus(gm))
     try:
         a = Asm().mov_imm32(RCX, K.MSR_FS_BASE).mov_imm32(RAX, 0x30000).mov_imm32(RDX, 0).raw(b"\x0f\x30")  # wrmsr
         if null_selector:
@@ -917,7 +914,7 @@ def test_emulated_fxsave_fxrstor_keep_user_xmm_registers(gm, clobber):
     h = Asm(0x11000).raw(ptr(0x04, save))                                    # fxsave64 [save]
     if clobber:
         h.raw(ptr(0x0C, zero)).raw(ptr(0x0C, save))                          # fxrstor64 [zero], [save]
-    _user_xmm_round_trip(gm, StopOnMmioBus(), h, b"\xcc")
+    _user_xmm_round_trip(gm, StopOnMmioBus(gm), h, b"\xcc")
     assert gm.read(save + 160, 256) == XMM_PATTERN, "the FXSAVE image's XMM area"
     assert gm.read(0x31000, 256) == XMM_PATTERN, "XMM0-15 after the return to CPL3"
 
@@ -931,13 +928,13 @@ class _FloatWorkBus(StopOnMmioBus):
         a = np.linspace(0.5, 3.5, 4096)
         self.sink = float(np.sqrt(a).sum() + a @ a)
 
-    def mmio(self, addr, size, is_write, value):
+    def on_mmio(self, addr, size, is_write, value):
         self._dirty()
-        return super().mmio(addr, size, is_write, value)
+        return super().on_mmio(addr, size, is_write, value)
 
-    def pio(self, port, size, is_write, value):
+    def on_pio(self, port, size, is_write, value):
         self._dirty()
-        return super().pio(port, size, is_write, value)
+        return super().on_pio(port, size, is_write, value)
 
 
 @needs_kvm
@@ -955,7 +952,7 @@ def test_user_xmm_registers_survive_exits_to_the_launcher(gm, exit_kind):
         trigger = bytes(Asm().mov_imm64(RDX, MMIO_BASE + 0x10).raw(b"\x8b\x02"))   # mov eax, [rdx]
     else:
         trigger = b"\xcc"                                                           # int3
-    _, vm = _user_xmm_round_trip(gm, _FloatWorkBus(), h, trigger)
+    _, vm = _user_xmm_round_trip(gm, _FloatWorkBus(gm), h, trigger)
     if exit_kind == "cpl0-fwait-assist":
         assert vm.stats.assists == {"fwait": 1}
     assert gm.read(0x31000, 256) == XMM_PATTERN

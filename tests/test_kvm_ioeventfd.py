@@ -11,6 +11,7 @@ from lguest_jit import pci, testing
 from lguest_jit.hw import kvm as K
 from lguest_jit.hw.memory import GuestMemory
 from lguest_jit.hw.tinyguest import RAX, RDI, RDX, Asm, setup_long_mode
+from lguest_jit.vcpu import KvmVm
 
 KVM_MISSING = K.kvm_available()
 needs_kvm = pytest.mark.skipif(KVM_MISSING is not None, reason=f"no usable KVM: {KVM_MISSING}")
@@ -38,7 +39,7 @@ def machine():
     gm = GuestMemory(4 << 20)
     bus = pci.Bus(gm)
     a, b = bus.add_device(Dev("a")), bus.add_device(Dev("b"))
-    vm = K.KvmVm(gm, bus)
+    vm = KvmVm(gm, bus)
     bus.add_ports(DONE_PORT, 1, lambda *_: vm.stop() or 0)
     yield gm, bus, vm, a, b
     vm.close()

@@ -17,8 +17,8 @@ APIC_SVR, APIC_EOI = 0xF0, 0xB0
 class MsiBus(FakeBus):
     """FakeBus plus MSI vectors: (eventfd, address or None, data) each."""
 
-    def __init__(self, vectors):
-        super().__init__()
+    def __init__(self, gm, vectors):
+        super().__init__(gm)
         self.vectors = vectors
         self.listeners = []
 
@@ -71,7 +71,7 @@ def test_vector_eventfd_delivers_a_message_to_the_local_apic(gm, routed):
     vec = 0x41
     fds = [os.eventfd(0, os.EFD_CLOEXEC) for _ in range(2)]
     # Vector 1 is the one the guest waits for; unrouted, it addresses no APIC.
-    bus = MsiBus([(fds[0], LAPIC, 0x30), (fds[1], LAPIC if routed else 0xDEAD0000, vec)])
+    bus = MsiBus(gm, [(fds[0], LAPIC, 0x30), (fds[1], LAPIC if routed else 0xDEAD0000, vec)])
     bus.on_port[READY_PORT] = lambda: os.eventfd_write(fds[1], 1)
     try:
         vm = make_vm(gm, bus)
@@ -87,7 +87,7 @@ def test_vector_eventfd_delivers_a_message_to_the_local_apic(gm, routed):
             os.close(fd)
     if routed:
         assert res.reason == "stopped", res.report()
-        assert ("pio", COUNT_PORT, 1, True, 1) in bus.log
+        assert ("pio", COUNT_PORT, 1, True, 1) in bus.accesses
         assert gm.read(DATA, 2) == bytes([1, vec])
     else:
         # the message went nowhere: the guest still waits when the run times out
@@ -101,7 +101,7 @@ def test_routing_keeps_the_pic_lines(gm):
     the UART, INTx) must still reach the PIC afterwards."""
     line = 5
     efd, vfd = os.eventfd(0, os.EFD_CLOEXEC), os.eventfd(0, os.EFD_CLOEXEC)
-    bus = MsiBus([(vfd, LAPIC, 0x40)])
+    bus = MsiBus(gm, [(vfd, LAPIC, 0x40)])
     bus.irqs.append((line, efd))
     bus.on_port[READY_PORT] = lambda: os.eventfd_write(efd, 1)
     try:
@@ -118,7 +118,7 @@ def test_routing_keeps_the_pic_lines(gm):
 
 @needs_kvm
 def test_signal_msi_is_accepted(gm):
-    vm = make_vm(gm, FakeBus())
+    vm = make_vm(gm, FakeBus(gm))
     try:
         vm.signal_msi(LAPIC, 0x30)
     finally:

@@ -742,27 +742,31 @@ FAR_RETURN_64 = bytes.fromhex("bc00600000" "488d0505000000" "6a10" "50" "48cb")
 SPIN = bytes.fromhex("ebfe")
 
 
-class ReportBus:
-    """Records bytes written to REPORT_PORT; the third one stops the run."""
+def report_bus(gm):
+    """A PCI bus that records bytes written to REPORT_PORT (the third one
+    stops the run) and answers every other port and address with 0."""
+    from lguest_jit import pci
 
-    def __init__(self):
-        self.out = bytearray()
-        self.vm = None
+    class ReportBus(pci.Bus):
+        def __init__(self):
+            super().__init__(gm)
+            self.set_fallback(pio=self.on_pio, mmio=lambda addr, size, is_write, value: 0)
+            self.out = bytearray()
+            self.vm = None
 
-    def pio(self, port, size, is_write, value):
-        if is_write and port == REPORT_PORT:
-            self.out.append(value & 0xFF)
-            if len(self.out) == 3:
-                self.vm.stop()
-        return 0
+        def on_pio(self, port, size, is_write, value):
+            if is_write and port == REPORT_PORT:
+                self.out.append(value & 0xFF)
+                if len(self.out) == 3:
+                    self.vm.stop()
+            return 0
 
-    def mmio(self, addr, size, is_write, value):
-        return 0
+    return ReportBus()
 
 
 def boot_and_report(gm, info):
-    from lguest_jit.hw.kvm import KvmVm
-    bus = ReportBus()
+    from lguest_jit.vcpu import KvmVm
+    bus = report_bus(gm)
     vm = KvmVm(gm, bus)
     bus.vm = vm
     try:

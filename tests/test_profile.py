@@ -178,12 +178,12 @@ def test_launcher_side_lines():
 
 # ---------------------------------------------------------------- sampling a vCPU in-process
 
-class _NoDevices:
-    def pio(self, port, size, is_write, value):
-        return 0
-
-    def mmio(self, addr, size, is_write, value):
-        return 0
+def _no_devices(gm):
+    """A bus with nothing on it that answers every access with 0."""
+    from lguest_jit import pci
+    bus = pci.Bus(gm)
+    bus.set_fallback(pio=lambda *access: 0, mmio=lambda *access: 0)
+    return bus
 
 
 @needs_kvm
@@ -194,12 +194,12 @@ def test_every_sample_is_where_the_guest_spins(cpl, sync_regs):
     has its RIP and privilege level, read from kvm_run's synced registers
     or through KVM_GET_REGS/SREGS; afterwards the VM closes cleanly (no
     view of kvm_run left behind)."""
-    from lguest_jit.hw.kvm import KvmVm
+    from lguest_jit.vcpu import KvmVm
     from lguest_jit.hw.memory import GuestMemory
     from lguest_jit.hw.profile import Profiler
     from lguest_jit.hw.tinyguest import CODE, setup_long_mode
     gm = GuestMemory(2 << 20)
-    vm = KvmVm(gm, _NoDevices())
+    vm = KvmVm(gm, _no_devices(gm))
     try:
         setup_long_mode(vm, bytes(Asm(CODE).label("spin").jmp("spin")), cpl=cpl)
         prof = Profiler(500, sync_regs=sync_regs).attach(vm)

@@ -1,5 +1,5 @@
 """The compiled vCPU loop: KvmVm.run over a real pci.Bus, whose dispatch
-answers exits in compiled code (``Bus.run_vcpu``).  Tiny guests provoke
+answers exits in compiled code (``lguest_jit.vcpu``).  Tiny guests provoke
 each exit kind; a spy on the bus's Python fallbacks shows which accesses
 came back to Python (only those the loop must hand back)."""
 import os
@@ -14,10 +14,10 @@ import pytest
 from lguest_jit import pci, testing
 from lguest_jit.hw import kvm as K
 from lguest_jit.hw.cmos import CENTURY, STATUS_D, YEAR, CmosRtc
-from lguest_jit.hw.kvm import KvmVm
 from lguest_jit.hw.memory import GuestMemory
 from lguest_jit.hw.tinyguest import CODE, DATA, RAX, RCX, RDI, RDX, RSI, Asm, setup_long_mode
 from lguest_jit.hw.uart import COM1, Uart8250
+from lguest_jit.vcpu import KvmVm
 
 KVM_MISSING = K.kvm_available()
 needs_kvm = pytest.mark.skipif(KVM_MISSING is not None, reason=f"no usable KVM: {KVM_MISSING}")
@@ -44,7 +44,7 @@ class Machine:
         self.bus.add_ports(DONE_PORT, 1, lambda p, s, w, v: self.vm.stop() or 0)
         # What came back to Python: the bus's fallbacks, spied on.
         self.python = []
-        for name in ("_pio_python", "_mmio_python", "_bar_slow"):
+        for name in ("pio_python", "_mmio_python", "_bar_slow"):
             real = getattr(self.bus, name)
             setattr(self.bus, name, self._spy(name, real))
 
@@ -76,8 +76,8 @@ def done(a: Asm) -> bytes:
 
 
 def only_done(m):
-    return m.python == [("_pio_python", DONE_PORT, 1, True, 0)] or \
-        all(c[:2] == ("_pio_python", DONE_PORT) for c in m.python)
+    return m.python == [("pio_python", DONE_PORT, 1, True, 0)] or \
+        all(c[:2] == ("pio_python", DONE_PORT) for c in m.python)
 
 
 @needs_kvm
@@ -189,7 +189,8 @@ def test_int3_and_fwait_assisted_in_compiled_code(m):
     res = m.run(done(a), handlers={3: 0x11000})
     assert res.reason == "stopped", res.report()
     assert m.vm.stats.assists == {"fwait": 1, "int3": 1}
-    assert m.vm.ctl[K.V_ASSIST_FWAIT] == 1 and m.vm.ctl[K.V_ASSIST_INT3] == 1   # no Python on the way
+    assist = m.vm.vcpus[0].assist
+    assert assist[K.AS_FWAIT] == 1 and assist[K.AS_INT3] == 1   # no Python on the way
     assert m.bus.port_counts[0x30] == 1 and m.bus.port_counts[0x31] == 2
 
 

@@ -5,11 +5,12 @@ import struct
 
 import pytest
 
+from lguest_jit import pci
 from lguest_jit.hw import kvm as K
 from lguest_jit.hw import vmstate
-from lguest_jit.hw.kvm import KvmVm
 from lguest_jit.hw.memory import GuestMemory
 from lguest_jit.hw.tinyguest import RAX, RBX, RDI, Asm, setup_long_mode
+from lguest_jit.vcpu import KvmVm
 
 KVM_MISSING = K.kvm_available()
 needs_kvm = pytest.mark.skipif(KVM_MISSING is not None, reason=f"no usable KVM: {KVM_MISSING}")
@@ -26,17 +27,16 @@ MSRS = {0x174: 0x10, 0x175: 0x7FF000, 0x176: 0xFFFFFFFF81000123, 0xC0000081: 0x0
 MOVING = {"clock", "pit2"}
 
 
-class Recorder:
+class Recorder(pci.Bus):
     """A bus that records MMIO writes and stops the run at each one."""
 
-    def __init__(self):
+    def __init__(self, gm):
+        super().__init__(gm)
+        self.set_fallback(pio=lambda port, size, is_write, value: 0, mmio=self.on_mmio)
         self.vm = None
         self.writes = []
 
-    def pio(self, port, size, is_write, value):
-        return 0
-
-    def mmio(self, addr, size, is_write, value):
+    def on_mmio(self, addr, size, is_write, value):
         if is_write:
             self.writes.append((addr, value))
             self.vm.stop()
@@ -44,7 +44,7 @@ class Recorder:
 
 
 def _make(gm):
-    bus = Recorder()
+    bus = Recorder(gm)
     vm = KvmVm(gm, bus)
     bus.vm = vm
     return vm, bus

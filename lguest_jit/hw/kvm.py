@@ -1,26 +1,26 @@
-"""KVM backend: one VM, one vCPU, the in-kernel IRQ chip and PIT, driven from
-Python through raw ioctls (fcntl + ctypes structures, no compiled extension).
+"""KVM backend: one VM, its vCPUs, the in-kernel IRQ chip and PIT, driven
+from Python through raw ioctls (fcntl + ctypes structures, no compiled
+extension).  This module holds what is KVM's: the VM and vCPU fds, each
+vCPU's kvm_run page, register and event state, interrupt routing, and the
+emulation assist; the ABI itself (ioctl numbers, structures, exit numbers,
+kvm_run offsets) is ``hw.kvm_abi``.  The loop that runs a vCPU and answers
+its exits is ``lguest_jit.vcpu`` (it dispatches into PCI, so it sits
+above this layer; its ``KvmVm`` subclasses :class:`KvmVmBase`).
 
-What the launcher does here is what lguest's ``run_guest`` loop does, with
-KVM doing the CPU part:
+What the launcher does with it is what lguest's ``run_guest`` loop does,
+with KVM doing the CPU part:
 
 * guest RAM (a :class:`~lguest_jit.hw.memory.GuestMemory`) is one user
   memory slot at guest physical address 0;
 * every port access and every access to an address with no memory slot
-  (the PCI BARs above RAM) exits KVM_RUN and goes to the PCI bus object:
-  with a bus that has ``run_vcpu`` (``pci.Bus``) the whole loop runs there
-  as a nogil kernel (KVM_RUN through libc's ioctl, exits answered from
-  flat tables, back to Python only for the rare cases, see HACKING.md);
-  otherwise a Python loop calls ``bus.pio`` / ``bus.mmio``;
-* queue notifications never reach this loop: each notify address is an
+  (the PCI BARs above RAM) exits KVM_RUN to the vCPU loop;
+* queue notifications never reach that loop: each notify address is an
   ioeventfd, so KVM signals the queue thread's eventfd directly;
 * devices raise interrupts through irqfds, again without the vCPU thread;
 * a handful of instructions the PVM in-kernel emulator rejects (``int3``,
-  ``fwait``) are assisted here, counted, and anything else is fatal.
-
-The per-exit decode reads the shared ``kvm_run`` page through memoryviews
-built once (``memoryview.cast``), so an exit costs a few indexings, not
-object construction.
+  ``fwait``) are assisted here (``assist`` in compiled code,
+  ``KvmVmBase.internal_error`` in Python), counted, and anything else is
+  fatal.
 """
 from __future__ import annotations
 
@@ -32,7 +32,6 @@ import os
 import select
 import signal
 import threading
-import time
 
 import numpy as np
 
@@ -44,370 +43,15 @@ from .x86 import (CR0_ET, CR0_NE, CR0_PE, CR0_PG, CR4_PAE, CR4_PSE, EFER_LMA, EF
 from numba import njit
 
 from .firmware import with_tsc_frequency
+from .kvm_abi import *  # noqa: F401,F403 - the ABI, re-exported for callers of kvm
 from .libc import sys_ioctl
 from .memory import ld_u8, ld_u32
 
-# ---------------------------------------------------------------------------
-# ioctl numbers: <linux/ioctl.h> encodes direction, argument size, type and
-# number; KVM's type is 0xAE (<linux/kvm.h>).
-
-IOC_NONE, IOC_WRITE, IOC_READ = 0, 1, 2
-KVMIO = 0xAE
-
-
-def ioc(direction: int, nr: int, size: int) -> int:
-    """A KVM ioctl number: direction (IOC_*), number, argument size."""
-    return (direction << 30) | (size << 16) | (KVMIO << 8) | nr
-
-
-def _io(nr):
-    return ioc(IOC_NONE, nr, 0)
-
-
-def _iow(nr, ctype):
-    return ioc(IOC_WRITE, nr, ctypes.sizeof(ctype))
-
-
-def _ior(nr, ctype):
-    return ioc(IOC_READ, nr, ctypes.sizeof(ctype))
-
-
-def _iowr(nr, ctype):
-    return ioc(IOC_READ | IOC_WRITE, nr, ctypes.sizeof(ctype))
-
-
-# ---------------------------------------------------------------------------
-# Structures (x86 layouts from <linux/kvm.h> / <asm/kvm.h>)
-
-u8, u16, u32, u64, s32 = ctypes.c_uint8, ctypes.c_uint16, ctypes.c_uint32, ctypes.c_uint64, ctypes.c_int32
-
-
-class kvm_regs(ctypes.Structure):
-    _fields_ = [(n, u64) for n in ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp",
-                                   "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15",
-                                   "rip", "rflags")]
-
-
-class kvm_segment(ctypes.Structure):
-    _fields_ = [("base", u64), ("limit", u32), ("selector", u16), ("type", u8),
-                ("present", u8), ("dpl", u8), ("db", u8), ("s", u8), ("l", u8),
-                ("g", u8), ("avl", u8), ("unusable", u8), ("padding", u8)]
-
-
-class kvm_dtable(ctypes.Structure):
-    _fields_ = [("base", u64), ("limit", u16), ("padding", u16 * 3)]
-
-
-class kvm_sregs(ctypes.Structure):
-    _fields_ = ([(n, kvm_segment) for n in ("cs", "ds", "es", "fs", "gs", "ss", "tr", "ldt")]
-                + [("gdt", kvm_dtable), ("idt", kvm_dtable)]
-                + [(n, u64) for n in ("cr0", "cr2", "cr3", "cr4", "cr8", "efer", "apic_base")]
-                + [("interrupt_bitmap", u64 * 4)])
-
-
-class kvm_userspace_memory_region(ctypes.Structure):
-    _fields_ = [("slot", u32), ("flags", u32), ("guest_phys_addr", u64),
-                ("memory_size", u64), ("userspace_addr", u64)]
-
-
-class kvm_cpuid_entry2(ctypes.Structure):
-    _fields_ = [("function", u32), ("index", u32), ("flags", u32), ("eax", u32),
-                ("ebx", u32), ("ecx", u32), ("edx", u32), ("padding", u32 * 3)]
-
-
-class kvm_cpuid2(ctypes.Structure):
-    # Header only; the entries follow it in a larger buffer (see _cpuid_buffer).
-    _fields_ = [("nent", u32), ("padding", u32)]
-
-
-class kvm_ioeventfd(ctypes.Structure):
-    _fields_ = [("datamatch", u64), ("addr", u64), ("len", u32), ("fd", s32),
-                ("flags", u32), ("pad", u8 * 36)]
-
-
-class kvm_irqfd(ctypes.Structure):
-    _fields_ = [("fd", u32), ("gsi", u32), ("flags", u32), ("resamplefd", u32), ("pad", u8 * 16)]
-
-
-class kvm_irq_level(ctypes.Structure):
-    _fields_ = [("irq", u32), ("level", u32)]
-
-
-class kvm_irq_routing_irqchip(ctypes.Structure):
-    _fields_ = [("irqchip", u32), ("pin", u32)]
-
-
-class kvm_irq_routing_msi(ctypes.Structure):
-    _fields_ = [("address_lo", u32), ("address_hi", u32), ("data", u32), ("devid", u32)]
-
-
-class _routing_u(ctypes.Union):
-    _fields_ = [("irqchip", kvm_irq_routing_irqchip), ("msi", kvm_irq_routing_msi), ("pad", u32 * 8)]
-
-
-class kvm_irq_routing_entry(ctypes.Structure):
-    _fields_ = [("gsi", u32), ("type", u32), ("flags", u32), ("pad", u32), ("u", _routing_u)]
-
-
-class kvm_irq_routing(ctypes.Structure):
-    # Header only; the entries follow it (see KvmVm.set_gsi_routing).
-    _fields_ = [("nr", u32), ("flags", u32)]
-
-
-class kvm_msi(ctypes.Structure):
-    _fields_ = [("address_lo", u32), ("address_hi", u32), ("data", u32), ("flags", u32), ("devid", u32),
-                ("pad", u8 * 12)]
-
-
-class kvm_pit_config(ctypes.Structure):
-    _fields_ = [("flags", u32), ("pad", u32 * 15)]
-
-
-class kvm_translation(ctypes.Structure):
-    _fields_ = [("linear_address", u64), ("physical_address", u64), ("valid", u8),
-                ("writeable", u8), ("usermode", u8), ("pad", u8 * 5)]
-
-
-class _ev_exception(ctypes.Structure):
-    _fields_ = [("injected", u8), ("nr", u8), ("has_error_code", u8), ("pending", u8), ("error_code", u32)]
-
-
-class _ev_interrupt(ctypes.Structure):
-    _fields_ = [("injected", u8), ("nr", u8), ("soft", u8), ("shadow", u8)]
-
-
-class _ev_nmi(ctypes.Structure):
-    _fields_ = [("injected", u8), ("pending", u8), ("masked", u8), ("pad", u8)]
-
-
-class _ev_smi(ctypes.Structure):
-    _fields_ = [("smm", u8), ("pending", u8), ("smm_inside_nmi", u8), ("latched_init", u8)]
-
-
-class kvm_vcpu_events(ctypes.Structure):
-    _fields_ = [("exception", _ev_exception), ("interrupt", _ev_interrupt), ("nmi", _ev_nmi),
-                ("sipi_vector", u32), ("flags", u32), ("smi", _ev_smi),
-                ("triple_fault_pending", u8), ("reserved", u8 * 26),
-                ("exception_has_payload", u8), ("exception_payload", u64)]
-
-
-class kvm_msr_entry(ctypes.Structure):
-    _fields_ = [("index", u32), ("reserved", u32), ("data", u64)]
-
-
-class kvm_msrs(ctypes.Structure):
-    # Header only; the entries follow it (see KvmVm.transfer_msrs).
-    _fields_ = [("nmsrs", u32), ("pad", u32)]
-
-
-class kvm_mp_state(ctypes.Structure):
-    _fields_ = [("mp_state", u32)]
-
-
-for _s, _n in ((kvm_regs, 144), (kvm_segment, 24), (kvm_sregs, 312), (kvm_userspace_memory_region, 32),
-               (kvm_cpuid_entry2, 40), (kvm_ioeventfd, 64), (kvm_irqfd, 32), (kvm_pit_config, 64),
-               (kvm_vcpu_events, 64), (kvm_translation, 24), (kvm_msr_entry, 16),
-               (kvm_msrs, 8), (kvm_irq_routing_entry, 48), (kvm_irq_routing, 8), (kvm_msi, 32)):
-    assert ctypes.sizeof(_s) == _n, (_s.__name__, ctypes.sizeof(_s))
-
-KVM_GET_API_VERSION = _io(0x00)
-KVM_CREATE_VM = _io(0x01)
-KVM_CHECK_EXTENSION = _io(0x03)
-KVM_GET_VCPU_MMAP_SIZE = _io(0x04)
-KVM_GET_TSC_KHZ = _io(0xA3)
-KVM_GET_SUPPORTED_CPUID = _iowr(0x05, kvm_cpuid2)
-KVM_CREATE_VCPU = _io(0x41)
-KVM_SET_USER_MEMORY_REGION = _iow(0x46, kvm_userspace_memory_region)
-KVM_SET_TSS_ADDR = _io(0x47)
-KVM_SET_IDENTITY_MAP_ADDR = _iow(0x48, u64)
-KVM_CREATE_IRQCHIP = _io(0x60)
-KVM_IRQ_LINE = _iow(0x61, kvm_irq_level)
-KVM_SET_GSI_ROUTING = _iow(0x6A, kvm_irq_routing)
-KVM_SIGNAL_MSI = _iow(0xA5, kvm_msi)
-KVM_IRQFD = _iow(0x76, kvm_irqfd)
-KVM_CREATE_PIT2 = _iow(0x77, kvm_pit_config)
-KVM_IOEVENTFD = _iow(0x79, kvm_ioeventfd)
-KVM_RUN = _io(0x80)
-KVM_GET_REGS = _ior(0x81, kvm_regs)
-KVM_SET_REGS = _iow(0x82, kvm_regs)
-KVM_GET_SREGS = _ior(0x83, kvm_sregs)
-KVM_SET_SREGS = _iow(0x84, kvm_sregs)
-KVM_TRANSLATE = _iowr(0x85, kvm_translation)
-KVM_GET_MSRS = _iowr(0x88, kvm_msrs)
-KVM_SET_MSRS = _iow(0x89, kvm_msrs)
-KVM_SET_CPUID2 = _iow(0x90, kvm_cpuid2)
-KVM_GET_CPUID2 = _iowr(0x91, kvm_cpuid2)
-KVM_GET_MP_STATE = _ior(0x98, kvm_mp_state)
-KVM_SET_MP_STATE = _iow(0x99, kvm_mp_state)
-KVM_GET_VCPU_EVENTS = _ior(0x9F, kvm_vcpu_events)
-KVM_SET_VCPU_EVENTS = _iow(0xA0, kvm_vcpu_events)
-
-KVM_API_VERSION = 12
-KVM_CAP_IRQCHIP = 0
-KVM_CAP_HLT = 1
-KVM_CAP_USER_MEMORY = 3
-KVM_CAP_SET_TSS_ADDR = 4
-KVM_CAP_EXT_CPUID = 7
-KVM_CAP_PIT2 = 33
-KVM_CAP_SET_IDENTITY_MAP_ADDR = 37
-KVM_CAP_IOEVENTFD = 36
-KVM_CAP_IRQFD = 32
-KVM_CAP_IRQFD_RESAMPLE = 82
-KVM_CAP_IMMEDIATE_EXIT = 136
-KVM_CAP_IOEVENTFD_ANY_LENGTH = 122
-KVM_CAP_IRQ_ROUTING = 25
-KVM_CAP_SIGNAL_MSI = 77
-
-# GSI routing (KVM_SET_GSI_ROUTING).  Setting routes replaces KVM's
-# defaults, so the table always starts with them: GSI 0-15 on the master
-# and slave PIC and the I/O APIC, 16-23 on the I/O APIC only (the PIT and
-# the UART depend on these).  MSI routes follow from MSI_GSI_BASE.
-KVM_IRQ_ROUTING_IRQCHIP = 1
-KVM_IRQ_ROUTING_MSI = 2
-KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_IRQCHIP_IOAPIC = 0, 1, 2
-IOAPIC_PINS = 24
-MSI_GSI_BASE = IOAPIC_PINS
-# x86 MSI: a write to the local APICs' window, address_hi 0 (no x2APIC
-# extended ids here).  Anything else would be a DMA write on real hardware;
-# it gets no route, so the message goes nowhere.
-MSI_ADDR_BASE, MSI_ADDR_MASK = 0xFEE00000, 0xFFF00000
-
-
-def default_irq_routes() -> list[tuple[int, int, int]]:
-    """KVM's own default routing as (gsi, irqchip, pin)."""
-    out = []
-    for gsi in range(IOAPIC_PINS):
-        if gsi < 16:
-            out.append((gsi, KVM_IRQCHIP_PIC_MASTER if gsi < 8 else KVM_IRQCHIP_PIC_SLAVE, gsi % 8))
-        out.append((gsi, KVM_IRQCHIP_IOAPIC, gsi))
-    return out
-
-
-def msi_deliverable(address: int | None) -> bool:
-    return address is not None and address >> 32 == 0 and address & MSI_ADDR_MASK == MSI_ADDR_BASE
-
-KVM_PIT_SPEAKER_DUMMY = 1
-KVM_IOEVENTFD_FLAG_DATAMATCH = 1 << 0
-KVM_IOEVENTFD_FLAG_PIO = 1 << 1
-KVM_IOEVENTFD_FLAG_DEASSIGN = 1 << 2
-KVM_IRQFD_FLAG_DEASSIGN = 1 << 0
-KVM_IRQFD_FLAG_RESAMPLE = 1 << 1
-KVM_MP_STATE_RUNNABLE = 0
-KVM_MP_STATE_HALTED = 3
-
-# Exit reasons (kvm_run.exit_reason)
-KVM_EXIT_UNKNOWN = 0
-KVM_EXIT_EXCEPTION = 1
-KVM_EXIT_IO = 2
-KVM_EXIT_DEBUG = 4
-KVM_EXIT_HLT = 5
-KVM_EXIT_MMIO = 6
-KVM_EXIT_IRQ_WINDOW_OPEN = 7
-KVM_EXIT_SHUTDOWN = 8
-KVM_EXIT_FAIL_ENTRY = 9
-KVM_EXIT_INTR = 10
-KVM_EXIT_INTERNAL_ERROR = 17
-KVM_EXIT_SYSTEM_EVENT = 24
-KVM_EXIT_IO_IN, KVM_EXIT_IO_OUT = 0, 1
-KVM_SYSTEM_EVENT_SHUTDOWN, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_CRASH = 1, 2, 3
-KVM_INTERNAL_ERROR_EMULATION = 1
-KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES = 1
-
-EXIT_NAMES = {0: "UNKNOWN", 1: "EXCEPTION", 2: "IO", 3: "HYPERCALL", 4: "DEBUG", 5: "HLT", 6: "MMIO",
-              7: "IRQ_WINDOW_OPEN", 8: "SHUTDOWN", 9: "FAIL_ENTRY", 10: "INTR", 17: "INTERNAL_ERROR",
-              24: "SYSTEM_EVENT"}
-
-# kvm_run byte offsets (struct kvm_run, x86).
-RUN_IMMEDIATE_EXIT = 1
-RUN_EXIT_REASON = 8
-RUN_IF_FLAG = 13
-RUN_UNION = 32
-# io: direction u8, size u8, port u16, count u32, data_offset u64
-RUN_IO_DIRECTION, RUN_IO_SIZE, RUN_IO_PORT, RUN_IO_COUNT, RUN_IO_DATA_OFFSET = 32, 33, 34, 36, 40
-# mmio: phys_addr u64, data[8], len u32, is_write u8
-RUN_MMIO_PHYS, RUN_MMIO_DATA, RUN_MMIO_LEN, RUN_MMIO_IS_WRITE = 32, 40, 48, 52
-# internal / emulation_failure: suberror u32, ndata u32, flags u64, insn_size u8, insn_bytes[15]
-RUN_INT_SUBERROR, RUN_INT_NDATA, RUN_INT_FLAGS, RUN_INT_INSN_SIZE, RUN_INT_INSN = 32, 36, 40, 48, 49
-# system_event: type u32, ndata u32, data[]
-RUN_SYSEV_TYPE = 32
-# fail_entry: hardware_entry_failure_reason u64
-RUN_FAIL_REASON = 32
-
-# The compiled vCPU loop (a bus's ``run_vcpu``, see KvmVm._loop) shares an
-# int64 control array with KvmVm, indexed by V_*, and returns a VCPU_* code.
-V_STOP = 0          # stop() sets it; the loop returns VCPU_STOPPED before its next KVM_RUN
-V_LIMIT = 1         # V_EXITS value at which the loop returns VCPU_LIMIT (-1: no limit)
-V_EXITS = 2         # exits, all kinds (cumulative over the VM's life)
-V_PIO = 3           # port-I/O exits
-V_MMIO = 4          # MMIO exits
-V_INTR = 5          # KVM_EXIT_INTR exits
-V_ERRNO = 6         # errno of a failed KVM_RUN (VCPU_ERRNO)
-V_FD = 7            # the vCPU fd (for the assists' register ioctls)
-V_ASSIST_FWAIT = 8  # assists done in compiled code, per instruction
-V_ASSIST_INT3 = 9
-V_ASSIST_EXIT = 10  # repeat detection (both loops): exit number of the last assist,
-V_ASSIST_REPEAT = 11    # how often in a row with the same registers,
-V_PREV_REGS = 16        # and those registers (struct kvm_regs, 18 words)
-V_REGS = 34         # scratch: struct kvm_regs for KVM_GET/SET_REGS
-V_EVENTS = 52       # scratch: struct kvm_vcpu_events (64 bytes)
-V_FIELDS = 64
-VCPU_LIMIT = 1      # ctl[V_LIMIT] exits handled
-VCPU_STOPPED = 2    # ctl[V_STOP] was set
-VCPU_EINTR = 3      # KVM_RUN returned EINTR: a signal (stop, timeout, halt poll, profiler)
-VCPU_ERRNO = 4      # KVM_RUN failed otherwise
-VCPU_EXIT = 5       # an exit only Python handles (halt, shutdown, system event, fatal, unknown)
 
 # Where KVM's real-mode helpers live: just below 4 GiB, above any PCI window
 # we hand out and out of RAM (as QEMU and the notes place them).
 TSS_ADDR = 0xFFFBD000
 IDENTITY_MAP_ADDR = 0xFFFBC000
-
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-class KvmError(OSError):
-    """A KVM ioctl failed; the message names the ioctl."""
-
-
-_libc.ioctl.argtypes = (ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong)
-_libc.ioctl.restype = ctypes.c_int
-
-
-def ioctl(fd: int, request: int, arg=0, name: str = ""):
-    """fcntl.ioctl for structures; integer arguments go through libc because
-    fcntl.ioctl squeezes them into a C int (KVM_SET_TSS_ADDR's 0xfffbd000
-    does not fit)."""
-    if isinstance(arg, int):
-        ret = _libc.ioctl(fd, request, arg)
-        if ret < 0:
-            err = ctypes.get_errno()
-            if err == errno.EINTR:
-                raise InterruptedError(err, os.strerror(err))
-            raise KvmError(err, f"{name or hex(request)} failed: {os.strerror(err)}")
-        return ret
-    try:
-        return fcntl.ioctl(fd, request, arg)
-    except InterruptedError:
-        raise
-    except OSError as e:
-        raise KvmError(e.errno, f"{name or hex(request)} failed: {os.strerror(e.errno)}") from None
-
-
-def ioctl_growing(fd: int, request: int, make_buffer, name: str, limit: int, start: int = 64):
-    """A KVM_GET_* ioctl whose argument is a list with its length: the
-    buffer ``make_buffer(n)`` for n entries, doubled while KVM says E2BIG
-    (up to ``limit`` entries).  Returns the filled buffer."""
-    n = start
-    while True:
-        buf = make_buffer(n)
-        try:
-            fcntl.ioctl(fd, request, buf)
-            return buf
-        except OSError as e:
-            if e.errno != errno.E2BIG or n >= limit:
-                raise KvmError(e.errno, f"{name} failed: {os.strerror(e.errno)}") from None
-            n *= 2
-
 
 def kvm_available(path: str = "/dev/kvm") -> str | None:
     """None when KVM can be used here, else the reason it cannot (for skips)."""
@@ -444,61 +88,75 @@ ASSISTS = {
 }
 ASSIST_REPEAT_LIMIT = 16   # the same RIP assisted this often with no other exit between: a loop
 
+# The assist's state, per vCPU: one int64 array (``KvmVcpu.assist``) that
+# the compiled ``assist`` and ``KvmVmBase.internal_error`` share.
+AS_FD = 0            # the vCPU fd (for the register ioctls)
+AS_FWAIT = 1         # assists done in compiled code, per instruction
+AS_INT3 = 2
+AS_EXIT = 3          # repeat detection (both paths): exit number of the last assist,
+AS_REPEAT = 4        # how often in a row with the same registers,
+AS_PREV_REGS = 8     # and those registers (struct kvm_regs, 18 words)
+AS_REGS = 26         # scratch: struct kvm_regs for KVM_GET/SET_REGS
+AS_EVENTS = 44       # scratch: struct kvm_vcpu_events (64 bytes)
+AS_FIELDS = 52
+ASSIST_DONE = 0      # assist results: assisted, the vCPU runs on
+ASSIST_PYTHON = 1    # not assisted, nothing changed: Python decides (internal_error)
+
 
 
 
 @njit(nogil=True, cache=True)
-def assist(run, ctl):
-    """The emulation assist for the KVM_EXIT_INTERNAL_ERROR in ``run``, in
-    compiled code when KVM passed the instruction bytes and they are one
-    of ASSISTS: RIP += 1, and for int3 #BP injected.  Returns 0 when done,
-    VCPU_EXIT when Python must decide (anything else, an exception already
-    pending, the repeat limit reached, a failed ioctl) -- having changed
-    nothing, so ``KvmVm._internal_error`` sees the same state."""
+def assist(run, st, n):
+    """The emulation assist for the KVM_EXIT_INTERNAL_ERROR in ``run`` (exit
+    number ``n``; ``st``: the vCPU's AS_* state), in compiled code when KVM
+    passed the instruction bytes and they are one of ASSISTS: RIP += 1, and
+    for int3 #BP injected.  Returns ASSIST_DONE, or ASSIST_PYTHON when
+    Python must decide (anything else, an exception already pending, the
+    repeat limit reached, a failed ioctl) -- having changed nothing, so
+    ``KvmVmBase.internal_error`` sees the same state."""
     if (ld_u32(run, RUN_INT_SUBERROR) != KVM_INTERNAL_ERROR_EMULATION or ld_u32(run, RUN_INT_NDATA) < 3
             or (ld_u8(run, RUN_INT_FLAGS) & KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES) == 0
             or ld_u8(run, RUN_INT_INSN_SIZE) < 1):
-        return VCPU_EXIT
+        return ASSIST_PYTHON
     op = ld_u8(run, RUN_INT_INSN)
     if op != 0x9B and op != 0xCC:
-        return VCPU_EXIT
-    fd = ctl[V_FD]
-    base = ctl.ctypes.data
-    if sys_ioctl(fd, KVM_GET_REGS, base + 8 * V_REGS) < 0:
-        return VCPU_EXIT
-    n = ctl[V_EXITS]
-    same = n == ctl[V_ASSIST_EXIT] + 1
+        return ASSIST_PYTHON
+    fd = st[AS_FD]
+    base = st.ctypes.data
+    if sys_ioctl(fd, KVM_GET_REGS, base + 8 * AS_REGS) < 0:
+        return ASSIST_PYTHON
+    same = n == st[AS_EXIT] + 1
     for i in range(18):
-        if ctl[V_REGS + i] != ctl[V_PREV_REGS + i]:
+        if st[AS_REGS + i] != st[AS_PREV_REGS + i]:
             same = False
-    if same and ctl[V_ASSIST_REPEAT] + 1 >= ASSIST_REPEAT_LIMIT:
-        return VCPU_EXIT
+    if same and st[AS_REPEAT] + 1 >= ASSIST_REPEAT_LIMIT:
+        return ASSIST_PYTHON
     if op == 0xCC:
-        if sys_ioctl(fd, KVM_GET_VCPU_EVENTS, base + 8 * V_EVENTS) < 0:
-            return VCPU_EXIT
-        ex = ctl[V_EVENTS]
+        if sys_ioctl(fd, KVM_GET_VCPU_EVENTS, base + 8 * AS_EVENTS) < 0:
+            return ASSIST_PYTHON
+        ex = st[AS_EVENTS]
         if (ex & 0xFF) != 0 or ((ex >> 24) & 0xFF) != 0:      # exception injected or pending
-            return VCPU_EXIT
+            return ASSIST_PYTHON
     if same:
-        ctl[V_ASSIST_REPEAT] += 1
+        st[AS_REPEAT] += 1
     else:
         for i in range(18):
-            ctl[V_PREV_REGS + i] = ctl[V_REGS + i]
-        ctl[V_ASSIST_REPEAT] = 1
-    ctl[V_ASSIST_EXIT] = n
-    ctl[V_REGS + 16] += 1                                      # rip: both are one byte long
-    if sys_ioctl(fd, KVM_SET_REGS, base + 8 * V_REGS) < 0:
-        return VCPU_EXIT
+            st[AS_PREV_REGS + i] = st[AS_REGS + i]
+        st[AS_REPEAT] = 1
+    st[AS_EXIT] = n
+    st[AS_REGS + 16] += 1                                      # rip: both are one byte long
+    if sys_ioctl(fd, KVM_SET_REGS, base + 8 * AS_REGS) < 0:
+        return ASSIST_PYTHON
     if op == 0xCC:
         # exception {injected 1, nr 3, no error code}; flags (bytes 20-23) 0
-        ctl[V_EVENTS] = 1 | (3 << 8)
-        ctl[V_EVENTS + 2] &= 0xFFFFFFFF
-        if sys_ioctl(fd, KVM_SET_VCPU_EVENTS, base + 8 * V_EVENTS) < 0:
-            return VCPU_EXIT
-        ctl[V_ASSIST_INT3] += 1
+        st[AS_EVENTS] = 1 | (3 << 8)
+        st[AS_EVENTS + 2] &= 0xFFFFFFFF
+        if sys_ioctl(fd, KVM_SET_VCPU_EVENTS, base + 8 * AS_EVENTS) < 0:
+            return ASSIST_PYTHON
+        st[AS_INT3] += 1
     else:
-        ctl[V_ASSIST_FWAIT] += 1
-    return 0
+        st[AS_FWAIT] += 1
+    return ASSIST_DONE
 
 
 # ---------------------------------------------------------------------------
@@ -573,19 +231,64 @@ def _install_kick_handler() -> None:
     elif signal.getsignal(KICK_SIGNAL) not in (signal.SIG_DFL, signal.SIG_IGN, None):
         _kick_installed = True
     # Otherwise stop() still works through immediate_exit, but only once the
-    # vCPU exits for another reason; KvmVm.stop documents this.
+    # vCPU exits for another reason; lguest_jit.vcpu.KvmVm.stop documents this.
+
+
+def kick(thread_ident: int | None) -> None:
+    """Make a KVM_RUN blocked in thread ``thread_ident`` return EINTR."""
+    if thread_ident is not None and _kick_installed:
+        try:
+            signal.pthread_kill(thread_ident, KICK_SIGNAL)
+        except (ProcessLookupError, OSError):
+            pass
 
 
 # ---------------------------------------------------------------------------
-# The VM
+# A vCPU and the VM
 
 
-class KvmVm:
-    """One KVM virtual machine with one vCPU over ``gm``, exits handed to ``bus``.
+class KvmVcpu:
+    """One vCPU as KVM gives it: its fd, its kvm_run page (mapped once: a
+    numpy view ``run`` for compiled code, memoryviews ``r8``..``r64`` of
+    each width for Python, so an exit costs indexings, not objects) and the
+    assist's state (``assist``, AS_* fields).  All of it belongs to this
+    vCPU alone; a second vCPU gets its own."""
 
-    ``bus`` provides ``pio(port, size, is_write, value)``, ``mmio(addr,
-    size, is_write, value)`` and optionally ``ioeventfds()``,
-    ``interrupts()``, ``irq_pending(line)`` (see ``attach_bus``).
+    def __init__(self, kvm_fd: int, vm_fd: int, index: int, own):
+        self.index = index
+        self.fd = own(ioctl(vm_fd, KVM_CREATE_VCPU, index, "KVM_CREATE_VCPU"))
+        size = ioctl(kvm_fd, KVM_GET_VCPU_MMAP_SIZE, 0, "KVM_GET_VCPU_MMAP_SIZE")
+        self.run_map = mmap.mmap(self.fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        self.r8 = memoryview(self.run_map)
+        self.r16 = self.r8.cast("H")
+        self.r32 = self.r8.cast("I")
+        self.r64 = self.r8.cast("Q")
+        self.run = np.frombuffer(self.run_map, dtype=np.uint8)
+        self.assist = np.zeros(AS_FIELDS, dtype=np.int64)
+        self.assist[AS_FD] = self.fd
+        self.assist[AS_EXIT] = -2
+
+    def close(self) -> None:
+        """Unmap kvm_run (the fd is closed by the VM that owns it)."""
+        self.run = None
+        for name in ("r64", "r32", "r16", "r8"):
+            mv = getattr(self, name, None)
+            if mv is not None:
+                mv.release()
+                setattr(self, name, None)
+        if self.run_map is not None:
+            self.run_map.close()
+            self.run_map = None
+
+
+class KvmVmBase:
+    """One KVM virtual machine over ``gm`` with one vCPU (``vcpus[0]``; the
+    register methods act on it), exits handed to ``bus`` by the vCPU loop
+    (``lguest_jit.vcpu.KvmVm``, which adds ``run``/``stop``).
+
+    What this class asks of ``bus`` (``attach_bus``): ``ioeventfds()``,
+    ``interrupts()``, ``irq_pending(line)`` and, when offered,
+    ``msi_routes()``; the loop dispatches exits over its tables.
     ``cpuid_hook(entries)`` may edit the list of ``kvm_cpuid_entry2``
     before KVM_SET_CPUID2.  ``irq_mode`` forces how device interrupts reach
     the irqchip: "resample" (level: KVM_IRQFD + resamplefd), "irqfd"
@@ -597,20 +300,11 @@ class KvmVm:
                  device: str = "/dev/kvm"):
         self.gm = gm
         self.bus = None
-        self.stats = ExitStats()
         self.irq_mode = None
         self._fds: list[int] = []
         self._threads: list[threading.Thread] = []
-        self._stop = False
-        self.ctl = np.zeros(V_FIELDS, dtype=np.int64)    # shared with the compiled loop (V_* fields)
-        self.first_run_at = None       # time.time() of the first KVM_RUN: start-up time in --stats
-        self.ctl[V_LIMIT] = -1
-        self.ctl[V_ASSIST_EXIT] = -2
-        self._halt_check = False
-        self._timed_out = False
-        self._reset_requested = False
+        self.vcpus: list[KvmVcpu] = []
         self._closed = False
-        self._vcpu_thread = None
         self._ioeventfds: list[tuple[int, int, int, int]] = []
         self._bus_ioeventfds: set[tuple[int, int, int]] = set()   # the subset bus.ioeventfds() asked for
         self._irqfds: list[tuple[int, int, int]] = []      # (gsi, fd, resamplefd or -1)
@@ -638,18 +332,11 @@ class KvmVm:
             region = kvm_userspace_memory_region(slot=0, flags=0, guest_phys_addr=0,
                                                  memory_size=gm.size, userspace_addr=gm.base)
             ioctl(self.vm_fd, KVM_SET_USER_MEMORY_REGION, region, "KVM_SET_USER_MEMORY_REGION")
-            self.vcpu_fd = self._own(ioctl(self.vm_fd, KVM_CREATE_VCPU, 0, "KVM_CREATE_VCPU"))
-            self.ctl[V_FD] = self.vcpu_fd
+            self.vcpus.append(KvmVcpu(self.kvm_fd, self.vm_fd, 0, self._own))
+            self.vcpu_fd = self.vcpus[0].fd
+            self.run_map = self.vcpus[0].run_map
             self._set_cpuid(cpuid_hook)
-            size = ioctl(self.kvm_fd, KVM_GET_VCPU_MMAP_SIZE, 0, "KVM_GET_VCPU_MMAP_SIZE")
-            self.run_map = mmap.mmap(self.vcpu_fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-            # Views built once: the hot loop only indexes them.
-            self._r8 = memoryview(self.run_map)
-            self._r16 = self._r8.cast("H")
-            self._r32 = self._r8.cast("I")
-            self._r64 = self._r8.cast("Q")
-            self._run = np.frombuffer(self.run_map, dtype=np.uint8)   # for the compiled loop
-            self._immediate_exit_ok = bool(self.check_extension(KVM_CAP_IMMEDIATE_EXIT))
+            self.immediate_exit_ok = bool(self.check_extension(KVM_CAP_IMMEDIATE_EXIT))
             _install_kick_handler()
             if irq_mode not in (None, "resample", "irqfd", "line"):
                 raise ValueError(f"irq_mode must be resample, irqfd, line or None, not {irq_mode!r}")
@@ -925,27 +612,6 @@ class KvmVm:
         arg = kvm_msi(address_lo=address & 0xFFFFFFFF, address_hi=address >> 32, data=data & 0xFFFFFFFF)
         ioctl(self.vm_fd, KVM_SIGNAL_MSI, arg, "KVM_SIGNAL_MSI")
 
-    def claim_reset_port(self) -> None:
-        """Claim port 0x64 on the bus so the guest can reboot the PC way:
-        0xFE written there pulses the reset line (Linux's ``reboot=k``, its
-        default first try) and ``run`` returns "reboot".  Reads answer
-        0xFF, exactly as the unclaimed port did ("no keyboard controller"),
-        so i8042 probing is unchanged."""
-        add = getattr(self.bus, "add_kernel_ports", None)
-        if add is not None:
-            add(0x64, 1, self._reset_port, "reset")     # reads and other writes answered in compiled code
-        else:
-            self.bus.add_ports(0x64, 1, self._reset_port)
-
-    def _reset_port(self, port: int, size: int, is_write: bool, value: int) -> int:
-        if not is_write:
-            return (1 << (8 * size)) - 1
-        if value & 0xFF == 0xFE:
-            self._reset_requested = True
-            self._stop = True
-            self.ctl[V_STOP] = 1
-        return 0
-
     def add_ioeventfd(self, gpa: int, length: int, efd: int, pio: bool = False) -> None:
         """Guest writes of ``length`` bytes (0: any length) at ``gpa`` signal
         ``efd`` inside KVM, without an exit to this loop."""
@@ -1030,223 +696,6 @@ class KvmVm:
                 except OSError:
                     return
 
-    # -- the vCPU loop -----------------------------------------------------------------
-
-    def stop(self) -> None:
-        """Make ``run`` return "stopped" soon, from any thread: sets
-        immediate_exit and kicks the vCPU thread out of KVM_RUN with a signal
-        (the handler is installed when the first KvmVm is built on the main
-        thread)."""
-        self._stop = True
-        self.ctl[V_STOP] = 1
-        if self.run_map is not None and self._immediate_exit_ok:
-            self._r8[RUN_IMMEDIATE_EXIT] = 1
-        self._kick()
-
-    def run(self, timeout: float | None = None, max_exits: int | None = None,
-            halt_poll: float | None = 1.0) -> RunResult:
-        """Run the vCPU until the guest powers off, reboots, halts for good,
-        faults fatally, ``stop()`` is called, ``timeout`` seconds pass or
-        ``max_exits`` exits were handled.
-
-        ``halt_poll``: every so many seconds the vCPU is kicked out of
-        KVM_RUN to see whether it sits in HLT with interrupts off (how Linux
-        ends ``poweroff`` without ACPI); that ends the run as "halt".  One
-        extra exit per interval; None disables it."""
-        if self.bus is None:
-            raise RuntimeError("attach a bus before running the guest")
-        self._stop = False
-        self.ctl[V_STOP] = 0
-        self._halt_check = False
-        self._timed_out = False
-        self._r8[RUN_IMMEDIATE_EXIT] = 0
-        self._vcpu_thread = threading.get_ident()
-        fast = getattr(self.bus, "run_vcpu", None)
-        if fast is not None:
-            # Returns at once (stop set): compiles or loads the loop before
-            # any timeout starts counting.
-            warm = self.ctl.copy()
-            warm[V_STOP] = 1
-            fast(self.vcpu_fd, self._run, warm)
-        if self.first_run_at is None:
-            self.first_run_at = time.time()
-        timer = None
-        if timeout is not None:
-            timer = threading.Timer(timeout, self._timeout_kick)
-            timer.daemon = True
-            timer.start()
-        done = threading.Event()
-        poller = None
-        if halt_poll:
-            poller = threading.Thread(target=self._halt_poll, args=(halt_poll, done), name="kvm-halt-poll",
-                                      daemon=True)
-            poller.start()
-        try:
-            return self._loop(max_exits)
-        finally:
-            done.set()
-            if poller is not None:
-                poller.join()
-            if timer is not None:
-                timer.cancel()
-            self._vcpu_thread = None
-            self._r8[RUN_IMMEDIATE_EXIT] = 0
-
-    def _timeout_kick(self):
-        self._timed_out = True
-        self.stop()
-
-    def _signalled(self) -> RunResult | None:
-        # KVM_RUN returned EINTR: count it, let _on_signal look, then answer
-        # the halt poll's question if it asked.
-        self.stats.intr += 1
-        self._on_signal()
-        if self._halt_check:
-            self._halt_check = False
-            if self.halted_for_good():
-                return RunResult("halt", "the guest halted with interrupts disabled", self._safe_regs())
-        return None
-
-    def _loop(self, max_exits) -> RunResult:
-        fast = getattr(self.bus, "run_vcpu", None)
-        if fast is None:
-            return self._loop_python(max_exits)
-        ctl = self.ctl
-        stats = self.stats
-        start = ctl[V_EXITS]
-        ctl[V_LIMIT] = start + max_exits if max_exits is not None else -1
-        counted = [V_PIO, V_MMIO, V_INTR, V_EXITS, V_ASSIST_FWAIT, V_ASSIST_INT3]
-        seen = ctl[counted].copy()
-        try:
-            while True:
-                if self._stop:
-                    return self._stopped()
-                code = fast(self.vcpu_fd, self._run, ctl)
-                if code == VCPU_EINTR:
-                    res = self._signalled()
-                    if res is not None:
-                        return res
-                    continue
-                if code == VCPU_STOPPED:
-                    if not self._stop:       # a compiled handler asked (none does today): stop as asked
-                        return RunResult("stopped", "the vCPU loop stopped")
-                    continue
-                n = int(ctl[V_EXITS] - start)
-                if code == VCPU_LIMIT:
-                    return RunResult("stopped", f"{n} exits handled (max_exits)")
-                if code == VCPU_ERRNO:
-                    return RunResult("internal-error", f"KVM_RUN failed: {os.strerror(int(ctl[V_ERRNO]))}",
-                                     self._safe_regs())
-                reason = self._r32[2]
-                if reason == KVM_EXIT_MMIO:
-                    ln, addr = self._r32[RUN_MMIO_LEN >> 2], self._r64[RUN_MMIO_PHYS >> 3]
-                    return RunResult("internal-error", f"MMIO access of {ln} bytes at {addr:#x}", self._safe_regs())
-                if reason == KVM_EXIT_IO:
-                    return RunResult("internal-error", f"port I/O exit of size {self._r8[RUN_IO_SIZE]} "
-                                     "that KVM should not send", self._safe_regs())
-                if reason == KVM_EXIT_INTERNAL_ERROR:
-                    res = self._internal_error(int(ctl[V_EXITS]))
-                else:
-                    res = self._other_exit(reason)
-                if res is not None:
-                    return res
-                if ctl[V_EXITS] == ctl[V_LIMIT]:
-                    return RunResult("stopped", f"{n} exits handled (max_exits)")
-        finally:
-            d = ctl[counted] - seen
-            stats.pio += int(d[0])
-            stats.mmio += int(d[1])
-            stats.intr += int(d[2])
-            stats.total += int(d[3])
-            for name, k in (("fwait", d[4]), ("int3", d[5])):
-                if k:
-                    stats.assists[name] = stats.assists.get(name, 0) + int(k)
-            ctl[V_LIMIT] = -1
-
-    def _loop_python(self, max_exits) -> RunResult:
-        # The loop for a bus without compiled dispatch (a test's fake bus).
-        # Locals for the hot path: attribute lookups cost more than the work.
-        # Exit data is read through the memoryview of its width: the
-        # string-I/O buffer (data_offset) is page-aligned and the MMIO data
-        # field 8-aligned, so ``view[offset // size]`` is the value.
-        fd = self.vcpu_fd
-        r8, r16, r32, r64 = self._r8, self._r16, self._r32, self._r64
-        by_size = (None, r8, r16, None, r32, None, None, None, r64)
-        pio = self.bus.pio
-        mmio = self.bus.mmio
-        stats = self.stats
-        ioctl = fcntl.ioctl
-        n = n_pio = n_mmio = 0
-        limit = max_exits if max_exits is not None else -1
-        try:
-            while True:
-                if self._stop:
-                    return self._stopped()
-                try:
-                    ioctl(fd, KVM_RUN, 0)
-                except InterruptedError:
-                    res = self._signalled()
-                    if res is not None:
-                        return res
-                    continue
-                except OSError as e:
-                    if e.errno == errno.EAGAIN:
-                        continue
-                    return RunResult("internal-error", f"KVM_RUN failed: {os.strerror(e.errno)}", self._safe_regs())
-                reason = r32[2]                                  # exit_reason at byte 8
-                n += 1
-                if reason == KVM_EXIT_IO:
-                    size = r8[RUN_IO_SIZE]
-                    port = r16[RUN_IO_PORT >> 1]
-                    count = r32[RUN_IO_COUNT >> 2]
-                    view = by_size[size]
-                    idx = r64[RUN_IO_DATA_OFFSET >> 3] // size
-                    if r8[RUN_IO_DIRECTION] == KVM_EXIT_IO_OUT:
-                        for i in range(idx, idx + count):
-                            pio(port, size, True, view[i])
-                    else:
-                        mask = (1 << (8 * size)) - 1
-                        for i in range(idx, idx + count):
-                            view[i] = pio(port, size, False, 0) & mask
-                    n_pio += 1
-                elif reason == KVM_EXIT_MMIO:
-                    ln = r32[RUN_MMIO_LEN >> 2]
-                    addr = r64[RUN_MMIO_PHYS >> 3]
-                    if ln not in (1, 2, 4, 8):
-                        return RunResult("internal-error", f"MMIO access of {ln} bytes at {addr:#x}", self._safe_regs())
-                    view = by_size[ln]
-                    if r8[RUN_MMIO_IS_WRITE]:
-                        mmio(addr, ln, True, view[RUN_MMIO_DATA // ln])
-                    else:
-                        view[RUN_MMIO_DATA // ln] = mmio(addr, ln, False, 0) & ((1 << (8 * ln)) - 1)
-                    n_mmio += 1
-                elif reason == KVM_EXIT_INTR:
-                    stats.intr += 1
-                elif reason == KVM_EXIT_INTERNAL_ERROR:
-                    res = self._internal_error(n)
-                    if res is not None:
-                        return res
-                else:
-                    res = self._other_exit(reason)
-                    if res is not None:
-                        return res
-                if n == limit:
-                    return RunResult("stopped", f"{n} exits handled (max_exits)")
-        finally:
-            stats.pio += n_pio
-            stats.mmio += n_mmio
-            stats.total += n
-
-    profiler = None     # a hw.profile.Profiler attached to this VM, or None
-
-    def _on_signal(self) -> None:
-        """A signal took the vCPU thread out of KVM_RUN (a kick: stop, the
-        halt poll, or the profiler's timer): the vCPU's registers are
-        readable now, so this is where a profile sample is taken.  Runs on
-        the vCPU thread; the caller re-enters the guest."""
-        if self.profiler is not None:
-            self.profiler.sample()
-
     def halted_for_good(self) -> bool:
         """True when the vCPU sits in HLT with IF clear.  With the in-kernel
         irqchip such a HLT never exits KVM_RUN (KVM blocks the vCPU in the
@@ -1256,55 +705,12 @@ class KvmVm:
         ioctl(self.vcpu_fd, KVM_GET_MP_STATE, st, "KVM_GET_MP_STATE")
         return st.mp_state == KVM_MP_STATE_HALTED and not self.get_regs().rflags & RFLAGS_IF
 
-    def _halt_poll(self, interval: float, done: threading.Event) -> None:
-        while not done.wait(interval):
-            self._halt_check = True
-            self._kick()
-
-    def _kick(self) -> None:
-        t = self._vcpu_thread
-        if t is not None and _kick_installed:
-            try:
-                signal.pthread_kill(t, KICK_SIGNAL)
-            except (ProcessLookupError, OSError):
-                pass
-
-    def _stopped(self) -> RunResult:
-        if self._reset_requested:
-            self._reset_requested = False
-            return RunResult("reboot", "reset through the keyboard controller (0xFE to port 0x64)")
-        if self._timed_out:
-            self._timed_out = False
-            if self.halted_for_good():
-                return RunResult("halt", "the guest halted with interrupts disabled", self._safe_regs())
-            return RunResult("timeout", "the run timed out", self._safe_regs())
-        return RunResult("stopped", "stop() was called")
-
-    def _safe_regs(self) -> dict | None:
+    def safe_regs(self) -> dict | None:
+        """``regs_dict()``, or None when the registers cannot be read."""
         try:
             return self.regs_dict()
         except OSError:
             return None
-
-    def _other_exit(self, reason: int) -> RunResult | None:
-        if reason == KVM_EXIT_HLT:
-            return RunResult("halt", "the guest halted", self._safe_regs())
-        if reason == KVM_EXIT_SHUTDOWN:
-            return RunResult("shutdown", "triple fault (KVM_EXIT_SHUTDOWN): the guest reset itself by faulting",
-                             self._safe_regs(), self.fetch_insn())
-        if reason == KVM_EXIT_SYSTEM_EVENT:
-            t = self._r32[RUN_SYSEV_TYPE >> 2]
-            if t == KVM_SYSTEM_EVENT_SHUTDOWN:
-                return RunResult("poweroff", "the guest powered off")
-            if t == KVM_SYSTEM_EVENT_RESET:
-                return RunResult("reboot", "the guest asked for a reset")
-            return RunResult("internal-error", f"system event {t} (crash)", self._safe_regs())
-        if reason == KVM_EXIT_FAIL_ENTRY:
-            return RunResult("fail-entry", f"VM entry failed, hardware reason {self._r64[RUN_FAIL_REASON >> 3]:#x}",
-                             self._safe_regs())
-        if reason == KVM_EXIT_IRQ_WINDOW_OPEN:
-            return None
-        return RunResult("unknown-exit", f"unhandled exit {EXIT_NAMES.get(reason, reason)}", self._safe_regs())
 
     # -- emulation assists ------------------------------------------------------------
 
@@ -1333,10 +739,12 @@ class KvmVm:
             out += self.gm.read(gpa, chunk)
         return bytes(out)
 
-    def _internal_error(self, n: int) -> RunResult | None:
-        """Assist the instruction KVM could not emulate, or say why not.
-        ``n`` numbers the exit, so a repeat with nothing in between shows."""
-        r8, r32 = self._r8, self._r32
+    def internal_error(self, vcpu: KvmVcpu, n: int, assists: dict) -> RunResult | None:
+        """Assist the instruction KVM could not emulate on ``vcpu`` (its
+        KVM_EXIT_INTERNAL_ERROR, which the compiled ``assist`` declined), or
+        say why not.  ``n`` numbers the exit, so a repeat with nothing in
+        between shows; an assist done is counted in ``assists`` by name."""
+        r8, r32 = vcpu.r8, vcpu.r32
         sub = r32[RUN_INT_SUBERROR >> 2]
         exit_insn = None
         if sub == KVM_INTERNAL_ERROR_EMULATION and r32[RUN_INT_NDATA >> 2] >= 3 and \
@@ -1359,20 +767,20 @@ class KvmVm:
         # register unchanged.  The same RIP alone is no sign: the kernel's
         # fpu__drop runs its fwait once per exiting task, and with a virtio
         # console nothing else may exit between two of them.
-        # The state lives in ctl, shared with the compiled assist.
-        ctl = self.ctl
+        # The state lives in the vCPU's assist array, shared with the compiled assist.
+        st = vcpu.assist
         state = np.frombuffer(bytes(regs), dtype=np.int64)
-        prev = ctl[V_PREV_REGS:V_PREV_REGS + len(state)]
-        if np.array_equal(state, prev) and n == ctl[V_ASSIST_EXIT] + 1:
-            ctl[V_ASSIST_REPEAT] += 1
-            if ctl[V_ASSIST_REPEAT] >= ASSIST_REPEAT_LIMIT:
-                return RunResult("internal-error", f"{name} assisted {int(ctl[V_ASSIST_REPEAT])} times at the same "
+        prev = st[AS_PREV_REGS:AS_PREV_REGS + len(state)]
+        if np.array_equal(state, prev) and n == st[AS_EXIT] + 1:
+            st[AS_REPEAT] += 1
+            if st[AS_REPEAT] >= ASSIST_REPEAT_LIMIT:
+                return RunResult("internal-error", f"{name} assisted {int(st[AS_REPEAT])} times at the same "
                                  "RIP with the same registers and no other exit between: the guest is not making "
                                  "progress", self.regs_dict(), insn)
         else:
             prev[:] = state
-            ctl[V_ASSIST_REPEAT] = 1
-        ctl[V_ASSIST_EXIT] = n
+            st[AS_REPEAT] = 1
+        st[AS_EXIT] = n
         regs.rip = regs.rip + length
         self.set_regs(regs)
         if action == "bp":
@@ -1386,13 +794,13 @@ class KvmVm:
             ev.exception.error_code = 0
             ev.flags = 0
             self.set_events(ev)
-        self.stats.assists[name] = self.stats.assists.get(name, 0) + 1
+        assists[name] = assists.get(name, 0) + 1
         return None
 
     # -- teardown ------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Stop the helper thread, unmap kvm_run and close every fd we own
+        """Stop the helper thread, unmap each kvm_run and close every fd we own
         (the bus's eventfds belong to the bus)."""
         if self._closed:
             return
@@ -1404,15 +812,9 @@ class KvmVm:
                 pass
         for t in self._threads:
             t.join(timeout=2)
-        self._run = None
-        for name in ("_r64", "_r32", "_r16", "_r8"):
-            mv = getattr(self, name, None)
-            if mv is not None:
-                mv.release()
-                setattr(self, name, None)
-        if self.run_map is not None:
-            self.run_map.close()
-            self.run_map = None
+        for v in self.vcpus:
+            v.close()
+        self.run_map = None
         for fd in reversed(self._fds):
             try:
                 os.close(fd)
@@ -1454,5 +856,5 @@ def flat_segment(selector: int, *, code: bool, long_mode: bool = False, dpl: int
     return seg
 
 
-__all__ = ["KvmVm", "RunResult", "ExitStats", "KvmError", "kvm_available", "translate", "flat_segment",
-           "ASSISTS", "kvm_regs", "kvm_sregs", "kvm_segment", "kvm_vcpu_events"]
+__all__ = ["KvmVmBase", "KvmVcpu", "RunResult", "ExitStats", "KvmError", "kvm_available", "translate", "flat_segment",
+           "ASSISTS", "assist", "kick", "kvm_regs", "kvm_sregs", "kvm_segment", "kvm_vcpu_events"]

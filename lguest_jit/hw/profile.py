@@ -7,7 +7,7 @@ table of the hottest functions.
 How a sample is taken: a POSIX timer (``timer_create`` with
 SIGEV_THREAD_ID) sends the KVM backend's kick signal to the vCPU thread
 ``hz`` times a second.  The signal makes KVM_RUN return EINTR, the run loop
-calls ``KvmVm._on_signal()``, which calls :meth:`Profiler.sample`, and the
+calls ``vcpu.KvmVm._on_signal()``, which calls :meth:`Profiler.sample`, and the
 loop re-enters the guest.  The sample reads RIP and CS (for the privilege
 level) from the kvm_run page, where KVM stores them at every exit while
 the profile runs (KVM_CAP_SYNC_REGS): a register ioctl costs ~20 us on

@@ -49,7 +49,7 @@ KVM_CAP_DEBUGREGS = 50
 KVM_CAP_ADJUST_CLOCK = 39
 KVM_CAP_VCPU_EVENTS = 41
 KVM_CAP_MP_STATE = 14
-KVM_CAP_IRQCHIP = 0        # checked by KvmVm itself
+KVM_CAP_IRQCHIP = 0        # checked by KvmVmBase itself
 
 _IRQCHIP = 8 + 512         # struct kvm_irqchip: chip_id, pad, union of 512 bytes
 

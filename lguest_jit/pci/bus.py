@@ -74,8 +74,16 @@ fatal=None, log=None, irqs=None, msix=False)``
     ("conf1", "uart", "cmos", "reset"); ``state`` is copied into the bus's
     tables and the view returned is where it lives from then on.
 
-``bus.run_vcpu(vcpu_fd, run_page, ctl) -> int``
-    The compiled vCPU loop (hw.kvm calls it; see "Exit dispatch").
+``bus.set_fallback(pio=None, mmio=None)``
+    Python handlers for every port and address nobody claimed (a test rig
+    that records every access; the launcher never sets them).
+
+``bus.tables``, ``bus.pio_python``, ``bus.finish_mmio``,
+``bus.compile_python_paths``
+    What the vCPU loop (``lguest_jit.vcpu``) runs on: the flat dispatch
+    tables, and the Python paths that finish what the compiled dispatch
+    hands back.  Which tables are safe to share between vCPUs, and why,
+    is in ``vcpu``'s docstring.
 
 ``bus.access_counts() -> list[tuple[str, int]]``
     Accesses by register ("conf1 data", "uart THR", "<device>
@@ -84,8 +92,8 @@ fatal=None, log=None, irqs=None, msix=False)``
 ``bus.close()``
     Resets every device (joins its threads) and closes the eventfds.
 
-Threads: ``pio``/``mmio`` take a bus lock, so several vCPU threads may call
-them.  Device threads only touch the ISR byte, the MSI-X pending bits,
+Threads: ``pio``/``mmio`` and every Python finish take a bus lock, so
+several vCPU threads may call them.  Device threads only touch the ISR byte, the MSI-X pending bits,
 ``config_changed()`` and ``ctx.driver_error`` (which never take the bus lock, so a reset that joins
 device threads under the lock cannot deadlock).  The ISR byte is updated
 without an atomic read-and-clear: a device's OR racing a driver's ISR read
@@ -101,19 +109,14 @@ import numpy as np
 from numba import njit
 
 from ..hw.cmos import REG_NAMES as CMOS_REG_NAMES, cmos_access
-from ..hw.kvm import (KVM_EXIT_INTERNAL_ERROR, KVM_EXIT_INTR, KVM_EXIT_IO, KVM_EXIT_IO_OUT, KVM_EXIT_IRQ_WINDOW_OPEN,
-                      KVM_EXIT_MMIO, KVM_RUN,
-                      RUN_EXIT_REASON, RUN_IO_COUNT, RUN_IO_DATA_OFFSET, RUN_IO_DIRECTION, RUN_IO_PORT, RUN_IO_SIZE,
-                      RUN_MMIO_DATA, RUN_MMIO_IS_WRITE, RUN_MMIO_LEN, RUN_MMIO_PHYS, V_EXITS, V_ERRNO, V_INTR, V_LIMIT,
-                      V_MMIO, V_PIO, V_STOP, VCPU_EINTR, VCPU_ERRNO, VCPU_EXIT, VCPU_LIMIT, VCPU_STOPPED, assist)
-from ..hw.libc import EAGAIN, EINTR, sys_ioctl, sys_time, sys_write
-from ..hw.memory import GuestMemory, ld_u8, ld_u16, ld_u32, ld_u64, st_u8, st_u16, st_u32, st_u64
+from ..hw.libc import EINTR, sys_time, sys_write
+from ..hw.memory import GuestMemory
 from ..hw.uart import REG_NAMES as UART_REG_NAMES, uart_access
 from ..irq import MV_ADDR_HI, MV_ADDR_LO, MV_DATA, MX_ENABLED, MX_MASKED
 from .config import (C_ADDR, C_FIELDS, CONFIG_ADDRESS, CONFIG_DATA, H_BAR0, H_CFG_DATA, H_COMMAND, H_MSIX,
                      HOST_BRIDGE_DEVICE, HOST_BRIDGE_VENDOR, MAX_SLOTS, P_CFG, P_HOOK, P_PLANES, P_REGION, P_WMASK,
                      PCI_BASE_ADDRESS_0, PCI_CFG_SPACE_SIZE, REGION_UNUSED, ConfigBuilder, HostBridge, conf1_access,
-                     read_le, size_mask, write_le)
+                     read_le, size_mask)
 from .device import IrqAllocator, VirtioDevice
 from .transport import (A_NONE, A_NOTIFY, B_CFG, BAR0_SHIFT, BAR0_SIZE, COMMON_FIELD_NAMES, COMMON_LEN, DEVCFG_MAX,
                         DEVCFG_OFF, E_BAR_RANGE, FIELD_AT, FIELD_START, ISR_OFF, MAX_QUEUES, MSIX_FIELDS,
@@ -122,7 +125,7 @@ from .transport import (A_NONE, A_NOTIFY, B_CFG, BAR0_SHIFT, BAR0_SIZE, COMMON_F
 
 
 # ---------------------------------------------------------------------------
-# Exit dispatch: flat tables and the compiled vCPU loop
+# Exit dispatch: flat tables and the port/MMIO dispatch kernels
 #
 # Every port and MMIO access -- a KVM exit in the compiled vCPU loop, or a
 # ``bus.pio``/``bus.mmio`` call from Python (lguest backend, tests, the
@@ -131,9 +134,8 @@ from .transport import (A_NONE, A_NOTIFY, B_CFG, BAR0_SHIFT, BAR0_SIZE, COMMON_F
 # everything a compiled handler can answer; the rest they hand to Python
 # with nothing done that cannot be repeated (ST_PYTHON: redo the access in
 # Python) or with ``bar0_access``'s result left in the pending record
-# (ST_BAR_SLOW: ``Transport._slow`` finishes it).  The loop lives here, not
-# in hw, because it dispatches into PCI kernels; hw/kvm.py owns KVM_RUN's
-# protocol (V_* control fields, VCPU_* codes) and calls ``bus.run_vcpu``.
+# (ST_BAR_SLOW: ``Transport._slow`` finishes it).  The vCPU loop over these
+# tables is ``lguest_jit.vcpu``.
 
 # Port table columns (``ports[port, field]``, int32: one port's fields in one cache line)
 PT_KIND, PT_FIRST, PT_LAST, PT_ROW = range(4)
@@ -145,11 +147,9 @@ RESET_VALUE = 0xFE        # pulse the reset line (8042 command)
 
 # Access status
 ST_DONE, ST_PYTHON, ST_BAR_SLOW = 0, 1, 2
-# Loop codes past VCPU_*: an access Python must finish before re-entering
-R_SLOW_PIO = 16
-R_SLOW_MMIO = 17
 
-# Pending record (``pend``, int64): what Python needs to finish an access
+# Pending record (``pend``, int64; one per vCPU, and the bus's own for
+# Python callers): what Python needs to finish an access
 PD_INDEX, PD_SLOT, PD_OFF, PD_SIZE, PD_WRITE, PD_VALUE, PD_R, PD_ACTION, PD_ARG, PD_ERR, PD_STATUS, PD_ONE = \
     range(12)
 PD_FIELDS = 12
@@ -165,10 +165,11 @@ M_REGS = M_ISR + 6
 M_NAMES = tuple(f"common.{n}" for n in COMMON_FIELD_NAMES) + ("isr", "device_cfg", "notify", "msix.table",
                                                              "msix.pba", "other")
 PAGE_SLOTS = 1 << (32 - BAR0_SHIFT)      # every BAR0-sized page below 4 GiB
+PAGE_FALLBACK = -1        # page_slot value: no BAR0, the Python fallback answers (set_fallback)
 
 # Tables tuple order
 T_CONF, T_SPACE, T_PORTS, T_KSTATE, T_PAGE_SLOT, T_REGS, T_BYTES, T_MSIX, T_NOTIFY_FD, T_PORT_COUNTS, \
-    T_MMIO_COUNTS, T_PEND = range(12)
+    T_MMIO_COUNTS = range(11)
 
 
 @njit(nogil=True, cache=True, inline='always')
@@ -242,8 +243,11 @@ def mmio_access(page_slot, regs, bytes_, msix, notify_fd, counts, pend, addr, si
     slot = 0
     if 0 <= addr < (1 << 32):
         slot = page_slot[addr >> BAR0_SHIFT]
-    if slot == 0:
+    if slot <= 0:
         counts[MAX_SLOTS, M_OTHER] += 1
+        if slot == PAGE_FALLBACK:
+            pend[PD_STATUS] = ST_PYTHON
+            return 0, ST_PYTHON
         if is_write:
             return 0, ST_DONE
         return (-1 if size == 8 else size_mask(size)), ST_DONE
@@ -273,124 +277,6 @@ def mmio_access(page_slot, regs, bytes_, msix, notify_fd, counts, pend, addr, si
     pend[PD_ARG] = arg
     pend[PD_ERR] = err
     return r, ST_BAR_SLOW
-
-
-@njit(nogil=True, cache=True, inline='always')
-def _load(buf, off, size):
-    if size == 1:
-        return ld_u8(buf, off)
-    if size == 2:
-        return ld_u16(buf, off)
-    if size == 4:
-        return ld_u32(buf, off)
-    return ld_u64(buf, off)
-
-
-@njit(nogil=True, cache=True, inline='always')
-def _store(buf, off, size, value):
-    if size == 1:
-        st_u8(buf, off, value & 0xFF)
-    elif size == 2:
-        st_u16(buf, off, value & 0xFFFF)
-    elif size == 4:
-        st_u32(buf, off, value & 0xFFFFFFFF)
-    else:
-        st_u64(buf, off, value)
-
-
-@njit(nogil=True, cache=True, inline='always')
-def handle_exit(run, ctl, conf, space, ports, kstate, port_counts, page_slot, regs, bytes_, msix, notify_fd,
-                mmio_counts, pend):
-    """Handle the exit described in the kvm_run page ``run`` (uint8) with the
-    bus's tables (``Bus.tables``, unpacked once by the caller: each array
-    passed across a call costs tens of ns), counting it in ``ctl`` (hw.kvm
-    V_* fields).  Returns 0
-    when the vCPU may run on, a VCPU_* code for an exit only Python
-    handles, or R_SLOW_PIO/R_SLOW_MMIO for an access Python must finish
-    (``pend`` says where).  Public so a benchmark can drive it with a
-    kvm_run-shaped page exactly as the vCPU loop does."""
-    reason = ld_u32(run, RUN_EXIT_REASON)
-    if reason == KVM_EXIT_IO:
-        ctl[V_PIO] += 1
-        size = ld_u8(run, RUN_IO_SIZE)
-        port = ld_u16(run, RUN_IO_PORT)
-        count = ld_u32(run, RUN_IO_COUNT)
-        data = ld_u64(run, RUN_IO_DATA_OFFSET)
-        if (size != 1 and size != 2 and size != 4) or data < 0 or data + count * size > run.size:
-            return VCPU_EXIT               # not what KVM sends: Python reports it
-        is_write = ld_u8(run, RUN_IO_DIRECTION) == KVM_EXIT_IO_OUT
-        for i in range(count):
-            at = data + i * size
-            v = _load(run, at, size) if is_write else 0
-            r, st = port_access(conf, space, ports, kstate, port_counts, port, size, is_write, v)
-            if st != ST_DONE:
-                pend[PD_INDEX] = i
-                return R_SLOW_PIO
-            if not is_write:
-                _store(run, at, size, r)
-        return 0
-    if reason == KVM_EXIT_MMIO:
-        ctl[V_MMIO] += 1
-        ln = ld_u32(run, RUN_MMIO_LEN)
-        if ln != 1 and ln != 2 and ln != 4 and ln != 8:
-            return VCPU_EXIT
-        addr = ld_u64(run, RUN_MMIO_PHYS)
-        is_write = ld_u8(run, RUN_MMIO_IS_WRITE) != 0
-        v = _load(run, RUN_MMIO_DATA, ln) if is_write else 0
-        r, st = mmio_access(page_slot, regs, bytes_, msix, notify_fd, mmio_counts, pend, addr, ln, is_write, v)
-        if st != ST_DONE:
-            return R_SLOW_MMIO
-        if not is_write:
-            _store(run, RUN_MMIO_DATA, ln, r)
-        return 0
-    if reason == KVM_EXIT_INTR:
-        ctl[V_INTR] += 1
-        return 0
-    if reason == KVM_EXIT_IRQ_WINDOW_OPEN:
-        return 0
-    if reason == KVM_EXIT_INTERNAL_ERROR:
-        return assist(run, ctl)            # int3/fwait here; anything else VCPU_EXIT
-    return VCPU_EXIT
-
-
-# _nrt=False: no reference counting inside the loop.  Every array it
-# touches is owned by the caller for the whole call and the loop allocates
-# nothing, so the counts would only cost: with them, the inlined dispatch
-# layers did ~30 atomic increments/decrements per exit, over 200 ns of a
-# ~260 ns unclaimed-port exit (perf, bench pci's driver); without, ~20 ns.
-# Callees that are not inlined (uart/cmos, the assists) keep their own
-# counting, balanced within each call.
-@njit(nogil=True, cache=True, _nrt=False)
-def _vcpu_loop(fd, run, ctl, tb):
-    """KVM_RUN on vCPU ``fd`` until an exit needs Python (see handle_exit),
-    ctl[V_STOP] is set, a signal interrupts KVM_RUN or ctl[V_LIMIT] exits
-    were handled.  nogil: device threads run meanwhile."""
-    conf, space, ports, kstate, page_slot, regs, bytes_, msix, notify_fd, port_counts, mmio_counts, pend = tb
-    while True:
-        if ctl[V_STOP] != 0:
-            return VCPU_STOPPED
-        rc = sys_ioctl(fd, KVM_RUN, 0)
-        if rc < 0:
-            if rc == -EINTR:
-                return VCPU_EINTR
-            if rc == -EAGAIN:
-                continue
-            ctl[V_ERRNO] = -rc
-            return VCPU_ERRNO
-        ctl[V_EXITS] += 1
-        code = handle_exit(run, ctl, conf, space, ports, kstate, port_counts, page_slot, regs, bytes_, msix,
-                           notify_fd, mmio_counts, pend)
-        if code != 0:
-            return code
-        if ctl[V_EXITS] == ctl[V_LIMIT]:
-            return VCPU_LIMIT
-
-
-def _from_disk_cache(kernel) -> bool:
-    """True when ``kernel`` was loaded from Numba's disk cache in this
-    process (False when compiled, or under NUMBA_DISABLE_JIT)."""
-    stats = getattr(kernel, "stats", None)
-    return stats is not None and sum(stats.cache_hits.values()) > 0
 
 
 # ---------------------------------------------------------------------------
@@ -428,8 +314,8 @@ class Bus:
         self.page_slot = np.zeros(PAGE_SLOTS, dtype=np.int8)
         self.port_counts = np.zeros(0x10000, dtype=np.int64)
         self.mmio_counts = np.zeros((MAX_SLOTS + 1, M_REGS), dtype=np.int64)
-        self.pend = np.zeros(PD_FIELDS, dtype=np.int64)
-        self._warming = None               # the thread loading the Python-side kernels (run_vcpu)
+        self.pend = np.zeros(PD_FIELDS, dtype=np.int64)    # bus.mmio's (a vCPU loop has its own)
+        self._pio_fallback = self._mmio_fallback = None
         self.space = np.zeros((MAX_SLOTS, P_PLANES, PCI_CFG_SPACE_SIZE), dtype=np.uint8)
         self.space[:, P_REGION, :] = REGION_UNUSED
         # Views of the planes, for Python-side code and tests.
@@ -447,7 +333,7 @@ class Bus:
         bridge.header(HOST_BRIDGE_VENDOR, HOST_BRIDGE_DEVICE, 0, 0x06, 0x00, 0, 0, 0, pin=0, line=0)
         self.slots[0] = HostBridge()
         self.tables = (self.conf, self.space, self.ports, self.kstate, self.page_slot, self.regs, self.bytes_,
-                       self.msix, self.notify_fd, self.port_counts, self.mmio_counts, self.pend)
+                       self.msix, self.notify_fd, self.port_counts, self.mmio_counts)
         # Two ranges, so an access straddling them is split per byte.
         self.add_kernel_ports(CONFIG_ADDRESS, 4, self._conf1_port, "conf1")
         self.add_kernel_ports(CONFIG_DATA, 4, self._conf1_port, "conf1")
@@ -513,13 +399,16 @@ class Bus:
                                  is_write, value & 0xFFFFFFFF)
         if st == ST_DONE:
             return int(r)
-        return self._pio_python(port, size, is_write, value)
+        return self.pio_python(port, size, is_write, value)
 
-    def _pio_python(self, port, size, is_write, value):
-        # What the compiled dispatch hands back: Python-only handlers, conf1
-        # hooks, the reset port, splits touching those.
+    def pio_python(self, port, size, is_write, value):
+        """A port access the compiled dispatch handed back (ST_PYTHON):
+        Python-only handlers, conf1 hooks, the reset port, splits touching
+        those, the fallback."""
         ent = self._ports.get(port)
         if ent is None:
+            if self._pio_fallback is not None:
+                return self._pio_fallback(port, size, is_write, value)
             return 0 if is_write else (1 << 8 * size) - 1
         if port + size - 1 > ent[1]:
             return self._split_pio(port, size, is_write, value)
@@ -530,7 +419,7 @@ class Bus:
         # as the chipset would split it.
         r = 0
         for i in range(size):
-            r |= self._pio_python((port + i) & 0xFFFF, 1, is_write, (value >> 8 * i) & 0xFF) << 8 * i
+            r |= self.pio_python((port + i) & 0xFFFF, 1, is_write, (value >> 8 * i) & 0xFF) << 8 * i
         return 0 if is_write else r
 
     def _conf1_port(self, port, size, is_write, value):
@@ -576,8 +465,9 @@ class Bus:
                 pages.setdefault(t.bar0 >> BAR0_SHIFT, t)
         if pages == self._pages:
             return
+        empty = 0 if self._mmio_fallback is None else PAGE_FALLBACK
         for page in self._pages:
-            self.page_slot[page] = 0
+            self.page_slot[page] = empty
         for page, t in pages.items():
             self.page_slot[page] = t.slot
         self._pages = pages
@@ -590,6 +480,20 @@ class Bus:
         e.g. KVM ioeventfds (``ioeventfds()`` then lists the new set)."""
         self._decode_listeners.append(listener)
 
+    def set_fallback(self, pio: Optional[Callable] = None, mmio: Optional[Callable] = None) -> None:
+        """Python handlers (``pio``/``mmio``'s signature) for every port and
+        every address below 4 GiB that nobody claims: a test rig that sees
+        every access.  Ports claimed later still go to their claimer."""
+        if pio is not None:
+            self._pio_fallback = pio
+            free = self.ports[:, PT_KIND] == PK_NONE
+            # One-port ranges: a wider access is handed to Python whole.
+            self.ports[free, PT_KIND] = PK_PYTHON
+            self.ports[free, PT_FIRST] = self.ports[free, PT_LAST] = np.flatnonzero(free)
+        if mmio is not None:
+            self._mmio_fallback = mmio
+            self.page_slot[self.page_slot == 0] = PAGE_FALLBACK
+
     # -- MMIO --------------------------------------------------------------
     def mmio(self, addr: int, size: int, is_write: bool, value: int) -> int:
         if size not in (1, 2, 4, 8):
@@ -600,15 +504,22 @@ class Bus:
             r, st = mmio_access(self.page_slot, self.regs, self.bytes_, self.msix, self.notify_fd, self.mmio_counts,
                                  self.pend, addr, size, is_write, value & 0xFFFFFFFF)
             if st == ST_BAR_SLOW:
-                return self._bar_slow(value)
+                return self._bar_slow(value, self.pend)
         if st == ST_DONE:
             return int(r) & ((1 << 8 * size) - 1)
         return self._mmio_python(addr, size, is_write, value)
 
-    def _bar_slow(self, value):
-        # bar0_access's result is in the pending record; the transport
+    def finish_mmio(self, pend, addr: int, size: int, is_write: bool, value: int) -> int:
+        """An MMIO access the compiled dispatch handed back, ``pend`` the
+        pending record it filled (the vCPU's own)."""
+        if pend[PD_STATUS] == ST_BAR_SLOW:
+            with self._lock:
+                return self._bar_slow(value, pend)
+        return self._mmio_python(addr, size, is_write, value)
+
+    def _bar_slow(self, value, p):
+        # bar0_access's result is in the pending record ``p``; the transport
         # applies the policy and runs the action (under the bus lock).
-        p = self.pend
         t = self.slots[int(p[PD_SLOT])]
         return t._slow(int(p[PD_OFF]), int(p[PD_SIZE]), bool(p[PD_WRITE]), value, int(p[PD_R]),
                        int(p[PD_ACTION]), int(p[PD_ARG]), int(p[PD_ERR]))
@@ -617,6 +528,8 @@ class Bus:
         # 8-byte accesses and accesses running off the end of BAR0.
         t = self._pages.get(addr >> BAR0_SHIFT)
         if t is None:
+            if self._mmio_fallback is not None and 0 <= addr < 1 << 32:
+                return self._mmio_fallback(addr, size, is_write, value)
             return 0 if is_write else (1 << 8 * size) - 1
         off = addr - t.bar0
         with self._lock:
@@ -625,40 +538,7 @@ class Bus:
                 return 0
             return t.bar_access(off, size, is_write, value)
 
-    # -- the compiled vCPU loop --------------------------------------------------
-    def run_vcpu(self, vcpu_fd: int, run: np.ndarray, ctl: np.ndarray) -> int:
-        """Run KVM vCPU ``vcpu_fd`` (``run``: its kvm_run page as uint8,
-        ``ctl``: hw.kvm's V_* control array) in the compiled loop until it
-        returns a hw.kvm VCPU_* code; accesses only Python can finish are
-        finished here, and the loop re-entered."""
-        tb = self.tables
-        while True:
-            code = _vcpu_loop(vcpu_fd, run, ctl, tb)
-            if self._warming is None:
-                # The kernels Python calls on a slow exit load now, beside the
-                # guest: off the path to the first KVM_RUN (~0.1 s of a
-                # start), and the loop runs without the GIL while they do.
-                # (hw.kvm's first call returns at once, to load the loop.)
-                self._warming = threading.Thread(target=self._compile_python_paths, name="bus-jit-load",
-                                                 daemon=True)
-                self._warming.start()
-                if not _from_disk_cache(_vcpu_loop):
-                    # A cold cache: they compile (seconds), and would hold
-                    # Numba's compiler lock against the device threads'
-                    # compiles mid-run.  Done now, as the loop just was.
-                    self._warming.join()
-            if code == R_SLOW_PIO:
-                self._finish_pio(run)
-            elif code == R_SLOW_MMIO:
-                self._finish_mmio(run)
-            else:
-                return code
-            if ctl[V_STOP]:
-                return VCPU_STOPPED
-            if ctl[V_EXITS] == ctl[V_LIMIT]:
-                return VCPU_LIMIT
-
-    def _compile_python_paths(self):
+    def compile_python_paths(self):
         """Compile (or load from the cache) the kernels the bus calls from
         Python, before they are needed: a first compile at a slow exit
         would take seconds (timeouts, watchdogs).  Nothing is accessed."""
@@ -671,35 +551,6 @@ class Bus:
                          (bar0_access, (regs, by, mx, 0, 4, True, 0))):
             if hasattr(fn, "compile"):           # not under NUMBA_DISABLE_JIT
                 fn.compile(tuple(numba.typeof(a) for a in args))
-
-    def _finish_pio(self, run):
-        size = int(run[RUN_IO_SIZE])
-        port = int(run[RUN_IO_PORT:RUN_IO_PORT + 2].view(np.uint16)[0])
-        count = int(run[RUN_IO_COUNT:RUN_IO_COUNT + 4].view(np.uint32)[0])
-        data = int(run[RUN_IO_DATA_OFFSET:RUN_IO_DATA_OFFSET + 8].view(np.uint64)[0])
-        is_write = int(run[RUN_IO_DIRECTION]) == KVM_EXIT_IO_OUT
-        first = int(self.pend[PD_INDEX])
-        for i in range(first, count):
-            at = data + i * size
-            v = read_le(run, at, size) if is_write else 0
-            # The element the loop stopped at goes straight to Python (it
-            # was counted); the rest through the whole dispatch.
-            r = self._pio_python(port, size, is_write, v) if i == first else self.pio(port, size, is_write, v)
-            if not is_write:
-                write_le(run, at, size, r)
-
-    def _finish_mmio(self, run):
-        ln = int(run[RUN_MMIO_LEN:RUN_MMIO_LEN + 4].view(np.uint32)[0])
-        addr = int(run[RUN_MMIO_PHYS:RUN_MMIO_PHYS + 8].view(np.uint64)[0])
-        is_write = bool(run[RUN_MMIO_IS_WRITE])
-        v = read_le(run, RUN_MMIO_DATA, ln) if is_write else 0
-        if self.pend[PD_STATUS] == ST_BAR_SLOW:
-            with self._lock:
-                r = self._bar_slow(v)
-        else:
-            r = self._mmio_python(addr, ln, is_write, v)
-        if not is_write:
-            write_le(run, RUN_MMIO_DATA, ln, r)
 
     # -- counters ---------------------------------------------------------------
     def _port_name(self, p):
@@ -816,8 +667,6 @@ class Bus:
                     t._activate()
 
     def close(self) -> None:
-        if self._warming is not None:
-            self._warming.join()           # a compile cut short by interpreter exit can crash it
         for t in self.devices:
             try:
                 t.device.reset()
