@@ -26,11 +26,17 @@ def test_bench_vring_json():
     assert r.returncode == 0, r.stderr
     rep = json.loads(r.stdout)
     assert rep["benchmark"] == "vring"
+    shapes = [(1, "direct"), (3, "direct"), (17, "direct"), (3, "indirect"), (17, "indirect")]
     for side in ("numba", "python"):
-        assert set(rep[side]) == {f"chains_per_s_{n}desc_{k}" for n, k in
-                                  [(1, "direct"), (3, "direct"), (17, "direct"), (3, "indirect"), (17, "indirect")]}
+        assert set(rep[side]) == {f"chains_per_s_{n}desc_{k}{layout}" for n, k in shapes
+                                  for layout in ("", "_packed")}        # split and packed rings, same shapes
         assert all(v > 0 for v in rep[side].values())
     assert all(v == rep["numba"][k] / rep["python"][k] for k, v in rep["speedup"].items())
+    # Each shape's per-request cost, split beside packed (1e9 / the rate).
+    for n, k in shapes:
+        cost = rep["ns_per_chain"][f"{n}desc_{k}"]
+        assert cost["split"] == round(1e9 / rep["numba"][f"chains_per_s_{n}desc_{k}"], 1)
+        assert cost["packed"] == round(1e9 / rep["numba"][f"chains_per_s_{n}desc_{k}_packed"], 1)
     # stderr is not a terminal here: no live progress, one plain line per phase.
     assert r.stderr.splitlines() == ["bench vring: numba", "bench vring: pure Python (NUMBA_DISABLE_JIT=1)"]
 

@@ -1,6 +1,6 @@
 """Device tuning knobs: the command-line options that change what devices
 offer (``--queue-size``, ``--blk-poll-us``, ``--event-idx``, ``--indirect``,
-``--seg-max``) and the values ``bench sweep --param`` walks through.
+``--seg-max``, ``--packed``) and the values ``bench sweep --param`` walks through.
 
 Standard library only: the CLI checks every knob before it loads Numba.
 Devices take a :class:`Knobs` through ``Device.apply_knobs`` before they are
@@ -34,6 +34,7 @@ class Knobs:
     event_idx: bool = True                 # offer VIRTIO_RING_F_EVENT_IDX
     indirect: bool = True                  # offer VIRTIO_RING_F_INDIRECT_DESC
     seg_max: int | None = None             # block: data segments per request
+    packed: bool = False                   # offer VIRTIO_F_RING_PACKED (virtio 1.1 §2.7)
 
     def to_env(self) -> str:
         return json.dumps(dataclasses.asdict(self))
@@ -117,6 +118,8 @@ KNOBS = {
                  "(default: on)."),
     "seg-max": ("seg_max", _seg_max, "N", "Block: data segments per request offered as seg_max (default: the "
                 "block queue size - 2)."),
+    "packed": ("packed", _on_off("packed"), "ON|OFF", "Offer packed virtqueues (VIRTIO_F_RING_PACKED), on or "
+               "off (default: off)."),
 }
 
 
@@ -148,7 +151,8 @@ def knobs_schema():
     """How a snapshot's knobs are read (hw.fields): the command line's bounds."""
     from ..hw.fields import Bool, Float, Int, Record
     return Record({"queue_size": Int(MIN_QUEUE_SIZE, QUEUE_SIZE_LIMIT, pow2=True), "blk_poll_us": Float(0, MAX_POLL_US),
-                   "event_idx": Bool(), "indirect": Bool(), "seg_max": Int(1, QUEUE_SIZE_LIMIT - 2)},
+                   "event_idx": Bool(), "indirect": Bool(), "seg_max": Int(1, QUEUE_SIZE_LIMIT - 2),
+                   "packed": Bool()},
                   optional=("queue_size", "blk_poll_us", "seg_max"))
 
 
