@@ -21,7 +21,7 @@ def test_the_limit_is_vrings_and_the_defaults_are_the_devices():
     assert parse_knobs({}) == Knobs()
     assert Block.queue_max_sizes == (DEFAULT_QUEUE_SIZES["block"],)
     assert Rng.queue_max_sizes == (DEFAULT_QUEUE_SIZES["rng"],)
-    assert set(KNOBS) == {"queue-size", "blk-poll-us", "event-idx", "indirect", "seg-max"}
+    assert set(KNOBS) == {"queue-size", "blk-poll-us", "event-idx", "indirect", "seg-max", "erms"}
 
 
 @pytest.mark.parametrize("values, words", [

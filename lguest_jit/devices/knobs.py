@@ -1,6 +1,6 @@
 """Device tuning knobs: the command-line options that change what devices
 offer (``--queue-size``, ``--blk-poll-us``, ``--event-idx``, ``--indirect``,
-``--seg-max``) and the values ``bench sweep --param`` walks through.
+``--seg-max``, and ``--erms``, which is the vCPU's) and the values ``bench sweep --param`` walks through.
 
 Standard library only: the CLI checks every knob before it loads Numba.
 Devices take a :class:`Knobs` through ``Device.apply_knobs`` before they are
@@ -32,6 +32,9 @@ class Knobs:
     event_idx: bool = True                 # offer VIRTIO_RING_F_EVENT_IDX
     indirect: bool = True                  # offer VIRTIO_RING_F_INDIRECT_DESC
     seg_max: int | None = None             # block: data segments per request (default queue size - 2)
+    # Not a device's: whether the guest is offered ERMS/FSRM (fast `rep
+    # movsb`), auto = hidden on software-KVM hosts only (hw/cpuid.py).
+    erms: str = "auto"
 
     def block_seg_max(self) -> int:
         return self.seg_max if self.seg_max is not None else self.block_queue_size() - 2
@@ -87,6 +90,12 @@ def _seg_max(text: str) -> int:
     return n
 
 
+def _erms(text: str) -> str:
+    if text not in ("auto", "on", "off"):
+        raise ValueError(f"--erms={text}: must be auto, on or off")
+    return text
+
+
 # option name -> (Knobs field, parser, what the help says about its default)
 KNOBS = {
     "queue-size": ("queue_size", _queue_size, "each device's own: " + ", ".join(
@@ -95,7 +104,11 @@ KNOBS = {
     "event-idx": ("event_idx", _on_off("event-idx"), "on"),
     "indirect": ("indirect", _on_off("indirect"), "on"),
     "seg-max": ("seg_max", _seg_max, "the block queue size - 2"),
+    "erms": ("erms", _erms, "auto"),
 }
+# Knobs of the machine rather than of a device: only `bench sweep ... guest`,
+# which boots a guest per value, can measure them.
+GUEST_ONLY_KNOBS = ("erms",)
 
 
 def parse_knobs(values: dict) -> Knobs:
