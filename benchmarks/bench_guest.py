@@ -50,13 +50,13 @@ BENCH = "bench guest"
 
 # Workload sizes (guest/bench.sh reads them from the command line).
 FULL = {"mib": 64, "buf_mib": 16, "rand": 2000, "net_kib": 16384, "pings": 10, "rng_kib": 64, "procs": 20}
-QUICK = {"mib": 8, "buf_mib": 2, "rand": 200, "net_kib": 256, "pings": 3, "rng_kib": 16, "procs": 3}
+QUICK = {"mib": 4, "buf_mib": 2, "rand": 100, "net_kib": 128, "pings": 3, "rng_kib": 8, "procs": 2}
 GROUPS = ("blk", "net", "rng", "proc")
 MEM_MB = 256
 GUEST_IP, PEER_IP = "10.0.2.15/24", "10.0.2.2"
 RX_PORT, TX_PORT = 5001, 5002          # guest/bench.sh: NET_RX_PORT, NET_TX_PORT
 QEMU_TAP = "lgjq0"
-TIMEOUT = {False: 3600, True: 300}
+TIMEOUT = {False: 3600, True: 1200}     # a hung guest ends the run; a loaded host is slow
 TOP = 10
 NETNS_ENV = "LGUEST_JIT_BENCH_GUEST_NETNS"
 
@@ -116,7 +116,7 @@ def parse(text: str | bytes) -> dict:
             failed[name] = f"no start/end times in {s.detail!r}"
             continue
         # /proc/uptime counts in 10 ms steps: a shorter step reads as one step.
-        secs = max(end - start, 0.01)
+        secs = round(max(end - start, 0.01), 2)
         metrics[f"seconds_{name}"] = secs
         if "bytes" in f and name not in ("blk_flush", "blk_read_random"):
             metrics[f"{name}_MB_per_s"] = int(f["bytes"]) / secs / 1e6
@@ -126,7 +126,7 @@ def parse(text: str | bytes) -> dict:
             metrics[f"{name}_per_s"] = int(f["pipelines"]) / secs
     spans = [(b, e) for b, e in groups.values() if b is not None and e is not None]
     if spans and len(spans) == len(groups):
-        metrics["seconds_workload"] = sum(e - b for b, e in spans)
+        metrics["seconds_workload"] = round(sum(e - b for b, e in spans), 2)
     return {"metrics": metrics, "failed": failed, "skipped": skipped, "groups": groups,
             "done": rep.done, "kernel": rep.kernel}
 
@@ -402,10 +402,12 @@ def _disk(work: str, sizes: dict, name: str) -> str:
 
 
 def run_side(kind: str, quick: bool, net: bool, vmlinux: str, initrd: str, bzimage: str | None,
-             accel: str = "tcg") -> dict:
-    """One side's boot, here (inside the private namespace when ``net``)."""
-    sizes = QUICK if quick else FULL
-    groups = GROUPS if net else tuple(g for g in GROUPS if g != "net")
+             accel: str = "tcg", sizes: dict | None = None, groups: tuple = GROUPS) -> dict:
+    """One side's boot, here (inside the private namespace when ``net``).
+    ``sizes``/``groups``: another workload than --quick's or the full one
+    (experiments: one group, smaller sizes)."""
+    sizes = dict(sizes or (QUICK if quick else FULL))
+    groups = tuple(g for g in groups if net or g != "net")
     peer = None
     with tempfile.TemporaryDirectory(prefix="lgj-bench-guest-") as work:
         try:
@@ -444,9 +446,9 @@ def run_side(kind: str, quick: bool, net: bool, vmlinux: str, initrd: str, bzima
     return rep
 
 
-def _in_netns(kind: str, quick: bool, found: dict, accel: str) -> dict:
+def _in_netns(kind: str, quick: bool, found: dict, accel: str, **how) -> dict:
     """run_side in a fresh network namespace (a child process)."""
-    args = json.dumps({"kind": kind, "quick": quick, "net": True, "accel": accel, **found})
+    args = json.dumps({"kind": kind, "quick": quick, "net": True, "accel": accel, **found, **how})
     code = f"import json, benchmarks.bench_guest as m; print('\\n' + json.dumps(m.run_side(**json.loads({args!r}))))"
     out = subprocess.run(["unshare", "--net", sys.executable, "-c", code], env=dict(os.environ, **{NETNS_ENV: "1"}),
                          stdout=subprocess.PIPE, text=True)
@@ -474,18 +476,19 @@ def _guest() -> tuple[dict | None, str | None]:
     return {"vmlinux": str(vmlinux), "initrd": str(initrd), "bzimage": bz if os.path.exists(bz) else None}, None
 
 
-def _side(kind: str, quick: bool, found: dict, accel: str = "tcg") -> dict:
-    why = _netns_problem()
+def _side(kind: str, quick: bool, found: dict, accel: str = "tcg", **how) -> dict:
+    why = _netns_problem() if "net" in how.get("groups", GROUPS) else "no network steps asked for"
     if why is None:
-        rep = _in_netns(kind, quick, found, accel)
+        rep = _in_netns(kind, quick, found, accel, **how)
     else:
-        rep = run_side(kind, quick, False, accel=accel, **found)
+        rep = run_side(kind, quick, False, accel=accel, **found, **how)
         rep["metrics"].setdefault("skipped", {})["net"] = f"no private network namespace here: {why}"
     return rep
 
 
-def measure(quick: bool = False) -> dict:
-    """lguest-jit's side (what `bench sweep ... guest` measures per value)."""
+def measure(quick: bool = False, **how) -> dict:
+    """lguest-jit's side (what `bench sweep ... guest` measures per value);
+    ``how``: run_side's sizes and groups."""
     from lguest_jit.hw.kvm import kvm_available
     why = kvm_available()
     if why:
@@ -493,13 +496,13 @@ def measure(quick: bool = False) -> dict:
     found, why = _guest()
     if found is None:
         return {"skipped": why}
-    rep = _side("lguest_jit", quick, found)
+    rep = _side("lguest_jit", quick, found, **how)
     out = rep["metrics"]
     out["workloads"] = rep["workloads"]
     return out
 
 
-def _qemu(quick: bool) -> dict:
+def measure_qemu(quick: bool = False, **how) -> dict:
     from lguest_jit.hw.hosts import software_kvm
     if not shutil.which("qemu-system-x86_64"):
         return {"not_comparable": "qemu-system-x86_64 is not installed (Debian: apt-get install qemu-system-x86)"}
@@ -512,7 +515,7 @@ def _qemu(quick: bool) -> dict:
     # QEMU's KVM stops at the first instruction a software KVM's emulator
     # rejects (int3, fwait: lguest-jit assists them), so TCG there.
     accel = "tcg" if software_kvm() or not os.access("/dev/kvm", os.R_OK | os.W_OK) else "kvm"
-    rep = _side("qemu", quick, found, accel)
+    rep = _side("qemu", quick, found, accel, **how)
     out = rep["metrics"]
     out["accel"] = accel
     return out
@@ -539,7 +542,7 @@ def run(quick: bool = False) -> dict:
     if "skipped" in ours:
         return {"benchmark": "guest", "skipped": ours["skipped"]}
     workloads = ours.pop("workloads", [])
-    qemu = _qemu(quick)
+    qemu = measure_qemu(quick)
     emulated = software_kvm()
     rep = {"benchmark": "guest", "unit": UNIT, "mode": "quick" if quick else "full",
            "workload": dict(QUICK if quick else FULL),
