@@ -545,7 +545,7 @@ def run(quick: bool = False) -> dict:
     qemu = measure_qemu(quick)
     emulated = software_kvm()
     rep = {"benchmark": "guest", "unit": UNIT, "mode": "quick" if quick else "full",
-           "workload": dict(QUICK if quick else FULL),
+           "workload": " ".join(f"{k}={v}" for k, v in (QUICK if quick else FULL).items()),
            "guest_kernel": (f"emulated: {emulated}" if emulated else "hardware virtualization"),
            "lguest_jit": ours, "qemu": qemu}
     if "not_comparable" not in qemu:

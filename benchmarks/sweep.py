@@ -43,6 +43,8 @@ def run(param: str, values: list, what: str, quick: bool) -> dict:
             got = mod.measure(quick)
             if "skipped" in got:
                 return {"benchmark": rep["benchmark"], "skipped": got["skipped"]}
+            if isinstance(got.get("workloads"), list):       # bench guest: per-workload details, not figures
+                rep.setdefault("workloads", []).append({"column": column(param, v), "groups": got.pop("workloads")})
             rep[column(param, v)] = got
     finally:
         if saved is None:
