@@ -198,3 +198,14 @@ def test_randread_reads_a_fixed_count_with_o_direct(tmp_path):
     assert past.returncode == 1 and "short or failed read" in past.stderr
     bad = subprocess.run([str(tool), str(disk), "x", "2"], capture_output=True, text=True)
     assert bad.returncode == 1 and "bad number" in bad.stderr
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["bench", "sweep", "--param=erms=on,off", "blk"], "--erms is the vCPU's, not a device's"),
+    (["bench", "sweep", "--param=erms=on,maybe", "guest"], "--erms=maybe: must be auto, on or off"),
+])
+def test_erms_sweep_refusals_are_one_line(argv, message):
+    import sys
+    r = subprocess.run([sys.executable, "-m", "lguest_jit.main", *argv], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.count("\n") == 1 and message in r.stderr and r.stderr.startswith("lguest-jit: ")
