@@ -372,6 +372,7 @@ def _side_report(run: dict, with_launcher: bool) -> dict:
         out["skipped"] = got["skipped"]
     if not got["done"]:
         tail = run["console"][-300:].strip() or run["stderr_tail"].strip()
+        tail = " / ".join(ln.strip() for ln in tail.splitlines() if ln.strip())      # one line for the table
         out["error"] = f"the workload did not finish (exit status {run['status']}); last output: {tail[-300:]}"
     workloads = []
     if with_launcher:
