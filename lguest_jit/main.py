@@ -41,8 +41,9 @@ Options:
   -h --help             Show this help.
   --version             Show the version.
 
-Benchmarks: vring, pci, decode, blk, rng, net, exits, boot, restore, or all.
-bench sweep runs one device benchmark (blk, rng, net) per value of a knob.
+Benchmarks: vring, pci, decode, blk, rng, net, exits, boot, restore, guest, or all.
+bench sweep runs one device benchmark (blk, rng, net) per value of a knob, or
+the guest workload (guest) with a fresh boot per value.
 
 server keeps a warm launcher (Numba and every cached kernel loaded): while
 it runs, each guest run or restore of the same user is forked from it and
@@ -93,7 +94,7 @@ __doc__ = __doc__.format(
     device_options=_option_lines((d.option, d.help) for d in DEVICE_OPTIONS),
     knob_options=_option_lines((f"--{name}={meta}", text) for name, (_, _, meta, text) in KNOBS.items()))
 
-BENCHMARKS = ("vring", "pci", "decode", "blk", "rng", "net", "exits", "boot", "restore")
+BENCHMARKS = ("vring", "pci", "decode", "blk", "rng", "net", "exits", "boot", "restore", "guest")
 
 
 class UsageError(Exception):
@@ -118,6 +119,9 @@ def _sweep(args) -> int:
     from benchmarks import sweep         # standard library only, like the knobs
     if what not in sweep.SWEEPABLE:
         raise UsageError(f"bench sweep: {what!r} has no device knobs; choose from {', '.join(sweep.SWEEPABLE)}")
+    why = sweep.unsweepable(param, what)
+    if why:
+        raise UsageError(f"bench sweep: {why}")
     if args["--plot"]:
         _check_plot_path(args["--plot"])
     rep = sweep.run(param, values, what, quick=args["--quick"])
@@ -595,7 +599,9 @@ class Launcher:
         else:
             self.gm = GuestMemory(m.mem_bytes)
             try:
-                self.info = loader.load_linux(self.gm, m.kernel, m.cmdline, m.initrd, cpus=m.cpus)
+                from .hw.cpuid import guest_cmdline
+                self.info = loader.load_linux(self.gm, m.kernel, guest_cmdline(m.cmdline, self._hide_erms()),
+                                              m.initrd, cpus=m.cpus)
             except loader.LoadError as exc:
                 raise UsageError(str(exc)) from None
             except MemoryError:
@@ -628,7 +634,7 @@ class Launcher:
             if restoring:
                 self.backend.attach_bus(self.bus)
             else:
-                self.backend = KvmVm(self.gm, self.bus)
+                self.backend = KvmVm(self.gm, self.bus, cpuid_hook=self._cpuid_hook())
             # THRE interrupts on IRQ 4: Linux's 8250 driver waits for them
             # before it sends user-space output (polling covers only printk).
             # Output to stdout and the line through KVM_IRQ_LINE, both from
@@ -718,10 +724,19 @@ class Launcher:
                  f"{info['seconds']:.2f} s)")
         return info
 
+    def _hide_erms(self) -> bool:
+        from .hw.cpuid import hides_fast_strings
+        from .hw.hosts import software_kvm
+        return self.cfg.hypervisor == "kvm" and hides_fast_strings(self.cfg.machine.knobs.erms, software_kvm())
+
+    def _cpuid_hook(self):
+        from .hw.cpuid import without_fast_strings
+        return without_fast_strings if self._hide_erms() else None
+
     def _restore_vm(self) -> None:
         from . import snapshot
         from .vcpu import KvmVm
-        self.backend = KvmVm(self.gm)
+        self.backend = KvmVm(self.gm, cpuid_hook=self._cpuid_hook())
         why = snapshot.cpuid_mismatch(self.cfg.restore["cpuid"], snapshot.cpuid_signature(self.backend.vcpu_cpuid()))
         if why is not None:
             raise UsageError(f"snapshot {self.cfg.restore['dir']!r} was taken on another kind of host: {why}")
@@ -846,6 +861,27 @@ class Launcher:
         for name, n in list(st.get("exit_registers", {}).items())[:STATS_TOP_REGISTERS]:
             print(f"  access {name:28s} {n}", file=stream)
 
+    def on_usr1(self) -> None:
+        """SIGUSR1: the stats on stderr, and --stats-json and --profile's
+        folded stacks rewritten with the counts so far (each replaced whole:
+        a reader never sees half a file).  `bench guest` takes one at each
+        workload boundary and subtracts."""
+        self.print_stats()
+        outputs = []
+        if self.cfg.stats_json:
+            outputs.append((self.cfg.stats_json, lambda: json.dumps(self.stats(), indent=2)))
+        if self.profiler is not None and self.cfg.profile:
+            from .hw.profile import folded_now
+            outputs.append((self.cfg.profile, lambda: folded_now(self.profiler, self.cfg.machine.kernel)))
+        for path, text in outputs:
+            tmp = f"{path}.usr1"
+            try:
+                with open(tmp, "w") as f:
+                    f.write(text())
+                os.replace(tmp, path)
+            except OSError as exc:
+                self.log(f"SIGUSR1: could not write {path}: {exc.strerror}")
+
     def print_profile(self, stream=sys.stderr) -> None:
         """Write --profile's folded stacks and print its report (stderr:
         stdout is the guest's console)."""
@@ -886,7 +922,7 @@ def _run_guest(args, argv, started) -> int:
     if cfg.restore is None:
         cfg.boot_argv = boot_argv(argv)
     launcher.client_started = started
-    usr1 = signal.signal(signal.SIGUSR1, lambda *_: launcher.print_stats())
+    usr1 = signal.signal(signal.SIGUSR1, lambda *_: launcher.on_usr1())
     usr2 = signal.signal(signal.SIGUSR2, lambda *_: launcher.request_snapshot())
     ran = False
     try:

@@ -388,9 +388,8 @@ def restore_queue(q: np.ndarray, saved: dict, mem_size: int, max_size: int) -> i
     size, packed = saved["size"], saved["layout"] == LAYOUT_PACKED
     if packed and (not saved["last_avail"] < size or not saved["used_idx"] < size):
         return E_SNAPSHOT_STATE           # a packed ring's positions are slots inside the ring
-    if not packed and (saved["held_ids"] or saved["pending_slots"] or saved["avail_wrap"] != 1
-                       or saved["used_wrap"] != 1):
-        return E_SNAPSHOT_STATE           # packed-only state in a split queue
+    if not packed and (saved["held_ids"] or saved["pending_slots"]):
+        return E_SNAPSHOT_STATE           # packed-only state in a split queue (its wrap fields are unused)
     feats = saved["features"] | (1 << VIRTIO_F_RING_PACKED if packed else 0)
     err = setup_queue(q, mem_size, size, max_size, saved["desc"], saved["avail"], saved["used"], feats)
     if err:

@@ -1,6 +1,6 @@
 """Device tuning knobs: the command-line options that change what devices
 offer (``--queue-size``, ``--blk-poll-us``, ``--event-idx``, ``--indirect``,
-``--seg-max``, ``--packed``) and the values ``bench sweep --param`` walks through.
+``--seg-max``, ``--packed``, and ``--erms``, which is the vCPU's) and the values ``bench sweep --param`` walks through.
 
 Standard library only: the CLI checks every knob before it loads Numba.
 Devices take a :class:`Knobs` through ``Device.apply_knobs`` before they are
@@ -35,6 +35,9 @@ class Knobs:
     indirect: bool = True                  # offer VIRTIO_RING_F_INDIRECT_DESC
     seg_max: int | None = None             # block: data segments per request
     packed: bool = False                   # offer VIRTIO_F_RING_PACKED (virtio 1.1 §2.7)
+    # Not a device's: whether the guest is offered ERMS/FSRM (fast `rep
+    # movsb`), auto = hidden on software-KVM hosts only (hw/cpuid.py).
+    erms: str = "auto"
 
     def to_env(self) -> str:
         return json.dumps(dataclasses.asdict(self))
@@ -104,6 +107,15 @@ def _seg_max(text: str) -> int:
     return n
 
 
+def _erms(text: str) -> str:
+    if text not in ERMS_CHOICES:
+        raise ValueError(f"--erms={text}: must be auto, on or off")
+    return text
+
+
+ERMS_CHOICES = ("auto", "on", "off")
+
+
 # option name -> (Knobs field, parser, metavariable, help).  The help is
 # the launcher's --help text for the option (main generates its docopt
 # text from this table).
@@ -120,7 +132,12 @@ KNOBS = {
                 "block queue size - 2)."),
     "packed": ("packed", _on_off("packed"), "ON|OFF", "Offer packed virtqueues (VIRTIO_F_RING_PACKED), on or "
                "off (default: off)."),
+    "erms": ("erms", _erms, "AUTO|ON|OFF", "Offer the guest fast string copies (CPUID ERMS/FSRM): auto hides "
+             "them on software-KVM hosts only (default: auto)."),
 }
+# Knobs of the machine rather than of a device: only `bench sweep ... guest`,
+# which boots a guest per value, can measure them.
+GUEST_ONLY_KNOBS = ("erms",)
 
 
 def parse_knobs(values: dict) -> Knobs:
@@ -149,10 +166,10 @@ def check_seg_max(seg_max: int | None, queue_size: int | None) -> None:
 
 def knobs_schema():
     """How a snapshot's knobs are read (hw.fields): the command line's bounds."""
-    from ..hw.fields import Bool, Float, Int, Record
+    from ..hw.fields import Bool, Float, Int, Record, Str
     return Record({"queue_size": Int(MIN_QUEUE_SIZE, QUEUE_SIZE_LIMIT, pow2=True), "blk_poll_us": Float(0, MAX_POLL_US),
                    "event_idx": Bool(), "indirect": Bool(), "seg_max": Int(1, QUEUE_SIZE_LIMIT - 2),
-                   "packed": Bool()},
+                   "packed": Bool(), "erms": Str(8, choices=ERMS_CHOICES)},
                   optional=("queue_size", "blk_poll_us", "seg_max"))
 
 
