@@ -210,12 +210,12 @@ def snapshot_seeds():
     out["mem_window"] = variant(lambda b: b["machine"].update(mem_bytes=3600 << 20))
     out["uart"] = variant(lambda b: b["uart"].update(ier=0x10))
     def enabled_queue(b):
-        from lguest_jit import vring
+        from lguest_jit import ringstate, vring
         q = vring.new_queue()
         vring.setup_queue(q, 16 << 20, 8, 64, 0x1000, 0x2000, 0x3000, 0)
         rng_queue = b["bus"]["devices"][1]["queues"][0]
         rng_queue["registers"].update(enable=1, size=8)
-        rng_queue["ring"] = vring.queue_state(q)
+        rng_queue["ring"] = ringstate.queue_state(q)
     out["ring"] = variant(enabled_queue)
     out["block"] = variant(lambda b: b["machine"]["devices"].append(
         {"kind": "block", "options": {"path": "/dev/null", "readonly": False}}))

@@ -12,7 +12,7 @@ import pytest
 import lguest_jit
 
 PKG = Path(lguest_jit.__file__).parent
-LAYERS = {"hw": 0, "irq": 1, "vring": 2, "pci": 3, "vcpu": 4, "devices": 4, "testing": 5, "main": 5, "snapshot": 5,
+LAYERS = {"hw": 0, "irq": 1, "vring": 2, "ringstate": 2, "pci": 3, "vcpu": 4, "devices": 4, "testing": 5, "main": 5, "snapshot": 5,
           "warm": 5, "machine": 5}
 
 

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from lguest_jit import vring
+from lguest_jit import ringstate, vring
 from lguest_jit.hw.fields import FieldError
 from lguest_jit.hw.memory import GuestMemory
 from lguest_jit.testing import MockDriver
@@ -1042,10 +1042,10 @@ def test_packed_restore_round_trip_and_checks(gm):
         drv.add(in_=[1])
         vring.push(gm.mem, q, vring.pop(gm.mem, q, iov), 1)
         drv.get_used()
-    saved = vring.queue_state(q)
+    saved = ringstate.queue_state(q)
     assert saved["layout"] == vring.LAYOUT_PACKED
     r = vring.new_queue()
-    assert vring.restore_queue(r, saved, gm.size, 6) == vring.OK
+    assert ringstate.restore_queue(r, saved, gm.size, 6) == vring.OK
     for f in (vring.Q_LAYOUT, vring.Q_LAST_AVAIL, vring.Q_AVAIL_WRAP, vring.Q_USED_IDX, vring.Q_USED_WRAP,
               vring.Q_N_CHAINS):
         assert r[f] == q[f]
@@ -1053,9 +1053,9 @@ def test_packed_restore_round_trip_and_checks(gm):
     drv.add(in_=[1])                                 # the restored queue carries on where it was
     h = vring.pop(gm.mem, r, iov)
     assert h >= 0
-    assert vring.queue_state(r)["held_ids"] == [h & 0xFFFF]      # held across a snapshot too
+    assert ringstate.queue_state(r)["held_ids"] == [h & 0xFFFF]      # held across a snapshot too
     again = vring.new_queue()
-    assert vring.restore_queue(again, vring.queue_state(r), gm.size, 6) == vring.OK
+    assert ringstate.restore_queue(again, ringstate.queue_state(r), gm.size, 6) == vring.OK
     assert (again[vring.Q_IDS:vring.Q_IDS + vring.IDS_WORDS] == r[vring.Q_IDS:vring.Q_IDS + vring.IDS_WORDS]).all()
     vring.push(gm.mem, r, h, 1)
     assert drv.get_used() is not None
@@ -1063,12 +1063,12 @@ def test_packed_restore_round_trip_and_checks(gm):
     for field, bad in (("layout", 2), ("avail_wrap", 2), ("used_wrap", -1), ("used_idx", -1),
                        ("held_ids", [-5]), ("pending_slots", -1)):
         with pytest.raises(FieldError, match=field):
-            vring.restore_queue(vring.new_queue(), {**saved, field: bad}, gm.size, 6)
+            ringstate.restore_queue(vring.new_queue(), {**saved, field: bad}, gm.size, 6)
     # In bounds for the type, impossible for this ring.
     for field, bad in (("last_avail", 6), ("used_idx", 7)):
-        assert vring.restore_queue(vring.new_queue(), {**saved, field: bad}, gm.size, 6) == vring.E_SNAPSHOT_STATE, \
+        assert ringstate.restore_queue(vring.new_queue(), {**saved, field: bad}, gm.size, 6) == vring.E_SNAPSHOT_STATE, \
             field
-    assert vring.restore_queue(vring.new_queue(), saved, gm.size, 4) == vring.E_PACKED_QUEUE_SIZE
+    assert ringstate.restore_queue(vring.new_queue(), saved, gm.size, 4) == vring.E_PACKED_QUEUE_SIZE
 
 
 # -- property tests: hostile packed rings against the reference walker, and a

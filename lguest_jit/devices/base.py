@@ -36,7 +36,7 @@ from typing import Callable
 
 import numpy as np
 
-from .. import vring
+from .. import ringstate, vring
 from ..pci import QueueContext, VirtioDevice
 from ..vring import error_message  # noqa: F401 - one table names every rule a device kernel returns
 
@@ -217,7 +217,7 @@ class Device(VirtioDevice):
         out = {}
         for i, row in enumerate(live):
             name = self.queue_names[i] if i < len(self.queue_names) else str(i)
-            c = vring.counters(row)
+            c = ringstate.counters(row)
             out[name] = {"layout": self.layouts.get(i, "split"),
                          "requests": c["chains"], "bytes": c["bytes"], "notifications": c["notifications"],
                          "interrupts": c["interrupts"], "errors": c["errors"],

@@ -41,7 +41,7 @@ import threading
 import numpy as np
 from numba import njit
 
-from .. import irq, vring
+from .. import irq, ringstate, vring
 from ..hw.fields import Blob, Bool, Int, List, Record, Str, U, blob, check
 from ..irq import (ISR_CONFIG, MSIX_CTRL_MASKBIT, MV_ADDR_HI, MV_ADDR_LO, MV_CTRL, MV_DATA, MV_FD, MV_PENDING,
                    MX_ENABLED, MX_INTX_FD, MX_MASKED, MX_VECTORS, VIRTIO_MSI_NO_VECTOR)
@@ -898,7 +898,7 @@ class Transport:
         regs = {name: U(32) for name in cls.REGISTERS}
         regs.update(status=U(8), queue_select=U(16), accesses=U(62), isr_reads=U(62))
         queue = Record({"registers": Record({name: U(32) for name in cls.QUEUE_REGISTERS}),
-                        "ring": vring.queue_state_schema()}, optional=("ring",))
+                        "ring": ringstate.queue_state_schema()}, optional=("ring",))
         vector = Record({"addr_lo": U(32), "addr_hi": U(32), "data": U(32), "masked": Bool(), "pending": Bool()})
         return Record({"kind": Str(16), "name": Str(64), "slot": Int(1, MAX_SLOTS - 1), "active": Bool(),
                        "registers": Record(regs), "queues": List(queue, MAX_QUEUES, min_len=1),
@@ -912,7 +912,7 @@ class Transport:
         return {"kind": self.device.kind, "name": self.name, "slot": self.slot, "active": self.active,
                 "registers": {name: int(self.st[i]) for name, i in self.REGISTERS.items()},
                 "queues": [{"registers": {name: int(self.qs[k, i]) for name, i in self.QUEUE_REGISTERS.items()},
-                            "ring": vring.queue_state(q) if self.qs[k, QC_ENABLE] else None}
+                            "ring": ringstate.queue_state(q) if self.qs[k, QC_ENABLE] else None}
                            for k, q in enumerate(self.queues)],
                 "isr": int(self.isr[0]), "config": blob(self.bytes[B_CFG:].tobytes()),
                 "msix": [{"addr_lo": int(r[MV_ADDR_LO]), "addr_hi": int(r[MV_ADDR_HI]), "data": int(r[MV_DATA]),
@@ -961,7 +961,7 @@ class Transport:
             if not self.qs[i, QC_ENABLE]:
                 q[:] = 0
                 continue
-            code = vring.restore_queue(q, qs["ring"], self.bus.mem.size, int(self.qs[i, QC_MAX]))
+            code = ringstate.restore_queue(q, qs["ring"], self.bus.mem.size, int(self.qs[i, QC_MAX]))
             if code != vring.OK:
                 raise ValueError(f"{self.name}: snapshot queue {i}: {vring.error_message(code)}")
             # The layout follows the negotiated features, as at queue enable.
