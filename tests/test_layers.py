@@ -216,3 +216,13 @@ def test_pci_package_reexports_every_public_name():
                 continue
             missing += [f"{path.stem}.{n}" for n in names if not n.startswith("_") and not hasattr(pci, n)]
     assert missing == []
+
+
+MAX_MODULE_LINES = 1200
+
+
+def test_no_module_is_over_the_line_limit():
+    """One module, one role: a module past the limit holds more than one
+    (split it along its roles, as pci/ and ringstate.py were)."""
+    long = {module_name(p): n for p in SOURCES if (n := len(p.read_text().splitlines())) > MAX_MODULE_LINES}
+    assert long == {}
