@@ -139,7 +139,38 @@ def seeds():
         "cli": bytes([0, 1]) + bytes.fromhex("fa") + bytes(14),
         "prefixes": bytes([1, 0]) + bytes.fromhex("2e6766f3488905") + bytes(8),
     }
+    s["snapshot"] = snapshot_seeds()
     return s
+
+
+def snapshot_seeds():
+    """State bodies for fuzz_snapshot: a whole one, and the same with one
+    part changed each way the restore path refuses."""
+    import json
+
+    from .fuzz_snapshot import seed_body
+    whole = seed_body()
+    body = json.loads(whole)
+
+    def variant(change):
+        b = json.loads(whole)
+        change(b)
+        return json.dumps(b, sort_keys=True).encode()
+    out = {"whole": whole, "list": b"[]", "nested": b"[" * 64 + b"]" * 64}
+    out["queue_size"] = variant(lambda b: b["machine"]["knobs"].update(queue_size=3))
+    out["mem_window"] = variant(lambda b: b["machine"].update(mem_bytes=3600 << 20))
+    out["uart"] = variant(lambda b: b["uart"].update(ier=0x10))
+    def enabled_queue(b):
+        from lguest_jit import vring
+        q = vring.new_queue()
+        vring.setup_queue(q, 16 << 20, 8, 64, 0x1000, 0x2000, 0x3000, 0)
+        rng_queue = b["bus"]["devices"][1]["queues"][0]
+        rng_queue["registers"].update(enable=1, size=8)
+        rng_queue["ring"] = vring.queue_state(q)
+    out["ring"] = variant(enabled_queue)
+    out["block"] = variant(lambda b: b["machine"]["devices"].append(
+        {"kind": "block", "options": {"path": "/dev/null", "readonly": False}}))
+    return out
 
 
 def write_all():

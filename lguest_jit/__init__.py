@@ -45,3 +45,13 @@ def _use_source_keyed_cache() -> None:
 
 
 _use_source_keyed_cache()
+
+
+def keep_scipy_out() -> None:
+    """Numba imports SciPy, where installed, only to look for a BLAS for
+    np.dot; no kernel here does linear algebra, and the import costs 0.5 s
+    or more of every start (measured: README, "Snapshots").  The process
+    that runs a guest (and the warm launcher it forks from) never needs
+    SciPy, so it is kept out of it."""
+    if "scipy" not in sys.modules:
+        sys.modules["scipy"] = None        # import scipy -> ImportError: Numba skips its BLAS check

@@ -11,9 +11,7 @@ Usage:
 
 Options:
   -v --verbose          Print devices, status changes, resets and window accesses.
-  -t --tunnet=SPEC      Network device on a tap: IP[:MAC] or bridge:NAME[:MAC].
-  -b --block=FILE       Block device backed by FILE (FILE,ro for read-only).
-  -r --rng              Random number device.
+{device_options}
   -i --initrd=FILE      Initial ram disk.
   --cpus=N              Virtual CPUs (default 1); more than one needs KVM and
                         a guest kernel with SMP support.
@@ -32,15 +30,7 @@ Options:
   --snapshot-exit       Exit (status 0) once the snapshot is written.
   --force               --snapshot: replace an existing DIR; restore: run even
                         though a disk changed since the snapshot.
-  --queue-size=N        Queue size every device offers, a power of two from 4
-                        to 32768 (default: each device's own: console 128,
-                        block 128, net 256, rng 64).
-  --blk-poll-us=US      Block: busy-poll this long for the next request before
-                        sleeping, 0 never (default: 50).
-  --event-idx=ON|OFF    Offer VIRTIO_RING_F_EVENT_IDX, on or off (default: on).
-  --indirect=ON|OFF     Offer indirect descriptors, on or off (default: on).
-  --seg-max=N           Block: data segments per request offered as seg_max
-                        (default: the block queue size - 2).
+{knob_options}
   --param=SPEC          bench sweep: KNOB=V1,V2,... (a knob above, without --).
   --socket=PATH         server: where to listen (default: $LGUEST_JIT_SERVER,
                         else $XDG_RUNTIME_DIR/lguest-jit.sock, else
@@ -82,15 +72,27 @@ from docopt import DocoptExit, docopt
 
 from . import __version__
 from .devices.knobs import KNOBS, parse_knobs
-from .devices.tunspec import parse_tunnet
 from .hw.hosts import LGUEST_DEVICE, default_sample_hz, kvm_max_vcpus, lguest_available, max_sample_hz, usable_cpus
+from .machine import DEVICE_OPTIONS, Machine, MachineError, check_mem_mb, descs, device_descs, readable_file
+
+
+def _option_lines(rows) -> str:
+    """docopt option lines, the description wrapped under its column."""
+    import textwrap
+    out = []
+    for spec, text in rows:
+        lines = textwrap.wrap(text, 80 - 24)
+        out.append(f"  {spec:<20}  {lines[0]}")
+        out.extend(" " * 24 + x for x in lines[1:])
+    return "\n".join(out)
+
+
+# The options of devices and knobs come from their one table each.
+__doc__ = __doc__.format(
+    device_options=_option_lines((d.option, d.help) for d in DEVICE_OPTIONS),
+    knob_options=_option_lines((f"--{name}={meta}", text) for name, (_, _, meta, text) in KNOBS.items()))
 
 BENCHMARKS = ("vring", "pci", "decode", "blk", "rng", "net", "exits", "boot", "restore")
-
-
-# Set in a child of the warm launcher (warm.py): when its client started,
-# seconds since the epoch.  The start-up figure in --stats counts from there.
-PROCESS_START: float | None = None
 
 
 class UsageError(Exception):
@@ -185,29 +187,16 @@ def _print_table(reports) -> None:
 # ---------------------------------------------------------------------------
 # Running a guest
 
-MIN_MEM_MB = 16
-
-
 def _host_available_mb() -> int:
     import psutil
     return psutil.virtual_memory().available // (1 << 20)
-
-
-def _readable_file(path: str, what: str) -> str:
-    if not os.path.exists(path):
-        raise UsageError(f"{what} {path!r} does not exist")
-    if not os.path.isfile(path):
-        raise UsageError(f"{what} {path!r} is not a regular file")
-    if not os.access(path, os.R_OK):
-        raise UsageError(f"{what} {path!r} is not readable")
-    return path
 
 
 def _input_size(path: str, what: str, limit: int, limit_what: str) -> int:
     """The size of input file ``path``, refused (one line) when it is not a
     regular file, is empty, or is larger than ``limit`` bytes: checked with
     stat alone, before the launcher creates or reads anything."""
-    st = os.stat(_readable_file(path, what))
+    st = os.stat(readable_file(path, what))
     if st.st_size == 0:
         raise UsageError(f"{what} {path!r} is empty")
     if st.st_size > limit:
@@ -263,57 +252,105 @@ def _choose_hypervisor(kind: str) -> str:
     raise UsageError("no usable /dev/kvm and no /dev/lguest: this host cannot run guests")
 
 
-def _tunnets(specs) -> list:
-    """Every --tunnet spec parsed, and the host able to make taps."""
-    nets = []
-    for spec in specs:
-        try:
-            nets.append(parse_tunnet(spec))
-        except ValueError as exc:
-            raise UsageError(f"--tunnet={spec}: {exc}") from None
-    if nets and not os.path.exists("/dev/net/tun"):
+def _check_host_for(machine: Machine) -> None:
+    """What the host must offer for the devices described."""
+    if machine.of_kind("net") and not os.path.exists("/dev/net/tun"):
         raise UsageError("--tunnet needs /dev/net/tun, which this host lacks")
-    return nets
+
+
+def _mem_mb(text: str) -> int:
+    try:
+        mb = int(text, 10)
+    except ValueError:
+        raise UsageError(f"memory size {text!r} is not a whole number of megabytes") from None
+    if mb <= 0:
+        raise UsageError(f"memory size must be positive, got {mb} MB")
+    return check_mem_mb(mb)
+
+
+# Options a guest's boot command line may not carry into a snapshot (and a
+# snapshot's may not hold): each run decides its own outputs and snapshots.
+PER_RUN_OPTIONS = ("--snapshot", "--snapshot-on", "--snapshot-exit", "--force", "--stats-json", "--profile",
+                   "--profile-hz")
+
+
+def boot_argv(argv) -> list:
+    """How to boot this guest afresh (a restored guest that reboots): the
+    run's arguments without the per-run ones."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        name = a.split("=", 1)[0]
+        if name in PER_RUN_OPTIONS:
+            skip = "=" not in a and name not in ("--snapshot-exit", "--force")
+            continue
+        out.append(a)
+    return out
+
+
+def check_boot_argv(argv) -> list:
+    """A snapshot's boot arguments, through the command line's parser and
+    checks (nothing created): a plain run, no per-run option, its files
+    and knobs acceptable to this launcher."""
+    if not isinstance(argv, list) or not all(isinstance(a, str) for a in argv):
+        raise UsageError("boot arguments are not a list of strings")
+    try:
+        args = docopt(__doc__, argv=argv, default_help=False, version=None)
+    except (DocoptExit, SystemExit):
+        raise UsageError("its boot arguments are not a launcher command line") from None
+    if args["bench"] or args["server"] or args["restore"] or args["--help"] or args["--version"]:
+        raise UsageError("its boot arguments are not a plain run")
+    given = [o for o in PER_RUN_OPTIONS if args.get(o) not in (None, False, [])]
+    if given:
+        raise UsageError(f"its boot arguments hold {given[0]}, which only the command line may give")
+    # The values a boot would take, checked now; the files it names are
+    # checked again by the launcher the reboot starts (a plain run).
+    _mem_mb(args["<mem-in-mb>"])
+    _cpus_arg(args["--cpus"])
+    try:
+        parse_knobs({name: args[f"--{name}"] for name in KNOBS})
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    for d in DEVICE_OPTIONS:
+        given = args[d.option.split()[-1].split("=")[0]]
+        for text in (given if d.repeat else []):
+            d.parse(text)
+    if args["--hypervisor"] not in HYPERVISORS:
+        raise UsageError(f"--hypervisor must be kvm, lguest or auto, not {args['--hypervisor']!r}")
+    return list(argv)
+
+
+def _machine_from_args(args) -> Machine:
+    mem_mb = _mem_mb(args["<mem-in-mb>"])
+    kernel = readable_file(args["<vmlinux>"], "kernel")
+    initrd = args["--initrd"]
+    if initrd is not None:
+        _input_size(initrd, "initrd", mem_mb << 20, "guest RAM")
+    try:
+        knobs = parse_knobs({name: args[f"--{name}"] for name in KNOBS})
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    return Machine(mem_bytes=mem_mb << 20, kernel=os.path.abspath(kernel),
+                   initrd=os.path.abspath(initrd) if initrd else None, cmdline=" ".join(args["<args>"]),
+                   strict=bool(args["--strict"]), knobs=knobs, devices=device_descs(args),
+                   cpus=_cpus_arg(args["--cpus"]))
 
 
 class RunConfig:
-    """Every argument, validated before anything is created."""
+    """Every argument, validated before anything is created: the machine
+    (``self.machine``, what the launcher builds) and how to run it."""
 
     def __init__(self, args):
-        mem = args["<mem-in-mb>"]
-        try:
-            self.mem_mb = int(mem, 10)
-        except ValueError:
-            raise UsageError(f"memory size {mem!r} is not a whole number of megabytes") from None
-        if self.mem_mb <= 0:
-            raise UsageError(f"memory size must be positive, got {self.mem_mb} MB")
-        if self.mem_mb < MIN_MEM_MB:
-            raise UsageError(f"memory size {self.mem_mb} MB is too small to boot Linux (minimum {MIN_MEM_MB} MB)")
-        if self.mem_mb >= 1 << 22:
-            raise UsageError(f"memory size {self.mem_mb} MB is absurd (4 TiB or more)")
+        self.machine = _machine_from_args(args)
+        mem_mb = self.machine.mem_bytes >> 20
         avail = _host_available_mb()
-        if self.mem_mb > avail:
-            raise UsageError(f"memory size {self.mem_mb} MB is more than the host has free ({avail} MB)")
+        if mem_mb > avail:
+            raise UsageError(f"memory size {mem_mb} MB is more than the host has free ({avail} MB)")
         # The whole kernel file is read into host memory; an initrd must fit in guest RAM.
-        self.kernel = args["<vmlinux>"]
-        _input_size(self.kernel, "kernel", avail << 20, "the host has free")
-        self.initrd = args["--initrd"]
-        if self.initrd is not None:
-            _input_size(self.initrd, "initrd", self.mem_mb << 20, "guest RAM")
-        self.cmdline = " ".join(args["<args>"])
-        self.blocks = []
-        for spec in args["--block"]:
-            path, _, flags = spec.partition(",")
-            if flags not in ("", "ro"):
-                raise UsageError(f"--block={spec}: unknown flag {flags!r} (only ',ro')")
-            self.blocks.append((_readable_file(path, "block device file"), flags == "ro"))
-        self.nets = _tunnets(args["--tunnet"])
-        self.rng = bool(args["--rng"])
-        try:
-            self.knobs = parse_knobs({name: args[f"--{name}"] for name in KNOBS})
-        except ValueError as exc:
-            raise UsageError(str(exc)) from None
-        self.cpus = _cpus_arg(args["--cpus"])
+        _input_size(self.machine.kernel, "kernel", avail << 20, "the host has free")
+        _check_host_for(self.machine)
         self.user = None
         if args["--username"]:
             import pwd
@@ -325,7 +362,6 @@ class RunConfig:
         if self.chroot and not os.path.isdir(self.chroot):
             raise UsageError(f"--chroot: {self.chroot!r} is not a directory")
         self.verbose = bool(args["--verbose"])
-        self.strict = bool(args["--strict"])
         self.stats = bool(args["--stats"])
         self.stats_json = args["--stats-json"]
         if self.stats_json is not None:
@@ -333,16 +369,22 @@ class RunConfig:
         self.profile, self.profile_hz = _profile_args(args["--profile"], args["--profile-hz"])
         self.snapshot, self.snapshot_on, self.snapshot_exit = _snapshot_options(args)
         self.restore = None
-        self.net_specs = list(args["--tunnet"])
+        self.boot_argv = None             # set by main: this run's own arguments
         # Last, the check that imports Numba (the KVM backend): every
         # cheaper mistake has been reported by now.
         self.hypervisor = _choose_hypervisor(args["--hypervisor"])
-        if self.cpus > 1 and self.hypervisor != "kvm":
-            raise UsageError(f"--cpus={self.cpus}: the lguest backend runs one vCPU; more need KVM")
+        if self.machine.cpus > 1 and self.hypervisor != "kvm":
+            raise UsageError(f"--cpus={self.machine.cpus}: the lguest backend runs one vCPU; more need KVM")
         if self.profile is not None and self.hypervisor != "kvm":
             raise UsageError("--profile samples a KVM vCPU; the lguest backend has no registers to sample")
         if self.snapshot and self.hypervisor != "kvm":
             raise UsageError("--snapshot needs the KVM backend: the lguest backend has no snapshots")
+        if self.snapshot:
+            from .snapshot import SnapshotError, key
+            try:
+                self.snapshot_key = key()          # now: before privileges are dropped
+            except SnapshotError as exc:
+                raise UsageError(str(exc)) from None
 
 
 def _cpus_arg(value: str | None) -> int:
@@ -421,6 +463,8 @@ class RestoreConfig:
                "--profile-hz")
 
     def __init__(self, args):
+        import dataclasses
+
         from .snapshot import SnapshotError, disk_changed, read
         given = [k for k, v in args.items() if k.startswith("-") and v not in (None, False, [])]
         for opt in given:
@@ -429,41 +473,39 @@ class RestoreConfig:
             if opt not in self.OPTIONS:
                 raise UsageError(f"restore takes only {', '.join(self.OPTIONS)}: the snapshot fixes the rest "
                                  f"({opt} given)")
+        where = args["<dir>"]
         try:
-            self.restore = read(args["<dir>"])
-        except SnapshotError as exc:
-            raise UsageError(str(exc)) from None
-        m = self.restore["machine"]
-        self.mem_mb = m["mem_bytes"] >> 20
+            self.restore = read(where)         # authenticated, every field read through the schema
+            machine = self.restore["machine"]
+            for disk in self.restore["disks"]:
+                why = disk_changed(disk)
+                if why is not None and not args["--force"]:
+                    raise UsageError(why + " (--force to restore anyway)")
+            self.boot_argv = check_boot_argv(self.restore["boot_argv"])
+        except (SnapshotError, MachineError) as exc:
+            raise UsageError(f"snapshot {where!r}: {exc}" if not str(exc).startswith("snapshot ") else str(exc)) \
+                from None
+        except UsageError as exc:
+            raise UsageError(f"snapshot {where!r}: {exc}") from None
+        mem_mb = machine.mem_bytes >> 20
         avail = _host_available_mb()
-        if self.mem_mb > avail:
-            raise UsageError(f"the snapshot's guest has {self.mem_mb} MB, more than the host has free ({avail} MB)")
-        self.kernel, self.cmdline, self.initrd = m.get("kernel"), m.get("cmdline", ""), None
-        self.blocks = []
-        for disk in m["blocks"]:
-            why = disk_changed(disk)
-            if why is not None and (not args["--force"] or not os.path.isfile(disk["path"])):
-                raise UsageError(why + (" (--force to restore anyway)" if os.path.isfile(disk["path"]) else ""))
-            self.blocks.append((disk["path"], disk["readonly"]))
-        specs = args["--tunnet"] or m["nets"]
-        if len(specs) != len(m["nets"]):
-            raise UsageError(f"the snapshot's guest has {len(m['nets'])} network device(s); "
-                             f"restore got {len(specs)} --tunnet")
-        self.nets = _tunnets(specs)
-        self.net_specs = list(specs)
-        self.rng = m["rng"]
-        self.cpus = m.get("cpus", 1)            # snapshots from before --cpus had one
-        from .hw.firmware import MAX_CPUS
-        if type(self.cpus) is not int or not 1 <= self.cpus <= MAX_CPUS:
-            raise UsageError(f"snapshot {args['<dir>']!r}: bad vCPU count {self.cpus!r}")
-        from .devices.knobs import Knobs
-        try:
-            self.knobs = Knobs(**m.get("knobs", {}))     # the devices must offer what the guest negotiated
-        except TypeError as exc:
-            raise UsageError(f"snapshot {args['<dir>']!r}: unknown device knobs ({exc})") from None
+        if mem_mb > avail:
+            raise UsageError(f"the snapshot's guest has {mem_mb} MB, more than the host has free ({avail} MB)")
+        nets = machine.of_kind("net")
+        if args["--tunnet"]:
+            if len(args["--tunnet"]) != len(nets):
+                raise UsageError(f"the snapshot's guest has {len(nets)} network device(s); "
+                                 f"restore got {len(args['--tunnet'])} --tunnet")
+            # --tunnet replaces the snapshot's specs, in order.
+            new = iter(descs("net", args["--tunnet"]))
+            machine = dataclasses.replace(machine, devices=tuple(next(new) if d.kind == "net" else d
+                                                                 for d in machine.devices))
+        if args["--strict"]:
+            machine = dataclasses.replace(machine, strict=True)
+        _check_host_for(machine)
+        self.machine = machine
         self.user = self.chroot = None
         self.verbose = bool(args["--verbose"])
-        self.strict = m["strict"] or bool(args["--strict"])
         self.stats = bool(args["--stats"])
         self.stats_json = args["--stats-json"]
         if self.stats_json is not None:
@@ -506,7 +548,9 @@ class Launcher:
         self.snapshots_taken = 0
         self.first_run_at = None          # wall clock of the first KVM_RUN (--stats: start-up time)
         self.cmos = self.uart = None
-        self.argv = []
+        # In a child of the warm launcher: when its client started (seconds
+        # since the epoch); --stats counts start-up from there.
+        self.client_started = None
 
     def log(self, line: str) -> None:
         print(f"lguest-jit: {line}", file=sys.stderr, flush=True)
@@ -519,46 +563,42 @@ class Launcher:
             self.backend.stop()
 
     def build(self) -> None:
+        """Memory, bus, devices and backend from the machine description
+        (``cfg.machine``): booted afresh, or restored from ``cfg.restore``."""
         from . import pci
-        from .devices import Block, Rng
+        from .devices import DeviceEnv, device_class
         from .hw import loader
         from .hw.memory import GuestMemory
-        cfg = self.cfg
-        if cfg.cpus > 1:
+        cfg, m = self.cfg, self.cfg.machine
+        if m.cpus > 1:
             # Phase 1 of SMP: the MP table and the checks are in place; the
             # backend still runs a single vCPU loop.
-            raise UsageError(f"--cpus={cfg.cpus}: more than one vCPU is not supported yet")
+            raise UsageError(f"--cpus={m.cpus}: more than one vCPU is not supported yet")
         restoring = cfg.restore is not None
         if restoring:
             # The snapshot's RAM, copy-on-write; and the vCPU made first, so
             # a snapshot from another host is refused before any device exists.
-            self.gm = GuestMemory(cfg.mem_mb << 20, image=cfg.restore["ram_file"])
+            self.gm = GuestMemory(m.mem_bytes, image=cfg.restore["ram_file"])
             self._restore_vm()
         else:
-            self.gm = GuestMemory(cfg.mem_mb << 20)
+            self.gm = GuestMemory(m.mem_bytes)
             try:
-                self.info = loader.load_linux(self.gm, cfg.kernel, cfg.cmdline, cfg.initrd, cpus=cfg.cpus)
+                self.info = loader.load_linux(self.gm, m.kernel, m.cmdline, m.initrd, cpus=m.cpus)
             except loader.LoadError as exc:
                 raise UsageError(str(exc)) from None
             except MemoryError:
                 # The files were sized at argument time; the host's free memory may have shrunk since.
-                raise UsageError(f"kernel {cfg.kernel!r}: not enough host memory to load it") from None
+                raise UsageError(f"kernel {m.kernel!r}: not enough host memory to load it") from None
         # MSI-X only where the backend can deliver it (KVM: irqfd + GSI
         # routing); lguest's guests take INTx.
-        self.bus = pci.Bus(self.gm, strict=cfg.strict, notify_mode="single" if cfg.hypervisor == "lguest" else "per-queue",
+        self.bus = pci.Bus(self.gm, strict=m.strict, notify_mode="single" if cfg.hypervisor == "lguest" else "per-queue",
                            fatal=self.fatal, log=self.log if cfg.verbose else None, msix=cfg.hypervisor == "kvm")
-        from .devices import Console
-        from .devices.net import Net
         out_fd = self._console_watch() if cfg.snapshot_on is not None else 1
-        makers = [lambda: Console(output_fd=out_fd, on_fatal=self.fatal, on_interrupt_exit=self._interrupted)]
-        makers += [lambda spec=spec: Net(spec, on_fatal=self.fatal) for spec in cfg.nets]
-        makers += [lambda p=path, ro=ro: Block(p, readonly=ro, on_fatal=self.fatal) for path, ro in cfg.blocks]
-        if cfg.rng:
-            makers.append(lambda: Rng(on_fatal=self.fatal))
-        for make in makers:
+        env = DeviceEnv(on_fatal=self.fatal, console_fd=out_fd, on_interrupt=self._interrupted)
+        for desc in m.devices:
             try:
-                d = make()
-                d.apply_knobs(cfg.knobs)
+                d = device_class(desc.kind).from_options(desc.options, env)
+                d.apply_knobs(m.knobs)
             except (OSError, ValueError) as exc:
                 # A tap that cannot be made, a bridge that is not there, a
                 # disk that cannot be opened: one line, and close() undoes
@@ -638,32 +678,6 @@ class Launcher:
         self._watch_fds = (r, w)
         return w
 
-    def _machine(self) -> dict:
-        import dataclasses
-
-        from .snapshot import disk_identity
-        cfg = self.cfg
-        return {"mem_bytes": self.gm.size, "kernel": os.path.abspath(cfg.kernel) if cfg.kernel else None,
-                "cmdline": cfg.cmdline, "nets": list(cfg.net_specs), "rng": cfg.rng, "strict": cfg.strict,
-                "cpus": cfg.cpus,
-                "blocks": [dict(disk_identity(p), readonly=ro) for p, ro in cfg.blocks],
-                "knobs": dataclasses.asdict(cfg.knobs),
-                "argv": self._boot_argv()}
-
-    def _boot_argv(self) -> list:
-        """How to boot this guest afresh (a restored guest that reboots)."""
-        if self.cfg.restore is not None:
-            return self.cfg.restore["machine"]["argv"]
-        out, skip = [], False
-        for a in self.argv:
-            if skip:
-                skip = False
-            elif a in ("--snapshot", "--snapshot-on"):
-                skip = True
-            elif not a.startswith(("--snapshot", "--force")):
-                out.append(a)
-        return out
-
     def take_snapshot(self) -> dict:
         """Pause every device at a chain boundary, write the snapshot, resume."""
         from . import snapshot
@@ -672,11 +686,14 @@ class Launcher:
         for d in self.devices:
             d.pause()
         try:
-            state = {"machine": self._machine(), "kvm": vmstate.save(vm),
+            m = self.cfg.machine
+            state = {"machine": m.to_fields(),
+                     "disks": [snapshot.disk_identity(p) for d in m.devices for p in d.files()],
+                     "boot_argv": self.cfg.boot_argv, "kvm": vmstate.save(vm),
                      "cpuid": snapshot.cpuid_signature(vm.vcpu_cpuid()), "bus": self.bus.save_state(),
                      "uart": self.uart.save_state(), "cmos": self.cmos.save_state()}
             try:
-                info = snapshot.write(self.cfg.snapshot, self.gm, state)
+                info = snapshot.write(self.cfg.snapshot, self.gm, state, self.cfg.snapshot_key)
             except OSError as exc:
                 self.log(f"snapshot to {self.cfg.snapshot!r} failed: {exc.strerror or exc}; the guest carries on")
                 return {}
@@ -698,18 +715,21 @@ class Launcher:
 
     def _restore_machine(self) -> None:
         from .hw import vmstate
+        from .hw.kvm import KvmError
         st = self.cfg.restore
-        # The vCPU and irqchips first: the device threads that start with the
-        # bus state may raise interrupts at once.
-        refused = vmstate.restore(self.backend, st["kvm"])
-        if refused:
-            self.log(f"restore: KVM refused MSRs {', '.join(hex(i) for i in refused)}")
         try:
+            # The vCPU and irqchips first: the device threads that start with
+            # the bus state may raise interrupts at once.
+            refused = vmstate.restore(self.backend, st["kvm"])
             self.uart.load_state(st["uart"])
             self.cmos.load_state(st["cmos"])
             self.bus.load_state(st["bus"])
-        except (ValueError, KeyError) as exc:
+        except KvmError as exc:
+            raise UsageError(f"snapshot {st['dir']!r}: KVM refused its state ({exc})") from None
+        except ValueError as exc:       # hw.fields.FieldError among them
             raise UsageError(f"snapshot {st['dir']!r} does not fit this machine: {exc}") from None
+        if refused:
+            self.log(f"restore: KVM refused MSRs {', '.join(hex(i) for i in refused)}")
 
     def _interrupted(self) -> None:
         self.fatal("three ^C within one second: stopping the guest")
@@ -775,10 +795,10 @@ class Launcher:
         # The backend knows the moment of its first KVM_RUN (after the
         # compiled loop is loaded); the launcher only when it called it.
         first_run = getattr(self.backend, "first_run_at", None) or self.first_run_at
-        started = PROCESS_START if PROCESS_START is not None else process_start()
+        started = self.client_started if self.client_started is not None else process_start()
         out = {"elapsed_s": time.monotonic() - self.started, "rss_bytes": mem.rss,
                "seconds_to_first_run": None if first_run is None else first_run - started,
-               "warm_launcher": PROCESS_START is not None,        # forked from `lguest-jit server`
+               "warm_launcher": self.client_started is not None,        # forked from `lguest-jit server`
                "context_switches": {"voluntary": ctx.voluntary, "involuntary": ctx.involuntary},
                "threads": threads,
                "queues": {d.name: d.counters() for d in self.devices}}
@@ -816,7 +836,7 @@ class Launcher:
         """Write --profile's folded stacks and print its report (stderr:
         stdout is the guest's console)."""
         from .hw.profile import report
-        for line in report(self.profiler, self.cfg.kernel, self.cfg.profile, self.stats()):
+        for line in report(self.profiler, self.cfg.machine.kernel, self.cfg.profile, self.stats()):
             print(line, file=stream)
 
     def close(self) -> None:
@@ -833,15 +853,6 @@ class Launcher:
             os.close(fd)       # the console is closed: the watcher sees EOF and ends
 
 
-def keep_scipy_out() -> None:
-    """Numba imports SciPy, where installed, only to look for a BLAS for
-    np.dot; no kernel here does linear algebra, and the import costs 0.5 s
-    or more of every start (measured: README, "Snapshots").  The process
-    that runs a guest never needs SciPy, so it is kept out of it."""
-    if "scipy" not in sys.modules:
-        sys.modules["scipy"] = None        # import scipy -> ImportError: Numba skips its BLAS check
-
-
 def _latency_line(lat: dict) -> str:
     """count, p50, p99 of a queue's latency histogram (upper bounds of their
     log2 buckets, so "<=")."""
@@ -853,11 +864,14 @@ def _latency_line(lat: dict) -> str:
     return f"count {lat['count']} (sampled 1 in {lat['sampled_every']}) p50 {us(lat['p50_ns'])} p99 {us(lat['p99_ns'])}"
 
 
-def _run_guest(args, argv) -> int:
+def _run_guest(args, argv, started) -> int:
+    from . import keep_scipy_out
     keep_scipy_out()
     cfg = RestoreConfig(args) if args["restore"] else RunConfig(args)
     launcher = Launcher(cfg)
-    launcher.argv = argv
+    if cfg.restore is None:
+        cfg.boot_argv = boot_argv(argv)
+    launcher.client_started = started
     usr1 = signal.signal(signal.SIGUSR1, lambda *_: launcher.print_stats())
     usr2 = signal.signal(signal.SIGUSR2, lambda *_: launcher.request_snapshot())
     ran = False
@@ -887,7 +901,7 @@ def _run_guest(args, argv) -> int:
     if status is None:
         # The guest rebooted: start afresh, as lguest re-executes itself (a
         # restored guest boots the way its snapshot's launcher was started).
-        again = cfg.restore["machine"]["argv"] if cfg.restore is not None else argv
+        again = cfg.boot_argv if cfg.restore is not None else argv
         os.execv(sys.executable, [sys.executable, "-m", "lguest_jit.main", *again])
     return status
 
@@ -897,12 +911,14 @@ def _server(args) -> int:
 
     from .warm import ServerError, serve
     try:
-        return serve(Path(args["--socket"]) if args["--socket"] else None)
+        return serve(main, Path(args["--socket"]) if args["--socket"] else None)
     except ServerError as exc:
         raise UsageError(f"server: {exc}") from None
 
 
-def main(argv=None) -> int:
+def main(argv=None, started: float | None = None) -> int:
+    """The launcher.  ``started``: set by the warm launcher's child (when
+    its client started); such a run never asks a server again."""
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         args = docopt(__doc__, argv=argv, version=f"lguest-jit {__version__}")
@@ -915,13 +931,13 @@ def main(argv=None) -> int:
             return _bench(args)
         if args["server"]:
             return _server(args)
-        if PROCESS_START is None and args["--hypervisor"] != "lguest":
+        if started is None and args["--hypervisor"] != "lguest":
             from .warm import run_via_server
             status = run_via_server(argv, verbose=args["--verbose"])
             if status is not None:
                 return status
-        return _run_guest(args, argv)
-    except UsageError as exc:
+        return _run_guest(args, argv, started)
+    except (UsageError, MachineError) as exc:
         print(f"lguest-jit: {exc}", file=sys.stderr)
         return 2
 

@@ -236,36 +236,58 @@ def setup_queue(q: np.ndarray, mem_size: int, size: int, max_size: int,
     return OK
 
 
-# What a snapshot may set in a queue's state: its free-running indices and
-# its counters.  Everything else is this process's (the layout is
-# re-validated, the poll budget, vector and clock fields are set afresh).
-_RESTORED_INDICES = (Q_LAST_AVAIL, Q_USED_IDX, Q_SIGNALLED)
-_RESTORED_COUNTERS = (Q_N_CHAINS, Q_N_USED, Q_N_NOTIFY, Q_N_IRQ, Q_N_IRQ_SUPPRESSED, Q_N_ERRORS, Q_N_BYTES,
-                      Q_N_POLL_HITS, Q_N_IRQ_MASKED, Q_N_IRQ_NO_VECTOR, *range(Q_LAT_HIST, Q_LAT_HIST + LAT_BUCKETS))
+# What a snapshot holds of a queue, by name: the ring's layout (validated
+# again on restore), its free-running indices and its counters.  Everything
+# else is this process's (the poll budget, vector and clock fields are set
+# afresh; per-chain fields stay cleared: a paused queue has no chain in hand).
+QUEUE_LAYOUT = {"size": Q_SIZE, "desc": Q_DESC, "avail": Q_AVAIL, "used": Q_USED, "features": Q_FEATURES}
+QUEUE_INDICES = {"last_avail": Q_LAST_AVAIL, "used_idx": Q_USED_IDX, "signalled": Q_SIGNALLED}
+QUEUE_COUNTERS = {"pending": Q_PENDING, "error": Q_ERROR, "chains": Q_N_CHAINS, "used_elements": Q_N_USED,
+                  "notifications": Q_N_NOTIFY, "interrupts": Q_N_IRQ, "interrupts_suppressed": Q_N_IRQ_SUPPRESSED,
+                  "errors": Q_N_ERRORS, "bytes": Q_N_BYTES, "poll_hits": Q_N_POLL_HITS,
+                  "interrupts_masked": Q_N_IRQ_MASKED, "interrupts_no_vector": Q_N_IRQ_NO_VECTOR}
 
 
-def restore_queue(q: np.ndarray, saved, mem_size: int, max_size: int) -> int:
-    """Load a queue's state from a snapshot (untrusted input): the layout is
-    validated as at enable time, the indices masked to their 16 bits, the
-    counters must be non-negative; per-chain scratch fields stay cleared (a
-    paused queue has no chain in hand).  Returns OK or a positive error
-    code (``q`` untouched then)."""
-    saved = np.asarray(saved)
-    if saved.shape != (Q_FIELDS,) or saved.dtype != np.int64:
-        return E_SNAPSHOT_STATE
-    size, desc, avail, used = (int(saved[i]) for i in (Q_SIZE, Q_DESC, Q_AVAIL, Q_USED))
-    counters = saved[list(_RESTORED_COUNTERS)]
-    if min(desc, avail, used) < 0 or (counters < 0).any() or not 0 <= saved[Q_PENDING] <= 0xFFFF \
-            or saved[Q_ERROR] < 0:
-        return E_SNAPSHOT_STATE
-    err = setup_queue(q, mem_size, size, max_size, desc, avail, used, int(saved[Q_FEATURES]))
+assert len({**QUEUE_LAYOUT, **QUEUE_INDICES, **QUEUE_COUNTERS}) == \
+    len(QUEUE_LAYOUT) + len(QUEUE_INDICES) + len(QUEUE_COUNTERS), "one name per saved field"
+
+
+def queue_state_schema():
+    """The fields of ``queue_state()`` (``hw.fields``), with their bounds."""
+    from .hw.fields import Int, List, Record, U
+    f = {"size": Int(1, MAX_QUEUE_SIZE, pow2=True), "desc": U(63), "avail": U(63), "used": U(63),
+         "features": U(63)}
+    f.update({name: U(16) for name in QUEUE_INDICES})
+    f.update({name: U(62) for name in QUEUE_COUNTERS})
+    f["pending"] = U(16)
+    f["latency_histogram"] = List(U(62), LAT_BUCKETS, min_len=LAT_BUCKETS)
+    return Record(f)
+
+
+def queue_state(q: np.ndarray) -> dict:
+    """A paused queue's state for a snapshot (``queue_state_schema``)."""
+    out = {name: int(q[i]) for table in (QUEUE_LAYOUT, QUEUE_INDICES, QUEUE_COUNTERS) for name, i in table.items()}
+    out["latency_histogram"] = [int(v) for v in q[Q_LAT_HIST:Q_LAT_HIST + LAT_BUCKETS]]
+    return out
+
+
+def restore_queue(q: np.ndarray, saved: dict, mem_size: int, max_size: int) -> int:
+    """Load a queue's state from a snapshot (untrusted input): the fields
+    are read through ``queue_state_schema`` (a FieldError names the one
+    that does not fit), the layout is validated as at enable time, the
+    indices masked to their 16 bits.  Returns OK or a positive error code
+    (``q`` untouched then)."""
+    from .hw.fields import check
+    saved = check(queue_state_schema(), saved, "queue")
+    err = setup_queue(q, mem_size, saved["size"], max_size, saved["desc"], saved["avail"], saved["used"],
+                      saved["features"])
     if err:
         return err
-    for i in _RESTORED_INDICES:
-        q[i] = int(saved[i]) & 0xFFFF
-    q[Q_PENDING] = saved[Q_PENDING]
-    q[Q_ERROR] = saved[Q_ERROR]
-    q[list(_RESTORED_COUNTERS)] = counters
+    for name, i in QUEUE_INDICES.items():
+        q[i] = saved[name] & 0xFFFF
+    for name, i in QUEUE_COUNTERS.items():
+        q[i] = saved[name]
+    q[Q_LAT_HIST:Q_LAT_HIST + LAT_BUCKETS] = saved["latency_histogram"]
     return OK
 
 

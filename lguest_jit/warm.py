@@ -252,8 +252,9 @@ class Server:
     """One listening socket, one forked child per request, single-threaded
     (fork in a threaded process could copy a lock held by another thread)."""
 
-    def __init__(self, path: Path, log=None):
+    def __init__(self, path: Path, run, log=None):
         self.path = path
+        self.run = run                  # the launcher's entry: run(argv, started=client's start time)
         self.log = log or (lambda msg: print(f"lguest-jit server: {msg}", file=sys.stderr, flush=True))
         self.identity = _identity()
         self.children: dict[int, socket.socket] = {}
@@ -473,9 +474,7 @@ class Server:
         sys.stdout = open(1, "w", closefd=False, buffering=1 if os.isatty(1) else -1)
         sys.stderr = open(2, "w", closefd=False, buffering=1)
         sys.argv = ["lguest-jit", *request["argv"]]
-        from . import main as launcher
-        launcher.PROCESS_START = float(request.get("started") or time.time())
-        return launcher.main(request["argv"])
+        return self.run(request["argv"], started=float(request.get("started") or time.time()))
 
     def _report(self, conn, status) -> None:
         msg = {"signal": os.WTERMSIG(status)} if os.WIFSIGNALED(status) else {"exit": os.waitstatus_to_exitcode(status)}
@@ -516,17 +515,19 @@ class Server:
                 pass
 
 
-def serve(path: Path | None = None) -> int:
-    """``lguest-jit server``: warm up, listen, serve until SIGINT/SIGTERM."""
+def serve(run, path: Path | None = None) -> int:
+    """``lguest-jit server``: warm up, listen, serve until SIGINT/SIGTERM;
+    each request's child calls ``run(argv, started=...)`` (the launcher's
+    ``main``, passed in: the launcher imports this module, not the reverse)."""
     path = path if path is not None else socket_path()
     if path is None:
         raise ServerError("LGUEST_JIT_SERVER=off: no socket to listen on")
     t0 = time.monotonic()
-    server = Server(path)
+    server = Server(path, run)
     server.check()
     try:
         os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")     # fewer threads copied into nothing at fork
-        from .main import keep_scipy_out
+        from . import keep_scipy_out
         keep_scipy_out()
         n = warm_up()
         server.bind()                     # only now: a client never waits for the warm-up

@@ -177,7 +177,9 @@ except SystemExit as exc:
 # Of the project, only these light modules may answer; of the rest, no
 # Numba or numpy.
 light = {"lguest_jit", "lguest_jit.main", "lguest_jit.hw", "lguest_jit.hw.hosts", "lguest_jit.hw.firmware",
-         "lguest_jit.devices", "lguest_jit.devices.tunspec", "lguest_jit.devices.knobs", "lguest_jit.warm"}   # warm: the client side
+         "lguest_jit.devices", "lguest_jit.devices.tunspec", "lguest_jit.devices.knobs",
+         "lguest_jit.warm",   # warm: the client side
+         "lguest_jit.machine", "lguest_jit.hw.fields"}
 loaded = [m for m in sys.modules if m.split(".")[0] in ("numba", "numpy", "benchmarks")
           or (m.startswith("lguest_jit") and m not in light)]
 print(json.dumps({"status": status, "loaded": sorted(loaded)}))

@@ -8,8 +8,7 @@ import pytest
 from lguest_jit import vring
 from lguest_jit.devices import Block, Rng
 from lguest_jit.devices import block as blk
-from lguest_jit.devices.knobs import (DEFAULT_QUEUE_SIZES, KNOBS, QUEUE_SIZE_LIMIT, Knobs, parse_knobs,
-                                      parse_sweep)
+from lguest_jit.devices.knobs import KNOBS, QUEUE_SIZE_LIMIT, Knobs, parse_knobs, parse_sweep
 from lguest_jit.testing import VirtioPciDriver
 
 F_EVENT_IDX = 1 << vring.VIRTIO_RING_F_EVENT_IDX
@@ -18,10 +17,17 @@ F_INDIRECT = 1 << vring.VIRTIO_RING_F_INDIRECT_DESC
 
 def test_the_limit_is_vrings_and_the_defaults_are_the_devices():
     assert QUEUE_SIZE_LIMIT == vring.MAX_QUEUE_SIZE
-    assert parse_knobs({}) == Knobs()
-    assert Block.queue_max_sizes == (DEFAULT_QUEUE_SIZES["block"],)
-    assert Rng.queue_max_sizes == (DEFAULT_QUEUE_SIZES["rng"],)
+    # Nothing set: every device keeps what its class declares.
+    assert parse_knobs({}) == Knobs() and Knobs().queue_size is None and Knobs().blk_poll_us is None
+    assert Block.queue_max_sizes == (blk.QUEUE_SIZE,) and Rng.queue_max_sizes == (64,)
     assert set(KNOBS) == {"queue-size", "blk-poll-us", "event-idx", "indirect", "seg-max"}
+
+
+def test_the_help_is_the_knob_tables():
+    from lguest_jit import main
+    for name, (_, _, meta, text) in KNOBS.items():
+        assert f"--{name}={meta}" in main.__doc__
+        assert " ".join(main.__doc__.split()).count(text) == 1, name
 
 
 @pytest.mark.parametrize("values, words", [
@@ -34,13 +40,25 @@ def test_the_limit_is_vrings_and_the_defaults_are_the_devices():
     ({"event-idx": "yes"}, "on or off"),
     ({"indirect": "1"}, "on or off"),
     ({"seg-max": "0"}, "at least 1"),
-    ({"seg-max": "127"}, "queue size (128) - 2"),
     ({"seg-max": "20", "queue-size": "16"}, "queue size (16) - 2"),
 ])
 def test_bad_knob_values_are_one_line(values, words):
     with pytest.raises(ValueError) as e:
         parse_knobs(values)
     assert words in str(e.value) and "\n" not in str(e.value)
+
+
+def test_seg_max_beyond_the_block_devices_own_queue_is_one_line(tmp_path):
+    # The block device's own queue size (128) is the device's: it checks.
+    path = tmp_path / "disk"
+    path.write_bytes(bytes(1 << 20))
+    dev = Block(str(path))
+    try:
+        with pytest.raises(ValueError) as e:
+            dev.apply_knobs(parse_knobs({"seg-max": "127"}))
+        assert "queue size (128) - 2" in str(e.value) and "\n" not in str(e.value)
+    finally:
+        dev.close()
 
 
 def test_sweep_spec():

@@ -28,6 +28,7 @@ class ConsoleLike(RecordingDevice):
     max_nr_ports) so every structure is present."""
     device_type = 3
     name = "console"
+    pci_class = (0x07, 0x80)        # a device declares its class (as devices.Console does)
     queue_max_sizes = (256, 64)
     features = 1 << vring.VIRTIO_RING_F_EVENT_IDX
 

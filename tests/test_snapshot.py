@@ -125,6 +125,21 @@ CPUID_FLIPS = {
 }
 
 
+def reseal(where, doc, body):
+    """Write ``body`` into the snapshot at ``where`` as this user's launcher
+    would: checksum and HMAC (this user's key, over the RAM file's digest)."""
+    from lguest_jit import snapshot
+    doc["body"] = json.dumps(body, sort_keys=True)
+    doc["sha256"] = hashlib.sha256(doc["body"].encode()).hexdigest()
+    fd = os.open(where / "ram", os.O_RDONLY)
+    try:
+        digest = snapshot.file_digest(fd, os.fstat(fd).st_size)
+    finally:
+        os.close(fd)
+    doc["hmac"] = snapshot.sign(snapshot.key(), doc["body"].encode(), digest)
+    (where / "state.json").write_text(json.dumps(doc))
+
+
 def _damage(src, dst, how):
     shutil.copytree(src, dst)
     state = dst / "state.json"
@@ -139,7 +154,12 @@ def _damage(src, dst, how):
         doc["version"] = 99
         state.write_text(json.dumps(doc))
     elif how == "checksum":
-        doc["body"] = doc["body"].replace('"rng": false', '"rng": true')
+        doc["body"] = doc["body"].replace('"strict": false', '"strict": true')
+        state.write_text(json.dumps(doc))
+    elif how == "not authentic":       # a consistent file, not sealed with this user's key
+        body["machine"]["strict"] = True
+        doc["body"] = json.dumps(body, sort_keys=True)
+        doc["sha256"] = hashlib.sha256(doc["body"].encode()).hexdigest()
         state.write_text(json.dumps(doc))
     elif how in CPUID_FLIPS or how in ("cpus zero", "cpus text"):
         if how in CPUID_FLIPS:
@@ -148,10 +168,15 @@ def _damage(src, dst, how):
             leaf[field] ^= bit
         else:
             body["machine"]["cpus"] = 0 if how == "cpus zero" else "2"
-        doc["body"] = json.dumps(body, sort_keys=True)
-        doc["sha256"] = hashlib.sha256(doc["body"].encode()).hexdigest()
-        state.write_text(json.dumps(doc))
-    elif how == "ram size":
+        reseal(dst, doc, body)
+    elif how == "ram changed":
+        with open(dst / "ram", "r+b") as f:
+            f.seek(1 << 20)
+            f.write(b"\x90" * 16)
+    elif how == "ram size":            # sealed again by this user: the size check itself
+        os.truncate(dst / "ram", 4096)
+        reseal(dst, doc, body)
+    elif how == "ram truncated":
         os.truncate(dst / "ram", 4096)
     elif how == "no ram":
         os.unlink(dst / "ram")
@@ -165,13 +190,16 @@ BAD = [
     ("not ours", "not an lguest-jit snapshot"),
     ("version", "format version 99"),
     ("checksum", "checksum mismatch"),
+    ("not authentic", "authentication failed"),
+    ("ram changed", "authentication failed"),
     ("cpuid", "another kind of host"),
-    ("cpus zero", "bad vCPU count 0"),
-    ("cpus text", "bad vCPU count '2'"),
+    ("cpus zero", "machine.cpus: 0 is outside 1..255"),
+    ("cpus text", "machine.cpus: expected a whole number"),
     ("cpuid leaf 1 ecx", "another kind of host: CPUID leaf 0x1.0 differs from the snapshot's host (ecx"),
     ("cpuid leaf 1 edx", "another kind of host: CPUID leaf 0x1.0 differs from the snapshot's host (edx"),
     ("cpuid leaf 7 ebx", "another kind of host: CPUID leaf 0x7.0 differs from the snapshot's host (ebx"),
     ("ram size", "RAM file holds 4096 bytes"),
+    ("ram truncated", "authentication failed"),
     ("no ram", "ram is missing"),
     ("no state", "state.json is missing"),
 ]
@@ -331,33 +359,40 @@ def test_device_state_round_trips_and_the_restored_device_serves_on(rng_state):
 
 
 def _tamper(st, how):
+    import base64
     import copy
-
-    from lguest_jit import pci, vring
     st = copy.deepcopy(st)
     d = st["devices"][0]
     if how == "ring outside RAM":
-        d["queues"][0][vring.Q_USED] = 1 << 40
+        d["queues"][0]["ring"]["used"] = 1 << 40
     elif how == "negative index":
-        d["queues"][0][vring.Q_N_CHAINS] = -5
+        d["queues"][0]["ring"]["chains"] = -5
     elif how == "queue count":
-        d["regs"][0, pci.S_NUM_QUEUES] = 400
+        d["registers"]["num_queues"] = 400
     elif how == "queue select":
-        d["regs"][0, pci.S_QSELECT] = -1
-    elif how == "write mask":
-        st["space"][1, pci.P_WMASK, 0] = 0xFF
+        d["registers"]["queue_select"] = -1
+    elif how == "read-only config space":
+        cfg = bytearray(base64.b64decode(st["config_space"][1]))
+        cfg[0] ^= 0xFF                                   # the vendor ID
+        st["config_space"][1] = base64.b64encode(bytes(cfg)).decode()
     elif how == "shape":
-        d["bytes"] = d["bytes"][:-1]
+        d["config"] = base64.b64encode(base64.b64decode(d["config"]) + b"\0").decode()
+    elif how == "unknown field":
+        d["registers"]["extra"] = 1
+    elif how == "wrong type":
+        d["queues"][0]["ring"]["size"] = "x"
     return st
 
 
 @pytest.mark.parametrize("how,message", [
     ("ring outside RAM", "used ring lies outside guest RAM"),
-    ("negative index", "negative counters"),
+    ("negative index", "chains: -5 is outside"),
     ("queue count", "other queues, features or config"),
-    ("queue select", "registers out of range"),
-    ("write mask", "built for other devices"),
-    ("shape", "snapshot config have shape"),
+    ("queue select", "queue_select: -1 is outside"),
+    ("read-only config space", "built for other devices"),
+    ("shape", "other queues, features or config"),
+    ("unknown field", "unknown field 'extra'"),
+    ("wrong type", "size: expected a whole number"),
 ])
 def test_a_crafted_device_state_is_refused(rng_state, how, message):
     from lguest_jit.hw.memory import GuestMemory

@@ -183,3 +183,20 @@ def test_a_well_formed_header_with_bad_fields_is_declined(server):
         s.close()
         assert "malformed" in reply.get("refused", ""), (bad, reply)
     assert proc.poll() is None and _children(proc.pid) == []
+
+
+def test_the_launcher_and_the_warm_launcher_do_not_import_each_other():
+    # warm.py reaches main only through the callable serve() is given.
+    import ast
+    from pathlib import Path
+
+    import lguest_jit
+    src = (Path(lguest_jit.__file__).parent / "warm.py").read_text()
+    names = set()
+    for node in ast.walk(ast.parse(src)):
+        if isinstance(node, ast.ImportFrom):
+            names.add(node.module or "")
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+    assert not {"main", "lguest_jit.main", ".main"} & names, names

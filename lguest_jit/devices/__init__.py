@@ -1,14 +1,33 @@
 """The lguest devices: console, block, network and rng, each virtqueue served
 by its own thread running nogil kernels.  See base.py for the lifecycle.
 
-Device modules load on first use (they bring Numba); ``tunspec`` is light,
-so the CLI can check ``--tunnet`` before it loads the engine."""
+``DEVICES`` is the registry: one line per device, its kind (the name a
+machine description and a snapshot use) and where its class lives.  The
+class declares the rest (``base.Device``): PCI class, queue sizes and other
+defaults, how it is built from its options, and its saved state.
+
+Device modules load on first use (they bring Numba); ``tunspec`` and
+``knobs`` are light, so the CLI checks its options before it loads the
+engine."""
 import importlib
 
+DEVICES = {
+    "console": "console.Console",
+    "block": "block.Block",
+    "net": "net.Net",
+    "rng": "rng.Rng",
+}
+
 _WHERE = {
-    "Device": "base", "error_message": "base", "Block": "block", "Console": "console",
+    "Device": "base", "DeviceEnv": "base", "error_message": "base", "Block": "block", "Console": "console",
     "raw_terminal": "console", "Net": "net", "TunSpec": "tunspec", "parse_tunnet": "tunspec", "Rng": "rng",
 }
+
+
+def device_class(kind: str):
+    """The class of registered device ``kind`` (its module loaded now)."""
+    module, _, name = DEVICES[kind].partition(".")
+    return getattr(importlib.import_module(f"{__name__}.{module}"), name)
 
 
 def __getattr__(name):

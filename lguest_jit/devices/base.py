@@ -16,6 +16,14 @@ the device's ``stop_fd`` eventfd in their poll set.
 
 Errors: every driver rule, the ring's and the chain shapes devices require,
 has one code in vring's table (``vring.error_message``).
+
+What a device declares (class attributes; the registry in ``__init__`` is
+one line per device): ``kind`` (its registry name), ``device_type`` and
+``pci_class`` (virtio and PCI identity), ``queue_max_sizes`` and any other
+default a knob can change, ``from_options`` (built from a machine
+description's options, ``lguest_jit.machine``), and ``STATE`` with
+``save_state``/``load_state`` when it has state of its own beyond the
+transport's (a snapshot).
 """
 from __future__ import annotations
 
@@ -23,6 +31,8 @@ import os
 import resource
 import sys
 import threading
+from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
@@ -33,6 +43,15 @@ from ..vring import error_message  # noqa: F401 - one table names every rule a d
 
 def _default_fatal(message: str) -> None:
     print(f"lguest-jit: {message}", file=sys.stderr, flush=True)
+
+
+@dataclass(frozen=True)
+class DeviceEnv:
+    """What the launcher hands every device it builds: where fatal errors
+    go, and the console's output and interrupt hook."""
+    on_fatal: Callable[[str], None] = _default_fatal
+    console_fd: int = 1
+    on_interrupt: Callable[[], None] | None = None
 
 
 class Device(VirtioDevice):
@@ -47,6 +66,12 @@ class Device(VirtioDevice):
     latency_every: int = vring.LAT_EVERY
     # Ring features every device offers (§2.4.5.3, §2.4.7).
     RING_FEATURES = (1 << vring.VIRTIO_RING_F_INDIRECT_DESC) | (1 << vring.VIRTIO_RING_F_EVENT_IDX)
+
+    @classmethod
+    def from_options(cls, options: dict, env: DeviceEnv) -> "Device":
+        """The device a machine description's entry asks for (``options``
+        checked by ``lguest_jit.machine``); a device with options overrides it."""
+        return cls(on_fatal=env.on_fatal, **options)
 
     def __init__(self, on_fatal=None):
         self.on_fatal = on_fatal or _default_fatal

@@ -19,11 +19,11 @@ from numba import njit
 
 from ..hw.libc import (EINTR, FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, fill_host_iov,
                        host_iov, sys_fallocate, sys_fdatasync, sys_preadv, sys_pwritev)
-from ..hw.memory import ld_u32, ld_u64, st_u8
+from ..hw.memory import ld_u32, ld_u64, put_le, st_u8
 from ..vring import (CHAIN_REQUEST, Q_IN, Q_IN_BYTES, Q_N_BYTES, Q_OUT, Q_OUT_BYTES, buf_to_iov, complete, finish,
                      iov_advance, iov_consume, iov_to_buf, next_chain)
 from .base import Device
-from .knobs import DEFAULT_BLK_POLL_US, DEFAULT_QUEUE_SIZES
+from .knobs import check_seg_max
 
 VIRTIO_ID_BLOCK = 2
 SECTOR = 512
@@ -53,7 +53,8 @@ CFG_MAX_WZ_SEG = 52
 CFG_WZ_MAY_UNMAP = 56
 CFG_SIZE = 60
 
-QUEUE_SIZE = DEFAULT_QUEUE_SIZES["block"]
+QUEUE_SIZE = 128
+POLL_US = 50.0      # a 4 KiB read takes ~1.5 us; a sleep and wake-up costs several
 MAX_DISCARD_SECTORS = (1 << 32) - 1 - 7     # 512-byte sectors, 4 KiB aligned
 MAX_DISCARD_SEGS = 16
 
@@ -186,10 +187,12 @@ class Block(Device):
     that cannot be opened for writing, or ``readonly=True``, gives a
     read-only disk (VIRTIO_BLK_F_RO)."""
 
+    kind = "block"
     device_type = VIRTIO_ID_BLOCK
+    pci_class = (0x01, 0x80)        # mass storage controller, other
     queue_names = ("requests",)
     queue_max_sizes = (QUEUE_SIZE,)
-    poll_us = DEFAULT_BLK_POLL_US
+    poll_us = POLL_US
 
     def __init__(self, path: str, readonly: bool = False, on_fatal=None):
         super().__init__(on_fatal)
@@ -209,15 +212,14 @@ class Block(Device):
                          | 1 << VIRTIO_BLK_F_DISCARD | 1 << VIRTIO_BLK_F_WRITE_ZEROES
                          | (1 << VIRTIO_BLK_F_RO if readonly else 0))
         cfg = np.zeros(CFG_SIZE, dtype=np.uint8)
-        put = _ConfigWriter(cfg)
-        put(CFG_CAPACITY, 8, self.capacity_bytes // SECTOR)
-        put(CFG_SEG_MAX, 4, QUEUE_SIZE - 2)            # header and status take two
-        put(CFG_MAX_DISCARD_SECTORS, 4, MAX_DISCARD_SECTORS)
-        put(CFG_MAX_DISCARD_SEG, 4, MAX_DISCARD_SEGS)
-        put(CFG_DISCARD_ALIGN, 4, 4096 // SECTOR)
-        put(CFG_MAX_WZ_SECTORS, 4, MAX_DISCARD_SECTORS)
-        put(CFG_MAX_WZ_SEG, 4, MAX_DISCARD_SEGS)
-        put(CFG_WZ_MAY_UNMAP, 1, 1)
+        put_le(cfg, CFG_CAPACITY, 8, self.capacity_bytes // SECTOR)
+        put_le(cfg, CFG_SEG_MAX, 4, QUEUE_SIZE - 2)            # header and status take two
+        put_le(cfg, CFG_MAX_DISCARD_SECTORS, 4, MAX_DISCARD_SECTORS)
+        put_le(cfg, CFG_MAX_DISCARD_SEG, 4, MAX_DISCARD_SEGS)
+        put_le(cfg, CFG_DISCARD_ALIGN, 4, 4096 // SECTOR)
+        put_le(cfg, CFG_MAX_WZ_SECTORS, 4, MAX_DISCARD_SECTORS)
+        put_le(cfg, CFG_MAX_WZ_SEG, 4, MAX_DISCARD_SEGS)
+        put_le(cfg, CFG_WZ_MAY_UNMAP, 1, 1)
         self.config = cfg
         self.limits = np.array([self.capacity_bytes, int(readonly), MAX_DISCARD_SECTORS, MAX_DISCARD_SEGS],
                                dtype=np.int64)
@@ -227,11 +229,11 @@ class Block(Device):
 
     def apply_knobs(self, knobs) -> None:
         super().apply_knobs(knobs)
-        self.poll_us = knobs.blk_poll_us
-        seg_max = knobs.block_seg_max()
-        if not 1 <= seg_max <= self.queue_max_sizes[0] - 2:
-            raise ValueError(f"{self.name}: seg_max {seg_max} does not fit a queue of {self.queue_max_sizes[0]}")
-        _ConfigWriter(self.config)(CFG_SEG_MAX, 4, seg_max)
+        if knobs.blk_poll_us is not None:
+            self.poll_us = knobs.blk_poll_us
+        check_seg_max(knobs.seg_max, self.queue_max_sizes[0])
+        seg_max = knobs.seg_max if knobs.seg_max is not None else self.queue_max_sizes[0] - 2
+        put_le(self.config, CFG_SEG_MAX, 4, seg_max)
 
     def serve(self, index, ctx, stop_fd):
         return int(_blk_serve(*self.queue_args(ctx, index), host_iov(self.queue_max_sizes[index]), np.zeros(HDR_SIZE, np.uint8),
@@ -242,11 +244,3 @@ class Block(Device):
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
-
-
-class _ConfigWriter:
-    def __init__(self, arr):
-        self.arr = arr
-
-    def __call__(self, off, width, value):
-        self.arr[off:off + width] = np.frombuffer(int(value).to_bytes(width, "little"), dtype=np.uint8)

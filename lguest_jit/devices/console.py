@@ -44,13 +44,12 @@ from ..hw.memory import ld_u8
 from ..vring import (CHAIN_READABLE, CHAIN_WRITABLE, Q_IN, Q_IN_BYTES, Q_OUT, Q_OUT_BYTES, Q_STOP, STOPPED, complete,
                      finish, iov_advance, next_chain, notify_used, unpop)
 from .base import Device
-from .knobs import DEFAULT_QUEUE_SIZES
 
 VIRTIO_ID_CONSOLE = 3
 VIRTIO_CONSOLE_F_EMERG_WRITE = 2     # §5.3.3
 
 RECEIVEQ, TRANSMITQ = 0, 1
-QUEUE_SIZE = DEFAULT_QUEUE_SIZES["console"]
+QUEUE_SIZE = 128
 
 # Config layout (§5.3.4): cols u16, rows u16, max_nr_ports u32, emerg_wr u32.
 CFG_COLS = 0
@@ -274,9 +273,15 @@ class Console(Device):
     device_type = VIRTIO_ID_CONSOLE
     name = "console"
     queue_names = ("receiveq", "transmitq")
+    kind = "console"
+    pci_class = (0x07, 0x80)        # simple communication controller, other
     queue_max_sizes = (QUEUE_SIZE, QUEUE_SIZE)
     CTRL_C_WINDOW = 1.0
     EMERGENCY_WAIT = 1.0     # seconds an emergency byte may wait for a full output
+
+    @classmethod
+    def from_options(cls, options, env):
+        return cls(output_fd=env.console_fd, on_fatal=env.on_fatal, on_interrupt_exit=env.on_interrupt)
 
     def __init__(self, input_fd: int | None = 0, output_fd: int = 1, on_fatal=None, on_interrupt_exit=None,
                  log=None):

@@ -5,6 +5,11 @@ offer (``--queue-size``, ``--blk-poll-us``, ``--event-idx``, ``--indirect``,
 Standard library only: the CLI checks every knob before it loads Numba.
 Devices take a :class:`Knobs` through ``Device.apply_knobs`` before they are
 put on the bus (the transport reads the queue sizes and features then).
+A knob left unset (None) means the device's own default, which the device
+class declares (``queue_max_sizes``, ``Block.poll_us``, ...): this module
+knows no device.  ``KNOBS`` is the one table of the options: the launcher's
+help text is generated from it, and ``SCHEMA`` reads them from a snapshot
+with the same bounds.
 """
 from __future__ import annotations
 
@@ -12,12 +17,8 @@ import dataclasses
 import json
 import os
 
-# The queue size each device offers unless --queue-size says otherwise (the
-# device modules take theirs from here).
-DEFAULT_QUEUE_SIZES = {"console": 128, "block": 128, "net": 256, "rng": 64}
 MIN_QUEUE_SIZE = 4            # a block request needs a header, data and status
 QUEUE_SIZE_LIMIT = 32768      # §2.4: vring.MAX_QUEUE_SIZE (vring brings Numba; a test checks they agree)
-DEFAULT_BLK_POLL_US = 50.0    # a 4 KiB read takes ~1.5 us; a sleep and wake-up costs several
 MAX_POLL_US = 100_000.0
 # The environment variable through which `bench sweep` hands a benchmark
 # (and its pure-Python subprocess) the knob value being measured.
@@ -26,18 +27,12 @@ BENCH_ENV = "LGUEST_JIT_BENCH_KNOBS"
 
 @dataclasses.dataclass(frozen=True)
 class Knobs:
-    """Every knob, None or the default meaning "as the device chooses"."""
+    """Every knob; None means "as the device chooses"."""
     queue_size: int | None = None          # every queue's maximum size
-    blk_poll_us: float = DEFAULT_BLK_POLL_US
+    blk_poll_us: float | None = None
     event_idx: bool = True                 # offer VIRTIO_RING_F_EVENT_IDX
     indirect: bool = True                  # offer VIRTIO_RING_F_INDIRECT_DESC
-    seg_max: int | None = None             # block: data segments per request (default queue size - 2)
-
-    def block_seg_max(self) -> int:
-        return self.seg_max if self.seg_max is not None else self.block_queue_size() - 2
-
-    def block_queue_size(self) -> int:
-        return self.queue_size or DEFAULT_QUEUE_SIZES["block"]
+    seg_max: int | None = None             # block: data segments per request
 
     def to_env(self) -> str:
         return json.dumps(dataclasses.asdict(self))
@@ -87,34 +82,53 @@ def _seg_max(text: str) -> int:
     return n
 
 
-# option name -> (Knobs field, parser, what the help says about its default)
+# option name -> (Knobs field, parser, metavariable, help).  The help is
+# the launcher's --help text for the option (main generates its docopt
+# text from this table).
 KNOBS = {
-    "queue-size": ("queue_size", _queue_size, "each device's own: " + ", ".join(
-        f"{k} {v}" for k, v in DEFAULT_QUEUE_SIZES.items())),
-    "blk-poll-us": ("blk_poll_us", _poll_us, f"{DEFAULT_BLK_POLL_US:g}"),
-    "event-idx": ("event_idx", _on_off("event-idx"), "on"),
-    "indirect": ("indirect", _on_off("indirect"), "on"),
-    "seg-max": ("seg_max", _seg_max, "the block queue size - 2"),
+    "queue-size": ("queue_size", _queue_size, "N", f"Queue size every device offers, a power of two from "
+                   f"{MIN_QUEUE_SIZE} to {QUEUE_SIZE_LIMIT} (default: each device's own)."),
+    "blk-poll-us": ("blk_poll_us", _poll_us, "US", "Block: busy-poll this long for the next request before "
+                    "sleeping, 0 never (default: the block device's own)."),
+    "event-idx": ("event_idx", _on_off("event-idx"), "ON|OFF", "Offer VIRTIO_RING_F_EVENT_IDX, on or off "
+                  "(default: on)."),
+    "indirect": ("indirect", _on_off("indirect"), "ON|OFF", "Offer indirect descriptors, on or off "
+                 "(default: on)."),
+    "seg-max": ("seg_max", _seg_max, "N", "Block: data segments per request offered as seg_max (default: the "
+                "block queue size - 2)."),
 }
 
 
 def parse_knobs(values: dict) -> Knobs:
     """``{option name: text or None}`` -> Knobs; ValueError (one line) for a
-    bad value or a combination that cannot work."""
+    bad value or a combination that cannot work whatever the device."""
     fields = {}
     for name, text in values.items():
         if text is None:
             continue
         if name not in KNOBS:
             raise ValueError(f"unknown knob {name!r}; knobs: {', '.join(KNOBS)}")
-        field, parse, _ = KNOBS[name]
+        field, parse, _, _ = KNOBS[name]
         fields[field] = parse(text)
     knobs = Knobs(**fields)
-    # §5.2.4: the header and the status byte take two of a chain's descriptors.
-    if knobs.block_seg_max() > knobs.block_queue_size() - 2:
-        raise ValueError(f"--seg-max={knobs.seg_max}: more than the block queue size ({knobs.block_queue_size()}) "
-                         f"- 2 leaves no room for a request's header and status")
+    check_seg_max(knobs.seg_max, knobs.queue_size)
     return knobs
+
+
+def check_seg_max(seg_max: int | None, queue_size: int | None) -> None:
+    """§5.2.4: the header and the status byte take two of a chain's
+    descriptors (the block device calls this with its own queue size)."""
+    if seg_max is not None and queue_size is not None and seg_max > queue_size - 2:
+        raise ValueError(f"--seg-max={seg_max}: more than the block queue size ({queue_size}) "
+                         f"- 2 leaves no room for a request's header and status")
+
+
+def knobs_schema():
+    """How a snapshot's knobs are read (hw.fields): the command line's bounds."""
+    from ..hw.fields import Bool, Float, Int, Record
+    return Record({"queue_size": Int(MIN_QUEUE_SIZE, QUEUE_SIZE_LIMIT, pow2=True), "blk_poll_us": Float(0, MAX_POLL_US),
+                   "event_idx": Bool(), "indirect": Bool(), "seg_max": Int(1, QUEUE_SIZE_LIMIT - 2)},
+                  optional=("queue_size", "blk_poll_us", "seg_max"))
 
 
 def parse_sweep(spec: str) -> tuple[str, list[str]]:

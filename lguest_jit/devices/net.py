@@ -37,13 +37,13 @@ from ..hw.libc import (EAGAIN, EINTR, POLLERR, POLLHUP, POLLIN, POLLNVAL, POLLOU
                        sys_poll, sys_readv, sys_writev)
 from ..vring import (CHAIN_READABLE, CHAIN_WRITABLE, Q_IN, Q_OUT, Q_STOP, STOPPED, complete, finish, next_chain,
                      notify_used, unpop)
+from ..hw.memory import put_le
 from .base import Device
-from .knobs import DEFAULT_QUEUE_SIZES
 from .tunspec import BRIDGE_PREFIX, TunSpec, format_mac, parse_mac, parse_tunnet  # noqa: F401
 
 VIRTIO_ID_NET = 1
 RX, TX = 0, 1
-QUEUE_SIZE = DEFAULT_QUEUE_SIZES["net"]
+QUEUE_SIZE = 256
 
 # Feature bits (§5.1.3)
 VIRTIO_NET_F_CSUM = 0
@@ -324,7 +324,9 @@ class Net(Device):
     MAC.  ``close()`` stops the threads and closes the tap (the kernel then
     deletes the interface)."""
 
+    kind = "net"
     device_type = VIRTIO_ID_NET
+    pci_class = (0x02, 0x00)        # network controller, Ethernet
     queue_names = ("rx", "tx")
     queue_max_sizes = (QUEUE_SIZE, QUEUE_SIZE)
 
@@ -346,8 +348,8 @@ class Net(Device):
         self.features = self.RING_FEATURES | LGUEST_FEATURES
         cfg = np.zeros(CFG_SIZE, dtype=np.uint8)
         cfg[CFG_MAC:CFG_MAC + 6] = np.frombuffer(self.mac, dtype=np.uint8)
-        cfg[CFG_STATUS] = VIRTIO_NET_S_LINK_UP
-        cfg[CFG_MAX_VQ_PAIRS] = 1
+        put_le(cfg, CFG_STATUS, 2, VIRTIO_NET_S_LINK_UP)
+        put_le(cfg, CFG_MAX_VQ_PAIRS, 2, 1)
         self.config = cfg
         self.offloads = TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6 | TUN_F_TSO_ECN
         self.stats = np.zeros(NS_FIELDS, dtype=np.int64)

@@ -13,10 +13,9 @@ from numba import njit
 from ..hw.libc import EINTR, sys_getrandom
 from ..vring import CHAIN_WRITABLE, Q_IN, complete, finish, next_chain
 from .base import Device
-from .knobs import DEFAULT_QUEUE_SIZES
 
 VIRTIO_ID_RNG = 4
-QUEUE_SIZE = DEFAULT_QUEUE_SIZES["rng"]
+QUEUE_SIZE = 64
 BYTES_PER_REQUEST = 4096
 
 
@@ -53,8 +52,9 @@ def _rng_serve(mem, q, iov, notify_fd, isr, irq_fd, scratch, cap):
 
 
 class Rng(Device):
+    kind = name = "rng"
     device_type = VIRTIO_ID_RNG
-    name = "rng"
+    pci_class = (0xFF, 0x00)        # unassigned class (as QEMU's virtio-rng)
     queue_names = ("requests",)
     queue_max_sizes = (QUEUE_SIZE,)
 

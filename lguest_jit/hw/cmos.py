@@ -29,6 +29,8 @@ import time
 import numpy as np
 from numba import njit
 
+from .fields import Blob, Int, List, Record, blob, check
+
 INDEX_PORT, DATA_PORT = 0x70, 0x71
 
 SECONDS, MINUTES, HOURS, WEEKDAY, DAY, MONTH, YEAR = 0x00, 0x02, 0x04, 0x06, 0x07, 0x08, 0x09
@@ -247,23 +249,24 @@ class CmosRtc:
         """Guest clock minus host clock, seconds."""
         return int(self.state[C_OFFSET])
 
+    # A snapshot's fields: index, RAM, pending time writes (-1: none) and the
+    # guest's clock offset, relative to host time, so a restored guest's
+    # wall clock reads the host's time as before.
+    STATE = Record({"index": Int(0, 127), "ram": Blob(128), "pending": List(Int(-1, 0xFF), 128, min_len=128),
+                    "offset_s": Int(-(2**40) + 1, 2**40 - 1)})
+
     def save_state(self) -> dict:
-        """Index, RAM, pending time writes and the guest's clock offset (a
-        snapshot).  The offset is relative to host time, so a restored
-        guest's wall clock reads the host's time as before."""
-        return {"state": [int(v) for v in self.state]}
+        st = self.state
+        return {"index": int(st[C_INDEX]), "ram": blob(bytes(int(v) for v in st[C_RAM:C_RAM + 128])),
+                "pending": [int(v) for v in st[C_PENDING:C_PENDING + 128]], "offset_s": int(st[C_OFFSET])}
 
     def load_state(self, st: dict) -> None:
-        """Put back ``save_state()``, checked (a snapshot is untrusted): the
-        index must address the RAM, each byte be a byte."""
-        v = st["state"]
-        if len(v) != C_FIELDS or not all(isinstance(x, int) for x in v):
-            raise ValueError(f"CMOS state of {len(v)} fields, expected {C_FIELDS}")
-        ram, pending = v[C_RAM:C_RAM + 128], v[C_PENDING:C_PENDING + 128]
-        if not (0 <= v[C_INDEX] < 128 and all(0 <= x <= 0xFF for x in ram)
-                and all(-1 <= x <= 0xFF for x in pending) and abs(v[C_OFFSET]) < 2**40):
-            raise ValueError("CMOS state out of range")
-        self.state[:] = v
+        """Put back ``save_state()``, every field checked (``STATE``)."""
+        st = check(self.STATE, st, "cmos")
+        self.state[C_INDEX] = st["index"]
+        self.state[C_RAM:C_RAM + 128] = np.frombuffer(st["ram"], dtype=np.uint8)
+        self.state[C_PENDING:C_PENDING + 128] = st["pending"]
+        self.state[C_OFFSET] = st["offset_s"]
 
     def register(self, bus) -> None:
         add = getattr(bus, "add_kernel_ports", None)

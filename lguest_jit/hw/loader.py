@@ -578,6 +578,24 @@ _LZ4_ERRORS = {
 }
 
 
+def _lz4_length_py(src, i, end, length):
+    """An LZ4 length that continues past its token's 15: bytes are added
+    until one is not 255.  Returns (length, index after it), the index -1
+    when the bytes run past ``end``.  One definition for both decoders: the
+    Python one calls it as is, the kernel its compiled form."""
+    while True:
+        if i >= end:
+            return length, -1
+        b = int(src[i])
+        i += 1
+        length += b
+        if b != 255:
+            return length, i
+
+
+_lz4_length = njit(nogil=True, cache=True, inline='always')(_lz4_length_py)
+
+
 @njit(nogil=True, cache=True)
 def _lz4_block_kernel(src, start, end, dst):
     """Decode the LZ4 block src[start:end] into dst; return the output
@@ -591,14 +609,9 @@ def _lz4_block_kernel(src, start, end, dst):
         i += 1
         lit = token >> 4
         if lit == 15:
-            while True:
-                if i >= end:
-                    return -_LZ4_LITERALS
-                b = np.int64(src[i])
-                i += 1
-                lit += b
-                if b != 255:
-                    break
+            lit, i = _lz4_length(src, i, end, lit)
+            if i < 0:
+                return -_LZ4_LITERALS
         if lit > end - i:
             return -_LZ4_LITERALS
         if lit > cap - o:
@@ -614,14 +627,9 @@ def _lz4_block_kernel(src, start, end, dst):
         i += 2
         mlen = token & 15
         if mlen == 15:
-            while True:
-                if i >= end:
-                    return -_LZ4_OFFSET_TRUNCATED
-                b = np.int64(src[i])
-                i += 1
-                mlen += b
-                if b != 255:
-                    break
+            mlen, i = _lz4_length(src, i, end, mlen)
+            if i < 0:
+                return -_LZ4_OFFSET_TRUNCATED
         mlen += 4
         if offset == 0 or offset > o:
             return -_LZ4_OFFSET
@@ -647,14 +655,9 @@ def _lz4_block_into(out: bytearray, src: bytes) -> None:
         i += 1
         lit = token >> 4
         if lit == 15:
-            while True:
-                if i >= n:
-                    raise ValueError("corrupt LZ4 block: literal length runs off the end")
-                b = src[i]
-                i += 1
-                lit += b
-                if b != 255:
-                    break
+            lit, i = _lz4_length_py(src, i, n, lit)
+            if i < 0:
+                raise ValueError("corrupt LZ4 block: literal length runs off the end")
         if i + lit > n:
             raise ValueError("corrupt LZ4 block: literals run off the end")
         out += src[i:i + lit]
@@ -667,14 +670,9 @@ def _lz4_block_into(out: bytearray, src: bytes) -> None:
         i += 2
         mlen = token & 15
         if mlen == 15:
-            while True:
-                if i >= n:
-                    raise ValueError("corrupt LZ4 block: match length runs off the end")
-                b = src[i]
-                i += 1
-                mlen += b
-                if b != 255:
-                    break
+            mlen, i = _lz4_length_py(src, i, n, mlen)
+            if i < 0:
+                raise ValueError("corrupt LZ4 block: match length runs off the end")
         mlen += 4
         if offset == 0 or offset > len(out) - start:
             raise ValueError("corrupt LZ4 block: match offset outside the block")

@@ -62,6 +62,19 @@ def check_range(addr: int, length: int, size: int) -> bool:
     return addr + length <= size
 
 
+def put_le(arr, off: int, width: int, value: int) -> None:
+    """Store ``value`` as ``width`` little-endian bytes at ``arr[off:]`` (a
+    uint8 array): how Python builds config spaces and register pages; the
+    kernels use ``st_*``.  The value is masked to the width."""
+    arr[off:off + width] = np.frombuffer((int(value) & ((1 << 8 * width) - 1)).to_bytes(width, "little"),
+                                         dtype=np.uint8)
+
+
+def get_le(arr, off: int, width: int) -> int:
+    """The ``width`` little-endian bytes at ``arr[off:]`` as an unsigned int."""
+    return int.from_bytes(np.asarray(arr[off:off + width], dtype=np.uint8).tobytes(), "little")
+
+
 # ---------------------------------------------------------------------------
 # Guest memory
 
@@ -385,7 +398,7 @@ def _cpu_relax_ol():
 
 
 __all__ = [
-    "PAGE_SIZE", "GuestMemory", "in_ram", "check_range",
+    "PAGE_SIZE", "GuestMemory", "in_ram", "check_range", "put_le", "get_le",
     "ld_u8", "ld_u16", "ld_u32", "ld_u64", "st_u8", "st_u16", "st_u32", "st_u64",
     "ld_u16_acquire", "st_u16_release", "fence", "cpu_relax", "xchg_i64", "ld_i64_acquire",
 ]

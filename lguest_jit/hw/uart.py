@@ -25,6 +25,7 @@ import os
 import numpy as np
 from numba import njit
 
+from .fields import Int, Record, check
 from .libc import EAGAIN, EINTR, POLLOUT, sys_ioctl, sys_poll, sys_write
 
 COM1 = 0x3F8
@@ -237,22 +238,22 @@ class Uart8250:
 
     # What the guest programmed, with the largest value each can hold; the
     # rest of the state array is this process's (fds, scratch).
-    _SAVED = ((U_IER, 0x0F), (U_LCR, 0xFF), (U_MCR, 0x1F), (U_SCR, 0xFF), (U_DLL, 0xFF), (U_DLM, 0xFF),
-              (U_FCR, 0xFF), (U_THRI, 1), (U_TX, 2**62))
+    # The registers the guest programmed: what a snapshot holds, by name,
+    # each bounded by what the chip can hold (a snapshot is a file: untrusted).
+    _SAVED = {"ier": (U_IER, 0x0F), "lcr": (U_LCR, 0xFF), "mcr": (U_MCR, 0x1F), "scr": (U_SCR, 0xFF),
+              "dll": (U_DLL, 0xFF), "dlm": (U_DLM, 0xFF), "fcr": (U_FCR, 0xFF), "thri": (U_THRI, 1),
+              "tx": (U_TX, 2**62)}
+    STATE = Record({name: Int(0, top) for name, (_, top) in _SAVED.items()})
 
     def save_state(self) -> dict:
-        """The registers the guest programmed (a snapshot)."""
-        return {"registers": [int(self.state[f]) for f, _ in self._SAVED]}
+        """The registers the guest programmed (a snapshot), by name."""
+        return {name: int(self.state[f]) for name, (f, _) in self._SAVED.items()}
 
     def load_state(self, st: dict) -> None:
-        """Put back ``save_state()``'s registers, each checked against what
-        the chip can hold (a snapshot is a file: untrusted)."""
-        regs = st["registers"]
-        if len(regs) != len(self._SAVED) or not all(isinstance(v, int) and 0 <= v <= top
-                                                     for v, (_, top) in zip(regs, self._SAVED)):
-            raise ValueError("UART registers out of range")
-        for v, (f, _) in zip(regs, self._SAVED):
-            self.state[f] = v
+        """Put back ``save_state()``, every field checked (``STATE``)."""
+        st = check(self.STATE, st, "uart")
+        for name, (f, _) in self._SAVED.items():
+            self.state[f] = st[name]
 
     def register(self, bus) -> None:
         """Claim ports base..base+7 on ``bus``: as a compiled handler when

@@ -17,6 +17,7 @@ import ctypes
 import os
 from dataclasses import dataclass
 
+from .fields import Blob, Int, Map, Record, blob, check
 from .kvm import IOC_READ, IOC_WRITE, KVM_GET_MSRS, KVM_SET_MSRS, KvmError, ioc, ioctl, ioctl_growing, u32
 
 VCPU, VM = "vcpu", "vm"
@@ -158,15 +159,21 @@ def set_msrs(vm, values: dict[int, int]) -> list[int]:
 # -- the whole machine --------------------------------------------------------------
 
 
+# What a snapshot holds: each class as its kernel structure (base64, exact
+# size; a class this host lacks is absent) and the MSRs by number.
+STATE = Record({"classes": Record({c.name: Blob(c.size) for c in CLASSES}, optional=[c.name for c in CLASSES]),
+                "msrs": Map(Int(0, 2**32 - 1), Int(0, 2**64 - 1), 4096)})
+
+
 def save(vm) -> dict:
-    """Every available state class of ``vm`` plus its MSRs:
-    ``{"classes": {name: bytes}, "msrs": {index: value}}``.  Read the VM-wide
-    clock last, the vCPU first: the clock then covers the vCPU's TSC."""
+    """Every available state class of ``vm`` plus its MSRs, as ``STATE``'s
+    fields.  Read the VM-wide clock last, the vCPU first: the clock then
+    covers the vCPU's TSC."""
     classes = {}
     for cls in CLASSES:
         if available(vm, cls):
-            classes[cls.name] = get(vm, cls.name)
-    return {"classes": classes, "msrs": get_msrs(vm, msr_index_list(vm))}
+            classes[cls.name] = blob(get(vm, cls.name))
+    return {"classes": classes, "msrs": {str(i): v for i, v in get_msrs(vm, msr_index_list(vm)).items()}}
 
 
 # Restore order matters to KVM: sregs before regs (mode), the LAPIC before
@@ -178,16 +185,17 @@ RESTORE_ORDER = ("pic_master", "pic_slave", "ioapic", "pit2", "clock", "sregs", 
 
 
 def restore(vm, state: dict) -> list[int]:
-    """Write back what :func:`save` returned, in ``RESTORE_ORDER``; returns
-    the MSRs KVM refused.  The clock's host-time fields are cleared: they
+    """Write back what :func:`save` returned, in ``RESTORE_ORDER``, every
+    field checked first (``STATE``: FieldError); returns the MSRs KVM
+    refused; a class KVM refuses is a KvmError.  The clock's host-time fields are cleared: they
     describe the saving host's moment, and KVM_SET_CLOCK with them set
     would try to advance the clock by the time the snapshot sat on disk."""
+    state = check(STATE, state, "kvm")
     refused = []
     classes = state["classes"]
     for name in RESTORE_ORDER:
         if name == "msrs":
-            # int(): a snapshot read back from JSON has the indices as strings.
-            refused = set_msrs(vm, {int(k): int(v) for k, v in state["msrs"].items()})
+            refused = set_msrs(vm, state["msrs"])
             continue
         data = classes.get(name)
         if data is None:
@@ -233,5 +241,5 @@ def probe(vm) -> dict[str, str]:
     return out
 
 
-__all__ = ["CLASSES", "StateClass", "get", "put", "save", "restore", "probe", "msr_index_list", "get_msrs",
+__all__ = ["STATE", "CLASSES", "StateClass", "get", "put", "save", "restore", "probe", "msr_index_list", "get_msrs",
            "set_msrs", "RESTORE_ORDER", "MSR_IA32_TSC"]

@@ -6,7 +6,7 @@ transport (§4.1), the device interface and the bus, one module per role.
                    config-space builder with its permission masks, the
                    host bridge
 ``device``         what a device gives the transport: ``VirtioDevice``,
-                   ``QueueContext``, ``IrqAllocator``, ``CLASS_FOR_TYPE``
+                   ``QueueContext``, ``IrqAllocator``
 ``transport``      the virtio-pci modern transport: BAR0 layout and
                    kernels, driver rules (``RULES``, ``E_*``,
                    ``BadDriver``), ``Transport``
@@ -36,7 +36,7 @@ from .config import (  # noqa: F401
     P_PLANES, P_REGION, P_WMASK, REGION_UNUSED, ConfigBuilder, HostBridge, conf1_access, read_le, size_mask,
     write_le)
 from .device import (  # noqa: F401
-    CLASS_FOR_TYPE, IrqAllocator, QueueContext, VirtioDevice)
+    IrqAllocator, QueueContext, VirtioDevice)
 from .transport import (  # noqa: F401
     ACKNOWLEDGE, A_CONFIG_WRITE, A_DRIVER_OK, A_MSIX_ROUTE, A_MSIX_UNMASK, A_NONE, A_NOTIFY, A_QUEUE_ENABLE,
     A_QUEUE_VECTOR, A_RESET, A_STATUS, BAR0_SHIFT, BAR0_SIZE, B_CFG, B_ISR, COMMON_FIELD_NAMES, COMMON_LEN,

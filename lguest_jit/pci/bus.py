@@ -110,6 +110,7 @@ from numba import njit
 
 from ..hw.cmos import REG_NAMES as CMOS_REG_NAMES, cmos_access
 from ..hw.libc import EINTR, sys_time, sys_write
+from ..hw.fields import Blob, List, OneOf, Record, U, blob, check
 from ..hw.memory import GuestMemory
 from ..hw.uart import REG_NAMES as UART_REG_NAMES, uart_access
 from ..irq import MV_ADDR_HI, MV_ADDR_LO, MV_DATA, MX_ENABLED, MX_MASKED
@@ -630,29 +631,42 @@ class Bus:
         for listener in self._msi_listeners:
             listener()
 
+    @staticmethod
+    def state_schema(device_states: dict):
+        """The fields of ``save_state()``; ``device_states``: each device
+        kind's own ``STATE`` (the devices declare them; pci knows none)."""
+        transports = OneOf("kind", {k: Transport.state_schema(v) for k, v in device_states.items()})
+        return Record({"conf1_address": U(32), "config_space": List(Blob(PCI_CFG_SPACE_SIZE), MAX_SLOTS,
+                                                                     min_len=MAX_SLOTS),
+                       "devices": List(transports, MAX_SLOTS - 1)})
+
     def save_state(self) -> dict:
         """Config space, the conf1 address latch and every device's
-        transport (``Transport.save_state``)."""
+        transport (``Transport.save_state``), by name."""
         with self._lock:
-            return {"conf": self.conf.copy(), "space": self.space.copy(),
+            return {"conf1_address": int(self.conf[C_ADDR]), "config_space": [blob(c.tobytes()) for c in self.cfg],
                     "devices": [t.save_state() for t in self.devices]}
 
     def load_state(self, st: dict) -> None:
         """Put back what ``save_state()`` returned on a bus with the same devices
         in the same slots; BAR decoding (and whoever listens to it) follows."""
-        if len(st["devices"]) != len(self.devices):
-            raise ValueError(f"snapshot has {len(st['devices'])} devices, this machine {len(self.devices)}")
-        space = np.asarray(st["space"])
-        if space.shape != self.space.shape or space.dtype != self.space.dtype:
-            raise ValueError(f"snapshot config space has shape {space.shape}, not {self.space.shape}")
-        # Only the values: the masks, hooks and regions are this launcher's
-        # own tables, and a snapshot may not change what the guest can write.
-        if (space[:, P_WMASK:] != self.space[:, P_WMASK:]).any():
+        if not isinstance(st, dict) or not isinstance(st.get("devices"), list) or \
+                len(st["devices"]) != len(self.devices):
+            raise ValueError(f"snapshot has {len(st.get('devices') or []) if isinstance(st, dict) else 0} "
+                             f"devices, this machine {len(self.devices)}")
+        kinds = {t.device.kind: t.device.STATE for t in self.devices}
+        saved_devices = st["devices"]          # each transport reads its own fields again
+        st = check(self.state_schema(kinds), st, "bus")
+        space = np.array([np.frombuffer(c, dtype=np.uint8) for c in st["config_space"]])
+        # Only the writable bits may differ: the read-only ones (identity,
+        # capabilities) are this launcher's, and a snapshot may not change
+        # what the guest can write.
+        if ((space ^ self.cfg) & ~self.wmask).any():
             raise ValueError("snapshot config space was built for other devices")
         with self._lock:
-            self.conf[:] = np.asarray(st["conf"], dtype=np.int64) & 0xFFFFFFFF
-            self.cfg[...] = space[:, P_CFG]
-            for t, ts in zip(self.devices, st["devices"]):
+            self.conf[C_ADDR] = st["conf1_address"]
+            self.cfg[...] = space
+            for t, ts in zip(self.devices, saved_devices):
                 t.load_state(ts)
                 t.bar0 = read_le(self.cfg[t.slot], PCI_BASE_ADDRESS_0, 4) & ~(BAR0_SIZE - 1) & 0xFFFFFFFF
                 t.command_written()

@@ -18,6 +18,10 @@ from __future__ import annotations
 
 from numba import njit
 
+# The one little-endian reader/writer of config spaces and register pages
+# (the devices' config writers use it too).
+from ..hw.memory import get_le as read_le, put_le as write_le  # noqa: F401
+
 
 # ---------------------------------------------------------------------------
 # PCI constants
@@ -168,15 +172,6 @@ def conf1_access(conf, space, port, size, is_write, value, hooks_done):
 
 # ---------------------------------------------------------------------------
 # Config space construction (the per-region permission tables)
-
-
-def read_le(arr, off, n):
-    return int.from_bytes(arr[off:off + n].tobytes(), "little")
-
-
-def write_le(arr, off, width, val):
-    for i in range(width):
-        arr[off + i] = (val >> (8 * i)) & 0xFF
 
 
 class ConfigBuilder:

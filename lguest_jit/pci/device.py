@@ -2,9 +2,11 @@
 
 Device interface (``lguest_jit.devices`` subclass :class:`VirtioDevice`)
 =======================================================================
-``device_type``, ``name``, ``queue_max_sizes``, ``features``, ``config``
-(uint8 array), ``config_write(offset, size, value) -> bool``,
-``activate(ctx: QueueContext)``, ``reset()``.  See the class docstrings.
+``device_type``, ``kind``, ``name``, ``pci_class``, ``queue_max_sizes``,
+``features``, ``config`` (uint8 array), ``config_write(offset, size, value)
+-> bool``, ``activate(ctx: QueueContext)``, ``reset()``, and its own saved
+state: ``STATE`` (hw.fields), ``save_state()``, ``load_state(state)``.
+See the class docstrings.
 A device that changes ``config`` calls ``transport.config_changed()``.
 """
 from __future__ import annotations
@@ -14,11 +16,8 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from ..hw.fields import Record, check
 from ..hw.memory import GuestMemory
-
-
-# PCI class codes for each virtio device type (class, subclass, prog-if).
-CLASS_FOR_TYPE = {1: (0x02, 0x00), 2: (0x01, 0x80), 3: (0x07, 0x80), 4: (0xFF, 0x00)}
 
 
 @dataclass
@@ -51,11 +50,24 @@ class VirtioDevice:
     ``self.transport.config_changed()``.
     """
     device_type: int = 0
+    kind: str = "virtio"             # the device registry's name (lguest_jit.devices.DEVICES)
     name: str = "virtio"
+    pci_class: tuple = (0xFF, 0x00)  # PCI class and subclass in config space
     queue_max_sizes: tuple = ()
     features: int = 0
     config: np.ndarray = np.zeros(0, dtype=np.uint8)
     transport: "Transport" = None
+    STATE = Record({})               # the fields save_state() returns (hw.fields)
+
+    def save_state(self) -> dict:
+        """The device's own state beyond the transport's, as ``STATE``'s
+        named fields (a snapshot; the device is paused)."""
+        return {}
+
+    def load_state(self, state: dict) -> None:
+        """Put back ``save_state()``, every field read through ``STATE``."""
+        check(self.STATE, state, self.name)
+
 
     def config_write(self, offset: int, size: int, value: int) -> bool:
         """The driver wrote ``size`` bytes of device config at ``offset``.

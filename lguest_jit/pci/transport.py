@@ -42,11 +42,12 @@ import numpy as np
 from numba import njit
 
 from .. import irq, vring
+from ..hw.fields import Blob, Bool, Int, List, Record, Str, U, blob, check
 from ..irq import (ISR_CONFIG, MSIX_CTRL_MASKBIT, MV_ADDR_HI, MV_ADDR_LO, MV_CTRL, MV_DATA, MV_FD, MV_PENDING,
                    MX_ENABLED, MX_INTX_FD, MX_MASKED, MX_VECTORS, VIRTIO_MSI_NO_VECTOR)
-from .config import (MSIX_ENTRY_SIZE, PCI_COMMAND, PCI_COMMAND_INTX_DISABLE, PCI_MSIX_FLAGS, PCI_MSIX_FLAGS_ENABLE,
+from .config import (MAX_SLOTS, MSIX_ENTRY_SIZE, PCI_COMMAND, PCI_COMMAND_INTX_DISABLE, PCI_MSIX_FLAGS, PCI_MSIX_FLAGS_ENABLE,
                      PCI_MSIX_FLAGS_MASKALL, ConfigBuilder, read_le, size_mask, write_le)
-from .device import CLASS_FOR_TYPE, QueueContext, VirtioDevice
+from .device import QueueContext, VirtioDevice
 
 
 # Virtio PCI (§4.1.2, §4.1.4)
@@ -581,7 +582,7 @@ class Transport:
         b = self.bus
         s = self.slot
         cb = ConfigBuilder(b.cfg[s], b.wmask[s], b.hook[s], b.region[s])
-        cls, sub = CLASS_FOR_TYPE.get(self.device.device_type, (0xFF, 0x00))
+        cls, sub = self.device.pci_class
         cb.header(VIRTIO_PCI_VENDOR, VIRTIO_PCI_DEVICE_BASE + self.device.device_type, 1, cls, sub, 0,
                   VIRTIO_PCI_VENDOR, VIRTIO_PCI_SUBSYS_DEVICE, pin=1, line=self.irq_line,
                   bar0_size=BAR0_SIZE, bar0=self.bar0)
@@ -872,52 +873,92 @@ class Transport:
         self.intx_disabled = bool(cmd & PCI_COMMAND_INTX_DISABLE)
 
     # -- snapshots ---------------------------------------------------------
-    def save_state(self) -> dict:
-        """Everything the driver configured, as arrays (a snapshot; the
-        caller has paused the device so the queue arrays are still)."""
-        return {"name": self.name, "slot": self.slot, "active": self.active, "regs": self.regs.copy(), "bytes": self.bytes.copy(),
-                "msix": self.msix.copy(), "queues": [q.copy() for q in self.queues]}
-
+    # What a snapshot holds of a transport, by name (``state_schema``).
+    REGISTERS = {"status": S_STATUS, "device_feature_select": S_DFSELECT, "driver_feature_select": S_GFSELECT,
+                 "offered_lo": S_OFFER_LO, "offered_hi": S_OFFER_HI, "driver_features_lo": S_DRIVER_LO,
+                 "driver_features_hi": S_DRIVER_HI, "config_generation": S_GENERATION, "queue_select": S_QSELECT,
+                 "num_queues": S_NUM_QUEUES, "features_ok_unread": S_FOK_UNREAD, "single_notify": S_SINGLE_NOTIFY,
+                 "config_len": S_CFG_LEN, "accesses": S_N_ACCESSES, "isr_reads": S_ISR_READS,
+                 "msix_config": S_MSIX_CONFIG}
+    QUEUE_REGISTERS = {"size": QC_SIZE, "max": QC_MAX, "enable": QC_ENABLE, "notify_off": QC_NOTIFY_OFF,
+                       "desc_lo": QC_DESC_LO, "desc_hi": QC_DESC_HI, "driver_lo": QC_DRIVER_LO,
+                       "driver_hi": QC_DRIVER_HI, "device_lo": QC_DEVICE_LO, "device_hi": QC_DEVICE_HI,
+                       "msix_vector": QC_MSIX}
     # Registers only this launcher sets: a snapshot must agree with them.
-    _FIXED = (S_NUM_QUEUES, S_SINGLE_NOTIFY, S_CFG_LEN, S_OFFER_LO, S_OFFER_HI)
-    _FIXED_Q = (QC_MAX, QC_NOTIFY_OFF)
+    _FIXED = ("num_queues", "single_notify", "config_len", "offered_lo", "offered_hi")
+    _FIXED_Q = ("max", "notify_off")
+
+    @classmethod
+    def state_schema(cls, device_state):
+        """The fields of ``save_state()`` for a device whose own state is
+        ``device_state`` (its ``STATE``)."""
+        regs = {name: U(32) for name in cls.REGISTERS}
+        regs.update(status=U(8), queue_select=U(16), accesses=U(62), isr_reads=U(62))
+        queue = Record({"registers": Record({name: U(32) for name in cls.QUEUE_REGISTERS}),
+                        "ring": vring.queue_state_schema()}, optional=("ring",))
+        vector = Record({"addr_lo": U(32), "addr_hi": U(32), "data": U(32), "masked": Bool(), "pending": Bool()})
+        return Record({"kind": Str(16), "name": Str(64), "slot": Int(1, MAX_SLOTS - 1), "active": Bool(),
+                       "registers": Record(regs), "queues": List(queue, MAX_QUEUES, min_len=1),
+                       "isr": U(8), "config": Blob(max_len=DEVCFG_MAX), "msix": List(vector, MSIX_MAX_VECTORS),
+                       "device": device_state})
+
+    def save_state(self) -> dict:
+        """Everything the driver configured, by name (a snapshot; the caller
+        has paused the device so the queues are still)."""
+        n = self.msix_vectors
+        return {"kind": self.device.kind, "name": self.name, "slot": self.slot, "active": self.active,
+                "registers": {name: int(self.st[i]) for name, i in self.REGISTERS.items()},
+                "queues": [{"registers": {name: int(self.qs[k, i]) for name, i in self.QUEUE_REGISTERS.items()},
+                            "ring": vring.queue_state(q) if self.qs[k, QC_ENABLE] else None}
+                           for k, q in enumerate(self.queues)],
+                "isr": int(self.isr[0]), "config": blob(self.bytes[B_CFG:].tobytes()),
+                "msix": [{"addr_lo": int(r[MV_ADDR_LO]), "addr_hi": int(r[MV_ADDR_HI]), "data": int(r[MV_DATA]),
+                          "masked": bool(r[MV_CTRL] & MSIX_CTRL_MASKBIT), "pending": bool(r[MV_PENDING])}
+                         for r in self.msix[1:1 + n]],
+                "device": self.device.save_state()}
 
     def load_state(self, st: dict) -> None:
         """Put back what ``save_state()`` returned, on a transport built for the
         same device (``Bus.load_state`` then restarts the active ones).  A
-        snapshot is input from a file: everything the kernels index with or
-        trust is checked first (ValueError names what does not fit)."""
-        if st["name"] != self.name or st["slot"] != self.slot:
+        snapshot is input from a file: every field is read through
+        ``state_schema`` and what the kernels index with or trust is
+        checked against this transport (ValueError names what does not fit)."""
+        st = check(self.state_schema(self.device.STATE), st, self.name)
+        if st["kind"] != self.device.kind or st["name"] != self.name or st["slot"] != self.slot:
             raise ValueError(f"snapshot of {st['name']!r} in slot {st['slot']} does not match {self.name!r} "
                              f"in slot {self.slot}")
-        regs, bytes_, msix = (np.asarray(st[k]) for k in ("regs", "bytes", "msix"))
-        for mine, theirs, what in ((self.regs, regs, "registers"), (self.bytes, bytes_, "config"),
-                                   (self.msix, msix, "MSI-X state")):
-            if mine.shape != theirs.shape or mine.dtype != theirs.dtype:
-                raise ValueError(f"{self.name}: snapshot {what} have shape {theirs.shape}, not {mine.shape}")
-        if any(regs[0, f] != self.regs[0, f] for f in self._FIXED) or \
-                (regs[1:, list(self._FIXED_Q)] != self.regs[1:, list(self._FIXED_Q)]).any():
+        regs, queues = st["registers"], st["queues"]
+        if len(queues) != len(self.queues):
+            raise ValueError(f"{self.name}: snapshot has {len(queues)} queues, the device {len(self.queues)}")
+        if any(regs[f] != self.st[self.REGISTERS[f]] for f in self._FIXED) or \
+                any(qs["registers"][f] != self.qs[k, self.QUEUE_REGISTERS[f]]
+                    for k, qs in enumerate(queues) for f in self._FIXED_Q) or \
+                len(st["config"]) != len(self.config) or len(st["msix"]) != self.msix_vectors:
             raise ValueError(f"{self.name}: the snapshot's device has other queues, features or config")
-        if (regs < 0).any() or (regs >= 1 << 32).any() or regs[0, S_QSELECT] > 0xFFFF:
-            raise ValueError(f"{self.name}: snapshot registers out of range")
-        saved_queues = st["queues"]
-        if len(saved_queues) != len(self.queues):
-            raise ValueError(f"{self.name}: snapshot has {len(saved_queues)} queues, the device {len(self.queues)}")
-        self.regs[...] = regs
-        self.bytes[...] = bytes_
+        for k, qs in enumerate(queues):
+            if qs["registers"]["enable"] and qs["ring"] is None:
+                raise ValueError(f"{self.name}: snapshot queue {k} is enabled and has no ring state")
+        self.device.load_state(st["device"])
+        for name, i in self.REGISTERS.items():
+            self.st[i] = regs[name]
+        for k, qs in enumerate(queues):
+            for name, i in self.QUEUE_REGISTERS.items():
+                self.qs[k, i] = qs["registers"][name]
+        self.isr[0] = st["isr"]
+        self.bytes[B_CFG:] = np.frombuffer(st["config"], dtype=np.uint8)
         # MSI-X: the table and the pending bits only.  The table size and the
         # eventfds (MX_VECTORS, MX_INTX_FD, MV_FD) are this process's, and the
         # function's Enable/Mask follow config space (Bus.load_state).
-        n = self.msix_vectors
-        rows = msix[1:1 + n]
-        self.msix[1:1 + n, MV_ADDR_LO:MV_CTRL] = rows[:, MV_ADDR_LO:MV_CTRL] & 0xFFFFFFFF
-        self.msix[1:1 + n, MV_CTRL] = rows[:, MV_CTRL] & MSIX_CTRL_MASKBIT
-        self.msix[1:1 + n, MV_PENDING] = rows[:, MV_PENDING] != 0
-        for i, (q, saved) in enumerate(zip(self.queues, saved_queues)):
+        for v, row in enumerate(st["msix"], start=1):
+            self.msix[v, MV_ADDR_LO], self.msix[v, MV_ADDR_HI] = row["addr_lo"], row["addr_hi"]
+            self.msix[v, MV_DATA] = row["data"]
+            self.msix[v, MV_CTRL] = MSIX_CTRL_MASKBIT if row["masked"] else 0
+            self.msix[v, MV_PENDING] = int(row["pending"])
+        for i, (q, qs) in enumerate(zip(self.queues, queues)):
             if not self.qs[i, QC_ENABLE]:
                 q[:] = 0
                 continue
-            code = vring.restore_queue(q, saved, self.bus.mem.size, int(self.qs[i, QC_MAX]))
+            code = vring.restore_queue(q, qs["ring"], self.bus.mem.size, int(self.qs[i, QC_MAX]))
             if code != vring.OK:
                 raise ValueError(f"{self.name}: snapshot queue {i}: {vring.error_message(code)}")
             q[vring.Q_VECTOR] = self.qs[i, QC_MSIX]       # raise_msix checks it against the table size
