@@ -315,7 +315,7 @@ def check_boot_argv(argv) -> list:
         raise UsageError(str(exc)) from None
     for d in DEVICE_OPTIONS:
         given = args[d.option.split()[-1].split("=")[0]]
-        for text in (given if d.repeat else []):
+        for text in (given if d.repeat else ([given] if given else [])):
             d.parse(text)
     if args["--hypervisor"] not in HYPERVISORS:
         raise UsageError(f"--hypervisor must be kvm, lguest or auto, not {args['--hypervisor']!r}")
