@@ -41,7 +41,7 @@ Options:
   -h --help             Show this help.
   --version             Show the version.
 
-Benchmarks: vring, pci, decode, blk, rng, net, exits, boot, restore, or all.
+Benchmarks: vring, pci, decode, blk, rng, net, vsock, exits, boot, restore, or all.
 bench sweep runs one device benchmark (blk, rng, net) per value of a knob.
 
 server keeps a warm launcher (Numba and every cached kernel loaded): while
@@ -92,7 +92,7 @@ __doc__ = __doc__.format(
     device_options=_option_lines((d.option, d.help) for d in DEVICE_OPTIONS),
     knob_options=_option_lines((f"--{name}={meta}", text) for name, (_, _, meta, text) in KNOBS.items()))
 
-BENCHMARKS = ("vring", "pci", "decode", "blk", "rng", "net", "exits", "boot", "restore")
+BENCHMARKS = ("vring", "pci", "decode", "blk", "rng", "net", "vsock", "exits", "boot", "restore")
 
 
 class UsageError(Exception):

@@ -571,20 +571,24 @@ class VsockGuest:
                                 length, type_, op, flags, self.buf_alloc if buf_alloc is None else buf_alloc,
                                 fwd & 0xFFFFFFFF)
 
-    def send(self, op, src_port, dst_port, payload=b"", *, length=None, **kw) -> None:
+    def send(self, op, src_port, dst_port, payload=b"", *, length=None, kick=True, **kw) -> None:
         """One packet on the tx queue (header and payload in one buffer),
-        tx buffers the device finished with reaped first."""
+        tx buffers the device finished with reaped first; ``kick=False``
+        leaves the notification to a later send (a batch, as Linux's
+        virtio_transport_send_pkt_work does)."""
         q = self.drv.queues[1]
         while q.get_used() is not None:
             pass
         while q.num_free == 0:
             import time
+            self.drv.kick(1)
             time.sleep(0.0005)
             while q.get_used() is not None:
                 pass
         hdr = self.header(op, src_port, dst_port, len(payload) if length is None else length, **kw)
         q.add(out=[hdr + bytes(payload)])
-        self.drv.kick(1)
+        if kick:
+            self.drv.kick(1)
 
     def recv(self, timeout: float = 5.0) -> dict:
         """The next packet the device put on the rx queue (its buffer posted
