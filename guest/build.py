@@ -539,14 +539,50 @@ def write_newc(entries, mtime: int = 0) -> bytes:
     return buf.getvalue()
 
 
-def initramfs_entries(busybox: bytes, init_script: bytes, applets=APPLETS) -> list[CpioEntry]:
-    """The guest's root filesystem: busybox, its applet links and /init."""
+# Guest tools built from source (guest/tools/NAME.c -> /bin/NAME): what
+# busybox lacks, e.g. AF_VSOCK.  Static, so the guest needs no libc.
+TOOLS_DIR = Path(__file__).resolve().parent / "tools"
+
+
+def tool_sources() -> dict[str, bytes]:
+    return {p.stem: p.read_bytes() for p in sorted(TOOLS_DIR.glob("*.c"))}
+
+
+def _tools_digest() -> bytes:
+    h = hashlib.sha256()
+    for name, src in tool_sources().items():
+        h.update(name.encode() + b"\0" + hashlib.sha256(src).digest())
+    return h.digest()
+
+
+def build_tools(log=print) -> dict[str, bytes]:
+    """Each guest tool compiled (cc -static), cached by its source's hash."""
+    out = {}
+    for name, src in tool_sources().items():
+        binary = cache_dir() / "tools" / f"{name}-{hashlib.sha256(src).hexdigest()[:16]}"
+        if not binary.is_file():
+            binary.parent.mkdir(parents=True, exist_ok=True)
+            tmp = binary.with_suffix(f".tmp{os.getpid()}")
+            r = subprocess.run(["cc", "-static", "-Os", "-s", "-Wall", "-o", str(tmp), str(TOOLS_DIR / f"{name}.c")],
+                               capture_output=True, text=True)
+            if r.returncode != 0:
+                raise RuntimeError(f"guest tool {name}: cc failed: {(r.stderr.strip().splitlines() or ['?'])[-1]}")
+            os.replace(tmp, binary)
+            log(f"guest: built tool {name} ({binary.stat().st_size} bytes)")
+        out[name] = binary.read_bytes()
+    return out
+
+
+def initramfs_entries(busybox: bytes, init_script: bytes, applets=APPLETS, tools=None) -> list[CpioEntry]:
+    """The guest's root filesystem: busybox, its applet links, the tools
+    (name -> static binary) and /init."""
     entries = [directory(d) for d in ("bin", "dev", "proc", "sys", "tmp", "root", "etc")]
     # The kernel opens /dev/console before /init runs and before anything
     # mounts devtmpfs, so the node must be in the archive.
     entries.append(char_device("dev/console", 5, 1))
     entries.append(regular("bin/busybox", busybox, 0o755))
     entries.extend(symlink(f"bin/{a}", "busybox") for a in applets)
+    entries.extend(regular(f"bin/{name}", data, 0o755) for name, data in sorted((tools or {}).items()))
     entries.append(regular("etc/passwd", b"root:x:0:0:root:/root:/bin/sh\n"))
     entries.append(regular("etc/group", b"root:x:0:\n"))
     entries.append(regular("init", init_script, 0o755))
@@ -572,7 +608,7 @@ def cached_initramfs() -> Path | None:
 
 def _initramfs_key(busybox: bytes, init_script: bytes) -> str:
     h = hashlib.sha256()
-    for part in (RECIPE_VERSION.encode(), busybox, init_script, "\n".join(APPLETS).encode()):
+    for part in (RECIPE_VERSION.encode(), busybox, init_script, "\n".join(APPLETS).encode(), _tools_digest()):
         h.update(hashlib.sha256(part).digest())
     return h.hexdigest()[:16]
 
@@ -591,7 +627,7 @@ def build_initramfs(*, force: bool = False, log=print) -> Path:
         if absent:
             raise RuntimeError(f"{bb_path} lacks applets: {' '.join(absent)}")
     out.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out, write_newc(initramfs_entries(busybox, init_script)))
+    _atomic_write(out, write_newc(initramfs_entries(busybox, init_script, tools=build_tools(log))))
     log(f"guest: wrote {out} ({out.stat().st_size} bytes)")
     return out
 
@@ -615,12 +651,12 @@ MKE2FS_OPTIONS = ("-t", "ext4", "-T", "default", "-L", ROOTFS_LABEL, "-m", "0",
                   "-E", "lazy_itable_init=0,lazy_journal_init=0,root_owner=0:0")
 
 
-def rootfs_tree(busybox: bytes, init_script: bytes, applets=APPLETS) -> list[CpioEntry]:
+def rootfs_tree(busybox: bytes, init_script: bytes, applets=APPLETS, tools=None) -> list[CpioEntry]:
     """The root disk's files: the initramfs's tree with /init moved to
     /sbin/init (where the kernel looks without an initramfs).  No device
     nodes (making them needs root): the kernel mounts devtmpfs on /dev
     before it starts init (CONFIG_DEVTMPFS_MOUNT)."""
-    entries = [e for e in initramfs_entries(busybox, init_script, applets)
+    entries = [e for e in initramfs_entries(busybox, init_script, applets, tools)
                if e.name not in ("init", "dev/console")]
     entries += [directory("sbin"), directory("var"), directory("mnt"),
                 regular("sbin/init", init_script, 0o755)]
@@ -678,7 +714,7 @@ def make_ext4_image(entries, image: Path, size_mib: int = ROOTFS_MIB) -> None:
 def _rootfs_key(busybox: bytes, init_script: bytes) -> str:
     h = hashlib.sha256()
     for part in (ROOTFS_VERSION.encode(), busybox, init_script, "\n".join(APPLETS).encode(),
-                 str(ROOTFS_MIB).encode(), " ".join(MKE2FS_OPTIONS).encode()):
+                 str(ROOTFS_MIB).encode(), " ".join(MKE2FS_OPTIONS).encode(), _tools_digest()):
         h.update(hashlib.sha256(part).digest())
     return h.hexdigest()[:16]
 
@@ -706,7 +742,7 @@ def build_rootfs(*, force: bool = False, log=print) -> Path:
         return out
     with _locked(cache_dir() / "rootfs.lock"):
         if not out.is_file() or force:
-            make_ext4_image(rootfs_tree(busybox, init_script), out)
+            make_ext4_image(rootfs_tree(busybox, init_script, tools=build_tools(log)), out)
             log(f"guest: wrote {out} (ext4, {ROOTFS_MIB} MiB)")
     return out
 

@@ -867,6 +867,7 @@ class Vsock(Device):
     def counters(self) -> dict:
         out = super().counters()
         out["tx"]["rules"] = {RULE_NAMES[code]: int(self.st[S_RULES + code - E_BASE]) for code in ERRORS}
+        out["tx"]["rules_broken"] = sum(out["tx"]["rules"].values())
         out["tx"]["host_errors"] = int(self.st[S_HOST_ERRORS])
         out["rx"]["resets_sent"] = int(self.st[S_RESETS])
         out["rx"]["credit_updates_sent"] = int(self.st[S_CREDIT_SENT])
