@@ -24,7 +24,8 @@ from lguest_jit import pci, vring
 from lguest_jit.devices import Block
 from lguest_jit.devices import block as blk
 from lguest_jit.hw.libc import sys_read, sys_write
-from lguest_jit.hw.memory import GuestMemory, cpu_relax, fence, ld_u16, ld_u16_acquire, st_u16, st_u16_release
+from lguest_jit.hw.memory import (GuestMemory, cpu_relax, fence, ld_u16, ld_u16_acquire, st_u16, st_u16_release, st_u32,
+                                  st_u64)
 from lguest_jit.testing import VirtioPciDriver
 
 from .common import WARMUP_TIMEOUT, device_knobs, jit_disabled, rate, report, side, throughput, min_time_for
@@ -104,12 +105,130 @@ def _drive(mem, rings, size, heads, depth, total, notify_fd, irq_fd, event_idx, 
     return done
 
 
+@njit(nogil=True, cache=True)
+def _drive_packed(mem, rings, size, state, reqs, nrows, ids, slots_of, depth, total, notify_fd, irq_fd, event_idx,
+                  scratch, poll):
+    """``_drive`` for a packed ring (virtio_ring.c's packed side): request
+    k's list is rows reqs[k, :nrows[k]] (addr, len, flags without the lap
+    bits) under buffer ID ids[k], written at the next ring slots with the
+    lap's AVAIL/USED bits, the first flags last; kicks follow the device
+    event suppression structure, used descriptors are found by their flags
+    and skipped by their list's length (``slots_of[id]``).  ``state`` holds
+    next_avail, avail_wrap, last_used, used_wrap, in and out."""
+    ring = rings[0]
+    drv_ev = rings[1]
+    dev_ev = rings[2]
+    pos, wrap, last_used, used_wrap = state[0], state[1], state[2], state[3]
+    avail_f = vring.VRING_PACKED_DESC_F_AVAIL
+    used_f = vring.VRING_PACKED_DESC_F_USED
+    posted = 0
+    done = 0
+    if event_idx and not poll:
+        st_u16(mem, drv_ev, last_used | (used_wrap << 15))
+        st_u16_release(mem, drv_ev + 2, vring.RING_EVENT_FLAGS_DESC)
+    while done < total:
+        added = 0
+        while posted - done < depth and posted < total:
+            k = posted % depth
+            first = pos
+            first_flags = 0
+            for j in range(nrows[k]):
+                d = ring + 16 * pos
+                lap = avail_f if wrap else used_f
+                st_u64(mem, d, reqs[k, j, 0])
+                st_u32(mem, d + 8, reqs[k, j, 1])
+                st_u16(mem, d + 12, ids[k])
+                if j == 0:
+                    first_flags = reqs[k, j, 2] | lap
+                else:
+                    st_u16(mem, d + 14, reqs[k, j, 2] | lap)
+                pos += 1
+                if pos == size:
+                    pos = 0
+                    wrap ^= 1
+            st_u16_release(mem, ring + 16 * first + 14, first_flags)
+            added += nrows[k]
+            posted += 1
+        if added:
+            fence()
+            flags = ld_u16(mem, dev_ev + 2)
+            if flags == vring.RING_EVENT_FLAGS_DESC:
+                off_wrap = ld_u16(mem, dev_ev)
+                event = off_wrap & 0x7FFF
+                if (off_wrap >> 15) != wrap:
+                    event -= size
+                kick = ((pos - event - 1) & 0xFFFF) < (added & 0xFFFF)
+            else:
+                kick = flags != vring.RING_EVENT_FLAGS_DISABLE
+            if kick:
+                scratch[0] = 1
+                sys_write(notify_fd, scratch.ctypes.data, 8)
+        while True:
+            fl = ld_u16_acquire(mem, ring + 16 * last_used + 14)
+            if ((fl >> 7) & 1) == used_wrap and ((fl >> 15) & 1) == used_wrap:
+                break
+            if poll:
+                cpu_relax()
+                continue
+            if event_idx:
+                st_u16(mem, drv_ev, last_used | (used_wrap << 15))
+            fence()
+            fl = ld_u16_acquire(mem, ring + 16 * last_used + 14)
+            if ((fl >> 7) & 1) == used_wrap and ((fl >> 15) & 1) == used_wrap:
+                break
+            if sys_read(irq_fd, scratch.ctypes.data, 8) < 0:
+                return -1
+        # Reap every used descriptor there is.
+        while True:
+            fl = ld_u16_acquire(mem, ring + 16 * last_used + 14)
+            if ((fl >> 7) & 1) != used_wrap or ((fl >> 15) & 1) != used_wrap:
+                break
+            bid = ld_u16(mem, ring + 16 * last_used + 12)
+            last_used += slots_of[bid]
+            if last_used >= size:
+                last_used -= size
+                used_wrap ^= 1
+            done += 1
+    state[0], state[1], state[2], state[3] = pos, wrap, last_used, used_wrap
+    return done
+
+
+def _packed_driver(gm, q, feats, heads, depth, poll, notify, irq):
+    rows = [q.rows[int(h)] for h in heads[:depth]]
+    width = max(len(r) for r in rows)
+    reqs = np.zeros((depth, width, 3), dtype=np.int64)
+    for k, r in enumerate(rows):
+        reqs[k, :len(r)] = r
+    nrows = np.array([len(r) for r in rows], dtype=np.int64)
+    ids = np.array(heads[:depth], dtype=np.int64)
+    slots_of = np.zeros(65536, dtype=np.int64)
+    slots_of[ids] = nrows
+    rings = np.array([q.desc, q.avail, q.used], dtype=np.int64)
+    event_idx = bool(feats >> vring.VIRTIO_RING_F_EVENT_IDX & 1)
+    scratch = np.zeros(1, np.uint64)
+    state = np.zeros(4, dtype=np.int64)
+
+    def run(n):
+        state[:] = (q.next_avail, q.avail_wrap, q.last_used, q.used_wrap)
+        if _drive_packed(gm.mem, rings, q.size, state, reqs, nrows, ids, slots_of, depth, n, notify, irq, event_idx,
+                         scratch, poll) != n:
+            raise RuntimeError("device stopped answering")
+        q.next_avail, q.avail_wrap, q.last_used, q.used_wrap = (int(v) for v in state)
+        if event_idx and not poll:
+            q.event_shadow = vring.RING_EVENT_FLAGS_DESC
+    return run
+
+
 def driver(gm, bus, q, feats, heads, depth, poll=False, queue=0):
     """``run(n)``: ``_drive`` ``n`` requests through queue ``queue`` (the
     bus's ``queue``-th notification; ``q`` its MockDriver, set up, ``heads``
-    posted once and drained), keeping the Python-side driver in step."""
+    posted once and drained), keeping the Python-side driver in step.  A
+    packed queue (``q.packed``: the driver negotiated VIRTIO_F_RING_PACKED,
+    ``--packed=on``) is driven by ``_drive_packed``."""
     notify = bus.ioeventfds()[queue][2]
     irq = bus.interrupts()[0][1]
+    if q.packed:
+        return _packed_driver(gm, q, feats, heads, depth, poll, notify, irq)
     rings = np.array([q.desc, q.avail, q.used], dtype=np.int64)
     event_idx = bool(feats >> vring.VIRTIO_RING_F_EVENT_IDX & 1)
     scratch = np.zeros(1, np.uint64)

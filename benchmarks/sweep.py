@@ -1,5 +1,7 @@
 """``lguest-jit bench sweep --param=KNOB=V1,V2,... <bench>``: one device
-benchmark measured once per value of a device knob, side by side.
+benchmark measured once per value of a device knob, side by side (for
+``guest``: the guest workload, a fresh boot per value, the knob on the
+launcher's command line).
 
 Each value runs the benchmark's Numba side (``measure()``) with the knob
 handed down through the environment (``benchmarks.common.device_knobs``);
@@ -13,10 +15,17 @@ from __future__ import annotations
 import importlib
 import os
 
-from lguest_jit.devices.knobs import BENCH_ENV, parse_knobs
+from lguest_jit.devices.knobs import BENCH_ENV, GUEST_ONLY_KNOBS, parse_knobs
 
-# Benchmarks whose devices take the knobs.
-SWEEPABLE = ("blk", "rng", "net")
+# Benchmarks whose devices take the knobs; `guest` boots a guest per value.
+SWEEPABLE = ("blk", "rng", "net", "guest")
+
+
+def unsweepable(param: str, what: str) -> str | None:
+    """Why ``param`` cannot change what ``what`` measures, or None."""
+    if param in GUEST_ONLY_KNOBS and what != "guest":
+        return f"--{param} is the vCPU's, not a device's: only `bench sweep --param={param}=... guest` measures it"
+    return None
 
 
 def column(param: str, value: str) -> str:
@@ -34,6 +43,8 @@ def run(param: str, values: list, what: str, quick: bool) -> dict:
             got = mod.measure(quick)
             if "skipped" in got:
                 return {"benchmark": rep["benchmark"], "skipped": got["skipped"]}
+            if isinstance(got.get("workloads"), list):       # bench guest: per-workload details, not figures
+                rep.setdefault("workloads", []).append({"column": column(param, v), "groups": got.pop("workloads")})
             rep[column(param, v)] = got
     finally:
         if saved is None:

@@ -31,6 +31,25 @@ def ring(bufs, size_log2=3, flags=3, start=0, extra=(), n_avail=1, heads=(0,)):
     return out
 
 
+def packed(descs, size=8, feats=7, pos=0, ind=(), ops=b""):
+    """Encode a fuzz_packed input (``feats`` 7: indirect, event idx, wrap
+    counters 1): ``descs`` ring slots as (data offset,
+    length, flags & 7, id, marks selector: 0 this lap's, 3 the other lap's,
+    4 used), ``ind`` up to 8 indirect-table entries, then the program."""
+    out = bytes([size - 1, feats, pos])
+
+    def one(off, ln, fl, bid, marks):
+        return bytes([0x20 | fl]) + struct.pack("<HH", off, ln) + bytes([marks | bid << 3])
+    slots = list(descs) + [(0, 0, 0, 0, 4)] * (size - len(descs))
+    out += b"".join(one(*d) for d in slots)
+    table = list(ind) + [(0, 0, 0, 0, 0)] * (8 - len(ind))
+    out += b"".join(bytes([1]) + one(*d) for d in table)
+    return out + ops
+
+
+POP, USE = bytes([0]), bytes([1, 0]) + struct.pack("<H", 8)
+
+
 def blk_req(rtype, sector, data_len, payload=b"", readonly=0):
     hdr = struct.pack("<IIQ", rtype, 0, sector) + payload
     bufs = [(PAYLOAD, len(hdr), NEXT, 1)]
@@ -82,6 +101,19 @@ def seeds():
         "two": ring([(PAYLOAD, 4, 0, 0), (PAYLOAD + 4, 4, WRITE, 0)], n_avail=2, heads=(0, 1)),
         "wrap": ring([(PAYLOAD, 4, 0, 0)], start=0xFFFF, n_avail=2, heads=(0, 0)),
         "outside": ring([(0xFFFFFFFFFFFFF000, 0x2000, 0, 0)]),
+    }
+    s["packed"] = {
+        "one": packed([(0x100, 16, 0, 1, 0)], ops=POP + USE + POP),
+        "list": packed([(0x100, 16, NEXT, 2, 0), (0x200, 8, WRITE, 2, 0)], ops=POP + USE + bytes([4, 0, 0, 0])),
+        "indirect": packed([(0, 32, INDIRECT, 3, 0)], ind=[(0x300, 8, 0, 0, 0), (0x400, 8, WRITE, 0, 0)],
+                           ops=POP + USE),
+        "wrap": packed([(0x100, 4, 0, 1, 0)] * 3 + [(0x100, 4, NEXT, 2, 0)], size=4, pos=3,
+                       ops=POP + USE + POP + USE),
+        "reuse": packed([(0x100, 4, 0, 5, 0), (0x100, 4, 0, 5, 0)], ops=POP + POP),
+        "not_avail": packed([(0x100, 4, NEXT, 1, 0), (0x100, 4, 0, 1, 3)], ops=POP),
+        "event_desc": packed([(0x100, 4, 0, 1, 0), (0x100, 4, 0, 2, 0)],
+                             ops=POP + USE + bytes([4, 1, 0x80, 2]) + POP + USE + bytes([4, 1, 0x80, 2])),
+        "unpop": packed([(0x100, 4, WRITE, 1, 0)], size=5, ops=POP + bytes([2]) + POP + USE),
     }
     s["blk"] = {
         "read": blk_req(0, 2, 1024),
@@ -154,6 +186,23 @@ def seeds():
         "in_imm": bytes([0, 2]) + bytes.fromhex("e4f4") + bytes(13),
         "cli": bytes([0, 1]) + bytes.fromhex("fa") + bytes(14),
         "prefixes": bytes([1, 0]) + bytes.fromhex("2e6766f3488905") + bytes(8),
+    }
+    import json
+
+    from fuzz.fuzz_warm import BASE, IDENTITY
+    valid = json.dumps(BASE).encode() + b"\n"
+    s["warm"] = {
+        # 0/1: raw bytes / a request built from fuzz_warm.BASE and mutated
+        "valid": bytes([0]) + valid,
+        "structured": bytes([1, 2, 3, 1, 9]),
+        "deep": bytes([0]) + b"[" * 5000 + b"\n",
+        "deep_in_string": bytes([0]) + json.dumps({**BASE, "argv": ["[" * 100]}).encode() + b"\n",
+        "bad_env": bytes([0]) + json.dumps({**BASE, "env": {"A=B": "c"}}).encode() + b"\n",
+        "nan_start": bytes([0]) + json.dumps({**BASE, "started": float("nan")}).encode() + b"\n",
+        "surrogate": bytes([0]) + json.dumps({**BASE, "argv": ["\ud800"]}).encode() + b"\n",
+        "other_ns": bytes([0]) + json.dumps({**BASE, "context": {**IDENTITY["context"], "namespaces": {}}}).encode()
+        + b"\n",
+        "not_utf8": bytes([0]) + b'{"argv": ["\xff"]}\n',
     }
     s["snapshot"] = snapshot_seeds()
     return s

@@ -38,6 +38,13 @@ FRAGMENT = HERE / "kernel.config"
 # says why each exists).
 PATCH_DIR = HERE / "patches"
 INIT_SCRIPT = HERE / "init"
+# The `bench` workload (sourced by /init from /lib/lgj/bench.sh) and its
+# random-read tool, compiled here without a C library (guest/randread.c).
+BENCH_SCRIPT = HERE / "bench.sh"
+RANDREAD_SOURCE = HERE / "randread.c"
+RANDREAD_CFLAGS = ("-static", "-nostdlib", "-O2", "-fno-builtin", "-fno-tree-loop-distribute-patterns",
+                   "-fno-stack-protector", "-fno-pie", "-no-pie", "-fno-asynchronous-unwind-tables",
+                   "-Wl,--build-id=none", "-s")
 
 KERNEL_SOURCE_PACKAGE = "linux-source-6.1"
 KERNEL_TARBALL = Path("/usr/src/linux-source-6.1.tar.xz")
@@ -49,6 +56,9 @@ APT_PACKAGES = (
     # mke2fs -d and debugfs: the root-disk image (and the tests read it back).
     "e2fsprogs",
 )
+# What --bzimage's other VMM needs to boot it: QEMU, which `lguest-jit bench
+# boot` and `bench guest` run beside lguest-jit on the same kernel.
+OTHER_VMM_PACKAGES = ("qemu-system-x86",)
 # Packages to treat as missing even when installed (space-separated), so
 # that the apt-get step really runs: how the tests meet the build the way a
 # fresh machine does without uninstalling anything.  apt-get reinstalls them.
@@ -69,6 +79,7 @@ APPLETS = (
     "ifconfig", "ping", "poweroff", "reboot", "setsid", "cttyhack", "uname",
     "dmesg", "ps", "kill", "free", "stat", "cp", "mv", "rm", "ln", "test", "taskset", "nproc",
     "[", "true", "false", "env", "seq", "cut", "xxd", "uptime", "vi", "less",
+    "nc", "md5sum",
 )
 
 # Command line for the guest under our KVM (see guest/README.md for why).
@@ -555,9 +566,9 @@ def _tools_digest() -> bytes:
     return h.digest()
 
 
-def build_tools(log=print) -> dict[str, bytes]:
+def tool_entries(log=print) -> list[CpioEntry]:
     """Each guest tool compiled (cc -static), cached by its source's hash."""
-    out = {}
+    out = []
     for name, src in tool_sources().items():
         binary = cache_dir() / "tools" / f"{name}-{hashlib.sha256(src).hexdigest()[:16]}"
         if not binary.is_file():
@@ -569,24 +580,56 @@ def build_tools(log=print) -> dict[str, bytes]:
                 raise RuntimeError(f"guest tool {name}: cc failed: {(r.stderr.strip().splitlines() or ['?'])[-1]}")
             os.replace(tmp, binary)
             log(f"guest: built tool {name} ({binary.stat().st_size} bytes)")
-        out[name] = binary.read_bytes()
+        out.append(regular(f"bin/{name}", binary.read_bytes(), 0o755))
     return out
 
 
-def initramfs_entries(busybox: bytes, init_script: bytes, applets=APPLETS, tools=None) -> list[CpioEntry]:
-    """The guest's root filesystem: busybox, its applet links, the tools
-    (name -> static binary) and /init."""
+def initramfs_entries(busybox: bytes, init_script: bytes, applets=APPLETS, extra=()) -> list[CpioEntry]:
+    """The guest's root filesystem: busybox, its applet links, /init and
+    ``extra`` entries (``workload_entries()``: the bench workload)."""
     entries = [directory(d) for d in ("bin", "dev", "proc", "sys", "tmp", "root", "etc")]
     # The kernel opens /dev/console before /init runs and before anything
     # mounts devtmpfs, so the node must be in the archive.
     entries.append(char_device("dev/console", 5, 1))
     entries.append(regular("bin/busybox", busybox, 0o755))
     entries.extend(symlink(f"bin/{a}", "busybox") for a in applets)
-    entries.extend(regular(f"bin/{name}", data, 0o755) for name, data in sorted((tools or {}).items()))
     entries.append(regular("etc/passwd", b"root:x:0:0:root:/root:/bin/sh\n"))
     entries.append(regular("etc/group", b"root:x:0:\n"))
     entries.append(regular("init", init_script, 0o755))
+    entries.extend(extra)
     return entries
+
+
+def _workload_key() -> bytes:
+    """What the workload files are made from (part of the image keys)."""
+    return hashlib.sha256(BENCH_SCRIPT.read_bytes() + b"\0" + RANDREAD_SOURCE.read_bytes() + b"\0"
+                          + " ".join(RANDREAD_CFLAGS).encode()).digest()
+
+
+def compile_randread(log=print) -> bytes:
+    """guest/randread.c as a static binary, compiled once per source (cached)."""
+    out = cache_dir() / "tools" / f"lgj-randread-{_workload_key().hex()[:16]}"
+    if out.is_file():
+        return out.read_bytes()
+    cc = shutil.which("gcc") or shutil.which("cc")
+    if cc is None:
+        raise RuntimeError("no C compiler for guest/randread.c: install build-essential")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    r = subprocess.run([cc, *RANDREAD_CFLAGS, "-o", str(tmp), str(RANDREAD_SOURCE)],
+                       stdin=subprocess.DEVNULL, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"compiling {RANDREAD_SOURCE.name} failed: {(r.stderr or r.stdout).strip()[-300:]}")
+    os.replace(tmp, out)
+    log(f"guest: compiled {out}")
+    return out.read_bytes()
+
+
+def workload_entries(log=print) -> list[CpioEntry]:
+    """Files of the workloads beyond /init: the bench script and its tool."""
+    return [directory("lib"), directory("lib/lgj"),
+            regular("lib/lgj/bench.sh", BENCH_SCRIPT.read_bytes()),
+            regular("bin/lgj-randread", compile_randread(log), 0o755)]
 
 
 def _busybox_applets(busybox: Path) -> set[str] | None:
@@ -608,7 +651,8 @@ def cached_initramfs() -> Path | None:
 
 def _initramfs_key(busybox: bytes, init_script: bytes) -> str:
     h = hashlib.sha256()
-    for part in (RECIPE_VERSION.encode(), busybox, init_script, "\n".join(APPLETS).encode(), _tools_digest()):
+    for part in (RECIPE_VERSION.encode(), busybox, init_script, "\n".join(APPLETS).encode(), _workload_key(),
+                 _tools_digest()):
         h.update(hashlib.sha256(part).digest())
     return h.hexdigest()[:16]
 
@@ -627,7 +671,8 @@ def build_initramfs(*, force: bool = False, log=print) -> Path:
         if absent:
             raise RuntimeError(f"{bb_path} lacks applets: {' '.join(absent)}")
     out.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out, write_newc(initramfs_entries(busybox, init_script, tools=build_tools(log))))
+    extra = workload_entries(log) + tool_entries(log)
+    _atomic_write(out, write_newc(initramfs_entries(busybox, init_script, extra=extra)))
     log(f"guest: wrote {out} ({out.stat().st_size} bytes)")
     return out
 
@@ -651,12 +696,12 @@ MKE2FS_OPTIONS = ("-t", "ext4", "-T", "default", "-L", ROOTFS_LABEL, "-m", "0",
                   "-E", "lazy_itable_init=0,lazy_journal_init=0,root_owner=0:0")
 
 
-def rootfs_tree(busybox: bytes, init_script: bytes, applets=APPLETS, tools=None) -> list[CpioEntry]:
+def rootfs_tree(busybox: bytes, init_script: bytes, applets=APPLETS, extra=()) -> list[CpioEntry]:
     """The root disk's files: the initramfs's tree with /init moved to
     /sbin/init (where the kernel looks without an initramfs).  No device
     nodes (making them needs root): the kernel mounts devtmpfs on /dev
     before it starts init (CONFIG_DEVTMPFS_MOUNT)."""
-    entries = [e for e in initramfs_entries(busybox, init_script, applets, tools)
+    entries = [e for e in initramfs_entries(busybox, init_script, applets, extra)
                if e.name not in ("init", "dev/console")]
     entries += [directory("sbin"), directory("var"), directory("mnt"),
                 regular("sbin/init", init_script, 0o755)]
@@ -714,7 +759,7 @@ def make_ext4_image(entries, image: Path, size_mib: int = ROOTFS_MIB) -> None:
 def _rootfs_key(busybox: bytes, init_script: bytes) -> str:
     h = hashlib.sha256()
     for part in (ROOTFS_VERSION.encode(), busybox, init_script, "\n".join(APPLETS).encode(),
-                 str(ROOTFS_MIB).encode(), " ".join(MKE2FS_OPTIONS).encode(), _tools_digest()):
+                 str(ROOTFS_MIB).encode(), " ".join(MKE2FS_OPTIONS).encode(), _workload_key(), _tools_digest()):
         h.update(hashlib.sha256(part).digest())
     return h.hexdigest()[:16]
 
@@ -742,7 +787,8 @@ def build_rootfs(*, force: bool = False, log=print) -> Path:
         return out
     with _locked(cache_dir() / "rootfs.lock"):
         if not out.is_file() or force:
-            make_ext4_image(rootfs_tree(busybox, init_script, tools=build_tools(log)), out)
+            extra = workload_entries(log) + tool_entries(log)
+            make_ext4_image(rootfs_tree(busybox, init_script, extra=extra), out)
             log(f"guest: wrote {out} (ext4, {ROOTFS_MIB} MiB)")
     return out
 
@@ -805,7 +851,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m guest.build", description=__doc__.split("\n\n")[0])
     ap.add_argument("--force", action="store_true", help="rebuild even if cached")
     ap.add_argument("--bzimage", action="store_true",
-                    help="also build a bzImage (for booting under other VMMs)")
+                    help="also build a bzImage and install QEMU (booting under other VMMs)")
     ap.add_argument("--no-apt", action="store_true", help="never run apt-get")
     ap.add_argument("--jobs", type=int, default=None, help="make -j (default: all cores)")
     ap.add_argument("--initramfs-only", action="store_true")
@@ -820,7 +866,7 @@ def main(argv=None) -> int:
     try:
         try:
             if not args.no_apt:
-                ensure_packages(log=log)
+                ensure_packages(APT_PACKAGES + (OTHER_VMM_PACKAGES if args.bzimage else ()), log=log)
             initrd = build_initramfs(force=args.force, log=log)
             if args.initramfs_only:
                 result = {"initramfs": str(initrd)}

@@ -22,6 +22,11 @@ def _source_digest() -> str:
 SOURCE_DIGEST = _source_digest()
 
 
+# Why the kernel cache directory cannot be trusted (one line), or None: the
+# CLI refuses to run with it (main.py); set below, at import, before Numba.
+CACHE_PROBLEM: str | None = None
+
+
 def _use_source_keyed_cache() -> None:
     """Numba's on-disk cache checks only each function's own file, so a
     kernel that inlined a helper from another module stays stale after that
@@ -29,15 +34,34 @@ def _use_source_keyed_cache() -> None:
     device).  Keying the cache directory on every source file of the package
     makes any edit recompile everything.  NUMBA_CACHE_DIR set by the user
     wins.  Numba is not imported here (the CLI answers --help without it):
-    it reads the variable when it is first imported."""
-    if os.environ.get("NUMBA_CACHE_DIR"):
+    it reads the variable when it is first imported.
+
+    Numba unpickles what it finds there, so a directory another user can
+    write (or owns), or one under such a directory, would run that user's
+    code as us: it is refused (CACHE_PROBLEM) and not handed to Numba."""
+    global CACHE_PROBLEM
+    from .hw.pathtrust import path_problem
+    given = os.environ.get("NUMBA_CACHE_DIR")
+    if given:
+        why = path_problem(given)
+        if why is not None:
+            CACHE_PROBLEM = f"the kernel cache NUMBA_CACHE_DIR={given} is not safe to load code from: {why}"
         return
     base = Path(os.environ.get("LGUEST_JIT_CACHE", Path.home() / ".cache" / "lguest-jit"))
     cache = base / "numba" / SOURCE_DIGEST[:16]
-    try:
-        cache.mkdir(parents=True, exist_ok=True)
-    except OSError:
-        return      # read-only home: Numba falls back to its own locations
+    why = path_problem(str(cache))                  # before creating anything under it
+    if why is None:
+        old = os.umask(0o077)
+        try:
+            cache.mkdir(parents=True, exist_ok=True)
+        except OSError:
+            return      # read-only home: Numba falls back to its own locations
+        finally:
+            os.umask(old)
+        why = path_problem(str(cache))
+    if why is not None:
+        CACHE_PROBLEM = f"the kernel cache {cache} is not safe to load code from: {why}"
+        return
     os.environ["NUMBA_CACHE_DIR"] = str(cache)
     config = sys.modules.get("numba.core.config")
     if config is not None:      # Numba came first: it has read its environment already

@@ -26,13 +26,13 @@ from dataclasses import dataclass
 from .devices.knobs import Knobs, check_seg_max, knobs_schema
 from .devices.tunspec import parse_tunnet
 from .hw import fields as F
-from .hw.firmware import MAX_CPUS
+from .hw.firmware import MAX_CPUS       # standard library only
 
 MIN_MEM_MB = 16
 MAX_MEM_MB = (1 << 22) - 1            # under 4 TiB
-# The PCI MMIO window (pci.Bus's mmio_base up to 4 GiB): RAM below 4 GiB must
-# end before it.
-MMIO_WINDOW_MB = (0xE0000000 >> 20, 4096)
+# The PCI MMIO window (pci.Bus's mmio_base up to 4 GiB): guest RAM is one
+# block from address 0, so it must end below the window.
+MMIO_WINDOW_MB = 0xE0000000 >> 20
 MAX_CMDLINE = 2048                    # the boot protocol's cmdline_size on x86
 
 
@@ -45,9 +45,9 @@ def check_mem_mb(mb: int) -> int:
         raise MachineError(f"memory size {mb} MB is too small to boot Linux (minimum {MIN_MEM_MB} MB)")
     if mb > MAX_MEM_MB:
         raise MachineError(f"memory size {mb} MB is absurd (4 TiB or more)")
-    if MMIO_WINDOW_MB[0] < mb < MMIO_WINDOW_MB[1]:
-        raise MachineError(f"memory size {mb} MB overlaps the PCI window at {MMIO_WINDOW_MB[0]} MB: "
-                           f"use at most {MMIO_WINDOW_MB[0]} or at least {MMIO_WINDOW_MB[1]} MB")
+    if mb > MMIO_WINDOW_MB:
+        raise MachineError(f"memory size {mb} MB overlaps the PCI MMIO window at {MMIO_WINDOW_MB} MB "
+                           f"(guest RAM is at most {MMIO_WINDOW_MB} MB)")
     return mb
 
 
@@ -152,7 +152,7 @@ class Machine:
     strict: bool
     knobs: Knobs
     devices: tuple               # DeviceDesc, in bus order
-    cpus: int = 1                # vCPUs (--cpus)
+    cpus: int = 1                # vCPUs (MP table entries, one loop thread each)
 
     def of_kind(self, kind: str) -> list:
         return [d for d in self.devices if d.kind == kind]
@@ -160,8 +160,9 @@ class Machine:
     def to_fields(self) -> dict:
         """The description as a snapshot saves it (``SCHEMA``'s fields)."""
         return {"mem_bytes": self.mem_bytes, "kernel": self.kernel, "initrd": self.initrd, "cmdline": self.cmdline,
-                "strict": self.strict, "cpus": self.cpus, "knobs": dataclasses.asdict(self.knobs),
-                "devices": [{"kind": d.kind, "options": dict(d.options)} for d in self.devices]}
+                "strict": self.strict, "knobs": dataclasses.asdict(self.knobs),
+                "devices": [{"kind": d.kind, "options": dict(d.options)} for d in self.devices],
+                "cpus": self.cpus}
 
 
 def device_descs(args) -> tuple:
@@ -197,8 +198,8 @@ def schema(max_devices: int = 31):
     device = F.OneOf("kind", {k: F.Record({"kind": F.Str(16), "options": d.schema}) for k, d in BY_KIND.items()})
     return F.Record({"mem_bytes": F.Int(MIN_MEM_MB << 20, MAX_MEM_MB << 20), "kernel": F.Str(4096),
                      "initrd": F.Str(4096), "cmdline": F.Str(MAX_CMDLINE), "strict": F.Bool(),
-                     "cpus": F.Int(1, MAX_CPUS),
-                     "knobs": knobs_schema(), "devices": F.List(device, max_devices, min_len=1)},
+                     "knobs": knobs_schema(), "devices": F.List(device, max_devices, min_len=1),
+                     "cpus": F.Int(1, MAX_CPUS)},
                     optional=("kernel", "initrd"))
 
 
@@ -215,7 +216,7 @@ def from_fields(st: dict) -> Machine:
     except ValueError as exc:
         raise MachineError(str(exc)) from None
     return Machine(mem, st["kernel"], st["initrd"], st["cmdline"], st["strict"], knobs,
-                   check_devices(st["devices"]), st["cpus"])
+                   check_devices(st["devices"]), cpus=st["cpus"])
 
 
 __all__ = ["Machine", "DeviceDesc", "DeviceOption", "DEVICE_OPTIONS", "MachineError", "MIN_MEM_MB", "check_mem_mb",

@@ -41,8 +41,9 @@ Options:
   -h --help             Show this help.
   --version             Show the version.
 
-Benchmarks: vring, pci, decode, blk, rng, net, vsock, exits, boot, restore, or all.
-bench sweep runs one device benchmark (blk, rng, net) per value of a knob.
+Benchmarks: vring, pci, decode, blk, rng, net, vsock, exits, boot, restore, guest, or all.
+bench sweep runs one device benchmark (blk, rng, net) per value of a knob, or
+the guest workload (guest) with a fresh boot per value.
 
 server keeps a warm launcher (Numba and every cached kernel loaded): while
 it runs, each guest run or restore of the same user is forked from it and
@@ -71,9 +72,10 @@ import time
 from docopt import DocoptExit, docopt
 
 from . import __version__
-from .devices.knobs import KNOBS, parse_knobs
+from .devices.knobs import KNOBS, parse_knobs, parse_whole
 from .hw.hosts import LGUEST_DEVICE, default_sample_hz, kvm_max_vcpus, lguest_available, max_sample_hz, usable_cpus
-from .machine import DEVICE_OPTIONS, Machine, MachineError, check_mem_mb, descs, device_descs, readable_file
+from .machine import (DEVICE_OPTIONS, MAX_MEM_MB, MMIO_WINDOW_MB, Machine, MachineError, check_mem_mb, descs, device_descs,
+                      readable_file)
 
 
 def _option_lines(rows) -> str:
@@ -92,7 +94,7 @@ __doc__ = __doc__.format(
     device_options=_option_lines((d.option, d.help) for d in DEVICE_OPTIONS),
     knob_options=_option_lines((f"--{name}={meta}", text) for name, (_, _, meta, text) in KNOBS.items()))
 
-BENCHMARKS = ("vring", "pci", "decode", "blk", "rng", "net", "vsock", "exits", "boot", "restore")
+BENCHMARKS = ("vring", "pci", "decode", "blk", "rng", "net", "vsock", "exits", "boot", "restore", "guest")
 
 
 class UsageError(Exception):
@@ -117,6 +119,9 @@ def _sweep(args) -> int:
     from benchmarks import sweep         # standard library only, like the knobs
     if what not in sweep.SWEEPABLE:
         raise UsageError(f"bench sweep: {what!r} has no device knobs; choose from {', '.join(sweep.SWEEPABLE)}")
+    why = sweep.unsweepable(param, what)
+    if why:
+        raise UsageError(f"bench sweep: {why}")
     if args["--plot"]:
         _check_plot_path(args["--plot"])
     rep = sweep.run(param, values, what, quick=args["--quick"])
@@ -260,11 +265,16 @@ def _check_host_for(machine: Machine) -> None:
 
 def _mem_mb(text: str) -> int:
     try:
-        mb = int(text, 10)
-    except ValueError:
-        raise UsageError(f"memory size {text!r} is not a whole number of megabytes") from None
+        mb = parse_whole(text, "memory size", "megabytes")
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     if mb <= 0:
         raise UsageError(f"memory size must be positive, got {mb} MB")
+    if mb > MAX_MEM_MB:
+        return check_mem_mb(mb)           # absurd, whatever the host has
+    avail = _host_available_mb()          # then: on a small host this is the reason
+    if mb > avail:
+        raise UsageError(f"memory size {mb} MB is more than the host has free ({avail} MB)")
     return check_mem_mb(mb)
 
 
@@ -351,6 +361,7 @@ class RunConfig:
         # The whole kernel file is read into host memory; an initrd must fit in guest RAM.
         _input_size(self.machine.kernel, "kernel", avail << 20, "the host has free")
         _check_host_for(self.machine)
+        self.cpus = self.machine.cpus
         self.user = None
         if args["--username"]:
             import pwd
@@ -395,9 +406,9 @@ def _cpus_arg(value: str | None) -> int:
         return 1
     from .hw.firmware import MAX_CPUS       # standard library only
     try:
-        n = int(value, 10)
-    except ValueError:
-        raise UsageError(f"--cpus={value}: not a whole number of vCPUs") from None
+        n = parse_whole(value, f"--cpus={value}", "vCPUs")
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     if n < 1:
         raise UsageError(f"--cpus={n}: a guest needs at least one vCPU")
     top = kvm_max_vcpus()
@@ -424,9 +435,9 @@ def _profile_args(path: str | None, hz: str | None):
         return path, default_sample_hz()
     top = max_sample_hz()
     try:
-        rate = int(hz, 10)
-    except ValueError:
-        raise UsageError(f"--profile-hz={hz}: not a whole number of samples per second") from None
+        rate = parse_whole(hz, "--profile-hz", "samples per second")
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     if not 1 <= rate <= top:
         raise UsageError(f"--profile-hz={rate}: must be between 1 and {top} samples per second on this host")
     return path, rate
@@ -447,10 +458,15 @@ def _snapshot_options(args):
     except SnapshotError as exc:
         raise UsageError(str(exc)) from None
     if on is not None:
+        # Matched against the console's bytes: the argument's own bytes
+        # (os.fsencode keeps ones that are not UTF-8).  re.compile raises
+        # more than re.error on hostile patterns: a huge repeat count is an
+        # OverflowError, deep nesting a RecursionError.
         try:
-            on = re.compile(on.encode())
-        except re.error as exc:
-            raise UsageError(f"--snapshot-on: bad regular expression: {exc}") from None
+            on = re.compile(os.fsencode(on))
+        except (re.error, OverflowError, RecursionError, MemoryError, ValueError) as exc:
+            why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise UsageError(f"--snapshot-on: bad regular expression: {why}") from None
     return where, on, leave
 
 
@@ -504,6 +520,7 @@ class RestoreConfig:
             machine = dataclasses.replace(machine, strict=True)
         _check_host_for(machine)
         self.machine = machine
+        self.cpus = machine.cpus
         self.user = self.chroot = None
         self.verbose = bool(args["--verbose"])
         self.stats = bool(args["--stats"])
@@ -571,8 +588,8 @@ class Launcher:
         from .hw.memory import GuestMemory
         cfg, m = self.cfg, self.cfg.machine
         if m.cpus > 1:
-            # Phase 1 of SMP: the MP table and the checks are in place; the
-            # backend still runs a single vCPU loop.
+            # The MP table and the checks are in place; the backend still
+            # runs a single vCPU loop.
             raise UsageError(f"--cpus={m.cpus}: more than one vCPU is not supported yet")
         restoring = cfg.restore is not None
         if restoring:
@@ -583,7 +600,9 @@ class Launcher:
         else:
             self.gm = GuestMemory(m.mem_bytes)
             try:
-                self.info = loader.load_linux(self.gm, m.kernel, m.cmdline, m.initrd, cpus=m.cpus)
+                from .hw.cpuid import guest_cmdline
+                self.info = loader.load_linux(self.gm, m.kernel, guest_cmdline(m.cmdline, self._hide_erms()),
+                                              m.initrd, cpus=m.cpus)
             except loader.LoadError as exc:
                 raise UsageError(str(exc)) from None
             except MemoryError:
@@ -616,7 +635,7 @@ class Launcher:
             if restoring:
                 self.backend.attach_bus(self.bus)
             else:
-                self.backend = KvmVm(self.gm, self.bus)
+                self.backend = KvmVm(self.gm, self.bus, cpuid_hook=self._cpuid_hook())
             # THRE interrupts on IRQ 4: Linux's 8250 driver waits for them
             # before it sends user-space output (polling covers only printk).
             # Output to stdout and the line through KVM_IRQ_LINE, both from
@@ -694,8 +713,9 @@ class Launcher:
                      "uart": self.uart.save_state(), "cmos": self.cmos.save_state()}
             try:
                 info = snapshot.write(self.cfg.snapshot, self.gm, state, self.cfg.snapshot_key)
-            except OSError as exc:
-                self.log(f"snapshot to {self.cfg.snapshot!r} failed: {exc.strerror or exc}; the guest carries on")
+            except (OSError, snapshot.SnapshotError) as exc:
+                self.log(f"snapshot to {self.cfg.snapshot!r} failed: {getattr(exc, 'strerror', None) or exc}"
+                         + ("" if self.cfg.snapshot_exit else "; the guest carries on"))
                 return {}
         finally:
             for d in self.devices:
@@ -705,10 +725,19 @@ class Launcher:
                  f"{info['seconds']:.2f} s)")
         return info
 
+    def _hide_erms(self) -> bool:
+        from .hw.cpuid import hides_fast_strings
+        from .hw.hosts import software_kvm
+        return self.cfg.hypervisor == "kvm" and hides_fast_strings(self.cfg.machine.knobs.erms, software_kvm())
+
+    def _cpuid_hook(self):
+        from .hw.cpuid import without_fast_strings
+        return without_fast_strings if self._hide_erms() else None
+
     def _restore_vm(self) -> None:
         from . import snapshot
         from .vcpu import KvmVm
-        self.backend = KvmVm(self.gm)
+        self.backend = KvmVm(self.gm, cpuid_hook=self._cpuid_hook())
         why = snapshot.cpuid_mismatch(self.cfg.restore["cpuid"], snapshot.cpuid_signature(self.backend.vcpu_cpuid()))
         if why is not None:
             raise UsageError(f"snapshot {self.cfg.restore['dir']!r} was taken on another kind of host: {why}")
@@ -753,9 +782,9 @@ class Launcher:
                 if not (self.snapshot_wanted and result.reason == "stopped" and self.fatal_message is None):
                     break
                 self.snapshot_wanted = False
-                self.take_snapshot()
+                written = self.take_snapshot()
                 if self.cfg.snapshot_exit:
-                    return 0
+                    return 0 if written else 1      # a failed snapshot is a failed --snapshot-exit run
         except BadDriver as exc:
             self.log(f"bad driver: {exc}" + (f" [{exc.detail}]" if exc.detail else ""))
             return 1
@@ -798,6 +827,7 @@ class Launcher:
         started = self.client_started if self.client_started is not None else process_start()
         out = {"elapsed_s": time.monotonic() - self.started, "rss_bytes": mem.rss,
                "seconds_to_first_run": None if first_run is None else first_run - started,
+               "started_at": started,     # what the start-up counts from: the exec of the process the user ran
                "warm_launcher": self.client_started is not None,        # forked from `lguest-jit server`
                "context_switches": {"voluntary": ctx.voluntary, "involuntary": ctx.involuntary},
                "threads": threads,
@@ -831,6 +861,27 @@ class Launcher:
             print(f"  exits  {st['exits']}", file=stream)
         for name, n in list(st.get("exit_registers", {}).items())[:STATS_TOP_REGISTERS]:
             print(f"  access {name:28s} {n}", file=stream)
+
+    def on_usr1(self) -> None:
+        """SIGUSR1: the stats on stderr, and --stats-json and --profile's
+        folded stacks rewritten with the counts so far (each replaced whole:
+        a reader never sees half a file).  `bench guest` takes one at each
+        workload boundary and subtracts."""
+        self.print_stats()
+        outputs = []
+        if self.cfg.stats_json:
+            outputs.append((self.cfg.stats_json, lambda: json.dumps(self.stats(), indent=2)))
+        if self.profiler is not None and self.cfg.profile:
+            from .hw.profile import folded_now
+            outputs.append((self.cfg.profile, lambda: folded_now(self.profiler, self.cfg.machine.kernel)))
+        for path, text in outputs:
+            tmp = f"{path}.usr1"
+            try:
+                with open(tmp, "w") as f:
+                    f.write(text())
+                os.replace(tmp, path)
+            except OSError as exc:
+                self.log(f"SIGUSR1: could not write {path}: {exc.strerror}")
 
     def print_profile(self, stream=sys.stderr) -> None:
         """Write --profile's folded stacks and print its report (stderr:
@@ -872,7 +923,7 @@ def _run_guest(args, argv, started) -> int:
     if cfg.restore is None:
         cfg.boot_argv = boot_argv(argv)
     launcher.client_started = started
-    usr1 = signal.signal(signal.SIGUSR1, lambda *_: launcher.print_stats())
+    usr1 = signal.signal(signal.SIGUSR1, lambda *_: launcher.on_usr1())
     usr2 = signal.signal(signal.SIGUSR2, lambda *_: launcher.request_snapshot())
     ran = False
     try:
@@ -927,6 +978,10 @@ def main(argv=None, started: float | None = None) -> int:
               "(see --help)", file=sys.stderr)
         return 2
     try:
+        from . import CACHE_PROBLEM
+        if CACHE_PROBLEM is not None:
+            # Numba would unpickle another user's files as ours: refused as ssh refuses such keys.
+            raise UsageError(CACHE_PROBLEM)
         if args["bench"]:
             return _bench(args)
         if args["server"]:

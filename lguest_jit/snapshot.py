@@ -37,6 +37,7 @@ import hashlib
 import hmac
 import json
 import os
+import re
 import shutil
 import stat
 import time
@@ -212,16 +213,55 @@ def disk_changed(saved: dict) -> str | None:
 # -- writing ------------------------------------------------------------------------------
 
 
+# Every file a snapshot directory holds: --force replaces a directory only
+# when it holds nothing else (and its state file is ours).
+SNAPSHOT_FILES = (STATE, RAM)
+_OUR_HEAD = re.compile(rb'\s*\{\s*"format"\s*:\s*"' + FORMAT.encode() + rb'"')
+
+
+def not_a_snapshot(path: str) -> str | None:
+    """None when directory ``path`` is empty or one of our snapshots (only
+    our files, a state file that starts as ours: read no further than its
+    first bytes), else what it is instead: what --force may replace."""
+    try:
+        names = os.listdir(path)
+    except OSError as exc:
+        return f"cannot be read ({exc.strerror})"
+    if not names:
+        return None
+    strangers = sorted(set(names) - set(SNAPSHOT_FILES))
+    if strangers:
+        return f"holds {strangers[0]!r}, which no snapshot has"
+    state = os.path.join(path, STATE)
+    if os.path.islink(state) or not os.path.isfile(state):
+        return f"has no {STATE} of ours"
+    try:
+        with open(state, "rb") as f:
+            head = f.read(256)
+    except OSError as exc:
+        return f"has a {STATE} that cannot be read ({exc.strerror})"
+    if not _OUR_HEAD.match(head):
+        return f"has a {STATE} that is not an lguest-jit snapshot's"
+    return None
+
+
 def check_target(path: str, overwrite: bool) -> str:
-    """--snapshot=DIR at argument time: where a snapshot may be written."""
+    """--snapshot=DIR at argument time: where a snapshot may be written.
+    An existing directory is replaced only with ``overwrite`` and only when
+    it is a snapshot of ours (``not_a_snapshot``): never a source tree."""
     if not path:
         raise SnapshotError("--snapshot: empty directory name")
     path = os.path.abspath(path)
     if os.path.lexists(path):
+        if os.path.islink(path):
+            raise SnapshotError(f"--snapshot: {path!r} is a symbolic link; name the directory itself")
         if not os.path.isdir(path):
             raise SnapshotError(f"--snapshot: {path!r} exists and is not a directory")
         if os.listdir(path) and not overwrite:
             raise SnapshotError(f"--snapshot: {path!r} exists and is not empty (--force to replace it)")
+        why = not_a_snapshot(path)
+        if why is not None:
+            raise SnapshotError(f"--snapshot: {path!r} is not a snapshot ({why}); --force replaces only a snapshot")
     parent = os.path.dirname(path)
     if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
         raise SnapshotError(f"--snapshot: cannot write into {parent!r}")
@@ -247,7 +287,12 @@ def write(path: str, gm, state: dict, secret: bytes) -> dict:
             json.dump(doc, f)
             f.flush()
             os.fsync(f.fileno())
-        if os.path.isdir(path):
+        if os.path.lexists(path):
+            # Checked again: the directory may have changed since the
+            # arguments were checked.
+            why = "a symbolic link" if os.path.islink(path) else not_a_snapshot(path)
+            if why is not None:
+                raise SnapshotError(f"{path!r} is no longer a snapshot ({why}); not replaced")
             shutil.rmtree(path)
         os.rename(tmp, path)
     except BaseException:

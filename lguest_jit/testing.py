@@ -39,6 +39,17 @@ def _align(x: int, a: int) -> int:
 
 
 class MockDriver:
+    """A split virtqueue's driver side; with VIRTIO_F_RING_PACKED among
+    ``features`` the constructor gives a :class:`PackedDriver` instead, so
+    a caller that negotiated the feature drives whichever layout it got."""
+
+    def __new__(cls, gm=None, size=256, base=0x10000, features=0, slot_bytes=4096):
+        if cls is MockDriver and features >> vring.VIRTIO_F_RING_PACKED & 1:
+            cls = PackedDriver
+        return super().__new__(cls)
+
+    packed = False
+
     def __init__(self, gm: GuestMemory, size: int = 256, base: int = 0x10000,
                  features: int = 0, slot_bytes: int = 4096):
         size, base, slot_bytes = int(size), int(base), int(slot_bytes)
@@ -219,6 +230,218 @@ class MockDriver:
 
     def set_avail_idx(self, idx: int) -> None:
         self._st16(self.avail + 2, idx)
+
+
+class PackedDriver(MockDriver):
+    """One packed virtqueue (virtio 1.1 §2.7) driven as Linux's
+    virtio_ring.c drives it (virtqueue_add_packed and friends): buffer IDs
+    from a free list, a list's descriptors written at the next ring
+    positions with each lap's AVAIL/USED bits and the first one's flags
+    last, indirect tables without NEXT, kicks decided from the device event
+    suppression structure (EVENT_IDX: its offset and wrap), used
+    descriptors found by their flags and skipped by their list's length,
+    the driver event structure kept current (off_wrap before flags).
+
+    ``add`` returns the buffer ID; ``get_used`` gives (id, length, data).
+    Data and indirect-table slots belong to IDs, as they belong to heads
+    in :class:`MockDriver`.  ``desc`` is the ring, ``avail`` the driver
+    event suppression structure, ``used`` the device's (the addresses the
+    transport's queue_desc/driver/device registers take)."""
+
+    packed = True
+    F_AVAIL = vring.VRING_PACKED_DESC_F_AVAIL
+    F_USED = vring.VRING_PACKED_DESC_F_USED
+
+    def __init__(self, gm: GuestMemory, size: int = 256, base: int = 0x10000,
+                 features: int = 0, slot_bytes: int = 4096):
+        size, base, slot_bytes = int(size), int(base), int(slot_bytes)
+        if not 0 < size <= vring.MAX_PACKED_QUEUE_SIZE:
+            raise ValueError("packed queue size must be 1 .. 2**15")
+        self.gm, self.mem, self.size = gm, gm.mem, size
+        self.features = features | 1 << vring.VIRTIO_F_RING_PACKED
+        self.event_idx = bool(features & (1 << vring.VIRTIO_RING_F_EVENT_IDX))
+        self.indirect_ok = bool(features & (1 << vring.VIRTIO_RING_F_INDIRECT_DESC))
+        self.desc = _align(base, 4096)
+        self.avail = self.desc + 16 * size           # driver event suppression
+        self.used = self.avail + 4                   # device event suppression
+        self.indirect_base = _align(self.used + 4, 4096)
+        self.data_base = _align(self.indirect_base + 16 * size * size, 4096)
+        self.slot_bytes = slot_bytes
+        self.end = self.data_base + size * slot_bytes
+        if self.end > gm.size:
+            raise ValueError(f"driver layout needs {self.end:#x} bytes of guest RAM, have {gm.size:#x}")
+        gm.mem[self.desc:self.indirect_base] = 0      # §2.7.13: the ring starts zeroed
+        self.next_id = list(range(1, size)) + [size]   # free list of buffer IDs (desc_extra[].next)
+        self.free_head = 0
+        self.num_free = size
+        self.next_avail = 0
+        self.avail_wrap = 1
+        self.last_used = 0
+        self.used_wrap = 1
+        self.num_added = 0
+        self.event_shadow = vring.RING_EVENT_FLAGS_ENABLE
+        self.inflight: dict[int, tuple[int, list[tuple[int, int, bool]], bool]] = {}
+        # The ring descriptors each ID's last list took, (addr, len, flags
+        # without the lap bits): what a compiled driver re-posts (benchmarks).
+        self.rows: dict[int, list[tuple[int, int, int]]] = {}
+
+    def _ld64(self, a): return int.from_bytes(self.mem[a:a + 8].tobytes(), "little")
+
+    def _wdesc(self, table, i, addr, length, flags, bid):
+        # flags None: leave them (a list's first descriptor is exposed last)
+        d = table + 16 * i
+        raw = addr.to_bytes(8, "little") + length.to_bytes(4, "little") + bid.to_bytes(2, "little")
+        if flags is not None:
+            raw += flags.to_bytes(2, "little")
+        self.mem[d:d + len(raw)] = list(raw)
+
+    def _lap_bits(self, wrap: int) -> int:
+        return self.F_AVAIL if wrap else self.F_USED
+
+    def add(self, out=(), in_=(), indirect: bool = False, align: int = 0) -> int:
+        segs = [(s, False) for s in out] + [(s, True) for s in in_]
+        if not segs:
+            raise ValueError("a chain needs at least one buffer")
+        use_indirect = indirect and self.indirect_ok and len(segs) > 1
+        need = 1 if use_indirect else len(segs)
+        if need > self.num_free or self.free_head >= self.size or len(segs) > self.size:
+            raise NoSpace                          # (a list is never longer than the ring, §2.7.17)
+        bid = self.free_head
+        slot = self.data_base + bid * self.slot_bytes
+        placed = []
+        cursor = slot
+        for s, writable in segs:
+            if align and not isinstance(s, tuple) and (s if isinstance(s, int) else len(s)) >= align:
+                cursor = -(-cursor // align) * align
+            if isinstance(s, tuple):
+                addr, length = s
+            elif isinstance(s, int):
+                addr, length = cursor, s
+                cursor += s
+            else:
+                addr, length = cursor, len(s)
+                self.mem[cursor:cursor + length] = np.frombuffer(bytes(s), dtype=np.uint8)
+                cursor += length
+            placed.append((addr, length, writable))
+        if cursor > slot + self.slot_bytes:
+            raise ValueError(f"chain needs {cursor - slot} bytes, slots hold {self.slot_bytes}")
+        head = self.next_avail
+        head_flags = None
+        rows = self.rows[bid] = []
+        if use_indirect:
+            table = self.indirect_base + bid * 16 * self.size
+            for k, (addr, length, w) in enumerate(placed):
+                self._wdesc(table, k, addr, length, _WRITE if w else 0, 0)
+            head_flags = _INDIRECT | self._lap_bits(self.avail_wrap)
+            self._wdesc(self.desc, head, table, 16 * len(placed), None, bid)
+            rows.append((table, 16 * len(placed), _INDIRECT))
+            self._step_avail()
+        else:
+            for k, (addr, length, w) in enumerate(placed):
+                flags = (_WRITE if w else 0) | (0 if k == len(placed) - 1 else _NEXT) | self._lap_bits(self.avail_wrap)
+                rows.append((addr, length, flags & ~(self.F_AVAIL | self.F_USED)))
+                if k == 0:
+                    head_flags = flags            # its flags wait for the rest of the list
+                    self._wdesc(self.desc, self.next_avail, addr, length, None, bid)
+                else:
+                    self._wdesc(self.desc, self.next_avail, addr, length, flags, bid)
+                self._step_avail()
+        self.free_head = self.next_id[bid]
+        self.num_free -= need
+        self.num_added += need
+        self.inflight[bid] = (need, placed, use_indirect)
+        # The first descriptor's flags last: the list appears whole (§2.7.6).
+        self._st16(self.desc + 16 * head + 14, head_flags)
+        return bid
+
+    def _step_avail(self):
+        self.next_avail += 1
+        if self.next_avail == self.size:
+            self.next_avail = 0
+            self.avail_wrap ^= 1
+
+    def post(self, head: int) -> None:
+        raise NotImplementedError("a packed ring has no avail ring: add() makes a list available")
+
+    def kick_prepare(self) -> bool:
+        """virtqueue_kick_prepare_packed."""
+        new = self.next_avail
+        old = (new - self.num_added) & 0xFFFF
+        self.num_added = 0
+        off_wrap, flags = self._ld16(self.used), self._ld16(self.used + 2)
+        if flags != vring.RING_EVENT_FLAGS_DESC:
+            return flags != vring.RING_EVENT_FLAGS_DISABLE
+        event = off_wrap & 0x7FFF
+        if off_wrap >> 15 != self.avail_wrap:
+            event -= self.size
+        return vring.need_event(event & 0xFFFF, new, old)
+
+    def _used_at(self, pos: int, wrap: int) -> bool:
+        flags = self._ld16(self.desc + 16 * pos + 14)
+        avail, used = flags >> 7 & 1, flags >> 15 & 1
+        return avail == used == wrap
+
+    def has_used(self) -> bool:
+        return self._used_at(self.last_used, self.used_wrap)
+
+    def used_idx(self) -> int:
+        raise NotImplementedError("a packed ring has no used index: see has_used()")
+
+    def get_used(self):
+        if not self.has_used():
+            return None
+        d = self.desc + 16 * self.last_used
+        length, bid = self._ld32(d + 8), self._ld16(d + 12)
+        if bid not in self.inflight:
+            raise AssertionError(f"device returned buffer ID {bid}, which is not in flight")
+        need, placed, _ = self.inflight.pop(bid)
+        data = [self.mem[a:a + n].tobytes() for a, n, w in placed if w]
+        self.next_id[bid] = self.free_head
+        self.free_head = bid
+        self.num_free += need
+        self.last_used += need
+        if self.last_used >= self.size:
+            self.last_used -= self.size
+            self.used_wrap ^= 1
+        if self.event_shadow == vring.RING_EVENT_FLAGS_DESC:
+            self._st16(self.avail, self.last_used | self.used_wrap << 15)
+        return bid, length, data
+
+    def disable_cb(self) -> None:
+        if self.event_shadow != vring.RING_EVENT_FLAGS_DISABLE:
+            self.event_shadow = vring.RING_EVENT_FLAGS_DISABLE
+            self._st16(self.avail + 2, self.event_shadow)
+
+    def enable_cb(self) -> bool:
+        if self.event_idx:
+            self._st16(self.avail, self.last_used | self.used_wrap << 15)
+        if self.event_shadow == vring.RING_EVENT_FLAGS_DISABLE:
+            self.event_shadow = vring.RING_EVENT_FLAGS_DESC if self.event_idx else vring.RING_EVENT_FLAGS_ENABLE
+            self._st16(self.avail + 2, self.event_shadow)
+        return self.has_used()
+
+    def set_used_event(self, off: int, wrap: int | None = None) -> None:
+        """Ask for an interrupt once the used descriptor at ``off`` (in the
+        lap ``wrap``, default the current one) is written (RING_EVENT_FLAGS_DESC)."""
+        self._st16(self.avail, off | (self.used_wrap if wrap is None else wrap) << 15)
+        self.event_shadow = vring.RING_EVENT_FLAGS_DESC
+        self._st16(self.avail + 2, self.event_shadow)
+
+    def set_driver_event_flags(self, flags: int) -> None:
+        self.event_shadow = flags
+        self._st16(self.avail + 2, flags)
+
+    def write_desc(self, i: int, addr: int, length: int, flags: int, bid: int, table: int | None = None) -> None:
+        """Raw ring (or table) entry ``i``: flags as given (add the lap's
+        bits yourself, ``lap_bits``)."""
+        self._wdesc(self.desc if table is None else table, i, addr, length, flags, bid)
+
+    def lap_bits(self, wrap: int | None = None) -> int:
+        """AVAIL/USED bits that mark a descriptor available in lap ``wrap``."""
+        return self._lap_bits(self.avail_wrap if wrap is None else wrap)
+
+    def set_avail_idx(self, idx: int) -> None:
+        raise NotImplementedError("a packed ring has no avail index")
 
 
 class RecordingDevice(pci.VirtioDevice):

@@ -1,7 +1,7 @@
 """Plain-Python reference implementations the kernels are checked against.
 
-Written for clarity, straight from virtio 1.0 §2.4, with no shared code with
-lguest_jit.vring.  Only the *valid-chain* result is compared; for invalid
+Written for clarity, straight from virtio 1.0 §2.4 (split rings) and 1.1
+§2.7 (packed rings), with no shared code with lguest_jit.vring.  Only the *valid-chain* result is compared; for invalid
 input the reference just says "invalid".
 """
 from __future__ import annotations
@@ -53,6 +53,77 @@ def walk_chain(mem: bytes, mem_size: int, size: int, desc: int, avail: int, last
         if nxt >= entries:
             return "invalid", None
         i = nxt
+
+
+AVAIL_BIT, USED_BIT = 1 << 7, 1 << 15
+
+
+def walk_packed(mem: bytes, mem_size: int, size: int, ring: int, pos: int, wrap: int, indirect_ok: bool,
+                held=frozenset()):
+    """The list at ring position ``pos`` of a packed ring (virtio 1.1 §2.7),
+    the device's wrap counter being ``wrap``; ``held`` the buffer IDs the
+    device has not given back.  Returns ('empty', None), ('invalid', None)
+    or ('ok', (buffer id, ring slots, next pos, next wrap, [(addr, len,
+    writable), ...]))."""
+    def desc(a):
+        return struct.unpack_from("<QIHH", mem, a)          # addr, len, id, flags
+
+    def available(flags, w):
+        # §2.7.1: AVAIL matches the lap's wrap counter, USED does not.
+        return bool(flags & AVAIL_BIT) == bool(w) and bool(flags & USED_BIT) != bool(w)
+
+    def inside(a, n): return 0 <= a and a + n <= mem_size
+
+    if not available(desc(ring + 16 * pos)[3], wrap):
+        return "empty", None
+    elements = []
+    slots = 0
+    while True:
+        addr, length, bid, flags = desc(ring + 16 * pos)
+        if slots and not available(flags, wrap):
+            return "invalid", None
+        slots += 1
+        pos, wrap = (pos + 1, wrap) if pos + 1 < size else (0, 1 - wrap)
+        if flags & INDIRECT:
+            if not indirect_ok or slots > 1 or flags & NEXT or length == 0 or length % 16 \
+                    or length // 16 > size or not inside(addr, length):
+                return "invalid", None
+            for k in range(length // 16):
+                ea, el, _, ef = desc(addr + 16 * k)
+                if ef & INDIRECT or not inside(ea, el):
+                    return "invalid", None
+                elements.append((ea, el, bool(ef & WRITE)))
+        else:
+            if not inside(addr, length):
+                return "invalid", None
+            elements.append((addr, length, bool(flags & WRITE)))
+            if flags & NEXT:
+                if len(elements) >= size:
+                    return "invalid", None
+                continue
+        break
+    if len(elements) > size:
+        return "invalid", None
+    writable = [w for _, _, w in elements]
+    if writable != sorted(writable):                         # readable after writable
+        return "invalid", None
+    if bid in held:
+        return "invalid", None
+    return "ok", (bid, slots, pos, wrap, elements)
+
+
+def packed_wants_interrupt(size: int, used_before: int, used_now: int, flags: int, off_wrap: int) -> bool:
+    """Does the driver event suppression structure (§2.7.10, §2.7.14) ask
+    for an interrupt, the device having used ring slots ``used_before`` ..
+    ``used_now - 1`` (counted from the ring's start, laps included)?
+    DESC: some slot in that span is at the event's offset in a lap whose
+    wrap counter (1 on the first lap) is the event's."""
+    if flags == 1:
+        return False
+    if flags != 2:
+        return True
+    off, wrap = off_wrap & 0x7FFF, off_wrap >> 15
+    return any(a % size == off and 1 - (a // size) % 2 == wrap for a in range(used_before, used_now))
 
 
 def vring_need_event(event: int, new: int, old: int) -> bool:

@@ -102,7 +102,10 @@ def check_selftest(rep, console: bytes, disk, tail: str, cpus: int = 1) -> None:
 
 
 @pytest.mark.slow
-def test_default_guest_drives_every_device(tmp_path):
+@pytest.mark.parametrize("packed", [False, True], ids=["split", "packed"])
+def test_default_guest_drives_every_device(tmp_path, packed):
+    """The whole selftest, with split rings and (--packed=on: Linux
+    negotiates VIRTIO_F_RING_PACKED when offered) with packed ones."""
     from lguest_jit.hw.kvm import kvm_available
     why = kvm_available()
     if why is not None:
@@ -122,7 +125,8 @@ def test_default_guest_drives_every_device(tmp_path):
     stats_file = tmp_path / "stats.json"
     cmdline = build.default_cmdline("selftest", "hvc0")
     argv = [sys.executable, "-m", "lguest_jit.main", f"--tunnet={HOST_IP}:{GUEST_MAC}", f"--block={disk}", "--rng",
-            f"--initrd={initrd}", f"--stats-json={stats_file}", "256", str(vmlinux), *cmdline.split()]
+            f"--initrd={initrd}", f"--stats-json={stats_file}", *(["--packed=on"] if packed else []), "256",
+            str(vmlinux), *cmdline.split()]
     stderr_file = tmp_path / "stderr.txt"
     t0 = time.monotonic()
     # The launcher, its tap and the host side of the ping live in a
@@ -160,6 +164,7 @@ def test_default_guest_drives_every_device(tmp_path):
     for dev, qs in queues.items():
         for q, c in qs.items():
             assert c["errors"] == 0, (dev, q, c)
+            assert c["layout"] == ("packed" if packed else "split"), (dev, q, c)
     for kind in ("net", "block", "rng"):
         assert sum(c["requests"] for c in by_kind[kind].values()) > 0, (kind, by_kind[kind])
     # Request latency was timed on the disk's queue (one request in 16; the first always).

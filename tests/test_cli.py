@@ -26,11 +26,17 @@ def test_bench_vring_json():
     assert r.returncode == 0, r.stderr
     rep = json.loads(r.stdout)
     assert rep["benchmark"] == "vring"
+    shapes = [(1, "direct"), (3, "direct"), (17, "direct"), (3, "indirect"), (17, "indirect")]
     for side in ("numba", "python"):
-        assert set(rep[side]) == {f"chains_per_s_{n}desc_{k}" for n, k in
-                                  [(1, "direct"), (3, "direct"), (17, "direct"), (3, "indirect"), (17, "indirect")]}
+        assert set(rep[side]) == {f"chains_per_s_{n}desc_{k}{layout}" for n, k in shapes
+                                  for layout in ("", "_packed")}        # split and packed rings, same shapes
         assert all(v > 0 for v in rep[side].values())
     assert all(v == rep["numba"][k] / rep["python"][k] for k, v in rep["speedup"].items())
+    # Each shape's per-request cost, split beside packed (1e9 / the rate).
+    for n, k in shapes:
+        cost = rep["ns_per_chain"][f"{n}desc_{k}"]
+        assert cost["split"] == round(1e9 / rep["numba"][f"chains_per_s_{n}desc_{k}"], 1)
+        assert cost["packed"] == round(1e9 / rep["numba"][f"chains_per_s_{n}desc_{k}_packed"], 1)
     # stderr is not a terminal here: no live progress, one plain line per phase.
     assert r.stderr.splitlines() == ["bench vring: numba", "bench vring: pure Python (NUMBA_DISABLE_JIT=1)"]
 
@@ -178,7 +184,8 @@ except SystemExit as exc:
 # Numba or numpy.
 light = {"lguest_jit", "lguest_jit.main", "lguest_jit.hw", "lguest_jit.hw.hosts", "lguest_jit.hw.firmware",
          "lguest_jit.devices", "lguest_jit.devices.tunspec", "lguest_jit.devices.knobs",
-         "lguest_jit.warm",   # warm: the client side
+         "lguest_jit.warm",              # warm: the client side
+         "lguest_jit.hw.pathtrust",      # the kernel cache check, at import
          "lguest_jit.machine", "lguest_jit.hw.fields"}
 loaded = [m for m in sys.modules if m.split(".")[0] in ("numba", "numpy", "benchmarks")
           or (m.startswith("lguest_jit") and m not in light)]
@@ -264,3 +271,46 @@ def test_bench_progress_goes_to_a_terminal_and_never_into_json():
     assert term.count(f"{n}/{n}") >= 2, term
     assert "chains_per_s_17desc_indirect" in term
     assert "\x1b[" in term          # drawn in place, not a log
+
+
+# ---------------------------------------------------------------- numbers: one rule for every numeric option
+
+# Each numeric option, as a command line with {} where the number goes.
+NUMERIC_OPTIONS = {
+    "memory": ["{}", "{kernel}"],
+    "--queue-size": ["--queue-size={}", "64", "{kernel}"],
+    "--seg-max": ["--seg-max={}", "64", "{kernel}"],
+    "--blk-poll-us": ["--blk-poll-us={}", "64", "{kernel}"],
+    "--profile-hz": ["--profile={out}", "--profile-hz={}", "64", "{kernel}"],
+    "bench sweep": ["bench", "sweep", "--param=queue-size={}", "rng"],
+}
+
+
+@pytest.mark.parametrize("text", [" 64", "64 ", "8_192", "\u0666\u0664", "+64", "64\n", "1e2", "0x40"])
+@pytest.mark.parametrize("option", sorted(NUMERIC_OPTIONS))
+def test_every_numeric_option_takes_ascii_digits_only(capsys, kernel, tmp_path, option, text):
+    """int() and float() take spaces, "_", other scripts' digits and "+";
+    the options take only what --help shows (README, "Command line")."""
+    argv = [a.replace("{}", text).format(kernel=kernel, out=tmp_path / "p.folded") for a in NUMERIC_OPTIONS[option]]
+    check_refused(capsys, argv, "not a", tmp_path)
+
+
+@pytest.mark.parametrize("mem", ["3585", "4000", "4095", "4096"])
+def test_memory_overlapping_the_mmio_window_is_one_line(capsys, kernel, tmp_path, mem):
+    check_refused(capsys, [mem, kernel], "overlaps the PCI MMIO window at 3584 MB", tmp_path)
+
+
+def test_the_mmio_window_is_the_bus_default():
+    import inspect
+
+    from lguest_jit import pci
+    assert inspect.signature(pci.Bus).parameters["mmio_base"].default == cli.MMIO_WINDOW_MB << 20
+
+
+def test_a_snapshot_on_pattern_that_is_not_utf8_is_matched_as_bytes(tmp_path):
+    """An argument's bytes that are not UTF-8 (Python holds them as
+    surrogates) are the pattern's bytes, as the console's are."""
+    args = {"--snapshot": str(tmp_path / "s"), "--snapshot-on": os.fsdecode(b"boot \xff+ done"),
+            "--snapshot-exit": False, "--force": False}
+    _where, pattern, _leave = cli._snapshot_options(args)
+    assert pattern.search(b"xx boot \xff\xff done") and not pattern.search(b"boot  done")

@@ -20,7 +20,7 @@ def test_the_limit_is_vrings_and_the_defaults_are_the_devices():
     # Nothing set: every device keeps what its class declares.
     assert parse_knobs({}) == Knobs() and Knobs().queue_size is None and Knobs().blk_poll_us is None
     assert Block.queue_max_sizes == (blk.QUEUE_SIZE,) and Rng.queue_max_sizes == (64,)
-    assert set(KNOBS) == {"queue-size", "blk-poll-us", "event-idx", "indirect", "seg-max"}
+    assert set(KNOBS) == {"queue-size", "blk-poll-us", "event-idx", "indirect", "seg-max", "packed", "erms"}
 
 
 def test_the_help_is_the_knob_tables():
@@ -36,9 +36,10 @@ def test_the_help_is_the_knob_tables():
     ({"queue-size": "65536"}, "power of two"),
     ({"queue-size": "lots"}, "not a whole number"),
     ({"blk-poll-us": "-1"}, "between 0"),
-    ({"blk-poll-us": "nan"}, "between 0"),
+    ({"blk-poll-us": "nan"}, "not a number"),
     ({"event-idx": "yes"}, "on or off"),
     ({"indirect": "1"}, "on or off"),
+    ({"packed": "yes"}, "on or off"),
     ({"seg-max": "0"}, "at least 1"),
     ({"seg-max": "20", "queue-size": "16"}, "queue size (16) - 2"),
 ])
@@ -91,6 +92,19 @@ def test_ring_features_offered_follow_the_knobs(machine, event_idx, indirect):
     assert bool(offered & F_INDIRECT) == indirect
     # The driver harness, accepting everything, ends up with exactly that.
     assert bool(drv.features & F_EVENT_IDX) == event_idx
+    drv.reset()
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_packed_knob_offers_packed_rings_and_the_queue_takes_them(machine, packed):
+    offered, _, drv, t = _offered_and_sizes(machine, Rng(), Knobs(packed=packed))
+    assert bool(offered >> vring.VIRTIO_F_RING_PACKED & 1) == packed
+    q = drv.queues[0]
+    assert q.packed == packed and vring.layout_name(t.queues[0]) == ("packed" if packed else "split")
+    for n in (32, 7, 300):                          # the device thread serves it like any queue
+        q.add(in_=[n])
+        drv.kick(0)
+        assert drv.wait_used(0, timeout=300)[1] == n
     drv.reset()
 
 

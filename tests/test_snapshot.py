@@ -116,6 +116,9 @@ def test_a_snapshot_mid_loop_restores_into_a_guest_that_finishes_it(taken, tmp_p
         assert out == b"D", out                    # carried on mid-loop: no second 'R'
 
 
+SECRET = bytes(range(32))      # a key for snapshots this test writes and never restores
+
+
 # damage case -> (CPUID function, index, signature field: 3..6 = eax..edx, bit flipped)
 CPUID_FLIPS = {
     "cpuid": (0, 0, 3, 1),
@@ -161,18 +164,18 @@ def _damage(src, dst, how):
         doc["body"] = json.dumps(body, sort_keys=True)
         doc["sha256"] = hashlib.sha256(doc["body"].encode()).hexdigest()
         state.write_text(json.dumps(doc))
-    elif how in CPUID_FLIPS or how in ("cpus zero", "cpus text"):
-        if how in CPUID_FLIPS:
-            function, index, field, bit = CPUID_FLIPS[how]
-            leaf = next(e for e in body["cpuid"] if e[:2] == [function, index])
-            leaf[field] ^= bit
-        else:
-            body["machine"]["cpus"] = 0 if how == "cpus zero" else "2"
-        reseal(dst, doc, body)
     elif how == "ram changed":
         with open(dst / "ram", "r+b") as f:
             f.seek(1 << 20)
             f.write(b"\x90" * 16)
+    elif how in CPUID_FLIPS:           # sealed again by this user: the host check itself
+        function, index, field, bit = CPUID_FLIPS[how]
+        leaf = next(e for e in body["cpuid"] if e[:2] == [function, index])
+        leaf[field] ^= bit
+        reseal(dst, doc, body)
+    elif how in ("cpus zero", "cpus text"):
+        body["machine"]["cpus"] = 0 if how == "cpus zero" else "2"
+        reseal(dst, doc, body)
     elif how == "ram size":            # sealed again by this user: the size check itself
         os.truncate(dst / "ram", 4096)
         reseal(dst, doc, body)
@@ -193,8 +196,8 @@ BAD = [
     ("not authentic", "authentication failed"),
     ("ram changed", "authentication failed"),
     ("cpuid", "another kind of host"),
-    ("cpus zero", "machine.cpus: 0 is outside 1..255"),
-    ("cpus text", "machine.cpus: expected a whole number"),
+    ("cpus zero", "state.machine.cpus: 0 is outside 1..255"),
+    ("cpus text", "state.machine.cpus: expected a whole number, got str '2'"),
     ("cpuid leaf 1 ecx", "another kind of host: CPUID leaf 0x1.0 differs from the snapshot's host (ecx"),
     ("cpuid leaf 1 edx", "another kind of host: CPUID leaf 0x1.0 differs from the snapshot's host (edx"),
     ("cpuid leaf 7 ebx", "another kind of host: CPUID leaf 0x7.0 differs from the snapshot's host (ebx"),
@@ -267,32 +270,91 @@ def test_a_disk_changed_since_the_snapshot_is_refused_unless_forced(taken, tmp_p
     (["--snapshot-on=x"], "need --snapshot=DIR"),
     (["--snapshot-exit"], "need --snapshot=DIR"),
     (["--snapshot={dir}", "--snapshot-on=("], "bad regular expression"),
+    (["--snapshot={dir}", "--snapshot-on=a{{99999999999}}"], "bad regular expression"),   # OverflowError
+    (["--snapshot={dir}", "--snapshot-on=" + "(" * 50000], "bad regular expression"),     # RecursionError
     (["--snapshot={full}"], "exists and is not empty"),
     (["--snapshot={file}"], "exists and is not a directory"),
+    # --force replaces a snapshot of ours, nothing else: not a source tree
+    # (the directory the launcher runs in, too), not a directory that only
+    # looks like one, not a symbolic link.
+    (["--snapshot={full}", "--force"], "is not a snapshot (holds 'something'"),
+    (["--snapshot=.", "--force"], "is not a snapshot (holds 'something'"),
+    (["--snapshot={fake}", "--force"], "not an lguest-jit snapshot's"),
+    (["--snapshot={link}", "--force"], "is a symbolic link"),
 ])
 def test_bad_snapshot_options_are_refused_before_the_guest_starts(tmp_path, args, message):
     full = tmp_path / "full"
     full.mkdir()
     (full / "something").write_text("keep me")
+    fake = tmp_path / "fake"
+    fake.mkdir()
+    (fake / "state.json").write_text('{"hello": "world"}')
+    (fake / "ram").write_text("keep me")
+    (tmp_path / "link").symlink_to(full)
     (tmp_path / "file").write_text("")
     kernel = tmp_path / "tiny.elf"
     kernel.write_bytes(_elf64(_guest(), LOAD))
-    args = [a.format(dir=tmp_path / "new", full=full, file=tmp_path / "file") for a in args]
+    args = [a.format(dir=tmp_path / "new", full=full, file=tmp_path / "file", fake=fake, link=tmp_path / "link")
+            for a in args]
     r = subprocess.run(_launcher(*args, str(MEM_MB), str(kernel)), stdin=subprocess.DEVNULL, capture_output=True,
-                       text=True, timeout=TIMEOUT)
+                       text=True, timeout=TIMEOUT, cwd=full)
     assert r.returncode == 2, r.stderr
     assert r.stderr.startswith("lguest-jit: ") and r.stderr.count("\n") == 1 and message in r.stderr, r.stderr
     assert (full / "something").read_text() == "keep me"      # never overwritten unless asked
+    assert (fake / "ram").read_text() == "keep me"
     assert not (tmp_path / "new").exists()
 
 
 def test_force_replaces_an_existing_snapshot(taken, tmp_path):
     old = tmp_path / "snap"
-    old.mkdir()
-    (old / "stale").write_text("old")
+    shutil.copytree(taken[0], old)
+    before = (old / "state.json").read_bytes()
     where, out, err = _take(tmp_path, extra=("--force",))
     assert where == old and out == b"R", err
     assert sorted(os.listdir(where)) == ["ram", "state.json"]
+    assert (old / "state.json").read_bytes() != before        # a new snapshot, not the old one kept
+
+
+def test_snapshot_write_replaces_only_a_snapshot(tmp_path):
+    """The check is made again when the snapshot is written: a directory
+    that stopped being a snapshot since the arguments were checked is left
+    alone, and the write fails."""
+    from lguest_jit import snapshot
+    from lguest_jit.hw.memory import GuestMemory
+    gm = GuestMemory(1 << 20)
+    try:
+        where = tmp_path / "snap"
+        snapshot.write(str(where), gm, {"machine": {"mem_bytes": gm.size}}, SECRET)
+        assert snapshot.not_a_snapshot(str(where)) is None
+        snapshot.write(str(where), gm, {"machine": {"mem_bytes": gm.size}}, SECRET)       # ours: replaced
+        (where / "notes.txt").write_text("mine")
+        with pytest.raises(snapshot.SnapshotError, match="no longer a snapshot"):
+            snapshot.write(str(where), gm, {"machine": {"mem_bytes": gm.size}}, SECRET)
+        assert (where / "notes.txt").read_text() == "mine"
+        assert [p.name for p in tmp_path.iterdir()] == ["snap"]           # no partial directory left
+    finally:
+        gm.close()
+
+
+def test_a_failed_snapshot_makes_snapshot_exit_fail(tmp_path):
+    """--snapshot-exit whose snapshot could not be written exits non-zero
+    (here its parent directory is gone when the snapshot is taken)."""
+    kernel = tmp_path / "tiny.elf"
+    kernel.write_bytes(_elf64(_guest(), LOAD))
+    parent = tmp_path / "parent"
+    parent.mkdir()
+    proc = subprocess.Popen(_launcher(f"--snapshot={parent / 'snap'}", "--snapshot-exit", "64", str(kernel)),
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert proc.stdout.read(1) == b"R", proc.stderr.read()
+        parent.rmdir()
+        proc.send_signal(signal.SIGUSR2)
+        out, err = proc.communicate(timeout=TIMEOUT)
+    finally:
+        proc.kill()
+    assert proc.returncode == 1, err
+    assert b"snapshot to" in err and b"failed" in err and b"Traceback" not in err, err
+    assert not parent.exists()
 
 
 def test_restore_refuses_options_the_snapshot_fixes(taken):

@@ -84,6 +84,7 @@ class Device(VirtioDevice):
         # Counters of queues that were stopped (a reset zeroes the live arrays).
         self.totals = np.zeros((len(self.queue_max_sizes), vring.Q_FIELDS), dtype=np.int64)
         self.failed: list[str] = []
+        self.layouts: dict[int, str] = {}      # queue index -> "split"/"packed", as last activated (--stats)
 
     # -- what subclasses implement
     def serve(self, index: int, ctx: QueueContext, stop_fd: int) -> int:
@@ -102,13 +103,17 @@ class Device(VirtioDevice):
 
     def apply_knobs(self, knobs) -> None:
         """Take the tuning knobs (a ``knobs.Knobs``) before the device goes on
-        the bus: every queue's maximum size, and the ring features offered."""
+        the bus: every queue's maximum size, and the ring features offered
+        (packed rings too: the driver that accepts them gets them on every
+        queue, vring.setup_queue reads the layout from the features)."""
         if knobs.queue_size:
             self.queue_max_sizes = (knobs.queue_size,) * len(self.queue_max_sizes)
         if not knobs.event_idx:
             self.features &= ~(1 << vring.VIRTIO_RING_F_EVENT_IDX)
         if not knobs.indirect:
             self.features &= ~(1 << vring.VIRTIO_RING_F_INDIRECT_DESC)
+        if knobs.packed:
+            self.features |= 1 << vring.VIRTIO_F_RING_PACKED
 
     def on_activate(self, ctx: QueueContext) -> None:
         """Hook before the threads start (e.g. negotiated-feature set-up)."""
@@ -123,6 +128,7 @@ class Device(VirtioDevice):
             if q is None:
                 continue
             q[vring.Q_STOP] = 0
+            self.layouts[i] = vring.layout_name(q)
             vring.set_poll(q, vring.spins_for(self.poll_us) if self.poll_us else 0)
             vring.set_latency_sampling(q, self.latency_every)
             name = f"{self.name}:{self.queue_names[i] if i < len(self.queue_names) else i}"
@@ -212,7 +218,8 @@ class Device(VirtioDevice):
         for i, row in enumerate(live):
             name = self.queue_names[i] if i < len(self.queue_names) else str(i)
             c = vring.counters(row)
-            out[name] = {"requests": c["chains"], "bytes": c["bytes"], "notifications": c["notifications"],
+            out[name] = {"layout": self.layouts.get(i, "split"),
+                         "requests": c["chains"], "bytes": c["bytes"], "notifications": c["notifications"],
                          "interrupts": c["interrupts"], "errors": c["errors"],
                          "latency": {**c["latency"], "sampled_every": self.latency_every}}
         return out

@@ -1,6 +1,6 @@
 """Device tuning knobs: the command-line options that change what devices
 offer (``--queue-size``, ``--blk-poll-us``, ``--event-idx``, ``--indirect``,
-``--seg-max``) and the values ``bench sweep --param`` walks through.
+``--seg-max``, ``--packed``, and ``--erms``, which is the vCPU's) and the values ``bench sweep --param`` walks through.
 
 Standard library only: the CLI checks every knob before it loads Numba.
 Devices take a :class:`Knobs` through ``Device.apply_knobs`` before they are
@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 
 MIN_QUEUE_SIZE = 4            # a block request needs a header, data and status
 QUEUE_SIZE_LIMIT = 32768      # §2.4: vring.MAX_QUEUE_SIZE (vring brings Numba; a test checks they agree)
@@ -33,6 +34,10 @@ class Knobs:
     event_idx: bool = True                 # offer VIRTIO_RING_F_EVENT_IDX
     indirect: bool = True                  # offer VIRTIO_RING_F_INDIRECT_DESC
     seg_max: int | None = None             # block: data segments per request
+    packed: bool = False                   # offer VIRTIO_F_RING_PACKED (virtio 1.1 §2.7)
+    # Not a device's: whether the guest is offered ERMS/FSRM (fast `rep
+    # movsb`), auto = hidden on software-KVM hosts only (hw/cpuid.py).
+    erms: str = "auto"
 
     def to_env(self) -> str:
         return json.dumps(dataclasses.asdict(self))
@@ -43,11 +48,34 @@ class Knobs:
         return cls(**json.loads(text)) if text else cls()
 
 
+# What every numeric option accepts: ASCII digits, as written in --help,
+# with at most a leading "-" (so a negative value gets its range's message);
+# no "+", spaces, "_" separators, exponents, inf/nan or other scripts'
+# digits, all of which int()/float() would take.  One rule for all options.
+_WHOLE = re.compile(r"-?[0-9]+")
+_DECIMAL = re.compile(r"-?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)")
+
+
+def parse_whole(text: str, what: str, unit: str = "") -> int:
+    """A whole number written in ASCII digits; ValueError (one line,
+    naming ``what``) for anything else."""
+    if not isinstance(text, str) or not _WHOLE.fullmatch(text):
+        raise ValueError(f"{what}: {text!r} is not a whole number{' of ' + unit if unit else ''} "
+                         "(ASCII digits only)")
+    return int(text, 10)
+
+
+def parse_decimal(text: str, what: str, unit: str = "") -> float:
+    """A decimal (digits, one optional point); ValueError
+    otherwise (no exponent, inf or nan)."""
+    if not isinstance(text, str) or not _DECIMAL.fullmatch(text):
+        raise ValueError(f"{what}: {text!r} is not a number{' of ' + unit if unit else ''} "
+                         "(ASCII digits and one optional point)")
+    return float(text)
+
+
 def _int(text: str, name: str) -> int:
-    try:
-        return int(text, 10)
-    except (TypeError, ValueError):
-        raise ValueError(f"--{name}={text}: not a whole number") from None
+    return parse_whole(text, f"--{name}")
 
 
 def _queue_size(text: str) -> int:
@@ -58,11 +86,8 @@ def _queue_size(text: str) -> int:
 
 
 def _poll_us(text: str) -> float:
-    try:
-        us = float(text)
-    except (TypeError, ValueError):
-        raise ValueError(f"--blk-poll-us={text}: not a number of microseconds") from None
-    if not 0 <= us <= MAX_POLL_US:      # also refuses nan
+    us = parse_decimal(text, "--blk-poll-us", "microseconds")
+    if not 0 <= us <= MAX_POLL_US:
         raise ValueError(f"--blk-poll-us={text}: must be between 0 and {MAX_POLL_US:.0f} microseconds")
     return us
 
@@ -82,6 +107,15 @@ def _seg_max(text: str) -> int:
     return n
 
 
+def _erms(text: str) -> str:
+    if text not in ERMS_CHOICES:
+        raise ValueError(f"--erms={text}: must be auto, on or off")
+    return text
+
+
+ERMS_CHOICES = ("auto", "on", "off")
+
+
 # option name -> (Knobs field, parser, metavariable, help).  The help is
 # the launcher's --help text for the option (main generates its docopt
 # text from this table).
@@ -96,7 +130,14 @@ KNOBS = {
                  "(default: on)."),
     "seg-max": ("seg_max", _seg_max, "N", "Block: data segments per request offered as seg_max (default: the "
                 "block queue size - 2)."),
+    "packed": ("packed", _on_off("packed"), "ON|OFF", "Offer packed virtqueues (VIRTIO_F_RING_PACKED), on or "
+               "off (default: off)."),
+    "erms": ("erms", _erms, "AUTO|ON|OFF", "Offer the guest fast string copies (CPUID ERMS/FSRM): auto hides "
+             "them on software-KVM hosts only (default: auto)."),
 }
+# Knobs of the machine rather than of a device: only `bench sweep ... guest`,
+# which boots a guest per value, can measure them.
+GUEST_ONLY_KNOBS = ("erms",)
 
 
 def parse_knobs(values: dict) -> Knobs:
@@ -125,9 +166,10 @@ def check_seg_max(seg_max: int | None, queue_size: int | None) -> None:
 
 def knobs_schema():
     """How a snapshot's knobs are read (hw.fields): the command line's bounds."""
-    from ..hw.fields import Bool, Float, Int, Record
+    from ..hw.fields import Bool, Float, Int, Record, Str
     return Record({"queue_size": Int(MIN_QUEUE_SIZE, QUEUE_SIZE_LIMIT, pow2=True), "blk_poll_us": Float(0, MAX_POLL_US),
-                   "event_idx": Bool(), "indirect": Bool(), "seg_max": Int(1, QUEUE_SIZE_LIMIT - 2)},
+                   "event_idx": Bool(), "indirect": Bool(), "seg_max": Int(1, QUEUE_SIZE_LIMIT - 2),
+                   "packed": Bool(), "erms": Str(8, choices=ERMS_CHOICES)},
                   optional=("queue_size", "blk_poll_us", "seg_max"))
 
 

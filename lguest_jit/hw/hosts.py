@@ -67,3 +67,21 @@ def usable_cpus() -> int:
         return len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         return os.cpu_count() or 1
+
+
+def software_kvm(sys_module: str = "/sys/module", cpuinfo: str = "/proc/cpuinfo") -> str | None:
+    """Why this host's /dev/kvm runs guest kernel code in KVM's instruction
+    emulator (a software KVM such as kvm_pvm), or None when it is (or may
+    be) hardware virtualization.  Guest user code runs natively on both."""
+    if os.path.isdir(os.path.join(sys_module, "kvm_pvm")):
+        return "kvm_pvm (software KVM): guest kernel code is emulated, guest user code runs natively"
+    if any(os.path.isdir(os.path.join(sys_module, m)) for m in ("kvm_intel", "kvm_amd")):
+        return None
+    try:
+        with open(cpuinfo) as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), None)
+    except OSError:
+        return None
+    if os.path.isdir(os.path.join(sys_module, "kvm")) and flags is not None and not {"vmx", "svm"} & set(flags):
+        return "KVM without VT-x/AMD-V (no kvm_intel or kvm_amd): guest kernel code is emulated"
+    return None

@@ -30,6 +30,7 @@ import bisect
 import collections
 import ctypes
 import fcntl
+import functools
 import os
 import signal
 import threading
@@ -415,5 +416,19 @@ def report(profiler: Profiler, kernel: str, path: str | None, launcher_stats: di
     return lines
 
 
+@functools.lru_cache(maxsize=4)
+def _symbols_of(kernel: str):
+    try:
+        return Symbols.from_elf(kernel)
+    except (ProfileError, OSError):
+        return None
+
+
+def folded_now(profiler: Profiler, kernel: str) -> str:
+    """The folded stacks of the samples taken so far (SIGUSR1 writes them
+    mid-run); the kernel's symbols are read once."""
+    return folded_text(fold(profiler.counts(), _symbols_of(kernel)))
+
+
 __all__ = ["Profiler", "Symbols", "ProfileError", "ThreadTimer", "fold", "folded_text", "parse_folded", "leaf_totals",
-           "top_table", "launcher_lines", "report"]
+           "top_table", "launcher_lines", "report", "folded_now"]

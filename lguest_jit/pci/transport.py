@@ -211,7 +211,8 @@ RULES = {
     E_SETUP_BEFORE_FEATURES_OK: ("queue setup before FEATURES_OK", "3.1.1", IGNORE),
     E_ENABLE_AFTER_DRIVER_OK: ("queue enabled after DRIVER_OK", "3.1.1", IGNORE),
     E_ENABLE_ZERO: ("driver wrote 0 to queue_enable", "4.1.4.3.2", IGNORE),
-    E_QUEUE_SIZE_VALUE: ("queue_size not a power of two, zero, or above the maximum", "4.1.4.3.2", IGNORE),
+    E_QUEUE_SIZE_VALUE: ("queue_size zero, above the maximum, or (split rings) not a power of two",
+                         "4.1.4.3.2, 2.4, 2.7", IGNORE),
     E_QUEUE_LIVE: ("queue configuration written while the queue is enabled", "4.1.4.3.2", IGNORE),
     E_NOTIFY_EARLY: ("notification before DRIVER_OK", "3.1.1", IGNORE),
     E_NOTIFY_QUEUE: ("notification for a queue the device does not have", "4.1.4.4", IGNORE),
@@ -368,7 +369,9 @@ def _common(regs, msix, off, size, is_write, value):
     if err != 0 and err != E_FEATURES_OK_NOT_REREAD:
         return 0, A_NONE, 0, err
     if fid == F_QSIZE:
-        if value == 0 or (value & (value - 1)) != 0 or value > regs[1 + q, QC_MAX]:
+        # Split rings need a power of two (§2.4); packed ones any size (§2.7).
+        packed = (regs[0, S_DRIVER_HI] >> (vring.VIRTIO_F_RING_PACKED - 32)) & 1
+        if value == 0 or (packed == 0 and (value & (value - 1)) != 0) or value > regs[1 + q, QC_MAX]:
             return 0, A_NONE, 0, E_QUEUE_SIZE_VALUE
         regs[1 + q, QC_SIZE] = value
         return 0, A_NONE, 0, err
@@ -961,6 +964,10 @@ class Transport:
             code = vring.restore_queue(q, qs["ring"], self.bus.mem.size, int(self.qs[i, QC_MAX]))
             if code != vring.OK:
                 raise ValueError(f"{self.name}: snapshot queue {i}: {vring.error_message(code)}")
+            # The layout follows the negotiated features, as at queue enable.
+            if vring.layout_name(q) != ("packed" if self.features >> vring.VIRTIO_F_RING_PACKED & 1 else "split"):
+                q[:] = 0
+                raise ValueError(f"{self.name}: snapshot queue {i}: its ring layout is not the negotiated one")
             q[vring.Q_VECTOR] = self.qs[i, QC_MSIX]       # raise_msix checks it against the table size
 
     def close(self):
