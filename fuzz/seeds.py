@@ -132,6 +132,22 @@ def seeds():
         "readable": bytes([8]) + ring([(PAYLOAD, 100, 0, 0)]),
         "capped": bytes([1]) + ring([(PAYLOAD, 0x1000, WRITE, 0)]),
     }
+    def vsock(*pkts):
+        # count, then per packet: kind, op, payload length, payload, flags, fwd_cnt?, splits
+        out = bytes([len(pkts) - 1])
+        for kind, op, payload in pkts:
+            out += bytes([kind, op]) + struct.pack("<H", len(payload)) + payload + bytes([0])
+            out += struct.pack("<I", 0) if kind & 4 else b""
+            out += bytes([0])
+        return out
+    s["vsock"] = {
+        "rw": vsock((0, 0, b"hello"), (1, 0, b"x" * 2000)),
+        "request": vsock((2, 1, b"")),
+        "credit": vsock((2, 7, b""), (6, 6, b"")),
+        "shutdown_then_rw": vsock((2, 4, b""), (0, 0, b"late")),
+        "bad_op": vsock((2, 8, b"")),
+        "rst": vsock((3, 3, b""), (1, 0, b"gone")),
+    }
     s["console"] = {
         "tx": bytes([0]) + ring([(PAYLOAD, 12, NEXT, 1), (PAYLOAD + 40, 5, 0, 0)]) + b"hello, world" * 4,
         "rx": bytes([1, 9]) + b"typed text" + ring([(PAYLOAD, 4, WRITE | NEXT, 1), (PAYLOAD + 40, 16, WRITE, 0)]),

@@ -550,6 +550,40 @@ def write_newc(entries, mtime: int = 0) -> bytes:
     return buf.getvalue()
 
 
+# Guest tools built from source (guest/tools/NAME.c -> /bin/NAME): what
+# busybox lacks, e.g. AF_VSOCK.  Static, so the guest needs no libc.
+TOOLS_DIR = Path(__file__).resolve().parent / "tools"
+
+
+def tool_sources() -> dict[str, bytes]:
+    return {p.stem: p.read_bytes() for p in sorted(TOOLS_DIR.glob("*.c"))}
+
+
+def _tools_digest() -> bytes:
+    h = hashlib.sha256()
+    for name, src in tool_sources().items():
+        h.update(name.encode() + b"\0" + hashlib.sha256(src).digest())
+    return h.digest()
+
+
+def tool_entries(log=print) -> list[CpioEntry]:
+    """Each guest tool compiled (cc -static), cached by its source's hash."""
+    out = []
+    for name, src in tool_sources().items():
+        binary = cache_dir() / "tools" / f"{name}-{hashlib.sha256(src).hexdigest()[:16]}"
+        if not binary.is_file():
+            binary.parent.mkdir(parents=True, exist_ok=True)
+            tmp = binary.with_suffix(f".tmp{os.getpid()}")
+            r = subprocess.run(["cc", "-static", "-Os", "-s", "-Wall", "-o", str(tmp), str(TOOLS_DIR / f"{name}.c")],
+                               capture_output=True, text=True)
+            if r.returncode != 0:
+                raise RuntimeError(f"guest tool {name}: cc failed: {(r.stderr.strip().splitlines() or ['?'])[-1]}")
+            os.replace(tmp, binary)
+            log(f"guest: built tool {name} ({binary.stat().st_size} bytes)")
+        out.append(regular(f"bin/{name}", binary.read_bytes(), 0o755))
+    return out
+
+
 def initramfs_entries(busybox: bytes, init_script: bytes, applets=APPLETS, extra=()) -> list[CpioEntry]:
     """The guest's root filesystem: busybox, its applet links, /init and
     ``extra`` entries (``workload_entries()``: the bench workload)."""
@@ -617,7 +651,8 @@ def cached_initramfs() -> Path | None:
 
 def _initramfs_key(busybox: bytes, init_script: bytes) -> str:
     h = hashlib.sha256()
-    for part in (RECIPE_VERSION.encode(), busybox, init_script, "\n".join(APPLETS).encode(), _workload_key()):
+    for part in (RECIPE_VERSION.encode(), busybox, init_script, "\n".join(APPLETS).encode(), _workload_key(),
+                 _tools_digest()):
         h.update(hashlib.sha256(part).digest())
     return h.hexdigest()[:16]
 
@@ -636,7 +671,8 @@ def build_initramfs(*, force: bool = False, log=print) -> Path:
         if absent:
             raise RuntimeError(f"{bb_path} lacks applets: {' '.join(absent)}")
     out.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out, write_newc(initramfs_entries(busybox, init_script, extra=workload_entries(log))))
+    extra = workload_entries(log) + tool_entries(log)
+    _atomic_write(out, write_newc(initramfs_entries(busybox, init_script, extra=extra)))
     log(f"guest: wrote {out} ({out.stat().st_size} bytes)")
     return out
 
@@ -723,7 +759,7 @@ def make_ext4_image(entries, image: Path, size_mib: int = ROOTFS_MIB) -> None:
 def _rootfs_key(busybox: bytes, init_script: bytes) -> str:
     h = hashlib.sha256()
     for part in (ROOTFS_VERSION.encode(), busybox, init_script, "\n".join(APPLETS).encode(),
-                 str(ROOTFS_MIB).encode(), " ".join(MKE2FS_OPTIONS).encode(), _workload_key()):
+                 str(ROOTFS_MIB).encode(), " ".join(MKE2FS_OPTIONS).encode(), _workload_key(), _tools_digest()):
         h.update(hashlib.sha256(part).digest())
     return h.hexdigest()[:16]
 
@@ -751,7 +787,8 @@ def build_rootfs(*, force: bool = False, log=print) -> Path:
         return out
     with _locked(cache_dir() / "rootfs.lock"):
         if not out.is_file() or force:
-            make_ext4_image(rootfs_tree(busybox, init_script, extra=workload_entries(log)), out)
+            extra = workload_entries(log) + tool_entries(log)
+            make_ext4_image(rootfs_tree(busybox, init_script, extra=extra), out)
             log(f"guest: wrote {out} (ext4, {ROOTFS_MIB} MiB)")
     return out
 

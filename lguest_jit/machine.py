@@ -1,7 +1,7 @@
 """The machine description: what a run, a snapshot and a restore all build from.
 
-A :class:`Machine` is memory, kernel, initrd, command line, the strict-mode
-switch, the device knobs and the devices in bus order, each a
+A :class:`Machine` is memory, vCPUs, kernel, initrd, command line, the
+strict-mode switch, the device knobs and the devices in bus order, each a
 :class:`DeviceDesc` (a registry kind, ``lguest_jit.devices.DEVICES``, and
 its options).  The command line makes one (``from_args``), a snapshot
 saves one (``to_fields``) and a restore reads one back (``from_fields``):
@@ -99,12 +99,34 @@ def _net_check(opts: dict) -> dict:
         raise MachineError(f"--tunnet={opts['spec']}: {exc}") from None
 
 
+def _vsock_options(spec: str) -> dict:
+    cid, sep, path = spec.partition(":")
+    if not sep or not cid.isdigit():
+        raise MachineError(f"--vsock={spec}: expected CID:PATH (a guest CID of 3 or more, a socket path)")
+    return {"cid": int(cid, 10), "path": path}
+
+
+def _vsock_check(opts: dict) -> dict:
+    cid, path = opts["cid"], opts["path"]
+    if not 3 <= cid <= 0xFFFFFFFE:
+        raise MachineError(f"--vsock: guest CID {cid} must be from 3 to 4294967294 (0-2 are reserved)")
+    if not path or len(os.fsencode(path)) > 107 - len("_4294967295"):
+        raise MachineError(f"--vsock: socket path {path[:40]!r} is empty or too long for a Unix socket")
+    where = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(where):
+        raise MachineError(f"--vsock: directory {where!r} does not exist")
+    return {"cid": cid, "path": os.path.abspath(path)}
+
+
 DEVICE_OPTIONS = (
     DeviceOption("net", "-t --tunnet=SPEC", "Network device on a tap: IP[:MAC] or bridge:NAME[:MAC].", True,
                  lambda spec: _net_check({"spec": spec}), _net_check, F.Record({"spec": F.Str(64)})),
     DeviceOption("block", "-b --block=FILE", "Block device backed by FILE (FILE,ro for read-only).", True,
                  _block_options, _block_check, F.Record({"path": F.Str(4096), "readonly": F.Bool()})),
     DeviceOption("rng", "-r --rng", "Random number device.", False, lambda _: {}, lambda o: o, F.Record({})),
+    DeviceOption("vsock", "--vsock=CID:PATH", "virtio-vsock for guest CID (3 or more): host programs connect "
+                 "to the Unix socket PATH, guest connects to port P reach PATH_P.", False,
+                 _vsock_options, _vsock_check, F.Record({"cid": F.Int(3, 0xFFFFFFFE), "path": F.Str(107)})),
 )
 # The console is always there, first on the bus, and has no options.
 ALWAYS = (DeviceOption("console", "", "", False, None, lambda o: o, F.Record({})),)
@@ -149,7 +171,7 @@ def device_descs(args) -> tuple:
     out = [DeviceDesc("console")]
     for d in DEVICE_OPTIONS:
         given = args[d.option.split()[-1].split("=")[0]]
-        out += descs(d.kind, given if d.repeat else ([True] if given else []))
+        out += descs(d.kind, given if d.repeat else ([given] if given else []))
     return tuple(out)
 
 
@@ -164,6 +186,9 @@ def check_devices(devices) -> tuple:
     kind known, its options through the command line's checks."""
     if not devices or devices[0]["kind"] != "console" or sum(d["kind"] == "console" for d in devices) != 1:
         raise MachineError("the console must be the first device, once")
+    for kind, d in BY_KIND.items():
+        if not d.repeat and sum(x["kind"] == kind for x in devices) > 1:
+            raise MachineError(f"at most one {kind} device")
     return tuple(DeviceDesc(d["kind"], BY_KIND[d["kind"]].check(d["options"])) for d in devices)
 
 

@@ -41,7 +41,7 @@ Options:
   -h --help             Show this help.
   --version             Show the version.
 
-Benchmarks: vring, pci, decode, blk, rng, net, exits, boot, restore, guest, or all.
+Benchmarks: vring, pci, decode, blk, rng, net, vsock, exits, boot, restore, guest, or all.
 bench sweep runs one device benchmark (blk, rng, net) per value of a knob, or
 the guest workload (guest) with a fresh boot per value.
 
@@ -94,7 +94,7 @@ __doc__ = __doc__.format(
     device_options=_option_lines((d.option, d.help) for d in DEVICE_OPTIONS),
     knob_options=_option_lines((f"--{name}={meta}", text) for name, (_, _, meta, text) in KNOBS.items()))
 
-BENCHMARKS = ("vring", "pci", "decode", "blk", "rng", "net", "exits", "boot", "restore", "guest")
+BENCHMARKS = ("vring", "pci", "decode", "blk", "rng", "net", "vsock", "exits", "boot", "restore", "guest")
 
 
 class UsageError(Exception):
@@ -318,13 +318,14 @@ def check_boot_argv(argv) -> list:
     # The values a boot would take, checked now; the files it names are
     # checked again by the launcher the reboot starts (a plain run).
     _mem_mb(args["<mem-in-mb>"])
+    _cpus_arg(args["--cpus"])
     try:
         parse_knobs({name: args[f"--{name}"] for name in KNOBS})
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     for d in DEVICE_OPTIONS:
         given = args[d.option.split()[-1].split("=")[0]]
-        for text in (given if d.repeat else []):
+        for text in (given if d.repeat else ([given] if given else [])):
             d.parse(text)
     if args["--hypervisor"] not in HYPERVISORS:
         raise UsageError(f"--hypervisor must be kvm, lguest or auto, not {args['--hypervisor']!r}")
@@ -383,8 +384,8 @@ class RunConfig:
         # Last, the check that imports Numba (the KVM backend): every
         # cheaper mistake has been reported by now.
         self.hypervisor = _choose_hypervisor(args["--hypervisor"])
-        if self.cpus > 1 and self.hypervisor != "kvm":
-            raise UsageError(f"--cpus={self.cpus}: the lguest backend runs one vCPU; more need KVM")
+        if self.machine.cpus > 1 and self.hypervisor != "kvm":
+            raise UsageError(f"--cpus={self.machine.cpus}: the lguest backend runs one vCPU; more need KVM")
         if self.profile is not None and self.hypervisor != "kvm":
             raise UsageError("--profile samples a KVM vCPU; the lguest backend has no registers to sample")
         if self.snapshot and self.hypervisor != "kvm":

@@ -1,4 +1,4 @@
-"""The lguest devices: console, block, network and rng, each virtqueue served
+"""The lguest devices: console, block, network, rng and vsock, each virtqueue served
 by its own thread running nogil kernels.  See base.py for the lifecycle.
 
 ``DEVICES`` is the registry: one line per device, its kind (the name a
@@ -16,11 +16,13 @@ DEVICES = {
     "block": "block.Block",
     "net": "net.Net",
     "rng": "rng.Rng",
+    "vsock": "vsock.Vsock",
 }
 
 _WHERE = {
     "Device": "base", "DeviceEnv": "base", "error_message": "base", "Block": "block", "Console": "console",
     "raw_terminal": "console", "Net": "net", "TunSpec": "tunspec", "parse_tunnet": "tunspec", "Rng": "rng",
+    "Vsock": "vsock",
 }
 
 

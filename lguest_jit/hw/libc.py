@@ -61,6 +61,9 @@ _SIGNATURES = {
     "ioctl": (_i32(_i32, types.uint64, _up), (ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p)),
     # time(NULL): the host's UTC seconds (the CMOS clock)
     "time": (_i64(_up), (ctypes.c_void_p,)),
+    # a host socket's end (vsock connections, closed or half-closed from a kernel)
+    "close": (_i32(_i32), (ctypes.c_int,)),
+    "shutdown": (_i32(_i32, _i32), (ctypes.c_int, ctypes.c_int)),
 }
 _errno_location = types.ExternalFunction("__errno_location", types.CPointer(_i32)())
 _libc.__errno_location  # noqa: B018 - load the symbol for LLVM
@@ -70,7 +73,8 @@ def _python_call(name, argtypes):
     # The NUMBA_DISABLE_JIT baseline: the same libc function through ctypes.
     cfunc = getattr(_libc, name)
     cfunc.argtypes = argtypes
-    cfunc.restype = (ctypes.c_int if name in ("fdatasync", "fallocate", "poll", "ioctl", "clock_gettime")
+    cfunc.restype = (ctypes.c_int if name in ("fdatasync", "fallocate", "poll", "ioctl", "clock_gettime", "close",
+                                                "shutdown")
                      else ctypes.c_int64 if name == "time" else ctypes.c_ssize_t)
 
     def call(*args):
@@ -125,6 +129,8 @@ sys_poll = globals()["sys_poll"]
 sys_clock_gettime = globals()["sys_clock_gettime"]
 sys_ioctl = globals()["sys_ioctl"]
 sys_time = globals()["sys_time"]
+sys_close = globals()["sys_close"]
+sys_shutdown = globals()["sys_shutdown"]
 
 
 def host_iov(n: int) -> np.ndarray:

@@ -1,0 +1,317 @@
+"""virtio-vsock through the in-process driver (lguest_jit.testing): the
+guest side is played packet by packet, the host side is real Unix sockets."""
+import os
+import socket
+import time
+
+import pytest
+
+from lguest_jit import pci
+from lguest_jit.devices import vsock as vs
+from lguest_jit.devices.vsock import Vsock
+from lguest_jit.hw.memory import GuestMemory
+from lguest_jit.testing import VirtioPciDriver, VsockGuest
+
+CID = 5
+SLOT = 64 * 1024 + 4096
+
+
+@pytest.fixture(params=[False, True], ids=["lenient", "strict"])
+def policy(request):
+    return request.param
+
+
+def _up(tmp_path, strict=False, rx_buf=4096 + 44):
+    gm = GuestMemory(48 << 20)
+    fatal = []
+    bus = pci.Bus(gm, strict=strict, fatal=fatal.append)
+    dev = Vsock(CID, str(tmp_path / "v"))
+    drv = VirtioPciDriver.attach(bus, gm, dev, slot_bytes=SLOT, queue_sizes=[32, 32, 8])
+    guest = VsockGuest(drv, CID, rx_buf=rx_buf)
+    return gm, bus, dev, drv, guest, fatal
+
+
+@pytest.fixture
+def rig(tmp_path):
+    made = []
+
+    def make(**kw):
+        r = _up(tmp_path, **kw)
+        made.append(r)
+        return r
+    yield make
+    for gm, bus, dev, *_ in made:
+        dev.close()
+        bus.close()
+        gm.close()
+
+
+def _listen(path):
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.bind(path)
+    s.listen(8)
+    return s
+
+
+def _guest_connect(guest, gport, hport):
+    guest.send(vs.OP_REQUEST, gport, hport)
+    pkt = guest.recv()
+    return pkt
+
+
+def test_device_identity_and_config(rig):
+    gm, bus, dev, drv, guest, _ = rig()
+    assert drv.device_id == 0x1040 + vs.VIRTIO_ID_VSOCK
+    assert drv.config_read(0, 4) | drv.config_read(4, 4) << 32 == CID
+    assert drv.common_read(0x12, 2) == 3
+
+
+def test_guest_connects_to_host_and_data_flows_both_ways(rig, tmp_path):
+    gm, bus, dev, drv, guest, _ = rig()
+    srv = _listen(str(tmp_path / "v_1234"))
+    pkt = _guest_connect(guest, 40000, 1234)
+    assert pkt["op"] == vs.OP_RESPONSE and (pkt["src_port"], pkt["dst_port"]) == (1234, 40000)
+    assert pkt["src_cid"] == 2 and pkt["dst_cid"] == CID
+    host, _ = srv.accept()
+    guest.send(vs.OP_RW, 40000, 1234, b"hello host")
+    assert host.recv(100) == b"hello host"
+    host.sendall(b"hello guest")
+    pkt = guest.recv()
+    assert pkt["op"] == vs.OP_RW and pkt["data"] == b"hello guest"
+
+
+def test_guest_connect_with_nobody_listening_is_reset(rig):
+    gm, bus, dev, drv, guest, _ = rig()
+    pkt = _guest_connect(guest, 40001, 999)
+    assert pkt["op"] == vs.OP_RST and (pkt["src_port"], pkt["dst_port"]) == (999, 40001)
+    assert dev.connections() == 0
+
+
+def _host_connect(path, port):
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect(path)
+    s.sendall(b"CONNECT %d\n" % port)
+    return s
+
+
+def test_host_connects_to_guest_listener(rig, tmp_path):
+    gm, bus, dev, drv, guest, _ = rig()
+    h = _host_connect(str(tmp_path / "v"), 52)
+    req = guest.recv()
+    assert req["op"] == vs.OP_REQUEST and req["dst_port"] == 52 and req["dst_cid"] == CID
+    hport = req["src_port"]
+    guest.send(vs.OP_RESPONSE, 52, hport)
+    h.settimeout(5)
+    assert h.recv(64) == b"OK %d\n" % hport
+    h.sendall(b"ping")
+    pkt = guest.recv()
+    assert pkt["op"] == vs.OP_RW and pkt["data"] == b"ping"
+    guest.send(vs.OP_RW, 52, hport, b"pong")
+    assert h.recv(64) == b"pong"
+
+
+def test_host_connect_refused_by_the_guest_is_closed(rig, tmp_path):
+    gm, bus, dev, drv, guest, _ = rig()
+    h = _host_connect(str(tmp_path / "v"), 53)
+    req = guest.recv()
+    guest.send(vs.OP_RST, 53, req["src_port"])
+    h.settimeout(5)
+    assert h.recv(64) == b""
+
+
+def test_a_bad_handshake_line_is_closed(rig, tmp_path):
+    gm, bus, dev, drv, guest, _ = rig()
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect(str(tmp_path / "v"))
+    s.sendall(b"HELLO 5\n")
+    s.settimeout(5)
+    assert s.recv(64) == b""
+    assert dev.connections() == 0
+
+
+def _established(guest, tmp_path, gport=40000, hport=1234):
+    srv = _listen(str(tmp_path / f"v_{hport}"))
+    assert _guest_connect(guest, gport, hport)["op"] == vs.OP_RESPONSE
+    host, _ = srv.accept()
+    srv.close()
+    host.settimeout(5)
+    return host
+
+
+def _wait(cond, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.002)
+    return True
+
+
+# rule -> how the guest breaks it on connection (40000, 1234)
+def _bad_op(g):
+    g.send(9, 40000, 1234)
+
+
+def _bad_type(g):
+    g.send(vs.OP_RW, 40000, 1234, b"x", type_=2)
+
+
+def _wrong_cid(g):
+    g.send(vs.OP_RW, 40000, 1234, b"x", src_cid=CID + 1)
+
+
+def _oversize(g):
+    g.send(vs.OP_RW, 40000, 1234, b"x" * 10, length=4000)
+
+
+def _unknown(g):
+    g.send(vs.OP_RW, 40000, 4321, b"x")
+
+
+def _overrun(g):
+    # Ignore the credit: the host reads nothing, so once its socket is
+    # full the device's ring is, and one packet more breaks the rule.
+    for _ in range(1000):
+        g.send(vs.OP_RW, 40000, 1234, b"y" * 65536)
+        if _sent_rule(g, vs.E_VSOCK_CREDIT):
+            return
+
+
+def _sent_rule(g, code):
+    return g.dev.st[vs.S_RULES + code - vs.E_BASE] > 0 or bool(g.fatal)
+
+
+RULES = [("bad op", _bad_op, vs.E_VSOCK_OP), ("bad type", _bad_type, vs.E_VSOCK_TYPE),
+         ("wrong cid", _wrong_cid, vs.E_VSOCK_CID), ("oversize length", _oversize, vs.E_VSOCK_LEN),
+         ("credit overrun", _overrun, vs.E_VSOCK_CREDIT), ("unknown connection", _unknown, vs.E_VSOCK_CONN)]
+
+
+@pytest.mark.parametrize("name,breaks,code", RULES, ids=[r[0] for r in RULES])
+def test_every_rule_resets_only_its_connection_or_stops_a_strict_guest(rig, tmp_path, policy, name, breaks, code):
+    gm, bus, dev, drv, guest, fatal = rig(strict=policy)
+    guest.dev, guest.fatal = dev, fatal
+    host = _established(guest, tmp_path)
+    other = _established(guest, tmp_path, 40001, 1235)
+    breaks(guest)
+    assert _wait(lambda: _sent_rule(guest, code))
+    assert dev.st[vs.S_RULES + code - vs.E_BASE] == 1
+    assert "§5.10" in vs.error_message(code)
+    if policy:
+        # --strict: the driver error stops the guest, naming the rule and its section.
+        assert _wait(lambda: fatal)
+        assert vs.error_message(code) in fatal[0]
+        return
+    assert not fatal
+    # The guest hears a RST for the offending ports; nothing else is touched.
+    while True:
+        pkt = guest.recv()
+        if pkt["op"] == vs.OP_RST:
+            break
+    want_hport = 4321 if code == vs.E_VSOCK_CONN else 1234
+    assert (pkt["src_port"], pkt["dst_port"]) == (want_hport, 40000)
+    if code != vs.E_VSOCK_CONN:
+        host.settimeout(5)
+        rest = b""
+        while True:                          # the host end is closed (after what was written before)
+            got = host.recv(1 << 20)
+            if not got:
+                break
+            rest += got
+    guest.send(vs.OP_RW, 40001, 1235, b"still here")
+    assert other.recv(100) == b"still here"
+
+
+def test_credit_holds_a_host_sender_whose_guest_stops_reading(rig, tmp_path):
+    gm, bus, dev, drv, guest, _ = rig()
+    guest.buf_alloc = 16384
+    host = _established(guest, tmp_path)
+    guest.send(vs.OP_CREDIT_UPDATE, 40000, 1234)       # tell the device the smaller buffer
+    assert _wait(lambda: dev.conns[:, vs.C_PEER_BUF].max() == 16384)
+    host.setblocking(False)
+    sent = 0
+    block = os.urandom(65536)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:                 # until the host's socket is full
+        try:
+            sent += host.send(block)
+        except BlockingIOError:
+            break
+    assert sent > 16384
+    got = b""
+    while len(got) < 16384:
+        pkt = guest.recv()
+        assert pkt["op"] == vs.OP_RW
+        got += pkt["data"]
+    assert len(got) == 16384                            # exactly the credit, no more
+    with pytest.raises(TimeoutError):
+        guest.recv(timeout=0.5)
+    guest.consumed(40000, 1234, len(got))
+    guest.send(vs.OP_CREDIT_UPDATE, 40000, 1234)
+    pkt = guest.recv()
+    assert pkt["op"] == vs.OP_RW and len(pkt["data"]) > 0
+    assert got + pkt["data"] == (block * 4)[:len(got) + len(pkt["data"])]
+
+
+def test_the_device_advertises_credit_as_the_host_reads(rig, tmp_path):
+    gm, bus, dev, drv, guest, _ = rig()
+    host = _established(guest, tmp_path)
+    data = os.urandom(vs.BUF_ALLOC * 3)
+    seen_fwd, got, off = 0, b"", 0
+    credit = vs.BUF_ALLOC
+    # A guest that respects the credit sends 3x its buffer while the host reads.
+    while off < len(data) or len(got) < len(data):
+        while off < len(data) and off - seen_fwd < credit:
+            n = min(65536, len(data) - off, credit - (off - seen_fwd))
+            guest.send(vs.OP_RW, 40000, 1234, data[off:off + n])
+            off += n
+        try:
+            host.settimeout(0.05)
+            got += host.recv(1 << 20)
+        except socket.timeout:
+            pass
+        while drv.queues[0].used_idx() != drv.queues[0].last_used:
+            pkt = guest.recv()
+            assert pkt["op"] == vs.OP_CREDIT_UPDATE
+            seen_fwd = pkt["fwd_cnt"]
+    assert got == data and dev.st[vs.S_RULES:].sum() == 0
+
+
+def test_half_close_both_ways_then_full_shutdown(rig, tmp_path):
+    gm, bus, dev, drv, guest, _ = rig()
+    host = _established(guest, tmp_path)
+    guest.send(vs.OP_RW, 40000, 1234, b"last words")
+    guest.send(vs.OP_SHUTDOWN, 40000, 1234, flags=vs.SHUTDOWN_SEND)
+    assert host.recv(100) == b"last words"
+    assert host.recv(100) == b""                        # EOF for the host ...
+    host.sendall(b"reply after your EOF")               # ... which can still send
+    pkt = guest.recv()
+    assert pkt["op"] == vs.OP_RW and pkt["data"] == b"reply after your EOF"
+    host.shutdown(socket.SHUT_WR)
+    pkt = guest.recv()
+    assert pkt["op"] == vs.OP_SHUTDOWN and pkt["flags"] == vs.SHUTDOWN_SEND
+    guest.send(vs.OP_SHUTDOWN, 40000, 1234, flags=vs.SHUTDOWN_SEND | vs.SHUTDOWN_RCV)
+    pkt = guest.recv()
+    assert pkt["op"] == vs.OP_RST
+    assert _wait(lambda: dev.connections() == 0)
+
+
+def test_many_connections_at_once_and_the_limit(rig, tmp_path):
+    gm, bus, dev, drv, guest, _ = rig()
+    srv = _listen(str(tmp_path / "v_7"))
+    srv.listen(128)
+    hosts = []
+    for k in range(vs.MAX_CONNS):
+        assert _guest_connect(guest, 50000 + k, 7)["op"] == vs.OP_RESPONSE
+        hosts.append(srv.accept()[0])
+    assert _guest_connect(guest, 60000, 7)["op"] == vs.OP_RST        # one too many
+    for k in (0, 31, 63):
+        guest.send(vs.OP_RW, 50000 + k, 7, b"conn %d" % k)
+        hosts[k].settimeout(5)
+        assert hosts[k].recv(100) == b"conn %d" % k
+
+
+def test_restore_sends_the_transport_reset_event(rig, tmp_path):
+    gm, bus, dev, drv, guest, _ = rig()
+    dev.load_state({})
+    assert guest.event() == vs.EVENT_TRANSPORT_RESET
+    assert dev.counters()["event"]["transport_resets"] == 1
