@@ -524,10 +524,6 @@ class Launcher:
         from .hw import loader
         from .hw.memory import GuestMemory
         cfg = self.cfg
-        if cfg.cpus > 1:
-            # Phase 1 of SMP: the MP table and the checks are in place; the
-            # backend still runs a single vCPU loop.
-            raise UsageError(f"--cpus={cfg.cpus}: more than one vCPU is not supported yet")
         restoring = cfg.restore is not None
         if restoring:
             # The snapshot's RAM, copy-on-write; and the vCPU made first, so
@@ -576,7 +572,7 @@ class Launcher:
             if restoring:
                 self.backend.attach_bus(self.bus)
             else:
-                self.backend = KvmVm(self.gm, self.bus)
+                self.backend = KvmVm(self.gm, self.bus, cpus=cfg.cpus)
             # THRE interrupts on IRQ 4: Linux's 8250 driver waits for them
             # before it sends user-space output (polling covers only printk).
             # Output to stdout and the line through KVM_IRQ_LINE, both from
@@ -691,7 +687,7 @@ class Launcher:
     def _restore_vm(self) -> None:
         from . import snapshot
         from .vcpu import KvmVm
-        self.backend = KvmVm(self.gm)
+        self.backend = KvmVm(self.gm, cpus=self.cfg.cpus)
         why = snapshot.cpuid_mismatch(self.cfg.restore["cpuid"], snapshot.cpuid_signature(self.backend.vcpu_cpuid()))
         if why is not None:
             raise UsageError(f"snapshot {self.cfg.restore['dir']!r} was taken on another kind of host: {why}")
