@@ -784,6 +784,12 @@ class Launcher:
             st = self.backend.stats
             out["exits"] = {"pio": st.pio, "mmio": st.mmio, "total": st.total, "assists": dict(st.assists),
                             "other": st.total - st.pio - st.mmio - sum(st.assists.values())}
+        for lp in getattr(self.backend, "loops", ()):
+            # Per vCPU: its thread's CPU time while it ran the vCPU, and its exits.
+            st = lp.stats
+            out.setdefault("vcpus", []).append(
+                {"vcpu": lp.index, "user_s": lp.cpu_s[0], "system_s": lp.cpu_s[1],
+                 "exits": {"pio": st.pio, "mmio": st.mmio, "total": st.total, "assists": dict(st.assists)}})
         if self.bus is not None and hasattr(self.bus, "access_counts"):
             out["exit_registers"] = dict(self.bus.access_counts())   # every non-zero port / BAR0 register
         return out
@@ -805,6 +811,10 @@ class Launcher:
             print(f"  irq    {dev:28s} " + " ".join(f"{k} {v}" for k, v in c.items()), file=stream)
         if "exits" in st:
             print(f"  exits  {st['exits']}", file=stream)
+        for v in st.get("vcpus", ()):
+            e = v["exits"]
+            print(f"  vcpu{v['vcpu']:<3d} user {v['user_s']:8.3f} s  system {v['system_s']:8.3f} s  exits {e['total']} "
+                  f"(pio {e['pio']}, mmio {e['mmio']})", file=stream)
         for name, n in list(st.get("exit_registers", {}).items())[:STATS_TOP_REGISTERS]:
             print(f"  access {name:28s} {n}", file=stream)
 

@@ -88,6 +88,7 @@ compiled with ``_nrt=False`` and nothing it reaches may allocate;
 from __future__ import annotations
 
 import os
+import resource
 import signal
 import threading
 import time
@@ -270,6 +271,7 @@ class VcpuLoop:
         self.halt_check = False         # the halt poll asks: is the vCPU parked (halted, IF clear)?
         self.parked = False             # its answer in the current round
         self.tables = None              # the bus's tables with this vCPU's own counter arrays
+        self.cpu_s = [0.0, 0.0]         # user, system CPU seconds of its thread while running it
 
     def stop(self) -> None:
         """Make the loop return before its next KVM_RUN, and a KVM_RUN in
@@ -281,7 +283,16 @@ class VcpuLoop:
 
     def run(self, max_exits) -> RunResult:
         """Run the vCPU on this thread until the guest or the launcher ends
-        the run (see ``KvmVm.run``)."""
+        the run (see ``KvmVm.run``); its thread's CPU time is counted."""
+        before = resource.getrusage(resource.RUSAGE_THREAD)
+        try:
+            return self._run(max_exits)
+        finally:
+            after = resource.getrusage(resource.RUSAGE_THREAD)
+            self.cpu_s[0] += after.ru_utime - before.ru_utime
+            self.cpu_s[1] += after.ru_stime - before.ru_stime
+
+    def _run(self, max_exits) -> RunResult:
         vm, ctl, stats, v = self.vm, self.ctl, self.stats, self.vcpu
         tables = self.tables
         start = ctl[V_EXITS]
@@ -552,10 +563,19 @@ class KvmVm(KvmVmBase):
         signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals() - {KICK_SIGNAL})
         lp.thread = threading.get_ident()
         lp.native_id = threading.get_native_id()
+        prof = self.profiler
+        if prof is not None and prof.running:            # vCPU 0's profile is on
+            try:
+                prof.start(vcpu=lp.index)       # its timer aimed at this thread
+            except (ValueError, OSError):
+                prof = None                     # vCPU 0's start would have failed the same way
         try:
             res = lp.run(None)
         except BaseException as exc:      # noqa: BLE001 - reported as the machine's end, never lost
-            res = RunResult("internal-error", f"vCPU {lp.index}: {type(exc).__name__}: {exc}")
+            res = RunResult("internal-error", f"{type(exc).__name__}: {exc}")
+        finally:
+            if prof is not None:
+                prof.stop(vcpu=lp.index)
         self._conclude(res, lp.index)
 
     def _load_kernels(self, lp: VcpuLoop) -> None:
