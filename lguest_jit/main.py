@@ -697,7 +697,10 @@ class Launcher:
         st = self.cfg.restore
         # The vCPU and irqchips first: the device threads that start with the
         # bus state may raise interrupts at once.
-        refused = vmstate.restore(self.backend, st["kvm"])
+        try:
+            refused = vmstate.restore(self.backend, st["kvm"])      # every vCPU's, in order
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise UsageError(f"snapshot {st['dir']!r} does not fit this machine: {exc}") from None
         if refused:
             self.log(f"restore: KVM refused MSRs {', '.join(hex(i) for i in refused)}")
         try:

@@ -81,8 +81,10 @@ KVM_CLOCK_REALTIME = 1 << 2
 KVM_CLOCK_HOST_TSC = 1 << 3
 
 
-def _fd(vm, cls: StateClass) -> int:
-    return vm.vcpu_fd if cls.fd == VCPU else vm.vm_fd
+def _fd(vm, cls: StateClass, vcpu: int = 0) -> int:
+    if cls.fd != VCPU:
+        return vm.vm_fd
+    return vm.vcpus[vcpu].fd if vcpu else vm.vcpu_fd
 
 
 def _buffer(cls: StateClass, data: bytes | None = None):
@@ -96,18 +98,19 @@ def _buffer(cls: StateClass, data: bytes | None = None):
     return buf
 
 
-def get(vm, name: str) -> bytes:
-    """The raw state ``name`` (a ``CLASSES`` entry) of ``vm``."""
+def get(vm, name: str, vcpu: int = 0) -> bytes:
+    """The raw state ``name`` (a ``CLASSES`` entry) of ``vm`` (a vCPU
+    class: of vCPU ``vcpu``)."""
     cls = BY_NAME[name]
     buf = _buffer(cls)
-    ioctl(_fd(vm, cls), cls.get, buf, f"get {name}")
+    ioctl(_fd(vm, cls, vcpu), cls.get, buf, f"get {name}")
     return bytes(buf)
 
 
-def put(vm, name: str, data: bytes) -> None:
+def put(vm, name: str, data: bytes, vcpu: int = 0) -> None:
     """Write back raw state ``name`` as :func:`get` returned it."""
     cls = BY_NAME[name]
-    ioctl(_fd(vm, cls), cls.set, _buffer(cls, data), f"set {name}")
+    ioctl(_fd(vm, cls, vcpu), cls.set, _buffer(cls, data), f"set {name}")
 
 
 def available(vm, cls: StateClass) -> bool:
@@ -128,7 +131,7 @@ def msr_index_list(vm) -> list[int]:
     return [buf.indices[i] for i in range(buf.nmsrs)]
 
 
-def get_msrs(vm, indices) -> dict[int, int]:
+def get_msrs(vm, indices, vcpu: int = 0) -> dict[int, int]:
     """Every MSR of ``indices`` KVM will read, one ioctl per refusal: KVM
     stops at the first MSR it cannot read, so the rest are retried past it.
     The ones it refuses are left out (listed in ``msr_index_list`` but
@@ -136,19 +139,19 @@ def get_msrs(vm, indices) -> dict[int, int]:
     out = {}
     todo = [int(i) for i in indices]
     while todo:
-        done = vm.transfer_msrs(KVM_GET_MSRS, [(i, 0) for i in todo])
+        done = vm.transfer_msrs(KVM_GET_MSRS, [(i, 0) for i in todo], vcpu)
         out.update(done)
         todo = todo[len(done) + 1:]     # skip the refused one
     return out
 
 
-def set_msrs(vm, values: dict[int, int]) -> list[int]:
+def set_msrs(vm, values: dict[int, int], vcpu: int = 0) -> list[int]:
     """Write ``values``; returns the MSRs KVM refused (each retried past, as
     in get_msrs), so a caller decides whether a refusal matters."""
     refused = []
     todo = list(values.items())
     while todo:
-        done = vm.transfer_msrs(KVM_SET_MSRS, todo)
+        done = vm.transfer_msrs(KVM_SET_MSRS, todo, vcpu)
         if len(done) < len(todo):
             refused.append(todo[len(done)][0])
         todo = todo[len(done) + 1:]
@@ -160,13 +163,24 @@ def set_msrs(vm, values: dict[int, int]) -> list[int]:
 
 def save(vm) -> dict:
     """Every available state class of ``vm`` plus its MSRs:
-    ``{"classes": {name: bytes}, "msrs": {index: value}}``.  Read the VM-wide
-    clock last, the vCPU first: the clock then covers the vCPU's TSC."""
+    ``{"classes": {name: bytes}, "msrs": {index: value}}`` for the VM and
+    vCPU 0, and with more than one vCPU ``"vcpus"``: the same two for each
+    of vCPUs 1.. in order.  Every vCPU must be stopped (out of KVM_RUN).
+    Read the VM-wide clock last, the vCPUs first: the clock then covers
+    their TSCs."""
+    msr_list = msr_index_list(vm)
+    n = len(getattr(vm, "vcpus", ())) or 1
+    others = [{"classes": {cls.name: get(vm, cls.name, i) for cls in CLASSES
+                           if cls.fd == VCPU and available(vm, cls)},
+               "msrs": get_msrs(vm, msr_list, i)} for i in range(1, n)]
     classes = {}
     for cls in CLASSES:
         if available(vm, cls):
             classes[cls.name] = get(vm, cls.name)
-    return {"classes": classes, "msrs": get_msrs(vm, msr_index_list(vm))}
+    out = {"classes": classes, "msrs": get_msrs(vm, msr_list)}
+    if others:
+        out["vcpus"] = others
+    return out
 
 
 # Restore order matters to KVM: sregs before regs (mode), the LAPIC before
@@ -178,23 +192,41 @@ RESTORE_ORDER = ("pic_master", "pic_slave", "ioapic", "pit2", "clock", "sregs", 
 
 
 def restore(vm, state: dict) -> list[int]:
-    """Write back what :func:`save` returned, in ``RESTORE_ORDER``; returns
-    the MSRs KVM refused.  The clock's host-time fields are cleared: they
+    """Write back what :func:`save` returned, in ``RESTORE_ORDER`` (the VM
+    and vCPU 0, then each other vCPU's classes in the same order); returns
+    the MSRs KVM refused.  A state for another number of vCPUs is a
+    ValueError.  The clock's host-time fields are cleared: they
     describe the saving host's moment, and KVM_SET_CLOCK with them set
     would try to advance the clock by the time the snapshot sat on disk."""
+    others = state.get("vcpus", [])
+    n = len(getattr(vm, "vcpus", ())) or 1
+    if not isinstance(others, list) or len(others) != n - 1:
+        raise ValueError(f"the state is of {len(others) + 1 if isinstance(others, list) else '?'} vCPUs, "
+                         f"this machine has {n}")
+    refused = set(_restore_one(vm, state, 0, vm_classes=True))
+    for i, one in enumerate(others, 1):
+        if not isinstance(one, dict):
+            raise ValueError(f"vCPU {i}: not a state")
+        refused |= set(_restore_one(vm, one, i, vm_classes=False))
+    return sorted(refused)
+
+
+def _restore_one(vm, state: dict, vcpu: int, vm_classes: bool) -> list[int]:
     refused = []
     classes = state["classes"]
     for name in RESTORE_ORDER:
         if name == "msrs":
             # int(): a snapshot read back from JSON has the indices as strings.
-            refused = set_msrs(vm, {int(k): int(v) for k, v in state["msrs"].items()})
+            refused = set_msrs(vm, {int(k): int(v) for k, v in state["msrs"].items()}, vcpu)
+            continue
+        if BY_NAME[name].fd != VCPU and not vm_classes:
             continue
         data = classes.get(name)
         if data is None:
             continue
         if name == "clock":
             data = _clock_without_host_time(data)
-        put(vm, name, data)
+        put(vm, name, data, vcpu)
     return refused
 
 
