@@ -85,7 +85,7 @@ from .devices.knobs import KNOBS, parse_knobs
 from .devices.tunspec import parse_tunnet
 from .hw.hosts import LGUEST_DEVICE, default_sample_hz, kvm_max_vcpus, lguest_available, max_sample_hz, usable_cpus
 
-BENCHMARKS = ("vring", "pci", "decode", "blk", "rng", "net", "exits", "boot", "restore")
+BENCHMARKS = ("vring", "pci", "decode", "blk", "rng", "net", "exits", "boot", "restore", "smp")
 
 
 # Set in a child of the warm launcher (warm.py): when its client started,
