@@ -727,6 +727,27 @@ class KvmVmBase:
             return True
         return st.mp_state == KVM_MP_STATE_HALTED and not self.get_regs(vcpu).rflags & RFLAGS_IF
 
+    def complete_pending(self) -> None:
+        """Finish what each vCPU's last exit left for its next KVM_RUN (an
+        IN's value into RAX, an MMIO read's into its register, RIP past the
+        instruction): one KVM_RUN with immediate_exit set returns EINTR
+        without running guest code, after that completion (KVM's API, on
+        saving state).  A vCPU stopped between handling an exit and
+        re-entering would otherwise be saved mid-instruction.  Every vCPU
+        must be out of KVM_RUN (no thread running it)."""
+        if not self.immediate_exit_ok:
+            return
+        for v in self.vcpus:
+            v.r8[RUN_IMMEDIATE_EXIT] = 1
+            try:
+                fcntl.ioctl(v.fd, KVM_RUN, 0)
+            except OSError as exc:
+                if exc.errno not in (errno.EINTR, errno.EAGAIN):
+                    raise KvmError(exc.errno, f"KVM_RUN (completing vCPU {v.index}'s last exit): "
+                                   f"{os.strerror(exc.errno)}") from None
+            finally:
+                v.r8[RUN_IMMEDIATE_EXIT] = 0
+
     def safe_regs(self, vcpu: int = 0) -> dict | None:
         """``regs_dict(vcpu)``, or None when the registers cannot be read."""
         try:

@@ -168,6 +168,8 @@ def save(vm) -> dict:
     of vCPUs 1.. in order.  Every vCPU must be stopped (out of KVM_RUN).
     Read the VM-wide clock last, the vCPUs first: the clock then covers
     their TSCs."""
+    if hasattr(vm, "complete_pending"):
+        vm.complete_pending()           # no vCPU saved in the middle of an instruction
     msr_list = msr_index_list(vm)
     n = len(getattr(vm, "vcpus", ())) or 1
     others = [{"classes": {cls.name: get(vm, cls.name, i) for cls in CLASSES
