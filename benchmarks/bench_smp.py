@@ -89,27 +89,33 @@ def _one(cpus: int, vmlinux, initrd, cmdline, iterations: int) -> dict:
     return out
 
 
-def run(quick: bool = False) -> dict:
+def measure(quick: bool = False) -> dict:
+    """Both runs and their ratio, or {"skipped": why}."""
     from lguest_jit.hw.kvm import kvm_available
     why = kvm_available()
     if why:
-        return {"benchmark": "smp", "skipped": f"no usable KVM: {why}"}
+        return {"skipped": f"no usable KVM: {why}"}
+    if quick:
+        # Two boots of minutes each: bench boot --quick already times one.
+        return {"skipped": "--quick: two boots of the default guest; run without --quick"}
     from .bench_boot import cached_default_guest
     found, why = cached_default_guest()
     if found is None:
-        return {"benchmark": "smp", "skipped": why}
+        return {"skipped": why}
     (vmlinux, initrd), _, default_cmdline = found
     cmdline = default_cmdline("shell", "hvc0").split()
-    if quick:
-        # Two boots of minutes each: bench boot --quick already times one.
-        return {"benchmark": "smp", "skipped": "--quick: two boots of the default guest; run without --quick"}
-    iterations = ITERATIONS
-    one = _one(1, vmlinux, initrd, cmdline, iterations)
-    two = _one(2, vmlinux, initrd, cmdline, iterations)
+    one = _one(1, vmlinux, initrd, cmdline, ITERATIONS)
+    two = _one(2, vmlinux, initrd, cmdline, ITERATIONS)
     ratio = one["work_s"] / two["work_s"] if one.get("work_s") and two.get("work_s") else None
+    return {"cpus_1": one, "cpus_2": two,
+            "throughput": {"ratio_2_vs_1": ratio, "target": 1.8, "host_cores": os.cpu_count()}}
+
+
+def run(quick: bool = False) -> dict:
+    out = measure(quick)
+    if "skipped" in out:
+        return {"benchmark": "smp", "skipped": out["skipped"]}
     return {"benchmark": "smp", "unit": "wall seconds (lower is better)",
-            "workload": f"{PROCS} awk processes x {iterations} iterations, guest user mode",
-            "cpus_1": one, "cpus_2": two,
-            "throughput": {"ratio_2_vs_1": ratio, "target": 1.8, "host_cores": os.cpu_count()},
+            "workload": f"{PROCS} awk processes x {ITERATIONS} iterations, guest user mode", **out,
             "note": "the host runs other agents' work: the ratio is bounded by the host cores actually free "
                     "(host_load)"}
