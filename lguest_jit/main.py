@@ -94,7 +94,7 @@ __doc__ = __doc__.format(
     device_options=_option_lines((d.option, d.help) for d in DEVICE_OPTIONS),
     knob_options=_option_lines((f"--{name}={meta}", text) for name, (_, _, meta, text) in KNOBS.items()))
 
-BENCHMARKS = ("vring", "pci", "decode", "blk", "rng", "net", "vsock", "exits", "boot", "restore", "guest")
+BENCHMARKS = ("vring", "pci", "decode", "blk", "rng", "net", "vsock", "exits", "boot", "restore", "guest", "smp")
 
 
 class UsageError(Exception):
@@ -587,10 +587,6 @@ class Launcher:
         from .hw import loader
         from .hw.memory import GuestMemory
         cfg, m = self.cfg, self.cfg.machine
-        if m.cpus > 1:
-            # The MP table and the checks are in place; the backend still
-            # runs a single vCPU loop.
-            raise UsageError(f"--cpus={m.cpus}: more than one vCPU is not supported yet")
         restoring = cfg.restore is not None
         if restoring:
             # The snapshot's RAM, copy-on-write; and the vCPU made first, so
@@ -635,7 +631,7 @@ class Launcher:
             if restoring:
                 self.backend.attach_bus(self.bus)
             else:
-                self.backend = KvmVm(self.gm, self.bus, cpuid_hook=self._cpuid_hook())
+                self.backend = KvmVm(self.gm, self.bus, cpuid_hook=self._cpuid_hook(), cpus=m.cpus)
             # THRE interrupts on IRQ 4: Linux's 8250 driver waits for them
             # before it sends user-space output (polling covers only printk).
             # Output to stdout and the line through KVM_IRQ_LINE, both from
@@ -737,7 +733,7 @@ class Launcher:
     def _restore_vm(self) -> None:
         from . import snapshot
         from .vcpu import KvmVm
-        self.backend = KvmVm(self.gm, cpuid_hook=self._cpuid_hook())
+        self.backend = KvmVm(self.gm, cpuid_hook=self._cpuid_hook(), cpus=self.cfg.machine.cpus)
         why = snapshot.cpuid_mismatch(self.cfg.restore["cpuid"], snapshot.cpuid_signature(self.backend.vcpu_cpuid()))
         if why is not None:
             raise UsageError(f"snapshot {self.cfg.restore['dir']!r} was taken on another kind of host: {why}")
@@ -838,6 +834,12 @@ class Launcher:
             st = self.backend.stats
             out["exits"] = {"pio": st.pio, "mmio": st.mmio, "total": st.total, "assists": dict(st.assists),
                             "other": st.total - st.pio - st.mmio - sum(st.assists.values())}
+        for lp in getattr(self.backend, "loops", ()):
+            # Per vCPU: its thread's CPU time while it ran the vCPU, and its exits.
+            st = lp.stats
+            out.setdefault("vcpus", []).append(
+                {"vcpu": lp.index, "user_s": lp.cpu_s[0], "system_s": lp.cpu_s[1],
+                 "exits": {"pio": st.pio, "mmio": st.mmio, "total": st.total, "assists": dict(st.assists)}})
         if self.bus is not None and hasattr(self.bus, "access_counts"):
             out["exit_registers"] = dict(self.bus.access_counts())   # every non-zero port / BAR0 register
         return out
@@ -859,6 +861,10 @@ class Launcher:
             print(f"  irq    {dev:28s} " + " ".join(f"{k} {v}" for k, v in c.items()), file=stream)
         if "exits" in st:
             print(f"  exits  {st['exits']}", file=stream)
+        for v in st.get("vcpus", ()):
+            e = v["exits"]
+            print(f"  vcpu{v['vcpu']:<3d} user {v['user_s']:8.3f} s  system {v['system_s']:8.3f} s  exits {e['total']} "
+                  f"(pio {e['pio']}, mmio {e['mmio']})", file=stream)
         for name, n in list(st.get("exit_registers", {}).items())[:STATS_TOP_REGISTERS]:
             print(f"  access {name:28s} {n}", file=stream)
 

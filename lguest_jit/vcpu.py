@@ -30,45 +30,56 @@ error).
 
 Per vCPU and shared
 ===================
-Per vCPU (``VcpuLoop`` and the ``hw.kvm.KvmVcpu`` it drives; a second
-vCPU gets its own, never shares them): the vCPU fd and its kvm_run page,
-``ctl`` (stop flag, exit limit, exit counters, errno), the assist state
-(``KvmVcpu.assist``: repeat detection and register scratch), the pending
-record ``pend``, ``ExitStats``, the thread it runs on, the halt-poll
-question.  Shared (the bus's ``tables``, T_* order, and the machine's
-flags), with what concurrent vCPUs may do to each:
+``KvmVm.run`` runs vCPU 0's loop on the calling thread and every other
+vCPU's on a thread of its own (``vcpuN``), each in ``_vcpu_loop`` without
+the GIL, so exits of different vCPUs are handled at the same time.
+
+Per vCPU (``VcpuLoop`` and the ``hw.kvm.KvmVcpu`` it drives; never
+shared): the vCPU fd and its kvm_run page, ``ctl`` (stop flag, exit limit,
+exit counters, errno), the assist state (``KvmVcpu.assist``: repeat
+detection and register scratch), the pending record ``pend``,
+``ExitStats``, the thread it runs on, the halt poll's question and answer,
+and the port/MMIO access counters (``Bus.vcpu_tables``: vCPU 0 counts into
+the bus's own arrays, the others into arrays of their own; ``--stats``
+and ``Bus.access_counts`` sum them, so no count is lost to two plain
+increments at once).  Shared (the bus's ``tables``, T_* order, and the
+machine's flags), with what concurrent vCPUs may do to each:
 
 * ``conf`` (the conf1 address latch) and ``space`` (config space): the
-  latch is one register of the host bridge as on real hardware; the
-  compiled conf1 path reads and writes it without a lock, so two vCPUs
-  doing conf1 cycles at once can interleave address and data.  Linux
-  serializes conf1 with its pci_config_lock, so a Linux guest is safe;
-  SMP must still take the bus lock (or a compiled spinlock) around a
-  conf1 access to be safe against any guest.
+  latch is one register of the host bridge, shared by every CPU as on a
+  real PC; two vCPUs doing conf1 cycles at once can interleave address and
+  data exactly as two real CPUs can (Linux serializes them with its
+  pci_config_lock).  The host stays safe whatever a guest does: the data
+  port reads the latch once and bounds-checks that value.  No lock.
 * ``ports`` (port table) and ``page_slot`` (BAR decode): read-only in the
   loop; written only by Python under the bus lock (claims, BAR writes).
   A BAR move racing another vCPU's access to the old address may decode
   it either way, as on real PCI.  Safe.
-* ``kstate`` (UART and CMOS registers): read-modify-write in compiled
-  code with no lock.  Not safe for two vCPUs on the same device's ports at
-  once; Linux's console and RTC drivers lock their own accesses, so it
-  holds for Linux, but SMP must serialize per device row to hold for any
-  guest.
+* ``kstate`` (UART and CMOS registers): one device each, as on a PC: a
+  guest driving one from two CPUs at once without a lock (Linux's 8250
+  and RTC drivers hold one) can interleave register updates as it could on
+  hardware.  Every compiled access bounds-checks what it reads, so the
+  host stays safe; no lock on the exit path (measured: ``bench exits``).
 * ``regs``/``bytes_`` (BAR0 registers, ISR, device config): written by
   ``bar0_access`` without the bus lock on the fast path.  Per device one
   driver (one vCPU at a time under Linux's per-device locking) programs
   the registers; the ISR byte is shared with device threads already (see
-  ``pci.bus``, "Threads").  SMP: a compiled per-slot lock, or send
-  common-config writes to Python under the bus lock.
+  ``pci.bus``, "Threads"); anything that changes what the host does
+  (queue enable, MSI-X enable, status) goes to Python under the bus lock.
 * ``msix`` (MSI-X tables): the pending bit is only changed by atomic
   exchange (``irq``), safe for any number of vCPUs and device threads;
   entries and masks are written by one driver per device, as ``regs``.
 * ``notify_fd``: read-only in the loop; eventfd writes are atomic.  Safe.
-* ``port_counts``/``mmio_counts``: plain increments; concurrent vCPUs may
-  lose counts (statistics only, never decisions).  SMP: per-vCPU counter
-  rows summed for ``--stats``.
-* ``KvmVm._stop``/``_timed_out``/``_reset_requested``: machine-wide;
-  ``stop()`` sets every vCPU's ``ctl[V_STOP]`` and kicks every vCPU thread.
+* ``KvmVm._stop``/``_timed_out``/``_reset_requested``/``_result``:
+  machine-wide.  The first result that is not a plain stop, from any
+  vCPU, is the machine's (``_conclude``, under a lock); it stops every
+  vCPU: ``stop()`` sets each one's ``ctl[V_STOP]`` and immediate_exit and
+  kicks its thread out of KVM_RUN (a halted vCPU with interrupts off
+  never leaves it otherwise), and ``run`` joins every vCPU thread before
+  it returns.  vCPU threads other than 0 block every signal but the kick,
+  so ^C, SIGTERM and the launcher's other signals reach the main thread,
+  whose handlers end the run the same way.  The machine has halted when
+  every vCPU is parked (HLT with IF clear, or an AP waiting for INIT).
 
 Cost rules (HACKING.md, "The compiled vCPU loop"): ``_vcpu_loop`` is
 compiled with ``_nrt=False`` and nothing it reaches may allocate;
@@ -77,6 +88,8 @@ compiled with ``_nrt=False`` and nothing it reaches may allocate;
 from __future__ import annotations
 
 import os
+import resource
+import signal
 import threading
 import time
 
@@ -89,7 +102,7 @@ from .hw.kvm import (AS_FWAIT, AS_INT3, ASSIST_DONE, EXIT_NAMES, KVM_EXIT_FAIL_E
                      KVM_SYSTEM_EVENT_SHUTDOWN, RUN_EXIT_REASON, RUN_FAIL_REASON, RUN_IMMEDIATE_EXIT, RUN_IO_COUNT,
                      RUN_IO_DATA_OFFSET, RUN_IO_DIRECTION, RUN_IO_PORT, RUN_IO_SIZE, RUN_MMIO_DATA,
                      RUN_MMIO_IS_WRITE, RUN_MMIO_LEN, RUN_MMIO_PHYS, RUN_SYSEV_TYPE, ExitStats, KvmVcpu, KvmVmBase,
-                     RunResult, assist, kick)
+                     RunResult, assist, kick, KICK_SIGNAL)
 from .hw.libc import EAGAIN, EINTR, sys_ioctl
 from .hw.memory import ld_u8, ld_u16, ld_u32, ld_u64, st_u8, st_u16, st_u32, st_u64
 from .pci.bus import PD_FIELDS, PD_INDEX, ST_DONE, mmio_access, port_access
@@ -248,12 +261,17 @@ class VcpuLoop:
     def __init__(self, vm: "KvmVm", vcpu: KvmVcpu):
         self.vm = vm
         self.vcpu = vcpu
+        self.index = vcpu.index
         self.ctl = np.zeros(V_FIELDS, dtype=np.int64)
         self.ctl[V_LIMIT] = -1
         self.pend = np.zeros(PD_FIELDS, dtype=np.int64)
         self.stats = ExitStats()
         self.thread = None              # threading.get_ident() of the thread in run()
-        self.halt_check = False         # the halt poll asks: is the vCPU in HLT with IF clear?
+        self.native_id = None           # its kernel thread id (--stats CPU time, the profiler's timer)
+        self.halt_check = False         # the halt poll asks: is the vCPU parked (halted, IF clear)?
+        self.parked = False             # its answer in the current round
+        self.tables = None              # the bus's tables with this vCPU's own counter arrays
+        self.cpu_s = [0.0, 0.0]         # user, system CPU seconds of its thread while running it
 
     def stop(self) -> None:
         """Make the loop return before its next KVM_RUN, and a KVM_RUN in
@@ -265,9 +283,18 @@ class VcpuLoop:
 
     def run(self, max_exits) -> RunResult:
         """Run the vCPU on this thread until the guest or the launcher ends
-        the run (see ``KvmVm.run``)."""
+        the run (see ``KvmVm.run``); its thread's CPU time is counted."""
+        before = resource.getrusage(resource.RUSAGE_THREAD)
+        try:
+            return self._run(max_exits)
+        finally:
+            after = resource.getrusage(resource.RUSAGE_THREAD)
+            self.cpu_s[0] += after.ru_utime - before.ru_utime
+            self.cpu_s[1] += after.ru_stime - before.ru_stime
+
+    def _run(self, max_exits) -> RunResult:
         vm, ctl, stats, v = self.vm, self.ctl, self.stats, self.vcpu
-        tables = vm.bus.tables
+        tables = self.tables
         start = ctl[V_EXITS]
         ctl[V_LIMIT] = start + max_exits if max_exits is not None else -1
         counted = [V_PIO, V_MMIO, V_INTR, V_EXITS]
@@ -276,7 +303,8 @@ class VcpuLoop:
         try:
             while True:
                 if vm._stop:
-                    return vm._stopped()
+                    # vCPU 0 says why the machine stopped; the others just stop.
+                    return vm._stopped() if self.index == 0 else RunResult("stopped", "the machine stopped")
                 code = _vcpu_loop(v.fd, v.run, ctl, v.assist, self.pend, tables)
                 if code == R_SLOW_PIO:
                     self._finish_pio()
@@ -295,7 +323,7 @@ class VcpuLoop:
                     return RunResult("stopped", f"{int(ctl[V_EXITS] - start)} exits handled (max_exits)")
                 elif code == VCPU_ERRNO:
                     return RunResult("internal-error", f"KVM_RUN failed: {os.strerror(int(ctl[V_ERRNO]))}",
-                                     vm.safe_regs())
+                                     vm.safe_regs(self.index))
                 else:
                     res = self._python_exit()
                     if res is not None:
@@ -317,44 +345,46 @@ class VcpuLoop:
         # KVM_RUN returned EINTR: count it, let _on_signal look, then answer
         # the halt poll's question if it asked.
         self.stats.intr += 1
-        self.vm._on_signal()
+        vm = self.vm
+        vm._on_signal(self.index)
         if self.halt_check:
             self.halt_check = False
-            if self.vm.halted_for_good():
-                return RunResult("halt", "the guest halted with interrupts disabled", self.vm.safe_regs())
+            self.parked = vm.parked(self.index)
+            if self.parked and all(lp.parked for lp in vm.loops):
+                return RunResult("halt", "the guest halted with interrupts disabled", vm.safe_regs(self.index))
         return None
 
     def _python_exit(self) -> RunResult | None:
         """An exit the compiled loop returned as VCPU_EXIT: the result that
         ends the run, or None to run on."""
-        vm, v = self.vm, self.vcpu
+        vm, v, i = self.vm, self.vcpu, self.index
         reason = v.r32[RUN_EXIT_REASON >> 2]
         if reason == KVM_EXIT_MMIO:
             ln, addr = v.r32[RUN_MMIO_LEN >> 2], v.r64[RUN_MMIO_PHYS >> 3]
-            return RunResult("internal-error", f"MMIO access of {ln} bytes at {addr:#x}", vm.safe_regs())
+            return RunResult("internal-error", f"MMIO access of {ln} bytes at {addr:#x}", vm.safe_regs(i))
         if reason == KVM_EXIT_IO:
             return RunResult("internal-error", f"port I/O exit of size {v.r8[RUN_IO_SIZE]} "
-                             "that KVM should not send", vm.safe_regs())
+                             "that KVM should not send", vm.safe_regs(i))
         if reason == KVM_EXIT_INTERNAL_ERROR:
             return vm.internal_error(v, int(self.ctl[V_EXITS]), self.stats.assists)
         if reason == KVM_EXIT_HLT:
-            return RunResult("halt", "the guest halted", vm.safe_regs())
+            return RunResult("halt", "the guest halted", vm.safe_regs(i))
         if reason == KVM_EXIT_SHUTDOWN:
             return RunResult("shutdown", "triple fault (KVM_EXIT_SHUTDOWN): the guest reset itself by faulting",
-                             vm.safe_regs(), vm.fetch_insn())
+                             vm.safe_regs(i), vm.fetch_insn(vcpu=i))
         if reason == KVM_EXIT_SYSTEM_EVENT:
             t = v.r32[RUN_SYSEV_TYPE >> 2]
             if t == KVM_SYSTEM_EVENT_SHUTDOWN:
                 return RunResult("poweroff", "the guest powered off")
             if t == KVM_SYSTEM_EVENT_RESET:
                 return RunResult("reboot", "the guest asked for a reset")
-            return RunResult("internal-error", f"system event {t} (crash)", vm.safe_regs())
+            return RunResult("internal-error", f"system event {t} (crash)", vm.safe_regs(i))
         if reason == KVM_EXIT_FAIL_ENTRY:
             return RunResult("fail-entry", f"VM entry failed, hardware reason {v.r64[RUN_FAIL_REASON >> 3]:#x}",
-                             vm.safe_regs())
+                             vm.safe_regs(i))
         if reason == KVM_EXIT_IRQ_WINDOW_OPEN:
             return None
-        return RunResult("unknown-exit", f"unhandled exit {EXIT_NAMES.get(reason, reason)}", vm.safe_regs())
+        return RunResult("unknown-exit", f"unhandled exit {EXIT_NAMES.get(reason, reason)}", vm.safe_regs(i))
 
     def _finish_pio(self) -> None:
         # The port access (a string one: each element) the loop stopped at,
@@ -386,11 +416,12 @@ class VcpuLoop:
 
 
 class KvmVm(KvmVmBase):
-    """A KVM machine whose vCPU runs in the compiled loop over ``bus`` (a
+    """A KVM machine whose vCPUs run in the compiled loop over ``bus`` (a
     ``pci.Bus``): ``hw.kvm.KvmVmBase`` (VM and vCPU fds, registers,
     interrupt routing) plus ``run``, ``stop`` and the reset port.  One
-    ``VcpuLoop`` per vCPU in ``loops``; ``run`` drives vCPU 0 on the
-    calling thread (SMP, next: one thread per loop)."""
+    ``VcpuLoop`` per vCPU in ``loops``: ``run`` drives vCPU 0 on the
+    calling thread and each other vCPU on a thread of its own (``vcpuN``),
+    all started together and all joined before ``run`` returns."""
 
     profiler = None     # a hw.profile.Profiler attached to this VM, or None
 
@@ -400,14 +431,28 @@ class KvmVm(KvmVmBase):
         self._timed_out = False
         self._reset_requested = False
         self._warming = None           # the thread loading the kernels Python calls on rare exits
+        self._result = None            # the first result that ended the machine (any vCPU)
+        self._result_lock = threading.Lock()
         self.first_run_at = None       # time.time() of the first KVM_RUN: start-up time in --stats
         super().__init__(gm, bus, **kw)
         self.loops = [VcpuLoop(self, v) for v in self.vcpus]
 
     @property
     def stats(self) -> ExitStats:
-        """Exit counters (one vCPU: its own; SMP will sum the loops')."""
-        return self.loops[0].stats
+        """Exit counters of the whole machine: every vCPU's summed (each
+        loop counts its own, see "Per vCPU and shared")."""
+        if len(self.loops) == 1:
+            return self.loops[0].stats
+        out = ExitStats()
+        for lp in self.loops:
+            st = lp.stats
+            out.pio += st.pio
+            out.mmio += st.mmio
+            out.intr += st.intr
+            out.total += st.total
+            for k, n in st.assists.items():
+                out.assists[k] = out.assists.get(k, 0) + n
+        return out
 
     def claim_reset_port(self) -> None:
         """Claim port 0x64 on the bus so the guest can reboot the PC way:
@@ -422,39 +467,44 @@ class KvmVm(KvmVmBase):
             return (1 << (8 * size)) - 1
         if value & 0xFF == 0xFE:
             self._reset_requested = True
-            self._stop = True
-            for lp in self.loops:
-                lp.ctl[V_STOP] = 1
+            self.stop()                    # the other vCPUs too: the reset line is the machine's
         return 0
 
     def stop(self) -> None:
         """Make ``run`` return "stopped" soon, from any thread: sets
-        immediate_exit and kicks the vCPU thread out of KVM_RUN with a signal
-        (the handler is installed when the first KvmVm is built on the main
-        thread)."""
+        immediate_exit and kicks every vCPU thread out of KVM_RUN with a
+        signal (the handler is installed when the first KvmVm is built on
+        the main thread)."""
         self._stop = True
         for lp in self.loops:
             lp.stop()
 
     def run(self, timeout: float | None = None, max_exits: int | None = None,
             halt_poll: float | None = 1.0) -> RunResult:
-        """Run the vCPU until the guest powers off, reboots, halts for good,
-        faults fatally, ``stop()`` is called, ``timeout`` seconds pass or
-        ``max_exits`` exits were handled.
+        """Run every vCPU until the guest powers off, reboots, halts for
+        good, faults fatally (any vCPU: the first such result is the
+        machine's and stops the others), ``stop()`` is called, ``timeout``
+        seconds pass or vCPU 0 handled ``max_exits`` exits.
 
-        ``halt_poll``: every so many seconds the vCPU is kicked out of
-        KVM_RUN to see whether it sits in HLT with interrupts off (how Linux
-        ends ``poweroff`` without ACPI); that ends the run as "halt".  One
-        extra exit per interval; None disables it."""
+        ``halt_poll``: every so many seconds each vCPU is kicked out of
+        KVM_RUN to see whether it is parked (HLT with interrupts off, or an
+        AP waiting for INIT); when all are, the run ends as "halt" (how
+        Linux ends ``poweroff`` without ACPI).  One extra exit per vCPU per
+        interval; None disables it."""
         if self.bus is None:
             raise RuntimeError("attach a bus before running the guest")
         lp = self.loops[0]
         self._stop = False
         self._timed_out = False
-        lp.ctl[V_STOP] = 0
-        lp.halt_check = False
-        lp.vcpu.r8[RUN_IMMEDIATE_EXIT] = 0
+        self._result = None
+        for other in self.loops:
+            other.ctl[V_STOP] = 0
+            other.halt_check = other.parked = False
+            other.vcpu.r8[RUN_IMMEDIATE_EXIT] = 0
+            if other.tables is None:
+                other.tables = self.bus.tables if other.index == 0 else self.bus.vcpu_tables()
         lp.thread = threading.get_ident()
+        lp.native_id = threading.get_native_id()
         self._load_kernels(lp)
         if self.first_run_at is None:
             self.first_run_at = time.time()
@@ -466,19 +516,67 @@ class KvmVm(KvmVmBase):
         done = threading.Event()
         poller = None
         if halt_poll:
-            poller = threading.Thread(target=self._halt_poll, args=(lp, halt_poll, done), name="kvm-halt-poll",
+            poller = threading.Thread(target=self._halt_poll, args=(halt_poll, done), name="kvm-halt-poll",
                                       daemon=True)
             poller.start()
+        aps = [threading.Thread(target=self._run_ap, args=(other,), name=f"vcpu{other.index}", daemon=True)
+               for other in self.loops[1:]]
         try:
-            return lp.run(max_exits)
+            for t in aps:
+                t.start()
+            res = self._conclude(lp.run(max_exits))
         finally:
+            # Whatever ended vCPU 0's loop ends the others': stop, kick, join.
+            if aps:
+                self.stop()
+                for t in aps:
+                    if t.ident is not None:
+                        t.join()
             done.set()
             if poller is not None:
                 poller.join()
             if timer is not None:
                 timer.cancel()
-            lp.thread = None
-            lp.vcpu.r8[RUN_IMMEDIATE_EXIT] = 0
+            for other in self.loops:
+                other.thread = None
+                other.vcpu.r8[RUN_IMMEDIATE_EXIT] = 0
+        # An AP's result that came in while the others were being stopped.
+        return self._result if self._result is not None else res
+
+    def _conclude(self, res: RunResult, vcpu: int = 0) -> RunResult:
+        """Record ``res`` (vCPU ``vcpu``'s) as the machine's result unless an
+        earlier one (or a plain stop) came first; stop every vCPU.  Returns
+        the machine's result so far (vCPU 0's caller returns it)."""
+        if res.reason != "stopped" and len(self.loops) > 1:
+            res = RunResult(res.reason, f"vCPU {vcpu}: {res.message}", res.regs, res.insn)
+        with self._result_lock:
+            if self._result is None and res.reason != "stopped":
+                self._result = res
+        if len(self.loops) > 1:
+            self.stop()
+        return self._result if self._result is not None else res
+
+    def _run_ap(self, lp: VcpuLoop) -> None:
+        """vCPU ``lp.index``'s thread: the process's signals stay with the
+        main thread (whose handlers act on them), only the kick reaches this
+        one; whatever ends this loop ends the machine."""
+        signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals() - {KICK_SIGNAL})
+        lp.thread = threading.get_ident()
+        lp.native_id = threading.get_native_id()
+        prof = self.profiler
+        if prof is not None and prof.running:            # vCPU 0's profile is on
+            try:
+                prof.start(vcpu=lp.index)       # its timer aimed at this thread
+            except (ValueError, OSError):
+                prof = None                     # vCPU 0's start would have failed the same way
+        try:
+            res = lp.run(None)
+        except BaseException as exc:      # noqa: BLE001 - reported as the machine's end, never lost
+            res = RunResult("internal-error", f"{type(exc).__name__}: {exc}")
+        finally:
+            if prof is not None:
+                prof.stop(vcpu=lp.index)
+        self._conclude(res, lp.index)
 
     def _load_kernels(self, lp: VcpuLoop) -> None:
         """Compile or load the loop before any timeout starts counting: one
@@ -488,7 +586,7 @@ class KvmVm(KvmVmBase):
         warm = lp.ctl.copy()
         warm[V_STOP] = 1
         v = lp.vcpu
-        _vcpu_loop(v.fd, v.run, warm, v.assist, lp.pend, self.bus.tables)
+        _vcpu_loop(v.fd, v.run, warm, v.assist, lp.pend, lp.tables)
         if self._warming is None:
             self._warming = threading.Thread(target=self.bus.compile_python_paths, name="bus-jit-load",
                                              daemon=True)
@@ -503,18 +601,21 @@ class KvmVm(KvmVmBase):
         self._timed_out = True
         self.stop()
 
-    def _on_signal(self) -> None:
-        """A signal took the vCPU thread out of KVM_RUN (a kick: stop, the
-        halt poll, or the profiler's timer): the vCPU's registers are
+    def _on_signal(self, vcpu: int = 0) -> None:
+        """A signal took vCPU ``vcpu``'s thread out of KVM_RUN (a kick:
+        stop, the halt poll, or the profiler's timer): its registers are
         readable now, so this is where a profile sample is taken.  Runs on
-        the vCPU thread; the caller re-enters the guest."""
+        the vCPU's thread; the caller re-enters the guest."""
         if self.profiler is not None:
-            self.profiler.sample()
+            self.profiler.sample(vcpu)
 
-    def _halt_poll(self, lp: VcpuLoop, interval: float, done: threading.Event) -> None:
+    def _halt_poll(self, interval: float, done: threading.Event) -> None:
         while not done.wait(interval):
-            lp.halt_check = True
-            kick(lp.thread)
+            for lp in self.loops:           # a new round: every vCPU answers afresh
+                lp.parked = False
+                lp.halt_check = True
+            for lp in self.loops:
+                kick(lp.thread)
 
     def _stopped(self) -> RunResult:
         if self._reset_requested:

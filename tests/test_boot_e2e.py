@@ -185,3 +185,59 @@ def test_default_guest_drives_every_device(tmp_path, packed):
         assert c["mode"] == "msix" and c["isr_reads"] == 0, (dev, c)
     # Only the instruction assists guest/README.md names were needed.
     assert set(stats["exits"]["assists"]) <= {"int3", "fwait"}, stats["exits"]
+
+
+@pytest.mark.slow
+def test_default_guest_on_two_vcpus_and_its_snapshot(tmp_path):
+    """One boot with --cpus=2: Linux starts its AP itself (INIT/SIPI), the
+    selftest passes with every device and sees 2 processors each doing
+    work, the devices' MSI-X interrupts land on both CPUs, --stats-json
+    counts per vCPU; a snapshot taken at /init (the guest carrying on)
+    restores with both vCPUs and finishes the same selftest."""
+    from lguest_jit.hw.kvm import kvm_available
+    why = kvm_available()
+    if why is not None:
+        pytest.skip(f"no usable KVM: {why}")
+    if shutil.which("unshare") is None or not os.path.exists("/dev/net/tun"):
+        pytest.skip("needs unshare(1) and /dev/net/tun for the guest's private network")
+    vmlinux, initrd = build.ensure_guest(log=lambda m: print(m, flush=True))
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(DISK_FILL * DISK_BYTES)
+    snap = tmp_path / "snap"
+    stats_file = tmp_path / "stats.json"
+    cmdline = build.default_cmdline("selftest", "hvc0")
+    launcher = [sys.executable, "-m", "lguest_jit.main"]
+    argv = [*launcher, "--cpus=2", f"--tunnet={HOST_IP}:{GUEST_MAC}", f"--block={disk}", "--rng",
+            f"--initrd={initrd}", f"--stats-json={stats_file}", f"--snapshot={snap}", "--snapshot-on=LGJ-INIT",
+            "256", str(vmlinux), *cmdline.split()]
+    err = tmp_path / "stderr.txt"
+    status, lines = run_console(["unshare", "--net", "--", *argv], err)
+    console = b"".join(raw for _, raw in lines)
+    tail = console[-4000:].decode(errors="replace") + "\n--- stderr ---\n" + err.read_text(errors="replace")
+    assert status == 0, tail
+    assert "snapshot written to" in err.read_text(), tail
+    rep = markers.parse_console(console)
+    check_selftest(rep, console, disk, tail, cpus=2)
+    irqs = rep.step("irqs").fields()
+    assert irqs["intx"] == "0" and irqs["msi"] == "10", rep.step("irqs")
+    assert irqs["msi_cpus"] == "0,1", rep.step("irqs")           # both CPUs took virtio MSI-X messages
+    stats = json.loads(stats_file.read_text())
+    vcpus = stats["vcpus"]
+    assert [v["vcpu"] for v in vcpus] == [0, 1], vcpus
+    assert all(v["exits"]["total"] > 0 and v["user_s"] + v["system_s"] > 0 for v in vcpus), vcpus
+    assert sum(v["exits"]["total"] for v in vcpus) == stats["exits"]["total"], (vcpus, stats["exits"])
+    from lguest_jit import snapshot
+    saved = snapshot.read(str(snap))
+    assert saved["machine"]["cpus"] == 2 and len(saved["kvm"]["vcpus"]) == 1, saved["machine"]
+
+    # The snapshot was taken at /init, before the selftest wrote the disk:
+    # the disk as it was then, and --force for its new mtime.
+    disk.write_bytes(DISK_FILL * DISK_BYTES)
+    err = tmp_path / "restore.err"
+    status, lines = run_console(["unshare", "--net", "--", *launcher, "restore", "--force", str(snap)], err)
+    console = b"".join(raw for _, raw in lines)
+    tail = console[-4000:].decode(errors="replace") + "\n--- stderr ---\n" + err.read_text(errors="replace")
+    assert status == 0, tail
+    rep = markers.parse_console(console)
+    assert rep.init_uptime is None, tail                      # restored, not booted again
+    check_selftest(rep, console, disk, tail, cpus=2)

@@ -128,3 +128,60 @@ def test_signal_msi_delivers_the_message_to_the_local_apic(gm):
     assert res.reason == "stopped", res.report()
     assert ("pio", COUNT_PORT, 1, True, 1) in bus.accesses
     assert gm.read(DATA, 2) == bytes([1, vec])
+
+
+@needs_kvm
+def test_each_message_reaches_the_vcpu_its_address_names(gm):
+    """Two vCPUs, one vector addressed to each local APIC (destination ID
+    in address bits 19:12, as Linux spreads queue vectors): the routes keep
+    the address, so each message interrupts that vCPU and no other.  The
+    handler counts per APIC id (read from the LAPIC) at DATA + 0x10 + id."""
+    import threading
+    import time
+    vec, ready, ap_stack = 0x42, DATA + 0x20, 0x70000
+    fds = [os.eventfd(0, os.EFD_CLOEXEC) for _ in range(2)]
+    bus = MsiBus(gm, [(fds[0], LAPIC | 0 << 12, vec), (fds[1], LAPIC | 1 << 12, vec)])
+    h = Asm(0x11000)
+    h.push_rax().push_rdi().mov_imm32(RDI, LAPIC + 0x20).load_rdi(4)              # APIC ID register
+    h.raw(b"\xc1\xe8\x18").raw(b"\x05" + (DATA + 0x10).to_bytes(4, "little"))       # shr eax, 24; add eax, ..
+    h.raw(b"\x89\xc7").raw(b"\xf0\xfe\x07")                                         # mov edi, eax; lock inc [rdi]
+    h.mov_imm32(RDI, LAPIC + APIC_EOI).mov_imm32(RAX, 0).store_rdi(4)
+    h.pop_rdi().pop_rax().iretq()
+    a = Asm().mov_imm32(RDI, LAPIC + APIC_SVR).mov_imm32(RAX, 0x1FF).store_rdi(4)   # APIC on
+    a.mov_imm32(RDI, ready).raw(b"\xf0\xfe\x07")                                    # lock inc byte [ready]
+    a.label("wait").sti().hlt().cli().jmp("wait")
+    seen = []
+
+    def drive():
+        def wait_for(at, value):
+            deadline = time.monotonic() + RUN_TIMEOUT
+            while gm.read(at, 1)[0] != value and time.monotonic() < deadline:
+                time.sleep(0.01)
+        wait_for(ready, 2)
+        os.eventfd_write(fds[1], 1)                   # to APIC 1
+        wait_for(DATA + 0x11, 1)
+        seen.append(gm.read(DATA + 0x10, 2))
+        os.eventfd_write(fds[0], 1)                   # to APIC 0
+        wait_for(DATA + 0x10, 1)
+        seen.append(gm.read(DATA + 0x10, 2))
+        vm.stop()
+    try:
+        vm = make_vm(gm, bus, cpus=2)
+        assert [r[1] for r in vm._msi_routes] == [LAPIC, LAPIC | 1 << 12]   # destination kept
+        gm.write(0x11000, bytes(h))
+        setup_long_mode(vm, bytes(a), cpl=0, handlers={vec: 0x11000})
+        setup_long_mode(vm, bytes(a), cpl=0, handlers={vec: 0x11000}, vcpu=1, regs={"rsp": ap_stack})
+        gm.write(0x11000, bytes(h))
+        t = threading.Thread(target=drive)
+        t.start()
+        try:
+            res = vm.run(timeout=RUN_TIMEOUT * 2)
+        finally:
+            vm.stop()
+            t.join()
+            vm.close()
+    finally:
+        for fd in fds:
+            os.close(fd)
+    assert res.reason == "stopped", res.report()
+    assert seen == [bytes([0, 1]), bytes([1, 1])]     # vCPU 1's message on vCPU 1 only, then vCPU 0's

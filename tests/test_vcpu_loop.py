@@ -234,7 +234,7 @@ def test_halt_with_interrupts_off(m):
 @needs_kvm
 def test_signal_handler_hook_runs_on_eintr(m):
     seen = []
-    m.vm._on_signal = lambda: seen.append(threading.get_ident())
+    m.vm._on_signal = lambda vcpu: seen.append(threading.get_ident())
     setup_long_mode(m.vm, bytes(Asm().label("x").jmp("x")), cpl=3)
     res = m.vm.run(timeout=0.3, halt_poll=0.05)
     assert res.reason == "timeout"

@@ -165,3 +165,52 @@ def test_restore_rejects_a_blob_of_the_wrong_size():
                 vmstate.put(vm, "regs", b"\0" * 10)
         finally:
             vm.close()
+
+
+def _make2(gm):
+    bus = Recorder(gm)
+    vm = KvmVm(gm, bus, cpus=2)
+    bus.vm = vm
+    return vm, bus
+
+
+@needs_kvm
+def test_every_vcpu_of_a_two_vcpu_guest_survives_save_and_restore():
+    """Each vCPU's classes and MSRs saved and restored on their own vCPU:
+    vCPU 1's registers in the copy are vCPU 1's, not vCPU 0's, bit for
+    bit, and both vCPUs carry on there (each reports its own rbx + 1).
+    A state for another number of vCPUs is refused."""
+    gm_a, gm_b = GuestMemory(2 << 20), GuestMemory(2 << 20)
+    vm_a, bus_a = _make2(gm_a)
+    vm_b, bus_b = _make2(gm_b)
+    try:
+        # vCPU 0 reports rbx + 1 once at REPORT; vCPU 1 waits for DATA to be
+        # non-zero then reports its rbx + 1 at REPORT + 8 (CPL0 both).
+        a0 = Asm().mov_imm64(RDI, REPORT).raw(b"\x48\x8d\x43\x01").store_rdi(8).label("s").jmp("s")
+        ap = 0x10800
+        a1 = Asm(ap).mov_imm32(RDI, 0x20000).label("w").cmp_byte_rdi_0().jz("w")
+        a1.mov_imm64(RDI, REPORT + 8).raw(b"\x48\x8d\x43\x01").store_rdi(8).label("s").jmp("s")
+        for vcpu, entry, rbx, stack in ((0, 0x10000, 0x100, 0xC000), (1, ap, 0x200, 0x70000)):
+            setup_long_mode(vm_a, bytes(a0), cpl=0, vcpu=vcpu, entry=entry, regs={"rbx": rbx, "rsp": stack})
+        gm_a.write(ap, bytes(a1))
+        gm_a.write(0x20000, b"\0")
+        # Both vCPUs spin at the snapshot point: vCPU 0 after its report, vCPU 1 waiting.
+        assert _run_to_next_report(vm_a, bus_a) == (REPORT, 0x101)
+        saved = vmstate.save(vm_a)
+        assert len(saved["vcpus"]) == 1 and set(saved["vcpus"][0]["classes"]) <= {
+            c.name for c in vmstate.CLASSES if c.fd == vmstate.VCPU}
+        with pytest.raises(ValueError, match="of 1 vCPUs, this machine has 2"):
+            vmstate.restore(vm_b, {k: v for k, v in saved.items() if k != "vcpus"})
+        gm_b.mem[:] = gm_a.mem
+        assert vmstate.restore(vm_b, saved) == []
+        again = vmstate.save(vm_b)
+        for want, got in ((saved, again), (saved["vcpus"][0], again["vcpus"][0])):
+            assert _comparable(got) == _comparable(want)
+        assert vm_b.get_regs(1).rbx == 0x200 and vm_b.get_regs(0).rbx == 0x100
+        gm_b.write(0x20000, b"\1")                  # let vCPU 1 go on in the copy
+        assert _run_to_next_report(vm_b, bus_b) == (REPORT + 8, 0x201)
+    finally:
+        for vm, bus, gm in ((vm_a, bus_a, gm_a), (vm_b, bus_b, gm_b)):
+            vm.close()
+            bus.close()
+            gm.close()

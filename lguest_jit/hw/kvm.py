@@ -282,8 +282,10 @@ class KvmVcpu:
 
 
 class KvmVmBase:
-    """One KVM virtual machine over ``gm`` with one vCPU (``vcpus[0]``; the
-    register methods act on it), exits handed to ``bus`` by the vCPU loop
+    """One KVM virtual machine over ``gm`` with ``cpus`` vCPUs (``vcpus[i]``,
+    KVM vCPU id and local APIC id i; the register methods act on vCPU 0
+    unless given ``vcpu=i``, and only from the thread running it, or while
+    it is stopped: an ioctl on a vCPU in KVM_RUN blocks until it exits), exits handed to ``bus`` by the vCPU loop
     (``lguest_jit.vcpu.KvmVm``, which adds ``run``/``stop``).
 
     What this class asks of ``bus`` (``attach_bus``): ``ioeventfds()``,
@@ -297,7 +299,7 @@ class KvmVmBase:
     """
 
     def __init__(self, gm, bus=None, *, cpuid_hook=None, irq_mode: str | None = None,
-                 device: str = "/dev/kvm"):
+                 device: str = "/dev/kvm", cpus: int = 1):
         self.gm = gm
         self.bus = None
         self.irq_mode = None
@@ -332,10 +334,16 @@ class KvmVmBase:
             region = kvm_userspace_memory_region(slot=0, flags=0, guest_phys_addr=0,
                                                  memory_size=gm.size, userspace_addr=gm.base)
             ioctl(self.vm_fd, KVM_SET_USER_MEMORY_REGION, region, "KVM_SET_USER_MEMORY_REGION")
-            self.vcpus.append(KvmVcpu(self.kvm_fd, self.vm_fd, 0, self._own))
+            # Every vCPU before the first KVM_RUN, each with its CPUID (a
+            # vCPU has none until KVM_SET_CPUID2) naming its own APIC id.
+            # KVM's defaults do the rest: local APIC id i, the BSP flag in
+            # the APIC-base MSR on vCPU 0 only, vCPUs 1.. waiting for INIT/SIPI.
+            for i in range(cpus):
+                self.vcpus.append(KvmVcpu(self.kvm_fd, self.vm_fd, i, self._own))
             self.vcpu_fd = self.vcpus[0].fd
             self.run_map = self.vcpus[0].run_map
-            self._set_cpuid(cpuid_hook)
+            for i in range(cpus):
+                self._set_cpuid(cpuid_hook, i)
             self.immediate_exit_ok = bool(self.check_extension(KVM_CAP_IMMEDIATE_EXIT))
             _install_kick_handler()
             if irq_mode not in (None, "resample", "irqfd", "line"):
@@ -386,45 +394,45 @@ class KvmVmBase:
         except OSError:
             return 0
 
-    def _set_cpuid(self, hook) -> None:
+    def _set_cpuid(self, hook, vcpu: int = 0) -> None:
         # With the TSC frequency in CPUID the guest skips calibrating it
         # against the PIT; the APIC id is vCPU 0's, not the host CPU's
         # KVM_GET_SUPPORTED_CPUID reports (hw/firmware.py).
-        entries = with_apic_id(with_tsc_frequency(self.supported_cpuid(), self.tsc_khz()), 0)
+        entries = with_apic_id(with_tsc_frequency(self.supported_cpuid(), self.tsc_khz()), vcpu)
         if hook is not None:
             entries = list(hook(entries))
         buf = self._cpuid_buffer(len(entries))
         for i, e in enumerate(entries):
             buf.entries[i] = e
-        ioctl(self.vcpu_fd, KVM_SET_CPUID2, buf, "KVM_SET_CPUID2")
+        ioctl(self.vcpus[vcpu].fd, KVM_SET_CPUID2, buf, "KVM_SET_CPUID2")
 
     # -- registers ------------------------------------------------------------
 
-    def get_regs(self) -> kvm_regs:
+    def get_regs(self, vcpu: int = 0) -> kvm_regs:
         r = kvm_regs()
-        ioctl(self.vcpu_fd, KVM_GET_REGS, r, "KVM_GET_REGS")
+        ioctl(self.vcpus[vcpu].fd, KVM_GET_REGS, r, "KVM_GET_REGS")
         return r
 
-    def set_regs(self, r: kvm_regs) -> None:
-        ioctl(self.vcpu_fd, KVM_SET_REGS, r, "KVM_SET_REGS")
+    def set_regs(self, r: kvm_regs, vcpu: int = 0) -> None:
+        ioctl(self.vcpus[vcpu].fd, KVM_SET_REGS, r, "KVM_SET_REGS")
 
-    def get_sregs(self) -> kvm_sregs:
+    def get_sregs(self, vcpu: int = 0) -> kvm_sregs:
         s = kvm_sregs()
-        ioctl(self.vcpu_fd, KVM_GET_SREGS, s, "KVM_GET_SREGS")
+        ioctl(self.vcpus[vcpu].fd, KVM_GET_SREGS, s, "KVM_GET_SREGS")
         return s
 
-    def set_sregs(self, s: kvm_sregs) -> None:
-        ioctl(self.vcpu_fd, KVM_SET_SREGS, s, "KVM_SET_SREGS")
+    def set_sregs(self, s: kvm_sregs, vcpu: int = 0) -> None:
+        ioctl(self.vcpus[vcpu].fd, KVM_SET_SREGS, s, "KVM_SET_SREGS")
 
-    def get_events(self) -> kvm_vcpu_events:
+    def get_events(self, vcpu: int = 0) -> kvm_vcpu_events:
         ev = kvm_vcpu_events()
-        ioctl(self.vcpu_fd, KVM_GET_VCPU_EVENTS, ev, "KVM_GET_VCPU_EVENTS")
+        ioctl(self.vcpus[vcpu].fd, KVM_GET_VCPU_EVENTS, ev, "KVM_GET_VCPU_EVENTS")
         return ev
 
-    def set_events(self, ev: kvm_vcpu_events) -> None:
-        ioctl(self.vcpu_fd, KVM_SET_VCPU_EVENTS, ev, "KVM_SET_VCPU_EVENTS")
+    def set_events(self, ev: kvm_vcpu_events, vcpu: int = 0) -> None:
+        ioctl(self.vcpus[vcpu].fd, KVM_SET_VCPU_EVENTS, ev, "KVM_SET_VCPU_EVENTS")
 
-    def transfer_msrs(self, request: int, items) -> list:
+    def transfer_msrs(self, request: int, items, vcpu: int = 0) -> list:
         """One KVM_GET_MSRS or KVM_SET_MSRS (``request``) over ``items``, a
         list of (index, value): the (index, value) entries KVM got through,
         in order.  KVM stops at the first MSR it refuses, so a shorter list
@@ -438,7 +446,7 @@ class KvmVmBase:
             buf.entries[i].index = idx
             buf.entries[i].data = val & 0xFFFFFFFFFFFFFFFF
         name = "KVM_GET_MSRS" if request == KVM_GET_MSRS else "KVM_SET_MSRS"
-        n = ioctl(self.vcpu_fd, request, buf, name)
+        n = ioctl(self.vcpus[vcpu].fd, request, buf, name)
         return [(buf.entries[i].index, buf.entries[i].data) for i in range(n)]
 
     def get_msrs(self, indices) -> dict:
@@ -458,16 +466,18 @@ class KvmVmBase:
         if n != len(items):
             raise KvmError(errno.EINVAL, f"KVM_SET_MSRS: MSR {items[n][0]:#x} = {items[n][1]:#x} was refused")
 
-    def make_runnable(self) -> None:
+    def make_runnable(self, vcpu: int = 0) -> None:
         """Leave a HLT state (KVM_SET_MP_STATE RUNNABLE): needed before
         running new code on a vCPU that halted."""
-        ioctl(self.vcpu_fd, KVM_SET_MP_STATE, kvm_mp_state(KVM_MP_STATE_RUNNABLE), "KVM_SET_MP_STATE")
+        ioctl(self.vcpus[vcpu].fd, KVM_SET_MP_STATE, kvm_mp_state(KVM_MP_STATE_RUNNABLE), "KVM_SET_MP_STATE")
 
-    def regs_dict(self) -> dict:
-        r = self.get_regs()
+    def regs_dict(self, vcpu: int = 0) -> dict:
+        r = self.get_regs(vcpu)
         d = {n: getattr(r, n) for n, _ in kvm_regs._fields_}
+        if len(self.vcpus) > 1:
+            d["vcpu"] = vcpu
         try:
-            s = self.get_sregs()
+            s = self.get_sregs(vcpu)
             d.update(cs=s.cs.selector, cr0=s.cr0, cr2=s.cr2, cr3=s.cr3, cr4=s.cr4, efer=s.efer)
         except OSError:
             pass
@@ -697,19 +707,51 @@ class KvmVmBase:
                 except OSError:
                     return
 
-    def halted_for_good(self) -> bool:
+    def halted_for_good(self, vcpu: int = 0) -> bool:
         """True when the vCPU sits in HLT with IF clear.  With the in-kernel
         irqchip such a HLT never exits KVM_RUN (KVM blocks the vCPU in the
         kernel waiting for an interrupt that cannot be taken), so the loop
         asks after a kick instead.  Only call it from the vCPU thread."""
         st = kvm_mp_state()
-        ioctl(self.vcpu_fd, KVM_GET_MP_STATE, st, "KVM_GET_MP_STATE")
-        return st.mp_state == KVM_MP_STATE_HALTED and not self.get_regs().rflags & RFLAGS_IF
+        ioctl(self.vcpus[vcpu].fd, KVM_GET_MP_STATE, st, "KVM_GET_MP_STATE")
+        return st.mp_state == KVM_MP_STATE_HALTED and not self.get_regs(vcpu).rflags & RFLAGS_IF
 
-    def safe_regs(self) -> dict | None:
-        """``regs_dict()``, or None when the registers cannot be read."""
+    def parked(self, vcpu: int) -> bool:
+        """True when the vCPU can run nothing more on its own: halted with
+        IF clear, or an AP still (or again) waiting for INIT/SIPI.  The
+        machine has halted when every vCPU is parked.  From the vCPU's
+        thread only, as ``halted_for_good``."""
+        st = kvm_mp_state()
+        ioctl(self.vcpus[vcpu].fd, KVM_GET_MP_STATE, st, "KVM_GET_MP_STATE")
+        if st.mp_state in (KVM_MP_STATE_UNINITIALIZED, KVM_MP_STATE_INIT_RECEIVED):
+            return True
+        return st.mp_state == KVM_MP_STATE_HALTED and not self.get_regs(vcpu).rflags & RFLAGS_IF
+
+    def complete_pending(self) -> None:
+        """Finish what each vCPU's last exit left for its next KVM_RUN (an
+        IN's value into RAX, an MMIO read's into its register, RIP past the
+        instruction): one KVM_RUN with immediate_exit set returns EINTR
+        without running guest code, after that completion (KVM's API, on
+        saving state).  A vCPU stopped between handling an exit and
+        re-entering would otherwise be saved mid-instruction.  Every vCPU
+        must be out of KVM_RUN (no thread running it)."""
+        if not self.immediate_exit_ok:
+            return
+        for v in self.vcpus:
+            v.r8[RUN_IMMEDIATE_EXIT] = 1
+            try:
+                fcntl.ioctl(v.fd, KVM_RUN, 0)
+            except OSError as exc:
+                if exc.errno not in (errno.EINTR, errno.EAGAIN):
+                    raise KvmError(exc.errno, f"KVM_RUN (completing vCPU {v.index}'s last exit): "
+                                   f"{os.strerror(exc.errno)}") from None
+            finally:
+                v.r8[RUN_IMMEDIATE_EXIT] = 0
+
+    def safe_regs(self, vcpu: int = 0) -> dict | None:
+        """``regs_dict(vcpu)``, or None when the registers cannot be read."""
         try:
-            return self.regs_dict()
+            return self.regs_dict(vcpu)
         except OSError:
             return None
 
@@ -721,12 +763,13 @@ class KvmVmBase:
     def _read_u32(self, gpa):
         return int.from_bytes(self.gm.read(gpa, 4), "little") if self.gm.check(gpa, 4) else None
 
-    def fetch_insn(self, length: int = 15, sregs: kvm_sregs | None = None, rip: int | None = None) -> bytes:
+    def fetch_insn(self, length: int = 15, sregs: kvm_sregs | None = None, rip: int | None = None,
+                   vcpu: int = 0) -> bytes:
         """Up to ``length`` bytes at the guest's CS:RIP, through its page
         tables; stops at an unmapped page or the end of RAM."""
-        s = sregs or self.get_sregs()
+        s = sregs or self.get_sregs(vcpu)
         if rip is None:
-            rip = self.get_regs().rip
+            rip = self.get_regs(vcpu).rip
         long64 = bool(s.efer & EFER_LMA) and s.cs.l
         lin = rip if long64 else (s.cs.base + rip) & 0xFFFFFFFF
         out = bytearray()
@@ -751,19 +794,20 @@ class KvmVmBase:
         if sub == KVM_INTERNAL_ERROR_EMULATION and r32[RUN_INT_NDATA >> 2] >= 3 and \
                 r8[RUN_INT_FLAGS] & KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES:
             exit_insn = bytes(r8[RUN_INT_INSN:RUN_INT_INSN + min(r8[RUN_INT_INSN_SIZE], 15)])
-        regs = self.get_regs()
-        sregs = self.get_sregs()
-        insn = self.fetch_insn(15, sregs, regs.rip)
+        i = vcpu.index
+        regs = self.get_regs(i)
+        sregs = self.get_sregs(i)
+        insn = self.fetch_insn(15, sregs, regs.rip, i)
         if not insn and exit_insn:
             insn = exit_insn
         if sub != KVM_INTERNAL_ERROR_EMULATION:
-            return RunResult("internal-error", f"KVM internal error, suberror {sub}", self.regs_dict(), insn)
+            return RunResult("internal-error", f"KVM internal error, suberror {sub}", self.regs_dict(i), insn)
         for prefix, (name, length, action) in ASSISTS.items():
             if insn.startswith(prefix):
                 break
         else:
             return RunResult("internal-error", "emulation failure: KVM's instruction emulator cannot run the "
-                             "instruction at RIP and it is not one we assist", self.regs_dict(), insn)
+                             "instruction at RIP and it is not one we assist", self.regs_dict(i), insn)
         # A guest stuck on an assisted instruction comes back to it with every
         # register unchanged.  The same RIP alone is no sign: the kernel's
         # fpu__drop runs its fwait once per exiting task, and with a virtio
@@ -777,24 +821,24 @@ class KvmVmBase:
             if st[AS_REPEAT] >= ASSIST_REPEAT_LIMIT:
                 return RunResult("internal-error", f"{name} assisted {int(st[AS_REPEAT])} times at the same "
                                  "RIP with the same registers and no other exit between: the guest is not making "
-                                 "progress", self.regs_dict(), insn)
+                                 "progress", self.regs_dict(i), insn)
         else:
             prev[:] = state
             st[AS_REPEAT] = 1
         st[AS_EXIT] = n
         regs.rip = regs.rip + length
-        self.set_regs(regs)
+        self.set_regs(regs, i)
         if action == "bp":
-            ev = self.get_events()
+            ev = self.get_events(i)
             if ev.exception.injected or ev.exception.pending:
                 return RunResult("internal-error", f"{name}: an exception is already pending, cannot inject #BP",
-                                 self.regs_dict(), insn)
+                                 self.regs_dict(i), insn)
             ev.exception.injected = 1
             ev.exception.nr = 3
             ev.exception.has_error_code = 0
             ev.exception.error_code = 0
             ev.flags = 0
-            self.set_events(ev)
+            self.set_events(ev, i)
         assists[name] = assists.get(name, 0) + 1
         return None
 

@@ -5,8 +5,9 @@ one ``frame;frame;... count`` line per distinct stack) and summed up as a
 table of the hottest functions.
 
 How a sample is taken: a POSIX timer (``timer_create`` with
-SIGEV_THREAD_ID) sends the KVM backend's kick signal to the vCPU thread
-``hz`` times a second.  The signal makes KVM_RUN return EINTR, the run loop
+SIGEV_THREAD_ID) sends the KVM backend's kick signal to each vCPU's thread
+``hz`` times a second (one timer per vCPU; with more than one vCPU every
+folded stack starts with the sampled CPU's frame, ``cpu0``, ``cpu1``...).  The signal makes KVM_RUN return EINTR, the run loop
 calls ``vcpu.KvmVm._on_signal()``, which calls :meth:`Profiler.sample`, and the
 loop re-enters the guest.  The sample reads RIP and CS (for the privilege
 level) from the kvm_run page, where KVM stores them at every exit while
@@ -123,43 +124,64 @@ RUN_SYNC_RIP = 304 + 128
 RUN_SYNC_CS_SELECTOR = 304 + 144 + 12
 RUN_SYNC_CR0 = 304 + 144 + 224
 
+class _VcpuSampler:
+    """One vCPU's side of a profile: its fd, timer and synced-register views."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+        self.regs = kvm_regs()
+        self.sregs = kvm_sregs()
+        self.run64 = self.run16 = None      # views of kvm_run while synced registers are on
+        self.timer = None
+        self.t0 = None
+
+
 class Profiler:
-    """RIP samples of one KVM vCPU.  ``attach(vm)``, then ``start()`` on the
-    thread that will call ``vm.run()``, ``stop()`` after it returns."""
+    """RIP samples of a KVM guest's vCPUs.  ``attach(vm)``, then ``start()``
+    on the thread that will call ``vm.run()`` (vCPU 0), ``stop()`` after it
+    returns; the VM arms and disarms the other vCPUs' timers on their own
+    threads (``start(vcpu=i)``/``stop(vcpu=i)``).  Each sample records its
+    vCPU (``cpus``); the folded stacks of a guest with more than one name
+    it as their first frame (``cpu1;[kernel];schedule``)."""
 
     def __init__(self, hz: int | None = None, sync_regs: bool = True):
         self.hz = default_sample_hz() if hz is None else hz
         if not 1 <= self.hz <= MAX_SAMPLE_HZ:
             raise ProfileError(f"profile rate {self.hz} Hz is outside 1..{MAX_SAMPLE_HZ}")
-        self._regs = kvm_regs()
-        self._sregs = kvm_sregs()
-        self._fd = -1
         self._vm = None
+        self._per: dict[int, _VcpuSampler] = {}
         self._want_sync = sync_regs
-        self._run64 = self._run16 = None      # views of kvm_run while synced registers are on
+        self._lock = threading.Lock()        # vCPU threads append samples at once
         self.rips: list[int] = []
         self.cpls: list[int] = []
+        self.cpus: list[int] = []        # the vCPU of each sample (empty: all vCPU 0, as a test may set)
         self.weights: list[int] = []     # 1 + the timer ticks that fell while the vCPU thread was off CPU
         self.failed = 0          # samples whose register read failed (the vCPU was being torn down)
         self.seconds = 0.0
-        self._timer = None
-        self._t0 = None
 
     def attach(self, vm) -> "Profiler":
         vm.profiler = self
         self._vm = vm
-        self._fd = vm.vcpu_fd
+        self._per = {v.index: _VcpuSampler(v.fd) for v in getattr(vm, "vcpus", [])} or {0: _VcpuSampler(vm.vcpu_fd)}
         return self
 
     @property
-    def synced(self) -> bool:
-        """True while samples come from kvm_run's synced registers."""
-        return self._run64 is not None
+    def running(self) -> bool:
+        """True between vCPU 0's ``start()`` and ``stop()``."""
+        p = self._per.get(0)
+        return p is not None and p.timer is not None
 
-    def start(self, tid: int | None = None) -> None:
-        """Arm the timer aimed at thread ``tid`` (default: the calling one,
-        which must be the one running the vCPU)."""
-        if self._fd < 0:
+    @property
+    def synced(self) -> bool:
+        """True while vCPU 0's samples come from kvm_run's synced registers."""
+        p = self._per.get(0)
+        return p is not None and p.run64 is not None
+
+    def start(self, tid: int | None = None, vcpu: int = 0) -> None:
+        """Arm vCPU ``vcpu``'s timer aimed at thread ``tid`` (default: the
+        calling one, which must be the one running that vCPU)."""
+        p = self._per.get(vcpu)
+        if p is None:
             raise ProfileError("attach the profiler to a VM before starting it")
         if signal.getsignal(KICK_SIGNAL) in (signal.SIG_DFL, signal.SIG_IGN, None):
             # With no handler the kick signal would kill the process.
@@ -167,52 +189,73 @@ class Profiler:
         tid = threading.get_native_id() if tid is None else tid
         wanted = KVM_SYNC_X86_REGS | KVM_SYNC_X86_SREGS
         if self._want_sync and self._vm.check_extension(KVM_CAP_SYNC_REGS) & wanted == wanted:
-            run = memoryview(self._vm.run_map)
-            self._run64, self._run16 = run.cast("Q"), run.cast("H")
+            vcpus = getattr(self._vm, "vcpus", None)
+            run = memoryview(vcpus[vcpu].run_map if vcpus else self._vm.run_map)
+            p.run64, p.run16 = run.cast("Q"), run.cast("H")
             run.release()
-            self._run64[RUN_VALID_REGS >> 3] = wanted
-        self._timer = ThreadTimer(tid, KICK_SIGNAL, self.hz)
-        self._t0 = time.monotonic()
+            p.run64[RUN_VALID_REGS >> 3] = wanted
+        p.timer = ThreadTimer(tid, KICK_SIGNAL, self.hz)
+        p.t0 = time.monotonic()
 
-    def stop(self) -> None:
-        if self._timer is not None:
-            self._timer.close()
-            self._timer = None
-            self.seconds += time.monotonic() - self._t0
-        if self._run64 is not None:
-            self._run64[RUN_VALID_REGS >> 3] = 0
+    def stop(self, vcpu: int = 0) -> None:
+        p = self._per.get(vcpu)
+        if p is None:
+            return
+        if p.timer is not None:
+            p.timer.close()
+            p.timer = None
+            if vcpu == 0:
+                self.seconds += time.monotonic() - p.t0
+        if p.run64 is not None:
+            p.run64[RUN_VALID_REGS >> 3] = 0
             # Released now: the VM cannot unmap kvm_run while a view is alive.
-            self._run64.release()
-            self._run16.release()
-            self._run64 = self._run16 = None
+            p.run64.release()
+            p.run16.release()
+            p.run64 = p.run16 = None
 
-    def sample(self) -> None:
-        """One sample, on the vCPU thread while it is out of KVM_RUN."""
-        r64 = self._run64
+    def sample(self, vcpu: int = 0) -> None:
+        """One sample of vCPU ``vcpu``, on its thread while it is out of
+        KVM_RUN.  Nothing is sampled for a vCPU whose timer is not armed
+        (a kick from the halt poll or stop())."""
+        p = self._per.get(vcpu)
+        if p is None or p.timer is None:
+            return
+        r64 = p.run64
         if r64 is not None:
-            rip, cs, cr0 = r64[RUN_SYNC_RIP >> 3], self._run16[RUN_SYNC_CS_SELECTOR >> 1], r64[RUN_SYNC_CR0 >> 3]
+            rip, cs, cr0 = r64[RUN_SYNC_RIP >> 3], p.run16[RUN_SYNC_CS_SELECTOR >> 1], r64[RUN_SYNC_CR0 >> 3]
         else:
             try:
-                fcntl.ioctl(self._fd, KVM_GET_REGS, self._regs)
-                fcntl.ioctl(self._fd, KVM_GET_SREGS, self._sregs)
+                fcntl.ioctl(p.fd, KVM_GET_REGS, p.regs)
+                fcntl.ioctl(p.fd, KVM_GET_SREGS, p.sregs)
             except OSError:
                 self.failed += 1
                 return
-            rip, cs, cr0 = self._regs.rip, self._sregs.cs.selector, self._sregs.cr0
-        # CPL is CS's RPL in protected and long mode; real mode runs at 0.
-        self.cpls.append(cs & 3 if cr0 & CR0_PE else 0)
-        self.rips.append(rip)
+            rip, cs, cr0 = p.regs.rip, p.sregs.cs.selector, p.sregs.cr0
         # A tick that found the previous one still pending (the host ran
         # something else on this CPU) sent no signal: the guest was still
         # here, so the sample stands for those ticks too and the profile
         # stays one of wall time.
-        self.weights.append(1 + (self._timer.overrun() if self._timer is not None else 0))
+        weight = 1 + p.timer.overrun()
+        with self._lock:
+            # CPL is CS's RPL in protected and long mode; real mode runs at 0.
+            self.cpls.append(cs & 3 if cr0 & CR0_PE else 0)
+            self.rips.append(rip)
+            self.cpus.append(vcpu)
+            self.weights.append(weight)
 
     def counts(self) -> collections.Counter:
         """(cpl, rip) -> samples, each weighted by the ticks it stands for."""
         out = collections.Counter()
         for key, w in zip(zip(self.cpls, self.rips), self.weights):
             out[key] += w
+        return out
+
+    def counts_by_cpu(self) -> dict[int, collections.Counter]:
+        """vCPU -> its ``counts()``."""
+        cpus = self.cpus if len(self.cpus) == len(self.rips) else [0] * len(self.rips)
+        out: dict[int, collections.Counter] = {}
+        for cpu, cpl, rip, w in zip(cpus, self.cpls, self.rips, self.weights):
+            out.setdefault(cpu, collections.Counter())[(cpl, rip)] += w
         return out
 
 
@@ -391,7 +434,15 @@ def report(profiler: Profiler, kernel: str, path: str | None, launcher_stats: di
         symbols = Symbols.from_elf(kernel)
     except (ProfileError, OSError) as exc:
         notes.append(f"  no kernel symbols: {exc}; kernel addresses are printed raw")
-    stacks = fold(profiler.counts(), symbols)
+    by_cpu = profiler.counts_by_cpu()
+    if len(by_cpu) > 1:
+        # More than one vCPU sampled: the CPU is each stack's first frame.
+        stacks = collections.Counter()
+        for cpu, counts in sorted(by_cpu.items()):
+            for stack, n in fold(counts, symbols).items():
+                stacks[f"cpu{cpu};{stack}"] += n
+    else:
+        stacks = fold(profiler.counts(), symbols)
     if path is not None:
         try:
             with open(path, "w") as f:
@@ -401,7 +452,7 @@ def report(profiler: Profiler, kernel: str, path: str | None, launcher_stats: di
             notes.append(f"  could not write {path}: {exc.strerror}")
             path = None
     total = sum(stacks.values())
-    user = stacks.get(USER_FRAME, 0)
+    user = leaf_totals(stacks).get(USER_FRAME, 0)
     taken = len(profiler.rips)
     head = (f"lguest-jit profile: {total} samples at {profiler.hz} Hz over {profiler.seconds:.2f} s"
             + (f" ({taken} taken, {total - taken} ticks the host delayed counted with them)" if taken != total else "")

@@ -185,12 +185,14 @@ def _gate(handler: int, selector: int = SEL_KCODE, dpl: int = 3) -> bytes:
 
 
 def setup_long_mode(vm, code: bytes, *, cpl: int = 3, handlers: dict | None = None,
-                    entry: int = CODE, regs: dict | None = None) -> None:
+                    entry: int = CODE, regs: dict | None = None, vcpu: int = 0) -> None:
     """Write page tables, GDT, TSS, IDT and ``code`` (at ``CODE``) into the
     VM's memory and set the vCPU to run it in 64-bit mode at ``cpl`` (3 or
     0) with IOPL=3 and interrupts off.  ``handlers`` maps interrupt vectors
     to CPL0 handler addresses (code the caller placed in guest memory).
-    ``regs`` sets initial general registers by name."""
+    ``regs`` sets initial general registers by name.  ``vcpu``: which
+    vCPU (another one straight into long mode, no INIT/SIPI: give it its
+    own ``entry`` and stack in ``regs``)."""
     gm = vm.gm
     if gm.size < 0x100000:
         raise ValueError("tiny guests need at least 1 MiB of guest RAM")
@@ -215,7 +217,7 @@ def setup_long_mode(vm, code: bytes, *, cpl: int = 3, handlers: dict | None = No
     gm.write(IDT, bytes(idt))
     gm.write(CODE, code)
 
-    s = vm.get_sregs()
+    s = vm.get_sregs(vcpu)
     user = cpl == 3
     s.cs = flat_segment(SEL_UCODE if user else SEL_KCODE, code=True, long_mode=True, dpl=cpl)
     data = flat_segment(SEL_UDATA if user else SEL_KDATA, code=False, dpl=cpl)
@@ -229,15 +231,15 @@ def setup_long_mode(vm, code: bytes, *, cpl: int = 3, handlers: dict | None = No
     s.cr4 = CR4_PAE
     s.cr0 = CR0_PE | CR0_ET | CR0_NE | CR0_PG
     s.efer = EFER_LME | EFER_LMA
-    vm.set_sregs(s)
-    vm.make_runnable()
+    vm.set_sregs(s, vcpu)
+    vm.make_runnable(vcpu)
     r = kvm_regs()
     r.rip = entry
     r.rsp = USTACK_TOP if user else KSTACK_TOP
     r.rflags = 0x2 | (3 << 12)      # IOPL=3: port I/O and cli/sti at CPL3
     for name, value in (regs or {}).items():
         setattr(r, name, value)
-    vm.set_regs(r)
+    vm.set_regs(r, vcpu)
 
 
 __all__ = ["Asm", "setup_long_mode", "CODE", "DATA", "RAX", "RCX", "RDX", "RBX", "RSP", "RBP", "RSI", "RDI",

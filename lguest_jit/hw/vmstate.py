@@ -17,7 +17,8 @@ import ctypes
 import os
 from dataclasses import dataclass
 
-from .fields import Blob, Int, Map, Record, blob, check
+from .fields import Blob, Int, List, Map, Record, blob, check
+from .firmware import MAX_CPUS
 from .kvm import IOC_READ, IOC_WRITE, KVM_GET_MSRS, KVM_SET_MSRS, KvmError, ioc, ioctl, ioctl_growing, u32
 
 VCPU, VM = "vcpu", "vm"
@@ -82,8 +83,10 @@ KVM_CLOCK_REALTIME = 1 << 2
 KVM_CLOCK_HOST_TSC = 1 << 3
 
 
-def _fd(vm, cls: StateClass) -> int:
-    return vm.vcpu_fd if cls.fd == VCPU else vm.vm_fd
+def _fd(vm, cls: StateClass, vcpu: int = 0) -> int:
+    if cls.fd != VCPU:
+        return vm.vm_fd
+    return vm.vcpus[vcpu].fd if vcpu else vm.vcpu_fd
 
 
 def _buffer(cls: StateClass, data: bytes | None = None):
@@ -97,18 +100,19 @@ def _buffer(cls: StateClass, data: bytes | None = None):
     return buf
 
 
-def get(vm, name: str) -> bytes:
-    """The raw state ``name`` (a ``CLASSES`` entry) of ``vm``."""
+def get(vm, name: str, vcpu: int = 0) -> bytes:
+    """The raw state ``name`` (a ``CLASSES`` entry) of ``vm`` (a vCPU
+    class: of vCPU ``vcpu``)."""
     cls = BY_NAME[name]
     buf = _buffer(cls)
-    ioctl(_fd(vm, cls), cls.get, buf, f"get {name}")
+    ioctl(_fd(vm, cls, vcpu), cls.get, buf, f"get {name}")
     return bytes(buf)
 
 
-def put(vm, name: str, data: bytes) -> None:
+def put(vm, name: str, data: bytes, vcpu: int = 0) -> None:
     """Write back raw state ``name`` as :func:`get` returned it."""
     cls = BY_NAME[name]
-    ioctl(_fd(vm, cls), cls.set, _buffer(cls, data), f"set {name}")
+    ioctl(_fd(vm, cls, vcpu), cls.set, _buffer(cls, data), f"set {name}")
 
 
 def available(vm, cls: StateClass) -> bool:
@@ -129,7 +133,7 @@ def msr_index_list(vm) -> list[int]:
     return [buf.indices[i] for i in range(buf.nmsrs)]
 
 
-def get_msrs(vm, indices) -> dict[int, int]:
+def get_msrs(vm, indices, vcpu: int = 0) -> dict[int, int]:
     """Every MSR of ``indices`` KVM will read, one ioctl per refusal: KVM
     stops at the first MSR it cannot read, so the rest are retried past it.
     The ones it refuses are left out (listed in ``msr_index_list`` but
@@ -137,19 +141,19 @@ def get_msrs(vm, indices) -> dict[int, int]:
     out = {}
     todo = [int(i) for i in indices]
     while todo:
-        done = vm.transfer_msrs(KVM_GET_MSRS, [(i, 0) for i in todo])
+        done = vm.transfer_msrs(KVM_GET_MSRS, [(i, 0) for i in todo], vcpu)
         out.update(done)
         todo = todo[len(done) + 1:]     # skip the refused one
     return out
 
 
-def set_msrs(vm, values: dict[int, int]) -> list[int]:
+def set_msrs(vm, values: dict[int, int], vcpu: int = 0) -> list[int]:
     """Write ``values``; returns the MSRs KVM refused (each retried past, as
     in get_msrs), so a caller decides whether a refusal matters."""
     refused = []
     todo = list(values.items())
     while todo:
-        done = vm.transfer_msrs(KVM_SET_MSRS, todo)
+        done = vm.transfer_msrs(KVM_SET_MSRS, todo, vcpu)
         if len(done) < len(todo):
             refused.append(todo[len(done)][0])
         todo = todo[len(done) + 1:]
@@ -161,19 +165,41 @@ def set_msrs(vm, values: dict[int, int]) -> list[int]:
 
 # What a snapshot holds: each class as its kernel structure (base64, exact
 # size; a class this host lacks is absent) and the MSRs by number.
+_MSRS = Map(Int(0, 2**32 - 1), Int(0, 2**64 - 1), 4096)
+# vCPUs 1.. carry only the per-vCPU classes (the VM-wide ones are vCPU 0's record's).
+_VCPU_CLASSES = [c for c in CLASSES if c.fd == VCPU]
 STATE = Record({"classes": Record({c.name: Blob(c.size) for c in CLASSES}, optional=[c.name for c in CLASSES]),
-                "msrs": Map(Int(0, 2**32 - 1), Int(0, 2**64 - 1), 4096)})
+                "msrs": _MSRS,
+                "vcpus": List(Record({"classes": Record({c.name: Blob(c.size) for c in _VCPU_CLASSES},
+                                                        optional=[c.name for c in _VCPU_CLASSES]),
+                                      "msrs": _MSRS}), MAX_CPUS - 1)},
+               optional=["vcpus"])
 
 
 def save(vm) -> dict:
     """Every available state class of ``vm`` plus its MSRs, as ``STATE``'s
-    fields.  Read the VM-wide clock last, the vCPU first: the clock then
-    covers the vCPU's TSC."""
+    fields, for the VM and vCPU 0; with more than one vCPU ``"vcpus"``: the
+    same two for each of vCPUs 1.. in order.  Every vCPU must be stopped
+    (out of KVM_RUN).  Read the VM-wide clock last, the vCPUs first: the
+    clock then covers their TSCs."""
+    if hasattr(vm, "complete_pending"):
+        vm.complete_pending()           # no vCPU saved in the middle of an instruction
+    msr_list = msr_index_list(vm)
+    n = len(getattr(vm, "vcpus", ())) or 1
+
+    def msrs(i):
+        return {str(k): v for k, v in get_msrs(vm, msr_list, i).items()}
+    others = [{"classes": {cls.name: blob(get(vm, cls.name, i)) for cls in CLASSES
+                           if cls.fd == VCPU and available(vm, cls)},
+               "msrs": msrs(i)} for i in range(1, n)]
     classes = {}
     for cls in CLASSES:
         if available(vm, cls):
             classes[cls.name] = blob(get(vm, cls.name))
-    return {"classes": classes, "msrs": {str(i): v for i, v in get_msrs(vm, msr_index_list(vm)).items()}}
+    out = {"classes": classes, "msrs": msrs(0)}
+    if others:
+        out["vcpus"] = others
+    return out
 
 
 # Restore order matters to KVM: sregs before regs (mode), the LAPIC before
@@ -185,24 +211,39 @@ RESTORE_ORDER = ("pic_master", "pic_slave", "ioapic", "pit2", "clock", "sregs", 
 
 
 def restore(vm, state: dict) -> list[int]:
-    """Write back what :func:`save` returned, in ``RESTORE_ORDER``, every
+    """Write back what :func:`save` returned, in ``RESTORE_ORDER`` (the VM
+    and vCPU 0, then each other vCPU's classes in the same order), every
     field checked first (``STATE``: FieldError); returns the MSRs KVM
-    refused; a class KVM refuses is a KvmError.  The clock's host-time fields are cleared: they
+    refused; a class KVM refuses is a KvmError, a state for another number
+    of vCPUs a ValueError.  The clock's host-time fields are cleared: they
     describe the saving host's moment, and KVM_SET_CLOCK with them set
     would try to advance the clock by the time the snapshot sat on disk."""
     state = check(STATE, state, "kvm")
+    others = state.get("vcpus") or []       # absent (None) for one vCPU
+    n = len(getattr(vm, "vcpus", ())) or 1
+    if len(others) != n - 1:
+        raise ValueError(f"the state is of {len(others) + 1} vCPUs, this machine has {n}")
+    refused = set(_restore_one(vm, state, 0, vm_classes=True))
+    for i, one in enumerate(others, 1):
+        refused |= set(_restore_one(vm, one, i, vm_classes=False))
+    return sorted(refused)
+
+
+def _restore_one(vm, state: dict, vcpu: int, vm_classes: bool) -> list[int]:
     refused = []
     classes = state["classes"]
     for name in RESTORE_ORDER:
         if name == "msrs":
-            refused = set_msrs(vm, state["msrs"])
+            refused = set_msrs(vm, state["msrs"], vcpu)
+            continue
+        if BY_NAME[name].fd != VCPU and not vm_classes:
             continue
         data = classes.get(name)
         if data is None:
             continue
         if name == "clock":
             data = _clock_without_host_time(data)
-        put(vm, name, data)
+        put(vm, name, data, vcpu)
     return refused
 
 

@@ -315,6 +315,7 @@ class Bus:
         self.page_slot = np.zeros(PAGE_SLOTS, dtype=np.int8)
         self.port_counts = np.zeros(0x10000, dtype=np.int64)
         self.mmio_counts = np.zeros((MAX_SLOTS + 1, M_REGS), dtype=np.int64)
+        self._more_counts: list = []    # (port, mmio) counter arrays of vCPUs 1.. (vcpu_tables)
         self.pend = np.zeros(PD_FIELDS, dtype=np.int64)    # bus.mmio's (a vCPU loop has its own)
         self._pio_fallback = self._mmio_fallback = None
         self.space = np.zeros((MAX_SLOTS, P_PLANES, PCI_CFG_SPACE_SIZE), dtype=np.uint8)
@@ -567,15 +568,29 @@ class Bus:
             return f"port {p:#x} (reset)"
         return f"port {p:#x}" + ("" if kind else " (unclaimed)")
 
+    def vcpu_tables(self) -> tuple:
+        """``tables`` for another vCPU's loop: every table shared except the
+        port and MMIO access counters, which are its own (plain increments
+        from two vCPUs at once would lose counts) and summed by
+        ``access_counts``."""
+        port_counts = np.zeros_like(self.port_counts)
+        mmio_counts = np.zeros_like(self.mmio_counts)
+        self._more_counts.append((port_counts, mmio_counts))
+        return self.tables[:-2] + (port_counts, mmio_counts)
+
     def access_counts(self) -> list:
         """[(register name, accesses)], non-zero only, most first: every port
         (by handler register) and BAR0 register (device, then region or
-        common-config field) the guest or a backend accessed."""
-        rows = [(self._port_name(int(p)), int(self.port_counts[p])) for p in np.flatnonzero(self.port_counts)]
-        for slot, reg in zip(*np.nonzero(self.mmio_counts)):
+        common-config field) the guest or a backend accessed, all vCPUs'."""
+        port_counts, mmio_counts = self.port_counts.copy(), self.mmio_counts.copy()
+        for p, m in self._more_counts:
+            port_counts += p
+            mmio_counts += m
+        rows = [(self._port_name(int(p)), int(port_counts[p])) for p in np.flatnonzero(port_counts)]
+        for slot, reg in zip(*np.nonzero(mmio_counts)):
             t = self.slots[slot] if slot < MAX_SLOTS else None
             name = f"{t.name} {M_NAMES[reg]}" if t is not None else "mmio (unclaimed)"
-            rows.append((name, int(self.mmio_counts[slot, reg])))
+            rows.append((name, int(mmio_counts[slot, reg])))
         return sorted(rows, key=lambda r: -r[1])
 
     def bar_at(self, addr: int, size: int = 1):
