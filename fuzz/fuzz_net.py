@@ -112,10 +112,14 @@ def _step(ring, kernel, pfds, tap_fd, stats, want: bytearray, refuse: int, saved
     return code
 
 
+def _publish(want: bytearray, index: int) -> None:
+    struct.pack_into("<H", want, USED + 2, index & 0xFFFF)
+
+
 def _used(want: bytearray, ring, index: int, head: int, length: int) -> None:
     elem = USED + 4 + 8 * (index % ring.size)
     struct.pack_into("<II", want, elem, head, length)
-    struct.pack_into("<H", want, USED + 2, (index + 1) & 0xFFFF)
+    _publish(want, index + 1)
 
 
 def transmit(ring, results, sent):
@@ -139,7 +143,9 @@ def transmit(ring, results, sent):
                 vring.E_SHORT_HEADER if readable < net.HDR_SIZE else 0
             index = int(ring.q[vring.Q_USED_IDX])
             dropped = int(stats[net.NS_TX_DROPPED])
-            if not refuse:
+            if refuse:
+                _publish(want, index)       # the kernel publishes before it returns
+            else:
                 _used(want, ring, index, head, 0)
             code = _step(ring, net._tx_serve, pfds, tap.fileno(), stats, want, refuse, saved)
             if refuse:
@@ -190,7 +196,9 @@ def receive(ring, results, frames):
             refuse = vring.E_CHAIN_READABLE if len(writable) != len(bufs) else \
                 vring.E_SHORT_HEADER if room < net.HDR_SIZE else 0
             index = int(ring.q[vring.Q_USED_IDX])
-            if not refuse:
+            if refuse:
+                _publish(want, index)
+            else:
                 frame = bytearray(pending.pop(0))
                 frame[10:12] = struct.pack("<H", 1)     # num_buffers (§5.1.6.4)
                 landed = bytes(frame[:room])
