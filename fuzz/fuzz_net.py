@@ -112,6 +112,18 @@ def _step(ring, kernel, pfds, tap_fd, stats, want: bytearray, refuse: int, saved
     return code
 
 
+def _put_at(mem: bytearray, bufs, offset: int, data: bytes) -> None:
+    """Write ``data`` at byte ``offset`` of the buffers taken in order."""
+    for a, ln, _w in bufs:
+        while offset < ln and data:
+            mem[a + offset] = data[0]
+            data = data[1:]
+            offset += 1
+        if not data:
+            return
+        offset -= ln
+
+
 def _publish(want: bytearray, index: int) -> None:
     struct.pack_into("<H", want, USED + 2, index & 0xFFFF)
 
@@ -199,10 +211,11 @@ def receive(ring, results, frames):
             if refuse:
                 _publish(want, index)
             else:
-                frame = bytearray(pending.pop(0))
-                frame[10:12] = struct.pack("<H", 1)     # num_buffers (§5.1.6.4)
-                landed = bytes(frame[:room])
+                landed = pending.pop(0)[:room]
                 apply_writes(want, writable, landed)
+                # Then num_buffers = 1 (§5.1.6.4), over whatever the frame put
+                # there (buffers that alias each other included).
+                _put_at(want, writable, net.HDR_NUM_BUFFERS, struct.pack("<H", 1))
                 _used(want, ring, index, head, len(landed))
             code = _step(ring, net._rx_serve, pfds, tap.fileno(), stats, want, refuse, saved)
             assert int(stats[net.NS_RX_SPURIOUS]) == 0 and int(stats[net.NS_RX_ERRNO]) == 0, stats
