@@ -35,7 +35,7 @@ from numba import njit
 
 from ..hw.libc import (EAGAIN, EINTR, POLLERR, POLLHUP, POLLIN, POLLNVAL, POLLOUT, fill_host_iov, host_iov, pollfds,
                        sys_poll, sys_readv, sys_writev)
-from ..vring import (CHAIN_READABLE, CHAIN_WRITABLE, Q_IN, Q_IN_BYTES, Q_OUT, Q_STOP, STOPPED, complete, finish,
+from ..vring import (CHAIN_READABLE, CHAIN_WRITABLE, Q_IN, Q_OUT, Q_STOP, STOPPED, complete, finish,
                      next_chain, notify_used, unpop)
 from ..hw.memory import put_le
 from .base import Device
@@ -216,10 +216,8 @@ def _rx_serve(mem, q, iov, notify_fd, isr, irq_fd, scratch, hiov, tap_fd, pfds, 
             stats[NS_RX_ERRNO] = -r
             code = -E_TAP
             break
-        # The tap truncates a frame longer than the buffers but returns the
-        # whole frame's length: the used length is what landed (§2.4.8.2:
-        # the device wrote at least that much), never more than the chain.
-        r = min(r, q[Q_IN_BYTES])
+        # The tap truncates a frame longer than the buffer; r is what landed
+        # (read clamps it to the iovec: scn_host_to_guest checks it).
         if r >= HDR_SIZE:
             _set_num_buffers(mem, iov, q[Q_IN])
         complete(mem, q, head, r, r)
