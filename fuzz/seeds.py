@@ -59,6 +59,15 @@ def blk_req(rtype, sector, data_len, payload=b"", readonly=0):
     return bytes([readonly, 5]) + ring(bufs) + hdr
 
 
+def net_rx(frames, bufs, **kw):
+    """A fuzz_net receive input: ``frames`` as (body length, num_buffers)
+    the fake tap delivers, then the ring."""
+    out = bytes([1, len(frames) - 1])
+    for k, (size, nbuf) in enumerate(frames):
+        out += struct.pack("<H", size) + bytes(10) + struct.pack("<H", nbuf) + bytes([k])
+    return out + ring(bufs, **kw)
+
+
 def msix_program() -> bytes:
     """fuzz_pci ops playing Linux's MSI-X set-up on the first device: enable
     with the function masked (conf1 dword at the capability, 0x98), program
@@ -132,6 +141,7 @@ def seeds():
         "readable": bytes([8]) + ring([(PAYLOAD, 100, 0, 0)]),
         "capped": bytes([1]) + ring([(PAYLOAD, 0x1000, WRITE, 0)]),
     }
+
     def vsock(*pkts):
         # count, then per packet: kind, op, payload length, payload, flags, fwd_cnt?, splits
         out = bytes([len(pkts) - 1])
@@ -147,6 +157,28 @@ def seeds():
         "shutdown_then_rw": vsock((2, 4, b""), (0, 0, b"late")),
         "bad_op": vsock((2, 8, b"")),
         "rst": vsock((3, 3, b""), (1, 0, b"gone")),
+    }
+    hdr = bytes(10) + struct.pack("<H", 0)          # virtio_net_hdr_v1: no offloads
+    s["net"] = {
+        "tx": bytes([0]) + ring([(PAYLOAD, 12, NEXT, 1), (PAYLOAD + 12, 60, 0, 0)]) + hdr + bytes(range(60)),
+        "tx_split_hdr": bytes([0]) + ring([(PAYLOAD, 5, NEXT, 1), (PAYLOAD + 5, 67, 0, 0)]) + hdr + b"f" * 60,
+        "tx_two": bytes([0]) + ring([(PAYLOAD, 74, 0, 0), (PAYLOAD + 0x100, 100, 0, 0)], n_avail=2,
+                                    heads=(0, 1)) + hdr + b"x" * 62,
+        "tx_indirect": bytes([0]) + ring([(DATA, 32, INDIRECT, 0)], extra=[(PAYLOAD, 12, NEXT, 1),
+                                                                           (PAYLOAD + 12, 200, 0, 0)]) + hdr,
+        "tx_writable": bytes([0]) + ring([(PAYLOAD, 12, NEXT, 1), (PAYLOAD + 12, 60, WRITE, 0)]),
+        "tx_short_hdr": bytes([0]) + ring([(PAYLOAD, 8, 0, 0)]),
+        "tx_oversize": bytes([0]) + ring([(PAYLOAD, 0x1FFF, NEXT, k + 1) for k in range(7)]
+                                         + [(PAYLOAD, 0x1FFF, 0, 0)]),
+        "rx": net_rx([(60, 0)], [(PAYLOAD, 1526, WRITE, 0)]),
+        "rx_split": net_rx([(300, 7)], [(PAYLOAD, 12, WRITE | NEXT, 1), (PAYLOAD + 0x100, 1514, WRITE, 0)]),
+        "rx_small_buf": net_rx([(1500, 1)], [(PAYLOAD, 100, WRITE, 0)]),
+        "rx_many": net_rx([(60, 0), (70, 0), (80, 0)], [(PAYLOAD + 0x200 * k, 200, WRITE, 0) for k in range(4)],
+                          n_avail=4, heads=(0, 1, 2, 3)),
+        "rx_readable": net_rx([(60, 0)], [(PAYLOAD, 12, NEXT, 1), (PAYLOAD + 12, 100, WRITE, 0)]),
+        "rx_no_hdr": net_rx([(60, 0)], [(PAYLOAD, 10, WRITE, 0)]),
+        "rx_no_frame": net_rx([(60, 0)], [(PAYLOAD, 200, WRITE, 0), (PAYLOAD + 0x200, 200, WRITE, 0)],
+                              n_avail=2, heads=(0, 1)),
     }
     s["console"] = {
         "tx": bytes([0]) + ring([(PAYLOAD, 12, NEXT, 1), (PAYLOAD + 40, 5, 0, 0)]) + b"hello, world" * 4,

@@ -3,7 +3,7 @@
 #
 #   scripts/fuzz.sh [--minutes N] [--jit] [TARGET...]
 #
-# Targets: vring packed blk rng console pci decode loader warm snapshot vsock (default: all), N minutes
+# Targets: vring packed blk rng net console pci decode loader warm snapshot vsock (default: all), N minutes
 # each (default 1).  Per target:
 #   1. fuzz, starting from the committed seeds (fuzz/corpus/<t>); the kernels
 #      run as plain Python (NUMBA_DISABLE_JIT=1) under atheris so their own
@@ -29,7 +29,7 @@ while [ $# -gt 0 ]; do
         *) targets+=("$1"); shift ;;
     esac
 done
-[ ${#targets[@]} -gt 0 ] || targets=(vring packed blk rng console pci decode loader warm snapshot vsock)
+[ ${#targets[@]} -gt 0 ] || targets=(vring packed blk rng net console pci decode loader warm snapshot vsock)
 work="${FUZZ_WORK:-${TMPDIR:-/tmp}/lguest-jit-fuzz}"
 mkdir -p "$work"
 seconds=$(python3 -c "print(max(1, int(float('$minutes') * 60)))")

@@ -31,6 +31,11 @@ HDR0 = bytes(net.HDR_SIZE)          # virtio_net_hdr_v1: no offload, num_buffers
 RX_BUF = 2048
 
 
+def delivered(frame: bytes) -> bytes:
+    """``frame`` as the guest finds it: num_buffers set to 1 (§5.1.6.4)."""
+    return frame[:10] + struct.pack("<H", 1) + frame[12:]
+
+
 # ---------------------------------------------------------------------------
 # Parsing and feature logic: no interface needed.
 
@@ -168,7 +173,7 @@ def test_rx_kernel_takes_a_chain_only_for_a_frame_and_interrupts_before_blocking
     frame = HDR0 + os.urandom(150)
     rig.peer.send(frame)
     head, length, data = rig.used()
-    assert head == heads[0] and length == len(frame) and b"".join(data)[:length] == frame
+    assert head == heads[0] and length == len(frame) and b"".join(data)[:length] == delivered(frame)
     # Nothing more to read: the thread signalled before going back to poll.
     assert rig.interrupted() and rig.isr[0] & 1
     assert rig.q[vring.Q_N_CHAINS] == 1
@@ -186,7 +191,7 @@ def test_rx_kernel_waits_for_buffers_then_delivers_in_order():
         rig.drv.add(in_=[net.HDR_SIZE, 1500], indirect=True)
     rig.kick()
     got = [rig.used() for _ in frames]
-    assert [b"".join(d)[:n] for _, n, d in got] == frames
+    assert [b"".join(d)[:n] for _, n, d in got] == [delivered(f) for f in frames]
     assert rig.q[vring.Q_N_BYTES] == sum(map(len, frames))
     assert rig.stop() == vring.STOPPED
 
@@ -204,13 +209,13 @@ def test_rx_kernel_reads_queued_frames_back_to_back_and_returns_the_spare_chain(
     rig.kick()
     got = [rig.used() for _ in frames]
     assert [h for h, _, _ in got] == heads[:3]
-    assert [b"".join(d)[:n] for _, n, d in got] == frames
+    assert [b"".join(d)[:n] for _, n, d in got] == [delivered(f) for f in frames]
     assert rig.interrupted()          # signalled before it went back to poll
     assert rig.q[vring.Q_N_CHAINS] == 3 and rig.stats[net.NS_RX_SPURIOUS] == 0
     late = HDR0 + os.urandom(90)
     rig.peer.send(late)
     head, length, data = rig.used()
-    assert head == heads[3] and b"".join(data)[:length] == late
+    assert head == heads[3] and b"".join(data)[:length] == delivered(late)
     assert rig.stop() == vring.STOPPED
 
 
@@ -229,7 +234,7 @@ def test_rx_kernel_keeps_its_chain_on_spurious_readiness():
     frame = HDR0 + os.urandom(100)
     rig.peer.send(frame)
     head, length, data = rig.used()
-    assert head == first and data[0][:length] == frame
+    assert head == first and data[0][:length] == delivered(frame)
     assert rig.stop() == vring.STOPPED
     os.close(always)
 
@@ -538,7 +543,7 @@ def scn_arp_and_ping():
     # Guest -> host: ARP who-has 10.0.2.2; the host's kernel answers.
     _send(drv, arp_request(GUEST_MAC, GUEST_IP, HOST_IP))
     hdr, reply = _recv(drv, lambda f: f[12:14] == b"\x08\x06")
-    assert hdr == HDR0
+    assert hdr == delivered(HDR0)
     assert reply[0:6] == GUEST_MAC and reply[6:12] == tap["mac"]
     htype, ptype, hlen, plen, op = struct.unpack("!HHBBH", reply[14:22])
     assert (htype, ptype, hlen, plen, op) == (1, 0x0800, 6, 4, 2)
@@ -583,6 +588,7 @@ def scn_host_to_guest():
     hdr, frame = udp_to_guest(payload, True)
     flags, gso, hdr_len, gso_size, csum_start, csum_offset, nbuf = struct.unpack("<BBHHHHH", hdr)
     assert flags == net.VIRTIO_NET_HDR_F_NEEDS_CSUM and gso == 0
+    assert nbuf == 1            # the tap skips num_buffers; the device sets it (§5.1.6.4)
     assert (csum_start, csum_offset) == (14 + 20, 6)
     assert frame[0:6] == GUEST_MAC and frame[30:34] == ip4(GUEST_IP) and frame[26:30] == ip4(HOST_IP)
     assert struct.unpack("!HHH", frame[34:40]) == (4321, 9999, 8 + len(payload)) and frame[42:] == payload
@@ -597,7 +603,7 @@ def scn_host_to_guest():
     _post_rx(drv, 4)
     payload = os.urandom(700)
     hdr, frame = udp_to_guest(payload, False)
-    assert hdr == HDR0 and frame[42:] == payload
+    assert hdr == delivered(HDR0) and frame[42:] == payload
     pseudo = frame[26:34] + struct.pack("!BBH", 0, 17, 8 + len(payload))
     assert inet_csum(pseudo + frame[34:]) == 0
 

@@ -35,8 +35,8 @@ from numba import njit
 
 from ..hw.libc import (EAGAIN, EINTR, POLLERR, POLLHUP, POLLIN, POLLNVAL, POLLOUT, fill_host_iov, host_iov, pollfds,
                        sys_poll, sys_readv, sys_writev)
-from ..vring import (CHAIN_READABLE, CHAIN_WRITABLE, Q_IN, Q_OUT, Q_STOP, STOPPED, complete, finish, next_chain,
-                     notify_used, unpop)
+from ..vring import (CHAIN_READABLE, CHAIN_WRITABLE, Q_IN, Q_OUT, Q_STOP, STOPPED, complete, finish,
+                     next_chain, notify_used, unpop)
 from ..hw.memory import put_le
 from .base import Device
 from .tunspec import BRIDGE_PREFIX, TunSpec, format_mac, parse_mac, parse_tunnet  # noqa: F401
@@ -60,6 +60,7 @@ VIRTIO_NET_F_STATUS = 16
 # virtio_net_hdr_v1 (§5.1.6): with VERSION_1 the header always carries
 # num_buffers, so it is 12 bytes whether or not MRG_RXBUF is negotiated.
 HDR_SIZE = 12
+HDR_NUM_BUFFERS = 10      # offset of num_buffers (le16) in the header
 VIRTIO_NET_HDR_F_NEEDS_CSUM = 1
 
 # Config layout (§5.1.4).  status is only meaningful with VIRTIO_NET_F_STATUS,
@@ -142,6 +143,32 @@ def _poll(pfds, timeout):
             return 0
 
 
+@njit(nogil=True, cache=True, inline='always')
+def _set_num_buffers(mem, iov, count):
+    """Write num_buffers = 1 (little-endian) at header offset 10 of the
+    chain's writable buffers, wherever the header is split.  The tap skips
+    those two bytes (it writes a 10-byte virtio_net_hdr), and §5.1.6.4 says
+    the device MUST set num_buffers to 1 when MRG_RXBUF is not negotiated:
+    the buffer would otherwise keep whatever the guest left there."""
+    skip = HDR_NUM_BUFFERS
+    value = 1
+    left = 2
+    for k in range(count):
+        a = np.int64(iov[k, 0])
+        n = np.int64(iov[k, 1])
+        if skip >= n:
+            skip -= n
+            continue
+        while skip < n and left > 0:
+            mem[a + skip] = value & 0xFF
+            value >>= 8
+            skip += 1
+            left -= 1
+        if left == 0:
+            return
+        skip = 0
+
+
 @njit(nogil=True, cache=True)
 def _rx_serve(mem, q, iov, notify_fd, isr, irq_fd, scratch, hiov, tap_fd, pfds, stats):
     """The receive queue's thread (lguest's net_input, looped)."""
@@ -189,7 +216,10 @@ def _rx_serve(mem, q, iov, notify_fd, isr, irq_fd, scratch, hiov, tap_fd, pfds, 
             stats[NS_RX_ERRNO] = -r
             code = -E_TAP
             break
-        # The tap truncates a frame longer than the buffer; r is what landed.
+        # The tap truncates a frame longer than the buffer; r is what landed
+        # (read clamps it to the iovec: scn_host_to_guest checks it).
+        if r >= HDR_SIZE:
+            _set_num_buffers(mem, iov, q[Q_IN])
         complete(mem, q, head, r, r)
         head = -1
         hot = True
