@@ -228,7 +228,7 @@ def test_default_guest_on_two_vcpus_and_its_snapshot(tmp_path):
     assert sum(v["exits"]["total"] for v in vcpus) == stats["exits"]["total"], (vcpus, stats["exits"])
     from lguest_jit import snapshot
     saved = snapshot.read(str(snap))
-    assert saved["machine"]["cpus"] == 2 and len(saved["kvm"]["vcpus"]) == 1, saved["machine"]
+    assert saved["machine"].cpus == 2 and len(saved["kvm"]["vcpus"]) == 1, saved["machine"]
 
     # The snapshot was taken at /init, before the selftest wrote the disk:
     # the disk as it was then, and --force for its new mtime.
