@@ -83,8 +83,8 @@ def one_input(data: bytes) -> str:
                                       hiov, conns, bufs, st, strays, ev)
             rule = int(rule)
             assert rule == 0 or rule in vs.ERRORS, rule
-            named = [c for c, (gp, hp) in enumerate(PORTS)
-                     if struct.unpack_from("<I", hdr, 16)[0] == gp and struct.unpack_from("<I", hdr, 20)[0] == hp]
+            named = [c for c, (gp, hp) in enumerate(PORTS) if before[c, vs.C_STATE] != vs.FREE
+                     and struct.unpack_from("<I", hdr, 16)[0] == gp and struct.unpack_from("<I", hdr, 20)[0] == hp]
             for c in range(vs.MAX_CONNS):
                 s = int(conns[c, vs.C_STATE])
                 assert s in (vs.FREE, vs.CONNECTING, vs.ESTABLISHED, vs.CLOSING, vs.RESETTING), s

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Coverage-guided fuzzing of the launcher (fuzz/fuzz_<target>.py, atheris).
 #
-#   scripts/fuzz.sh [--minutes N] [--jit] [TARGET...]
+#   scripts/fuzz.sh [--minutes N] [--jit] [--seed S] [TARGET...]
 #
 # Targets: vring packed blk rng net console pci decode loader warm snapshot vsock (default: all), N minutes
 # each (default 1).  Per target:
@@ -13,19 +13,24 @@
 #   2. replay every corpus input under NUMBA_DISABLE_JIT=1 and under Numba in
 #      separate processes and compare their digests (the compiled kernels
 #      must do what the Python ones do).
+# --seed S fixes libFuzzer's random seed (CI's smoke uses one, so a run there
+# repeats the same mutations; campaigns leave it random to explore more).
 # Figures per target go to $FUZZ_WORK/<t>.summary; a crash or a replay
 # difference fails the script (the input is kept in $FUZZ_WORK/crash-<t>-*).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 minutes=1
 jit=0
+seed=()
 targets=()
 while [ $# -gt 0 ]; do
     case "$1" in
         --minutes) minutes="$2"; shift 2 ;;
         --minutes=*) minutes="${1#*=}"; shift ;;
         --jit) jit=1; shift ;;
-        -h|--help) sed -n 2,18p "$0"; exit 0 ;;
+        --seed) seed=(-seed="$2"); shift 2 ;;
+        --seed=*) seed=(-seed="${1#*=}"); shift ;;
+        -h|--help) sed -n 2,20p "$0"; exit 0 ;;
         *) targets+=("$1"); shift ;;
     esac
 done
@@ -41,7 +46,7 @@ for t in "${targets[@]}"; do
     mode=pure; [ $jit = 1 ] && mode=jit
     if [ $jit = 1 ]; then env_jit=0; else env_jit=1; fi
     NUMBA_DISABLE_JIT=$env_jit python3 -m fuzz.run "$t" -max_total_time="$seconds" -timeout=60 \
-        -rss_limit_mb=4096 -print_final_stats=1 -artifact_prefix="$work/crash-$t-" \
+        -rss_limit_mb=4096 -print_final_stats=1 "${seed[@]}" -artifact_prefix="$work/crash-$t-" \
         "$work/corpus/$t" "fuzz/corpus/$t" >"$log" 2>&1
     rc=$?
     NUMBA_DISABLE_JIT=1 python3 -m "fuzz.fuzz_$t" --replay "$work/corpus/$t" "fuzz/corpus/$t" \

@@ -315,3 +315,36 @@ def test_restore_sends_the_transport_reset_event(rig, tmp_path):
     dev.load_state({})
     assert guest.event() == vs.EVENT_TRANSPORT_RESET
     assert dev.counters()["event"]["transport_resets"] == 1
+
+
+def test_a_request_while_the_old_connections_rst_is_owed_gets_that_rst_not_a_second_row():
+    # Found by fuzz_vsock: a REQUEST reusing the address pair of a row still
+    # in RESETTING made a new row with the same ports, so the owed RST could
+    # reach the new connection.  Now the owed RST answers the REQUEST.
+    import struct
+
+    import numpy as np
+
+    from lguest_jit.hw.libc import host_iov
+    conns = np.zeros((vs.MAX_CONNS, vs.C_FIELDS), np.int64)
+    conns[:, vs.C_FD] = -1
+    conns[0, vs.C_STATE] = vs.RESETTING
+    conns[0, vs.C_GPORT], conns[0, vs.C_HPORT] = 1000, 80
+    st = np.zeros(vs.S_FIELDS, np.int64)
+    st[vs.S_CID] = CID
+    strays = np.zeros((vs.MAX_STRAYS, 2), np.int64)
+    ev = np.zeros(5, np.int64)
+    hdr = np.frombuffer(struct.pack("<QQIIIHHIII", CID, 2, 1000, 80, 0, vs.TYPE_STREAM, vs.OP_REQUEST, 0,
+                                    65536, 0), np.uint8).copy()
+    mem = np.zeros(4096, np.uint8)
+    iov = np.zeros((1, 3), np.uint64)
+    iov[0] = (0, 44, 0)
+    rule, poke = vs.tx_packet(mem, iov, 1, 0, hdr, host_iov(1), conns, np.zeros((vs.MAX_CONNS, 16), np.uint8),
+                              st, strays, ev)
+    assert (int(rule), int(poke), int(ev[0])) == (0, 1, vs.EV_NONE)
+    assert conns[0, vs.C_STATE] == vs.RESETTING and (conns[1:, vs.C_STATE] == vs.FREE).all()
+    # Once the RST is sent and the row freed, the same pair connects normally.
+    conns[0, vs.C_STATE] = vs.FREE
+    rule, poke = vs.tx_packet(mem, iov, 1, 0, hdr, host_iov(1), conns, np.zeros((vs.MAX_CONNS, 16), np.uint8),
+                              st, strays, ev)
+    assert (int(rule), int(ev[0]), int(ev[1]), int(ev[2])) == (0, vs.EV_REQUEST, 1000, 80)

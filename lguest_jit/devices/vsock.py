@@ -162,10 +162,14 @@ def _header(hdr, cid, hport, gport, length, op, flags, fwd_cnt):
 
 
 @njit(nogil=True, cache=True)
-def _find(conns, gport, hport):
+def _find(conns, gport, hport, resetting=False):
+    """The row for (guest port, host port): live rows only, or also rows
+    whose RST is still owed when ``resetting``."""
     for c in range(conns.shape[0]):
         s = conns[c, C_STATE]
-        if s != FREE and s != RESETTING and conns[c, C_GPORT] == gport and conns[c, C_HPORT] == hport:
+        if s == FREE or (s == RESETTING and not resetting):
+            continue
+        if conns[c, C_GPORT] == gport and conns[c, C_HPORT] == hport:
             return c
     return -1
 
@@ -275,6 +279,11 @@ def tx_packet(mem, iov, nout, avail, hdr, hiov, conns, bufs, st, strays, ev):
         if c >= 0:
             reset_conn(conns, c)
             return E_VSOCK_STATE, 1
+        if _find(conns, gport, hport, True) >= 0:
+            # The old connection's RST is still owed: a second row with the
+            # same address pair would let that RST reach the new connection.
+            # The owed RST answers this REQUEST too: the connect fails (§5.10.6.5).
+            return 0, 1
         ev[0] = EV_REQUEST
         ev[1] = gport
         ev[2] = hport
