@@ -72,7 +72,7 @@ import time
 from docopt import DocoptExit, docopt
 
 from . import __version__
-from .devices.knobs import KNOBS, parse_knobs, parse_whole
+from .devices.knobs import KNOBS, parse_knobs, parse_whole, with_queue_counts
 from .hw.hosts import LGUEST_DEVICE, default_sample_hz, kvm_max_vcpus, lguest_available, max_sample_hz, usable_cpus
 from .machine import (DEVICE_OPTIONS, MAX_MEM_MB, MMIO_WINDOW_MB, Machine, MachineError, check_mem_mb, descs, device_descs,
                       readable_file)
@@ -342,10 +342,13 @@ def _machine_from_args(args) -> Machine:
         knobs = parse_knobs({name: args[f"--{name}"] for name in KNOBS})
     except ValueError as exc:
         raise UsageError(str(exc)) from None
+    cpus = _cpus_arg(args["--cpus"])
+    # Queue counts left unset follow the vCPUs; the machine (and so a
+    # snapshot) records the number the devices were built with.
     return Machine(mem_bytes=mem_mb << 20, kernel=os.path.abspath(kernel),
                    initrd=os.path.abspath(initrd) if initrd else None, cmdline=" ".join(args["<args>"]),
-                   strict=bool(args["--strict"]), knobs=knobs, devices=device_descs(args),
-                   cpus=_cpus_arg(args["--cpus"]))
+                   strict=bool(args["--strict"]), knobs=with_queue_counts(knobs, cpus), devices=device_descs(args),
+                   cpus=cpus)
 
 
 class RunConfig:
@@ -609,7 +612,7 @@ class Launcher:
         self.bus = pci.Bus(self.gm, strict=m.strict, notify_mode="single" if cfg.hypervisor == "lguest" else "per-queue",
                            fatal=self.fatal, log=self.log if cfg.verbose else None, msix=cfg.hypervisor == "kvm")
         out_fd = self._console_watch() if cfg.snapshot_on is not None else 1
-        env = DeviceEnv(on_fatal=self.fatal, console_fd=out_fd, on_interrupt=self._interrupted)
+        env = DeviceEnv(on_fatal=self.fatal, console_fd=out_fd, on_interrupt=self._interrupted, knobs=m.knobs)
         for desc in m.devices:
             try:
                 d = device_class(desc.kind).from_options(desc.options, env)

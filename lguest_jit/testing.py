@@ -646,10 +646,13 @@ class VirtioPciDriver:
                 return fd
         return None
 
-    def init(self, accept=lambda offered: offered, queue_sizes=None, msix: bool = False) -> int:
+    def init(self, accept=lambda offered: offered, queue_sizes=None, msix: bool = False, enable=None) -> int:
         """Reset, ACKNOWLEDGE, DRIVER, features, FEATURES_OK (and re-read),
         (MSI-X), queues, DRIVER_OK.  ``accept(offered) -> wanted`` picks
-        features.  Returns the negotiated features."""
+        features; ``enable``: the queue indices to set up (default all; the
+        others stay disabled and ``queues[i]`` is None, as when Linux uses
+        fewer queues than the device offers).  Returns the negotiated
+        features."""
         pci = self.pci
         self.reset()
         self.set_status(pci.ACKNOWLEDGE)
@@ -673,6 +676,9 @@ class VirtioPciDriver:
             if self.common_read(0x10, 2) != 0:
                 raise RuntimeError("the device refused the configuration vector")
         for i in range(nq):
+            if enable is not None and i not in enable:
+                self.queues.append(None)
+                continue
             self.common_write(0x16, 2, i)
             size = self.common_read(0x18, 2)
             if queue_sizes and i < len(queue_sizes) and queue_sizes[i]:

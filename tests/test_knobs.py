@@ -20,7 +20,8 @@ def test_the_limit_is_vrings_and_the_defaults_are_the_devices():
     # Nothing set: every device keeps what its class declares.
     assert parse_knobs({}) == Knobs() and Knobs().queue_size is None and Knobs().blk_poll_us is None
     assert Block.queue_max_sizes == (blk.QUEUE_SIZE,) and Rng.queue_max_sizes == (64,)
-    assert set(KNOBS) == {"queue-size", "blk-poll-us", "event-idx", "indirect", "seg-max", "packed", "erms"}
+    assert set(KNOBS) == {"queue-size", "blk-poll-us", "event-idx", "indirect", "seg-max", "packed", "erms",
+                          "blk-queues", "net-queues"}
 
 
 def test_the_help_is_the_knob_tables():

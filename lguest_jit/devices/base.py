@@ -52,6 +52,10 @@ class DeviceEnv:
     on_fatal: Callable[[str], None] = _default_fatal
     console_fd: int = 1
     on_interrupt: Callable[[], None] | None = None
+    # The machine's knobs (``knobs.Knobs``): a device whose shape they set
+    # (its queue count) reads them in ``from_options``; the rest come
+    # through ``apply_knobs``.
+    knobs: object = None
 
 
 class Device(VirtioDevice):

@@ -1,6 +1,7 @@
 """Device tuning knobs: the command-line options that change what devices
 offer (``--queue-size``, ``--blk-poll-us``, ``--event-idx``, ``--indirect``,
-``--seg-max``, ``--packed``, and ``--erms``, which is the vCPU's) and the values ``bench sweep --param`` walks through.
+``--seg-max``, ``--packed``, the queue counts ``--blk-queues`` and
+``--net-queues``, and ``--erms``, which is the vCPU's) and the values ``bench sweep --param`` walks through.
 
 Standard library only: the CLI checks every knob before it loads Numba.
 Devices take a :class:`Knobs` through ``Device.apply_knobs`` before they are
@@ -21,6 +22,10 @@ import re
 MIN_QUEUE_SIZE = 4            # a block request needs a header, data and status
 QUEUE_SIZE_LIMIT = 32768      # §2.4: vring.MAX_QUEUE_SIZE (vring brings Numba; a test checks they agree)
 MAX_POLL_US = 100_000.0
+# Request queues of a block device, queue pairs of a network device: each
+# queue is a thread and an MSI-X vector (a network device has 2 per pair
+# plus its control queue, all within pci.transport's 128 vectors).
+MAX_DEVICE_QUEUES = 32
 # The environment variable through which `bench sweep` hands a benchmark
 # (and its pure-Python subprocess) the knob value being measured.
 BENCH_ENV = "LGUEST_JIT_BENCH_KNOBS"
@@ -35,6 +40,11 @@ class Knobs:
     indirect: bool = True                  # offer VIRTIO_RING_F_INDIRECT_DESC
     seg_max: int | None = None             # block: data segments per request
     packed: bool = False                   # offer VIRTIO_F_RING_PACKED (virtio 1.1 §2.7)
+    # Block request queues (VIRTIO_BLK_F_MQ) and network queue pairs
+    # (VIRTIO_NET_F_MQ); 1 is the single-queue device.  None: the device's
+    # own (1); a machine description resolves it to its vCPU count.
+    blk_queues: int | None = None
+    net_queues: int | None = None
     # Not a device's: whether the guest is offered ERMS/FSRM (fast `rep
     # movsb`), auto = hidden on software-KVM hosts only (hw/cpuid.py).
     erms: str = "auto"
@@ -107,6 +117,15 @@ def _seg_max(text: str) -> int:
     return n
 
 
+def _queues(name: str):
+    def parse(text: str) -> int:
+        n = _int(text, name)
+        if not 1 <= n <= MAX_DEVICE_QUEUES:
+            raise ValueError(f"--{name}={text}: must be from 1 to {MAX_DEVICE_QUEUES}")
+        return n
+    return parse
+
+
 def _erms(text: str) -> str:
     if text not in ERMS_CHOICES:
         raise ValueError(f"--erms={text}: must be auto, on or off")
@@ -132,6 +151,10 @@ KNOBS = {
                 "block queue size - 2)."),
     "packed": ("packed", _on_off("packed"), "ON|OFF", "Offer packed virtqueues (VIRTIO_F_RING_PACKED), on or "
                "off (default: off)."),
+    "blk-queues": ("blk_queues", _queues("blk-queues"), "N", "Block: request queues each device offers "
+                   "(VIRTIO_BLK_F_MQ), 1 for a single queue (default: one per vCPU)."),
+    "net-queues": ("net_queues", _queues("net-queues"), "N", "Network: queue pairs each device offers "
+                   "(VIRTIO_NET_F_MQ, one tap queue each), 1 for a single pair (default: one per vCPU)."),
     "erms": ("erms", _erms, "AUTO|ON|OFF", "Offer the guest fast string copies (CPUID ERMS/FSRM): auto hides "
              "them on software-KVM hosts only (default: auto)."),
 }
@@ -169,8 +192,17 @@ def knobs_schema():
     from ..hw.fields import Bool, Float, Int, Record, Str
     return Record({"queue_size": Int(MIN_QUEUE_SIZE, QUEUE_SIZE_LIMIT, pow2=True), "blk_poll_us": Float(0, MAX_POLL_US),
                    "event_idx": Bool(), "indirect": Bool(), "seg_max": Int(1, QUEUE_SIZE_LIMIT - 2),
-                   "packed": Bool(), "erms": Str(8, choices=ERMS_CHOICES)},
-                  optional=("queue_size", "blk_poll_us", "seg_max"))
+                   "packed": Bool(), "erms": Str(8, choices=ERMS_CHOICES),
+                   "blk_queues": Int(1, MAX_DEVICE_QUEUES), "net_queues": Int(1, MAX_DEVICE_QUEUES)},
+                  optional=("queue_size", "blk_poll_us", "seg_max", "blk_queues", "net_queues"))
+
+
+def with_queue_counts(knobs: Knobs, cpus: int) -> Knobs:
+    """The knobs a machine with ``cpus`` vCPUs runs with: a queue count
+    left unset becomes one queue (pair) per vCPU, as Linux's drivers use
+    one per CPU (capped at the knob's bound)."""
+    n = min(cpus, MAX_DEVICE_QUEUES)
+    return dataclasses.replace(knobs, blk_queues=knobs.blk_queues or n, net_queues=knobs.net_queues or n)
 
 
 def parse_sweep(spec: str) -> tuple[str, list[str]]:
