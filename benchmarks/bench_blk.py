@@ -8,6 +8,18 @@ re-posting each one as it completes, kicks only when the device asked for
 notifications, and sleeps on the interrupt like Linux's virtio-blk.  The reference is what
 the device's work physically is: a loop of ``os.preadv`` calls reading the
 same sizes from the same (page-cached) file.
+
+Multiqueue cases (``mqN_...``): a device with N request queues
+(VIRTIO_BLK_F_MQ) driven by N driver threads, one per queue, each with its
+own notification eventfd and MSI-X vector (the interrupt-driven driver,
+``depth`` requests in flight per queue), next to N threads of the
+reference, each a compiled nogil ``preadv`` loop (so the threads share no
+GIL) over its own slots.  ``mq_scaling_*`` is the 2-queue rate over the
+1-queue rate, for the device and for the reference alike; its
+``numba_vs_preadv_loop`` ratio is the device's scaling over the
+reference's.  Under ``bench sweep --param=blk-queues=...`` every device
+offers that many queues (the single-queue cases use the first, as a
+one-CPU guest would).
 """
 from __future__ import annotations
 
@@ -16,6 +28,7 @@ import functools
 import os
 import struct
 import tempfile
+import threading
 
 import numpy as np
 from numba import njit
@@ -23,7 +36,7 @@ from numba import njit
 from lguest_jit import pci, vring
 from lguest_jit.devices import Block
 from lguest_jit.devices import block as blk
-from lguest_jit.hw.libc import sys_read, sys_write
+from lguest_jit.hw.libc import host_iov, sys_preadv, sys_read, sys_write
 from lguest_jit.hw.memory import (GuestMemory, cpu_relax, fence, ld_u16, ld_u16_acquire, st_u16, st_u16_release, st_u32,
                                   st_u64)
 from lguest_jit.testing import VirtioPciDriver
@@ -39,6 +52,12 @@ DRIVERS = ("irq", "poll")      # interrupt-driven driver, polling driver
 DRIVER_MAX_QUEUE = 1024
 
 
+# Multiqueue cases: (request bytes, queues), each queue with MQ_DEPTH requests in flight.
+MQ_CASES = [(4096, 1), (4096, 2), (1 << 20, 1), (1 << 20, 2)]
+MQ_DEPTH = 16
+MQ_QUEUE = 32                  # entries the multiqueue driver uses of each queue
+
+
 # Pure Python with --quick measures the interrupt-driven driver only: a
 # polling driver spinning in Python holds the GIL its device thread needs, so
 # each completion waits out a thread switch interval (5 ms) and those cases
@@ -46,6 +65,8 @@ DRIVER_MAX_QUEUE = 1024
 PYTHON_QUICK_DRIVERS = ("irq",)
 PYTHON_QUICK_NOTE = ("--quick: pure Python measured the interrupt-driven driver only (a polling driver in Python "
                      "holds the GIL its device thread needs); ratios only for cases measured on both sides")
+PYTHON_MQ_NOTE = ("pure Python does not measure the multiqueue cases (N driver and N device threads in Python take "
+                  "turns on one GIL: they would measure the GIL); ratios only for cases measured on both sides")
 
 
 def _cases(drivers=DRIVERS) -> list:
@@ -316,6 +337,139 @@ def _preadv_rate(path, req_bytes, depth, min_time):
         gm.close()
 
 
+def _size_name(req_bytes: int) -> str:
+    return "4KiB" if req_bytes == 4096 else "1MiB"
+
+
+def _mq_cases() -> list:
+    """(name, request bytes, (request bytes, queues)) of the multiqueue cases."""
+    return [(f"mq{n}_{_size_name(b)}_depth{MQ_DEPTH}", b, (b, n)) for b, n in MQ_CASES]
+
+
+def parallel(runs):
+    """``run(n)``: ``n`` operations split evenly over ``runs`` (one
+    ``run_k(share)`` per thread, the first on the caller's), all started
+    together and joined: ``rate()`` of it is the threads' total rate."""
+    def run(n):
+        shares = [n // len(runs) + (1 if k < n % len(runs) else 0) for k in range(len(runs))]
+        errors = []
+
+        def body(k):
+            try:
+                if shares[k]:
+                    runs[k](shares[k])
+            except BaseException as exc:      # noqa: BLE001 - re-raised on the caller's thread
+                errors.append(exc)
+        threads = [threading.Thread(target=body, args=(k,)) for k in range(1, len(runs))]
+        for t in threads:
+            t.start()
+        body(0)
+        for t in threads:
+            t.join()
+        if errors:
+            raise errors[0]
+    return run
+
+
+def msix_driver(gm, drv, qi, feats, heads, depth):
+    """``run(n)``: ``_drive`` ``n`` requests through queue ``qi`` of a
+    driver that took MSI-X (``drv.init(msix=True)``): the queue's own
+    notification eventfd and its vector's eventfd, so N such drivers on N
+    threads never take each other's interrupts."""
+    q = drv.queues[qi]
+    notify = next(t.notify_fds[qi] for t in drv.bus.devices if t.slot == drv.slot)
+    irq = drv.vector_fd(1 + qi)
+    rings = np.array([q.desc, q.avail, q.used], dtype=np.int64)
+    event_idx = bool(feats >> vring.VIRTIO_RING_F_EVENT_IDX & 1)
+    scratch = np.zeros(1, np.uint64)
+
+    def run(n):
+        if _drive(gm.mem, rings, q.size, heads, depth, n, notify, irq, event_idx, scratch, False) != n:
+            raise RuntimeError(f"queue {qi}: device stopped answering")
+        q.avail_shadow = ld_u16(gm.mem, q.avail + 2)
+        q.last_used = ld_u16(gm.mem, q.used + 2)
+    return run
+
+
+def _mq_device_rate(path, req_bytes, queues, min_time):
+    knobs = device_knobs()
+    dev = Block(path, queues=max(queues, knobs.blk_queues or 1))
+    dev.apply_knobs(knobs)
+    qsize = min(dev.queue_max_sizes[0], MQ_QUEUE)
+    slot = req_bytes + 8192
+    span = qsize * slot + 16 * qsize * qsize + (1 << 20)
+    gm = GuestMemory((0x100000 + queues * span + 0xFFF) & ~0xFFF)
+    bus = pci.Bus(gm, msix=True)
+    try:
+        t = bus.add_device(dev)
+        drv = VirtioPciDriver(bus, t.slot, gm, slot_bytes=slot, queue_span=span)
+        feats = drv.init(queue_sizes=[qsize] * len(dev.queue_max_sizes), msix=True, enable=range(queues))
+        indirect = bool(feats >> vring.VIRTIO_RING_F_INDIRECT_DESC & 1)
+        runs = []
+        for qi in range(queues):
+            q = drv.queues[qi]
+            depth = min(MQ_DEPTH, qsize if indirect else qsize // 3)
+            heads = [q.add(out=[struct.pack("<IIQ", blk.T_IN, 0, _sector(qi * MQ_DEPTH + k, req_bytes))],
+                           in_=[req_bytes, 1], indirect=indirect, align=4096) for k in range(depth)]
+            drv.kick(qi)
+            for _ in heads:
+                drv.wait_used(qi, timeout=WARMUP_TIMEOUT)
+            q.num_added = 0
+            runs.append(msix_driver(gm, drv, qi, feats, np.array(heads, dtype=np.int64), depth))
+        return rate(parallel(runs), min_time=min_time)
+    finally:
+        bus.close()
+        dev.close()
+        gm.close()
+
+
+@njit(nogil=True, cache=True)
+def _preadv_loop(fd, hiov, offsets, n):
+    """The reference's loop, compiled and without the GIL so N of them run
+    side by side: ``n`` preadv calls, slot ``i % depth`` each."""
+    depth = offsets.size
+    for i in range(n):
+        k = i % depth
+        if sys_preadv(fd, hiov.ctypes.data + 16 * k, 1, offsets[k]) <= 0:
+            return -1
+    return n
+
+
+def _mq_preadv_rate(path, req_bytes, threads, min_time):
+    fd = os.open(path, os.O_RDONLY)
+    stride = req_bytes + 4096
+    gm = GuestMemory((threads * MQ_DEPTH * stride + 0xFFF) & ~0xFFF)
+    base = gm.mem.ctypes.data
+    runs = []
+    for t in range(threads):
+        hiov = host_iov(MQ_DEPTH)
+        offsets = np.zeros(MQ_DEPTH, dtype=np.int64)
+        for k in range(MQ_DEPTH):
+            hiov[k] = (base + (t * MQ_DEPTH + k) * stride, req_bytes)
+            offsets[k] = _sector(t * MQ_DEPTH + k, req_bytes) * 512
+
+        def run(n, hiov=hiov, offsets=offsets):
+            if _preadv_loop(fd, hiov, offsets, n) != n:
+                raise RuntimeError("preadv failed")
+        runs.append(run)
+    try:
+        return rate(parallel(runs), min_time=min_time)
+    finally:
+        os.close(fd)
+        gm.close()
+
+
+def with_scaling(out: dict) -> dict:
+    """Add ``mq_scaling_<size>``: the 2-queue (2-thread) rate over the
+    1-queue one, for each request size."""
+    for b in sorted({b for b, _ in MQ_CASES}):
+        one = out.get(f"mq1_{_size_name(b)}_depth{MQ_DEPTH}_requests_per_s")
+        two = out.get(f"mq2_{_size_name(b)}_depth{MQ_DEPTH}_requests_per_s")
+        if one and two:
+            out[f"mq_scaling_{_size_name(b)}"] = two / one
+    return out
+
+
 @contextlib.contextmanager
 def _disk():
     d = "/dev/shm" if os.path.isdir("/dev/shm") else None
@@ -332,8 +486,12 @@ def measure(quick: bool = False) -> dict:
     t = min_time_for(quick)
     cases = _cases(PYTHON_QUICK_DRIVERS if quick and jit_disabled() else DRIVERS)
     with _disk() as path:
-        return throughput(f"bench blk: {side()} device path", cases,
-                          lambda c: _device_rate(path, c[0], c[1], t, poll=c[2] == "poll"))
+        out = throughput(f"bench blk: {side()} device path", cases,
+                         lambda c: _device_rate(path, c[0], c[1], t, poll=c[2] == "poll"))
+        if not jit_disabled():
+            out.update(throughput(f"bench blk: {side()} device path, N queues and N driver threads", _mq_cases(),
+                                  lambda c: _mq_device_rate(path, c[0], c[1], t)))
+        return with_scaling(out)
 
 
 def measure_reference(quick: bool = False) -> dict:
@@ -341,9 +499,13 @@ def measure_reference(quick: bool = False) -> dict:
     with _disk() as path:
         preadv = functools.cache(lambda req_bytes, depth: _preadv_rate(path, req_bytes, depth, t))
         # The same loop is the reference for both drivers.
-        return throughput("bench blk: preadv loop", _cases(), lambda c: preadv(c[0], c[1]))
+        out = throughput("bench blk: preadv loop", _cases(), lambda c: preadv(c[0], c[1]))
+        out.update(throughput("bench blk: N compiled preadv loops on N threads", _mq_cases(),
+                              lambda c: _mq_preadv_rate(path, c[0], c[1], t)))
+        return with_scaling(out)
 
 
 def run(quick: bool = False) -> dict:
     return report("blk", UNIT, "benchmarks.bench_blk",
-                  quick, measure, measure_reference, "preadv_loop", python_note=PYTHON_QUICK_NOTE)
+                  quick, measure, measure_reference, "preadv_loop",
+                  python_note=(PYTHON_QUICK_NOTE + "; " if quick else "") + PYTHON_MQ_NOTE)

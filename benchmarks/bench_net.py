@@ -17,6 +17,18 @@ driver negotiated: TSO and checksum offload, GSO frames across the tap).
 The reference is a plain loop of ``os.writev`` / ``os.readv`` calls on a
 second tap made the same way, moving the same frames.
 
+Multiqueue cases (``mqN_...``): a device with N queue pairs (VIRTIO_NET_F_MQ,
+N set in use through the control queue) on an IFF_MULTI_QUEUE tap, driven
+by N driver threads, one per transmit (or receive) queue with its own
+MSI-X vector, next to N threads of the reference, each a compiled nogil
+``writev``/``readv`` loop on its own queue of a multiqueue tap.  Receive
+batches are split between the queues by flow: the frames for queue k
+carry a source port the tap steers to its queue k (found once, on a probe
+tap: the steering hash is the host's, the same for every tap with N
+queues).  ``mq_scaling_*`` is the 2-pair rate over the 1-pair rate, device
+and reference alike (its ``numba_vs_tap_loop`` ratio: the device's scaling
+over the reference's).
+
 Everything runs in a private network namespace (``unshare --net``, as the
 net tests do), checked to hold nothing but its loopback: no frame can reach
 the host's network.  Each side runs in its own namespace, in a subprocess.
@@ -32,6 +44,10 @@ import subprocess
 import sys
 import threading
 import time
+
+from numba import njit
+
+from lguest_jit.hw.libc import EAGAIN, EINTR, sys_readv, sys_writev
 
 UNIT = "frames per second and MB/s; tx: guest to tap, rx: tap to guest"
 # (name, Ethernet frame bytes, GSO): 64 KiB is the vnet header plus the frame.
@@ -51,18 +67,18 @@ SOL_PACKET, PACKET_VNET_HDR = 263, 15
 ROUND_TIMEOUT = 60.0
 
 
-def _frame(size: int, gso: bool) -> tuple[bytes, bytes]:
+def _frame(size: int, gso: bool, sport: int = 40000) -> tuple[bytes, bytes]:
     """(12-byte vnet header, Ethernet frame of ``size`` bytes): IPv4 TCP
-    for GSO (checksum left to the offload), else UDP."""
+    for GSO (checksum left to the offload), else UDP, from port ``sport``."""
     proto = 6 if gso else 17
     ip_len = size - 14
     iph = struct.pack("!BBHHHBBH4s4s", 0x45, 0, ip_len, 1, 0x4000, 64, proto, 0, socket.inet_aton("10.0.2.15"),
                       socket.inet_aton("10.0.2.99"))
     if gso:
-        l4 = struct.pack("!HHIIBBHHH", 40000, 5001, 1, 0, 5 << 4, 0x18, 65535, 0, 0)
+        l4 = struct.pack("!HHIIBBHHH", sport, 5001, 1, 0, 5 << 4, 0x18, 65535, 0, 0)
         hdr = VNET_HDR.pack(NEEDS_CSUM, GSO_TCPV4, 54, 1448, 34, 16) + bytes(2)
     else:
-        l4 = struct.pack("!HHHH", 40000, 5001, ip_len - 20, 0)
+        l4 = struct.pack("!HHHH", sport, 5001, ip_len - 20, 0)
         hdr = bytes(12)
     eth = OTHER_MAC + GUEST_MAC + b"\x08\x00"
     body = eth + iph + l4
@@ -304,17 +320,251 @@ def _plain_rate(direction: str, size: int, gso: bool, quick: bool, min_time: flo
             gm.close()
 
 
+# ---------------------------------------------------------------------------
+# Multiqueue: N pairs and N driver threads against N compiled tap loops.
+
+MQ_SIZES = [("1500B", 1500, False), ("64KiB", 65536 - 12, True)]
+MQ_PAIRS = (1, 2)
+PROBE_IP = "10.0.4.2"
+
+
+def _mq_cases() -> list:
+    """(name, frame bytes, (direction, size, gso, pairs)) of the multiqueue cases."""
+    return [(f"mq{p}_{d}_{name}", size, (d, size, gso, p)) for name, size, gso in MQ_SIZES for d in DIRECTIONS
+            for p in MQ_PAIRS]
+
+
+@functools.cache
+def _steered_ports(pairs: int, size: int, gso: bool) -> tuple:
+    """A source port per tap queue whose frames a ``pairs``-queue tap
+    steers to that queue (found on a probe tap of its own)."""
+    import select
+
+    from lguest_jit.devices.net import TunSpec, configure_interface, open_tap_queues
+    if pairs == 1:
+        return (40000,)
+    fds, ifname = open_tap_queues(pairs)
+    inject = None
+    try:
+        configure_interface(ifname, TunSpec(ip=PROBE_IP))
+        inject = _Injector(ifname)
+        found = {}
+        for sport in range(40000, 40512):
+            hdr, frame = _frame(size, gso, sport)
+            inject.send(hdr, frame, 1)
+            ready, _, _ = select.select(fds, [], [], 1.0)
+            for fd in ready:
+                while True:
+                    try:
+                        os.read(fd, 1 << 17)
+                    except BlockingIOError:
+                        break
+                found.setdefault(fds.index(fd), sport)
+            if len(found) == pairs:
+                return tuple(found[k] for k in range(pairs))
+        raise RuntimeError(f"bench net: no flow found for every one of {pairs} tap queues")
+    finally:
+        if inject is not None:
+            inject.close()
+        for fd in fds:
+            os.close(fd)
+
+
+def _mq_device_rate(direction: str, size: int, gso: bool, pairs: int, quick: bool, min_time: float) -> float:
+    import numpy as np
+
+    from lguest_jit import pci, vring
+    from lguest_jit.devices.net import VIRTIO_NET_CTRL_MQ, VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET, Net, TunSpec
+    from lguest_jit.hw.memory import GuestMemory
+    from lguest_jit.testing import VirtioPciDriver
+
+    from .bench_blk import msix_driver, parallel
+    from .common import WARMUP_TIMEOUT, device_knobs, rate
+
+    ports = _steered_ports(pairs, size, gso) if direction == "rx" else None
+    knobs = device_knobs()
+    dev = Net(TunSpec(ip=HOST_IP, mac=GUEST_MAC), pairs=max(pairs, knobs.net_queues or 1))
+    dev.apply_knobs(knobs)
+    qsize = min(dev.queue_max_sizes[0], DRIVER_QUEUE)
+    slot = 12 + size + 8192
+    span = qsize * slot + 16 * qsize * qsize + (2 << 20)
+    nq = len(dev.queue_max_sizes)
+    gm = GuestMemory((0x100000 + nq * span + 0xFFF) & ~0xFFF)
+    bus = pci.Bus(gm, msix=True)
+    inject = None
+    try:
+        t = bus.add_device(dev)
+        drv = VirtioPciDriver(bus, t.slot, gm, slot_bytes=slot, queue_span=span)
+        feats = drv.init(queue_sizes=[qsize] * nq, msix=True)
+        if dev.pairs > 1:
+            # The pairs in use, set as Linux's virtnet_set_queues does.
+            ctrl = nq - 1
+            drv.queues[ctrl].add(out=[bytes([VIRTIO_NET_CTRL_MQ, VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET]),
+                                      struct.pack("<H", pairs)], in_=[1])
+            drv.kick(ctrl)
+            if drv.wait_used(ctrl, timeout=WARMUP_TIMEOUT)[2][-1][0] != 0:
+                raise RuntimeError("bench net: the device refused the pair count")
+        if direction == "tx":
+            hdr, frame = _frame(size, gso)
+            runs = []
+            for k in range(pairs):
+                qi = 2 * k + 1
+                q = drv.queues[qi]
+                heads = [q.add(out=[hdr + frame]) for _ in range(min(DEPTH, qsize))]
+                drv.kick(qi)
+                for _ in heads:
+                    drv.wait_used(qi, timeout=WARMUP_TIMEOUT)
+                q.num_added = 0
+                runs.append(msix_driver(gm, drv, qi, feats, np.array(heads, np.int64), len(heads)))
+            r = rate(parallel(runs), min_time=min_time)
+            if dev.net_counters()["tx_dropped"]:
+                raise RuntimeError(f"bench net: the tap refused {size}-byte frames")
+            return r
+        batch = _batch(quick, gso)
+        _long_queue(dev.ifname, batch)
+        inject = _Injector(dev.ifname)
+        indirect = bool(feats >> vring.VIRTIO_RING_F_INDIRECT_DESC & 1)
+        share = batch // pairs
+        frames = [_frame(size, gso, ports[k]) for k in range(pairs)]
+        runs = []
+        for k in range(pairs):
+            qi = 2 * k
+            q = drv.queues[qi]
+            depth = min(share, qsize if indirect else qsize // 2)
+            heads = [q.add(in_=[12, size], indirect=indirect) for _ in range(depth)]
+            drv.kick(qi)
+            inject.send(*frames[k], depth)
+            for _ in heads:
+                _check_whole(drv.wait_used(qi, timeout=WARMUP_TIMEOUT)[1], size)
+            q.num_added = 0
+            runs.append(msix_driver(gm, drv, qi, feats, np.array(heads, np.int64), depth))
+        drain = parallel(runs)
+
+        def fill():
+            for k in range(pairs):
+                inject.send(*frames[k], share)
+        return _guarded_rate(_rounds(quick), share * pairs, fill, lambda: drain(share * pairs), fill)
+    finally:
+        if inject is not None:
+            inject.close()
+        bus.close()
+        dev.close()
+        gm.close()
+
+
+@njit(nogil=True, cache=True)
+def _writev_loop(fd, hiov, slots, n):
+    """The multiqueue reference's transmit loop, compiled without the GIL
+    so N threads run side by side: ``n`` writev calls of (header, frame)."""
+    for i in range(n):
+        while True:
+            r = sys_writev(fd, hiov.ctypes.data + 32 * (i % slots), 2)
+            if r != -EAGAIN and r != -EINTR:
+                break
+        if r < 0:
+            return -1
+    return n
+
+
+@njit(nogil=True, cache=True)
+def _readv_loop(fd, hiov, slots, n):
+    """... and its receive loop: ``n`` frames read, spinning on the
+    non-blocking tap as the plain loop does."""
+    got = 0
+    while got < n:
+        r = sys_readv(fd, hiov.ctypes.data + 32 * (got % slots), 2)
+        if r == -EAGAIN or r == -EINTR:
+            continue
+        if r < 0:
+            return -1
+        got += 1
+    return got
+
+
+def _mq_plain_rate(direction: str, size: int, gso: bool, pairs: int, quick: bool, min_time: float) -> float:
+    from lguest_jit.devices.net import TunSpec, configure_interface, open_tap_queues
+    from lguest_jit.hw.libc import host_iov
+    from lguest_jit.hw.memory import GuestMemory
+
+    from .bench_blk import parallel
+    from .common import rate
+
+    ports = _steered_ports(pairs, size, gso) if direction == "rx" else (40000,) * pairs
+    fds, ifname = open_tap_queues(pairs)
+    inject = gm = None
+    try:
+        configure_interface(ifname, TunSpec(ip=REF_IP))
+        batch = _batch(quick, gso)
+        share = batch // pairs
+        slots = min(DEPTH, DRIVER_QUEUE) if direction == "tx" else min(share, DRIVER_QUEUE)
+        stride = -(-(12 + size) // 4096) * 4096
+        gm = GuestMemory(pairs * slots * stride)
+        base = gm.mem.ctypes.data
+        frames = [_frame(size, gso, ports[k]) for k in range(pairs)]
+        iovs = []
+        for k in range(pairs):
+            hiov = host_iov(2 * slots)
+            for j in range(slots):
+                at = (k * slots + j) * stride
+                hiov[2 * j] = (base + at, 12)
+                hiov[2 * j + 1] = (base + at + 12, size)
+                if direction == "tx":
+                    gm.mem[at:at + 12] = memoryview(frames[k][0])
+                    gm.mem[at + 12:at + 12 + size] = memoryview(frames[k][1])
+            iovs.append(hiov)
+        loop = _writev_loop if direction == "tx" else _readv_loop
+
+        def runner(k):
+            def run(n):
+                if loop(fds[k], iovs[k], slots, n) != n:
+                    raise RuntimeError("bench net: tap loop failed")
+            return run
+        par = parallel([runner(k) for k in range(pairs)])
+        if direction == "tx":
+            return rate(par, min_time=min_time)
+        _long_queue(ifname, batch)
+        inject = _Injector(ifname)
+
+        def fill():
+            for k in range(pairs):
+                inject.send(*frames[k], share)
+        for k in range(pairs):          # warm-up (and compilation)
+            inject.send(*frames[k], 1)
+        par(pairs)
+        return _best_rate(_rounds(quick), share * pairs, fill, lambda: par(share * pairs))
+    finally:
+        if inject is not None:
+            inject.close()
+        for fd in fds:
+            os.close(fd)
+        if gm is not None:
+            gm.close()
+
+
+def with_scaling(out: dict) -> dict:
+    """``mq_scaling_<direction>_<size>``: the 2-pair rate over the 1-pair one."""
+    for name, _, _ in MQ_SIZES:
+        for d in DIRECTIONS:
+            one, two = out.get(f"mq1_{d}_{name}_frames_per_s"), out.get(f"mq2_{d}_{name}_frames_per_s")
+            if one and two:
+                out[f"mq_scaling_{d}_{name}"] = two / one
+    return out
+
+
 def _cases() -> list:
     """(name, frame bytes, (direction, size, gso)) of every case."""
     return [(f"{d}_{name}", size, (d, size, gso)) for d, (name, size, gso) in CASES]
 
 
 def _measure_here(quick: bool) -> dict:
-    from .common import min_time_for, side, throughput
+    from .common import jit_disabled, min_time_for, side, throughput
     _check_private_namespace()
     t = min_time_for(quick)
     out = throughput(f"bench net: {side()} device path", _cases(), lambda c: _device_rate(*c, quick, t))
-    return {k.replace("requests_per_s", "frames_per_s"): v for k, v in out.items()}
+    if not jit_disabled():      # N threads of pure Python would measure the GIL
+        out.update(throughput(f"bench net: {side()} device path, N pairs and N driver threads", _mq_cases(),
+                              lambda c: _mq_device_rate(*c, quick, t)))
+    return with_scaling({k.replace("requests_per_s", "frames_per_s"): v for k, v in out.items()})
 
 
 def _measure_reference_here(quick: bool) -> dict:
@@ -322,7 +572,9 @@ def _measure_reference_here(quick: bool) -> dict:
     _check_private_namespace()
     t = min_time_for(quick)
     out = throughput("bench net: plain tap loop", _cases(), lambda c: _plain_rate(*c, quick, t))
-    return {k.replace("requests_per_s", "frames_per_s"): v for k, v in out.items()}
+    out.update(throughput("bench net: N compiled tap loops on a multiqueue tap", _mq_cases(),
+                          lambda c: _mq_plain_rate(*c, quick, t)))
+    return with_scaling({k.replace("requests_per_s", "frames_per_s"): v for k, v in out.items()})
 
 
 def measure(quick: bool = False) -> dict:

@@ -17,7 +17,13 @@ def test_device_benchmark_measures_every_case(name):
     # Each case (and each driver, for blk) reports requests/s and MB/s.
     for key, rps in fast.items():
         assert rps > 0, key
-    assert len(fast) == 2 * len(mod.CASES) * (len(mod.DRIVERS) if hasattr(mod, "DRIVERS") else 1)
+    mq = getattr(mod, "MQ_CASES", ())
+    assert len(fast) == 2 * len(mod.CASES) * (len(mod.DRIVERS) if hasattr(mod, "DRIVERS") else 1) + 2 * len(mq) \
+        + len({b for b, _ in mq})
+    if mq:
+        # N queues on N driver threads, next to N reference threads; the
+        # 1 -> 2 scaling of both.
+        assert {k for k in fast if k.startswith("mq_scaling_")} == {"mq_scaling_4KiB", "mq_scaling_1MiB"}
 
 
 def test_net_benchmark_measures_every_case():
@@ -29,9 +35,15 @@ def test_net_benchmark_measures_every_case():
         pytest.skip(problem)
     fast = bench_net.measure(quick=True)
     ref = bench_net.measure_reference(quick=True)
-    assert fast.keys() == ref.keys() and len(fast) == 2 * len(bench_net.CASES)
-    assert {k for k in fast if k.endswith("_frames_per_s")} == {f"{d}_{n}_frames_per_s" for d in ("tx", "rx")
-                                                                 for n in ("64B", "1500B", "64KiB")}
+    mq = bench_net._mq_cases()
+    scaling = {f"mq_scaling_{d}_{n}" for d in ("tx", "rx") for n in ("1500B", "64KiB")}
+    assert fast.keys() == ref.keys() and len(fast) == 2 * len(bench_net.CASES) + 2 * len(mq) + len(scaling)
+    assert {k for k in fast if k.endswith("_frames_per_s") and not k.startswith("mq")} == {
+        f"{d}_{n}_frames_per_s" for d in ("tx", "rx") for n in ("64B", "1500B", "64KiB")}
+    assert {k for k in fast if k.startswith("mq_scaling")} == scaling
+    assert {k for k in fast if k.startswith("mq2_")} == {f"mq2_{d}_{n}_{u}" for d in ("tx", "rx")
+                                                         for n in ("1500B", "64KiB") for u in ("frames_per_s",
+                                                                                              "MB_per_s")}
     for key, v in fast.items():
         assert v > 0, key
 
