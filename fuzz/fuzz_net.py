@@ -1,5 +1,5 @@
-"""Target: virtio-net's own serve kernels (devices/net._tx_serve and
-_rx_serve) on hostile rings, against a fake tap: an AF_UNIX datagram
+"""Target: virtio-net's own serve kernels (devices/net._tx_serve,
+_rx_serve and the control queue's _ctrl_serve) on hostile rings, against a fake tap: an AF_UNIX datagram
 socketpair (message boundaries and truncation as a tap's; never a real
 interface).  Each chain the ring engine pops (checked against
 tests/naive.py) is handed back and made the only one visible, and the
@@ -18,6 +18,14 @@ A shadow says what must happen (§5.1.6):
   with E_SHORT_HEADER; otherwise the tap's next frame lands in the writable
   buffers in order (truncated to them), num_buffers is 1 (§5.1.6.4: no
   MRG_RXBUF), and the used length is what was written.
+- control (§5.1.6.5, devices/net._ctrl_serve; a device offering
+  ``max_pairs`` pairs, 0 for none): a chain without a writable last byte
+  is refused with E_NO_STATUS, one with fewer than 2 readable bytes with
+  E_SHORT_HEADER; otherwise its ack (the last writable byte) is
+  VIRTIO_NET_OK only for VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET with exactly a
+  le16 count from 1 to max_pairs (returned to the caller first, its chain
+  held until the next call acknowledges it), VIRTIO_NET_ERR for anything
+  else, each refusal counted by its reason; used length 1.
 Nothing else in guest memory changes."""
 from __future__ import annotations
 
@@ -228,14 +236,85 @@ def receive(ring, results, frames):
         peer.close()
 
 
+def _ctrl_verdict(cmd: bytes, max_pairs: int):
+    """The shadow's answer to a command's readable bytes: (ack, reason)."""
+    cls, op, data = cmd[0], cmd[1], cmd[2:]
+    if cls != net.VIRTIO_NET_CTRL_MQ or max_pairs == 0:
+        return net.VIRTIO_NET_ERR, net.NC_BAD_CLASS
+    if op != net.VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET:
+        return net.VIRTIO_NET_ERR, net.NC_BAD_COMMAND
+    if len(data) != 2:
+        return net.VIRTIO_NET_ERR, net.NC_BAD_LENGTH
+    if not 1 <= struct.unpack("<H", data)[0] <= max_pairs:
+        return net.VIRTIO_NET_ERR, net.NC_BAD_PAIRS
+    return net.VIRTIO_NET_OK, net.NC_OK
+
+
+def control(ring, results, max_pairs: int):
+    mq = np.zeros(net.MQ_FIELDS, np.int64)
+    mq[net.MQ_MAX], mq[net.MQ_ACTIVE], mq[net.MQ_HELD] = max_pairs, 1, -1
+    buf = np.zeros(net.CTRL_BUF, np.uint8)
+    q = ring.q
+    for head, bufs in ring.chains(results):
+        saved = _visible_only_next(ring)
+        want = bytearray(ring.mem.tobytes())
+        cmd = gather(ring.mem.tobytes(), [b for b in bufs if not b[2]])
+        refuse = vring.E_NO_STATUS if not bufs[-1][2] or bufs[-1][1] == 0 else \
+            vring.E_SHORT_HEADER if len(cmd) < net.CTRL_HDR else 0
+        index = int(q[vring.Q_USED_IDX])
+        counts = mq[net.NC_OK:].copy()
+        errors, first = int(q[vring.Q_N_ERRORS]), int(q[vring.Q_ERROR])
+        if refuse:
+            _publish(want, index)
+        else:
+            ack, reason = _ctrl_verdict(cmd, max_pairs)
+            counts[reason - net.NC_OK] += 1
+            want[bufs[-1][0] + bufs[-1][1] - 1] = ack
+            _used(want, ring, index, head, 1)
+
+        def call():
+            return int(net._ctrl_serve(ring.mem, q, ring.iov, -1, np.zeros(1, np.uint8), _files()[2],
+                                       np.zeros(1, np.uint64), buf, mq))
+        code = call()
+        if code == net.CTRL_APPLY:
+            # What Net._serve_ctrl does: apply the count, call again to ack.
+            assert not refuse and int(mq[net.MQ_HELD]) == head and 1 <= int(mq[net.MQ_WANTED]) <= max_pairs
+            assert int(q[vring.Q_USED_IDX]) == index, "a held command was completed before it was applied"
+            mq[net.MQ_ACTIVE] = mq[net.MQ_WANTED]
+            code = call()
+            assert int(mq[net.MQ_HELD]) == -1
+        got = ring.mem.tobytes()
+        for a in _notify_fields(ring):
+            want[a] = got[a]
+        ring.mem[AVAIL + 2:AVAIL + 4] = np.frombuffer(saved, np.uint8)
+        want[AVAIL + 2:AVAIL + 4] = saved
+        if refuse:
+            assert code == -refuse, (code, vring.error_message(code), refuse)
+            assert int(q[vring.Q_N_ERRORS]) == errors + 1, "the refusal was not counted"
+        else:
+            assert code == -vring.E_NOTIFY_READ, (code, vring.error_message(code))
+            q[vring.Q_N_ERRORS], q[vring.Q_ERROR] = errors, first
+        assert (mq[net.NC_OK:] == counts).all(), (mq[net.NC_OK:], counts)
+        assert ring.mem.tobytes() == bytes(want), "guest memory differs from the shadow"
+        if refuse:
+            results.append(("refused", code))
+            break
+        results.append((head, int(got[bufs[-1][0] + bufs[-1][1] - 1]), int(mq[net.MQ_ACTIVE])))
+
+
 def one_input(data: bytes) -> str:
     r = Reader(data)
-    rx = bool(r.u8() & 1)
+    mode = r.u8()
+    rx = bool(mode & 1)
     frames = _frames(r) if rx else []
+    # Bit 1 of an even mode byte: the control queue, offering mode >> 2 & 3 pairs.
+    ctrl = not rx and bool(mode & 2)
     ring = Ring(r)
     results, sent = [], []
     if rx:
         receive(ring, results, frames)
+    elif ctrl:
+        control(ring, results, mode >> 2 & 3)
     else:
         transmit(ring, results, sent)
     return digest(results, ring.mem.tobytes(), b"".join(sent))

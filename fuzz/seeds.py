@@ -68,6 +68,12 @@ def net_rx(frames, bufs, **kw):
     return out + ring(bufs, **kw)
 
 
+def net_ctrl(pairs, bufs, payload=b"", **kw):
+    """A fuzz_net control-queue input: a device offering ``pairs`` pairs
+    (0: MQ not negotiated), the ring, then the command bytes."""
+    return bytes([2 | pairs << 2]) + ring(bufs, **kw) + payload
+
+
 def msix_program() -> bytes:
     """fuzz_pci ops playing Linux's MSI-X set-up on the first device: enable
     with the function masked (conf1 dword at the capability, 0x98), program
@@ -179,6 +185,15 @@ def seeds():
         "rx_no_hdr": net_rx([(60, 0)], [(PAYLOAD, 10, WRITE, 0)]),
         "rx_no_frame": net_rx([(60, 0)], [(PAYLOAD, 200, WRITE, 0), (PAYLOAD + 0x200, 200, WRITE, 0)],
                               n_avail=2, heads=(0, 1)),
+        # The control queue (mode 2 | pairs << 2): header, data, ack.
+        "ctrl_pairs_set": net_ctrl(2, [(PAYLOAD, 2, NEXT, 1), (PAYLOAD + 2, 2, NEXT, 2), (PAYLOAD + 0x40, 1, WRITE, 0)],
+                                   b"\x04\x00\x02\x00"),
+        "ctrl_bad_class": net_ctrl(2, [(PAYLOAD, 3, NEXT, 1), (PAYLOAD + 0x40, 1, WRITE, 0)], b"\x00\x00\x01"),
+        "ctrl_bad_length": net_ctrl(3, [(PAYLOAD, 5, NEXT, 1), (PAYLOAD + 0x40, 1, WRITE, 0)], b"\x04\x00\x02\x00\x00"),
+        "ctrl_too_many": net_ctrl(2, [(PAYLOAD, 4, NEXT, 1), (PAYLOAD + 0x40, 1, WRITE, 0)], b"\x04\x00\x03\x00"),
+        "ctrl_no_mq": net_ctrl(0, [(PAYLOAD, 4, NEXT, 1), (PAYLOAD + 0x40, 1, WRITE, 0)], b"\x04\x00\x01\x00"),
+        "ctrl_no_ack": net_ctrl(2, [(PAYLOAD, 4, 0, 0)], b"\x04\x00\x01\x00"),
+        "ctrl_short": net_ctrl(2, [(PAYLOAD, 1, NEXT, 1), (PAYLOAD + 0x40, 1, WRITE, 0)], b"\x04"),
     }
     s["console"] = {
         "tx": bytes([0]) + ring([(PAYLOAD, 12, NEXT, 1), (PAYLOAD + 40, 5, 0, 0)]) + b"hello, world" * 4,
