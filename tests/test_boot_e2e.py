@@ -64,7 +64,7 @@ def check_selftest(rep, console: bytes, disk, tail: str, cpus: int = 1) -> None:
     assert b"segfault at" not in console, tail
 
     for name in ("mount-proc", "mount-sysfs", "mount-devtmpfs", "cpus", "console", "pci", "virtio", "hwrng", "block",
-                 "net", "ping"):
+                 "net", "ping", "queues"):
         assert rep.step(name) is not None and rep.step(name).status == "OK", (name, tail)
 
     # /proc/cpuinfo lists every vCPU, all online, and a job pinned to each
@@ -99,6 +99,32 @@ def check_selftest(rep, console: bytes, disk, tail: str, cpus: int = 1) -> None:
     # eth0 has the MAC we offered, and the host side of the tap answered.
     assert rep.step("net").fields()["mac"] == GUEST_MAC
     assert rep.step("ping").fields()["peer"] == HOST_IP
+
+    # One block queue and one queue pair per vCPU (the knobs' default), as
+    # blk-mq and the network stack see them.
+    queues = rep.step("queues").fields()
+    assert (queues["blk"], queues["rx"], queues["tx"], queues["cpus"]) == (str(cpus),) * 4, rep.step("queues")
+    # 64 direct 4 KiB reads per CPU, one request each, on top of the block step's.
+    assert int(queues["reads"]) >= 64 * cpus, rep.step("queues")
+
+
+def check_queue_stats(stats: dict, cpus: int) -> None:
+    """--stats-json: every block queue and every queue of every network
+    pair took requests (the selftest's I/O from each CPU), and the network
+    device's control queue set all its pairs in use."""
+    blk = next(v for k, v in stats["queues"].items() if k.startswith("block:"))
+    net = next(v for k, v in stats["queues"].items() if k.startswith("net:"))
+    assert sorted(blk) == [f"requests{i}" for i in range(cpus)], blk.keys()
+    assert all(q["requests"] > 0 and q["bytes"] > 0 and q["errors"] == 0 for q in blk.values()), blk
+    # Each queue timed its own requests (the first always).
+    assert all(q["latency"]["count"] >= 1 and q["latency"]["p50_ns"] <= q["latency"]["p99_ns"]
+               for q in blk.values()), blk
+    for k in range(cpus):
+        for d in ("rx", "tx"):
+            assert net[f"{d}{k}"]["requests"] > 0 and net[f"{d}{k}"]["errors"] == 0, (d, k, net[f"{d}{k}"])
+    ctrl = net["ctrl"]
+    assert ctrl["pairs_in_use"] == cpus and ctrl["commands_ok"] >= 1, ctrl
+    assert all(ctrl[f"commands_err_{r}"] == 0 for r in ("class", "command", "length", "pairs")), ctrl
 
 
 @pytest.mark.slow
@@ -192,8 +218,13 @@ def test_default_guest_on_two_vcpus_and_its_snapshot(tmp_path):
     """One boot with --cpus=2: Linux starts its AP itself (INIT/SIPI), the
     selftest passes with every device and sees 2 processors each doing
     work, the devices' MSI-X interrupts land on both CPUs, --stats-json
-    counts per vCPU; a snapshot taken at /init (the guest carrying on)
-    restores with both vCPUs and finishes the same selftest."""
+    counts per vCPU; the block device has 2 request queues and the network
+    device 2 queue pairs (one per vCPU, the default), Linux uses all of
+    them (/sys/block/vda/mq, /sys/class/net/eth0/queues) and --stats-json
+    shows requests on each after the selftest's I/O from both CPUs; a
+    snapshot taken at /init (the guest carrying on) restores with both
+    vCPUs and every queue, and finishes the same selftest, again with
+    requests on every queue."""
     from lguest_jit.hw.kvm import kvm_available
     why = kvm_available()
     if why is not None:
@@ -219,9 +250,12 @@ def test_default_guest_on_two_vcpus_and_its_snapshot(tmp_path):
     rep = markers.parse_console(console)
     check_selftest(rep, console, disk, tail, cpus=2)
     irqs = rep.step("irqs").fields()
-    assert irqs["intx"] == "0" and irqs["msi"] == "10", rep.step("irqs")
+    # 10 lines with one queue (pair) each, plus a block queue and a network
+    # pair (the control queue takes no interrupt).
+    assert irqs["intx"] == "0" and irqs["msi"] == "13", rep.step("irqs")
     assert irqs["msi_cpus"] == "0,1", rep.step("irqs")           # both CPUs took virtio MSI-X messages
     stats = json.loads(stats_file.read_text())
+    check_queue_stats(stats, 2)
     vcpus = stats["vcpus"]
     assert [v["vcpu"] for v in vcpus] == [0, 1], vcpus
     assert all(v["exits"]["total"] > 0 and v["user_s"] + v["system_s"] > 0 for v in vcpus), vcpus
@@ -229,15 +263,19 @@ def test_default_guest_on_two_vcpus_and_its_snapshot(tmp_path):
     from lguest_jit import snapshot
     saved = snapshot.read(str(snap))
     assert saved["machine"].cpus == 2 and len(saved["kvm"]["vcpus"]) == 1, saved["machine"]
+    assert (saved["machine"].knobs.blk_queues, saved["machine"].knobs.net_queues) == (2, 2), saved["machine"]
 
     # The snapshot was taken at /init, before the selftest wrote the disk:
     # the disk as it was then, and --force for its new mtime.
     disk.write_bytes(DISK_FILL * DISK_BYTES)
     err = tmp_path / "restore.err"
-    status, lines = run_console(["unshare", "--net", "--", *launcher, "restore", "--force", str(snap)], err)
+    stats_file.unlink()
+    status, lines = run_console(["unshare", "--net", "--", *launcher, "restore", "--force",
+                                 f"--stats-json={stats_file}", str(snap)], err)
     console = b"".join(raw for _, raw in lines)
     tail = console[-4000:].decode(errors="replace") + "\n--- stderr ---\n" + err.read_text(errors="replace")
     assert status == 0, tail
     rep = markers.parse_console(console)
     assert rep.init_uptime is None, tail                      # restored, not booted again
     check_selftest(rep, console, disk, tail, cpus=2)
+    check_queue_stats(json.loads(stats_file.read_text()), 2)

@@ -438,7 +438,8 @@ def scn_net_snapshot():
     assert _ctrl(drv, 4, *_pairs_set(2)) == net.VIRTIO_NET_OK
     dev.pause()
     st = bus.save_state()
-    assert st["devices"][0]["device"] == {"pairs_in_use": 2}
+    assert st["devices"][0]["device"] == {"pairs_in_use": 2, "commands": {"ok": 1, "err_class": 0, "err_command": 0,
+                                                                          "err_length": 0, "err_pairs": 0}}
     gm2 = GuestMemory(gm.size)
     gm2.mem[:] = gm.mem
     bus.close()                 # as the launcher that took it exits: its tap goes, the name is free again
@@ -449,9 +450,10 @@ def scn_net_snapshot():
     bus2.add_device(dev2)
     assert dev2._attached == [True, False]
     with pytest.raises(ValueError, match="snapshot uses 3 queue pairs, the device has 2"):
-        dev2.load_state({"pairs_in_use": 3})
+        dev2.load_state({**st["devices"][0]["device"], "pairs_in_use": 3})
     bus2.load_state(st)
     assert dev2.mq[net.MQ_ACTIVE] == 2 and dev2._attached == [True, True] and dev2.running
+    assert dev2.counters()["ctrl"]["commands_ok"] == 1          # the counters carry on
     drv.bus, drv.gm = bus2, gm2
     for q in drv.queues:
         q.gm, q.mem = gm2, gm2.mem
@@ -461,6 +463,7 @@ def scn_net_snapshot():
     seen = _udp_flows(drv, (0, 2), 32)
     assert seen[0] and seen[2] and sum(seen.values()) == 32, seen
     assert _ctrl(drv, 4, *_pairs_set(1)) == net.VIRTIO_NET_OK     # the control queue goes on too
+    assert dev2.counters()["ctrl"]["commands_ok"] == 2 and dev2._attached == [True, False]
     bus2.close()
     dev2.close()
     gm2.close()

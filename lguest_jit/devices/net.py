@@ -53,7 +53,7 @@ from ..hw.libc import (EAGAIN, EINTR, POLLERR, POLLHUP, POLLIN, POLLNVAL, POLLOU
 from ..vring import (CHAIN_READABLE, CHAIN_REQUEST, CHAIN_WRITABLE, Q_IN, Q_OUT, Q_OUT_BYTES, Q_STOP, STOPPED,
                      complete, finish, iov_to_buf, next_chain, notify_used, unpop)
 from ..hw.memory import ld_u16, put_le, st_u8
-from ..hw.fields import Int, Record, check
+from ..hw.fields import Int, Record, U, check
 from .base import Device
 from .knobs import MAX_DEVICE_QUEUES
 from .tunspec import BRIDGE_PREFIX, TunSpec, format_mac, parse_mac, parse_tunnet  # noqa: F401
@@ -706,11 +706,14 @@ class Net(Device):
             out["ctrl"]["pairs_in_use"] = int(self.mq[MQ_ACTIVE])
         return out
 
-    # -- snapshots: the pairs in use (the queues' own state is the transport's)
-    STATE = Record({"pairs_in_use": Int(1, VIRTIO_NET_CTRL_MQ_VQ_PAIRS_MAX)})
+    # -- snapshots: the pairs in use and the control queue's counters (the
+    # queues' own state is the transport's)
+    STATE = Record({"pairs_in_use": Int(1, VIRTIO_NET_CTRL_MQ_VQ_PAIRS_MAX),
+                    "commands": Record({k: U(62) for k in CTRL_COUNTERS})})
 
     def save_state(self) -> dict:
-        return {"pairs_in_use": int(self.mq[MQ_ACTIVE])}
+        return {"pairs_in_use": int(self.mq[MQ_ACTIVE]),
+                "commands": {k: int(self.mq[i]) for k, i in CTRL_COUNTERS.items()}}
 
     def load_state(self, state: dict) -> None:
         st = check(self.STATE, state, self.name)
@@ -718,6 +721,8 @@ class Net(Device):
             raise ValueError(f"{self.name}: snapshot uses {st['pairs_in_use']} queue pairs, the device has "
                              f"{self.pairs}")
         self.mq[MQ_ACTIVE] = st["pairs_in_use"]
+        for k, i in CTRL_COUNTERS.items():
+            self.mq[i] = st["commands"][k]
 
     def net_counters(self) -> dict:
         """Host-side events the queue counters do not show."""
