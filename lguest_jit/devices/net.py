@@ -589,6 +589,11 @@ class Net(Device):
             self._sync_tap_queues(wanted)
             return
         self._sync_tap_queues(wanted)
+        for k in range(max(active, 1), wanted):
+            try:
+                os.eventfd_read(self._pair_stop[k])     # left set when the pair was parked
+            except BlockingIOError:
+                pass
         with self._cond:
             self.mq[MQ_ACTIVE] = wanted
             self._cond.notify_all()
@@ -675,12 +680,10 @@ class Net(Device):
                 with self._cond:
                     if self._stopping:
                         return STOPPED
-                    # The pair was parked: ready for its next start.
+                    # The pair was parked: ready for its next start.  Its
+                    # stop eventfd stays set (the pair's other queue may not
+                    # have seen it yet); _set_pairs clears it at the start.
                     ctx.queues[index][Q_STOP] = 0
-                    try:
-                        os.eventfd_read(self._pair_stop[pair])
-                    except BlockingIOError:
-                        pass
                 continue
             if code == -E_TAP:
                 err = int(self.stats[NS_RX_ERRNO]) if role == "rx" else 0
