@@ -243,6 +243,8 @@ def test_credit_holds_a_host_sender_whose_guest_stops_reading(rig, tmp_path):
         assert pkt["op"] == vs.OP_RW
         got += pkt["data"]
     assert len(got) == 16384                            # exactly the credit, no more
+    pkt = guest.recv()                                  # ... and the device asks for more, once
+    assert pkt["op"] == vs.OP_CREDIT_REQUEST and (pkt["src_port"], pkt["dst_port"]) == (1234, 40000)
     with pytest.raises(TimeoutError):
         guest.recv(timeout=0.5)
     guest.consumed(40000, 1234, len(got))
@@ -250,6 +252,32 @@ def test_credit_holds_a_host_sender_whose_guest_stops_reading(rig, tmp_path):
     pkt = guest.recv()
     assert pkt["op"] == vs.OP_RW and len(pkt["data"]) > 0
     assert got + pkt["data"] == (block * 4)[:len(got) + len(pkt["data"])]
+
+
+def test_a_guest_that_tells_its_credit_only_when_asked_gets_asked(rig, tmp_path):
+    # Linux sends CREDIT_UPDATE only when its free space runs low or when
+    # asked (CREDIT_REQUEST).  A guest that consumed everything but has not
+    # said so must not leave the host's data stuck: the device, out of
+    # credit, asks, and the guest's answer lets the rest through.
+    gm, bus, dev, drv, guest, _ = rig()
+    guest.buf_alloc = 16384
+    host = _established(guest, tmp_path)
+    guest.send(vs.OP_CREDIT_UPDATE, 40000, 1234)
+    assert _wait(lambda: dev.conns[:, vs.C_PEER_BUF].max() == 16384)
+    data = os.urandom(4 * 16384 + 1000)
+    host.sendall(data)
+    got, asked = b"", 0
+    while len(got) < len(data):
+        pkt = guest.recv()
+        if pkt["op"] == vs.OP_RW:
+            got += pkt["data"]
+            guest.consumed(40000, 1234, len(pkt["data"]))       # read at once, but not said
+        else:
+            assert pkt["op"] == vs.OP_CREDIT_REQUEST, pkt
+            asked += 1
+            guest.send(vs.OP_CREDIT_UPDATE, 40000, 1234)         # Linux's answer
+    assert got == data and asked == 4
+    assert dev.counters()["rx"]["credit_requests_sent"] == 4
 
 
 def test_the_device_advertises_credit_as_the_host_reads(rig, tmp_path):

@@ -74,13 +74,13 @@ C_FIELDS = 16
 # C_STATE
 FREE, CONNECTING, ESTABLISHED, CLOSING, RESETTING = 0, 1, 2, 3, 4
 # C_PEND: control packets owed to the guest
-P_REQUEST, P_RESPONSE, P_CREDIT, P_SHUTDOWN = 1, 2, 4, 8
+P_REQUEST, P_RESPONSE, P_CREDIT, P_SHUTDOWN, P_CREDIT_REQ = 1, 2, 4, 8, 16
 # C_HSHUT: what the host side did
 H_EOF, H_SHUT_WR = 1, 2
 
 # Device state and counters (``st``).
 S_CID, S_WAKE_FD, S_STRICT, S_EV_PENDING, S_NSTRAY, S_RESETS, S_EVENTS_SENT, S_CREDIT_SENT, \
-    S_HOST_ERRORS, S_RULES = range(10)
+    S_HOST_ERRORS, S_CREDIT_REQ_SENT, S_RULES = range(11)
 S_FIELDS = S_RULES + 8
 
 # What a kernel returns to Python besides STOPPED and -E_*.
@@ -441,6 +441,10 @@ def _control(conns, c, st):
         return OP_SHUTDOWN, SHUTDOWN_SEND
     if p & P_CREDIT or (s == ESTABLISHED and _credit_due(conns, c)):
         return OP_CREDIT_UPDATE, 0
+    if p & P_CREDIT_REQ:
+        if s == ESTABLISHED and peer_credit(conns, c) == 0:
+            return OP_CREDIT_REQUEST, 0
+        conns[c, C_PEND] &= ~P_CREDIT_REQ     # the credit came back meanwhile: nothing to ask
     return 0, 0
 
 
@@ -573,6 +577,11 @@ def rx_serve(mem, q, iov, notify_fd, isr, irq, scratch, hiov, conns, bufs, lk, s
                     op = OP_RW
                     length = got
                     conns[c, C_TX_CNT] += got
+                    if peer_credit(conns, c) == 0:
+                        # The guest's credit is used up.  Linux tells its
+                        # credit only when its free space runs low or when
+                        # asked (§5.10.6.3): ask, once per time it runs out.
+                        conns[c, C_PEND] |= P_CREDIT_REQ
                 elif got == 0:
                     op, flags = OP_SHUTDOWN, SHUTDOWN_SEND      # the host will send no more
                     conns[c, C_HSHUT] |= H_EOF
@@ -591,6 +600,9 @@ def rx_serve(mem, q, iov, notify_fd, isr, irq, scratch, hiov, conns, bufs, lk, s
             elif op == OP_CREDIT_UPDATE:
                 conns[c, C_PEND] &= ~P_CREDIT
                 st[S_CREDIT_SENT] += 1
+            elif op == OP_CREDIT_REQUEST:
+                conns[c, C_PEND] &= ~P_CREDIT_REQ
+                st[S_CREDIT_REQ_SENT] += 1
             elif op == OP_RST:
                 if conns[c, C_FD] >= 0:
                     sys_close(conns[c, C_FD])
