@@ -892,6 +892,7 @@ class Vsock(Device):
         out["tx"]["host_errors"] = int(self.st[S_HOST_ERRORS])
         out["rx"]["resets_sent"] = int(self.st[S_RESETS])
         out["rx"]["credit_updates_sent"] = int(self.st[S_CREDIT_SENT])
+        out["rx"]["credit_requests_sent"] = int(self.st[S_CREDIT_REQ_SENT])
         out["rx"]["connections_open"] = self.connections()
         out["event"]["transport_resets"] = int(self.st[S_EVENTS_SENT])
         return out
