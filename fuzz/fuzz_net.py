@@ -147,8 +147,9 @@ def transmit(ring, results, sent):
         pfds[1] = (_files()[0], POLLIN)
         stats = np.zeros(net.NS_FIELDS, np.int64)
         for head, bufs in ring.chains(results):
-            frame = gather(ring.mem.tobytes(), bufs)
             saved = _visible_only_next(ring)
+            # After the avail index is rewritten: a buffer may cover the ring itself.
+            frame = gather(ring.mem.tobytes(), bufs)
             want = bytearray(ring.mem.tobytes())
             readable = sum(ln for _a, ln, w in bufs if not w)
             refuse = vring.E_CHAIN_WRITABLE if any(w for _a, _l, w in bufs) else \

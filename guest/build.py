@@ -450,6 +450,10 @@ def build_kernel(*, force: bool = False, bzimage: bool = False,
     key = _current_kernel_key()
     kdir = _kernel_dir(key)
     vmlinux = kdir / "vmlinux"
+    # vmlinux is copied in last and atomically: a cached kernel needs no lock,
+    # so a run never waits for another configuration's build.
+    if vmlinux.is_file() and not force and (not bzimage or (kdir / "bzImage").is_file()):
+        return vmlinux
     with _locked(cache_dir() / "build.lock"):
         if vmlinux.is_file() and not force and (not bzimage or (kdir / "bzImage").is_file()):
             return vmlinux

@@ -597,8 +597,13 @@ class Launcher:
             self.gm = GuestMemory(m.mem_bytes)
             try:
                 from .hw.cpuid import guest_cmdline
-                self.info = loader.load_linux(self.gm, m.kernel, guest_cmdline(m.cmdline, self._hide_erms()),
-                                              m.initrd, cpus=m.cpus)
+                cmdline = guest_cmdline(m.cmdline, self._hide_erms())
+                if cfg.hypervisor == "kvm":
+                    # The TSC frequency where Linux ignores its CPUID leaves (hw/firmware.py).
+                    from .hw.firmware import with_tsc_khz_param
+                    from .hw.kvm import guest_tsc
+                    cmdline = with_tsc_khz_param(cmdline, *guest_tsc())
+                self.info = loader.load_linux(self.gm, m.kernel, cmdline, m.initrd, cpus=m.cpus)
             except loader.LoadError as exc:
                 raise UsageError(str(exc)) from None
             except MemoryError:
@@ -831,14 +836,15 @@ class Launcher:
         if self.bus is not None:
             out["interrupts"] = {t.name: t.interrupt_stats() for t in self.bus.devices}
         if self.backend is not None and hasattr(self.backend, "stats"):
-            st = self.backend.stats
+            so_far = getattr(self.backend, "stats_so_far", None)
+            st = so_far() if so_far is not None else self.backend.stats
             out["exits"] = {"pio": st.pio, "mmio": st.mmio, "total": st.total, "assists": dict(st.assists),
                             "other": st.total - st.pio - st.mmio - sum(st.assists.values())}
         for lp in getattr(self.backend, "loops", ()):
-            # Per vCPU: its thread's CPU time while it ran the vCPU, and its exits.
-            st = lp.stats
+            # Per vCPU: its thread's CPU time while it ran the vCPU, and its exits (so far: SIGUSR1 mid-run).
+            st, user, system = lp.so_far()
             out.setdefault("vcpus", []).append(
-                {"vcpu": lp.index, "user_s": lp.cpu_s[0], "system_s": lp.cpu_s[1],
+                {"vcpu": lp.index, "user_s": user, "system_s": system,
                  "exits": {"pio": st.pio, "mmio": st.mmio, "total": st.total, "assists": dict(st.assists)}})
         if self.bus is not None and hasattr(self.bus, "access_counts"):
             out["exit_registers"] = dict(self.bus.access_counts())   # every non-zero port / BAR0 register

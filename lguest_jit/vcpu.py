@@ -241,6 +241,21 @@ def _vcpu_loop(fd, run, ctl, ast, pend, tb):
             return VCPU_LIMIT
 
 
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def _thread_times(tid: int) -> tuple[float, float]:
+    """User and system CPU seconds of this process's thread ``tid`` (0s
+    when it is gone), readable from any thread, unlike RUSAGE_THREAD."""
+    try:
+        with open(f"/proc/self/task/{tid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return 0.0, 0.0
+    fields = stat[stat.rindex(b")") + 2:].split()
+    return int(fields[11]) / _CLK_TCK, int(fields[12]) / _CLK_TCK
+
+
 def _from_disk_cache(kernel) -> bool:
     """True when ``kernel`` was loaded from Numba's disk cache in this
     process (False when compiled, or under NUMBA_DISABLE_JIT)."""
@@ -272,6 +287,8 @@ class VcpuLoop:
         self.parked = False             # its answer in the current round
         self.tables = None              # the bus's tables with this vCPU's own counter arrays
         self.cpu_s = [0.0, 0.0]         # user, system CPU seconds of its thread while running it
+        self._live = None               # while run() runs: (thread id, its CPU times at the start)
+        self._seen = None               # while _run() runs: the counters at its start (so_far)
 
     def stop(self) -> None:
         """Make the loop return before its next KVM_RUN, and a KVM_RUN in
@@ -285,12 +302,39 @@ class VcpuLoop:
         """Run the vCPU on this thread until the guest or the launcher ends
         the run (see ``KvmVm.run``); its thread's CPU time is counted."""
         before = resource.getrusage(resource.RUSAGE_THREAD)
+        tid = threading.get_native_id()
+        self._live = (tid, _thread_times(tid))
         try:
             return self._run(max_exits)
         finally:
+            self._live = None
             after = resource.getrusage(resource.RUSAGE_THREAD)
             self.cpu_s[0] += after.ru_utime - before.ru_utime
             self.cpu_s[1] += after.ru_stime - before.ru_stime
+
+    def so_far(self) -> tuple[ExitStats, float, float]:
+        """This vCPU's exits and its thread's user and system CPU seconds,
+        a run in progress included (``stats`` and ``cpu_s`` take a run's
+        share when it ends): what SIGUSR1's ``--stats`` reports mid-run.
+        The running part is read from /proc (clock ticks) on any thread."""
+        seen, live = self._seen, self._live
+        out = ExitStats(pio=self.stats.pio, mmio=self.stats.mmio, intr=self.stats.intr, total=self.stats.total,
+                        assists=dict(self.stats.assists))
+        user, system = self.cpu_s
+        if seen is not None:
+            d = self.ctl[[V_PIO, V_MMIO, V_INTR, V_EXITS]] - seen[0]
+            out.pio += int(d[0])
+            out.mmio += int(d[1])
+            out.intr += int(d[2])
+            out.total += int(d[3])
+            for name, k in zip(("fwait", "int3"), self.vcpu.assist[[AS_FWAIT, AS_INT3]] - seen[1]):
+                if k:
+                    out.assists[name] = out.assists.get(name, 0) + int(k)
+        if live is not None:
+            now = _thread_times(live[0])
+            user += max(now[0] - live[1][0], 0.0)
+            system += max(now[1] - live[1][1], 0.0)
+        return out, user, system
 
     def _run(self, max_exits) -> RunResult:
         vm, ctl, stats, v = self.vm, self.ctl, self.stats, self.vcpu
@@ -300,6 +344,7 @@ class VcpuLoop:
         counted = [V_PIO, V_MMIO, V_INTR, V_EXITS]
         seen = ctl[counted].copy()
         seen_assists = v.assist[[AS_FWAIT, AS_INT3]].copy()
+        self._seen = (seen, seen_assists)
         try:
             while True:
                 if vm._stop:
@@ -331,6 +376,7 @@ class VcpuLoop:
                 if ctl[V_EXITS] == ctl[V_LIMIT]:
                     return RunResult("stopped", f"{int(ctl[V_EXITS] - start)} exits handled (max_exits)")
         finally:
+            self._seen = None
             d = ctl[counted] - seen
             stats.pio += int(d[0])
             stats.mmio += int(d[1])
@@ -446,6 +492,19 @@ class KvmVm(KvmVmBase):
         out = ExitStats()
         for lp in self.loops:
             st = lp.stats
+            out.pio += st.pio
+            out.mmio += st.mmio
+            out.intr += st.intr
+            out.total += st.total
+            for k, n in st.assists.items():
+                out.assists[k] = out.assists.get(k, 0) + n
+        return out
+
+    def stats_so_far(self) -> ExitStats:
+        """``stats`` with the runs in progress included (VcpuLoop.so_far)."""
+        out = ExitStats()
+        for lp in self.loops:
+            st = lp.so_far()[0]
             out.pio += st.pio
             out.mmio += st.mmio
             out.intr += st.intr

@@ -130,6 +130,36 @@ def test_kvm_vcpu_reports_the_tsc_frequency():
     assert linux_tsc_khz(leaves[0x15], leaves[0x16])[0] == khz
 
 
+def test_tsc_early_khz_is_added_only_where_linux_ignores_the_leaves():
+    add = firmware.with_tsc_khz_param
+    assert add("console=hvc0 tsc=reliable", "AuthenticAMD", 2596130) == "console=hvc0 tsc=reliable tsc_early_khz=2596130"
+    assert add("console=hvc0", "HygonGenuine", 2000000) == "console=hvc0 tsc_early_khz=2000000"
+    assert add("console=hvc0", "GenuineIntel", 2100000) == "console=hvc0"      # CPUID 0x15/0x16 say it
+    assert add("a tsc_early_khz=1000 b", "AuthenticAMD", 2596130) == "a tsc_early_khz=1000 b"   # the user's wins
+    assert add("console=hvc0", "AuthenticAMD", 0) == "console=hvc0"            # unknown: Linux calibrates
+
+
+def test_guest_tsc_names_the_vendor_and_frequency_a_vcpu_gets():
+    """guest_tsc's throwaway vCPU gets what the machine's vCPUs get: the
+    vendor of their CPUID leaf 0 and their KVM_GET_TSC_KHZ."""
+    from lguest_jit.hw.kvm import guest_tsc, kvm_available
+    from lguest_jit.vcpu import KvmVm
+    why = kvm_available()
+    if why:
+        pytest.skip(f"no usable KVM: {why}")
+    vendor, khz = guest_tsc()
+    gm = GuestMemory(16 << 20)
+    vm = KvmVm(gm)
+    try:
+        leaf0 = next(e for e in vm.vcpu_cpuid() if e.function == 0)
+        assert vendor == struct.pack("<III", leaf0.ebx, leaf0.edx, leaf0.ecx).decode()
+        assert khz == vm.tsc_khz() > 0
+    finally:
+        vm.close()
+        gm.close()
+    assert guest_tsc("/nonexistent/kvm") == ("", 0)
+
+
 def test_with_apic_id_sets_only_the_id_fields():
     from lguest_jit.hw.kvm import kvm_cpuid_entry2
 

@@ -166,6 +166,26 @@ def test_report_survives_an_output_it_cannot_write(tmp_path):
     assert lines[3].split()[-1] == HOT and lines[3].split()[1] == "3"
 
 
+def test_mid_run_stacks_name_the_cpu_as_the_exit_file_does(tmp_path):
+    """SIGUSR1's folded stacks of a 2-vCPU run (folded_now) lead with the
+    CPU frame exactly as the file written at exit does, so the two can be
+    subtracted; a 1-vCPU profile has no CPU frame in either."""
+    from lguest_jit.hw.profile import Profiler, folded_now, report
+    code, syms = spinning_guest()
+    kernel = tmp_path / "k.elf"
+    kernel.write_bytes(elf_with_symbols(code, LOAD, syms))
+    hot = LOAD + syms[1][1]
+    prof = Profiler(100)
+    prof.rips, prof.cpls, prof.weights, prof.cpus = [hot, hot, 0x401000], [0, 0, 3], [1, 2, 4], [0, 1, 1]
+    mid = parse_folded(folded_now(prof, str(kernel)))
+    assert mid == {("cpu0", KERNEL_FRAME, HOT): 1, ("cpu1", KERNEL_FRAME, HOT): 2, ("cpu1", USER_FRAME): 4}
+    report(prof, str(kernel), str(tmp_path / "p.folded"))
+    assert parse_folded((tmp_path / "p.folded").read_text()) == mid
+    one = Profiler(100)
+    one.rips, one.cpls, one.weights, one.cpus = [hot], [0], [3], [0]
+    assert parse_folded(folded_now(one, str(kernel))) == {(KERNEL_FRAME, HOT): 3}
+
+
 def test_launcher_side_lines():
     """Threads busiest first with their share of the wall time, exits by
     kind and each breakdown busiest first, interrupts per queue."""

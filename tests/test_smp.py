@@ -92,6 +92,49 @@ def test_two_vcpus_exit_at_once_and_every_counter_is_exact(m2):
     assert list(bar_reads.values()) == [2 * LOOPS], bar_reads           # one register, both vCPUs' reads
 
 
+@needs_kvm
+def test_counts_so_far_include_the_runs_in_progress():
+    """What SIGUSR1's --stats reads mid-run (VcpuLoop.so_far,
+    KvmVm.stats_so_far): each vCPU's exits while its loop still runs,
+    exact, where ``stats`` only takes them when the run returns."""
+    gm = GuestMemory(4 << 20)
+    bus = pci.Bus(gm)
+    t = bus.add_device(Dev())
+    vm = KvmVm(gm, bus, cpus=2)
+    seen = {}
+
+    def done(p, s, w, v):
+        # vCPU 0's thread, mid-run: vCPU 1 finished its exits and spins in its loop.
+        seen["ap"] = vm.loops[1].so_far()
+        seen["ap_stats"] = (vm.loops[1].stats.pio, vm.loops[1].stats.mmio)
+        seen["machine"] = vm.stats_so_far()
+        vm.stop()
+        return 0
+    bus.add_ports(DONE_PORT, 1, done)
+    try:
+        a0 = exits(0x80, t.bar0)
+        a0.mov_imm64(RDI, FLAG).label("w").cmp_byte_rdi_0().jz("w")
+        a0.mov_imm32(RDX, DONE_PORT).out(1).label("spin").jmp("spin")
+        a1 = Asm(origin=AP_ENTRY).mov_imm32(RCX, LOOPS).mov_imm32(RDX, 0x81).mov_imm64(RDI, t.bar0)
+        a1.label("l").out(1).load_at(4, 0x00).dec_ecx().jnz("l")
+        a1.mov_imm64(RDI, FLAG).mov_imm32(RAX, 1).store_at(1, 0).label("spin").jmp("spin")
+        boot_both(vm, bytes(a0), bytes(a1))
+        assert vm.run(timeout=RUN_TIMEOUT).reason == "stopped"
+        ap, user, system = seen["ap"]
+        assert seen["ap_stats"] == (0, 0)                        # not folded in yet
+        assert (ap.pio, ap.mmio) == (LOOPS, LOOPS)
+        assert user >= 0.0 and system >= 0.0
+        assert (seen["machine"].pio, seen["machine"].mmio) == (2 * LOOPS + 1, 2 * LOOPS)
+        # Once the runs returned, so_far and stats agree.
+        after = vm.loops[1].so_far()
+        assert (after[0].pio, after[0].mmio) == (vm.loops[1].stats.pio, vm.loops[1].stats.mmio) == (LOOPS, LOOPS)
+        assert after[1:] == tuple(vm.loops[1].cpu_s)
+    finally:
+        vm.close()
+        bus.close()
+        gm.close()
+
+
 def triple_fault() -> Asm:
     # ud2 with an empty IDT: #UD, #GP, #DF all find no gate: KVM_EXIT_SHUTDOWN.
     return Asm(origin=AP_ENTRY).raw(b"\x0f\x0b")

@@ -40,8 +40,19 @@
   the PIT nor calibrates its delay loop, and marks the frequency known.
   Linux 6.1 reads them only on GenuineIntel CPUs (native_calibrate_tsc,
   cpu_khz_from_cpuid); elsewhere `tsc_early_khz=` on the command line does
-  the same.  The crystal is given as 1 GHz, the rate of KVM's local APIC
-  timer, which Linux derives from it (lapic_timer_period).
+  the same, so the launcher adds it there (``with_tsc_khz_param``).  The
+  crystal is given as 1 GHz, the rate of KVM's local APIC timer, which
+  Linux derives from it (lapic_timer_period).
+
+  Without a known frequency (an AMD host before the parameter was added)
+  Linux on our software-KVM hosts fails to calibrate the TSC against the
+  emulated PIT, marks it unstable, keeps time with refined-jiffies, and
+  fails to verify its local APIC timer: the PIT through the 8259 then
+  drives every tick, and with more than one CPU vCPU 0 forwards each to
+  the others by IPI.  Measured (AMD, 2 vCPUs, 4 CPU-bound processes):
+  vCPU 0's thread spent all its time in that emulated tick path (22 s
+  system, 0.6 s running guest user code, over 115 s) and two vCPUs were
+  slower than one.
 """
 from __future__ import annotations
 
@@ -148,6 +159,17 @@ def with_tsc_frequency(entries: list, tsc_khz: int) -> list:
             entries.append(e)
         e.eax, e.ebx, e.ecx, e.edx = regs
     return entries
+
+
+def with_tsc_khz_param(cmdline: str, vendor: str, tsc_khz: int) -> str:
+    """The guest's command line with ``tsc_early_khz=tsc_khz`` appended
+    where Linux ignores the CPUID frequency leaves (a CPU ``vendor`` other
+    than GenuineIntel), unless the line already sets it or the frequency
+    is unknown (0).  Linux reads the parameter on every vendor."""
+    words = cmdline.split()
+    if vendor == "GenuineIntel" or tsc_khz <= 0 or any(w.startswith("tsc_early_khz=") for w in words):
+        return cmdline
+    return " ".join(words + [f"tsc_early_khz={tsc_khz}"])
 
 
 def with_apic_id(entries: list, apic_id: int) -> list:

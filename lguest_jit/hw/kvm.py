@@ -72,6 +72,42 @@ def kvm_available(path: str = "/dev/kvm") -> str | None:
     return None
 
 
+def guest_tsc(path: str = "/dev/kvm") -> tuple[str, int]:
+    """(CPU vendor, TSC kHz) that a vCPU made here gets: the vendor string of
+    KVM_GET_SUPPORTED_CPUID's leaf 0 and KVM_GET_TSC_KHZ of a throwaway VM's
+    vCPU (a few ms), before the guest's command line is written.  ("", 0)
+    when KVM will not say."""
+    fds = []
+    try:
+        kvm = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        fds.append(kvm)
+
+        def entries(n):
+            class _cpuid(ctypes.Structure):
+                _fields_ = [("nent", u32), ("padding", u32), ("entries", kvm_cpuid_entry2 * n)]
+            buf = _cpuid()
+            buf.nent = n
+            return buf
+        buf = ioctl_growing(kvm, KVM_GET_SUPPORTED_CPUID, entries, "KVM_GET_SUPPORTED_CPUID", limit=4096)
+        leaf0 = next((buf.entries[i] for i in range(buf.nent) if buf.entries[i].function == 0), None)
+        vendor = "" if leaf0 is None else (int(leaf0.ebx).to_bytes(4, "little") + int(leaf0.edx).to_bytes(4, "little")
+                                           + int(leaf0.ecx).to_bytes(4, "little")).decode("latin-1")
+        vm = ioctl(kvm, KVM_CREATE_VM, 0, "KVM_CREATE_VM")
+        fds.append(vm)
+        vcpu = ioctl(vm, KVM_CREATE_VCPU, 0, "KVM_CREATE_VCPU")
+        fds.append(vcpu)
+        try:
+            khz = fcntl.ioctl(vcpu, KVM_GET_TSC_KHZ, 0)
+        except OSError:
+            khz = 0
+        return vendor, max(int(khz), 0)
+    except OSError:
+        return "", 0
+    finally:
+        for fd in reversed(fds):
+            os.close(fd)
+
+
 # ---------------------------------------------------------------------------
 # Results of a run
 

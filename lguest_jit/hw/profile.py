@@ -424,6 +424,18 @@ def launcher_lines(stats: dict) -> list[str]:
     return lines
 
 
+def _stacks(profiler: Profiler, symbols: Symbols | None) -> collections.Counter:
+    by_cpu = profiler.counts_by_cpu()
+    if len(by_cpu) <= 1:
+        return fold(profiler.counts(), symbols)
+    # More than one vCPU sampled: the CPU is each stack's first frame.
+    stacks = collections.Counter()
+    for cpu, counts in sorted(by_cpu.items()):
+        for stack, n in fold(counts, symbols).items():
+            stacks[f"cpu{cpu};{stack}"] += n
+    return stacks
+
+
 def report(profiler: Profiler, kernel: str, path: str | None, launcher_stats: dict | None = None) -> list[str]:
     """Symbolize ``profiler``'s samples with ``kernel``'s symbol table,
     write the folded stacks to ``path`` (if given) and return the report
@@ -434,15 +446,7 @@ def report(profiler: Profiler, kernel: str, path: str | None, launcher_stats: di
         symbols = Symbols.from_elf(kernel)
     except (ProfileError, OSError) as exc:
         notes.append(f"  no kernel symbols: {exc}; kernel addresses are printed raw")
-    by_cpu = profiler.counts_by_cpu()
-    if len(by_cpu) > 1:
-        # More than one vCPU sampled: the CPU is each stack's first frame.
-        stacks = collections.Counter()
-        for cpu, counts in sorted(by_cpu.items()):
-            for stack, n in fold(counts, symbols).items():
-                stacks[f"cpu{cpu};{stack}"] += n
-    else:
-        stacks = fold(profiler.counts(), symbols)
+    stacks = _stacks(profiler, symbols)
     if path is not None:
         try:
             with open(path, "w") as f:
@@ -477,8 +481,8 @@ def _symbols_of(kernel: str):
 
 def folded_now(profiler: Profiler, kernel: str) -> str:
     """The folded stacks of the samples taken so far (SIGUSR1 writes them
-    mid-run); the kernel's symbols are read once."""
-    return folded_text(fold(profiler.counts(), _symbols_of(kernel)))
+    mid-run), led by a cpuN frame as at exit; the kernel's symbols are read once."""
+    return folded_text(_stacks(profiler, _symbols_of(kernel)))
 
 
 __all__ = ["Profiler", "Symbols", "ProfileError", "ThreadTimer", "fold", "folded_text", "parse_folded", "leaf_totals",
