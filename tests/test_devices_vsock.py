@@ -338,6 +338,30 @@ def test_many_connections_at_once_and_the_limit(rig, tmp_path):
         assert hosts[k].recv(100) == b"conn %d" % k
 
 
+def test_a_connection_with_much_to_send_leaves_buffers_for_the_others(rig, tmp_path):
+    # The rx thread sends a busy connection's data a burst at a time
+    # (RX_BURST packets), then the other connections' turn comes: B's few
+    # bytes, there before A's, reach the guest within A's first burst,
+    # not after all of A's backlog has taken the ring.
+    gm, bus, dev, drv, guest, _ = rig()
+    host_a = _established(guest, tmp_path, 40000, 1234)
+    host_b = _established(guest, tmp_path, 40001, 1235)
+    backlog = os.urandom(24 * 4096)
+    host_b.sendall(b"few bytes")
+    host_a.sendall(backlog)
+    got_a, order = b"", []
+    while len(got_a) < len(backlog) or 40001 not in order:
+        pkt = guest.recv()
+        assert pkt["op"] == vs.OP_RW, pkt
+        order.append(pkt["dst_port"])
+        if pkt["dst_port"] == 40000:
+            got_a += pkt["data"]
+        else:
+            assert pkt["data"] == b"few bytes"
+    assert got_a == backlog and len(order) > vs.RX_BURST + 1
+    assert order.index(40001) <= vs.RX_BURST, order
+
+
 def test_restore_sends_the_transport_reset_event(rig, tmp_path):
     gm, bus, dev, drv, guest, _ = rig()
     dev.load_state({})

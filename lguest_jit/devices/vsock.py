@@ -45,8 +45,8 @@ from ..hw.fields import Record
 from ..hw.libc import (EAGAIN, EINTR, POLLERR, POLLHUP, POLLIN, POLLNVAL, POLLOUT, fill_host_iov, host_iov,
                        pollfds, sys_close, sys_poll, sys_read, sys_readv, sys_shutdown, sys_write, sys_writev)
 from ..hw.memory import cpu_relax, put_le, xchg_i64
-from ..vring import (CHAIN_READABLE, CHAIN_WRITABLE, Q_IN, Q_OUT, Q_OUT_BYTES, Q_STOP, STOPPED, buf_to_iov,
-                     complete, finish, iov_consume, iov_to_buf, next_chain, notify_used, unpop)
+from ..vring import (CHAIN_READABLE, CHAIN_WRITABLE, Q_IN, Q_IN_BYTES, Q_OUT, Q_OUT_BYTES, Q_STOP, STOPPED,
+                     buf_to_iov, complete, finish, iov_consume, iov_to_buf, next_chain, notify_used, unpop)
 from .base import Device
 
 VIRTIO_ID_VSOCK = 19
@@ -66,6 +66,7 @@ MAX_CONNS = 64                          # connections at once; a request beyond 
 BUF_ALLOC = 256 * 1024                  # what the guest may have in flight per connection (our buf_alloc)
 MAX_PKT = 64 * 1024                     # largest payload of one packet, both ways
 MAX_STRAYS = 16                         # RSTs owed for packets that name no connection
+RX_BURST = 16                           # data packets one connection sends in a row before the next has its turn
 
 # Connection table columns.
 C_STATE, C_FD, C_GPORT, C_HPORT, C_PEER_BUF, C_PEER_FWD, C_TX_CNT, C_RX_CNT, C_FWD_CNT, C_FWD_SENT, \
@@ -527,7 +528,21 @@ def rx_serve(mem, q, iov, notify_fd, isr, irq, scratch, hiov, conns, bufs, lk, s
             complete(mem, q, head, HDR_SIZE, 0)
             st[S_RESETS] += 1
             idle = False
-        for c in range(conns.shape[0]):
+        # Each row in turn; a row whose read just filled a whole packet
+        # (its socket likely holds more) goes again, up to RX_BURST packets
+        # a round, then the next: a poll round per packet cost host -> guest
+        # a quarter of its rate at 4 KiB.
+        full = np.int64(0)
+        c = -1
+        again = False
+        burst = 0
+        while True:
+            if not again:
+                c += 1
+                if c >= conns.shape[0]:
+                    break
+                burst = 0
+            again = False
             # Half-close towards the host once the guest's data is all out.
             lock(lk)
             if (conns[c, C_STATE] == ESTABLISHED and conns[c, C_GSHUT] & SHUTDOWN_SEND and conns[c, C_FD] >= 0
@@ -562,6 +577,7 @@ def rx_serve(mem, q, iov, notify_fd, isr, irq, scratch, hiov, conns, bufs, lk, s
                 # Data: as much as the guest has credit and buffer for.
                 iov_consume(iov, 0, nin, HDR_SIZE)
                 cap = min(peer_credit(conns, c), MAX_PKT)
+                full = min(cap, q[Q_IN_BYTES] - HDR_SIZE)
                 hn = _cap_hiov(hiov, fill_host_iov(mem, iov, 0, nin, hiov), cap)
                 got = np.int64(-EAGAIN)
                 if cap > 0 and hn > 0 and conns[c, C_FD] >= 0:
@@ -615,6 +631,9 @@ def rx_serve(mem, q, iov, notify_fd, isr, irq, scratch, hiov, conns, bufs, lk, s
             buf_to_iov(mem, saved, 0, nin, hdr, HDR_SIZE)
             complete(mem, q, head, HDR_SIZE + length, length)
             idle = False
+            if op == OP_RW and length == full and burst < RX_BURST - 1:
+                again = True
+                burst += 1
 
 
 @njit(nogil=True, cache=True)
