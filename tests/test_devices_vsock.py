@@ -243,6 +243,8 @@ def test_credit_holds_a_host_sender_whose_guest_stops_reading(rig, tmp_path):
         assert pkt["op"] == vs.OP_RW
         got += pkt["data"]
     assert len(got) == 16384                            # exactly the credit, no more
+    pkt = guest.recv()                                  # ... and the device asks for more, once
+    assert pkt["op"] == vs.OP_CREDIT_REQUEST and (pkt["src_port"], pkt["dst_port"]) == (1234, 40000)
     with pytest.raises(TimeoutError):
         guest.recv(timeout=0.5)
     guest.consumed(40000, 1234, len(got))
@@ -250,6 +252,32 @@ def test_credit_holds_a_host_sender_whose_guest_stops_reading(rig, tmp_path):
     pkt = guest.recv()
     assert pkt["op"] == vs.OP_RW and len(pkt["data"]) > 0
     assert got + pkt["data"] == (block * 4)[:len(got) + len(pkt["data"])]
+
+
+def test_a_guest_that_tells_its_credit_only_when_asked_gets_asked(rig, tmp_path):
+    # Linux sends CREDIT_UPDATE only when its free space runs low or when
+    # asked (CREDIT_REQUEST).  A guest that consumed everything but has not
+    # said so must not leave the host's data stuck: the device, out of
+    # credit, asks, and the guest's answer lets the rest through.
+    gm, bus, dev, drv, guest, _ = rig()
+    guest.buf_alloc = 16384
+    host = _established(guest, tmp_path)
+    guest.send(vs.OP_CREDIT_UPDATE, 40000, 1234)
+    assert _wait(lambda: dev.conns[:, vs.C_PEER_BUF].max() == 16384)
+    data = os.urandom(4 * 16384 + 1000)
+    host.sendall(data)
+    got, asked = b"", 0
+    while len(got) < len(data):
+        pkt = guest.recv()
+        if pkt["op"] == vs.OP_RW:
+            got += pkt["data"]
+            guest.consumed(40000, 1234, len(pkt["data"]))       # read at once, but not said
+        else:
+            assert pkt["op"] == vs.OP_CREDIT_REQUEST, pkt
+            asked += 1
+            guest.send(vs.OP_CREDIT_UPDATE, 40000, 1234)         # Linux's answer
+    assert got == data and asked == 4
+    assert dev.counters()["rx"]["credit_requests_sent"] == 4
 
 
 def test_the_device_advertises_credit_as_the_host_reads(rig, tmp_path):
@@ -308,6 +336,30 @@ def test_many_connections_at_once_and_the_limit(rig, tmp_path):
         guest.send(vs.OP_RW, 50000 + k, 7, b"conn %d" % k)
         hosts[k].settimeout(5)
         assert hosts[k].recv(100) == b"conn %d" % k
+
+
+def test_a_connection_with_much_to_send_leaves_buffers_for_the_others(rig, tmp_path):
+    # The rx thread sends a busy connection's data a burst at a time
+    # (RX_BURST packets), then the other connections' turn comes: B's few
+    # bytes, there before A's, reach the guest within A's first burst,
+    # not after all of A's backlog has taken the ring.
+    gm, bus, dev, drv, guest, _ = rig()
+    host_a = _established(guest, tmp_path, 40000, 1234)
+    host_b = _established(guest, tmp_path, 40001, 1235)
+    backlog = os.urandom(24 * 4096)
+    host_b.sendall(b"few bytes")
+    host_a.sendall(backlog)
+    got_a, order = b"", []
+    while len(got_a) < len(backlog) or 40001 not in order:
+        pkt = guest.recv()
+        assert pkt["op"] == vs.OP_RW, pkt
+        order.append(pkt["dst_port"])
+        if pkt["dst_port"] == 40000:
+            got_a += pkt["data"]
+        else:
+            assert pkt["data"] == b"few bytes"
+    assert got_a == backlog and len(order) > vs.RX_BURST + 1
+    assert order.index(40001) <= vs.RX_BURST, order
 
 
 def test_restore_sends_the_transport_reset_event(rig, tmp_path):

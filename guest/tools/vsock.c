@@ -15,6 +15,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <sys/time.h>
 #include <sys/wait.h>
 #include <unistd.h>
 #include <linux/vm_sockets.h>
@@ -31,7 +32,12 @@ static int open_listener(unsigned port) {
 
 static int dial(unsigned cid, unsigned port) {
 	struct sockaddr_vm a = { .svm_family = AF_VSOCK, .svm_cid = cid, .svm_port = port };
+	/* The kernel's default is 2 s for the peer's answer: too short for an
+	 * emulated guest kernel busy with other connections. */
+	struct timeval patience = { .tv_sec = 120 };
 	int s = socket(AF_VSOCK, SOCK_STREAM, 0);
+	if (s >= 0)
+		setsockopt(s, AF_VSOCK, SO_VM_SOCKETS_CONNECT_TIMEOUT, &patience, sizeof patience);
 	if (s < 0 || connect(s, (void *)&a, sizeof a) < 0)
 		return -1;
 	return s;
