@@ -460,8 +460,13 @@ def test_raw_terminal_restores_on_exit_and_exception(fds):
 
 
 CHILD = textwrap.dedent("""
-    import sys, time
+    import signal, sys, time
     from lguest_jit.devices.console import raw_terminal
+    # The signals at their defaults, as a terminal session has them: a test
+    # run started under nohup or with & hands them down ignored, and
+    # raw_terminal rightly leaves an ignored signal ignored.
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_DFL)
     fd, how = int(sys.argv[1]), sys.argv[2]
     term = raw_terminal(fd)
     if how == "atexit":
