@@ -66,7 +66,9 @@ def one_input(data: bytes) -> str:
     except ValueError as exc:
         return digest("refused", str(exc))
     text = line.split(b"\n", 1)[0].decode()
-    assert _depth(request) == warm.nesting(text) <= warm.MAX_DEPTH, text[:200]
+    # The bound holds for the text json.loads recursed through; the value
+    # can be shallower (a repeated key keeps only its last value).
+    assert _depth(request) <= warm.nesting(text) <= warm.MAX_DEPTH, text[:200]
     # What the child does with an accepted request cannot fail.
     assert request["protocol"] == warm.PROTOCOL
     for a in request["argv"]:
