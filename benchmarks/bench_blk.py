@@ -379,6 +379,8 @@ def msix_driver(gm, drv, qi, feats, heads, depth):
     q = drv.queues[qi]
     notify = next(t.notify_fds[qi] for t in drv.bus.devices if t.slot == drv.slot)
     irq = drv.vector_fd(1 + qi)
+    if q.packed:            # --packed=on (bench sweep): the split driver would hang on a packed ring
+        return _packed_driver(gm, q, feats, heads, depth, False, notify, irq)
     rings = np.array([q.desc, q.avail, q.used], dtype=np.int64)
     event_idx = bool(feats >> vring.VIRTIO_RING_F_EVENT_IDX & 1)
     scratch = np.zeros(1, np.uint64)

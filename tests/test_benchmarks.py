@@ -144,3 +144,19 @@ def test_sweep_plot_has_the_knob_on_its_x_axis(tmp_path):
             assert list(line.get_xdata()) == [0, 1]
             assert list(line.get_ydata()) == [rep["queue-size=4"][metric], rep["queue-size=64"][metric]]
     assert units == {"requests per second (log scale)", "MB/s (log scale)"}
+
+
+def test_a_packed_sweep_drives_the_multiqueue_block_cases_on_packed_rings():
+    """`bench sweep --param=packed=on blk`: the N-queue cases drive the
+    packed rings the device offers with the packed driver (the split driver
+    wrote a split ring into them and the sweep never ended)."""
+    import json
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, "-m", "lguest_jit.main", "bench", "sweep", "--param=packed=on", "blk",
+                        "--quick", "--json"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    on = json.loads(r.stdout)["packed=on"]
+    mq = {k: v for k, v in on.items() if k.startswith("mq")}
+    assert {"mq1_4KiB_depth16_requests_per_s", "mq2_4KiB_depth16_requests_per_s"} <= mq.keys(), on.keys()
+    assert all(v > 0 for v in mq.values()), mq
