@@ -214,7 +214,7 @@ def _drive_packed(mem, rings, size, state, reqs, nrows, ids, slots_of, depth, to
     return done
 
 
-def _packed_driver(gm, q, feats, heads, depth, poll, notify, irq):
+def _packed_driver(gm, q, feats, heads, depth, poll, notify, irq, label):
     rows = [q.rows[int(h)] for h in heads[:depth]]
     width = max(len(r) for r in rows)
     reqs = np.zeros((depth, width, 3), dtype=np.int64)
@@ -233,7 +233,7 @@ def _packed_driver(gm, q, feats, heads, depth, poll, notify, irq):
         state[:] = (q.next_avail, q.avail_wrap, q.last_used, q.used_wrap)
         if _drive_packed(gm.mem, rings, q.size, state, reqs, nrows, ids, slots_of, depth, n, notify, irq, event_idx,
                          scratch, poll) != n:
-            raise RuntimeError("device stopped answering")
+            raise RuntimeError(f"{label}device stopped answering")
         q.next_avail, q.avail_wrap, q.last_used, q.used_wrap = (int(v) for v in state)
         if event_idx and not poll:
             q.event_shadow = vring.RING_EVENT_FLAGS_DESC
@@ -246,17 +246,21 @@ def driver(gm, bus, q, feats, heads, depth, poll=False, queue=0):
     posted once and drained), keeping the Python-side driver in step.  A
     packed queue (``q.packed``: the driver negotiated VIRTIO_F_RING_PACKED,
     ``--packed=on``) is driven by ``_drive_packed``."""
-    notify = bus.ioeventfds()[queue][2]
-    irq = bus.interrupts()[0][1]
+    return _driver_on(gm, q, feats, heads, depth, poll, bus.ioeventfds()[queue][2], bus.interrupts()[0][1])
+
+
+def _driver_on(gm, q, feats, heads, depth, poll, notify, irq, label=""):
+    """``driver``'s ``run(n)`` on the given notification and interrupt
+    eventfds, for either ring layout."""
     if q.packed:
-        return _packed_driver(gm, q, feats, heads, depth, poll, notify, irq)
+        return _packed_driver(gm, q, feats, heads, depth, poll, notify, irq, label)
     rings = np.array([q.desc, q.avail, q.used], dtype=np.int64)
     event_idx = bool(feats >> vring.VIRTIO_RING_F_EVENT_IDX & 1)
     scratch = np.zeros(1, np.uint64)
 
     def run(n):
         if _drive(gm.mem, rings, q.size, heads, depth, n, notify, irq, event_idx, scratch, poll) != n:
-            raise RuntimeError("device stopped answering")
+            raise RuntimeError(f"{label}device stopped answering")
         # Keep the Python-side driver's view in step (for teardown).
         q.avail_shadow = ld_u16(gm.mem, q.avail + 2)
         q.last_used = ld_u16(gm.mem, q.used + 2)
@@ -376,21 +380,9 @@ def msix_driver(gm, drv, qi, feats, heads, depth):
     driver that took MSI-X (``drv.init(msix=True)``): the queue's own
     notification eventfd and its vector's eventfd, so N such drivers on N
     threads never take each other's interrupts."""
-    q = drv.queues[qi]
     notify = next(t.notify_fds[qi] for t in drv.bus.devices if t.slot == drv.slot)
-    irq = drv.vector_fd(1 + qi)
-    if q.packed:            # --packed=on (bench sweep): the split driver would hang on a packed ring
-        return _packed_driver(gm, q, feats, heads, depth, False, notify, irq)
-    rings = np.array([q.desc, q.avail, q.used], dtype=np.int64)
-    event_idx = bool(feats >> vring.VIRTIO_RING_F_EVENT_IDX & 1)
-    scratch = np.zeros(1, np.uint64)
-
-    def run(n):
-        if _drive(gm.mem, rings, q.size, heads, depth, n, notify, irq, event_idx, scratch, False) != n:
-            raise RuntimeError(f"queue {qi}: device stopped answering")
-        q.avail_shadow = ld_u16(gm.mem, q.avail + 2)
-        q.last_used = ld_u16(gm.mem, q.used + 2)
-    return run
+    return _driver_on(gm, drv.queues[qi], feats, heads, depth, False, notify, drv.vector_fd(1 + qi),
+                      f"queue {qi}: ")
 
 
 def _mq_device_rate(path, req_bytes, queues, min_time):
