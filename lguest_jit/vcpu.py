@@ -256,6 +256,19 @@ def _thread_times(tid: int) -> tuple[float, float]:
     return int(fields[11]) / _CLK_TCK, int(fields[12]) / _CLK_TCK
 
 
+def _summed(stats) -> ExitStats:
+    """One ExitStats adding up several (every vCPU's)."""
+    out = ExitStats()
+    for st in stats:
+        out.pio += st.pio
+        out.mmio += st.mmio
+        out.intr += st.intr
+        out.total += st.total
+        for k, n in st.assists.items():
+            out.assists[k] = out.assists.get(k, 0) + n
+    return out
+
+
 def _from_disk_cache(kernel) -> bool:
     """True when ``kernel`` was loaded from Numba's disk cache in this
     process (False when compiled, or under NUMBA_DISABLE_JIT)."""
@@ -489,29 +502,11 @@ class KvmVm(KvmVmBase):
         loop counts its own, see "Per vCPU and shared")."""
         if len(self.loops) == 1:
             return self.loops[0].stats
-        out = ExitStats()
-        for lp in self.loops:
-            st = lp.stats
-            out.pio += st.pio
-            out.mmio += st.mmio
-            out.intr += st.intr
-            out.total += st.total
-            for k, n in st.assists.items():
-                out.assists[k] = out.assists.get(k, 0) + n
-        return out
+        return _summed(lp.stats for lp in self.loops)
 
     def stats_so_far(self) -> ExitStats:
         """``stats`` with the runs in progress included (VcpuLoop.so_far)."""
-        out = ExitStats()
-        for lp in self.loops:
-            st = lp.so_far()[0]
-            out.pio += st.pio
-            out.mmio += st.mmio
-            out.intr += st.intr
-            out.total += st.total
-            for k, n in st.assists.items():
-                out.assists[k] = out.assists.get(k, 0) + n
-        return out
+        return _summed(lp.so_far()[0] for lp in self.loops)
 
     def claim_reset_port(self) -> None:
         """Claim port 0x64 on the bus so the guest can reboot the PC way:
