@@ -87,6 +87,17 @@ def _notify_fields(ring):
     return [USED, USED + 1, end, end + 1]
 
 
+def _settle(ring, want, saved) -> None:
+    """After a kernel call: the notification fields it may write go into
+    the shadow as it left them, and avail.idx goes back to ``saved`` (the
+    value before the harness rewrote it) in both."""
+    got = ring.mem.tobytes()
+    for a in _notify_fields(ring):
+        want[a] = got[a]
+    ring.mem[AVAIL + 2:AVAIL + 4] = np.frombuffer(saved, np.uint8)
+    want[AVAIL + 2:AVAIL + 4] = saved
+
+
 def _serve(ring, kernel, pfds, tap_fd, stats):
     q = ring.q
     return int(kernel(ring.mem, q, ring.iov, -1, np.zeros(1, np.uint8), _files()[2], np.zeros(1, np.uint64),
@@ -100,11 +111,7 @@ def _step(ring, kernel, pfds, tap_fd, stats, want: bytearray, refuse: int, saved
     q = ring.q
     errors, first = int(q[vring.Q_N_ERRORS]), int(q[vring.Q_ERROR])
     code = _serve(ring, kernel, pfds, tap_fd, stats)
-    got = ring.mem.tobytes()
-    for a in _notify_fields(ring):
-        want[a] = got[a]
-    ring.mem[AVAIL + 2:AVAIL + 4] = np.frombuffer(saved, np.uint8)
-    want[AVAIL + 2:AVAIL + 4] = saved
+    _settle(ring, want, saved)
     if refuse:
         assert code == -refuse, (code, vring.error_message(code), refuse)
         assert int(q[vring.Q_N_ERRORS]) == errors + 1, "the refusal was not counted"
@@ -284,11 +291,7 @@ def control(ring, results, max_pairs: int):
             mq[net.MQ_ACTIVE] = mq[net.MQ_WANTED]
             code = call()
             assert int(mq[net.MQ_HELD]) == -1
-        got = ring.mem.tobytes()
-        for a in _notify_fields(ring):
-            want[a] = got[a]
-        ring.mem[AVAIL + 2:AVAIL + 4] = np.frombuffer(saved, np.uint8)
-        want[AVAIL + 2:AVAIL + 4] = saved
+        _settle(ring, want, saved)
         if refuse:
             assert code == -refuse, (code, vring.error_message(code), refuse)
             assert int(q[vring.Q_N_ERRORS]) == errors + 1, "the refusal was not counted"
@@ -300,7 +303,7 @@ def control(ring, results, max_pairs: int):
         if refuse:
             results.append(("refused", code))
             break
-        results.append((head, int(got[bufs[-1][0] + bufs[-1][1] - 1]), int(mq[net.MQ_ACTIVE])))
+        results.append((head, int(ring.mem[bufs[-1][0] + bufs[-1][1] - 1]), int(mq[net.MQ_ACTIVE])))
 
 
 def one_input(data: bytes) -> str:
