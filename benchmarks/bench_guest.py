@@ -281,7 +281,7 @@ def _knob_options() -> list:
     from lguest_jit.devices.knobs import KNOBS, Knobs
     knobs, default = device_knobs(), Knobs()
     opts = []
-    for name, (field, _, _) in KNOBS.items():
+    for name, (field, *_) in KNOBS.items():
         v = getattr(knobs, field)
         if v != getattr(default, field):
             opts.append(f"--{name}=" + ("on" if v is True else "off" if v is False else f"{v:g}" if isinstance(v, float)

@@ -1,6 +1,8 @@
 """`bench guest`: the guest workload's console parsed into figures, the
 launcher's snapshots subtracted per group, and the --erms choice (no guest
 boots here: the boots are the benchmark's)."""
+import dataclasses
+import json
 import os
 import shutil
 import subprocess
@@ -131,6 +133,21 @@ def test_erms_choice_and_guest_command_line():
         parse_knobs({"erms": "maybe"})
     assert sweep.unsweepable("erms", "blk") and sweep.unsweepable("erms", "guest") is None
     assert sweep.unsweepable("queue-size", "blk") is None
+
+
+@pytest.mark.parametrize("values", [{"erms": "on"}, {"packed": "on", "queue-size": "64", "blk-poll-us": "2.5"},
+                                    {"event-idx": "off", "indirect": "off", "blk-queues": "2", "net-queues": "1"}])
+def test_swept_knobs_become_launcher_options_it_accepts(monkeypatch, values):
+    """`bench sweep --param=KNOB=... guest` hands each value to the
+    launcher as its option: every knob the sweep sets reaches the command
+    line, and the launcher's own parser reads back the same knobs."""
+    from lguest_jit.devices.knobs import BENCH_ENV
+    knobs = parse_knobs(values)
+    monkeypatch.setenv(BENCH_ENV, json.dumps(dataclasses.asdict(knobs)))
+    opts = bench_guest._knob_options()
+    assert len(opts) == len(values)
+    back = {o[2:].split("=", 1)[0]: o.split("=", 1)[1] for o in opts}
+    assert parse_knobs(back) == knobs
 
 
 def test_software_kvm_detection(tmp_path):
