@@ -82,11 +82,12 @@ def scratch_disk() -> Path:
 def launcher_argv(args) -> list[str]:
     g = built_guest()
     argv = [sys.executable, "-m", "lguest_jit.main", "--rng"]
+    tuning = False if args.no_host_tuning else None
     if args.initramfs:
-        cmdline = default_cmdline(args.workload, "hvc0")
+        cmdline = default_cmdline(args.workload, "hvc0", host_tuning=tuning)
         argv += [f"--block={scratch_disk()}", f"--initrd={g['initramfs']}"]
     else:
-        cmdline = default_cmdline(args.workload, "hvc0", root="/dev/vda")
+        cmdline = default_cmdline(args.workload, "hvc0", root="/dev/vda", host_tuning=tuning)
         argv += [f"--block={user_root_disk(g['rootfs'], args.fresh_root)}", f"--block={scratch_disk()}"]
     return argv + [str(MEM_MB), str(g["vmlinux"]), *cmdline.split()]
 
@@ -97,6 +98,8 @@ def main(argv=None) -> int:
     ap.add_argument("workload", nargs="?", default="selftest", choices=WORKLOADS)
     ap.add_argument("--initramfs", action="store_true", help="boot the initramfs instead of the root disk")
     ap.add_argument("--fresh-root", action="store_true", help="start again from the built root-disk image")
+    ap.add_argument("--no-host-tuning", action="store_true",
+                    help="leave out the command-line words added on software-KVM hosts (guest/build.py)")
     ap.add_argument("--print", dest="print_only", action="store_true",
                     help="print the lguest-jit command line instead of running it")
     args = ap.parse_args(argv)

@@ -355,6 +355,19 @@ def test_rootfs_tree_moves_init_and_has_no_device_nodes():
     assert not any(stat.S_ISCHR(e.mode) or stat.S_ISBLK(e.mode) for e in entries)
 
 
+def test_software_kvm_words_only_where_asked_or_detected(monkeypatch):
+    """The boot-time cuts for emulated guest kernels are added on a software
+    KVM (or when asked) and never on hardware KVM (or when turned off)."""
+    from lguest_jit.hw import hosts
+    cuts = build.SOFTWARE_KVM_CMDLINE.split()
+    assert set(cuts) <= set(build.default_cmdline(host_tuning=True).split())
+    assert not set(cuts) & set(build.default_cmdline(host_tuning=False).split())
+    monkeypatch.setattr(hosts, "software_kvm", lambda: "kvm_pvm (test)")
+    assert set(cuts) <= set(build.default_cmdline().split())
+    monkeypatch.setattr(hosts, "software_kvm", lambda: None)
+    assert not set(cuts) & set(build.default_cmdline().split())
+
+
 def test_default_cmdline_for_a_root_disk():
     words = build.default_cmdline("persist", "hvc0", root="/dev/vda").split()
     assert {"root=/dev/vda", "rootfstype=ext4", "rw", "lguest_jit.workload=persist"} <= set(words)
