@@ -115,7 +115,8 @@ def latency_summary(hist) -> dict:
 def counters(q) -> dict:
     return {"chains": int(q[Q_N_CHAINS]), "used": int(q[Q_N_USED]), "notifications": int(q[Q_N_NOTIFY]),
             "interrupts": int(q[Q_N_IRQ]), "interrupts_suppressed": int(q[Q_N_IRQ_SUPPRESSED]),
-            "errors": int(q[Q_N_ERRORS]), "bytes": int(q[Q_N_BYTES]), "latency": latency(q)}
+            "errors": int(q[Q_N_ERRORS]), "bytes": int(q[Q_N_BYTES]), "poll_hits": int(q[Q_N_POLL_HITS]),
+            "latency": latency(q)}
 
 
 def latency(q) -> dict:

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 
 import pytest
 
@@ -363,6 +364,18 @@ def test_bridge_and_bad_bridges():
 
 def test_close_removes_tap_and_threads():
     run_in_netns("scn_close")
+
+
+def test_only_transmit_queues_busy_poll():
+    """Receive queues wait on the tap and the control queue is rare: only
+    transmit queues (1, 3, ... below the control queue) poll for frames."""
+    for pairs, want in ((1, [0.0, 50.0]), (3, [0.0, 50.0] * 3 + [0.0])):
+        dev = types.SimpleNamespace(pairs=pairs, tx_poll_us=50.0)
+        assert [net.Net.queue_poll_us(dev, i) for i in range(len(want))] == want
+
+
+def test_transmit_queue_finds_a_frame_posted_without_a_notification():
+    run_in_netns("scn_tx_poll")
 
 
 # ---------------------------------------------------------------------------
@@ -732,6 +745,23 @@ def scn_bridge():
     with IPRoute() as ipr:
         names = {link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
     assert names == {"lo", "br0"}, names
+
+
+def scn_tx_poll():
+    """The transmit thread, done with a frame, keeps looking for the next one
+    for tx_poll_us before it sleeps: a frame posted in that window, with no
+    notification, is sent and counted as a poll hit."""
+    gm, bus, dev, _ = _tap_machine()
+    dev.tx_poll_us = 200_000.0                  # a window no test machine can miss
+    drv = _bring_up(bus, gm, dev)
+    _send(drv, arp_request(GUEST_MAC, GUEST_IP, HOST_IP))
+    before = dev.counters()["tx"]["notifications"]
+    drv.queues[net.TX].add(out=[HDR0, arp_request(GUEST_MAC, GUEST_IP, HOST_IP)])     # no kick
+    head, length, _ = drv.wait_used(net.TX, timeout=5)
+    c = dev.counters()["tx"]
+    assert c["poll_hits"] >= 1 and c["notifications"] == before and c["requests"] == 2
+    drv.reset()
+    _close(gm, bus, dev)
 
 
 def scn_close():

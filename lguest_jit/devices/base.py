@@ -119,6 +119,10 @@ class Device(VirtioDevice):
         if knobs.packed:
             self.features |= 1 << vring.VIRTIO_F_RING_PACKED
 
+    def queue_poll_us(self, index: int) -> float:
+        """Busy-poll budget of queue ``index`` (every queue: ``poll_us``)."""
+        return self.poll_us
+
     def on_activate(self, ctx: QueueContext) -> None:
         """Hook before the threads start (e.g. negotiated-feature set-up)."""
 
@@ -133,7 +137,8 @@ class Device(VirtioDevice):
                 continue
             q[vring.Q_STOP] = 0
             self.layouts[i] = vring.layout_name(q)
-            vring.set_poll(q, vring.spins_for(self.poll_us) if self.poll_us else 0)
+            poll_us = self.queue_poll_us(i)
+            vring.set_poll(q, vring.spins_for(poll_us) if poll_us else 0)
             vring.set_latency_sampling(q, self.latency_every)
             name = f"{self.name}:{self.queue_names[i] if i < len(self.queue_names) else i}"
             t = threading.Thread(target=self._thread, args=(i, ctx, name), name=name, daemon=True)
@@ -224,6 +229,6 @@ class Device(VirtioDevice):
             c = ringstate.counters(row)
             out[name] = {"layout": self.layouts.get(i, "split"),
                          "requests": c["chains"], "bytes": c["bytes"], "notifications": c["notifications"],
-                         "interrupts": c["interrupts"], "errors": c["errors"],
+                         "interrupts": c["interrupts"], "errors": c["errors"], "poll_hits": c["poll_hits"],
                          "latency": {**c["latency"], "sampled_every": self.latency_every}}
         return out
