@@ -26,7 +26,8 @@ the host's KVM can run this guest), with the same devices, when
 ``qemu-system-x86_64`` is installed; otherwise ``not_comparable`` says why.
 Figures are the guest's (so both sides are measured the same way); a
 step that failed is listed under ``failed`` with its reason, never as a
-number.  ``--quick`` shrinks every size (boot included, under a minute).
+number.  ``--quick`` shrinks every size (about a minute with the boot on a
+software-KVM host: 65 s measured, QEMU 2 s).
 """
 from __future__ import annotations
 
