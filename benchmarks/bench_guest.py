@@ -51,7 +51,7 @@ BENCH = "bench guest"
 
 # Workload sizes (guest/bench.sh reads them from the command line).
 FULL = {"mib": 64, "buf_mib": 16, "rand": 2000, "net_kib": 16384, "pings": 10, "rng_kib": 64, "procs": 20}
-QUICK = {"mib": 4, "buf_mib": 2, "rand": 100, "net_kib": 128, "pings": 3, "rng_kib": 8, "procs": 2}
+QUICK = {"mib": 2, "buf_mib": 1, "rand": 50, "net_kib": 64, "pings": 2, "rng_kib": 4, "procs": 2}
 GROUPS = ("blk", "net", "rng", "proc")
 MEM_MB = 256
 GUEST_IP, PEER_IP = "10.0.2.15/24", "10.0.2.2"
@@ -290,6 +290,12 @@ def _knob_options() -> list:
     return opts
 
 
+def _cpus() -> int:
+    """The vCPUs both sides boot with: 1, or what `bench sweep --param=cpus=...` measures."""
+    from lguest_jit.devices.knobs import BENCH_CPUS_ENV
+    return int(os.environ.get(BENCH_CPUS_ENV) or 1)
+
+
 def _wait_replaced(paths: list, before: dict, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -423,6 +429,7 @@ def run_side(kind: str, quick: bool, net: bool, vmlinux: str, initrd: str, bzima
                 argv = [sys.executable, "-m", "lguest_jit.main", "--rng", f"--block={disk}", f"--initrd={initrd}",
                         f"--stats-json={os.path.join(work, 'stats.json')}",
                         f"--profile={os.path.join(work, 'profile.folded')}", *_knob_options(),
+                        *([f"--cpus={_cpus()}"] if _cpus() > 1 else []),
                         *([f"--tunnet={PEER_IP}"] if net else []), str(MEM_MB), vmlinux,
                         *_cmdline(sizes, groups, "hvc0").split()]
                 title = f"{BENCH}: lguest-jit ({'quick' if quick else 'full'} workload)"
@@ -433,6 +440,7 @@ def run_side(kind: str, quick: bool, net: bool, vmlinux: str, initrd: str, bzima
                     _ip("link", "set", QEMU_TAP, "up")
                 argv = [shutil.which("qemu-system-x86_64"), "-accel", accel, "-m", str(MEM_MB), "-nographic",
                         "-no-reboot", "-nodefaults", "-serial", "stdio", "-kernel", bzimage, "-initrd", initrd,
+                        "-smp", str(_cpus()),
                         "-append", _cmdline(sizes, groups, "ttyS0"),
                         "-drive", f"file={disk},format=raw,if=none,id=d0", "-device", "virtio-blk-pci,drive=d0",
                         "-device", "virtio-rng-pci"]
@@ -548,7 +556,7 @@ def run(quick: bool = False) -> dict:
     workloads = ours.pop("workloads", [])
     qemu = measure_qemu(quick)
     emulated = software_kvm()
-    rep = {"benchmark": "guest", "unit": UNIT, "mode": "quick" if quick else "full",
+    rep = {"benchmark": "guest", "unit": UNIT, "mode": "quick" if quick else "full", "cpus": _cpus(),
            "workload": " ".join(f"{k}={v}" for k, v in (QUICK if quick else FULL).items()),
            "guest_kernel": (f"emulated: {emulated}" if emulated else "hardware virtualization"),
            "lguest_jit": ours, "qemu": qemu}

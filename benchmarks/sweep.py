@@ -15,7 +15,7 @@ from __future__ import annotations
 import importlib
 import os
 
-from lguest_jit.devices.knobs import BENCH_ENV, GUEST_ONLY_KNOBS, parse_knobs
+from lguest_jit.devices.knobs import BENCH_CPUS_ENV, BENCH_ENV, CPUS_SWEEP, GUEST_ONLY_KNOBS, Knobs, parse_knobs
 
 # Benchmarks whose devices take the knobs; `guest` boots a guest per value.
 SWEEPABLE = ("blk", "rng", "net", "guest")
@@ -24,7 +24,10 @@ SWEEPABLE = ("blk", "rng", "net", "guest")
 def unsweepable(param: str, what: str) -> str | None:
     """Why ``param`` cannot change what ``what`` measures, or None."""
     if param in GUEST_ONLY_KNOBS and what != "guest":
-        return f"--{param} is the vCPU's, not a device's: only `bench sweep --param={param}=... guest` measures it"
+        why = {CPUS_SWEEP: "is the machine's, not a device's",
+               "net-mtu": "changes the frames a guest's TCP sends, not a device benchmark's fixed ones"}.get(
+                   param, "is the vCPU's, not a device's")
+        return f"--{param} {why}: only `bench sweep --param={param}=... guest` measures it"
     return None
 
 
@@ -36,10 +39,14 @@ def run(param: str, values: list, what: str, quick: bool) -> dict:
     mod = importlib.import_module(f"benchmarks.bench_{what}")
     rep = {"benchmark": f"sweep {what}", "bench": what, "param": param, "values": list(values),
            "unit": getattr(mod, "UNIT", ""), "side": "numba"}
-    saved = os.environ.get(BENCH_ENV)
+    saved = {k: os.environ.get(k) for k in (BENCH_ENV, BENCH_CPUS_ENV)}
     try:
         for v in values:
-            os.environ[BENCH_ENV] = parse_knobs({param: v}).to_env()
+            if param == CPUS_SWEEP:
+                os.environ[BENCH_ENV] = Knobs().to_env()
+                os.environ[BENCH_CPUS_ENV] = v
+            else:
+                os.environ[BENCH_ENV] = parse_knobs({param: v}).to_env()
             got = mod.measure(quick)
             if "skipped" in got:
                 return {"benchmark": rep["benchmark"], "skipped": got["skipped"]}
@@ -47,8 +54,9 @@ def run(param: str, values: list, what: str, quick: bool) -> dict:
                 rep.setdefault("workloads", []).append({"column": column(param, v), "groups": got.pop("workloads")})
             rep[column(param, v)] = got
     finally:
-        if saved is None:
-            os.environ.pop(BENCH_ENV, None)
-        else:
-            os.environ[BENCH_ENV] = saved
+        for k, old in saved.items():
+            if old is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = old
     return rep

@@ -23,7 +23,7 @@ import dataclasses
 import os
 from dataclasses import dataclass
 
-from .devices.knobs import Knobs, check_seg_max, knobs_schema
+from .devices.knobs import KNOBS, Knobs, check_seg_max, knobs_schema
 from .devices.tunspec import parse_tunnet
 from .hw import fields as F
 from .hw.firmware import MAX_CPUS       # standard library only
@@ -210,8 +210,10 @@ def from_fields(st: dict) -> Machine:
     if mem & ((1 << 20) - 1):
         raise MachineError(f"memory size of {mem} bytes is not a whole number of MiB")
     check_mem_mb(mem >> 20)
-    knobs = Knobs(**st["knobs"])
+    fields = dict(st["knobs"])
     try:
+        fields["net_mtu"] = KNOBS["net-mtu"][1](fields["net_mtu"])
+        knobs = Knobs(**fields)
         check_seg_max(knobs.seg_max, knobs.queue_size)
     except ValueError as exc:
         raise MachineError(str(exc)) from None

@@ -31,7 +31,8 @@ Options:
   --force               --snapshot: replace an existing DIR; restore: run even
                         though a disk changed since the snapshot.
 {knob_options}
-  --param=SPEC          bench sweep: KNOB=V1,V2,... (a knob above, without --).
+  --param=SPEC          bench sweep: KNOB=V1,V2,... (a knob above, without --;
+                        for guest also cpus=N1,N2,...: --cpus per boot).
   --socket=PATH         server: where to listen (default: $LGUEST_JIT_SERVER,
                         else $XDG_RUNTIME_DIR/lguest-jit.sock, else
                         ~/.cache/lguest-jit/server.sock).
@@ -72,7 +73,7 @@ import time
 from docopt import DocoptExit, docopt
 
 from . import __version__
-from .devices.knobs import KNOBS, parse_knobs, parse_whole, with_queue_counts
+from .devices.knobs import KNOBS, parse_knobs, parse_whole, with_net_mtu, with_queue_counts
 from .hw.hosts import LGUEST_DEVICE, default_sample_hz, kvm_max_vcpus, lguest_available, max_sample_hz, usable_cpus
 from .machine import (DEVICE_OPTIONS, MAX_MEM_MB, MMIO_WINDOW_MB, Machine, MachineError, check_mem_mb, descs, device_descs,
                       readable_file)
@@ -343,8 +344,13 @@ def _machine_from_args(args) -> Machine:
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     cpus = _cpus_arg(args["--cpus"])
-    # Queue counts left unset follow the vCPUs; the machine (and so a
-    # snapshot) records the number the devices were built with.
+    from .devices.tunspec import BRIDGE_PREFIX
+    from .hw.hosts import software_kvm
+    knobs = with_net_mtu(knobs, args["--hypervisor"] != "lguest" and software_kvm() is not None,
+                         any(t.startswith(BRIDGE_PREFIX) for t in args["--tunnet"] or ()))
+    # Queue counts left unset follow the vCPUs, --net-mtu=auto its value on
+    # this host: the machine (and so a snapshot) records what the devices
+    # were built with.
     return Machine(mem_bytes=mem_mb << 20, kernel=os.path.abspath(kernel),
                    initrd=os.path.abspath(initrd) if initrd else None, cmdline=" ".join(args["<args>"]),
                    strict=bool(args["--strict"]), knobs=with_queue_counts(knobs, cpus), devices=device_descs(args),

@@ -43,7 +43,7 @@ import stat
 import time
 
 FORMAT = "lguest-jit-snapshot"
-VERSION = 4
+VERSION = 5
 STATE = "state.json"
 RAM = "ram"
 KEY = "snapshot.key"

@@ -135,6 +135,29 @@ def test_erms_choice_and_guest_command_line():
     assert sweep.unsweepable("queue-size", "blk") is None
 
 
+def test_a_cpus_sweep_boots_both_sides_with_that_many_vcpus(monkeypatch):
+    """`bench sweep --param=cpus=1,2 guest`: --cpus is the launcher's, not
+    a knob, so the sweep hands it over on its own; each value reaches the
+    launcher (--cpus) and QEMU (-smp), and only the guest benchmark takes it."""
+    from lguest_jit.devices.knobs import BENCH_CPUS_ENV, parse_sweep
+    assert parse_sweep("cpus=1,2") == ("cpus", ["1", "2"])
+    for bad, words in (("cpus=0", "from 1 to 255"), ("cpus=two", "not a whole number"), ("cpus=256", "from 1")):
+        with pytest.raises(ValueError, match=words):
+            parse_sweep(bad)
+    assert "only `bench sweep --param=cpus=... guest`" in sweep.unsweepable("cpus", "net")
+    assert sweep.unsweepable("cpus", "guest") is None
+    seen = []
+
+    def measure(quick):
+        seen.append((bench_guest._cpus(), bench_guest._knob_options()))
+        return {"seconds_workload": 1.0}
+    monkeypatch.setattr(bench_guest, "measure", measure)
+    monkeypatch.delenv(BENCH_CPUS_ENV, raising=False)
+    rep = sweep.run("cpus", ["1", "2"], "guest", quick=True)
+    assert seen == [(1, []), (2, [])] and rep["values"] == ["1", "2"]
+    assert BENCH_CPUS_ENV not in os.environ          # put back as it was
+
+
 @pytest.mark.parametrize("values", [{"erms": "on"}, {"packed": "on", "queue-size": "64", "blk-poll-us": "2.5"},
                                     {"event-idx": "off", "indirect": "off", "blk-queues": "2", "net-queues": "1"}])
 def test_swept_knobs_become_launcher_options_it_accepts(monkeypatch, values):

@@ -366,6 +366,26 @@ def test_close_removes_tap_and_threads():
     run_in_netns("scn_close")
 
 
+def test_mtu_choice_per_host_and_tap():
+    """--net-mtu: auto offers SOFTWARE_KVM_MTU only where the guest kernel is
+    emulated and the tap is addressed (a bridged tap keeps its bridge's);
+    off offers none; a number is offered as given, never for a bridge."""
+    ip, bridged = parse_tunnet(HOST_IP), parse_tunnet("bridge:br0")
+    assert net.resolve_mtu("auto", ip, True) == net.SOFTWARE_KVM_MTU == 65520
+    assert net.resolve_mtu("auto", ip, False) == 0
+    assert net.resolve_mtu("auto", bridged, True) == 0
+    assert net.resolve_mtu("off", ip, True) == 0
+    assert net.resolve_mtu("9000", ip, False) == 9000
+    with pytest.raises(ValueError, match="bridge's MTU"):
+        net.resolve_mtu("9000", bridged, True)
+    with pytest.raises(ValueError, match="from 68 to 65535"):
+        net.resolve_mtu("67", ip, True)
+
+
+def test_mtu_is_offered_set_on_the_tap_and_follows_the_driver():
+    run_in_netns("scn_mtu")
+
+
 def test_only_transmit_queues_busy_poll():
     """Receive queues wait on the tap and the control queue is rare: only
     transmit queues (1, 3, ... below the control queue) poll for frames."""
@@ -520,7 +540,8 @@ def _link(ifname):
         link = ipr.get_links(idx[0])[0]
         addrs = [(a.get_attr("IFA_ADDRESS"), a["prefixlen"]) for a in ipr.get_addr(index=idx[0], family=socket.AF_INET)]
         return {"index": idx[0], "up": bool(link["flags"] & 1), "master": link.get_attr("IFLA_MASTER"),
-                "mac": bytes.fromhex(link.get_attr("IFLA_ADDRESS").replace(":", "")), "addrs": addrs}
+                "mac": bytes.fromhex(link.get_attr("IFLA_ADDRESS").replace(":", "")), "addrs": addrs,
+                "mtu": link.get_attr("IFLA_MTU")}
 
 
 def _wait_status(drv, bit, timeout=5.0):
@@ -745,6 +766,61 @@ def scn_bridge():
     with IPRoute() as ipr:
         names = {link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
     assert names == {"lo", "br0"}, names
+
+
+def scn_mtu():
+    """An MTU offered (§5.1.4): the feature bit, the config field and the
+    tap's MTU, so a datagram larger than 1500 bytes reaches the guest in
+    one frame; a driver that declines VIRTIO_NET_F_MTU gets a 1500 tap back;
+    a snapshot's MTU must be the device's."""
+    from pyroute2 import IPRoute
+    quiet = _ns_setup()
+    gm, bus = _machine()
+    dev = net.Net(f"{HOST_IP}:{GUEST_MAC_TEXT}", mtu=3000)
+    assert dev.features >> net.VIRTIO_NET_F_MTU & 1
+    assert int.from_bytes(dev.config[net.CFG_MTU:net.CFG_MTU + 2].tobytes(), "little") == 3000
+    assert _link(dev.ifname)["mtu"] == 3000
+    with IPRoute() as ipr:
+        ipr.neigh("add", dst=GUEST_IP, lladdr=GUEST_MAC_TEXT, ifindex=_link(dev.ifname)["index"], state=0x80)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind((HOST_IP, 4321))
+    drv = _bring_up(bus, gm, dev)
+    assert drv.features >> net.VIRTIO_NET_F_MTU & 1 and _link(dev.ifname)["mtu"] == 3000
+    for _ in range(4):
+        drv.queues[net.RX].add(in_=[net.HDR_SIZE, 3100])
+    drv.kick(net.RX)
+    payload = os.urandom(2900)
+    sock.sendto(payload, (GUEST_IP, 9999))
+    _, frame = _recv(drv, lambda f: f[12:14] == b"\x08\x00" and f[23] == 17)
+    assert len(frame) == 14 + 20 + 8 + 2900 and frame[42:] == payload      # one frame, not IP fragments
+    state = dev.save_state()
+    assert state["mtu"] == 3000
+    # Declined: the tap goes back to what such a driver posts buffers for.
+    drv.reset()
+    drv.init(accept=lambda offered: offered & ~(1 << net.VIRTIO_NET_F_MTU))
+    assert _link(dev.ifname)["mtu"] == net.DEFAULT_MTU
+    drv.reset()
+    sock.close()
+    _close(gm, bus, dev)
+    # No MTU offered: no bit, the tap untouched; a snapshot that had one is refused.
+    gm, bus = _machine()
+    plain = net.Net(HOST_IP)
+    assert not plain.features >> net.VIRTIO_NET_F_MTU & 1 and _link(plain.ifname)["mtu"] == net.DEFAULT_MTU
+    try:
+        plain.load_state(state)
+    except ValueError as e:
+        assert "MTU 3000" in str(e) and "\n" not in str(e), e
+    else:
+        raise AssertionError("a snapshot's MTU was taken by a device offering none")
+    plain.load_state(plain.save_state())
+    _close(gm, bus, plain)
+    try:
+        net.Net("bridge:nosuch", mtu=9000)
+    except ValueError as e:
+        assert "bridge" in str(e)
+    else:
+        raise AssertionError("an MTU for a bridged tap")
+    del quiet
 
 
 def scn_tx_poll():

@@ -21,7 +21,7 @@ def test_the_limit_is_vrings_and_the_defaults_are_the_devices():
     assert parse_knobs({}) == Knobs() and Knobs().queue_size is None and Knobs().blk_poll_us is None
     assert Block.queue_max_sizes == (blk.QUEUE_SIZE,) and Rng.queue_max_sizes == (64,)
     assert set(KNOBS) == {"queue-size", "blk-poll-us", "event-idx", "indirect", "seg-max", "packed", "erms",
-                          "blk-queues", "net-queues"}
+                          "blk-queues", "net-queues", "net-mtu"}
 
 
 def test_the_help_is_the_knob_tables():
@@ -43,11 +43,30 @@ def test_the_help_is_the_knob_tables():
     ({"packed": "yes"}, "on or off"),
     ({"seg-max": "0"}, "at least 1"),
     ({"seg-max": "20", "queue-size": "16"}, "queue size (16) - 2"),
+    ({"net-mtu": "67"}, "from 68 to 65535"),
+    ({"net-mtu": "65536"}, "from 68 to 65535"),
+    ({"net-mtu": "1e4"}, "not a whole number"),
+    ({"net-mtu": "+9000"}, "auto, off or a whole number"),
+    ({"net-mtu": "-1"}, "from 68 to 65535"),
 ])
 def test_bad_knob_values_are_one_line(values, words):
     with pytest.raises(ValueError) as e:
         parse_knobs(values)
     assert words in str(e.value) and "\n" not in str(e.value)
+
+
+def test_net_mtu_auto_is_made_concrete_per_host():
+    """A machine records the MTU its devices were built with, so a snapshot
+    restored on another host offers the guest the same one."""
+    from lguest_jit.devices.knobs import SOFTWARE_KVM_MTU, with_net_mtu
+    assert parse_knobs({"net-mtu": "09000"}).net_mtu == "9000"
+    auto = Knobs()
+    assert auto.net_mtu == "auto"
+    assert with_net_mtu(auto, software_kvm=True, bridged=False).net_mtu == str(SOFTWARE_KVM_MTU)
+    assert with_net_mtu(auto, software_kvm=False, bridged=False).net_mtu == "off"
+    assert with_net_mtu(auto, software_kvm=True, bridged=True).net_mtu == "off"
+    chosen = parse_knobs({"net-mtu": "1500"})
+    assert with_net_mtu(chosen, software_kvm=True, bridged=False) == chosen
 
 
 def test_seg_max_beyond_the_block_devices_own_queue_is_one_line(tmp_path):

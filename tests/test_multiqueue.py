@@ -439,7 +439,8 @@ def scn_net_snapshot():
     dev.pause()
     st = bus.save_state()
     assert st["devices"][0]["device"] == {"pairs_in_use": 2, "commands": {"ok": 1, "err_class": 0, "err_command": 0,
-                                                                          "err_length": 0, "err_pairs": 0}}
+                                                                          "err_length": 0, "err_pairs": 0},
+                                             "mtu": 0}
     gm2 = GuestMemory(gm.size)
     gm2.mem[:] = gm.mem
     bus.close()                 # as the launcher that took it exits: its tap goes, the name is free again

@@ -21,7 +21,7 @@ from test_snapshot import TIMEOUT, _launcher, _take, reseal
 
 # The layout of each format version, by fingerprint.  A changed layout with
 # an unchanged VERSION fails here: bump snapshot.VERSION and add a line.
-KNOWN_LAYOUTS = {2: "e46d39e03a02e7a1", 3: "7ede5d08e8983899", 4: "ef442d0e295b05c7"}
+KNOWN_LAYOUTS = {2: "e46d39e03a02e7a1", 3: "7ede5d08e8983899", 4: "ef442d0e295b05c7", 5: "f7b26049bffdd24c"}
 
 
 def test_the_layout_is_the_one_pinned_for_its_version():
@@ -182,6 +182,8 @@ CRAFTED = [
      "is outside"),
     ("an unknown device kind", _setitem(["machine", "devices", 1, "kind"], "gpu"), "kind must be one of"),
     ("uart register out of range", _setitem(["uart", "ier"], 0x10), "uart.ier: 16 is outside"),
+    ("an MTU that is not one", _setitem(["machine", "knobs", "net_mtu"], "12"), "--net-mtu=12: must be"),
+    ("an MTU that is no number", _setitem(["machine", "knobs", "net_mtu"], "x"), "--net-mtu=x: must be"),
 ]
 
 
@@ -220,7 +222,8 @@ def test_a_crafted_state_file_is_refused_in_one_line(base, tmp_path, name, chang
 
 
 def test_the_issue_lists_31_crafted_files():
-    assert len(CRAFTED) == 31
+    # ... and two more for --net-mtu, a knob that came after it.
+    assert len(CRAFTED) == 31 + 2
 
 
 @needs_kvm

@@ -48,6 +48,9 @@ class Knobs:
     # Not a device's: whether the guest is offered ERMS/FSRM (fast `rep
     # movsb`), auto = hidden on software-KVM hosts only (hw/cpuid.py).
     erms: str = "auto"
+    # The network link's MTU (VIRTIO_NET_F_MTU): "auto", "off" or a number
+    # as text (devices/net.py resolves auto; the text is what a snapshot keeps).
+    net_mtu: str = "auto"
 
     def to_env(self) -> str:
         return json.dumps(dataclasses.asdict(self))
@@ -133,6 +136,22 @@ def _erms(text: str) -> str:
 
 
 ERMS_CHOICES = ("auto", "on", "off")
+# An Ethernet MTU: IPv4's minimum (RFC 791: 68) to what the 16-bit config
+# field (§5.1.4) holds.
+MIN_MTU, MAX_MTU = 68, 65535
+# --net-mtu=auto on software-KVM hosts: the loopback device's MTU, a 64 KiB
+# frame less headers.  The emulated guest kernel pays per frame, whatever
+# its size; a TCP stream in 1500-byte frames spends its time in that.
+SOFTWARE_KVM_MTU = 65520
+
+
+def _net_mtu(text: str) -> str:
+    if text in ("auto", "off"):
+        return text
+    n = parse_whole(text, "--net-mtu", "bytes") if text[:1].isdigit() or text[:1] == "-" else None
+    if n is None or not MIN_MTU <= n <= MAX_MTU:
+        raise ValueError(f"--net-mtu={text}: must be auto, off or a whole number of bytes from {MIN_MTU} to {MAX_MTU}")
+    return str(n)
 
 
 # option name -> (Knobs field, parser, metavariable, help).  The help is
@@ -155,12 +174,30 @@ KNOBS = {
                    "(VIRTIO_BLK_F_MQ), 1 for a single queue (default: one per vCPU)."),
     "net-queues": ("net_queues", _queues("net-queues"), "N", "Network: queue pairs each device offers "
                    "(VIRTIO_NET_F_MQ, one tap queue each), 1 for a single pair (default: one per vCPU)."),
+    "net-mtu": ("net_mtu", _net_mtu, "AUTO|OFF|N", "Network: the MTU offered to the guest (VIRTIO_NET_F_MTU) "
+                "and set on its tap (--tunnet=IP only; a bridged tap keeps its bridge's). auto is 65520 on "
+                "software-KVM hosts, where every frame costs the emulated guest kernel dearly, and off elsewhere; "
+                "off offers no MTU and leaves the tap at 1500 (default: auto)."),
     "erms": ("erms", _erms, "AUTO|ON|OFF", "Offer the guest fast string copies (CPUID ERMS/FSRM): auto hides "
              "them on software-KVM hosts only (default: auto)."),
 }
 # Knobs of the machine rather than of a device: only `bench sweep ... guest`,
-# which boots a guest per value, can measure them.
-GUEST_ONLY_KNOBS = ("erms",)
+# which boots a guest per value, can measure them.  ``cpus`` is the
+# launcher's --cpus, not a knob: the sweep alone takes it as a parameter.
+# --net-mtu changes what a guest's TCP stack sends, not the fixed frames of
+# the device benchmark: it too is measured by the guest alone.
+GUEST_ONLY_KNOBS = ("erms", "cpus", "net-mtu")
+CPUS_SWEEP = "cpus"
+# Where `bench sweep --param=cpus=...` hands bench guest the vCPU count.
+BENCH_CPUS_ENV = "LGUEST_JIT_BENCH_CPUS"
+
+
+def parse_sweep_cpus(text: str) -> int:
+    from ..hw.firmware import MAX_CPUS        # standard library only
+    n = parse_whole(text, f"--param=cpus={text}", "vCPUs")
+    if not 1 <= n <= MAX_CPUS:
+        raise ValueError(f"--param=cpus: {n} vCPUs (must be from 1 to {MAX_CPUS})")
+    return n
 
 
 def parse_knobs(values: dict) -> Knobs:
@@ -192,7 +229,7 @@ def knobs_schema():
     from ..hw.fields import Bool, Float, Int, Record, Str
     return Record({"queue_size": Int(MIN_QUEUE_SIZE, QUEUE_SIZE_LIMIT, pow2=True), "blk_poll_us": Float(0, MAX_POLL_US),
                    "event_idx": Bool(), "indirect": Bool(), "seg_max": Int(1, QUEUE_SIZE_LIMIT - 2),
-                   "packed": Bool(), "erms": Str(8, choices=ERMS_CHOICES),
+                   "packed": Bool(), "erms": Str(8, choices=ERMS_CHOICES), "net_mtu": Str(5),
                    "blk_queues": Int(1, MAX_DEVICE_QUEUES), "net_queues": Int(1, MAX_DEVICE_QUEUES)},
                   optional=("queue_size", "blk_poll_us", "seg_max", "blk_queues", "net_queues"))
 
@@ -205,19 +242,27 @@ def with_queue_counts(knobs: Knobs, cpus: int) -> Knobs:
     return dataclasses.replace(knobs, blk_queues=knobs.blk_queues or n, net_queues=knobs.net_queues or n)
 
 
+def with_net_mtu(knobs: Knobs, software_kvm: bool, bridged: bool) -> Knobs:
+    """``--net-mtu=auto`` made concrete for a machine (so a snapshot records
+    what its network devices offered, whatever host restores it)."""
+    if knobs.net_mtu != "auto":
+        return knobs
+    return dataclasses.replace(knobs, net_mtu=str(SOFTWARE_KVM_MTU) if software_kvm and not bridged else "off")
+
+
 def parse_sweep(spec: str) -> tuple[str, list[str]]:
     """``NAME=V1,V2,...`` -> (name, [texts]), each value checked as the
     option would check it."""
     name, eq, values = spec.partition("=")
     if not eq or not values:
-        raise ValueError(f"--param={spec}: expected NAME=V1,V2,... (knobs: {', '.join(KNOBS)})")
-    if name not in KNOBS:
-        raise ValueError(f"--param={spec}: unknown knob {name!r}; knobs: {', '.join(KNOBS)}")
+        raise ValueError(f"--param={spec}: expected NAME=V1,V2,... (knobs: {', '.join(KNOBS)}, {CPUS_SWEEP})")
+    if name not in KNOBS and name != CPUS_SWEEP:
+        raise ValueError(f"--param={spec}: unknown knob {name!r}; knobs: {', '.join(KNOBS)}, {CPUS_SWEEP}")
     texts = values.split(",")
     if any(not t for t in texts):
         raise ValueError(f"--param={spec}: empty value in the list")
     if len(set(texts)) != len(texts):
         raise ValueError(f"--param={spec}: a value appears twice")
     for t in texts:
-        parse_knobs({name: t})
+        parse_sweep_cpus(t) if name == CPUS_SWEEP else parse_knobs({name: t})
     return name, texts

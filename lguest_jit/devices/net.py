@@ -55,7 +55,7 @@ from ..vring import (CHAIN_READABLE, CHAIN_REQUEST, CHAIN_WRITABLE, Q_IN, Q_OUT,
 from ..hw.memory import ld_u16, put_le, st_u8
 from ..hw.fields import Int, Record, U, check
 from .base import Device
-from .knobs import MAX_DEVICE_QUEUES
+from .knobs import MAX_DEVICE_QUEUES, MAX_MTU, MIN_MTU, SOFTWARE_KVM_MTU
 from .tunspec import BRIDGE_PREFIX, TunSpec, format_mac, parse_mac, parse_tunnet  # noqa: F401
 
 VIRTIO_ID_NET = 1
@@ -66,6 +66,7 @@ QUEUE_SIZE = 256
 # Feature bits (§5.1.3)
 VIRTIO_NET_F_CSUM = 0
 VIRTIO_NET_F_GUEST_CSUM = 1
+VIRTIO_NET_F_MTU = 3
 VIRTIO_NET_F_MAC = 5
 VIRTIO_NET_F_GUEST_TSO4 = 7
 VIRTIO_NET_F_GUEST_TSO6 = 8
@@ -118,7 +119,9 @@ VIRTIO_NET_HDR_F_NEEDS_CSUM = 1
 CFG_MAC = 0
 CFG_STATUS = 6
 CFG_MAX_VQ_PAIRS = 8
-CFG_SIZE = 10
+CFG_MTU = 10
+CFG_SIZE = 12
+DEFAULT_MTU = 1500        # a tap's own, and what a driver without VIRTIO_NET_F_MTU assumes
 VIRTIO_NET_S_LINK_UP = 1
 
 # Host failure of the tap itself: not the driver's fault, never reaches
@@ -422,6 +425,36 @@ def set_offload(fd: int, flags: int) -> None:
         raise OSError(e.errno, f"--tunnet: setting tap offloads {flags:#x} (TUNSETOFFLOAD): {e.strerror}") from None
 
 
+def set_mtu(ifname: str, mtu: int) -> None:
+    from pyroute2 import IPRoute
+    from pyroute2.netlink.exceptions import NetlinkError
+    try:
+        with IPRoute() as ipr:
+            found = ipr.link_lookup(ifname=ifname)
+            if not found:
+                raise OSError(errno.ENODEV, f"tap {ifname} vanished")
+            ipr.link("set", index=found[0], mtu=mtu)
+    except NetlinkError as e:
+        raise OSError(e.code, f"setting the MTU of {ifname} to {mtu}: {os.strerror(e.code)}") from None
+
+
+def resolve_mtu(choice: str, spec: TunSpec, software_kvm: bool) -> int:
+    """The MTU a device offers for ``--net-mtu=choice`` (0: none offered).
+    auto: SOFTWARE_KVM_MTU where the guest kernel is emulated and the tap
+    is ours to size (an addressed one), none elsewhere."""
+    if choice == "auto":
+        return SOFTWARE_KVM_MTU if software_kvm and spec.bridge is None else 0
+    if choice == "off":
+        return 0
+    mtu = int(choice)
+    if not MIN_MTU <= mtu <= MAX_MTU:
+        raise ValueError(f"--net-mtu={choice}: must be from {MIN_MTU} to {MAX_MTU}")
+    if spec.bridge is not None:
+        raise ValueError(f"--net-mtu={choice}: the tap of --tunnet={spec} takes its bridge's MTU; "
+                         "use --net-mtu=off, or an addressed tap (--tunnet=IP)")
+    return mtu
+
+
 def offload_flags(features: int) -> int:
     """The tap offloads a driver with ``features`` can take on receive.  The
     tap wants TSO only with CSUM and ECN only with TSO (tun's set_offload)."""
@@ -437,9 +470,10 @@ def offload_flags(features: int) -> int:
     return flags
 
 
-def configure_interface(ifname: str, spec: TunSpec) -> None:
-    """Address and raise the tap, or raise it and enslave it to the bridge
-    (netlink through pyroute2).  ValueError for a missing or non-bridge."""
+def configure_interface(ifname: str, spec: TunSpec, mtu: int = 0) -> None:
+    """Address and raise the tap (with ``mtu`` when not 0), or raise it and
+    enslave it to the bridge (netlink through pyroute2).  ValueError for a
+    missing or non-bridge."""
     from pyroute2 import IPRoute
     from pyroute2.netlink.exceptions import NetlinkError
 
@@ -462,6 +496,8 @@ def configure_interface(ifname: str, spec: TunSpec) -> None:
             else:
                 # lguest's SIOCSIFADDR with a /24, as the project chose.
                 ipr.addr("add", index=index, address=spec.ip, prefixlen=24)
+                if mtu:
+                    ipr.link("set", index=index, mtu=mtu)
             ipr.link("set", index=index, state="up")
         except NetlinkError as e:
             raise OSError(e.code, f"--tunnet={spec}: configuring {ifname}: {os.strerror(e.code)}") from None
@@ -487,13 +523,19 @@ class Net(Device):
     @classmethod
     def from_options(cls, options, env):
         pairs = getattr(env.knobs, "net_queues", None) or 1
-        return cls(on_fatal=env.on_fatal, pairs=pairs, **options)
+        spec = options["spec"]
+        spec = parse_tunnet(spec) if isinstance(spec, str) else spec
+        from ..hw.hosts import software_kvm
+        mtu = resolve_mtu(getattr(env.knobs, "net_mtu", "off"), spec, software_kvm() is not None)
+        return cls(on_fatal=env.on_fatal, pairs=pairs, mtu=mtu, **dict(options, spec=spec))
 
     tx_poll_us = TX_POLL_US
 
-    def __init__(self, spec, on_fatal=None, pairs: int = 1):
+    def __init__(self, spec, on_fatal=None, pairs: int = 1, mtu: int = 0):
         if not 1 <= pairs <= MAX_DEVICE_QUEUES:
             raise ValueError(f"net: {pairs} queue pairs (must be from 1 to {MAX_DEVICE_QUEUES})")
+        if mtu and not MIN_MTU <= mtu <= MAX_MTU:
+            raise ValueError(f"net: MTU {mtu} (must be from {MIN_MTU} to {MAX_MTU}, or 0 for none offered)")
         self.pairs = pairs
         if pairs > 1:
             # receiveq1, transmitq1, ..., then the control queue (§5.1.2).
@@ -504,12 +546,15 @@ class Net(Device):
         if not isinstance(self.spec, TunSpec):
             raise TypeError("spec must be a --tunnet string or a TunSpec")
         self.mac = self.spec.mac or random_mac()
+        if mtu and self.spec.bridge is not None:
+            raise ValueError(f"net: an MTU for the tap of --tunnet={self.spec}, which takes its bridge's")
+        self.mtu = mtu
         self.tap_fd = -1
         self.tap_fds: list = []
         self.tap_fds, self.ifname = open_tap_queues(pairs)
         self.tap_fd = self.tap_fds[0]
         try:
-            configure_interface(self.ifname, self.spec)
+            configure_interface(self.ifname, self.spec, mtu)
         except BaseException:
             self._close_taps()
             raise
@@ -521,8 +566,14 @@ class Net(Device):
         cfg[CFG_MAC:CFG_MAC + 6] = np.frombuffer(self.mac, dtype=np.uint8)
         put_le(cfg, CFG_STATUS, 2, VIRTIO_NET_S_LINK_UP)
         put_le(cfg, CFG_MAX_VQ_PAIRS, 2, pairs)
+        if mtu:
+            # §5.1.4: the device's maximum MTU; Linux takes it as eth0's and,
+            # above 1500, posts receive chains big enough for a whole frame.
+            self.features |= 1 << VIRTIO_NET_F_MTU
+            put_le(cfg, CFG_MTU, 2, mtu)
         self.config = cfg
         self.offloads = TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6 | TUN_F_TSO_ECN
+        self._tap_mtu = mtu or DEFAULT_MTU
         self.stats = np.zeros(NS_FIELDS, dtype=np.int64)
         # Multiqueue: which pairs run (mq, shared with the control kernel),
         # which tap queues are attached, and per pair an eventfd that stops
@@ -641,6 +692,12 @@ class Net(Device):
         try:
             if self.pairs > 1:
                 self._sync_tap_queues()
+            # A driver that declined VIRTIO_NET_F_MTU assumes 1500 and posts
+            # buffers for that: the tap must not hand it larger frames.
+            want = self.mtu if ctx.features >> VIRTIO_NET_F_MTU & 1 else DEFAULT_MTU
+            if self.mtu and want != self._tap_mtu:
+                set_mtu(self.ifname, want)
+                self._tap_mtu = want
             if flags != self.offloads:
                 set_offload(self.tap_fd, flags)
                 self.offloads = flags
@@ -722,14 +779,19 @@ class Net(Device):
     # -- snapshots: the pairs in use and the control queue's counters (the
     # queues' own state is the transport's)
     STATE = Record({"pairs_in_use": Int(1, VIRTIO_NET_CTRL_MQ_VQ_PAIRS_MAX),
-                    "commands": Record({k: U(62) for k in CTRL_COUNTERS})})
+                    "commands": Record({k: U(62) for k in CTRL_COUNTERS}),
+                    "mtu": Int(0, MAX_MTU)})
 
     def save_state(self) -> dict:
         return {"pairs_in_use": int(self.mq[MQ_ACTIVE]),
-                "commands": {k: int(self.mq[i]) for k, i in CTRL_COUNTERS.items()}}
+                "commands": {k: int(self.mq[i]) for k, i in CTRL_COUNTERS.items()}, "mtu": self.mtu}
 
     def load_state(self, state: dict) -> None:
         st = check(self.STATE, state, self.name)
+        # The guest's driver read the MTU at probe: it must not change under it.
+        if st["mtu"] != self.mtu:
+            raise ValueError(f"{self.name}: snapshot's device offered MTU {st['mtu'] or 'none'}, this one "
+                             f"{self.mtu or 'none'}")
         if st["pairs_in_use"] > self.pairs:
             raise ValueError(f"{self.name}: snapshot uses {st['pairs_in_use']} queue pairs, the device has "
                              f"{self.pairs}")
