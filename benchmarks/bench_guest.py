@@ -53,8 +53,9 @@ UNIT = "operations per second and MB/s, timed by the guest (higher is better); s
 BENCH = "bench guest"
 
 # Workload sizes (guest/bench.sh reads them from the command line).
-FULL = {"mib": 64, "buf_mib": 16, "rand": 2000, "net_kib": 16384, "pings": 10, "rng_kib": 64, "procs": 20}
-QUICK = {"mib": 2, "buf_mib": 1, "rand": 50, "net_kib": 64, "pings": 2, "rng_kib": 4, "procs": 2}
+FULL = {"mib": 64, "buf_mib": 16, "rand": 2000, "net_kib": 16384, "pings": 10, "rng_kib": 64, "procs": 20,
+        "flush_kib": 1024}
+QUICK = {"mib": 1, "buf_mib": 1, "rand": 25, "net_kib": 32, "pings": 2, "rng_kib": 2, "procs": 1, "flush_kib": 128}
 GROUPS = ("blk", "net", "rng", "proc")
 MEM_MB = 256
 GUEST_IP, PEER_IP = "10.0.2.15/24", "10.0.2.2"

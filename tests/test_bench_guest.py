@@ -73,6 +73,18 @@ def test_failed_step_is_reported_failed_not_as_a_number():
     assert "seconds_workload" not in part["metrics"] and part["metrics"]["seconds_rng"] == 1.0
 
 
+def test_the_first_connection_is_its_own_step():
+    """guest/bench.sh times the boot's first TCP connect() (the kernel fills
+    a 256 KiB table from its RNG then) apart from the transfers: seconds,
+    no rate, and the transfers' rates count their own time only."""
+    got = bench_guest.parse("LGJ-STEP bench-net-connect OK 9.0 start=3.0 end=9.0 \n"
+                            "LGJ-STEP bench-net-rx OK 10.0 start=9.0 end=10.0 bytes=1000000\n")
+    assert got["metrics"] == {"seconds_net_connect": 6.0, "seconds_net_rx": 1.0, "net_rx_MB_per_s": 1.0}
+    script = (bench_guest.os.path.dirname(bench_guest.__file__) + "/../guest/bench.sh")
+    text = open(script).read()
+    assert text.index("timed net-connect") < text.index("timed net-rx") < text.index("timed net-tx")
+
+
 def test_ping_and_zero_length_steps():
     got = bench_guest.parse("LGJ-STEP bench-net-ping OK 5.0 count=3 min_avg_max_ms=0.412/0.530/0.700\n"
                             "LGJ-STEP bench-net-rx OK 6.0 start=6.00 end=6.00 bytes=1000000\n")
