@@ -27,7 +27,7 @@ the host's KVM can run this guest), with the same devices, when
 Figures are the guest's (so both sides are measured the same way); a
 step that failed is listed under ``failed`` with its reason, never as a
 number.  ``--quick`` shrinks every size (under a minute with the boot on a
-software-KVM host: 57 s measured from the launcher's start to the
+software-KVM host: 54 s measured from the launcher's start to the
 workload's end, QEMU 1.3 s).  ``bench sweep --param=cpus=1,2 guest`` boots
 the guest with that many vCPUs (``--cpus``; QEMU, when measured with the
 same setting, gets ``-smp``).
