@@ -422,6 +422,7 @@ def run_side(kind: str, quick: bool, net: bool, vmlinux: str, initrd: str, bzima
     (experiments: one group, smaller sizes)."""
     sizes = dict(sizes or (QUICK if quick else FULL))
     groups = tuple(g for g in groups if net or g != "net")
+    cpus = _cpus()
     peer = None
     with tempfile.TemporaryDirectory(prefix="lgj-bench-guest-") as work:
         try:
@@ -433,7 +434,7 @@ def run_side(kind: str, quick: bool, net: bool, vmlinux: str, initrd: str, bzima
                 argv = [sys.executable, "-m", "lguest_jit.main", "--rng", f"--block={disk}", f"--initrd={initrd}",
                         f"--stats-json={os.path.join(work, 'stats.json')}",
                         f"--profile={os.path.join(work, 'profile.folded')}", *_knob_options(),
-                        *([f"--cpus={_cpus()}"] if _cpus() > 1 else []),
+                        *([f"--cpus={cpus}"] if cpus > 1 else []),
                         *([f"--tunnet={PEER_IP}"] if net else []), str(MEM_MB), vmlinux,
                         *_cmdline(sizes, groups, "hvc0").split()]
                 title = f"{BENCH}: lguest-jit ({'quick' if quick else 'full'} workload)"
@@ -444,7 +445,7 @@ def run_side(kind: str, quick: bool, net: bool, vmlinux: str, initrd: str, bzima
                     _ip("link", "set", QEMU_TAP, "up")
                 argv = [shutil.which("qemu-system-x86_64"), "-accel", accel, "-m", str(MEM_MB), "-nographic",
                         "-no-reboot", "-nodefaults", "-serial", "stdio", "-kernel", bzimage, "-initrd", initrd,
-                        "-smp", str(_cpus()),
+                        "-smp", str(cpus),
                         "-append", _cmdline(sizes, groups, "ttyS0"),
                         "-drive", f"file={disk},format=raw,if=none,id=d0", "-device", "virtio-blk-pci,drive=d0",
                         "-device", "virtio-rng-pci"]

@@ -23,7 +23,7 @@ import dataclasses
 import os
 from dataclasses import dataclass
 
-from .devices.knobs import KNOBS, Knobs, check_seg_max, knobs_schema
+from .devices.knobs import Knobs, check_seg_max, knobs_schema, parse_net_mtu
 from .devices.tunspec import parse_tunnet
 from .hw import fields as F
 from .hw.firmware import MAX_CPUS       # standard library only
@@ -212,7 +212,7 @@ def from_fields(st: dict) -> Machine:
     check_mem_mb(mem >> 20)
     fields = dict(st["knobs"])
     try:
-        fields["net_mtu"] = KNOBS["net-mtu"][1](fields["net_mtu"])
+        fields["net_mtu"] = parse_net_mtu(fields["net_mtu"])
         knobs = Knobs(**fields)
         check_seg_max(knobs.seg_max, knobs.queue_size)
     except ValueError as exc:

@@ -145,7 +145,8 @@ MIN_MTU, MAX_MTU = 68, 65535
 SOFTWARE_KVM_MTU = 65520
 
 
-def _net_mtu(text: str) -> str:
+def parse_net_mtu(text: str) -> str:
+    """``--net-mtu``'s value, normalised (auto, off or the number as text)."""
     if text in ("auto", "off"):
         return text
     n = parse_whole(text, "--net-mtu", "bytes") if text[:1].isdigit() or text[:1] == "-" else None
@@ -174,7 +175,7 @@ KNOBS = {
                    "(VIRTIO_BLK_F_MQ), 1 for a single queue (default: one per vCPU)."),
     "net-queues": ("net_queues", _queues("net-queues"), "N", "Network: queue pairs each device offers "
                    "(VIRTIO_NET_F_MQ, one tap queue each), 1 for a single pair (default: one per vCPU)."),
-    "net-mtu": ("net_mtu", _net_mtu, "AUTO|OFF|N", "Network: the MTU offered to the guest (VIRTIO_NET_F_MTU) "
+    "net-mtu": ("net_mtu", parse_net_mtu, "AUTO|OFF|N", "Network: the MTU offered to the guest (VIRTIO_NET_F_MTU) "
                 "and set on its tap (--tunnet=IP only; a bridged tap keeps its bridge's). auto is 65520 on "
                 "software-KVM hosts, where every frame costs the emulated guest kernel dearly, and off elsewhere; "
                 "off offers no MTU and leaves the tap at 1500 (default: auto)."),
@@ -242,12 +243,18 @@ def with_queue_counts(knobs: Knobs, cpus: int) -> Knobs:
     return dataclasses.replace(knobs, blk_queues=knobs.blk_queues or n, net_queues=knobs.net_queues or n)
 
 
+def auto_net_mtu(software_kvm: bool, bridged: bool) -> str:
+    """What ``--net-mtu=auto`` means: SOFTWARE_KVM_MTU where the guest kernel
+    is emulated and the tap is ours to size (not a bridge's), else off."""
+    return str(SOFTWARE_KVM_MTU) if software_kvm and not bridged else "off"
+
+
 def with_net_mtu(knobs: Knobs, software_kvm: bool, bridged: bool) -> Knobs:
     """``--net-mtu=auto`` made concrete for a machine (so a snapshot records
     what its network devices offered, whatever host restores it)."""
     if knobs.net_mtu != "auto":
         return knobs
-    return dataclasses.replace(knobs, net_mtu=str(SOFTWARE_KVM_MTU) if software_kvm and not bridged else "off")
+    return dataclasses.replace(knobs, net_mtu=auto_net_mtu(software_kvm, bridged))
 
 
 def parse_sweep(spec: str) -> tuple[str, list[str]]:

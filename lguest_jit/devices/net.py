@@ -55,7 +55,7 @@ from ..vring import (CHAIN_READABLE, CHAIN_REQUEST, CHAIN_WRITABLE, Q_IN, Q_OUT,
 from ..hw.memory import ld_u16, put_le, st_u8
 from ..hw.fields import Int, Record, U, check
 from .base import Device
-from .knobs import MAX_DEVICE_QUEUES, MAX_MTU, MIN_MTU, SOFTWARE_KVM_MTU
+from .knobs import MAX_DEVICE_QUEUES, MAX_MTU, MIN_MTU, SOFTWARE_KVM_MTU, auto_net_mtu, parse_net_mtu  # noqa: F401
 from .tunspec import BRIDGE_PREFIX, TunSpec, format_mac, parse_mac, parse_tunnet  # noqa: F401
 
 VIRTIO_ID_NET = 1
@@ -438,17 +438,19 @@ def set_mtu(ifname: str, mtu: int) -> None:
         raise OSError(e.code, f"setting the MTU of {ifname} to {mtu}: {os.strerror(e.code)}") from None
 
 
-def resolve_mtu(choice: str, spec: TunSpec, software_kvm: bool) -> int:
-    """The MTU a device offers for ``--net-mtu=choice`` (0: none offered).
-    auto: SOFTWARE_KVM_MTU where the guest kernel is emulated and the tap
-    is ours to size (an addressed one), none elsewhere."""
+def resolve_mtu(choice: str, spec: TunSpec, software_kvm: bool | None = None) -> int:
+    """The MTU a device offers for ``--net-mtu=choice`` (0: none offered);
+    auto as ``knobs.auto_net_mtu`` says, the host probed only then (a
+    machine built by the launcher arrives with auto already resolved)."""
+    choice = parse_net_mtu(choice)
     if choice == "auto":
-        return SOFTWARE_KVM_MTU if software_kvm and spec.bridge is None else 0
+        if software_kvm is None:
+            from ..hw.hosts import software_kvm as probe
+            software_kvm = probe() is not None
+        choice = auto_net_mtu(software_kvm, spec.bridge is not None)
     if choice == "off":
         return 0
     mtu = int(choice)
-    if not MIN_MTU <= mtu <= MAX_MTU:
-        raise ValueError(f"--net-mtu={choice}: must be from {MIN_MTU} to {MAX_MTU}")
     if spec.bridge is not None:
         raise ValueError(f"--net-mtu={choice}: the tap of --tunnet={spec} takes its bridge's MTU; "
                          "use --net-mtu=off, or an addressed tap (--tunnet=IP)")
@@ -525,8 +527,7 @@ class Net(Device):
         pairs = getattr(env.knobs, "net_queues", None) or 1
         spec = options["spec"]
         spec = parse_tunnet(spec) if isinstance(spec, str) else spec
-        from ..hw.hosts import software_kvm
-        mtu = resolve_mtu(getattr(env.knobs, "net_mtu", "off"), spec, software_kvm() is not None)
+        mtu = resolve_mtu(getattr(env.knobs, "net_mtu", "off"), spec)
         return cls(on_fatal=env.on_fatal, pairs=pairs, mtu=mtu, **dict(options, spec=spec))
 
     tx_poll_us = TX_POLL_US
