@@ -400,3 +400,35 @@ def test_a_request_while_the_old_connections_rst_is_owed_gets_that_rst_not_a_sec
     rule, poke = vs.tx_packet(mem, iov, 1, 0, hdr, host_iov(1), conns, np.zeros((vs.MAX_CONNS, 16), np.uint8),
                               st, strays, ev)
     assert (int(rule), int(ev[0]), int(ev[1]), int(ev[2])) == (0, vs.EV_REQUEST, 1000, 80)
+
+
+def test_the_connection_lock_excludes_under_contention_past_its_spin_budget():
+    # Two threads on a 2-core host with the holder often off-CPU: each
+    # waiter soon gives up spinning and yields (LOCK_SPINS), and the lock
+    # must still let one thread in at a time.
+    import threading
+
+    import numpy as np
+    from numba import njit
+
+    @njit(nogil=True)
+    def bump(lk, box, n):
+        for _ in range(n):
+            vs.lock(lk)
+            v = box[0]
+            for _ in range(200):         # hold it long enough for the other to pass LOCK_SPINS
+                box[1] += 1
+            box[0] = v + 1
+            vs.unlock(lk)
+
+    lk = np.zeros(1, np.int64)
+    box = np.zeros(2, np.int64)
+    bump(lk, box, 1)
+    box[:] = 0
+    threads = [threading.Thread(target=bump, args=(lk, box, 20_000)) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert box[0] == 40_000
+    assert lk[0] == 0

@@ -43,7 +43,7 @@ from numba import njit
 
 from ..hw.fields import Record
 from ..hw.libc import (EAGAIN, EINTR, POLLERR, POLLHUP, POLLIN, POLLNVAL, POLLOUT, fill_host_iov, host_iov,
-                       pollfds, sys_close, sys_poll, sys_read, sys_readv, sys_shutdown, sys_write, sys_writev)
+                       pollfds, sys_close, sys_sched_yield, sys_poll, sys_read, sys_readv, sys_shutdown, sys_write, sys_writev)
 from ..hw.memory import cpu_relax, put_le, xchg_i64
 from ..vring import (CHAIN_READABLE, CHAIN_WRITABLE, Q_IN, Q_IN_BYTES, Q_OUT, Q_OUT_BYTES, Q_STOP, STOPPED,
                      buf_to_iov, complete, finish, iov_consume, iov_to_buf, next_chain, notify_used, unpop)
@@ -66,6 +66,8 @@ MAX_CONNS = 64                          # connections at once; a request beyond 
 BUF_ALLOC = 256 * 1024                  # what the guest may have in flight per connection (our buf_alloc)
 MAX_PKT = 64 * 1024                     # largest payload of one packet, both ways
 MAX_STRAYS = 16                         # RSTs owed for packets that name no connection
+LOCK_SPINS = 100                        # pause loops before a waiter yields its core (the holder may be off-CPU)
+RX_SIGNAL_BYTES = 64 * 1024             # the guest hears of its data at least this often, not only when we sleep
 RX_BURST = 16                           # data packets one connection sends in a row before the next has its turn
 
 # Connection table columns.
@@ -124,8 +126,13 @@ def error_message(code: int) -> str:
 
 @njit(nogil=True, cache=True)
 def lock(lk):
+    spins = 0
     while xchg_i64(lk, 0, 1) != 0:
-        cpu_relax()
+        spins += 1
+        if spins < LOCK_SPINS:
+            cpu_relax()
+        else:
+            sys_sched_yield()
 
 
 @njit(nogil=True, cache=True)
@@ -483,6 +490,7 @@ def rx_serve(mem, q, iov, notify_fd, isr, irq, scratch, hiov, conns, bufs, lk, s
     credit for, and the rings' data written to the host sockets."""
     cid = st[S_CID]
     idle = False
+    unsignalled = np.int64(0)
     while True:
         if q[Q_STOP]:
             return finish(mem, q, isr, irq, scratch, STOPPED)
@@ -491,6 +499,7 @@ def rx_serve(mem, q, iov, notify_fd, isr, irq, scratch, hiov, conns, bufs, lk, s
         unlock(lk)
         if idle:
             notify_used(mem, q, isr, irq, scratch)
+            unsignalled = 0
         r = sys_poll(pfds.ctypes.data, n, -1 if idle else 0)
         if r == -EINTR:
             continue
@@ -630,6 +639,12 @@ def rx_serve(mem, q, iov, notify_fd, isr, irq, scratch, hiov, conns, bufs, lk, s
             unlock(lk)
             buf_to_iov(mem, saved, 0, nin, hdr, HDR_SIZE)
             complete(mem, q, head, HDR_SIZE + length, length)
+            unsignalled += HDR_SIZE + length
+            if unsignalled >= RX_SIGNAL_BYTES:
+                # The guest copies this out while we read the next (an
+                # interrupt only if it sleeps: it asked with used_event).
+                notify_used(mem, q, isr, irq, scratch)
+                unsignalled = 0
             idle = False
             if op == OP_RW and length == full and burst < RX_BURST - 1:
                 again = True

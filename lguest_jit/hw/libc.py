@@ -64,6 +64,8 @@ _SIGNATURES = {
     # a host socket's end (vsock connections, closed or half-closed from a kernel)
     "close": (_i32(_i32), (ctypes.c_int,)),
     "shutdown": (_i32(_i32, _i32), (ctypes.c_int, ctypes.c_int)),
+    # a spinning thread gives its core to the lock's holder (2 cores, more threads)
+    "sched_yield": (_i32(), ()),
 }
 _errno_location = types.ExternalFunction("__errno_location", types.CPointer(_i32)())
 _libc.__errno_location  # noqa: B018 - load the symbol for LLVM
@@ -74,7 +76,7 @@ def _python_call(name, argtypes):
     cfunc = getattr(_libc, name)
     cfunc.argtypes = argtypes
     cfunc.restype = (ctypes.c_int if name in ("fdatasync", "fallocate", "poll", "ioctl", "clock_gettime", "close",
-                                                "shutdown")
+                                                "shutdown", "sched_yield")
                      else ctypes.c_int64 if name == "time" else ctypes.c_ssize_t)
 
     def call(*args):
@@ -88,7 +90,12 @@ def _python_call(name, argtypes):
 def _bind_compiled(pyfunc, ext, nargs):
     # Numba wants the typing and implementing signatures to match, so one
     # pair per arity: call, then -errno on failure.
-    if nargs == 1:
+    if nargs == 0:
+        def impl():
+            r = ext()
+            return -np.intp(_errno_location()[0]) if r < 0 else np.intp(r)
+        overload(pyfunc)(lambda: impl)
+    elif nargs == 1:
         def impl(a):
             r = ext(a)
             return -np.intp(_errno_location()[0]) if r < 0 else np.intp(r)
@@ -131,6 +138,7 @@ sys_ioctl = globals()["sys_ioctl"]
 sys_time = globals()["sys_time"]
 sys_close = globals()["sys_close"]
 sys_shutdown = globals()["sys_shutdown"]
+sys_sched_yield = globals()["sys_sched_yield"]
 
 
 def host_iov(n: int) -> np.ndarray:
