@@ -43,7 +43,8 @@ from numba import njit
 
 from ..hw.fields import Record
 from ..hw.libc import (EAGAIN, EINTR, POLLERR, POLLHUP, POLLIN, POLLNVAL, POLLOUT, fill_host_iov, host_iov,
-                       pollfds, sys_close, sys_sched_yield, sys_poll, sys_read, sys_readv, sys_shutdown, sys_write, sys_writev)
+                       pollfds, sys_close, sys_poll, sys_read, sys_readv, sys_sched_yield, sys_shutdown, sys_write,
+                       sys_writev)
 from ..hw.memory import cpu_relax, put_le, xchg_i64
 from ..vring import (CHAIN_READABLE, CHAIN_WRITABLE, Q_IN, Q_IN_BYTES, Q_OUT, Q_OUT_BYTES, Q_STOP, STOPPED,
                      buf_to_iov, complete, finish, iov_consume, iov_to_buf, next_chain, notify_used, unpop)
