@@ -110,6 +110,35 @@ def test_host_connects_to_guest_listener(rig, tmp_path):
     assert h.recv(64) == b"pong"
 
 
+def _sndbufs(dev):
+    out = []
+    for fd in dev.conns[dev.conns[:, vs.C_STATE] == vs.ESTABLISHED, vs.C_FD]:
+        s = socket.socket(fileno=os.dup(int(fd)))
+        try:
+            out.append(s.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF))
+        finally:
+            s.close()
+    return out
+
+
+def test_our_end_of_each_host_socket_holds_a_larger_send_buffer(rig, tmp_path):
+    # Both ways a connection is made: Linux doubles what we ask for, up to
+    # twice net.core.wmem_max.
+    with open("/proc/sys/net/core/wmem_max") as f:
+        want = 2 * min(vs.HOST_SNDBUF, int(f.read()))
+    gm, bus, dev, drv, guest, _ = rig()
+    srv = _listen(str(tmp_path / "v_1235"))
+    assert _guest_connect(guest, 40002, 1235)["op"] == vs.OP_RESPONSE
+    assert _sndbufs(dev) == [want]
+    h = _host_connect(str(tmp_path / "v"), 54)
+    req = guest.recv()
+    guest.send(vs.OP_RESPONSE, 54, req["src_port"])
+    h.settimeout(5)
+    assert h.recv(64) == b"OK %d\n" % req["src_port"]
+    assert _sndbufs(dev) == [want, want]
+    srv.close()
+
+
 def test_host_connect_refused_by_the_guest_is_closed(rig, tmp_path):
     gm, bus, dev, drv, guest, _ = rig()
     h = _host_connect(str(tmp_path / "v"), 53)
